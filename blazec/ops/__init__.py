@@ -1,0 +1,1 @@
+"""torch.library ops of blazec (the contract between passes and kernels)."""

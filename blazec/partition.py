@@ -1,0 +1,81 @@
+"""Forward/backward partition of the joint graph, and the report of what forward saves.
+
+The partitioner itself is PyTorch's min-cut rematerialization partitioner for now; the
+memory-budget solver (passes/checkpoint.py) plugs in here. Whatever picks the cut, this file
+reads the result the same way: the partitioned forward graph returns the user outputs
+first (``num_fwd_outputs`` of them) and then the saved tensors and symbolic sizes, and the
+backward graph takes those as inputs. So the saved set is exactly the forward graph's
+outputs past ``num_fwd_outputs``, which makes the byte count device-independent.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import sympy
+import torch
+import torch.fx
+from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+from blazec.report import PartitionReport, SavedTensor
+
+
+def partition_joint(gm: torch.fx.GraphModule, joint_inputs, config, **kwargs: Any):
+    """Split ``gm`` into forward and backward graphs. Returns ``(fw, bw, PartitionReport)``."""
+    fw, bw = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
+    rep = saved_tensor_report(fw, kwargs["num_fwd_outputs"], "min_cut_rematerialization_partition")
+    rep.num_bwd_nodes = len(bw.graph.nodes)
+    return fw, bw, rep
+
+
+def saved_tensor_report(fw: torch.fx.GraphModule, num_fwd_outputs: int, partitioner: str) -> PartitionReport:
+    """List the tensors a partitioned forward graph saves for backward."""
+    rep = PartitionReport(partitioner=partitioner, num_fwd_nodes=len(fw.graph.nodes))
+    out = fw.graph.find_nodes(op="output")[0]
+    outputs = out.args[0]
+    for node in outputs[num_fwd_outputs:]:
+        if not isinstance(node, torch.fx.Node):
+            continue
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            rep.saved.append(_saved(node, val))
+        else:
+            rep.saved_symints += 1
+    return rep
+
+
+def _saved(node: torch.fx.Node, val: torch.Tensor) -> SavedTensor:
+    itemsize = val.element_size()
+    dims = [_expr(s) for s in val.shape]
+    numel_expr = sympy.Mul(*dims) if dims else sympy.Integer(1)
+    bytes_expr = sympy.simplify(numel_expr * itemsize)
+    hints = [_hint(s) for s in val.shape]
+    return SavedTensor(
+        name=node.name,
+        shape=[str(d) for d in dims],
+        dtype=str(val.dtype).replace("torch.", ""),
+        bytes=math.prod(hints) * itemsize,
+        bytes_expr=str(bytes_expr),
+        is_input=node.op == "placeholder",
+    )
+
+
+def _expr(s: int | torch.SymInt) -> sympy.Expr:
+    if isinstance(s, torch.SymInt):
+        return s.node.expr
+    return sympy.Integer(int(s))
+
+
+def _hint(s: int | torch.SymInt) -> int:
+    """The concrete size of a dimension at the example inputs (the size hint)."""
+    if not isinstance(s, torch.SymInt):
+        return int(s)
+    node = s.node
+    if node.hint is not None:
+        return int(node.hint)
+    shape_env = node.shape_env
+    try:
+        return int(shape_env.size_hint(node.expr))
+    except Exception:  # noqa: BLE001 - an unbacked size has no hint; use Inductor's fallback
+        return int(torch._inductor.config.unbacked_symint_fallback)

@@ -1,0 +1,1 @@
+"""Runtime helpers: sample load balancing and multi-task gradient balancing."""
