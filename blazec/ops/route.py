@@ -1,0 +1,98 @@
+"""``blazec::moe_route``: turn ``topk_ids`` into expert-sorted pair indices (no token buffers).
+
+Schema::
+
+    blazec::moe_route(Tensor topk_ids, int num_experts, int capacity=-1, str priority="token")
+        -> (Tensor sorted_pairs, Tensor expert_offsets, Tensor pair_pos)
+
+Pair p = t*k + j is slot j of token t. ``sorted_pairs [T*k]`` lists the kept pairs grouped by
+expert (expert 0 first), in priority order within an expert ("token": increasing p; "slot":
+GShard order, increasing j*T + t), then -1 for the dropped ones. ``expert_offsets [E+1]`` are
+the cumulative kept counts. ``pair_pos [T*k]`` is the inverse map: the position of pair p in
+``sorted_pairs``, or -1 when p was dropped. ``capacity >= 0`` keeps each expert's first
+``capacity`` pairs in priority order; -1 keeps all. All outputs are int64 with static sizes.
+
+The outputs are integers, so the op has no autograd formula. The math is in
+``reference.moe_route``; a device kernel can replace it through ``blazec.ops._registry``.
+"""
+
+import torch
+from torch import Tensor
+
+from blazec.ops._registry import get_impl
+
+PRIORITIES: tuple[str, ...] = ("token", "slot")
+
+ROUTE_SCHEMA = (
+    "(Tensor topk_ids, int num_experts, int capacity=-1, str priority=\"token\") "
+    "-> (Tensor sorted_pairs, Tensor expert_offsets, Tensor pair_pos)"
+)
+
+
+def _is_integer_dtype(dtype: torch.dtype) -> bool:
+    return not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
+
+
+def check_route_args(topk_ids: Tensor, num_experts: int, capacity: int, priority: str) -> None:
+    """Metadata checks, shared by the real and the fake implementation."""
+    if topk_ids.dim() != 2:
+        raise ValueError(
+            f"moe_route: topk_ids must be 2-D [T, k], got {topk_ids.dim()}-D of shape "
+            f"{tuple(topk_ids.shape)}"
+        )
+    if not _is_integer_dtype(topk_ids.dtype):
+        raise ValueError(f"moe_route: topk_ids must have an integer dtype, got {topk_ids.dtype}")
+    if num_experts < 1:
+        raise ValueError(f"moe_route: num_experts must be >= 1, got {num_experts}")
+    if capacity < -1:
+        raise ValueError(f"moe_route: capacity must be >= 0, or -1 for no limit; got {capacity}")
+    if priority not in PRIORITIES:
+        raise ValueError(f"moe_route: priority must be one of {PRIORITIES}, got {priority!r}")
+
+
+def _check_ids_in_range(topk_ids: Tensor, num_experts: int) -> None:
+    # Data-dependent, so only in the real implementation. On CUDA this costs one host sync,
+    # which is acceptable for the reference path; an out-of-range id would otherwise corrupt
+    # the offsets silently.
+    if topk_ids.numel() == 0:
+        return
+    lo, hi = (int(v) for v in torch.aminmax(topk_ids.to(torch.int64)))
+    if lo < 0 or hi >= num_experts:
+        raise ValueError(
+            f"moe_route: topk_ids must lie in [0, num_experts={num_experts}), got values in "
+            f"[{lo}, {hi}]"
+        )
+
+
+@torch.library.custom_op("blazec::moe_route", mutates_args=(), schema=ROUTE_SCHEMA)
+def _moe_route_op(
+    topk_ids: Tensor, num_experts: int, capacity: int = -1, priority: str = "token"
+) -> tuple[Tensor, Tensor, Tensor]:
+    check_route_args(topk_ids, num_experts, capacity, priority)
+    _check_ids_in_range(topk_ids, num_experts)
+    impl = get_impl("moe_route", topk_ids.device.type)
+    return impl(topk_ids, num_experts, capacity, priority)
+
+
+@_moe_route_op.register_fake
+def _moe_route_fake(
+    topk_ids: Tensor, num_experts: int, capacity: int = -1, priority: str = "token"
+) -> tuple[Tensor, Tensor, Tensor]:
+    check_route_args(topk_ids, num_experts, capacity, priority)
+    P = topk_ids.shape[0] * topk_ids.shape[1]
+    return (
+        topk_ids.new_empty((P,), dtype=torch.int64),
+        topk_ids.new_empty((num_experts + 1,), dtype=torch.int64),
+        topk_ids.new_empty((P,), dtype=torch.int64),
+    )
+
+
+def moe_route(
+    topk_ids: Tensor, num_experts: int, capacity: int = -1, priority: str = "token"
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Route pairs to experts; returns ``(sorted_pairs, expert_offsets, pair_pos)``.
+
+    See the module docstring for the exact semantics. Thin wrapper over
+    ``torch.ops.blazec.moe_route``.
+    """
+    return torch.ops.blazec.moe_route(topk_ids, num_experts, capacity, priority)
