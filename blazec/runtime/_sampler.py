@@ -1,0 +1,260 @@
+"""A DataLoader batch sampler that gives each rank a cost-balanced share of every global batch.
+
+At each global step all ranks draw the same global batch (a seeded permutation, like
+``DistributedSampler``), compute its per-sample costs, partition them into ``world_size``
+parts (and ``micro_batches`` parts within each rank) and keep their own part. Costs come either
+from lengths known up front (no communication: every rank computes the same partition) or from
+a ``cost_fn`` evaluated on 1/world_size of the batch per rank and shared with one
+``all_gather``. The partition of the next step can be computed on a background thread.
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, Iterator, Mapping, Sequence, Sized
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Sampler
+
+from blazec.runtime._cost import CostModel
+from blazec.runtime._partition import METHODS, partition
+
+
+def partition_ranks(
+    costs: Sequence[float] | torch.Tensor,
+    ranks: int,
+    micro_batches: int = 1,
+    method: str = "kk",
+    *,
+    equal_counts: bool = False,
+    seed: int = 0,
+) -> list[list[list[int]]]:
+    """Two-level partition: ``out[r][m]`` are the indices of micro-batch m on rank r.
+
+    Ranks are balanced first, because the step waits for the slowest rank (gradient
+    all-reduce); each rank's samples are then split into ``micro_batches`` balanced parts, which
+    evens out the per-micro-batch pipeline and activation-memory peaks.
+    """
+    if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
+        raise ValueError(f"micro_batches must be an int >= 1, got {micro_batches!r}")
+    c = costs.tolist() if isinstance(costs, torch.Tensor) else list(costs)
+    per_rank = partition(c, ranks, method, equal_counts=equal_counts, seed=seed)
+    out = []
+    for r, idx in enumerate(per_rank):
+        if micro_batches == 1:
+            out.append([idx])
+            continue
+        sub = partition([c[i] for i in idx], micro_batches, method, equal_counts=equal_counts, seed=seed + 1 + r)
+        out.append([[idx[j] for j in part] for part in sub])
+    return out
+
+
+class BalancedBatchSampler(Sampler[list[int]]):
+    """Batch sampler for ``DataLoader(ds, batch_sampler=...)`` with cost-balanced rank shares.
+
+    Each global step takes ``global_batch_size`` sample indices, partitions them by cost over
+    the ranks, and yields this rank's share as ``micro_batches`` consecutive batches (so the
+    DataLoader yields ``micro_batches`` batches per optimizer step; accumulate over them).
+    Rank shares have different sizes unless ``equal_counts=True``: that is the point, a rank
+    with long samples gets fewer. Use a loss that is a sum over samples divided by the
+    global batch size (not a per-rank mean) so that unequal shares weight samples correctly.
+
+    Args:
+        data_source: the dataset (anything with ``len``) or its size.
+        global_batch_size: samples per optimizer step over all ranks, >= world_size * micro_batches.
+        lengths: per-sample lengths of the whole dataset, if known up front. Costs are then
+            ``cost_model(lengths, **features)`` and no communication happens.
+        features: extra per-sample features for the cost model (with ``lengths``).
+        cost_fn: alternative to ``lengths``: ``cost_fn(index) -> cost`` (e.g. reads the sample and
+            applies a cost model). Each rank evaluates it on 1/world_size of the global batch and
+            the costs are shared with one ``all_gather`` per step, on a dedicated gloo group.
+        cost_model: model applied to ``lengths``; default ``CostModel.transformer()``.
+        rank, world_size: default to ``torch.distributed``'s when initialised, else 0 and 1.
+        micro_batches: micro-batches per rank per step.
+        method: partition method, one of ``METHODS`` (default Karmarkar-Karp).
+        equal_counts: equal sample counts per rank (and per micro-batch), within one.
+        shuffle, seed: draw global batches from a permutation seeded by ``seed + epoch``.
+        drop_last: drop the last incomplete global batch.
+        prefetch: compute the next step's partition on a background thread.
+        group: process group for the cost ``all_gather`` (``cost_fn`` mode).
+    """
+
+    def __init__(
+        self,
+        data_source: Sized | int,
+        global_batch_size: int,
+        *,
+        lengths: Sequence[float] | torch.Tensor | None = None,
+        features: Mapping[str, Sequence[float] | torch.Tensor] | None = None,
+        cost_fn: Callable[[int], float] | None = None,
+        cost_model: CostModel | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        micro_batches: int = 1,
+        method: str = "kk",
+        equal_counts: bool = False,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = True,
+        prefetch: bool = False,
+        group: dist.ProcessGroup | None = None,
+    ) -> None:
+        n = data_source if isinstance(data_source, int) else len(data_source)
+        if isinstance(n, bool) or n < 1:
+            raise ValueError(f"data_source must be a non-empty dataset or a size >= 1, got {data_source!r}")
+        dist_on = dist.is_available() and dist.is_initialized()
+        if world_size is None:
+            world_size = dist.get_world_size(group) if dist_on else 1
+        if rank is None:
+            rank = dist.get_rank(group) if dist_on else 0
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        if method not in METHODS:
+            raise ValueError(f"unknown partition method {method!r}; choose one of {', '.join(METHODS)}")
+        if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
+            raise ValueError(f"micro_batches must be an int >= 1, got {micro_batches!r}")
+        if global_batch_size < world_size * micro_batches:
+            raise ValueError(
+                f"global_batch_size must be >= world_size * micro_batches = {world_size * micro_batches} "
+                f"so that no micro-batch is empty, got {global_batch_size}"
+            )
+        if global_batch_size > n and drop_last:
+            raise ValueError(f"global_batch_size {global_batch_size} > dataset size {n} with drop_last=True: no step")
+        if (lengths is None) == (cost_fn is None):
+            raise ValueError("pass exactly one of lengths= (known up front) or cost_fn= (computed per step)")
+        if features and lengths is None:
+            raise ValueError("features= needs lengths=; with cost_fn= put the features into cost_fn")
+
+        self.num_samples = n
+        self.global_batch_size = global_batch_size
+        self.rank, self.world_size = rank, world_size
+        self.micro_batches = micro_batches
+        self.method, self.equal_counts = method, equal_counts
+        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self.prefetch = prefetch
+        self.epoch = 0
+        self.cost_fn = cost_fn
+        self.cost_model = cost_model or CostModel.transformer()
+        #: summed cost of each rank at the last step this rank consumed (for bubble metrics)
+        self.last_rank_costs: list[float] = []
+        self._costs: torch.Tensor | None = None
+        if lengths is not None:
+            L = torch.as_tensor(lengths)
+            if L.dim() != 1 or L.numel() != n:
+                raise ValueError(f"lengths must be 1-D with one entry per sample ({n}), got shape {tuple(L.shape)}")
+            self._costs = self.cost_model(L, **dict(features or {}))
+        # Costs are gathered only when several processes really exist; without an initialised
+        # process group cost_fn is evaluated on the whole batch locally (tests, single process).
+        self._gather = cost_fn is not None and world_size > 1
+        self._group = group
+        if self._gather:
+            if not dist_on:
+                raise ValueError("cost_fn= with world_size > 1 needs torch.distributed to be initialised")
+            if dist.get_world_size(group) != world_size:
+                raise ValueError(f"world_size={world_size} but the process group has {dist.get_world_size(group)} ranks")
+            if group is None:
+                # A private gloo group: costs are CPU tensors (NCCL would need a copy to the
+                # GPU), and the prefetch thread must not interleave its collective with the
+                # training loop's collectives on the default group. new_group is collective:
+                # every rank builds its sampler, so every rank calls it in the same order.
+                self._group = dist.new_group(backend="gloo")
+
+    # Sizes ---------------------------------------------------------------------------------
+
+    @property
+    def steps_per_epoch(self) -> int:
+        q, r = divmod(self.num_samples, self.global_batch_size)
+        return q if self.drop_last or r == 0 else q + 1
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch * self.micro_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use a different permutation each epoch (call on every rank, like DistributedSampler)."""
+        self.epoch = epoch
+
+    # Partitioning ----------------------------------------------------------------------------
+
+    def _order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.num_samples))
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return torch.randperm(self.num_samples, generator=g).tolist()
+
+    def _batch_costs(self, batch: list[int]) -> list[float]:
+        if self._costs is not None:
+            return self._costs[batch].tolist()
+        if not self._gather:
+            return [self._checked_cost(i) for i in batch]
+        # Each rank evaluates a contiguous slice; all slices are padded to the same size for
+        # all_gather. A failing cost_fn must not leave the other ranks hanging in the
+        # collective, so failures travel as NaN and every rank raises after the gather.
+        per = math.ceil(len(batch) / self.world_size)
+        mine = batch[self.rank * per : (self.rank + 1) * per]
+        local = torch.full((per,), float("nan"), dtype=torch.float64)
+        err: Exception | None = None
+        for j, i in enumerate(mine):
+            try:
+                local[j] = self._checked_cost(i)
+            except Exception as e:  # noqa: BLE001 - re-raised below on every rank
+                err = err or e
+        parts = [torch.empty(per, dtype=torch.float64) for _ in range(self.world_size)]
+        dist.all_gather(parts, local, group=self._group)
+        costs = torch.cat(parts)[: len(batch)]
+        bad = torch.nonzero(~torch.isfinite(costs))
+        if bad.numel():
+            j = int(bad[0, 0])
+            msg = f"cost_fn failed for sample {batch[j]} (evaluated on rank {j // per})"
+            raise ValueError(msg + (f": {err}" if err else "")) from err
+        return costs.tolist()
+
+    def _checked_cost(self, i: int) -> float:
+        v = float(self.cost_fn(i))
+        if not math.isfinite(v) or v < 0:
+            raise ValueError(f"cost_fn({i}) returned {v}; costs must be finite and >= 0")
+        return v
+
+    def _step(self, order: list[int], step: int) -> tuple[list[list[list[int]]], list[float]]:
+        B = self.global_batch_size
+        batch = order[step * B : (step + 1) * B]
+        costs = self._batch_costs(batch)
+        # A short last batch may hold fewer samples than ranks * micro-batches; then some
+        # micro-batches are empty and are skipped by __iter__.
+        local = partition_ranks(
+            costs, self.world_size, self.micro_batches, self.method,
+            equal_counts=self.equal_counts, seed=self.seed + 7919 * (self.epoch * 100003 + step),
+        )
+        rank_costs = [sum(costs[j] for mb in r for j in mb) for r in local]
+        return [[[batch[j] for j in mb] for mb in r] for r in local], rank_costs
+
+    def step_partition(self, step: int) -> list[list[list[int]]]:
+        """Dataset indices of every rank's micro-batches at ``step`` of the current epoch:
+        ``out[rank][micro_batch]``. Collective in ``cost_fn`` mode (call it on all ranks)."""
+        if not 0 <= step < self.steps_per_epoch:
+            raise ValueError(f"step must be in [0, {self.steps_per_epoch}), got {step}")
+        return self._step(self._order(), step)[0]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = self._order()
+        steps = self.steps_per_epoch
+        if not self.prefetch:
+            for s in range(steps):
+                parts, self.last_rank_costs = self._step(order, s)
+                yield from (mb for mb in parts[self.rank] if mb)
+            return
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blazec-balance")
+        try:
+            nxt: Future | None = pool.submit(self._step, order, 0) if steps else None
+            for s in range(steps):
+                parts, self.last_rank_costs = nxt.result()
+                # Start step s+1 before handing out step s, so it overlaps the training step.
+                nxt = pool.submit(self._step, order, s + 1) if s + 1 < steps else None
+                yield from (mb for mb in parts[self.rank] if mb)
+        finally:
+            # A consumer that stops early (break) closes the generator; wait for the running
+            # step so that its collective (if any) completes on this rank as on the others.
+            pool.shutdown(wait=True)

@@ -1,0 +1,187 @@
+"""Partition algorithms and bubble metrics of blazec.runtime.balance."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from blazec.runtime.balance import (
+    METHODS,
+    bubble_fraction,
+    bubble_reduction,
+    part_costs,
+    partition,
+    partition_ranks,
+)
+
+
+def _check_exact_cover(parts, n):
+    flat = sorted(i for p in parts for i in p)
+    assert flat == list(range(n)), "every sample must be assigned exactly once"
+
+
+def _brute_force_makespan(costs, k, equal_counts=False):
+    n, best = len(costs), float("inf")
+    for assign in itertools.product(range(k), repeat=n):
+        if equal_counts:
+            counts = [assign.count(p) for p in range(k)]
+            if max(counts) - min(counts) > 1:
+                continue
+        loads = [0.0] * k
+        for i, p in enumerate(assign):
+            loads[p] += costs[i]
+        best = min(best, max(loads))
+    return best
+
+
+def _naive_ldm(costs, k):
+    """Textbook k-way largest differencing: full k-vectors, sorted on every combination."""
+    import heapq
+
+    heap = [(-c, i, [c] + [0.0] * (k - 1)) for i, c in enumerate(costs)]
+    heapq.heapify(heap)
+    seq = len(costs)
+    while len(heap) > 1:
+        _, _, a = heapq.heappop(heap)
+        _, _, b = heapq.heappop(heap)
+        m = sorted(x + y for x, y in zip(sorted(a, reverse=True), sorted(b)))
+        seq += 1
+        heapq.heappush(heap, (-(m[-1] - m[0]), seq, m))
+    return sorted(heap[0][2]) if heap else [0.0] * k
+
+
+@given(
+    costs=st.lists(st.floats(0, 1000, allow_nan=False), min_size=0, max_size=80),
+    k=st.integers(1, 12),
+    method=st.sampled_from(METHODS),
+    equal=st.booleans(),
+)
+@settings(max_examples=150, deadline=None)
+def test_every_sample_exactly_once_and_equal_counts(costs, k, method, equal):
+    parts = partition(costs, k, method, equal_counts=equal, seed=3)
+    assert len(parts) == k
+    _check_exact_cover(parts, len(costs))
+    if equal or method in ("sorted_rr", "random"):
+        counts = [len(p) for p in parts]
+        assert max(counts) - min(counts) <= 1
+    if len(costs) >= k and method in ("kk", "lpt", "greedy"):
+        assert all(parts), "no part may be empty when there are at least as many samples as parts"
+
+
+def test_kk_matches_textbook_ldm():
+    # The sparse/heap implementation must produce the same part sums as the O(n k log k) one.
+    rng = random.Random(1)
+    for _ in range(200):
+        n, k = rng.randint(1, 50), rng.randint(1, 9)
+        costs = [rng.choice([rng.random(), float(rng.randint(0, 5)), rng.paretovariate(1.1)]) for _ in range(n)]
+        got = sorted(part_costs(costs, partition(costs, k, "kk")))
+        assert got == pytest.approx(_naive_ldm(costs, k), rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(20))
+@pytest.mark.parametrize("equal", [False, True])
+def test_kk_never_worse_than_greedy(seed, equal):
+    g = torch.Generator().manual_seed(seed)
+    k = [2, 3, 8, 16][seed % 4]
+    n = int(torch.randint(k, 40 * k, (1,), generator=g))
+    L = torch.randint(1, 2000, (n,), generator=g).double()
+    costs = (L + L * L / 6144).tolist()
+    kk = max(part_costs(costs, partition(costs, k, "kk", equal_counts=equal)))
+    greedy = max(part_costs(costs, partition(costs, k, "greedy", equal_counts=equal)))
+    assert kk <= greedy + 1e-9
+
+
+def _tiny_cases(rng, count, max_n, ks):
+    for _ in range(count):
+        k = rng.choice(ks)
+        n = rng.randint(1, max_n(k))
+        yield k, [rng.choice([round(rng.random(), 3), float(rng.randint(0, 6))]) for _ in range(n)]
+
+
+def test_optimal_on_tiny_inputs_where_guaranteed():
+    rng = random.Random(7)
+    # Any method is optimal with at most one sample per part (n <= k): max = largest sample.
+    for k, costs in _tiny_cases(rng, 60, lambda k: k, [2, 3, 4]):
+        for m in ("kk", "lpt", "greedy"):
+            assert max(part_costs(costs, partition(costs, k, m))) == pytest.approx(max(costs))
+    # Two-way differencing is optimal for n <= 4 (Karmarkar & Karp 1982).
+    for k, costs in _tiny_cases(rng, 150, lambda k: 4, [2]):
+        got = max(part_costs(costs, partition(costs, k, "kk")))
+        assert got == pytest.approx(_brute_force_makespan(costs, k))
+    # With n <= k + 1 only one part holds two samples, and the best choice is the two smallest:
+    # LPT and differencing both end by adding the smallest sample to the k-th largest.
+    for k, costs in _tiny_cases(rng, 150, lambda k: k + 1, [2, 3, 4]):
+        opt = _brute_force_makespan(costs, k)
+        for m in ("kk", "lpt"):
+            assert max(part_costs(costs, partition(costs, k, m))) == pytest.approx(opt), (m, costs)
+    # With equal counts and n <= 2k every part holds at most two samples, where pairing the
+    # largest with the smallest is optimal: balanced differencing and count-capped LPT do that.
+    for k, costs in _tiny_cases(rng, 150, lambda k: 2 * k, [2, 3]):
+        opt_eq = _brute_force_makespan(costs, k, equal_counts=True)
+        for m in ("kk", "lpt"):
+            got = max(part_costs(costs, partition(costs, k, m, equal_counts=True)))
+            assert got == pytest.approx(opt_eq), (m, costs)
+
+
+def test_brute_force_finds_cases_lpt_misses():
+    # Guards the brute-force reference itself: a classic LPT counterexample (n = 2k + 1).
+    costs = [3.0, 3.0, 2.0, 2.0, 2.0]
+    assert _brute_force_makespan(costs, 2) == 6.0
+    assert max(part_costs(costs, partition(costs, 2, "lpt"))) == 7.0
+
+
+def test_kk_on_large_input_is_valid_and_balanced():
+    g = torch.Generator().manual_seed(0)
+    p = torch.arange(1, 4097, dtype=torch.float64).pow(-1.2)
+    L = (torch.multinomial(p / p.sum(), 20000, replacement=True, generator=g) + 1).double()
+    costs = (L + L * L / 6144).tolist()
+    parts = partition(costs, 64, "kk")
+    _check_exact_cover(parts, len(costs))
+    rand = bubble_fraction(part_costs(costs, partition(costs, 64, "random")))
+    kk = bubble_fraction(part_costs(costs, parts))
+    assert kk < 0.01 * rand
+
+
+def test_partition_ranks_nested_cover_and_counts():
+    costs = [float(i % 7 + 1) for i in range(50)]
+    out = partition_ranks(costs, 4, 3, "kk", equal_counts=True)
+    assert len(out) == 4 and all(len(r) == 3 for r in out)
+    _check_exact_cover([mb for r in out for mb in r], 50)
+    rank_counts = [sum(len(mb) for mb in r) for r in out]
+    assert max(rank_counts) - min(rank_counts) <= 1
+    for r in out:
+        mb_counts = [len(mb) for mb in r]
+        assert max(mb_counts) - min(mb_counts) <= 1
+
+
+def test_bubble_metrics():
+    assert bubble_fraction([2.0, 2.0, 2.0]) == 0.0
+    assert bubble_fraction([4.0, 0.0, 0.0, 0.0]) == pytest.approx(0.75)
+    assert bubble_fraction([1.0, 3.0]) == pytest.approx(1 - 2 / 3)
+    assert bubble_fraction([0.0, 0.0]) == 0.0
+    assert bubble_reduction(0.05, 0.5) == pytest.approx(0.9)
+    assert bubble_reduction(0.0, 0.0) == 0.0
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: partition([1.0], 0), "parts must be >= 1, got 0"),
+        (lambda: partition([1.0], 2, "foo"), "unknown partition method 'foo'"),
+        (lambda: partition([1.0, -2.0], 2), r"costs\[1\] = -2.0"),
+        (lambda: partition([1.0, float("nan")], 2), "finite"),
+        (lambda: partition(torch.ones(2, 2), 2), "1-D"),
+        (lambda: partition(["a"], 2), "sequence of numbers"),
+        (lambda: partition_ranks([1.0], 1, 0), "micro_batches must be an int >= 1"),
+        (lambda: bubble_fraction([]), "must not be empty"),
+        (lambda: bubble_fraction([-1.0]), ">= 0"),
+    ],
+)
+def test_bad_input_errors(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
