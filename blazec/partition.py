@@ -17,6 +17,7 @@ import sympy
 import torch
 import torch.fx
 from torch._functorch.partitioners import min_cut_rematerialization_partition
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from blazec.report import PartitionReport, SavedTensor
 
@@ -58,6 +59,7 @@ def _saved(node: torch.fx.Node, val: torch.Tensor) -> SavedTensor:
         bytes=math.prod(hints) * itemsize,
         bytes_expr=str(bytes_expr),
         is_input=node.op == "placeholder",
+        estimated=bool(free_unbacked_symbols(bytes_expr)),
     )
 
 
@@ -74,8 +76,13 @@ def _hint(s: int | torch.SymInt) -> int:
     node = s.node
     if node.hint is not None:
         return int(node.hint)
-    shape_env = node.shape_env
     try:
-        return int(shape_env.size_hint(node.expr))
+        from torch.fx.experimental.symbolic_shapes import optimization_hint  # torch >= 2.13
+
+        return int(optimization_hint(s, fallback=torch._inductor.config.unbacked_symint_fallback))
+    except ImportError:
+        pass
+    try:
+        return int(node.shape_env.size_hint(node.expr))
     except Exception:  # noqa: BLE001 - an unbacked size has no hint; use Inductor's fallback
         return int(torch._inductor.config.unbacked_symint_fallback)

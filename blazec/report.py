@@ -75,6 +75,7 @@ class SavedTensor:
     bytes: int  # evaluated at the size hints
     bytes_expr: str  # the sympy expression, e.g. "4*s0*2048"
     is_input: bool  # a graph input (parameter or user input) kept alive, not a new buffer
+    estimated: bool = False  # a dim is data-dependent (unbacked): bytes use a fallback hint
 
 
 @dataclass
@@ -102,9 +103,10 @@ class PartitionReport:
         w = max([len(s.name) for s in self.saved] + [4])
         for s in self.saved:
             kind = "input" if s.is_input else "activation"
+            est = ", data-dependent size: bytes at a fallback hint" if s.estimated else ""
             out.append(
                 f"  {s.name:<{w}}  {s.dtype:<9} [{', '.join(s.shape)}]  {s.bytes:>12,d} B"
-                f"  ({s.bytes_expr})  {kind}"
+                f"  ({s.bytes_expr}{est})  {kind}"
             )
         out.append(
             f"  total saved: {len(self.saved)} tensor(s), {self.total_bytes:,d} B "

@@ -1,0 +1,5 @@
+import sys
+
+from blazec.cli import main
+
+sys.exit(main())

@@ -1,0 +1,113 @@
+"""The ``blazec`` command line: ``blazec dump | demo | balance-sim``.
+
+Every user error (a missing file, a bad factory, a malformed option) prints one line,
+``blazec <cmd>: error: ...``, and exits with status 2. Set ``BLAZEC_TRACEBACK=1`` to see the
+full traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _dump_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="path/to/file.py:factory, where factory() returns (model, example_inputs); "
+                                 "':factory' defaults to ':make'")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--train", dest="train", action="store_true", default=True,
+                      help="compile for training: forward + backward, with the partition (default)")
+    mode.add_argument("--eval", dest="train", action="store_false", help="compile for inference under no_grad")
+    p.add_argument("--pass", dest="passes", action="append", metavar="NAME",
+                   help="run only this blaze pass (repeatable); default: all passes")
+    p.add_argument("--out", metavar="DIR", help="also write the dump as files under DIR")
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    p.add_argument("--final-stage", choices=["inductor", "eager"], default="inductor",
+                   help="'eager' runs the FX graphs without Inductor codegen (faster)")
+    p.add_argument("--dynamic", action="store_true", default=None, help="compile with dynamic=True")
+    p.add_argument("--fullgraph", action="store_true", help="compile with fullgraph=True")
+
+
+def _cmd_dump(args: argparse.Namespace) -> int:
+    from blazec import dump
+
+    text, files = dump.run(args.model, train=args.train, passes=args.passes, out=args.out, as_json=args.json,
+                           final_stage=args.final_stage, dynamic=args.dynamic, fullgraph=args.fullgraph)
+    print(text)
+    if files:
+        print(f"blazec dump: wrote {len(files)} file(s) under {args.out}", file=sys.stderr)
+    return 0
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokens", type=int, default=1024, help="tokens per batch (default 1024)")
+    p.add_argument("--d", type=int, default=128, help="hidden size (default 128)")
+    p.add_argument("--inter", type=int, default=256, help="expert intermediate size (default 256)")
+    p.add_argument("--experts", type=int, default=8, help="number of experts (default 8)")
+    p.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps (default 5)")
+    p.add_argument("--final-stage", choices=["inductor", "eager"], default="inductor")
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from blazec import demo
+
+    for name in ("tokens", "d", "inter", "experts", "top_k", "steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.top_k > args.experts:
+        raise ValueError(f"--top-k ({args.top_k}) cannot exceed --experts ({args.experts})")
+    demo.run(args.tokens, args.d, args.inter, args.experts, args.top_k, args.steps, args.final_stage)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="blazec", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    d = sub.add_parser("dump", help="compile a model with blaze and print every graph, report and partition")
+    _dump_args(d)
+    d.set_defaults(func=_cmd_dump)
+    m = sub.add_parser("demo", help="run the embedded naive MoE model eager and under blaze, side by side")
+    _demo_args(m)
+    m.set_defaults(func=_cmd_demo)
+    try:
+        from blazec.runtime import balance_sim
+    except ImportError:
+        balance_sim = None
+    if balance_sim is not None:
+        b = sub.add_parser("balance-sim", help="simulate sample load balancing across ranks (bubble fractions)")
+        balance_sim.add_arguments(b)
+        b.set_defaults(func=balance_sim.run)
+    return parser
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    from blazec.config import BlazeOptionError
+    from blazec.factory import FactoryError
+
+    return (FactoryError, BlazeOptionError, ValueError, FileNotFoundError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"blazec {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the CLI turns every failure into one line
+        if os.environ.get("BLAZEC_TRACEBACK") == "1":
+            raise
+        inner = getattr(e, "inner_exception", None)  # Dynamo wraps backend errors
+        err = inner if inner is not None else e
+        kind = "error" if isinstance(err, _user_error_types()) else f"internal error ({type(err).__name__})"
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        hint = "" if kind == "error" else " (set BLAZEC_TRACEBACK=1 for the traceback)"
+        print(f"blazec {args.command}: {kind}: {msg}{hint}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""``blazec dump``: compile a user's model with blaze and show what happened to each graph.
+
+Sections per Dynamo graph: the Dynamo graph, each pass's report, the graph after blaze's
+passes, the forward/backward partition (saved tensors, bytes, total), the post-grad graphs,
+and where Inductor wrote its output code. ``--out DIR`` writes the same content as files
+named the way ``TORCH_COMPILE_DEBUG`` names them; ``--json`` prints one JSON document.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+from unittest import mock
+
+import torch
+
+from blazec import report
+from blazec.config import BlazeConfig
+from blazec.factory import load_factory
+
+RULE = "=" * 30
+
+
+def _loss(out: Any) -> torch.Tensor:
+    leaves = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
+    if not leaves:
+        raise RuntimeError("the model's output does not require grad; use --eval to dump inference")
+    return sum(t.float().pow(2).mean() for t in leaves)
+
+
+@contextlib.contextmanager
+def _record_output_code() -> Iterator[None]:
+    """Note every file Inductor writes its output code to, on the record being compiled."""
+    from torch._inductor.codecache import PyCodeCache
+
+    original = PyCodeCache.write.__func__
+
+    def write(cls, *args, **kwargs):
+        key, path = original(cls, *args, **kwargs)
+        rec = report.current()
+        if rec is not None and path not in rec.output_code:
+            rec.output_code.append(path)
+        return key, path
+
+    with mock.patch.object(PyCodeCache, "write", classmethod(write)):
+        yield
+
+
+def compile_and_capture(
+    model: torch.nn.Module,
+    inputs: tuple[Any, ...],
+    *,
+    train: bool = True,
+    options: dict[str, Any] | None = None,
+    dynamic: bool | None = None,
+    fullgraph: bool = False,
+) -> list[report.GraphRecord]:
+    """Compile ``model`` with blaze, run one step, and return the records of every graph."""
+    torch._dynamo.reset()
+    model.train(train)
+    # Caches would skip the passes (and so their reports) on a hit: a dump always recompiles.
+    patches = [
+        torch._inductor.config.patch(fx_graph_cache=False),
+        mock.patch.object(torch._functorch.config, "enable_autograd_cache", False),
+    ]
+    with contextlib.ExitStack() as stack:
+        for p in patches:
+            stack.enter_context(p)
+        stack.enter_context(_record_output_code())
+        records = stack.enter_context(report.capture())
+        compiled = torch.compile(model, backend="blaze", options=options or {}, dynamic=dynamic, fullgraph=fullgraph)
+        if train:
+            _loss(compiled(*inputs)).backward()
+        else:
+            with torch.no_grad():
+                compiled(*inputs)
+    return records
+
+
+def format_records(records: list[report.GraphRecord], *, train: bool) -> str:
+    lines: list[str] = []
+    if not records:
+        lines.append("blaze compiled no graph (Dynamo found nothing to compile)")
+    for rec in records:
+        g = f"graph {rec.index}"
+        lines += [f"{RULE} {g}: Dynamo graph {RULE}", rec.dynamo_graph.rstrip(), ""]
+        lines.append(f"{RULE} {g}: blaze pass reports {RULE}")
+        for rep in rec.pass_reports:
+            lines += rep.lines()
+        lines += ["", f"{RULE} {g}: graph after blaze passes {RULE}", rec.blaze_graph.rstrip(), ""]
+        lines.append(f"{RULE} {g}: forward/backward partition {RULE}")
+        if rec.partitions:
+            for part in rec.partitions:
+                lines += part.lines()
+        elif train:
+            lines.append("no partition: this graph needs no backward (no input requires grad)")
+        else:
+            lines.append("no partition: --eval compiles an inference graph, nothing is saved for backward")
+        lines.append("")
+        for name, graphs in (("partitioned forward graph", rec.fwd_graphs), ("partitioned backward graph", rec.bwd_graphs)):
+            for text in graphs:
+                lines += [f"{RULE} {g}: {name} {RULE}", text.rstrip(), ""]
+        lines.append(f"{RULE} {g}: Inductor output code {RULE}")
+        if rec.final_stage == "eager":
+            lines.append("final_stage='eager': no Inductor codegen, the FX graphs run as they are")
+        elif rec.output_code:
+            lines += [f"written to: {p}" for p in rec.output_code]
+        else:
+            lines.append("no output code was written for this graph")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def to_json(records: list[report.GraphRecord], spec: str, train: bool) -> dict[str, Any]:
+    return {"model": spec, "mode": "train" if train else "eval", "torch": torch.__version__,
+            "graphs": [r.to_json() for r in records]}
+
+
+def write_dir(out: Path, records: list[report.GraphRecord], text: str, doc: dict[str, Any]) -> list[Path]:
+    """Write the dump as files: ``OUT/model__{i}/...`` like ``torch_compile_debug``'s folders."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    def put(path: Path, content: str) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content if content.endswith("\n") else content + "\n")
+        written.append(path)
+
+    put(out / "dump.txt", text)
+    put(out / "dump.json", json.dumps(doc, indent=2))
+    for rec in records:
+        d = out / f"model__{rec.index}"
+        put(d / "fx_graph_dynamo.py", rec.dynamo_graph)
+        put(d / "blaze_pass_reports.txt", "\n".join(l for r in rec.pass_reports for l in r.lines()))
+        put(d / "fx_graph_blaze.py", rec.blaze_graph)
+        put(d / "partition.txt", "\n".join(l for p in rec.partitions for l in p.lines()) or "no partition")
+        for i, t in enumerate(rec.fwd_graphs):
+            put(d / f"model__{rec.index}_forward_{i}" / "fx_graph_readable.py", t)
+        for i, t in enumerate(rec.bwd_graphs):
+            put(d / f"model__{rec.index}_backward_{i}" / "fx_graph_readable.py", t)
+        for i, t in enumerate(rec.post_grad_graphs):
+            put(d / f"post_grad_{i}" / "fx_graph_transformed.py", t)
+        for i, p in enumerate(rec.output_code):
+            dst = d / f"output_code_{i}.py"
+            shutil.copyfile(p, dst)
+            written.append(dst)
+    return written
+
+
+def run(spec: str, *, train: bool = True, passes: list[str] | None = None, out: str | None = None,
+        as_json: bool = False, final_stage: str = "inductor", dynamic: bool | None = None,
+        fullgraph: bool = False) -> tuple[str, list[Path]]:
+    """Everything ``blazec dump`` does; returns what it prints and the files it wrote."""
+    options: dict[str, Any] = {"final_stage": final_stage}
+    if passes is not None:
+        options["passes"] = passes
+    BlazeConfig.from_options(options)  # a bad --pass fails here, before the model is loaded
+    model, inputs = load_factory(spec)
+    records = compile_and_capture(model, inputs, train=train, options=options, dynamic=dynamic, fullgraph=fullgraph)
+    text = format_records(records, train=train)
+    doc = to_json(records, spec, train)
+    files = write_dir(Path(out), records, text, doc) if out else []
+    return (json.dumps(doc, indent=2) if as_json else text), files

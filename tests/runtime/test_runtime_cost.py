@@ -1,0 +1,130 @@
+"""CostModel evaluation, specs, presets and calibrate() of blazec.runtime.balance."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from blazec.runtime.balance import CostModel, calibrate
+
+
+def test_cost_formula_and_extra_features():
+    m = CostModel(a=2.0, b=0.5, c=3.0, extra={"unique_ids": 0.25})
+    L = torch.tensor([1.0, 4.0, 10.0])
+    ids = torch.tensor([1.0, 2.0, 8.0])
+    expected = 2 * L + 0.5 * L * L + 3 + 0.25 * ids
+    torch.testing.assert_close(m(L, unique_ids=ids), expected.double())
+    assert m([1, 4, 10], unique_ids=[1, 2, 8]).dtype == torch.float64
+
+
+def test_presets():
+    t = CostModel.transformer(d_model=512)
+    assert (t.a, t.b, t.c) == (1.0, 1.0 / 3072, 0.0)
+    assert CostModel.tokens()(torch.tensor([5.0])).item() == 5.0
+    r = CostModel.recsys(unique_ids=0.5)
+    with pytest.raises(ValueError, match="needs feature 'unique_ids'"):
+        r([3.0])
+    assert r([3.0], unique_ids=[2.0]).item() == pytest.approx(3 + 9 / 1536 + 64 + 1.0)
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("tokens", CostModel(1.0)),
+        ("transformer", CostModel.transformer(1024)),
+        ("transformer:256", CostModel.transformer(256)),
+        ("recsys:128", CostModel.recsys(128)),
+        ("a=1,b=1e-4", CostModel(1.0, 1e-4, 0.0)),
+        ("b=2, c=5, ids=0.5", CostModel(0.0, 2.0, 5.0, {"ids": 0.5})),
+    ],
+)
+def test_from_spec(spec, expected):
+    assert CostModel.from_spec(spec) == expected
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("quadratic", "expected tokens, transformer"),
+        ("transformer:x", "d_model must be an int"),
+        ("transformer:0", "d_model must be >= 1"),
+        ("tokens:3", "takes no argument"),
+        ("a=1,b", "'b' is not key=value"),
+        ("a=one", "a='one' is not a number"),
+        ("a=1,a=2", "a given twice"),
+        ("a=-1", "must be a finite number >= 0"),
+    ],
+)
+def test_bad_specs(spec, match):
+    with pytest.raises(ValueError, match=match):
+        CostModel.from_spec(spec)
+
+
+def test_bad_evaluation_inputs():
+    m = CostModel(1.0, extra={"ids": 1.0})
+    with pytest.raises(ValueError, match="unknown cost feature"):
+        m([1.0], ids=[1.0], other=[2.0])
+    with pytest.raises(ValueError, match="feature 'ids' has 2 values"):
+        m([1.0], ids=[1.0, 2.0])
+    with pytest.raises(ValueError, match=r"lengths\[0\] = -1"):
+        m([-1.0], ids=[1.0])
+    with pytest.raises(ValueError, match="cost coefficient b"):
+        CostModel(b=float("nan"))
+
+
+def _batches(seed, count=12):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        n = int(torch.randint(4, 40, (1,), generator=g))
+        out.append(torch.randint(1, 2048, (n,), generator=g).double())
+    return out
+
+
+def test_calibrate_recovers_exact_coefficients():
+    true = CostModel(a=3e-3, b=2e-6, c=0.05)
+    batches = _batches(0)
+    times = [true(L).sum().item() + 0.7 for L in batches]  # 0.7: per-batch overhead
+    fit = calibrate(batches, times)
+    assert fit.a == pytest.approx(true.a, rel=1e-6)
+    assert fit.b == pytest.approx(true.b, rel=1e-6)
+    assert fit.c == pytest.approx(true.c, rel=1e-5)
+
+
+def test_calibrate_with_noise_and_extra_feature():
+    true = CostModel(a=1e-3, b=5e-7, c=0.02, extra={"ids": 4e-4})
+    batches = _batches(1, count=40)
+    g = torch.Generator().manual_seed(5)
+    ids = [(L * torch.rand(L.shape, generator=g, dtype=torch.float64)).round() for L in batches]
+    clean = [true(L, ids=f).sum().item() for L, f in zip(batches, ids)]
+    noisy = [t * (1 + 0.01 * torch.randn(1, generator=g).item()) for t in clean]
+    fit = calibrate(batches, noisy, batch_features={"ids": ids}, fit_overhead=False)
+    pred = [fit(L, ids=f).sum().item() for L, f in zip(batches, ids)]
+    for p, t in zip(pred, clean):
+        assert p == pytest.approx(t, rel=0.05)
+    assert fit.b == pytest.approx(true.b, rel=0.2)
+
+
+def test_calibrate_nonnegative_clamps_to_support():
+    # Times that a negative per-sample constant would fit best: NNLS must return c = 0 and
+    # the best fit on the remaining coefficients instead.
+    batches = _batches(2)
+    times = [(2e-3 * L).sum().item() - 0.01 * len(L) for L in batches]
+    fit = calibrate(batches, times, quadratic=False, fit_overhead=False)
+    assert fit.c == 0.0 and fit.a > 0
+    with pytest.raises(ValueError, match="negative coefficients"):
+        calibrate(batches, times, quadratic=False, fit_overhead=False, nonnegative=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(batch_lengths=[[1.0]], times=[1.0, 2.0]), "got 1 batches but 2 times"),
+        (dict(batch_lengths=[[1.0], [2.0]], times=[1.0, 2.0]), "need at least 4 measured batches"),
+        (dict(batch_lengths=[[1.0, 2.0]] * 5, times=[1.0] * 5), "rank deficient"),
+        (dict(batch_lengths=[[1.0]] * 5, times=[1.0, 2, 3, 4, float("inf")]), "times must be finite"),
+    ],
+)
+def test_calibrate_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        calibrate(**kwargs)
