@@ -1,6 +1,202 @@
-"""Placeholder replaced below."""
-from blazec.report import PassReport
+"""The MoE dispatch pass: naive expert dispatch in a Dynamo graph becomes two blaze ops.
+
+For every matched site it emits::
+
+    sorted_pairs, expert_offsets, pair_pos = blazec.moe_route(ids, E)
+    y, preact = blazec.moe_experts(x, w, sorted_pairs, expert_offsets, pair_pos,
+                                   w_gate, w_up, w_down, b_gate, b_up, b_down,
+                                   activation, weight_pos, recompute, out_dtype)
+
+and replaces every read of the old accumulator with ``y``. The old dispatch (masks,
+``torch.where``, gathers, per-expert MLPs, ``index_add_``) becomes dead and is removed,
+including the runtime asserts on its data-dependent sizes, so no data-dependent shape is left.
+
+Forms matched today: the static loop over experts, with ModuleList experts or 3-D stacked
+parameters (passes/moe_loop_form.py). The other naive forms of BASELINES.md (GShard one-hot
+capacity dispatch, sort + grouped GEMM, per-pair weight gather, dense gate) are recognized
+and reported as near misses with the reason, and left unchanged.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx
+import blazec.ops  # noqa: F401 - registers torch.ops.blazec.*
+from blazec.passes._fx import NoMatch, dtype, is_fn, is_method, module_path, shape, where_loc
+from blazec.passes.moe_expert_mlp import weight_list
+from blazec.passes.moe_loop_form import LoopMatch, match_loop
+from blazec.report import Match, NearMiss, PassReport
+
+Node = torch.fx.Node
+
+# Runtime checks Dynamo inserts for data-dependent sizes; they die with the dispatch they guard.
+ASSERT_TARGETS = {
+    torch.ops.aten._assert_scalar.default,
+    torch.ops.aten.sym_constrain_range_for_size.default,
+    torch._check,
+    torch._check_is_size,
+}
 
 
-def moe_dispatch_pass(gm, ctx):
-    return PassReport("moe_dispatch")
+def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
+    rep = PassReport("moe_dispatch")
+    graph = gm.graph
+    recompute = getattr(ctx.config, "moe_recompute", "save_preact") == "recompute_gemm1"
+
+    for acc, index_adds in _accumulators(graph):
+        where = f"{module_path(index_adds[0])} ({where_loc(index_adds[0])})"
+        try:
+            m = match_loop(acc, index_adds)
+        except NoMatch as e:
+            rep.near_misses.append(NearMiss("static_loop", where, str(e)))
+            continue
+        _rewrite(graph, m, recompute)
+        first = m.first
+        stacked = first.gate.index is not None
+        d = int(shape(m.x)[1])
+        inter = _inter(first)
+        rep.matches.append(Match(
+            "static_loop_" + ("stacked" if stacked else "modulelist"), where,
+            {"E": m.num_experts, "k": m.top_k, "d": d, "I": inter, "activation": first.activation,
+             "bias": first.b_gate is not None or first.b_down is not None,
+             "weight_pos": "hidden" if first.weight_in_hidden is not None else "output",
+             "capacity": None, "dtype": str(dtype(m.x)).replace("torch.", ""),
+             "recompute": "gemm1" if recompute else "activation only"},
+        ))
+    if rep.matches:
+        _remove_dead(graph)
+    rep.near_misses.extend(_other_forms(graph))
+    return rep
+
+
+def _inter(mlp) -> int:
+    s = shape(mlp.down.base)
+    return int(s[-2] if mlp.down.transposed else s[-1])
+
+
+def _accumulators(graph: torch.fx.Graph) -> list[tuple[Node, list[Node]]]:
+    """Tensors that are the target of ``index_add_`` calls, with those calls in graph order."""
+    found: dict[Node, list[Node]] = {}
+    for n in graph.nodes:
+        if is_method(n, "index_add_") and isinstance(n.args[0], Node):
+            found.setdefault(n.args[0], []).append(n)
+    return list(found.items())
+
+
+def _rewrite(graph: torch.fx.Graph, m: LoopMatch, recompute: bool) -> None:
+    first = m.first
+    E = m.num_experts
+    refs = {a: [getattr(m.experts[e], a) for e in range(E)] for a in ("gate", "up", "down", "b_gate", "b_up", "b_down")}
+    with graph.inserting_before(m.index_adds[-1]):
+        route = graph.call_function(torch.ops.blazec.moe_route.default, (m.ids, E))
+        sorted_pairs, offsets, pair_pos = (graph.call_function(operator.getitem, (route, i)) for i in range(3))
+        lists = {a: weight_list(graph, r, E) for a, r in refs.items()}
+        out = graph.call_function(
+            torch.ops.blazec.moe_experts.default,
+            (m.x, m.weights, sorted_pairs, offsets, pair_pos,
+             lists["gate"], lists["up"], lists["down"], lists["b_gate"], lists["b_up"], lists["b_down"],
+             first.activation, "hidden" if first.weight_in_hidden is not None else "output", recompute,
+             dtype(m.acc)),
+        )
+        y = graph.call_function(operator.getitem, (out, 0))
+    for ia in m.index_adds:
+        graph.erase_node(ia)
+    m.acc.replace_all_uses_with(y)
+
+
+def _remove_dead(graph: torch.fx.Graph) -> None:
+    """Erase nodes nothing reads, including the asserts on sizes of erased ``torch.where``s."""
+    changed = True
+    while changed:
+        changed = False
+        for n in reversed(list(graph.nodes)):
+            if n.op in ("placeholder", "output") or n.users:
+                continue
+            if n.target in ASSERT_TARGETS:
+                if _guards_only_dead(n):
+                    graph.erase_node(n)
+                    changed = True
+                continue
+            if _pure(n):
+                graph.erase_node(n)
+                changed = True
+
+
+def _guards_only_dead(assert_node: Node) -> bool:
+    """An assert whose inputs are all size expressions of nodes that only feed asserts."""
+    stack, seen = list(assert_node.all_input_nodes), set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if any(u.target not in ASSERT_TARGETS and u not in seen and not _is_sym(u) for u in n.users):
+            return False
+        if _is_sym(n) or n.target is torch.ops.aten.sym_size.int:
+            stack.extend(n.all_input_nodes)
+    return True
+
+
+def _is_sym(n: Node) -> bool:
+    v = n.meta.get("example_value", n.meta.get("val"))
+    return isinstance(v, (torch.SymInt, torch.SymBool, torch.SymFloat)) or n.target is torch.ops.aten.sym_size.int
+
+
+_INPLACE_FNS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
+def _pure(n: Node) -> bool:
+    """Safe to erase when unused: no in-place method or function, nothing FX calls impure."""
+    if n.op == "call_method":
+        return not n.target.endswith("_")
+    if n.op == "call_function":
+        if n.target in _INPLACE_FNS or getattr(n.target, "__name__", "").endswith("_"):
+            return False
+        return not n.is_impure()
+    return False
+
+
+# ---------------------------------------------------------------------------------------
+# Other naive forms: recognized, reported, left alone.
+
+
+def _other_forms(graph: torch.fx.Graph) -> list[NearMiss]:
+    out = []
+    for n in graph.nodes:
+        if is_fn(n, torch.einsum) and isinstance(n.args[0], str):
+            eq = n.args[0].replace(" ", "")
+            if eq.startswith("tec,") or eq.endswith("->ecd") or "tec," in eq:
+                out.append(NearMiss("gshard_capacity", f"{module_path(n)} ({where_loc(n)})",
+                                    f"one-hot capacity dispatch einsum('{eq}') recognized; "
+                                    "its rewrite is not implemented yet, graph left unchanged"))
+        elif is_fn(n, torch.argsort, torch.sort) and _feeds_gather(n):
+            out.append(NearMiss("sort_grouped", f"{module_path(n)} ({where_loc(n)})",
+                                "sort-based grouped dispatch recognized; its rewrite is not implemented yet, "
+                                "graph left unchanged"))
+        elif is_fn(n, torch.bmm) and any(_is_param_gather(a) for a in n.args[:2]):
+            out.append(NearMiss("pair_weight_gather", f"{module_path(n)} ({where_loc(n)})",
+                                "per-pair weight gather w[ids] + bmm recognized; its rewrite is not "
+                                "implemented yet, graph left unchanged"))
+        elif is_fn(n, torch.scatter) or is_method(n, "scatter"):
+            if len(shape(n) or ()) == 2 and _dense_gate_users(n):
+                out.append(NearMiss("dense_gate", f"{module_path(n)} ({where_loc(n)})",
+                                    "dense [T, E] gate over all experts recognized; its rewrite is not "
+                                    "implemented yet, graph left unchanged"))
+    return out
+
+
+def _feeds_gather(n: Node) -> bool:
+    return any(u.op in ("call_function", "call_method") for u in n.users)
+
+
+def _is_param_gather(n: object) -> bool:
+    return isinstance(n, Node) and is_fn(n, operator.getitem) and isinstance(n.args[0], Node) \
+        and n.args[0].op in ("placeholder", "get_attr") and len(shape(n.args[0]) or ()) == 3 \
+        and isinstance(n.args[1], Node)
+
+
+def _dense_gate_users(n: Node) -> bool:
+    return any(is_fn(u, operator.getitem) for u in n.users)
+
