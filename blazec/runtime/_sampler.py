@@ -33,20 +33,31 @@ def partition_ranks(
 ) -> list[list[list[int]]]:
     """Two-level partition: ``out[r][m]`` are the indices of micro-batch m on rank r.
 
-    Ranks are balanced first, because the step waits for the slowest rank (gradient
-    all-reduce); each rank's samples are then split into ``micro_batches`` balanced parts, which
-    evens out the per-micro-batch pipeline and activation-memory peaks.
+    With ``micro_batches == 1`` this is ``partition`` into ``ranks`` parts. Otherwise:
+
+    * ``equal_counts=True``: ranks first (counts ``floor``/``ceil`` of ``n/ranks``), then each
+      rank's samples into micro-batches, again with equal counts.
+    * ``equal_counts=False``: micro-batches first, ``ranks * micro_batches`` parts, then the
+      micro-batches are grouped ``micro_batches`` per rank by the same method with equal
+      counts (balanced differencing for ``"kk"``). Splitting ranks first could leave a rank that drew one very long sample with fewer
+      samples than micro-batches, i.e. an empty micro-batch and a rank that runs fewer
+      micro-batches than the others (a hang under DDP gradient accumulation). Going through
+      micro-batches, every one is non-empty when ``n >= ranks * micro_batches``; the rank sums
+      stay balanced because the parts they are made of are.
     """
     if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
         raise ValueError(f"micro_batches must be an int >= 1, got {micro_batches!r}")
     c = costs.tolist() if isinstance(costs, torch.Tensor) else list(costs)
-    per_rank = partition(c, ranks, method, equal_counts=equal_counts, seed=seed)
+    if micro_batches == 1:
+        return [[idx] for idx in partition(c, ranks, method, equal_counts=equal_counts, seed=seed)]
+    if not equal_counts:
+        micro = partition(c, ranks * micro_batches, method, seed=seed)
+        micro_cost = [sum(c[i] for i in mb) for mb in micro]
+        groups = partition(micro_cost, ranks, method, equal_counts=True, seed=seed + 1)
+        return [[micro[j] for j in g] for g in groups]
     out = []
-    for r, idx in enumerate(per_rank):
-        if micro_batches == 1:
-            out.append([idx])
-            continue
-        sub = partition([c[i] for i in idx], micro_batches, method, equal_counts=equal_counts, seed=seed + 1 + r)
+    for r, idx in enumerate(partition(c, ranks, method, equal_counts=True, seed=seed)):
+        sub = partition([c[i] for i in idx], micro_batches, method, equal_counts=True, seed=seed + 1 + r)
         out.append([[idx[j] for j in part] for part in sub])
     return out
 
@@ -222,8 +233,8 @@ class BalancedBatchSampler(Sampler[list[int]]):
         B = self.global_batch_size
         batch = order[step * B : (step + 1) * B]
         costs = self._batch_costs(batch)
-        # A short last batch may hold fewer samples than ranks * micro-batches; then some
-        # micro-batches are empty and are skipped by __iter__.
+        # Only a short last batch (drop_last=False) can hold fewer samples than ranks *
+        # micro-batches; then some micro-batches are empty and __iter__ skips them.
         local = partition_ranks(
             costs, self.world_size, self.micro_batches, self.method,
             equal_counts=self.equal_counts, seed=self.seed + 7919 * (self.epoch * 100003 + step),

@@ -1,0 +1,104 @@
+"""balance-sim: length specs, the simulation and its command line."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from blazec.runtime.balance import CostModel
+from blazec.runtime.balance_sim import add_arguments, main, run, sample_lengths, simulate
+
+
+def _gen():
+    return torch.Generator().manual_seed(0)
+
+
+@pytest.mark.parametrize("spec", ["zipf:1.2", "uniform", "uniform:3:9", "lognormal:4:1", "fixed:7"])
+def test_sample_lengths_in_range(spec):
+    L = sample_lengths(spec, 500, 64, _gen())
+    assert L.shape == (500,) and L.min() >= 1 and L.max() <= 64
+    assert torch.equal(L, L.round())
+
+
+def test_zipf_is_heavy_headed_and_file_spec(tmp_path):
+    L = sample_lengths("zipf:1.2", 20000, 4096, _gen())
+    assert (L == 1).float().mean() > 0.15 and L.max() > 1000
+    f = tmp_path / "lens.txt"
+    f.write_text("5\n9\n\n")
+    assert set(sample_lengths(f"file:{f}", 100, 8, _gen()).tolist()) == {5.0, 8.0}
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("zipf", "zipf takes 1 argument"),
+        ("zipf:a", "must be numbers"),
+        ("zipf:-1", "exponent must be > 0"),
+        ("uniform:5", "uniform takes 0 or 2"),
+        ("uniform:9:3", "LO <= HI"),
+        ("fixed:100", "N <= max_len"),
+        ("gauss:1", "unknown distribution 'gauss'"),
+        ("file:/nonexistent/lens", "cannot read lengths file"),
+    ],
+)
+def test_bad_length_specs(spec, match):
+    with pytest.raises(ValueError, match=match):
+        sample_lengths(spec, 10, 64, _gen())
+
+
+def test_simulation_orders_methods_and_token_baseline():
+    # 32 samples per rank at max length 1024: the longest sample costs less than an average
+    # rank share, so good balancing can remove nearly all of the bubble.
+    res = simulate(64, 32, "zipf:1.2", 1024, CostModel.transformer(), steps=3, seed=1)
+    b = res.bubbles
+    assert set(b) == {"random", "sorted_rr", "lpt", "kk", "kk (tokens)"}
+    assert b["kk"] <= b["lpt"] + 1e-12 or b["kk"] < 0.01
+    assert b["kk"] < b["sorted_rr"] < b["random"]
+    assert b["kk"] < b["kk (tokens)"], "balancing by token count ignores the L^2 cost"
+    assert res.reduction("kk") > 0.9
+    assert "kk (tokens)" not in simulate(8, 4, "uniform", 64, CostModel.tokens(), steps=1).bubbles
+
+
+def _run(argv):
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+def test_cli_prints_table(capsys):
+    rc = _run(["--ranks", "16", "--per-rank", "8", "--steps", "2", "--no-progress", "--max-len", "512"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    for row in ("| random |", "| sorted_rr |", "| lpt |", "| kk |", "| kk (tokens) |"):
+        assert row in out
+    assert "16 ranks x 8 samples" in out
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--lengths", "zipf:x"], "bad lengths spec 'zipf:x'"),
+        (["--cost", "a=1,b"], "bad cost spec"),
+        (["--ranks", "0"], "ranks must be >= 1, got 0"),
+        (["--methods", "kk,best"], "unknown method"),
+        (["--max-len", "0"], "max_len must be >= 1"),
+    ],
+)
+def test_cli_errors_are_one_line(argv, match, capsys):
+    assert _run(argv + ["--no-progress", "--steps", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("balance-sim: error:") and match in err and "\n" not in err
+
+
+def test_module_entry_point():
+    proc = subprocess.run(
+        [sys.executable, "-m", "blazec.runtime.balance_sim", "--ranks", "4", "--per-rank", "4", "--steps", "1", "--no-progress"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "| kk |" in proc.stdout
+    assert main(["--ranks", "2", "--per-rank", "2", "--steps", "1", "--no-progress", "--cost", "tokens"]) == 0

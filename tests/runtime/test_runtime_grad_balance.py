@@ -1,0 +1,343 @@
+"""GradBalancer against autograd and against slow explicit references."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.func import functional_call
+
+from blazec.runtime._mgda import min_norm_weights
+from blazec.runtime.grad_balance import GradBalancer
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny tensors: on a busy 2-core machine, intra-op threads spin against each other and
+    # made these tests 50x slower. Restored afterwards so other test modules are unaffected.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class _Model(nn.Module):
+    def __init__(self, d_in, d_rep, tasks, dtype=torch.float64):
+        super().__init__()
+        self.shared = nn.Sequential(nn.Linear(d_in, 6), nn.Tanh(), nn.Linear(6, d_rep), nn.Tanh()).to(dtype)
+        self.heads = nn.ModuleList(nn.Sequential(nn.Linear(d_rep, 3), nn.Tanh(), nn.Linear(3, 1)).to(dtype) for _ in range(tasks))
+
+    def losses(self, rep, ys):
+        # Different label scales per task make the gradient magnitudes differ, as in practice.
+        return [((h(rep) - y) ** 2).mean() for h, y in zip(self.heads, ys)]
+
+
+def _data(seed, batch, d_in, tasks, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, d_in, generator=g, dtype=dtype)
+    ys = [torch.randn(batch, 1, generator=g, dtype=dtype) * (3.0 ** t) for t in range(tasks)]
+    return x, ys
+
+
+def _grads(module):
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in module.parameters()]
+
+
+# --- references ------------------------------------------------------------------------
+
+
+def _exact_min_norm(G):
+    """Min-norm simplex point by KKT enumeration of supports (independent of _mgda)."""
+    T, best = G.shape[0], None
+    for r in range(1, T + 1):
+        for S in itertools.combinations(range(T), r):
+            S = list(S)
+            A = torch.zeros(r + 1, r + 1, dtype=torch.float64)
+            A[:r, :r], A[:r, r], A[r, :r] = G[S][:, S], 1.0, 1.0
+            b = torch.zeros(r + 1, 1, dtype=torch.float64)
+            b[r] = 1.0
+            a = torch.linalg.lstsq(A, b, driver="gelsd").solution[:r, 0]
+            if (a < -1e-10).any() or abs(a.sum().item() - 1) > 1e-8:
+                continue
+            alpha = torch.zeros(T, dtype=torch.float64)
+            alpha[S] = a.clamp_min(0)
+            f = (alpha @ G @ alpha).item()
+            if best is None or f < best[0] - 1e-15:
+                best = (f, alpha)
+    return best[1]
+
+
+def _ref_weights(kind, flat, state, cfg):
+    """Weights of the per-task gradient vectors ``flat`` (T x N), written out explicitly."""
+    T = flat.shape[0]
+    if kind == "magnitude":
+        norms = [flat[t].norm().item() for t in range(T)]
+        state["k"] += 1
+        state["m"] = [cfg["beta"] * m + (1 - cfg["beta"]) * n for m, n in zip(state["m"], norms)]
+        nh = [m / (1 - cfg["beta"] ** state["k"]) for m in state["m"]]
+        tgt = cfg["target"]
+        tau = {"mean": sum(nh) / T, "max": max(nh), "min": min(nh)}.get(tgt) if isinstance(tgt, str) else nh[tgt]
+        return torch.tensor([(1 - cfg["relax"]) + cfg["relax"] * tau / n for n in nh], dtype=torch.float64)
+    G = flat @ flat.T
+    if cfg["normalize"] == "none":
+        return T * _exact_min_norm(G)
+    n = G.diagonal().sqrt()
+    alpha = _exact_min_norm(G / (n[:, None] * n[None, :]))
+    return T * alpha * n.mean() / n
+
+
+def _ref_rep_mode(model, x, ys, kind, state, cfg):
+    """Per-task rep gradients from separate graphs, then J^T g with an explicit Jacobian."""
+    T = len(ys)
+    shared_params = dict(model.shared.named_parameters())
+    rep0 = model.shared(x).detach()
+    g = []
+    for t in range(T):
+        r = rep0.clone().requires_grad_(True)
+        g.append(torch.autograd.grad(model.losses(r, ys)[t], r)[0])
+    w = _ref_weights(kind, torch.stack([gi.reshape(-1) for gi in g]), state, cfg)
+    combined = sum(w[t] * g[t] for t in range(T))
+    jac = torch.autograd.functional.jacobian(
+        lambda *ps: functional_call(model.shared, dict(zip(shared_params, ps)), (x,)), tuple(shared_params.values())
+    )
+    shared = [torch.tensordot(combined, J, dims=combined.dim()) for J in jac]
+    r = rep0.clone().requires_grad_(True)
+    heads = torch.autograd.grad(sum(model.losses(r, ys)), list(model.heads.parameters()))
+    return shared, list(heads)
+
+
+def _ref_param_mode(model, x, ys, kind, state, cfg):
+    T = len(ys)
+    sp = list(model.shared.parameters())
+    per_task = [torch.autograd.grad(model.losses(model.shared(x), ys)[t], sp) for t in range(T)]
+    flat = torch.stack([torch.cat([g.reshape(-1) for g in gs]) for gs in per_task])
+    w = _ref_weights(kind, flat, state, cfg)
+    shared = [sum(w[t] * per_task[t][i] for t in range(T)) for i in range(len(sp))]
+    heads = torch.autograd.grad(sum(model.losses(model.shared(x), ys)), list(model.heads.parameters()))
+    return shared, list(heads)
+
+
+# --- tests -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tasks", [1, 2, 3])
+def test_equal_matches_autograd_on_summed_loss(tasks):
+    torch.manual_seed(0)
+    model = _Model(4, 5, tasks)
+    x, ys = _data(1, 7, 4, tasks)
+    rep = model.shared(x)
+    w = GradBalancer(tasks, "equal").backward(model.losses(rep, ys), rep)
+    got = _grads(model)
+    model.zero_grad()
+    sum(model.losses(model.shared(x), ys)).backward()
+    assert w.tolist() == [1.0] * tasks
+    for a, b in zip(got, _grads(model)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@given(
+    tasks=st.integers(1, 4),
+    batch=st.integers(1, 5),
+    d_in=st.integers(1, 4),
+    d_rep=st.integers(1, 4),
+    method=st.sampled_from(["magnitude", "mgda"]),
+    mode=st.sampled_from(["rep", "param"]),
+    relax=st.sampled_from([0.0, 0.5, 1.0]),
+    beta=st.sampled_from([0.0, 0.9]),
+    target=st.sampled_from(["mean", "max", "min", 0]),
+    normalize=st.sampled_from(["l2", "none"]),
+    steps=st.integers(1, 3),
+    seed=st.integers(0, 10_000),
+)
+@settings(max_examples=60, deadline=None)
+def test_matches_explicit_reference(tasks, batch, d_in, d_rep, method, mode, relax, beta, target, normalize, steps, seed):
+    torch.manual_seed(seed)
+    model = _Model(d_in, d_rep, tasks)
+    cfg = dict(relax=relax, beta=beta, target=target, normalize=normalize)
+    bal = GradBalancer(tasks, method, mode=mode, relax=relax, beta=beta, target=target, mgda_normalize=normalize)
+    state = {"k": 0, "m": [0.0] * tasks}
+    ref_fn = _ref_rep_mode if mode == "rep" else _ref_param_mode
+    for step in range(steps):  # several steps exercise the EMA
+        x, ys = _data(seed + step, batch, d_in, tasks)
+        model.zero_grad()
+        rep = model.shared(x)
+        bal.backward(model.losses(rep, ys), rep)
+        got_shared, got_heads = _grads(model.shared), _grads(model.heads)
+        ref_shared, ref_heads = ref_fn(model, x, ys, method, state, cfg)
+        for a, b in zip(got_shared, ref_shared):
+            torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
+        for a, b in zip(got_heads, ref_heads):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_balancing_changes_the_result():
+    # Guards the reference comparison against a balancer that silently falls back to "equal".
+    torch.manual_seed(0)
+    model = _Model(3, 4, 2)
+    x, ys = _data(0, 6, 3, 2)
+    rep = model.shared(x)
+    GradBalancer(2, "equal").backward(model.losses(rep, ys), rep)
+    equal = _grads(model.shared)
+    for method in ("magnitude", "mgda"):
+        model.zero_grad()
+        rep = model.shared(x)
+        w = GradBalancer(2, method).backward(model.losses(rep, ys), rep)
+        assert not torch.allclose(w, torch.ones(2, dtype=w.dtype))
+        assert not all(torch.allclose(a, b) for a, b in zip(_grads(model.shared), equal))
+
+
+def test_min_norm_solver_against_kkt_enumeration():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(300):
+        T = int(torch.randint(2, 7, (1,), generator=g))
+        d = int(torch.randint(1, 8, (1,), generator=g))
+        vecs = torch.randn(T, d, generator=g, dtype=torch.float64) * torch.rand(T, 1, generator=g, dtype=torch.float64) * 5
+        G = vecs @ vecs.T
+        alpha = torch.tensor(min_norm_weights(G.tolist()), dtype=torch.float64)
+        assert alpha.min() >= 0 and alpha.sum().item() == pytest.approx(1.0)
+        # The min-norm point is unique even where the weights are not.
+        torch.testing.assert_close(alpha @ vecs, _exact_min_norm(G) @ vecs, rtol=0, atol=1e-9 * vecs.norm(dim=1).max())
+
+
+def test_mgda_two_task_closed_form():
+    g1, g2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])
+    G = torch.stack([g1, g2]) @ torch.stack([g1, g2]).T
+    a = min_norm_weights(G.tolist())
+    # min ||a g1 + (1-a) g2||^2 = a^2 + 4 (1-a)^2 -> a = 4/5
+    assert a == pytest.approx([0.8, 0.2])
+    # Opposed gradients: the min-norm point is 0.
+    assert min_norm_weights([[1.0, -1.0], [-1.0, 1.0]]) == pytest.approx([0.5, 0.5])
+
+
+def test_grad_scaler_matches_unscaled():
+    torch.manual_seed(0)
+    model = _Model(3, 4, 3, dtype=torch.float32)
+    x, ys = _data(2, 8, 3, 3, dtype=torch.float32)
+    for method in ("magnitude", "mgda"):
+        model.zero_grad()
+        bal = GradBalancer(3, method)
+        rep = model.shared(x)
+        bal.backward(model.losses(rep, ys), rep)
+        plain = _grads(model)
+        model.zero_grad()
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        bal_s = GradBalancer(3, method)
+        rep = model.shared(x)
+        bal_s.backward(model.losses(rep, ys), rep, scaler=scaler)
+        for a, b in zip(_grads(model), plain):
+            torch.testing.assert_close(a / 2.0**10, b, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(bal_s.last_weights, bal.last_weights, rtol=1e-5, atol=1e-7)
+
+
+def test_non_finite_step_keeps_the_ema():
+    bal = GradBalancer(2, "magnitude", beta=0.5)
+    w1 = bal._magnitude_weights(torch.tensor([1.0, 2.0]))
+    state = {k: v.clone() for k, v in bal.state_dict().items()}
+    w2 = bal._magnitude_weights(torch.tensor([float("inf"), 2.0]))
+    assert bal.state_dict()["ema"][0] == state["ema"][0] and bal.state_dict()["count"][0] == 1
+    assert w1.tolist() == pytest.approx([1.5, 0.75])
+    # Bias-corrected norms after the skipped step: task 0 has 1 update (0.5 / 0.5 = 1), task 1
+    # has 2 (1.5 / 0.75 = 2); the target is their mean, 1.5.
+    assert w2.tolist() == pytest.approx([1.5, 0.75])
+
+
+def test_autocast_bfloat16_close_to_fp32():
+    torch.manual_seed(0)
+    model = _Model(8, 8, 2, dtype=torch.float32)
+    x, ys = _data(3, 16, 8, 2, dtype=torch.float32)
+    rep = model.shared(x)
+    GradBalancer(2, "magnitude").backward(model.losses(rep, ys), rep)
+    ref = _grads(model)
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rep = model.shared(x)
+        losses = model.losses(rep, ys)
+    assert rep.dtype == torch.bfloat16
+    GradBalancer(2, "magnitude").backward([l.float() for l in losses], rep)
+    for a, b in zip(_grads(model), ref):
+        torch.testing.assert_close(a, b, rtol=0.1, atol=0.05 * b.abs().max().item() + 1e-6)
+
+
+def test_torch_compile_on_model_parts():
+    torch.manual_seed(0)
+    model = _Model(4, 5, 2, dtype=torch.float32)
+    x, ys = _data(4, 6, 4, 2, dtype=torch.float32)
+    for method in ("magnitude", "mgda"):
+        model.zero_grad()
+        rep = model.shared(x)
+        GradBalancer(2, method).backward(model.losses(rep, ys), rep)
+        ref = _grads(model)
+        model.zero_grad()
+        shared = torch.compile(model.shared, backend="aot_eager")
+        heads = [torch.compile(h, backend="aot_eager") for h in model.heads]
+        rep = shared(x)
+        GradBalancer(2, method).backward([((h(rep) - y) ** 2).mean() for h, y in zip(heads, ys)], rep)
+        for a, b in zip(_grads(model), ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_rep_as_sequence_and_state_dict():
+    torch.manual_seed(0)
+    a, b = nn.Linear(3, 2).double(), nn.Linear(3, 2).double()
+    head = nn.Linear(4, 1).double()
+    x, ys = _data(5, 5, 3, 2)
+    bal = GradBalancer(2, "magnitude")
+    for _ in range(2):
+        r1, r2 = a(x), b(x)
+        rep = torch.cat([r1, r2], 1)
+        bal.backward([((head(rep) - ys[0]) ** 2).mean(), (rep.sum(1, keepdim=True) - ys[1]).pow(2).mean()], [r1, r2])
+    fresh = GradBalancer(2, "magnitude")
+    fresh.load_state_dict(bal.state_dict())
+    torch.testing.assert_close(fresh.state_dict()["ema"], bal.state_dict()["ema"])
+    assert a.weight.grad is not None and b.weight.grad is not None
+
+
+def test_task_without_rep_gradient_is_handled():
+    torch.manual_seed(0)
+    shared = nn.Linear(3, 4).double()
+    extra = nn.Parameter(torch.ones(1, dtype=torch.float64))
+    x, _ = _data(6, 5, 3, 1)
+    for method in ("magnitude", "mgda"):
+        rep = shared(x)
+        w = GradBalancer(2, method).backward([rep.pow(2).mean(), extra.sum() * 2], rep)
+        assert torch.isfinite(w).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(num_tasks=0), "num_tasks must be an int >= 1, got 0"),
+        (dict(num_tasks=2, method="pcgrad"), "unknown method 'pcgrad'"),
+        (dict(num_tasks=2, mode="grad"), "unknown mode 'grad'"),
+        (dict(num_tasks=2, beta=1.0), r"beta must be in \[0, 1\)"),
+        (dict(num_tasks=2, relax=2.0), r"relax must be in \[0, 1\]"),
+        (dict(num_tasks=2, target=5), "target must be one of"),
+        (dict(num_tasks=2, mgda_normalize="l1"), "mgda_normalize must be"),
+    ],
+)
+def test_bad_constructor_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GradBalancer(**kwargs)
+
+
+def test_bad_backward_arguments():
+    shared = nn.Linear(2, 2)
+    x = torch.randn(3, 2)
+    rep = shared(x)
+    bal = GradBalancer(2)
+    with pytest.raises(ValueError, match="expected 2 losses, got 1"):
+        bal.backward([rep.sum()], rep)
+    with pytest.raises(ValueError, match=r"losses\[1\] must be a scalar"):
+        bal.backward([rep.sum(), rep], rep)
+    with pytest.raises(ValueError, match="does not require grad"):
+        bal.backward([rep.sum(), rep.sum().detach()], rep)
+    with pytest.raises(ValueError, match="rep.* must be a tensor that requires grad"):
+        bal.backward([rep.sum(), rep.mean()], rep.detach())
+    with pytest.raises(ValueError, match="single-process"):
+        GradBalancer(2, mode="param", distributed=True).backward([rep.sum(), rep.mean()], rep)
+    assert math.isfinite(bal.backward([rep.sum(), rep.mean()], rep)[0].item())
