@@ -182,7 +182,10 @@ def capture() -> Iterator[list[GraphRecord]]:
 
 
 def new_record(final_stage: str) -> GraphRecord:
-    rec = GraphRecord(index=next(_counter), final_stage=final_stage)
+    """A record for the next graph; numbered from 0 within the innermost capture block."""
+    stack = _stack()
+    index = len(stack[-1]) if stack else next(_counter)
+    rec = GraphRecord(index=index, final_stage=final_stage)
     for records in _stack():
         records.append(rec)
     return rec

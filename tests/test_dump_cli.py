@@ -1,0 +1,97 @@
+"""``blazec dump`` on every example, its output formats, and its one-line errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from blazec.cli import main
+from tests.helpers import EXAMPLE_FILES, EXAMPLES
+
+SECTIONS = ["Dynamo graph", "blaze pass reports", "graph after blaze passes", "forward/backward partition",
+            "partitioned forward graph", "partitioned backward graph", "Inductor output code"]
+
+
+def _dump(capsys, *argv):
+    rc = main(["dump", *argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.parametrize("name", EXAMPLE_FILES)
+def test_dump_every_example_json(name, capsys):
+    rc, out, err = _dump(capsys, str(EXAMPLES / name) + ":make", "--json")
+    assert rc == 0, err
+    doc = json.loads(out)
+    assert doc["mode"] == "train" and doc["graphs"]
+    for g in doc["graphs"]:
+        assert "class GraphModule" in g["dynamo_graph"] and "class GraphModule" in g["blaze_graph"]
+        assert [p["name"] for p in g["passes"]] == ["moe_dispatch"]
+        (part,) = g["partitions"]
+        sizes = [s["bytes"] for s in part["saved"]]
+        assert sizes and all(b > 0 for b in sizes)
+        assert sum(sizes) == part["total_bytes"]
+        assert part["activation_bytes"] == sum(s["bytes"] for s in part["saved"] if not s["is_input"])
+        assert g["output_code"] and all(Path(p).is_file() for p in g["output_code"])
+
+
+def test_dump_text_sections_and_total(capsys):
+    rc, out, _ = _dump(capsys, str(EXAMPLES / "moe_loop_modulelist.py"))  # ':make' is the default
+    assert rc == 0
+    for section in SECTIONS:
+        assert f"graph 0: {section}" in out, section
+    assert "MATCH static_loop_modulelist" in out
+    total_line = next(l for l in out.splitlines() if "total saved:" in l)
+    listed = sum(int(l.split(" B ")[0].split()[-1].replace(",", "")) for l in out.splitlines()
+                 if l.startswith("  ") and (" input" in l or " activation" in l) and " B  (" in l)
+    assert f"{listed:,d} B" in total_line
+
+
+def test_dump_out_dir_eval_and_pass_subset(tmp_path, capsys):
+    out_dir = tmp_path / "dump"
+    rc, out, err = _dump(capsys, str(EXAMPLES / "moe_loop_stacked.py") + ":make", "--eval", "--out", str(out_dir),
+                         "--final-stage", "eager", "--pass", "moe_dispatch")
+    assert rc == 0, err
+    assert "nothing is saved for backward" in out
+    assert (out_dir / "dump.txt").read_text().startswith("=")
+    json.loads((out_dir / "dump.json").read_text())
+    files = {p.name for p in out_dir.rglob("*")}
+    assert {"fx_graph_dynamo.py", "fx_graph_blaze.py", "blaze_pass_reports.txt", "partition.txt"} <= files
+    assert f"wrote {len(list(p for p in out_dir.rglob('*') if p.is_file()))} file(s)" in err
+
+
+@pytest.mark.parametrize(
+    "write, spec, message",
+    [
+        (None, "does/not/exist.py:make", "model file not found: does/not/exist.py"),
+        ("def make():\n    return 1\n", "{f}:nope", "no function 'nope' in {f} (functions found: make)"),
+        ("def make():\n    raise RuntimeError('bad weights')\n", "{f}:make", "factory {f}:make raised RuntimeError: bad weights"),
+        ("def make():\n    return 1, 2, 3\n", "{f}:make", "factory {f}:make returned tuple; expected (model: nn.Module"),
+        ("def make():\n    return 'm', ()\n", "{f}:make", "returned a model of type str"),
+        ("import torch\ndef make():\n    return torch.nn.Linear(2, 2), 5\n", "{f}:make", "returned example_inputs of type int"),
+        ("def make(:\n", "{f}:make", "could not load {f}: SyntaxError"),
+    ],
+)
+def test_dump_bad_input_one_line_error(tmp_path, capsys, write, spec, message):
+    f = tmp_path / "m.py"
+    if write is not None:
+        f.write_text(write)
+    rc, out, err = _dump(capsys, spec.format(f=f))
+    assert rc == 2
+    assert err.count("\n") == 1 and err.startswith("blazec dump: error: ")
+    assert message.format(f=f) in err
+    assert "Traceback" not in err
+
+
+def test_dump_unknown_pass_is_an_error(capsys):
+    rc, _, err = _dump(capsys, str(EXAMPLES / "moe_loop_modulelist.py"), "--pass", "nope")
+    assert rc == 2 and "unknown pass name(s) 'nope'; known passes: moe_dispatch" in err
+
+
+def test_console_script_runs():
+    proc = subprocess.run([sys.executable, "-m", "blazec", "dump", "missing.py"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "blazec dump: error: model file not found: missing.py"
