@@ -30,7 +30,7 @@ def run_train(model, inputs):
     model.zero_grad(set_to_none=True)
     out = model(*inputs)
     loss_of(out).backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    grads = {n.replace("_orig_mod.", ""): p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     in_grads = {i: x.grad.clone() for i, x in enumerate(inputs) if x.grad is not None}
     return out.detach(), grads, in_grads
 
