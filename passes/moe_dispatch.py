@@ -12,9 +12,10 @@ and replaces every read of the old accumulator with ``y``. The old dispatch (mas
 including the runtime asserts on its data-dependent sizes, so no data-dependent shape is left.
 
 Forms matched today: the static loop over experts, with ModuleList experts or 3-D stacked
-parameters (passes/moe_loop_form.py). The other naive forms of BASELINES.md (GShard one-hot
-capacity dispatch, sort + grouped GEMM, per-pair weight gather, dense gate) are recognized
-and reported as near misses with the reason, and left unchanged.
+parameters (passes/moe_loop_form.py), and all experts on all tokens weighted by a dense
+top-k gate (passes/moe_dense_gate_form.py). The other naive forms of BASELINES.md (GShard
+one-hot capacity dispatch, sort + grouped GEMM, per-pair weight gather) are recognized and
+reported as near misses with the reason, and left unchanged.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import torch
 import torch.fx
 import blazec.ops  # noqa: F401 - registers torch.ops.blazec.*
 from blazec.passes._fx import NoMatch, dtype, is_fn, is_method, module_path, shape, where_loc
+from blazec.passes.moe_dense_gate_form import ADD as DENSE_ADD
+from blazec.passes.moe_dense_gate_form import _is_term, match_dense_gate
 from blazec.passes.moe_expert_mlp import weight_list
 from blazec.passes.moe_loop_form import LoopMatch, match_loop
 from blazec.report import Match, NearMiss, PassReport
@@ -53,18 +56,20 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
             rep.near_misses.append(NearMiss("static_loop", where, str(e)))
             continue
         _rewrite(graph, m, recompute)
-        first = m.first
-        stacked = first.gate.index is not None
-        d = int(shape(m.x)[1])
-        inter = _inter(first)
-        rep.matches.append(Match(
-            "static_loop_" + ("stacked" if stacked else "modulelist"), where,
-            {"E": m.num_experts, "k": m.top_k, "d": d, "I": inter, "activation": first.activation,
-             "bias": first.b_gate is not None or first.b_down is not None,
-             "weight_pos": "hidden" if first.weight_in_hidden is not None else "output",
-             "capacity": None, "dtype": str(dtype(m.x)).replace("torch.", ""),
-             "recompute": "gemm1" if recompute else "activation only"},
-        ))
+        form = "static_loop_" + ("stacked" if m.first.gate.index is not None else "modulelist")
+        rep.matches.append(_describe_match(form, where, m.experts, m.x, m.top_k, recompute))
+
+    for final in _dense_gate_sums(graph):
+        where = f"{module_path(final)} ({where_loc(final)})"
+        try:
+            dm = match_dense_gate(final)
+        except NoMatch as e:
+            rep.near_misses.append(NearMiss("dense_gate", where, str(e)))
+            continue
+        y = emit_moe(graph, final, dm.ids, dm.weights, dm.x, dm.experts, dtype(final), recompute)
+        final.replace_all_uses_with(y)
+        graph.erase_node(final)
+        rep.matches.append(_describe_match("dense_gate", where, dm.experts, dm.x, dm.top_k, recompute))
     if rep.matches:
         _remove_dead(graph)
     rep.near_misses.extend(_other_forms(graph))
@@ -74,6 +79,16 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
 def _inter(mlp) -> int:
     s = shape(mlp.down.base)
     return int(s[-2] if mlp.down.transposed else s[-1])
+
+
+def _dense_gate_sums(graph: torch.fx.Graph) -> list[Node]:
+    """Last adds of chains ``acc + gate[:, e:e+1] * expert_e(x)`` (their result is not summed further)."""
+    out = []
+    for n in graph.nodes:
+        if is_fn(n, *DENSE_ADD) and any(_is_term(a) for a in n.args[:2]):
+            if not any(is_fn(u, *DENSE_ADD) and any(_is_term(a) for a in u.args[:2]) for u in n.users):
+                out.append(n)
+    return out
 
 
 def _accumulators(graph: torch.fx.Graph) -> list[tuple[Node, list[Node]]]:
@@ -86,24 +101,41 @@ def _accumulators(graph: torch.fx.Graph) -> list[tuple[Node, list[Node]]]:
 
 
 def _rewrite(graph: torch.fx.Graph, m: LoopMatch, recompute: bool) -> None:
-    first = m.first
-    E = m.num_experts
-    refs = {a: [getattr(m.experts[e], a) for e in range(E)] for a in ("gate", "up", "down", "b_gate", "b_up", "b_down")}
-    with graph.inserting_before(m.index_adds[-1]):
-        route = graph.call_function(torch.ops.blazec.moe_route.default, (m.ids, E))
+    y = emit_moe(graph, m.index_adds[-1], m.ids, m.weights, m.x, m.experts, dtype(m.acc), recompute)
+    for ia in m.index_adds:
+        graph.erase_node(ia)
+    m.acc.replace_all_uses_with(y)
+
+
+def emit_moe(graph: torch.fx.Graph, before: Node, ids: Node, weights: Node, x: Node, experts: dict,
+             out_dtype: torch.dtype, recompute: bool, capacity: int = -1, priority: str = "token") -> Node:
+    """Insert ``moe_route`` + ``moe_experts`` before ``before``; return the node of ``y``."""
+    E = len(experts)
+    first = experts[0]
+    refs = {a: [getattr(experts[e], a) for e in range(E)] for a in ("gate", "up", "down", "b_gate", "b_up", "b_down")}
+    with graph.inserting_before(before):
+        route = graph.call_function(torch.ops.blazec.moe_route.default, (ids, E, capacity, priority))
         sorted_pairs, offsets, pair_pos = (graph.call_function(operator.getitem, (route, i)) for i in range(3))
         lists = {a: weight_list(graph, r, E) for a, r in refs.items()}
         out = graph.call_function(
             torch.ops.blazec.moe_experts.default,
-            (m.x, m.weights, sorted_pairs, offsets, pair_pos,
+            (x, weights, sorted_pairs, offsets, pair_pos,
              lists["gate"], lists["up"], lists["down"], lists["b_gate"], lists["b_up"], lists["b_down"],
              first.activation, "hidden" if first.weight_in_hidden is not None else "output", recompute,
-             dtype(m.acc)),
+             out_dtype),
         )
-        y = graph.call_function(operator.getitem, (out, 0))
-    for ia in m.index_adds:
-        graph.erase_node(ia)
-    m.acc.replace_all_uses_with(y)
+        return graph.call_function(operator.getitem, (out, 0))
+
+
+def _describe_match(form: str, where: str, experts: dict, x: Node, top_k: int, recompute: bool,
+                    capacity: int | None = None) -> Match:
+    first = experts[0]
+    return Match(form, where, {
+        "E": len(experts), "k": top_k, "d": int(shape(x)[1]), "I": _inter(first), "activation": first.activation,
+        "bias": first.b_gate is not None or first.b_down is not None,
+        "weight_pos": "hidden" if first.weight_in_hidden is not None else "output",
+        "capacity": capacity, "dtype": str(dtype(x)).replace("torch.", ""),
+        "recompute": "gemm1" if recompute else "activation only"})
 
 
 def _remove_dead(graph: torch.fx.Graph) -> None:
@@ -179,11 +211,6 @@ def _other_forms(graph: torch.fx.Graph) -> list[NearMiss]:
             out.append(NearMiss("pair_weight_gather", f"{module_path(n)} ({where_loc(n)})",
                                 "per-pair weight gather w[ids] + bmm recognized; its rewrite is not "
                                 "implemented yet, graph left unchanged"))
-        elif is_fn(n, torch.scatter) or is_method(n, "scatter"):
-            if len(shape(n) or ()) == 2 and _dense_gate_users(n):
-                out.append(NearMiss("dense_gate", f"{module_path(n)} ({where_loc(n)})",
-                                    "dense [T, E] gate over all experts recognized; its rewrite is not "
-                                    "implemented yet, graph left unchanged"))
     return out
 
 
@@ -195,8 +222,3 @@ def _is_param_gather(n: object) -> bool:
     return isinstance(n, Node) and is_fn(n, operator.getitem) and isinstance(n.args[0], Node) \
         and n.args[0].op in ("placeholder", "get_attr") and len(shape(n.args[0]) or ()) == 3 \
         and isinstance(n.args[1], Node)
-
-
-def _dense_gate_users(n: Node) -> bool:
-    return any(is_fn(u, operator.getitem) for u in n.users)
-

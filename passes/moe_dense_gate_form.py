@@ -1,0 +1,175 @@
+"""Match naive form 5: every expert runs on every token, weighted by a dense [T, E] gate.
+
+The form, as Dynamo sees it::
+
+    w, ids = probs.topk(k)                           # ids distinct within a row
+    gate   = zeros_like(probs).scatter(1, ids, w)    # dense [T, E], zero off the top-k
+    out    = zeros_like(x)                           # (or the first term itself)
+    for e in range(E):
+        out = out + gate[:, e:e+1] * expert_e(x)     # or gate[:, e, None], gate[:, e].unsqueeze(-1)
+
+Since ``gate[t, e]`` is zero unless ``e`` is one of token t's top-k experts, and the top-k
+ids of a row are distinct, ``out[t] = sum_j w[t, j] * expert_{ids[t, j]}(x[t])``: exactly
+``moe_experts(x, w, route(ids))``. The gradients agree too: the zero entries of the gate
+come from ``zeros_like``, which carries no gradient. The one difference is for non-finite
+expert outputs: eager computes ``0 * inf = nan`` for an unselected expert, blaze never runs
+it.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+
+from blazec.passes._fx import NoMatch, arg, is_fn, is_getitem, is_method, shape, strip_casts
+from blazec.passes.moe_expert_mlp import ExpertMLP, check_consistent, parse_expert
+from blazec.passes.moe_loop_form import ZEROS_FNS, _check_dtypes
+
+Node = torch.fx.Node
+ADD = (operator.add, torch.add, operator.iadd)
+
+
+@dataclass
+class DenseGateMatch:
+    final: Node  # the node holding the finished sum
+    ids: Node
+    weights: Node
+    x: Node
+    num_experts: int
+    top_k: int
+    experts: dict[int, ExpertMLP]
+    base_zeros: Node | None
+
+    @property
+    def first(self) -> ExpertMLP:
+        return self.experts[0]
+
+
+def _gate_column(node: object) -> tuple[Node, int] | None:
+    """``gate[:, e:e+1]`` / ``gate[:, e, None]`` / ``gate[:, e].unsqueeze(-1)`` -> (gate, e)."""
+    unsq = False
+    if is_method(node, "unsqueeze") and node.args[1] in (-1, 1):
+        node, unsq = node.args[0], True
+    if not is_getitem(node) or not isinstance(node.args[1], tuple):
+        return None
+    idx = node.args[1]
+    if len(idx) < 2 or idx[0] != slice(None, None, None):
+        return None
+    col = idx[1]
+    if isinstance(col, slice) and isinstance(col.start, int) and col.stop == col.start + 1 and col.step in (None, 1):
+        if len(idx) == 2 and not unsq:
+            return node.args[0], col.start
+    if isinstance(col, int):
+        if (len(idx) == 3 and idx[2] is None and not unsq) or (len(idx) == 2 and unsq):
+            return node.args[0], col
+    return None
+
+
+def _scatter_gate(gate: Node) -> tuple[Node, Node, int]:
+    """gate = zeros_like(P).scatter(1, ids, w) -> (ids, w, E); ids must come from topk."""
+    if not (is_method(gate, "scatter") or is_fn(gate, torch.scatter)):
+        raise NoMatch("the dense gate is not built with scatter(dim=1, topk ids, topk weights)")
+    base, dim, ids, src = gate.args[0], arg(gate, 1, "dim"), arg(gate, 2, "index"), arg(gate, 3, "src")
+    if src is None:
+        src = gate.kwargs.get("value")
+    if not (is_fn(base, *ZEROS_FNS) or is_method(base, "new_zeros")):
+        raise NoMatch("the dense gate is not zero off the selected experts (scatter base is not zeros)")
+    gshape = shape(gate)
+    if gshape is None or len(gshape) != 2 or dim not in (1, -1):
+        raise NoMatch("the dense gate is not a [T, E] scatter along dim 1")
+    if not isinstance(src, Node):
+        raise NoMatch("the dense gate scatters a constant, not per-token routing weights")
+    if not (is_getitem(ids) and ids.args[1] == 1 and (is_fn(ids.args[0], torch.topk) or is_method(ids.args[0], "topk"))):
+        raise NoMatch("cannot prove the gate's expert ids are distinct within a row (they do not come from topk)")
+    if shape(ids) != shape(src):
+        raise NoMatch(f"gate ids {shape(ids)} and weights {shape(src)} differ in shape")
+    return ids, src, int(gshape[1])
+
+
+def match_dense_gate(final: Node) -> DenseGateMatch:
+    """``final`` is the last add of a chain ``acc + gate[:, e:e+1] * expert_e(x)``."""
+    terms: list[Node] = []
+    node = final
+    base_zeros = None
+    while is_fn(node, *ADD) and len(node.args) == 2 and not node.kwargs:
+        acc, term = node.args
+        if _is_term(acc) and not _is_term(term):
+            acc, term = term, acc
+        terms.append(term)
+        if isinstance(acc, Node) and is_fn(acc, *ZEROS_FNS) or is_method(acc, "new_zeros"):
+            base_zeros = acc
+            break
+        if isinstance(acc, Node) and len(acc.users) != 1:
+            raise NoMatch(f"a partial sum ({acc.name}) of the expert outputs is used elsewhere")
+        node = acc
+    else:
+        terms.append(node)  # the chain starts with a bare first term
+    experts: dict[int, ExpertMLP] = {}
+    gate = x = None
+    for term in reversed(terms):
+        term, _ = strip_casts(term)
+        if not (is_fn(term, operator.mul, torch.mul) or is_method(term, "mul")):
+            raise NoMatch(f"{getattr(term, 'name', term)} is not gate[:, e] * expert_e(x)")
+        a, b = term.args[0], term.args[1]
+        col = _gate_column(a) or _gate_column(b)
+        if col is None:
+            raise NoMatch(f"{term.name} is not scaled by one column of a dense gate")
+        mlp_out = b if _gate_column(a) else a
+        g, e = col
+        if gate is None:
+            gate = g
+        elif g is not gate:
+            raise NoMatch(f"expert {e} is weighted by a different gate tensor")
+        if e in experts:
+            raise NoMatch(f"expert {e} is added twice")
+        mlp_out, _ = strip_casts(mlp_out)
+        rows = _rows_of(mlp_out)
+        if x is None:
+            x = rows
+        elif rows is not x:
+            raise NoMatch(f"expert {e} reads a different input than expert 0")
+        experts[e] = parse_expert(mlp_out, x, e, lambda n: False)
+    ids, weights, E = _scatter_gate(gate)
+    missing = sorted(set(range(E)) - set(experts))
+    if missing:
+        raise NoMatch(f"the sum does not cover every expert: missing expert(s) {missing}")
+    xs = shape(x)
+    if xs is None or len(xs) != 2 or str(xs[0]) != str(shape(ids)[0]) or shape(final) != xs:
+        raise NoMatch(f"x {xs}, gate ids {shape(ids)} and the output {shape(final)} do not agree on [T, d]")
+    check_consistent(experts)
+    _check_dtypes(x, experts)
+    return DenseGateMatch(final, ids, weights, x, E, int(shape(ids)[1]), experts, base_zeros)
+
+
+def _is_term(node: object) -> bool:
+    if not isinstance(node, Node):
+        return False
+    n, _ = strip_casts(node)
+    return (is_fn(n, operator.mul, torch.mul) or is_method(n, "mul")) and any(
+        _gate_column(a) is not None for a in n.args[:2])
+
+
+def _rows_of(mlp_out: Node) -> Node:
+    """The tensor the expert's first projection reads (the expert input)."""
+    node = mlp_out
+    for _ in range(8):
+        if not isinstance(node, Node) or not node.args:
+            break
+        src = node.args[0]
+        if isinstance(src, Node) and src.op == "placeholder":
+            return src
+        if is_fn(node, torch._C._nn.linear) and not _is_expert_internal(src):
+            return src
+        node = src
+    raise NoMatch("could not find the expert's input tensor")
+
+
+def _is_expert_internal(node: object) -> bool:
+    from blazec.passes.moe_expert_mlp import _activation
+
+    return isinstance(node, Node) and (
+        _activation(node) is not None or is_fn(node, operator.mul, torch.mul) or is_method(node, "mul", "chunk")
+        or is_getitem(node) and is_method(node.args[0], "chunk"))
