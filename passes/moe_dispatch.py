@@ -12,10 +12,11 @@ and replaces every read of the old accumulator with ``y``. The old dispatch (mas
 including the runtime asserts on its data-dependent sizes, so no data-dependent shape is left.
 
 Forms matched today: the static loop over experts, with ModuleList experts or 3-D stacked
-parameters (passes/moe_loop_form.py), and all experts on all tokens weighted by a dense
-top-k gate (passes/moe_dense_gate_form.py). The other naive forms of BASELINES.md (GShard
-one-hot capacity dispatch, sort + grouped GEMM, per-pair weight gather) are recognized and
-reported as near misses with the reason, and left unchanged.
+parameters (passes/moe_loop_form.py); all experts on all tokens weighted by a dense top-k gate
+(passes/moe_dense_gate_form.py); and the per-pair weight gather with bmm
+(passes/moe_pair_gather_form.py). The other naive forms of BASELINES.md (GShard one-hot
+capacity dispatch, sort + grouped GEMM) are recognized and reported as near misses with
+the reason, and left unchanged.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from blazec.passes.moe_dense_gate_form import ADD as DENSE_ADD
 from blazec.passes.moe_dense_gate_form import _is_term, match_dense_gate
 from blazec.passes.moe_expert_mlp import weight_list
 from blazec.passes.moe_loop_form import LoopMatch, match_loop
+from blazec.passes.moe_pair_gather_form import match_pair_gather
 from blazec.report import Match, NearMiss, PassReport
 
 Node = torch.fx.Node
@@ -70,6 +72,18 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
         final.replace_all_uses_with(y)
         graph.erase_node(final)
         rep.matches.append(_describe_match("dense_gate", where, dm.experts, dm.x, dm.top_k, recompute))
+    for final in _slot_sums(graph):
+        where = f"{module_path(final)} ({where_loc(final)})"
+        try:
+            pm = match_pair_gather(final)
+        except NoMatch as e:
+            if _has_param_gather(final):
+                rep.near_misses.append(NearMiss("pair_weight_gather", where, str(e)))
+            continue
+        y = emit_moe(graph, final, pm.ids, pm.weights, pm.x, pm.experts, dtype(final), recompute)
+        final.replace_all_uses_with(y)
+        graph.erase_node(final)
+        rep.matches.append(_describe_match("pair_weight_gather", where, pm.experts, pm.x, pm.top_k, recompute))
     if rep.matches:
         _remove_dead(graph)
     rep.near_misses.extend(_other_forms(graph))
@@ -89,6 +103,24 @@ def _dense_gate_sums(graph: torch.fx.Graph) -> list[Node]:
             if not any(is_fn(u, *DENSE_ADD) and any(_is_term(a) for a in u.args[:2]) for u in n.users):
                 out.append(n)
     return out
+
+
+def _slot_sums(graph: torch.fx.Graph) -> list[Node]:
+    return [n for n in graph.nodes if is_method(n, "sum") and len(shape(n.args[0]) or ()) == 3]
+
+
+def _has_param_gather(final: Node) -> bool:
+    """Whether a bmm with a per-pair weight gather feeds ``final`` (so a failed match is a near miss)."""
+    stack, seen = [final], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if is_fn(n, torch.bmm) and any(_is_param_gather(a) for a in n.args[:2]):
+            return True
+        stack.extend(n.all_input_nodes)
+    return False
 
 
 def _accumulators(graph: torch.fx.Graph) -> list[tuple[Node, list[Node]]]:
@@ -207,10 +239,6 @@ def _other_forms(graph: torch.fx.Graph) -> list[NearMiss]:
             out.append(NearMiss("sort_grouped", f"{module_path(n)} ({where_loc(n)})",
                                 "sort-based grouped dispatch recognized; its rewrite is not implemented yet, "
                                 "graph left unchanged"))
-        elif is_fn(n, torch.bmm) and any(_is_param_gather(a) for a in n.args[:2]):
-            out.append(NearMiss("pair_weight_gather", f"{module_path(n)} ({where_loc(n)})",
-                                "per-pair weight gather w[ids] + bmm recognized; its rewrite is not "
-                                "implemented yet, graph left unchanged"))
     return out
 
 

@@ -82,7 +82,7 @@ def _activation(node: Node) -> tuple[str, Node] | None:
         return "relu", node.args[0]
     if is_method(node, "relu"):
         return "relu", node.args[0]
-    if is_fn(node, F.gelu):
+    if is_fn(node, F.gelu, torch._C._nn.gelu):
         approx = arg(node, 1, "approximate", "none")
         if approx == "none":
             return "gelu", node.args[0]

@@ -1,0 +1,127 @@
+"""Match naive form 4: per-pair weight gather and bmm.
+
+The form, as Dynamo sees it (S = T*k pairs, pair p = t*k + j)::
+
+    flat = ids.reshape(-1)                                   # [S]
+    xs   = x.repeat_interleave(k, dim=0).unsqueeze(1)        # [S, 1, d]: row p is x[p // k]
+    h    = act(bmm(xs, W1[flat]))                            # W1 [E, d, I], copied per pair
+         # or act(bmm(xs, Wg[flat])) * bmm(xs, Wu[flat])      (gated)
+    y    = bmm(h, W2[flat]).squeeze(1)                       # [S, d]
+    out  = (y.view(T, k, d) * w.unsqueeze(-1)).sum(dim=1)    # w [T, k]
+
+Row p of every tensor belongs to token p // k and slot p % k, and its expert is
+``ids[t, j]``, so ``out[t] = sum_j w[t, j] * expert_{ids[t, j]}(x[t])``: the blaze op with the
+stacked weights used as they are (transposed views), and no per-pair copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+
+from blazec.passes._fx import NoMatch, arg, is_fn, is_getitem, is_method, is_mul, shape
+from blazec.passes.moe_expert_mlp import GATED, ExpertMLP, WeightRef, _activation
+from blazec.passes.moe_loop_form import _check_dtypes
+
+Node = torch.fx.Node
+
+
+@dataclass
+class PairGatherMatch:
+    final: Node
+    ids: Node
+    weights: Node
+    x: Node
+    top_k: int
+    experts: dict[int, ExpertMLP]
+
+
+def _squeeze1(node: object) -> Node | None:
+    if is_method(node, "squeeze") and len(node.args) == 2 and node.args[1] in (1, -2):
+        return node.args[0]
+    return None
+
+
+def _gathered_param(node: object, flat: list) -> Node:
+    """``P[flat]`` with P a 3-D parameter; the same ``flat`` for every gather."""
+    if not (is_getitem(node) and isinstance(node.args[0], Node) and node.args[0].op in ("placeholder", "get_attr")
+            and isinstance(node.args[1], Node) and len(shape(node.args[0]) or ()) == 3):
+        raise NoMatch("a bmm operand is not a per-pair gather P[ids] of a 3-D parameter")
+    if flat and node.args[1] is not flat[0]:
+        raise NoMatch("the weight gathers use different index tensors")
+    flat.append(node.args[1])
+    return node.args[0]
+
+
+def _bmm(node: object, xs: list, flat: list) -> Node:
+    if not is_fn(node, torch.bmm):
+        raise NoMatch("expected a bmm of the repeated rows with gathered weights")
+    if xs and node.args[0] is not xs[0]:
+        raise NoMatch("the first-layer bmm's do not read the same repeated rows")
+    xs.append(node.args[0])
+    return _gathered_param(node.args[1], flat)
+
+
+def match_pair_gather(final: Node) -> PairGatherMatch:
+    if not (is_method(final, "sum") and arg(final, 1, "dim") in (1, -2)) or final.kwargs.get("keepdim", False):
+        raise NoMatch("not a sum over the slot dimension")
+    prod = final.args[0]
+    if not is_mul(prod):
+        raise NoMatch("the slot sum is not over expert outputs times routing weights")
+    a, b = prod.args[0], prod.args[1]
+    if is_method(b, "unsqueeze") and b.args[1] == -1:
+        yv, w = a, b.args[0]
+    elif is_method(a, "unsqueeze") and a.args[1] == -1:
+        yv, w = b, a.args[0]
+    else:
+        raise NoMatch("the routing weights are not broadcast with unsqueeze(-1)")
+    if not is_method(yv, "view", "reshape"):
+        raise NoMatch("expert outputs are not viewed as [T, k, d]")
+    y = _squeeze1(yv.args[0])
+    if y is None:
+        raise NoMatch("expert outputs are not squeeze(1) of a bmm")
+    xs, flat = [], []
+    down = _bmm(y, [], flat)  # the second bmm reads h, not xs
+    h = y.args[0]
+    act = _activation(h)
+    up = None
+    if act is not None:
+        name, g = act[0], act[1]
+        gate = _bmm(g, xs, flat)
+    elif is_mul(h):
+        name = None
+        for an, un in ((h.args[0], h.args[1]), (h.args[1], h.args[0])):
+            act = _activation(an) if isinstance(an, Node) else None
+            if act is not None and act[0] in GATED:
+                name = GATED[act[0]]
+                gate, up = _bmm(act[1], xs, flat), _bmm(un, xs, flat)
+                break
+        if name is None:
+            raise NoMatch("hidden is a product without a supported gated activation")
+    else:
+        raise NoMatch("hidden is not act(bmm) or act(bmm) * bmm")
+    xs0 = xs[0]
+    ri = xs0.args[0] if is_method(xs0, "unsqueeze") and xs0.args[1] == 1 else None
+    if not (is_method(ri, "repeat_interleave") and isinstance(ri.args[1], int) and arg(ri, 2, "dim") == 0):
+        raise NoMatch("the pair rows are not x.repeat_interleave(k, dim=0).unsqueeze(1)")
+    x, k = ri.args[0], ri.args[1]
+    ids = flat[0].args[0] if is_method(flat[0], "reshape", "view", "flatten") else None
+    if ids is None or (is_method(flat[0], "reshape", "view") and tuple(flat[0].args[1:]) not in ((-1,), ((-1,),))):
+        raise NoMatch("the weight gather index is not ids.reshape(-1)")
+    T = shape(x)[0]
+    dims = yv.args[1] if len(yv.args) == 2 and isinstance(yv.args[1], (tuple, list)) else yv.args[1:]
+    if shape(ids) != (T, k) or shape(w) != (T, k) or tuple(dims)[:2] != (T, k):
+        raise NoMatch(f"ids {shape(ids)}, weights {shape(w)} and the [T, k, d] view disagree with T={T}, k={k}")
+    E = int(shape(gate)[0])
+    if any(int(shape(P)[0]) != E for P in (down, up) if P is not None):
+        raise NoMatch("the gathered weight tensors have different numbers of experts")
+    experts = {}
+    for e in range(E):  # bmm weights are [in, out]: the op gets transposed views, never copies
+        experts[e] = ExpertMLP(name, WeightRef(gate, e, transposed=True),
+                               None if up is None else WeightRef(up, e, transposed=True),
+                               WeightRef(down, e, transposed=True), None, None, None)
+    _check_dtypes(x, experts)
+    return PairGatherMatch(final, ids, w, x, k, experts)
+
