@@ -14,9 +14,9 @@ including the runtime asserts on its data-dependent sizes, so no data-dependent 
 Forms matched today: the static loop over experts, with ModuleList experts or 3-D stacked
 parameters (passes/moe_loop_form.py); all experts on all tokens weighted by a dense top-k gate
 (passes/moe_dense_gate_form.py); and the per-pair weight gather with bmm
-(passes/moe_pair_gather_form.py). The other naive forms of BASELINES.md (GShard one-hot
-capacity dispatch, sort + grouped GEMM) are recognized and reported as near misses with
-the reason, and left unchanged.
+(passes/moe_pair_gather_form.py); and the sort-based grouped form with a per-expert loop
+over split rows (passes/moe_sort_form.py). GShard one-hot capacity dispatch is recognized
+and reported as a near miss, and left unchanged.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from blazec.passes._fx import NoMatch, dtype, is_fn, is_method, module_path, sha
 from blazec.passes.moe_dense_gate_form import ADD as DENSE_ADD
 from blazec.passes.moe_dense_gate_form import _is_term, match_dense_gate
 from blazec.passes.moe_expert_mlp import weight_list
-from blazec.passes.moe_loop_form import LoopMatch, match_loop
+from blazec.passes.moe_loop_form import match_loop
+from blazec.passes.moe_sort_form import match_sorted
 from blazec.passes.moe_pair_gather_form import match_pair_gather
 from blazec.report import Match, NearMiss, PassReport
 
@@ -52,13 +53,22 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
 
     for acc, index_adds in _accumulators(graph):
         where = f"{module_path(index_adds[0])} ({where_loc(index_adds[0])})"
+        index = index_adds[0].args[2] if len(index_adds[0].args) > 2 else index_adds[0].kwargs.get("index")
+        sorted_form = is_fn(index, operator.floordiv, torch.div)
         try:
-            m = match_loop(acc, index_adds)
+            m = match_sorted(acc, index_adds) if sorted_form else match_loop(acc, index_adds)
         except NoMatch as e:
-            rep.near_misses.append(NearMiss("static_loop", where, str(e)))
+            rep.near_misses.append(NearMiss("sort_grouped" if sorted_form else "static_loop", where, str(e)))
             continue
-        _rewrite(graph, m, recompute)
-        form = "static_loop_" + ("stacked" if m.first.gate.index is not None else "modulelist")
+        y = emit_moe(graph, index_adds[-1], m.ids, m.weights, m.x, m.experts, dtype(m.acc), recompute)
+        for ia in index_adds:  # x.index_add_(...) returns x: its users read the final sum too
+            ia.replace_all_uses_with(y)
+            graph.erase_node(ia)
+        m.acc.replace_all_uses_with(y)
+        if sorted_form:
+            form = "sort_grouped"
+        else:
+            form = "static_loop_" + ("stacked" if m.experts[0].gate.index is not None else "modulelist")
         rep.matches.append(_describe_match(form, where, m.experts, m.x, m.top_k, recompute))
 
     for final in _dense_gate_sums(graph):
@@ -130,13 +140,6 @@ def _accumulators(graph: torch.fx.Graph) -> list[tuple[Node, list[Node]]]:
         if is_method(n, "index_add_") and isinstance(n.args[0], Node):
             found.setdefault(n.args[0], []).append(n)
     return list(found.items())
-
-
-def _rewrite(graph: torch.fx.Graph, m: LoopMatch, recompute: bool) -> None:
-    y = emit_moe(graph, m.index_adds[-1], m.ids, m.weights, m.x, m.experts, dtype(m.acc), recompute)
-    for ia in m.index_adds:
-        graph.erase_node(ia)
-    m.acc.replace_all_uses_with(y)
 
 
 def emit_moe(graph: torch.fx.Graph, before: Node, ids: Node, weights: Node, x: Node, experts: dict,
@@ -235,15 +238,7 @@ def _other_forms(graph: torch.fx.Graph) -> list[NearMiss]:
                 out.append(NearMiss("gshard_capacity", f"{module_path(n)} ({where_loc(n)})",
                                     f"one-hot capacity dispatch einsum('{eq}') recognized; "
                                     "its rewrite is not implemented yet, graph left unchanged"))
-        elif is_fn(n, torch.argsort, torch.sort) and _feeds_gather(n):
-            out.append(NearMiss("sort_grouped", f"{module_path(n)} ({where_loc(n)})",
-                                "sort-based grouped dispatch recognized; its rewrite is not implemented yet, "
-                                "graph left unchanged"))
     return out
-
-
-def _feeds_gather(n: Node) -> bool:
-    return any(u.op in ("call_function", "call_method") for u in n.users)
 
 
 def _is_param_gather(n: object) -> bool:

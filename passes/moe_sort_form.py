@@ -1,0 +1,191 @@
+"""Match naive form 3: sort-based grouped experts with a per-expert loop over split rows.
+
+The form, as Dynamo sees it (S = T*k pairs, pair p = t*k + j)::
+
+    flat   = ids.reshape(-1)                          # [S]
+    perm   = argsort(flat)                            # or sort(flat)[1]; pairs grouped by expert
+    tok    = perm // k                                # token of each sorted row
+    rows   = x[tok]
+    counts = histc(flat.float(), bins=E, min=0, max=E-1)   # or bincount(flat, minlength=E)
+    outs   = [expert_e(chunk) for e, chunk in enumerate(rows.split(counts.tolist()))]
+    y_rows = cat(outs) * w.reshape(-1)[perm, None]
+    out    = zeros_like(x).index_add_(0, tok, y_rows)
+
+Sorted row r is pair ``perm[r]``: token ``perm[r] // k``, weight ``w.flat[perm[r]]`` and, because
+``counts`` counts each expert id and the sort groups equal ids, expert ``flat[perm[r]]``. So
+``out[t] = sum_j w[t, j] * expert_{ids[t, j]}(x[t])`` whatever order the sort leaves within
+an expert: the blaze op. (``torch._grouped_mm`` in place of the loop only traces for bf16 on
+CUDA and is not matched yet.)
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+
+from blazec.passes._fx import NoMatch, arg, is_fn, is_getitem, is_method, is_mul, shape, strip_casts
+from blazec.passes.moe_expert_mlp import ExpertMLP, check_consistent, parse_expert
+from blazec.passes.moe_loop_form import ZEROS_FNS, _check_acc_reads, _check_dtypes
+
+Node = torch.fx.Node
+
+
+@dataclass
+class SortMatch:
+    acc: Node
+    index_add: Node
+    ids: Node
+    weights: Node
+    x: Node
+    top_k: int
+    experts: dict[int, ExpertMLP]
+
+
+def _flat_of(node: object) -> Node | None:
+    """``ids`` for ``ids.reshape(-1)`` / ``ids.view(-1)`` / ``ids.flatten()``."""
+    if is_method(node, "flatten") and len(node.args) == 1:
+        return node.args[0]
+    if is_method(node, "reshape", "view") and tuple(node.args[1:]) in ((-1,), ((-1,),)):
+        return node.args[0]
+    return None
+
+
+def _perm_of(tok: Node) -> tuple[Node, Node, int]:
+    """tok = perm // k with perm = argsort(flat) -> (perm, flat, k)."""
+    if is_fn(tok, operator.floordiv) and isinstance(tok.args[1], int):
+        perm, k = tok.args
+    elif is_fn(tok, torch.div) and tok.kwargs.get("rounding_mode") == "floor" and isinstance(tok.args[1], int):
+        perm, k = tok.args
+    else:
+        raise NoMatch("the index_add_ index is not sorted-pair-order // k")
+    if is_fn(perm, torch.argsort) or is_method(perm, "argsort"):
+        flat = perm.args[0]
+    elif is_getitem(perm) and perm.args[1] == 1 and (is_fn(perm.args[0], torch.sort) or is_method(perm.args[0], "sort")):
+        flat = perm.args[0].args[0]
+    else:
+        raise NoMatch("the pair order is not argsort/sort of the flattened expert ids")
+    if arg(perm if not is_getitem(perm) else perm.args[0], 1, "dim", -1) not in (-1, 0):
+        raise NoMatch("the expert ids are sorted along an unexpected dimension")
+    if perm.kwargs.get("descending", False):
+        raise NoMatch("the expert ids are sorted in descending order")
+    return perm, flat, k
+
+
+def _counts_ok(counts: Node, flat: Node, E: int) -> bool:
+    """counts[e] == number of pairs with id e, for ids in [0, E)."""
+    c, _ = strip_casts(counts)
+    if is_method(c, "long", "int"):
+        c = c.args[0]
+    if is_fn(c, torch.histc):
+        src, _ = strip_casts(c.args[0])
+        bins, lo, hi = arg(c, 1, "bins"), arg(c, 2, "min"), arg(c, 3, "max")
+        # integer v in [0, E-1] lands in bin floor(v * E / (E - 1)) = v: exact for E >= 2
+        return src is flat and bins == E and lo == 0 and hi == E - 1 and E >= 2
+    if is_fn(c, torch.bincount):
+        return c.args[0] is flat and arg(c, 2, "minlength") == E
+    return False
+
+
+def match_sorted(acc: Node, index_adds: list[Node]) -> SortMatch:
+    if len(index_adds) != 1:
+        raise NoMatch("a sorted dispatch combines with exactly one index_add_")
+    (ia,) = index_adds
+    if not (is_fn(acc, *ZEROS_FNS) or is_method(acc, "new_zeros")):
+        raise NoMatch("the accumulator is not created with zeros/zeros_like/new_zeros")
+    if arg(ia, 1, "dim") not in (0, -2) or ia.kwargs.get("alpha", 1) != 1:
+        raise NoMatch("index_add_ is not along dim 0 with alpha 1")
+    tok = arg(ia, 2, "index")
+    perm, flat, k = _perm_of(tok)
+    ids = _flat_of(flat)
+    if ids is None or len(shape(ids) or ()) != 2 or int(shape(ids)[1]) != k:
+        raise NoMatch(f"the sorted ids are not ids[T, {k}].reshape(-1)")
+
+    src, _ = strip_casts(arg(ia, 3, "source"))
+    if not is_mul(src):
+        raise NoMatch("the combined rows are not scaled by the routing weights")
+    weights = y_rows = None
+    for a, b in ((src.args[0], src.args[1]), (src.args[1], src.args[0])):
+        w = _weight_gather(b, perm)
+        if w is not None:
+            weights, y_rows = w, a
+            break
+    if weights is None:
+        raise NoMatch("the rows are not scaled by w.reshape(-1)[perm, None] for the same sort order")
+    y_rows, _ = strip_casts(y_rows)
+    if not (is_fn(y_rows, torch.cat) and arg(y_rows, 1, "dim", 0) in (0, -2)):
+        raise NoMatch("expert outputs are not concatenated in sorted order (torch.cat)")
+    outs = list(y_rows.args[0])
+    E = len(outs)
+    experts: dict[int, ExpertMLP] = {}
+    split = x = None
+    for e, out in enumerate(outs):
+        out, _ = strip_casts(out)
+        chunk = _chunk_input(out)
+        if not (is_getitem(chunk) and chunk.args[1] == e):
+            raise NoMatch(f"output {e} of the concatenation does not come from split chunk {e}")
+        if split is None:
+            split = chunk.args[0]
+        elif chunk.args[0] is not split:
+            raise NoMatch(f"expert {e} reads a different split than expert 0")
+        experts[e] = parse_expert(out, chunk, e, lambda n: False)
+    if not (is_fn(split, torch.split) or is_method(split, "split")):
+        raise NoMatch("expert inputs are not rows.split(counts)")
+    rows, sizes = split.args[0], arg(split, 1, "split_size_or_sections", arg(split, 1, "split_size"))
+    if not (is_getitem(rows) and rows.args[1] is tok or is_getitem(rows) and _same_tok(rows.args[1], perm, k)):
+        raise NoMatch("the split rows are not x[perm // k]")
+    x = rows.args[0]
+    if not isinstance(sizes, (list, tuple)) or len(sizes) != E:
+        raise NoMatch("the split sizes are not one count per expert")
+    counts = None
+    for e, s in enumerate(sizes):
+        c = s.args[0] if is_method(s, "item") else None
+        if not (is_getitem(c) and c.args[1] == e):
+            raise NoMatch(f"split size {e} is not counts[{e}]")
+        if counts is None:
+            counts = c.args[0]
+        elif c.args[0] is not counts:
+            raise NoMatch("split sizes come from different count tensors")
+    if not _counts_ok(counts, flat, E):
+        raise NoMatch("cannot prove the split sizes are the per-expert counts of the sorted ids "
+                      "(expected histc(ids, bins=E, min=0, max=E-1) or bincount(ids, minlength=E))")
+    xs = shape(x)
+    if xs is None or len(xs) != 2 or str(xs[0]) != str(shape(ids)[0]) or shape(acc) != xs:
+        raise NoMatch(f"x {xs}, ids {shape(ids)} and the accumulator {shape(acc)} do not agree on [T, d]")
+    if shape(weights) != shape(ids):
+        raise NoMatch(f"routing weights {shape(weights)} and ids {shape(ids)} differ in shape")
+    check_consistent(experts)
+    _check_dtypes(x, experts)
+    _check_acc_reads(acc, index_adds)
+    return SortMatch(acc, ia, ids, weights, x, k, experts)
+
+
+def _same_tok(node: object, perm: Node, k: int) -> bool:
+    return is_fn(node, operator.floordiv) and node.args[0] is perm and node.args[1] == k
+
+
+def _weight_gather(node: object, perm: Node) -> Node | None:
+    """``w.reshape(-1)[perm, None]`` or ``w.reshape(-1)[perm].unsqueeze(-1)`` -> w."""
+    if is_method(node, "unsqueeze") and node.args[1] in (-1, 1):
+        node = node.args[0]
+        if is_getitem(node) and node.args[1] is perm:
+            return _flat_of(node.args[0])
+        return None
+    if is_getitem(node) and isinstance(node.args[1], tuple) and len(node.args[1]) == 2 \
+            and node.args[1][0] is perm and node.args[1][1] is None:
+        return _flat_of(node.args[0])
+    return None
+
+
+def _chunk_input(out: Node) -> Node | None:
+    """Walk first arguments from the expert output down to the split chunk it reads."""
+    node = out
+    for _ in range(10):
+        if not isinstance(node, Node) or not node.args:
+            return None
+        if is_getitem(node) and (is_fn(node.args[0], torch.split) or is_method(node.args[0], "split")):
+            return node
+        node = node.args[0]
+    return None
