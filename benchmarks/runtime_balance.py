@@ -14,6 +14,7 @@ Run: ``python benchmarks/runtime_balance.py`` (about a minute on 2 CPU cores).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -26,18 +27,22 @@ from blazec.runtime.balance_sim import format_table, sample_lengths, simulate
 
 
 def time_partitions(sizes: list[tuple[int, int]], methods: list[tuple[str, bool]], repeats: int) -> list[str]:
-    rows = ["| n | parts | method | equal counts | median ms | min ms |", "|---|---|---|---|---|---|"]
+    # CPU time of this process next to wall time: on a shared machine the wall time also
+    # counts time the process waited for a core.
+    rows = ["| n | parts | method | equal counts | median wall ms | min wall ms | median CPU ms |", "|---|---|---|---|---|---|---|"]
     cost = CostModel.transformer()
     jobs = [(n, k, m, eq) for n, k in sizes for m, eq in methods]
     for n, k, m, eq in tqdm(jobs, desc="partition timing", file=sys.stderr):
         L = sample_lengths("zipf:1.2", n, 4096, torch.Generator().manual_seed(n + k))
         costs = cost(L).tolist()
-        times = []
+        times, cpu = [], []
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             partition(costs, k, m, equal_counts=eq)
             times.append(1000 * (time.perf_counter() - t0))
-        rows.append(f"| {n:,} | {k} | {m} | {'yes' if eq else 'no'} | {statistics.median(times):.1f} | {min(times):.1f} |")
+            cpu.append(1000 * (time.process_time() - c0))
+        rows.append(f"| {n:,} | {k} | {m} | {'yes' if eq else 'no'} | {statistics.median(times):.1f} | {min(times):.1f} "
+                    f"| {statistics.median(cpu):.1f} |")
     return rows
 
 
@@ -46,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--steps", type=int, default=20, help="simulated global batches per bubble row")
     p.add_argument("--big", action="store_true", help="also time n = 1,000,000")
+    p.add_argument("--timing-only", action="store_true", help="skip the bubble tables")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -54,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     print("## Partition time (Zipf(1.2) lengths, max 4096, cost L + L^2/6144)\n")
     print("\n".join(time_partitions(sizes, methods, args.repeats)))
 
+    load = f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "n/a"
+    print(f"\n(1-minute load average after the timing: {load}; other processes share the cores)")
+    if args.timing_only:
+        return 0
     cost = CostModel.transformer()
     for eq in (False, True):
         res = simulate(256, 32, "zipf:1.2", 4096, cost, steps=args.steps, seed=0, equal_counts=eq, progress=True)

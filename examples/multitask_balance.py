@@ -61,15 +61,17 @@ def run_synthetic(args: argparse.Namespace, bar: tqdm) -> tuple[dict, dict]:
 
 def print_table(title: str, final: dict, names: tuple[str, str], setting: str = "p") -> None:
     print(f"\n{title}\n")
-    print(f"| {setting} | method | {names[0]} | {names[1]} | worse task (mean ± sd) | worse vs equal |")
-    print("|---|---|---|---|---|---|")
+    print(f"| {setting} | method | {names[0]} | {names[1]} | worse task (mean ± sd) | worse vs equal | seeds better |")
+    print("|---|---|---|---|---|---|---|")
     for (p, m), rs in final.items():
         worse = [max(r) for r in rs]
-        base = statistics.mean(max(r) for r in final[(p, "equal")])
+        base_runs = [max(r) for r in final[(p, "equal")]]
+        base = statistics.mean(base_runs)
         sd = statistics.stdev(worse) if len(worse) > 1 else 0.0
         rel = "-" if m == "equal" else f"{100 * (statistics.mean(worse) / base - 1):+.1f}%"
+        wins = "-" if m == "equal" else f"{sum(w < b for w, b in zip(worse, base_runs))}/{len(worse)}"
         print(f"| {p} | {m} | {statistics.mean(r[0] for r in rs):.4f} | {statistics.mean(r[1] for r in rs):.4f} "
-              f"| {statistics.mean(worse):.4f} ± {sd:.4f} | {rel} |")
+              f"| {statistics.mean(worse):.4f} ± {sd:.4f} | {rel} | {wins} |")
 
 
 def plot(curves: dict, path: str, title: str) -> None:

@@ -191,19 +191,35 @@ def _kk(c: list[float], k: int) -> list[list[int]]:
     # is max_sum (the minimum is an empty subset, 0). Singletons are never pushed back, so
     # they stay in one list sorted by descending cost and are consumed from the front: that
     # saves a heap push and pop per sample, most of the run time for large n.
-    single = sorted(range(n), key=lambda i: -c[i])
+    single = sorted(range(n), key=c.__getitem__, reverse=True)  # stable: ties by index
+    sc = [c[i] for i in single]
     si = 0
     states: list = []
     seq = 0
+    carry = None  # the newest state, when it is certain to be popped next
 
     def pop():
-        nonlocal si
-        if si < n and (not states or c[single[si]] >= -states[0][0]):
-            i = single[si]
+        nonlocal si, carry
+        if carry is not None:
+            out, carry = carry, None
+            return out
+        if si < n and (not states or sc[si] >= -states[0][0]):
+            v = sc[si]
             si += 1
-            return False, c[i], [(c[i], i)]
+            return False, v, [(v, single[si - 1])]
         _, _, full, mx, items = heapq.heappop(states)
         return full, mx, items
+
+    def push(spread: float, full: bool, mx: float, items: list) -> None:
+        nonlocal carry
+        # A new state with a strictly larger spread than every other state is the next one
+        # LDM pops (on ties older states go first, as the heap's sequence numbers order
+        # them), so it skips the heap round trip. Long runs of merges continue one state
+        # (a sparse state collecting singletons, a full one absorbing them): ~25% faster.
+        if (not states or spread > -states[0][0]) and (si >= n or spread > sc[si]):
+            carry = (full, mx, items)
+        else:
+            heapq.heappush(states, (-spread, seq, full, mx, items))
 
     for _ in range(n - 1):
         full_a, max_a, items_a = pop()
@@ -214,7 +230,7 @@ def _kk(c: list[float], k: int) -> list[list[int]]:
                 items_a, items_b = items_b, items_a
             items_a.extend(items_b)
             mx = max(max_a, max_b)
-            heapq.heappush(states, (-mx, seq, False, mx, items_a))
+            push(mx, False, mx, items_a)
             continue
         # S = the state with fewer occupied subsets, H = the other, padded to k as a heap.
         if len(items_a) < len(items_b):
@@ -237,11 +253,16 @@ def _kk(c: list[float], k: int) -> list[list[int]]:
             heapq.heapify(new)
             h = new
         elif m_s == 1:
+            # The most common merge (a full state absorbing one subset): join inlined.
             (sv, sh), (hv, hh) = s[0], h[0]
             v = hv + sv
             if v > mx:
                 mx = v
-            heapq.heapreplace(h, (v, join(hh, sh)))
+            if hh >= 0:
+                nxt[tail[hh]] = sh
+                tail[hh] = tail[sh]
+                sh = hh
+            heapq.heapreplace(h, (v, sh))
         else:
             low = [heapq.heappop(h) for _ in range(m_s)]
             for (hv, hh), (sv, sh) in zip(low, s_desc):
@@ -249,8 +270,10 @@ def _kk(c: list[float], k: int) -> list[list[int]]:
                 if v > mx:
                     mx = v
                 heapq.heappush(h, (v, join(hh, sh)))
-        heapq.heappush(states, (-(mx - h[0][0]), seq, True, mx, h))
-    if states:
+        push(mx - h[0][0], True, mx, h)
+    if carry is not None:
+        items = carry[2]
+    elif states:
         items = states[0][4]
     else:  # n <= 1: no merge happened
         items = [(c[i], i) for i in single]

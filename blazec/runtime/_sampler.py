@@ -69,8 +69,10 @@ class BalancedBatchSampler(Sampler[list[int]]):
     the ranks, and yields this rank's share as ``micro_batches`` consecutive batches (so the
     DataLoader yields ``micro_batches`` batches per optimizer step; accumulate over them).
     Rank shares have different sizes unless ``equal_counts=True``: that is the point, a rank
-    with long samples gets fewer. Use a loss that is a sum over samples divided by the
-    global batch size (not a per-rank mean) so that unequal shares weight samples correctly.
+    with long samples gets fewer. So do not take a per-rank mean: use
+    ``loss = per_sample_losses.sum() * world_size / global_batch_size`` on each micro-batch;
+    accumulated over micro-batches and averaged by DDP over ranks, that is the mean over the
+    global batch, with every sample weighted alike.
 
     Args:
         data_source: the dataset (anything with ``len``) or its size.
