@@ -14,9 +14,10 @@ including the runtime asserts on its data-dependent sizes, so no data-dependent 
 Forms matched today: the static loop over experts, with ModuleList experts or 3-D stacked
 parameters (passes/moe_loop_form.py); all experts on all tokens weighted by a dense top-k gate
 (passes/moe_dense_gate_form.py); and the per-pair weight gather with bmm
-(passes/moe_pair_gather_form.py); and the sort-based grouped form with a per-expert loop
-over split rows (passes/moe_sort_form.py). GShard one-hot capacity dispatch is recognized
-and reported as a near miss, and left unchanged.
+(passes/moe_pair_gather_form.py); the sort-based grouped form with a per-expert loop over
+split rows (passes/moe_sort_form.py); and GShard/Switch one-hot capacity dispatch, top-1 and
+top-2 (passes/moe_gshard_form.py), which becomes ``moe_route`` with the capacity and the
+slot-major drop order.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from blazec.passes._fx import NoMatch, dtype, is_fn, is_method, module_path, sha
 from blazec.passes.moe_dense_gate_form import ADD as DENSE_ADD
 from blazec.passes.moe_dense_gate_form import _is_term, match_dense_gate
 from blazec.passes.moe_expert_mlp import weight_list
+from blazec.passes.moe_gshard_form import match_gshard
 from blazec.passes.moe_loop_form import match_loop
 from blazec.passes.moe_sort_form import match_sorted
 from blazec.passes.moe_pair_gather_form import match_pair_gather
@@ -94,9 +96,24 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
         final.replace_all_uses_with(y)
         graph.erase_node(final)
         rep.matches.append(_describe_match("pair_weight_gather", where, pm.experts, pm.x, pm.top_k, recompute))
+    for out in [n for n in graph.nodes if _is_combine_einsum(n)]:
+        where = f"{module_path(out)} ({where_loc(out)})"
+        try:
+            gm_ = match_gshard(out)
+        except NoMatch as e:
+            rep.near_misses.append(NearMiss("gshard_capacity", where, str(e)))
+            continue
+        with graph.inserting_before(out):
+            ids = graph.call_function(torch.stack, (gm_.idx,), {"dim": 1})
+            weights = graph.call_function(torch.stack, (gm_.w,), {"dim": 1})
+        y = emit_moe(graph, out, ids, weights, gm_.x, gm_.experts, dtype(out), recompute,
+                     capacity=gm_.capacity, priority="slot")
+        out.replace_all_uses_with(y)
+        graph.erase_node(out)
+        rep.matches.append(_describe_match(f"gshard_top{len(gm_.idx)}", where, gm_.experts, gm_.x, len(gm_.idx),
+                                           recompute, capacity=gm_.capacity))
     if rep.matches:
         _remove_dead(graph)
-    rep.near_misses.extend(_other_forms(graph))
     return rep
 
 
@@ -113,6 +130,11 @@ def _dense_gate_sums(graph: torch.fx.Graph) -> list[Node]:
             if not any(is_fn(u, *DENSE_ADD) and any(_is_term(a) for a in u.args[:2]) for u in n.users):
                 out.append(n)
     return out
+
+
+def _is_combine_einsum(n: Node) -> bool:
+    return is_fn(n, torch.einsum, torch.functional.einsum) and isinstance(n.args[0], str) \
+        and n.args[0].replace(" ", "") == "tec,ecd->td"
 
 
 def _slot_sums(graph: torch.fx.Graph) -> list[Node]:
@@ -229,19 +251,8 @@ def _pure(n: Node) -> bool:
 # Other naive forms: recognized, reported, left alone.
 
 
-def _other_forms(graph: torch.fx.Graph) -> list[NearMiss]:
-    out = []
-    for n in graph.nodes:
-        if is_fn(n, torch.einsum) and isinstance(n.args[0], str):
-            eq = n.args[0].replace(" ", "")
-            if eq.startswith("tec,") or eq.endswith("->ecd") or "tec," in eq:
-                out.append(NearMiss("gshard_capacity", f"{module_path(n)} ({where_loc(n)})",
-                                    f"one-hot capacity dispatch einsum('{eq}') recognized; "
-                                    "its rewrite is not implemented yet, graph left unchanged"))
-    return out
-
-
 def _is_param_gather(n: object) -> bool:
+    """``P[idx]`` of a 3-D parameter with a tensor index: a per-pair weight copy."""
     return isinstance(n, Node) and is_fn(n, operator.getitem) and isinstance(n.args[0], Node) \
         and n.args[0].op in ("placeholder", "get_attr") and len(shape(n.args[0]) or ()) == 3 \
         and isinstance(n.args[1], Node)

@@ -46,10 +46,12 @@ class WeightRef:
     index: int | None  # e when the parameter is stacked and selected with P[e]
     transposed: bool = False  # the ``rows @ W`` form: W is [in, out]
     rows: tuple[int, int] | None = None  # a slice of the output features (fused gate/up)
+    squeeze: int | None = None  # a size-1 dim to drop first (a bmm bias [E, 1, out])
 
     def layout(self) -> tuple:
         """Everything but the expert-specific part, for checking experts agree."""
-        return (self.index is None, self.transposed, self.rows, self.base if self.index is not None else None)
+        return (self.index is None, self.transposed, self.rows, self.squeeze,
+                self.base if self.index is not None else None)
 
 
 @dataclass
@@ -216,12 +218,16 @@ def weight_list(graph: torch.fx.Graph, refs: list[WeightRef | None], expert_coun
 
 def _view(graph: torch.fx.Graph, base: Node, ref: WeightRef, stacked: bool) -> Node:
     node = base
+    nd = len(shape(base) or ())
+    if ref.squeeze is not None:
+        node = graph.call_function(torch.squeeze, (node, ref.squeeze))
+        nd -= 1
     if ref.transposed:
         node = graph.call_function(torch.transpose, (node, -1, -2))
     if ref.rows is not None:
         a, b = ref.rows
         # weights: rows are dim -2 ([.., out, in]); biases: dim -1 ([.., out])
-        is_bias = (len(shape(base) or ()) - (1 if stacked else 0)) == 1
+        is_bias = nd - (1 if stacked else 0) == 1
         dim = -1 if is_bias else -2
         node = graph.call_function(torch.narrow, (node, dim, a, b - a))
     return node

@@ -1,0 +1,278 @@
+"""Match naive form 2: GShard/Switch dense capacity dispatch (top-1 and top-2).
+
+The form (fairseq/DeepSpeed ``top2gating`` and the Switch top-1 variant), as Dynamo sees it::
+
+    M1 = one_hot(idx1, E);  M2 = one_hot(idx2, E)                 # [T, E] choice masks
+    L1 = cumsum(M1, 0) - 1                                       # position in expert buffer
+    L2 = cumsum(M2, 0) - 1 + sum(M1, 0, keepdim=True)            # second choices after all firsts
+    K1 = M1 * lt(L1, C);  K2 = M2 * lt(L2, C)                    # capacity C: drop the rest
+    S1 = sum(L1 * K1, 1);  S2 = sum(L2 * K2, 1)                  # [T] kept positions
+    G1 = w1[:, None] * K1;  G2 = w2[:, None] * K2                # w_j [T]: the pair's weight
+    combine  = G1[:, :, None] * one_hot(S1, C)[:, None, :] + G2[...] * one_hot(S2, C)[...]
+    dispatch = combine.bool().to(x.dtype)
+    expert_in  = einsum("tec,td->ecd", dispatch, x)
+    expert_out = bmm(act(bmm(expert_in, W_in) + b_in), W_out) + b_out
+    out = einsum("tec,ecd->td", combine, expert_out)
+
+Why it is the blaze op: L_j gives pair (t, j) its position among the pairs routed to its
+expert in slot-major order (all first choices in token order, then all second choices), so
+K_j keeps exactly the first C pairs of each expert in that order: ``moe_route(ids, E, C,
+priority="slot")`` with ``ids = [idx1, idx2]``. Kept pairs get distinct buffer slots, so
+``expert_in[e, c]`` is the row of the one token at that slot and
+``out[t] = sum_j w_j[t] * K_j[t, e] * expert_e(x[t])``. Dropped pairs, and kept pairs of
+weight 0 (not dispatched), contribute 0 in both. The weights ``w_j`` are used exactly as the
+code computed them, after any renormalization over kept pairs. Unused buffer slots run the
+MLP on zeros in eager; their results are multiplied by 0, so blaze skips them.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+
+from blazec.passes._fx import NoMatch, arg, is_fn, is_getitem, is_method, is_mul, shape, strip_casts
+from blazec.passes.moe_expert_mlp import GATED, ExpertMLP, WeightRef, _activation
+from blazec.passes.moe_loop_form import _check_dtypes
+
+Node = torch.fx.Node
+ONE_HOT = (F.one_hot, torch._C._nn.one_hot)
+ADD = (operator.add, torch.add)
+SUB = (operator.sub, torch.sub)
+S_, N_ = slice(None, None, None), None
+
+
+@dataclass
+class GShardMatch:
+    out: Node
+    idx: list[Node]  # [T] expert id of each choice, first choice first
+    w: list[Node]  # [T] weight of each choice
+    x: Node
+    capacity: int
+    experts: dict[int, ExpertMLP]
+
+
+def _einsum(node: object, eq: str) -> bool:
+    return is_fn(node, torch.einsum, torch.functional.einsum) and isinstance(node.args[0], str) \
+        and node.args[0].replace(" ", "") == eq
+
+
+def _operands(node: Node) -> list:
+    ops = list(node.args[1:])
+    return list(ops[0]) if len(ops) == 1 and isinstance(ops[0], (list, tuple)) else ops
+
+
+def _pair(node: object, pred_a, pred_b) -> tuple | None:
+    """For ``mul(a, b)`` in either order, (a, b) with pred_a(a) and pred_b(b)."""
+    if not is_mul(node):
+        return None
+    x, y = node.args[0], node.args[1]
+    for a, b in ((x, y), (y, x)):
+        ra, rb = pred_a(a), pred_b(b)
+        if ra is not None and rb is not None:
+            return ra, rb
+    return None
+
+
+def _idx(node: object, index: tuple) -> Node | None:
+    return node.args[0] if is_getitem(node) and node.args[1] == index else None
+
+
+def _terms(node: object) -> list:
+    if is_fn(node, *ADD) and len(node.args) == 2:
+        return _terms(node.args[0]) + _terms(node.args[1])
+    return [node]
+
+
+def _one_hot(node: object) -> tuple[Node, int] | None:
+    if is_fn(node, *ONE_HOT):
+        return node.args[0], arg(node, 1, "num_classes", -1)
+    return None
+
+
+def _kept(km: object) -> tuple[Node, Node, int] | None:
+    """K = M * lt(L, C) -> (M, L, C)."""
+    def lt(n):
+        if is_fn(n, torch.lt, operator.lt) and isinstance(n.args[1], int):
+            return n.args[0], n.args[1]
+        return None
+    r = _pair(km, lambda n: n if _one_hot(n) else None, lt)
+    if r is None:
+        return None
+    m, (loc, c) = r
+    return m, loc, c
+
+
+def _locations(loc: object, m: Node, earlier: list[Node], kept_earlier: list[Node]) -> bool:
+    """L == cumsum(M, 0) - 1 (+ sum(M_i, 0, keepdim=True) for each earlier choice i)."""
+    terms = _terms(loc)
+    base = [t for t in terms if is_fn(t, *SUB) and t.args[1] == 1 and is_fn(t.args[0], torch.cumsum)]
+    if len(base) != 1:
+        return False
+    cs = base[0].args[0]
+    if cs.args[0] is not m or arg(cs, 1, "dim") != 0:
+        return False
+    offsets = [t for t in terms if t is not base[0]]
+    counted = []
+    for t in offsets:
+        if not (is_fn(t, torch.sum) or is_method(t, "sum")) or arg(t, 1, "dim") != 0 or not t.kwargs.get("keepdim"):
+            return False
+        counted.append(t.args[0])
+    if len(counted) != len(earlier):
+        return False
+    # Counting the earlier choices before or after their capacity drop gives the same kept set:
+    # either way, later choices land at or past C exactly when the earlier ones filled C.
+    hit = set()
+    for c in counted:
+        i = next((i for i, (a, b) in enumerate(zip(earlier, kept_earlier)) if c is a or c is b), None)
+        if i is None:
+            return False
+        hit.add(i)
+    return hit == set(range(len(earlier)))
+
+
+def match_gshard(out: Node) -> GShardMatch:
+    if not _einsum(out, "tec,ecd->td"):
+        raise NoMatch("not a combine einsum('tec,ecd->td')")
+    combine, expert_out = _operands(out)
+    combine, _ = strip_casts(combine)
+
+    # combine = sum_j G_j[:, :, None] * one_hot(S_j, C)[:, None, :]
+    choices = []
+    for term in _terms(combine):
+        r = _pair(term, lambda n: _idx(n, (S_, S_, N_)), lambda n: _idx(n, (S_, N_, S_)))
+        if r is None:
+            raise NoMatch("the combine tensor is not a sum of gate[:, :, None] * one_hot(position)[:, None, :]")
+        g, loc_oh = r
+        oh = _one_hot(loc_oh)
+        if oh is None:
+            raise NoMatch("buffer positions are not one_hot(position, capacity)")
+        s, C = oh
+        gw = _pair(g, lambda n: _idx(n, (S_, N_)), lambda n: n)
+        if gw is None:
+            raise NoMatch("a choice's gate is not w[:, None] * kept_mask")
+        w, km = gw
+        kept = _kept(km)
+        if kept is None:
+            raise NoMatch("a choice's kept mask is not one_hot(idx, E) * lt(locations, capacity)")
+        m, loc, C2 = kept
+        if C2 != C:
+            raise NoMatch(f"capacity {C2} in the drop test differs from one_hot's {C}")
+        sl = (is_fn(s, torch.sum) or is_method(s, "sum")) and arg(s, 1, "dim") == 1 and \
+            _pair(s.args[0], lambda n: n if n is loc else None, lambda n: n if n is km else None)
+        if not sl:
+            raise NoMatch("a choice's position is not sum(locations * kept_mask, 1)")
+        choices.append((w, m, km, loc, C))
+    if len(choices) not in (1, 2):
+        raise NoMatch(f"{len(choices)} choices per token; GShard/Switch forms with top-1 or top-2 are matched")
+    # Order the choices by their location offsets: the first has none.
+    choices.sort(key=lambda ch: len(_terms(ch[3])))
+    Cs = {ch[4] for ch in choices}
+    if len(Cs) != 1:
+        raise NoMatch("the choices use different capacities")
+    C = Cs.pop()
+    earlier, kept_earlier = [], []
+    E = None
+    for w, m, km, loc, _ in choices:
+        if not _locations(loc, m, earlier, kept_earlier):
+            raise NoMatch("buffer positions are not cumsum(mask, 0) - 1 plus the counts of earlier choices "
+                          "(the slot-major GShard order)")
+        idx, e_count = _one_hot(m)
+        if E is None:
+            E = e_count
+        elif e_count != E:
+            raise NoMatch("the choices one_hot to different expert counts")
+        earlier.append(m)
+        kept_earlier.append(km)
+
+    # dispatch and the batched expert MLP
+    expert_in = _expert_in(expert_out)
+    if not _einsum(expert_in, "tec,td->ecd"):
+        raise NoMatch("expert inputs are not einsum('tec,td->ecd', dispatch, x)")
+    dispatch, x = _operands(expert_in)
+    dispatch, _ = strip_casts(dispatch)
+    if not (is_method(dispatch, "bool") and strip_casts(dispatch.args[0])[0] is combine):
+        raise NoMatch("the dispatch tensor is not combine.bool(): cannot prove it marks the kept pairs")
+    experts = _batched_mlp(expert_out, expert_in, E)
+    T = shape(x)[0]
+    for w, m, *_ in choices:
+        if shape(w) != (T,) or shape(_one_hot(m)[0]) != (T,):
+            raise NoMatch(f"choice weights {shape(w)} / ids do not have shape [T]={T}")
+    if not isinstance(C, int) or C < 1:
+        raise NoMatch(f"capacity {C} is not a positive constant")
+    _check_dtypes(x, experts)
+    return GShardMatch(out, [_one_hot(ch[1])[0] for ch in choices], [ch[0] for ch in choices], x, C, experts)
+
+
+def _expert_in(expert_out: Node) -> Node | None:
+    node = expert_out
+    for _ in range(10):
+        if not isinstance(node, Node) or not node.args:
+            return None
+        if _einsum(node, "tec,td->ecd"):
+            return node
+        node = node.args[0]
+    return None
+
+
+def _bmm_bias(node: object, inp: object, what: str) -> tuple[WeightRef, WeightRef | None]:
+    """``bmm(inp, W) [+ b]`` with W [E, in, out] and b [E, 1, out] or [E, out]."""
+    bias = None
+    if is_fn(node, *ADD):
+        node, bias = node.args[0], node.args[1]
+    if not (is_fn(node, torch.bmm) and node.args[0] is inp):
+        raise NoMatch(f"the {what} projection is not bmm(expert buffer, W) [+ b]")
+    W = node.args[1]
+    if not (isinstance(W, Node) and W.op in ("placeholder", "get_attr") and len(shape(W) or ()) == 3):
+        raise NoMatch(f"the {what} weight is not a 3-D parameter")
+    wref = WeightRef(W, 0, transposed=True)
+    bref = None
+    if bias is not None:
+        bs = shape(bias)
+        if not (isinstance(bias, Node) and bias.op in ("placeholder", "get_attr") and bs is not None
+                and len(bs) in (2, 3) and (len(bs) == 2 or bs[1] == 1)):
+            raise NoMatch(f"the {what} bias is not an [E, 1, out] or [E, out] parameter")
+        bref = WeightRef(bias, 0, squeeze=1 if len(bs) == 3 else None)
+    return wref, bref
+
+
+def _batched_mlp(expert_out: Node, expert_in: Node, E: int) -> dict[int, ExpertMLP]:
+    down, b_down = _bmm_bias(expert_out, _down_input(expert_out), "down")
+    h = _down_input(expert_out)
+    act = _activation(h)
+    up = b_up = None
+    if act is not None:
+        name = act[0]
+        gate, b_gate = _bmm_bias(act[1], expert_in, "gate")
+    elif is_mul(h):
+        name = None
+        for a, u in ((h.args[0], h.args[1]), (h.args[1], h.args[0])):
+            act = _activation(a) if isinstance(a, Node) else None
+            if act is not None and act[0] in GATED:
+                name = GATED[act[0]]
+                gate, b_gate = _bmm_bias(act[1], expert_in, "gate")
+                up, b_up = _bmm_bias(u, expert_in, "up")
+                break
+        if name is None:
+            raise NoMatch("the expert hidden is a product without a supported gated activation")
+    else:
+        raise NoMatch("the expert hidden is not act(bmm) or act(bmm) * bmm")
+    for ref in (gate, up, down):
+        if ref is not None and int(shape(ref.base)[0]) != E:
+            raise NoMatch(f"expert weights have {shape(ref.base)[0]} experts, the gate routes to {E}")
+
+    def at(ref, e):
+        return None if ref is None else WeightRef(ref.base, e, ref.transposed, ref.rows, ref.squeeze)
+
+    return {e: ExpertMLP(name, at(gate, e), at(up, e), at(down, e), at(b_gate, e), at(b_up, e), at(b_down, e))
+            for e in range(E)}
+
+
+def _down_input(expert_out: Node) -> Node:
+    node = expert_out.args[0] if is_fn(expert_out, *ADD) else expert_out
+    if not is_fn(node, torch.bmm):
+        raise NoMatch("the expert output is not bmm(hidden, W_out) [+ b_out]")
+    return node.args[0]
