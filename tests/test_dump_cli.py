@@ -94,4 +94,4 @@ def test_console_script_runs():
     proc = subprocess.run([sys.executable, "-m", "blazec", "dump", "missing.py"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "blazec dump: error: model file not found: missing.py"
+    assert proc.stderr.strip().splitlines()[-1] == "blazec dump: error: model file not found: missing.py"
