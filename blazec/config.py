@@ -8,10 +8,12 @@ Later features add a field here and nothing else in the plumbing.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 FINAL_STAGES = ("inductor", "eager")
+CHECKPOINT_SOLVERS = ("auto", "ilp", "heuristic")
 MOE_RECOMPUTE = ("save_preact", "recompute_gemm1")
 TORCH_MODES = (
     "default",
@@ -42,6 +44,20 @@ class BlazeConfig:
             only the activation; ``"recompute_gemm1"`` recomputes that GEMM from ``x`` too.
         inductor_config: extra Inductor config patches, merged over blaze's own
             (for example ``{"max_autotune": True}``).
+        memory_budget: how much activation memory the forward may keep for backward; the
+            checkpoint solver (``blazec.passes.checkpoint``) then picks the cheapest set of
+            tensors to save and recomputes the rest. ``None`` (default) keeps PyTorch's
+            min-cut partition as it is. A float in ``[0.0, 1.0]`` (or a string ``"60%"``) is a
+            fraction of the activation bytes the default partition saves; an int (``2**31``)
+            or a string with a unit (``"2GiB"``, ``"512MB"``, ``"1e9B"``) is absolute bytes.
+            Activation bytes exclude parameters and inputs (and views of them), which are
+            alive anyway. Each rewritten MoE layer's ``moe_recompute`` choice becomes a
+            decision of the solver. See docs/CHECKPOINT.md.
+        checkpoint_solver: ``"auto"`` (default) solves exactly (an ILP with HiGHS) when the
+            graph is small enough and falls back to the Lagrangian min-cut heuristic;
+            ``"ilp"`` always tries the exact solver first; ``"heuristic"`` skips it.
+        checkpoint_time_limit: seconds the exact solver may take before it stops and the
+            best plan found so far (with its optimality gap) is used. Default 5.
         mode: ``torch.compile``'s ``mode=``, forwarded to Inductor.
     """
 
@@ -50,6 +66,9 @@ class BlazeConfig:
     final_stage: str = "inductor"
     moe_recompute: str = "save_preact"
     inductor_config: Mapping[str, Any] = field(default_factory=dict)
+    memory_budget: int | float | None = None
+    checkpoint_solver: str = "auto"
+    checkpoint_time_limit: float = 5.0
     mode: str = "default"
 
     @classmethod
@@ -151,10 +170,72 @@ def _inductor_config(key: str, value: Any) -> dict[str, Any]:
     return dict(value)
 
 
+_BYTE_UNITS = {
+    "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_BUDGET_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*(%|[a-zA-Z]+)?\s*$")
+_BUDGET_HELP = (
+    "give a fraction of the default partition's activation bytes as a float in [0.0, 1.0] "
+    "or a string like '60%', or absolute bytes as a non-negative int or a string like "
+    "'2GiB', '512MB', '1e9B'"
+)
+
+
+def parse_memory_budget(key: str, value: Any) -> int | float | None:
+    """``memory_budget``: None, absolute bytes (int), or a fraction in [0, 1] (float)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise BlazeOptionError(f"option {key!r} must not be a bool, got {value!r}; {_BUDGET_HELP}")
+    if isinstance(value, int):
+        if value < 0:
+            raise BlazeOptionError(f"option {key!r}: bytes must be >= 0, got {value}; {_BUDGET_HELP}")
+        return int(value)
+    if isinstance(value, float):
+        if not (0.0 <= value <= 1.0):  # also rejects nan
+            raise BlazeOptionError(
+                f"option {key!r}: a float is a fraction and must be within [0.0, 1.0], got "
+                f"{value!r}; for absolute bytes pass an int or a string like '2GiB'"
+            )
+        return float(value)
+    if isinstance(value, str):
+        m = _BUDGET_RE.match(value)
+        if m is None:
+            raise BlazeOptionError(f"option {key!r}: cannot parse {value!r}; {_BUDGET_HELP}")
+        number, unit = m.group(1), m.group(2)
+        if unit == "%":
+            pct = float(number)
+            if not 0.0 <= pct <= 100.0:
+                raise BlazeOptionError(f"option {key!r}: a percentage must be within 0%..100%, got {value!r}")
+            return pct / 100.0
+        if unit is None:
+            is_int = re.fullmatch(r"[0-9]+", number) is not None
+            return parse_memory_budget(key, int(number) if is_int else float(number))
+        scale = _BYTE_UNITS.get(unit.lower())
+        if scale is None:
+            raise BlazeOptionError(
+                f"option {key!r}: unknown unit {unit!r} in {value!r}; units: "
+                f"B, KB, MB, GB, TB (powers of 1000), KiB, MiB, GiB, TiB (powers of 1024)"
+            )
+        return int(round(float(number) * scale))
+    raise BlazeOptionError(f"option {key!r} must be a number or a string, got {type(value).__name__}; {_BUDGET_HELP}")
+
+
+def _positive_seconds(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value <= 3600):
+        raise BlazeOptionError(f"option {key!r} must be a number of seconds in (0, 3600], got {value!r}")
+    return float(value)
+
+
 _VALIDATORS = {
     "passes": _names,
     "disable_passes": _names,
     "final_stage": _choice(FINAL_STAGES),
     "moe_recompute": _choice(MOE_RECOMPUTE),
     "inductor_config": _inductor_config,
+    "memory_budget": parse_memory_budget,
+    "checkpoint_solver": _choice(CHECKPOINT_SOLVERS),
+    "checkpoint_time_limit": _positive_seconds,
 }

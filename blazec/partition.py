@@ -1,8 +1,10 @@
 """Forward/backward partition of the joint graph, and the report of what forward saves.
 
-The partitioner itself is PyTorch's min-cut rematerialization partitioner for now; the
-memory-budget solver (passes/checkpoint.py) plugs in here. Whatever picks the cut, this file
-reads the result the same way: the partitioned forward graph returns the user outputs
+The partitioner is PyTorch's min-cut rematerialization partitioner, with blaze's checkpoint
+solver (``blazec.passes.checkpoint``) deciding which values it saves: with the
+``memory_budget`` option the solver picks the cheapest plan within the budget, without it
+torch's own min-cut choice is kept and the solver only reports on it. Whatever picks the
+cut, this file reads the result the same way: the partitioned forward graph returns the user outputs
 first (``num_fwd_outputs`` of them) and then the saved tensors and symbolic sizes, and the
 backward graph takes those as inputs. So the saved set is exactly the forward graph's
 outputs past ``num_fwd_outputs``, which makes the byte count device-independent.
@@ -11,6 +13,7 @@ outputs past ``num_fwd_outputs``, which makes the byte count device-independent.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import sympy
@@ -22,17 +25,52 @@ from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from blazec.report import PartitionReport, SavedTensor
 
 
+@dataclass
+class CheckpointPartitionReport(PartitionReport):
+    """A :class:`PartitionReport` with the checkpoint solver's plan (``None`` when the
+    solver did not run, e.g. a graph with nothing to save, or ``checkpoint_error``)."""
+
+    checkpoint: Any = None  # blazec.passes.checkpoint.CheckpointPlan
+    checkpoint_error: str | None = None
+
+    def lines(self) -> list[str]:
+        out = super().lines()
+        if self.checkpoint is not None:
+            out += ["  " + line for line in self.checkpoint.lines()]
+        if self.checkpoint_error:
+            out.append(f"  checkpoint solver: {self.checkpoint_error}")
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        d = super().to_json()
+        d["checkpoint"] = None if self.checkpoint is None else self.checkpoint.to_json()
+        return d
+
+
 def partition_joint(gm: torch.fx.GraphModule, joint_inputs, config, **kwargs: Any):
-    """Split ``gm`` into forward and backward graphs. Returns ``(fw, bw, PartitionReport)``."""
-    fw, bw = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
-    rep = saved_tensor_report(fw, kwargs["num_fwd_outputs"], "min_cut_rematerialization_partition")
+    """Split ``gm`` into forward and backward graphs. Returns ``(fw, bw, PartitionReport)``.
+
+    The report is a :class:`CheckpointPartitionReport`; its ``checkpoint`` field holds the
+    plan (solver, budget, saved tensors with their byte formulas, recomputed nodes with
+    their cost, MoE choices).
+    """
+    from blazec.passes.checkpoint import install
+
+    with install(config) as session:
+        fw, bw = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
+    name = "min_cut_rematerialization_partition"
+    if session.plan is not None and session.plan.budget_spec is not None:
+        name += " + blaze checkpoint solver"
+    rep = saved_tensor_report(fw, kwargs["num_fwd_outputs"], name)
     rep.num_bwd_nodes = len(bw.graph.nodes)
+    rep.checkpoint = session.plan
+    rep.checkpoint_error = session.error
     return fw, bw, rep
 
 
-def saved_tensor_report(fw: torch.fx.GraphModule, num_fwd_outputs: int, partitioner: str) -> PartitionReport:
+def saved_tensor_report(fw: torch.fx.GraphModule, num_fwd_outputs: int, partitioner: str) -> CheckpointPartitionReport:
     """List the tensors a partitioned forward graph saves for backward."""
-    rep = PartitionReport(partitioner=partitioner, num_fwd_nodes=len(fw.graph.nodes))
+    rep = CheckpointPartitionReport(partitioner=partitioner, num_fwd_nodes=len(fw.graph.nodes))
     out = fw.graph.find_nodes(op="output")[0]
     outputs = out.args[0]
     for node in outputs[num_fwd_outputs:]:
