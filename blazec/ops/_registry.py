@@ -20,6 +20,8 @@ call side by side with the reference.
 
 from __future__ import annotations
 
+import os
+import warnings
 from typing import Callable
 
 from blazec.ops import reference
@@ -43,6 +45,34 @@ def register_impl(op: str, device_type: str, fn: Callable | None) -> None:
         _IMPLS[(op, device_type)] = fn
 
 
+# Device types whose kernels have been looked for (each is tried once per process).
+_LAZY_TRIED: set[str] = set()
+
+
+def _load_lazy_kernels(device_type: str) -> None:
+    """On the first call for CUDA, register the Triton kernels of ``blazec.kernels``.
+
+    Lazy so that CPU use never imports Triton, and so that ``TRITON_INTERPRET`` (read when the
+    kernels are defined) is whatever it is at first use. ``BLAZEC_KERNELS=0`` keeps the
+    reference on CUDA. A registration made before the first call wins over the kernels.
+    """
+    _LAZY_TRIED.add(device_type)
+    if device_type != "cuda" or os.environ.get("BLAZEC_KERNELS", "1") == "0":
+        return
+    try:
+        from blazec.kernels.moe_experts import cuda_impls
+
+        impls = cuda_impls()
+    except Exception as e:  # noqa: BLE001 - no Triton, or a broken install: stay correct
+        warnings.warn(f"blazec: Triton kernels unavailable ({type(e).__name__}: {e}); "
+                      f"using the reference implementation on CUDA", stacklevel=3)
+        return
+    for op, fn in impls.items():
+        _IMPLS.setdefault((op, device_type), fn)
+
+
 def get_impl(op: str, device_type: str) -> Callable:
     """The implementation of ``op`` on ``device_type``: a registered kernel or the reference."""
+    if device_type not in _LAZY_TRIED:
+        _load_lazy_kernels(device_type)
     return _IMPLS.get((op, device_type), OPS[op])

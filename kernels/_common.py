@@ -1,0 +1,345 @@
+"""Shared pieces of the blaze Triton kernels: interpreter switches, allocation, weight operands,
+the ragged tile schedule, the activation math and the launch/autotune helper.
+
+Why each piece is here:
+
+- ``INTERPRET``: ``@triton.jit`` decides at definition time whether a kernel runs compiled or
+  under the numpy interpreter (``TRITON_INTERPRET=1``). Every kernel module imports this file,
+  so the flag they see is the flag the kernels were built with. Under the interpreter:
+  * ``tl.dot`` on bf16 multiplies the raw uint16 bit patterns (triton 3.9), so ``mma`` upcasts
+    bf16/fp16 operands to fp32 first; element-wise math is always done in fp32 anyway;
+  * autotuning cannot time anything, so launches use one small fixed config.
+- ``empty``: every output and scratch buffer comes from here. Tests switch on poisoning
+  (NaN for floats, a sentinel for integers), so an element a kernel forgot to write shows up.
+- ``WeightOperand``: expert weights arrive either as one 3-D stacked tensor ``[E, out, in]``
+  (any strides: transposed or sliced views are read in place) or as a list of E per-expert
+  ``[out, in]`` tensors. A list is passed as an int64 *pointer table* of their data_ptrs (built
+  once per distinct set of addresses and cached), which a kernel turns into a typed pointer
+  with ``tl.load(tab + e).to(tl.pointer_type(...))``. Per-expert tensors of a list must share
+  their strides (true of any ModuleList of Linear); otherwise the launcher falls back.
+- ``tile_of``: the schedule of M tiles over ragged expert groups, computed inside each program
+  from ``expert_offsets`` (no host sync, no extra launch, static grid).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# A global constexpr, readable inside @triton.jit functions.
+_INTERP = tl.constexpr(INTERPRET)
+
+# ----------------------------------------------------------------------------------------------
+# Allocation (with optional poisoning for tests)
+# ----------------------------------------------------------------------------------------------
+
+_POISON = False
+INT_POISON = -(2**31) + 12345  # fits int32 and int64; an index no kernel would write
+
+
+def set_poison(on: bool) -> bool:
+    """Fill every buffer the launchers allocate with NaN / INT_POISON; returns the old value."""
+    global _POISON
+    old, _POISON = _POISON, bool(on)
+    return old
+
+
+def empty(shape, dtype: torch.dtype, device) -> Tensor:
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if _POISON and t.numel():
+        t.fill_(float("nan") if dtype.is_floating_point else INT_POISON)
+    return t
+
+
+# ----------------------------------------------------------------------------------------------
+# Dtypes
+# ----------------------------------------------------------------------------------------------
+
+TORCH_TO_TL = {
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float32: tl.float32,
+}
+KERNEL_DTYPES = tuple(TORCH_TO_TL)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 GEMMs use tf32 only when torch allows it for matmuls; 16-bit inputs ignore this."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+# ----------------------------------------------------------------------------------------------
+# Expert weight operands: stacked tensor or pointer table
+# ----------------------------------------------------------------------------------------------
+
+_TABLE_CACHE: "collections.OrderedDict[tuple, Tensor]" = collections.OrderedDict()
+_TABLE_CACHE_SIZE = 256
+
+
+def pointer_table(ts: Sequence[Tensor], cache: bool = True) -> Tensor:
+    """An int64 tensor of the tensors' data_ptrs, on their device.
+
+    The table holds addresses only, so a cached table is correct for any tensors at the same
+    addresses: parameters, which never move, hit the cache on every step (no H2D copy).
+    Gradient outputs are fresh each call and pass ``cache=False``.
+    """
+    dev = ts[0].device
+    ptrs = tuple(int(t.data_ptr()) for t in ts)
+    key = (str(dev), ptrs)
+    if cache:
+        hit = _TABLE_CACHE.get(key)
+        if hit is not None:
+            _TABLE_CACHE.move_to_end(key)
+            return hit
+    tab = torch.tensor(ptrs, dtype=torch.int64, device=dev)
+    if cache:
+        _TABLE_CACHE[key] = tab
+        if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
+            _TABLE_CACHE.popitem(last=False)
+    return tab
+
+
+@dataclass
+class WeightOperand:
+    """One expert weight (or bias) list as kernel arguments.
+
+    ``ptr`` is the stacked tensor, or the first expert's tensor in table mode (only its dtype is
+    used); ``tab`` is the pointer table in table mode, else the stacked tensor again (unused).
+    ``strides`` are (stride_e, stride_out[, stride_in]); stride_e is 0 in table mode.
+    """
+
+    ptr: Tensor
+    tab: Tensor
+    strides: tuple[int, ...]
+    table: bool
+
+
+def weight_operand(ws: Sequence[Tensor], ndim_expert: int) -> Optional[WeightOperand]:
+    """``ws`` is a validated list: one stacked tensor of dim ndim_expert+1, or E tensors.
+
+    Returns None when a per-expert list has mixed strides (the caller then falls back).
+    """
+    if len(ws) == 1 and ws[0].dim() == ndim_expert + 1:
+        t = ws[0]
+        return WeightOperand(t, t, tuple(t.stride()), False)
+    s = ws[0].stride()
+    if any(w.stride() != s for w in ws):
+        return None
+    return WeightOperand(ws[0], pointer_table(ws), (0, *s), True)
+
+
+def output_operand(like: Sequence[Tensor], ndim_expert: int) -> tuple[list[Tensor], WeightOperand]:
+    """Gradient buffers mirroring ``like`` (stacked in, stacked out; list in, list out), all
+    contiguous, plus their kernel operand. Lists get one tensor per expert and a table."""
+    if len(like) == 1 and like[0].dim() == ndim_expert + 1:
+        t = empty(like[0].shape, like[0].dtype, like[0].device)
+        return [t], WeightOperand(t, t, tuple(t.stride()), False)
+    outs = [empty(w.shape, w.dtype, w.device) for w in like]
+    return outs, WeightOperand(outs[0], pointer_table(outs, cache=False), (0, *outs[0].stride()), True)
+
+
+def dummy_operand(t: Tensor, ndim_expert: int) -> WeightOperand:
+    """Arguments for an absent operand (the kernel's constexpr flag keeps it unread)."""
+    return WeightOperand(t, t, (0,) * (ndim_expert + 1), False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch helper: fixed config under the interpreter, autotune on GPU
+# ----------------------------------------------------------------------------------------------
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def rows_class(P: int, E: int) -> int:
+    """Shape class of the ragged M dimension for autotune keys: log2 of rows per expert."""
+    return int(math.log2(max(1, P // max(E, 1))))
+
+
+def launch(kernel, tuned, grid, args: dict, fixed: dict) -> None:
+    """Launch ``kernel`` with ``fixed`` meta-parameters under the interpreter, or the autotuned
+    ``tuned`` wrapper on GPU. ``grid`` is a callable of the meta-parameters."""
+    if INTERPRET or tuned is None:
+        meta = dict(fixed)
+        launch_opts = {k: meta.pop(k) for k in ("num_warps", "num_stages") if k in meta}
+        if INTERPRET:
+            launch_opts = {}
+        kernel[grid({**args, **meta})](**args, **meta, **launch_opts)
+    else:
+        tuned[grid](**args)
+
+
+# ----------------------------------------------------------------------------------------------
+# Device helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def device_fn(fn):
+    """``@triton.jit`` for device helpers, except under the interpreter: there every call of a
+    jitted helper re-patches triton.language (~1 ms), which dominated the kernel tests. A plain
+    function called from an interpreted kernel runs on the kernel's patched language, with the
+    same result."""
+    return fn if INTERPRET else triton.jit(fn)
+
+
+
+# Sums and prefix sums go through tl.reduce / tl.associative_scan with the standard combine
+# function rather than tl.sum / tl.cumsum: identical code when compiled, and under the
+# interpreter they hit its numpy fast path without a per-call language re-patch.
+_SUM = tl.standard._sum_combine
+
+
+@device_fn
+def rsum(x, axis: tl.constexpr):
+    """tl.sum(x, axis) for int32 / fp32 x."""
+    return tl.reduce(x, axis, _SUM)
+
+
+@device_fn
+def csum(x, axis: tl.constexpr):
+    """Inclusive tl.cumsum(x, axis) for int32 x."""
+    return tl.associative_scan(x, axis, _SUM)
+
+
+@device_fn
+def cdiv(a, b):
+    return (a + b - 1) // b
+
+
+@device_fn
+def sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@device_fn
+def cast(x, dt: tl.constexpr):
+    """x.to(dt) with round-to-nearest-even. The interpreter's fp32 -> bf16 cast truncates
+    (triton 3.9), unlike the GPU, so there the rounding is done on the bits first."""
+    if _INTERP:
+        if dt == tl.bfloat16:
+            if x.dtype == tl.float32:
+                b = x.to(tl.uint32, bitcast=True)
+                b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+                x = b.to(tl.float32, bitcast=True)
+    return x.to(dt)
+
+
+@device_fn
+def rnd(x, dt: tl.constexpr):
+    """Round fp32 x to dt and back: the value a tensor of dtype dt would hold."""
+    return cast(x, dt).to(tl.float32)
+
+
+@device_fn
+def expert_ptr(base_ptr, tab_ptr, e, stride_e, TABLE: tl.constexpr):
+    """Pointer to expert ``e``'s [out, in] matrix (or [out] vector).
+
+    base_ptr: stacked tensor base (used when not TABLE); tab_ptr: int64 [E] data_ptrs (TABLE).
+    """
+    if TABLE:
+        p = tl.load(tab_ptr + e).to(tl.pointer_type(base_ptr.dtype.element_ty))
+    else:
+        p = base_ptr + e.to(tl.int64) * stride_e
+    return p
+
+
+@device_fn
+def mma(a, b, acc, PREC: tl.constexpr):
+    """acc += a @ b in fp32. Under the interpreter 16-bit operands are upcast first (its bf16
+    dot multiplies bit patterns)."""
+    if _INTERP:
+        return acc + tl.dot(a.to(tl.float32), b.to(tl.float32))
+    else:
+        return tl.dot(a, b, acc, input_precision=PREC)
+
+
+@device_fn
+def tile_of(offs_ptr, E, P, tile, BLOCK_M: tl.constexpr, G_PAD: tl.constexpr):
+    """Map virtual M tile ``tile`` to (group, row0, row_end) over ragged groups.
+
+    Groups 0..E-1 are the experts, [offs[e], offs[e+1]) of the sorted pairs; group E is the
+    tail [offs[E], P) of dropped pairs. Each group is cut into ceil(count / BLOCK_M) tiles,
+    numbered in group order. A tile past the last one gets group E+1 (nothing to do).
+    The grid must have at least cdiv(P, BLOCK_M) + E + 1 M tiles.
+    """
+    g = tl.arange(0, G_PAD)
+    lo = tl.load(offs_ptr + g, mask=g <= E, other=P).to(tl.int32)
+    hi = tl.load(offs_ptr + g + 1, mask=g < E, other=P).to(tl.int32)
+    hi = tl.where(g <= E, hi, lo)
+    ntile = (hi - lo + BLOCK_M - 1) // BLOCK_M
+    cum = csum(ntile, 0)
+    grp = rsum((cum <= tile).to(tl.int32), 0)
+    sel = g == grp
+    first_tile = rsum(tl.where(sel, cum - ntile, 0), 0)
+    row0 = rsum(tl.where(sel, lo, 0), 0) + (tile - first_tile) * BLOCK_M
+    row_end = rsum(tl.where(sel, hi, 0), 0)
+    return grp, row0, row_end
+
+
+@device_fn
+def swizzle(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """Grouped ordering of a 1-D grid into (pid_m, pid_n) for L2 reuse of the A rows."""
+    width = GROUP_M * num_n
+    group = pid // width
+    first_m = group * GROUP_M
+    size_m = tl.where(num_m - first_m < GROUP_M, num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    return pid_m, pid_n
+
+
+# Activation codes shared with the launchers (constexpr ACT).
+ACT_SILU, ACT_GELU, ACT_GELU_TANH, ACT_RELU = 0, 1, 2, 3
+BASE_CODE = {"silu": ACT_SILU, "gelu": ACT_GELU, "gelu_tanh": ACT_GELU_TANH, "relu": ACT_RELU}
+
+
+@device_fn
+def _tanh(z):
+    # tanh through the sigmoid (no libdevice, so the interpreter runs it too).
+    return 2.0 * sigmoid(2.0 * z) - 1.0
+
+
+@device_fn
+def act_fwd(g, ACT: tl.constexpr):
+    """a(g) in fp32 for ACT in {silu, gelu (erf), gelu_tanh, relu}."""
+    if ACT == 0:
+        r = g * sigmoid(g)
+    elif ACT == 1:
+        r = 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476))
+    elif ACT == 2:
+        z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        r = 0.5 * g * (1.0 + _tanh(z))
+    else:
+        r = tl.where(g > 0, g, 0.0)
+    return r
+
+
+@device_fn
+def act_grad(g, ACT: tl.constexpr):
+    """a'(g) in fp32 (formulas in blazec.ops.activations.hidden_backward)."""
+    if ACT == 0:
+        s = sigmoid(g)
+        r = s * (1.0 + g * (1.0 - s))
+    elif ACT == 1:
+        cdf = 0.5 * (1.0 + tl.erf(g * 0.7071067811865476))
+        pdf = 0.3989422804014327 * tl.exp(-0.5 * g * g)
+        r = cdf + g * pdf
+    elif ACT == 2:
+        z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        t = _tanh(z)
+        r = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * g * g)
+    else:
+        r = tl.where(g > 0, 1.0, 0.0)
+    return r

@@ -1,0 +1,367 @@
+r"""Launchers of the blaze MoE expert op on Triton: forward, backward, and registration.
+
+``moe_experts_fwd`` and ``moe_experts_bwd`` have exactly the signatures, output shapes, dtypes
+and (contiguous) strides of ``blazec.ops.reference.moe_experts_fwd`` / ``moe_experts_bwd``, so
+``register()`` can plug them (and ``moe_route.moe_route``) into ``blazec.ops`` for CUDA. The
+ops keep validating their arguments; these functions assume validated inputs.
+
+Forward (S = T*k pairs; buffers in brackets are freed when the call returns):
+    1. _gemm1_kernel:      h [S, I], preact [S, n_in] (unless recompute)   gather+GEMM+act
+    2. _rows_gemm_kernel:  [c: S x d]  (k == 1: y directly)                 GEMM+bias+*w
+    3. _combine_kernel:    y [T, d], slot-ordered fp32 sum                  (k > 1)
+Backward:
+    1. _dh_kernel:         [dg|du: S x n_in], [hs: S x I], [part: S x NT]   (recompute GEMM1 inside)
+    2. _rows_gemm_kernel:  [dx rows: S x d]  (k == 1: dx directly)          dg Wg + du Wu
+    3. _combine_kernel:    dx [T, d];  _dtw_kernel: d_topk_weights [T, k]
+    4. _wgrad_kernel x 3:  dWg (+dbg), dWu (+dbu), dWd (+dbd), per expert, empty experts -> 0
+
+Cases the kernels do not cover fall back to the reference (still correct, on any device):
+fp64 inputs or routing weights, no pairs, a zero-sized dim, and per-expert weight lists whose
+tensors do not share strides.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Callable, Optional, Sequence
+
+import torch
+import triton
+from torch import Tensor
+
+from blazec.kernels import moe_combine, moe_grouped_gemm as gg, moe_wgrad
+from blazec.kernels._common import (
+    BASE_CODE,
+    INTERPRET,
+    KERNEL_DTYPES,
+    TORCH_TO_TL,
+    WeightOperand,
+    dot_precision,
+    dummy_operand,
+    empty,
+    launch,
+    next_pow2,
+    output_operand,
+    rows_class,
+    weight_operand,
+)
+from blazec.kernels.moe_route import moe_route
+from blazec.ops import reference
+from blazec.ops.activations import GATED_ACTIVATIONS, is_gated
+
+# ----------------------------------------------------------------------------------------------
+# Operand preparation
+# ----------------------------------------------------------------------------------------------
+
+
+class _Fallback(Exception):
+    pass
+
+
+_WARNED: set[str] = set()
+
+
+def _fallback(reason: str) -> None:
+    if reason not in _WARNED and not INTERPRET:
+        _WARNED.add(reason)
+        warnings.warn(f"blazec kernels: {reason}; using the reference implementation", stacklevel=3)
+    raise _Fallback(reason)
+
+
+class _Operands:
+    """Everything both directions need, derived once per call."""
+
+    def __init__(self, x, tw, sorted_pairs, expert_offsets, pair_pos, w_gate, w_up, w_down,
+                 b_gate, b_up, b_down, activation):
+        if x.dtype not in KERNEL_DTYPES or tw.dtype not in KERNEL_DTYPES:
+            _fallback(f"dtype {x.dtype}/{tw.dtype} is not bf16, fp16 or fp32")
+        self.T, self.d = x.shape
+        self.k = tw.shape[1]
+        self.P = self.T * self.k
+        self.E = expert_offsets.shape[0] - 1
+        self.gated = is_gated(activation)
+        self.I = reference.expert_weight(w_gate, 0).shape[0]
+        if self.P == 0 or self.d == 0 or self.I == 0:
+            _fallback("empty problem")
+        if self.P * max(self.d, 2 * self.I) >= 2**62 or self.P >= 2**31 - 1:
+            _fallback("problem too large for int32 pair indices")
+        self.act = BASE_CODE[GATED_ACTIVATIONS.get(activation, activation)]
+        self.x = x
+        self.tw = tw.contiguous()
+        self.sp = sorted_pairs.contiguous()
+        self.eo = expert_offsets.contiguous()
+        self.pp = pair_pos.contiguous()
+        self.n_in = 2 * self.I if self.gated else self.I
+        self.xdt = x.dtype
+        self.p_dt = torch.promote_types(x.dtype, tw.dtype)
+        self.prec = dot_precision(x.dtype)
+        self.G_PAD = max(16, next_pow2(self.E + 1))
+        self.rows_class = rows_class(self.P, self.E)
+
+        def op(ws: Sequence[Tensor], nd: int, needed: bool) -> WeightOperand:
+            if not needed or len(ws) == 0:
+                return dummy_operand(x, nd)
+            o = weight_operand(ws, nd)
+            if o is None:
+                _fallback("a per-expert weight list has tensors with different strides")
+            return o
+
+        self.wg = op(w_gate, 2, True)
+        self.wu = op(w_up, 2, self.gated)
+        self.wd = op(w_down, 2, True)
+        self.bg = op(b_gate, 1, True)
+        self.bu = op(b_up, 1, self.gated)
+        self.bd = op(b_down, 1, True)
+        self.has_bg, self.has_bu, self.has_bd = bool(b_gate), bool(b_up) and self.gated, bool(b_down)
+
+    def m_grid(self, n: int) -> Callable:
+        P, E = self.P, self.E
+        return lambda META: ((triton.cdiv(P, META["BLOCK_M"]) + E + 1) * triton.cdiv(n, META["BLOCK_N"]),)
+
+
+def _tl(dt: torch.dtype):
+    return TORCH_TO_TL[dt]
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------
+
+
+def moe_experts_fwd(
+    x: Tensor,
+    topk_weights: Tensor,
+    sorted_pairs: Tensor,
+    expert_offsets: Tensor,
+    pair_pos: Tensor,
+    w_gate: Sequence[Tensor],
+    w_up: Sequence[Tensor],
+    w_down: Sequence[Tensor],
+    b_gate: Sequence[Tensor],
+    b_up: Sequence[Tensor],
+    b_down: Sequence[Tensor],
+    activation: str,
+    weight_pos: str,
+    recompute: bool,
+    out_dtype: Optional[torch.dtype],
+) -> tuple[Tensor, Tensor]:
+    """Triton forward of ``blazec::moe_experts``; see ``reference.moe_experts_fwd``."""
+    try:
+        o = _Operands(x, topk_weights, sorted_pairs, expert_offsets, pair_pos, w_gate, w_up, w_down,
+                      b_gate, b_up, b_down, activation)
+    except _Fallback:
+        return reference.moe_experts_fwd(x, topk_weights, sorted_pairs, expert_offsets, pair_pos, w_gate,
+                                         w_up, w_down, b_gate, b_up, b_down, activation, weight_pos,
+                                         recompute, out_dtype)
+    dev = x.device
+    out_dt = out_dtype if out_dtype is not None else o.xdt
+    hidden = weight_pos == "hidden"
+    c_dt = o.xdt if hidden else o.p_dt
+    preact = x.new_empty(0) if recompute else empty((o.P, o.n_in), o.xdt, dev)
+    h = empty((o.P, o.I), o.xdt, dev)
+
+    pre_arg = h if recompute else preact  # any tensor of x's dtype when not stored
+    launch(gg._gemm1_kernel, gg.gemm1_tuned, o.m_grid(o.I), dict(
+        x_ptr=x, tw_ptr=o.tw, pairs_ptr=o.sp, offs_ptr=o.eo,
+        wg_ptr=o.wg.ptr, wg_tab=o.wg.tab, wu_ptr=o.wu.ptr, wu_tab=o.wu.tab,
+        bg_ptr=o.bg.ptr, bg_tab=o.bg.tab, bu_ptr=o.bu.ptr, bu_tab=o.bu.tab,
+        pre_ptr=pre_arg, h_ptr=h,
+        D=o.d, I=o.I, K=o.k, P=o.P, E=o.E, ROWS_CLASS=o.rows_class,
+        stride_xt=x.stride(0), stride_xd=x.stride(1),
+        s_wge=o.wg.strides[0], s_wgo=o.wg.strides[1], s_wgi=o.wg.strides[2],
+        s_wue=o.wu.strides[0], s_wuo=o.wu.strides[1], s_wui=o.wu.strides[2],
+        s_bge=o.bg.strides[0], s_bgo=o.bg.strides[1], s_bue=o.bu.strides[0], s_buo=o.bu.strides[1],
+        stride_pre=o.n_in, stride_h=o.I,
+        ACT=o.act, GATED=o.gated, HAS_BG=o.has_bg, HAS_BU=o.has_bu, HIDDEN=hidden,
+        STORE_PRE=not recompute, WG_TAB=o.wg.table, WU_TAB=o.wu.table, BG_TAB=o.bg.table,
+        BU_TAB=o.bu.table, PREC=o.prec, G_PAD=o.G_PAD,
+    ), gg.INTERPRET_CONFIG)
+
+    direct = o.k == 1
+    if direct:
+        y = torch.zeros((o.T, o.d), dtype=out_dt, device=dev)  # tokens whose pair was dropped
+        out = y
+    else:
+        out = empty((o.P, o.d), c_dt, dev)
+    launch(gg._rows_gemm_kernel, gg.rows_gemm_tuned, o.m_grid(o.d), dict(
+        a1_ptr=h, a2_ptr=h, b1_ptr=o.wd.ptr, b1_tab=o.wd.tab, b2_ptr=o.wd.ptr, b2_tab=o.wd.tab,
+        bias_ptr=o.bd.ptr, bias_tab=o.bd.tab, tw_ptr=o.tw, pairs_ptr=o.sp, offs_ptr=o.eo, out_ptr=out,
+        N=o.d, KD=o.I, K=o.k, P=o.P, E=o.E, ROWS_CLASS=o.rows_class,
+        s_a1=o.I, s_a2=o.I,
+        # B[kk, n] = Wd[n, kk]: Wd_e is [d, I] = [out, in]
+        s_b1e=o.wd.strides[0], s_b1k=o.wd.strides[2], s_b1n=o.wd.strides[1],
+        s_b2e=0, s_b2k=0, s_b2n=0,
+        s_biase=o.bd.strides[0], s_biasn=o.bd.strides[1],
+        stride_out=out.stride(0),
+        TWO=False, HAS_BIAS=o.has_bd, SCALE=not hidden, DIRECT=direct,
+        B1_TAB=o.wd.table, B2_TAB=False, BIAS_TAB=o.bd.table, C_DT=_tl(c_dt),
+        PREC=o.prec, G_PAD=o.G_PAD,
+    ), gg.INTERPRET_CONFIG)
+    if not direct:
+        y = empty((o.T, o.d), out_dt, dev)
+        moe_combine.combine(out, o.pp, y, o.T, o.d, o.k)
+    return y, preact
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------
+
+
+def _dh_block_n(I: int, recompute: bool) -> int:
+    if INTERPRET:
+        return gg.INTERPRET_CONFIG["BLOCK_N"]
+    # Three live accumulators when recomputing a gated GEMM 1: keep the tile narrower.
+    return min(64 if recompute else 128, max(16, next_pow2(I)))
+
+
+def _wgrad(o: _Operands, L: Tensor, R: Tensor, M: int, N: int, like_w: Sequence[Tensor],
+           like_b: Sequence[Tensor], l_gather: bool, r_gather: bool, l_scale: bool):
+    dws, dw_op = output_operand(like_w, 2)
+    if like_b:
+        dbs, db_op = output_operand(like_b, 1)
+    else:
+        dbs, db_op = [], dummy_operand(dws[0], 1)
+    grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]), o.E)  # noqa: E731
+    launch(moe_wgrad._wgrad_kernel, moe_wgrad.wgrad_tuned, grid, dict(
+        l_ptr=L, r_ptr=R, tw_ptr=o.tw, pairs_ptr=o.sp, offs_ptr=o.eo,
+        dw_ptr=dw_op.ptr, dw_tab=dw_op.tab, db_ptr=db_op.ptr, db_tab=db_op.tab,
+        M=M, N=N, K=o.k, ROWS_CLASS=o.rows_class,
+        s_lr=L.stride(0), s_lc=L.stride(1), s_rr=R.stride(0), s_rc=R.stride(1),
+        s_dwe=dw_op.strides[0], s_dwm=dw_op.strides[1], s_dwn=dw_op.strides[2],
+        s_dbe=db_op.strides[0], s_dbm=db_op.strides[1],
+        L_GATHER=l_gather, R_GATHER=r_gather, L_SCALE=l_scale, HAS_DB=bool(like_b),
+        DW_TAB=dw_op.table, DB_TAB=db_op.table, PREC=o.prec,
+    ), moe_wgrad.INTERPRET_CONFIG)
+    return dws, dbs
+
+
+def moe_experts_bwd(
+    grad_y: Tensor,
+    x: Tensor,
+    topk_weights: Tensor,
+    sorted_pairs: Tensor,
+    expert_offsets: Tensor,
+    pair_pos: Tensor,
+    w_gate: Sequence[Tensor],
+    w_up: Sequence[Tensor],
+    w_down: Sequence[Tensor],
+    b_gate: Sequence[Tensor],
+    b_up: Sequence[Tensor],
+    b_down: Sequence[Tensor],
+    preact: Tensor,
+    activation: str,
+    weight_pos: str,
+    recompute: bool,
+):
+    """Triton backward of ``blazec::moe_experts``; see ``reference.moe_experts_bwd``."""
+    try:
+        o = _Operands(x, topk_weights, sorted_pairs, expert_offsets, pair_pos, w_gate, w_up, w_down,
+                      b_gate, b_up, b_down, activation)
+        if grad_y.dtype not in KERNEL_DTYPES:
+            _fallback(f"grad_y dtype {grad_y.dtype} is not bf16, fp16 or fp32")
+    except _Fallback:
+        return reference.moe_experts_bwd(grad_y, x, topk_weights, sorted_pairs, expert_offsets, pair_pos,
+                                         w_gate, w_up, w_down, b_gate, b_up, b_down, preact, activation,
+                                         weight_pos, recompute)
+    dev = x.device
+    hidden = weight_pos == "hidden"
+    I, n_in = o.I, o.n_in
+    dgu = empty((o.P, n_in), o.xdt, dev)
+    hs = empty((o.P, I), o.xdt, dev)
+    BN = _dh_block_n(I, recompute)
+    NT = triton.cdiv(I, BN)
+    part = empty((o.P, NT), torch.float32, dev)
+    pre_arg = dgu if recompute else preact
+
+    fixed = dict(gg.INTERPRET_CONFIG)
+    fixed.pop("BLOCK_N")
+    launch(gg._dh_kernel, gg.dh_tuned, o.m_grid(I), dict(
+        gy_ptr=grad_y, x_ptr=x, tw_ptr=o.tw, pairs_ptr=o.sp, offs_ptr=o.eo,
+        wd_ptr=o.wd.ptr, wd_tab=o.wd.tab, wg_ptr=o.wg.ptr, wg_tab=o.wg.tab,
+        wu_ptr=o.wu.ptr, wu_tab=o.wu.tab, bg_ptr=o.bg.ptr, bg_tab=o.bg.tab,
+        bu_ptr=o.bu.ptr, bu_tab=o.bu.tab, bd_ptr=o.bd.ptr, bd_tab=o.bd.tab,
+        pre_ptr=pre_arg, dgu_ptr=dgu, hs_ptr=hs, part_ptr=part,
+        D=o.d, I=I, K=o.k, P=o.P, E=o.E, NT=NT, ROWS_CLASS=o.rows_class,
+        stride_gyt=grad_y.stride(0), stride_gyd=grad_y.stride(1),
+        stride_xt=x.stride(0), stride_xd=x.stride(1),
+        s_wde=o.wd.strides[0], s_wdo=o.wd.strides[1], s_wdi=o.wd.strides[2],
+        s_wge=o.wg.strides[0], s_wgo=o.wg.strides[1], s_wgi=o.wg.strides[2],
+        s_wue=o.wu.strides[0], s_wuo=o.wu.strides[1], s_wui=o.wu.strides[2],
+        s_bge=o.bg.strides[0], s_bgo=o.bg.strides[1], s_bue=o.bu.strides[0], s_buo=o.bu.strides[1],
+        s_bde=o.bd.strides[0], s_bdo=o.bd.strides[1],
+        stride_pre=n_in, stride_dgu=n_in, stride_hs=I,
+        ACT=o.act, GATED=o.gated, RECOMPUTE=recompute, HAS_BG=o.has_bg, HAS_BU=o.has_bu,
+        BD_TERM=o.has_bd and not hidden, HIDDEN=hidden,
+        WD_TAB=o.wd.table, WG_TAB=o.wg.table, WU_TAB=o.wu.table,
+        BG_TAB=o.bg.table, BU_TAB=o.bu.table, BD_TAB=o.bd.table,
+        PREC=o.prec, G_PAD=o.G_PAD, BLOCK_N=BN,
+    ), fixed)
+
+    # dx: dg Wg + du Wu per pair, then the slot-ordered combine (k == 1: straight into dx).
+    direct = o.k == 1
+    if direct:
+        dx = torch.zeros((o.T, o.d), dtype=o.xdt, device=dev)
+        out = dx
+    else:
+        out = empty((o.P, o.d), o.xdt, dev)
+    # B[kk, n] = W[kk, n]: W_e is [I, d] = [out, in]
+    launch(gg._rows_gemm_kernel, gg.rows_gemm_tuned, o.m_grid(o.d), dict(
+        a1_ptr=dgu, a2_ptr=dgu[:, I:] if o.gated else dgu,
+        b1_ptr=o.wg.ptr, b1_tab=o.wg.tab, b2_ptr=o.wu.ptr, b2_tab=o.wu.tab,
+        bias_ptr=o.bd.ptr, bias_tab=o.bd.tab, tw_ptr=o.tw, pairs_ptr=o.sp, offs_ptr=o.eo, out_ptr=out,
+        N=o.d, KD=I, K=o.k, P=o.P, E=o.E, ROWS_CLASS=o.rows_class,
+        s_a1=n_in, s_a2=n_in,
+        s_b1e=o.wg.strides[0], s_b1k=o.wg.strides[1], s_b1n=o.wg.strides[2],
+        s_b2e=o.wu.strides[0], s_b2k=o.wu.strides[1], s_b2n=o.wu.strides[2],
+        s_biase=0, s_biasn=0,
+        stride_out=out.stride(0),
+        TWO=o.gated, HAS_BIAS=False, SCALE=False, DIRECT=direct,
+        B1_TAB=o.wg.table, B2_TAB=o.wu.table, BIAS_TAB=False, C_DT=_tl(o.xdt),
+        PREC=o.prec, G_PAD=o.G_PAD,
+    ), gg.INTERPRET_CONFIG)
+    if not direct:
+        dx = empty((o.T, o.d), o.xdt, dev)
+        moe_combine.combine(out, o.pp, dx, o.T, o.d, o.k)
+    del out
+
+    d_tw = empty((o.T, o.k), topk_weights.dtype, dev)
+    moe_combine.dtw(part, o.pp, d_tw, o.P, NT)
+    del part
+
+    dwg, dbg = _wgrad(o, dgu[:, :I], x, I, o.d, w_gate, b_gate, False, True, False)
+    if o.gated:
+        dwu, dbu = _wgrad(o, dgu[:, I:], x, I, o.d, w_up, b_up, False, True, False)
+    else:
+        dwu, dbu = [], []
+    dwd, dbd = _wgrad(o, grad_y, hs, o.d, I, w_down, b_down, True, False, not hidden)
+    return dx, d_tw, dwg, dwu, dwd, dbg, dbu, dbd
+
+
+# ----------------------------------------------------------------------------------------------
+# Registration
+# ----------------------------------------------------------------------------------------------
+
+
+def cuda_impls() -> dict[str, Callable]:
+    """The op implementations this module provides, keyed by blaze op name."""
+    return {
+        "moe_route": moe_route,
+        "moe_experts": moe_experts_fwd,
+        "moe_experts_backward": moe_experts_bwd,
+    }
+
+
+def register(device_type: str = "cuda") -> None:
+    """Use the Triton kernels for the blaze ops on ``device_type`` (normally done lazily by
+    ``blazec.ops._registry`` on the first CUDA call)."""
+    from blazec.ops import register_impl
+
+    for op, fn in cuda_impls().items():
+        register_impl(op, device_type, fn)
+
+
+def enabled() -> bool:
+    """``BLAZEC_KERNELS=0`` keeps the reference implementation on CUDA."""
+    return os.environ.get("BLAZEC_KERNELS", "1") != "0"

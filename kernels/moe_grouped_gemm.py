@@ -1,0 +1,401 @@
+r"""Grouped GEMMs over expert-sorted pairs (M = pairs): gather-GEMM-activation, down GEMM with
+scaled output, and the backward GEMM through the down projection and the activation.
+
+All three kernels tile the S = T*k sorted pairs per expert with ``tile_of`` (ragged groups,
+empty experts get no tile, a static grid of cdiv(S, BLOCK_M) + E + 1 M tiles, no host sync)
+and read expert weights through ``expert_ptr`` (3-D stacked with any strides, or a pointer
+table). Notation: T tokens, k slots, S = T*k pairs (kept ones), d model dim, I expert dim,
+n_in = 2I (gated) or I, b = bytes per element of x.
+
+``_gemm1_kernel``: forward of the first projection, fused with the gather and the activation.
+    For a tile of pairs of expert e, rows of x are loaded through ``sorted_pairs // k`` (no
+    permuted copy of x), g = x Wg^T (+bg) and, gated, u = x Wu^T (+bu) accumulate in the same
+    K loop, and the epilogue computes h = a(g)[*u] in registers ("hidden" mode: times the
+    routing weight). It writes h (needed by the down GEMM) and, unless the op recomputes,
+    preact = [g | u] for the backward; it zeroes preact's rows of dropped pairs.
+    FLOPs 2*S*d*n_in.  Bytes: S*d*b gathered x reads (L2 absorbs the k-fold reuse only
+    partly; the floor is T*d*b) + E*n_in*d*b weights + S*I*b (h) [+ S*n_in*b (preact)].
+
+``_rows_gemm_kernel``: a GEMM over rows already in sorted order, one or two (A, B) pairs.
+    Forward down projection: c = (h Wd^T + bd) * w ("output") or (w h) Wd^T + bd ("hidden"),
+    written to a [S, d] buffer that ``moe_combine`` reduces per token in slot order
+    (deterministic, no atomics), or, when k == 1, straight into y[token] (the pair order is a
+    permutation of tokens, so no buffer at all).
+    FLOPs 2*S*I*d.  Bytes: S*I*b + E*d*I*b + S*d*b_c (+ the combine: S*d*b_c + T*d*b_out).
+    Backward dX: dx_pair = dg Wg + du Wu, the two products accumulated in one tile.
+    FLOPs 2*S*n_in*d.  Bytes: S*n_in*b + E*n_in*d*b + S*d*b (buffer, k > 1) -> combine.
+
+``_dh_kernel``: backward through the down GEMM and the activation, with optional recompute
+    of the first GEMM in the same K loop (both reduce over d for the same [pairs, I] tile).
+    q = gy[tok] Wd (gathered rows of grad_y), and, from preact or recomputed g, u:
+        h = a(g)[*u],  dw_pair = <q, h> (+ <gy, bd> in "output" mode),  dh = w q,
+        dg = dh [*u] * a'(g),  du = dh * a(g)
+    (the full derivation is in blazec.ops.reference.moe_experts_bwd). d(routing weight) needs
+    a reduction over all of I, so each N tile writes its partial to part[row, tile] and
+    ``moe_combine`` sums the partials in a fixed order (deterministic). It also writes h or
+    w*h, the second operand of the grouped dWd (``moe_wgrad``).
+    FLOPs 2*S*d*I (+ 2*S*d*n_in recompute).  Bytes: S*d*b (gathered gy) [+ S*d*b x] +
+    E*d*I*b [+ E*n_in*d*b] + S*n_in*b (preact in) + S*n_in*b (dg|du out) + S*I*b (hs out).
+
+Numerics follow the reference's dtypes: accumulation in fp32, each GEMM output rounded to x's
+dtype where the reference's F.linear would round it, routing-weight products in the promoted
+dtype (``C_DT``), fp32 inputs use tf32 only when torch's matmul precision allows it.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from blazec.kernels._common import (
+    INTERPRET, act_fwd, act_grad, cast, cdiv, expert_ptr, mma, rnd, rsum, swizzle, tile_of,
+)
+
+
+def _cfg(bm, bn, bk, w, s, **extra):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, **extra},
+                         num_warps=w, num_stages=s)
+
+
+# Small autotune sets; the key is the shape class (N, reduction dim, rows-per-expert class) and,
+# implicitly, the dtypes of the tensor arguments.
+GEMM1_CONFIGS = [
+    _cfg(128, 128, 64, 8, 3),
+    _cfg(128, 64, 64, 4, 4),
+    _cfg(64, 128, 64, 4, 4),
+    _cfg(128, 128, 32, 8, 4),
+    _cfg(64, 64, 64, 4, 4),
+]
+ROWS_CONFIGS = [
+    _cfg(128, 128, 64, 8, 3),
+    _cfg(128, 256, 64, 8, 3),
+    _cfg(128, 64, 64, 4, 4),
+    _cfg(64, 128, 64, 4, 4),
+    _cfg(64, 64, 64, 4, 4),
+]
+# BLOCK_N of _dh_kernel is chosen by the launcher (it sizes the partial buffer), not tuned.
+DH_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+    for bm, bk, w, s in ((128, 64, 8, 3), (64, 64, 4, 4), (128, 32, 8, 4), (64, 32, 4, 4))
+]
+INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward GEMM 1: gather + gate/up + activation
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _gemm1_kernel(
+    x_ptr,  # [T, D] tokens; rows are gathered through the pair order, never copied
+    tw_ptr,  # [T*K] routing weights, contiguous; read only in HIDDEN mode
+    pairs_ptr,  # [P] int64 sorted_pairs (pair p = t*K + j), grouped by expert
+    offs_ptr,  # [E+1] int64 expert_offsets
+    wg_ptr, wg_tab,  # gate weights: stacked [E, I, D] base, or int64 table of E [I, D] pointers
+    wu_ptr, wu_tab,  # up weights, same forms (GATED only)
+    bg_ptr, bg_tab,  # gate bias: stacked [E, I] or table of [I] (HAS_BG only)
+    bu_ptr, bu_tab,  # up bias (HAS_BU only)
+    pre_ptr,  # [P, n_in] out: g | u in x dtype, sorted order (STORE_PRE); dropped rows zeroed
+    h_ptr,  # [P, I] out: a(g)[*u][*w] in x dtype, sorted order
+    D, I, K, P, E, ROWS_CLASS,  # ROWS_CLASS only keys the autotuner
+    stride_xt, stride_xd,
+    s_wge, s_wgo, s_wgi, s_wue, s_wuo, s_wui,
+    s_bge, s_bgo, s_bue, s_buo,
+    stride_pre, stride_h,
+    ACT: tl.constexpr, GATED: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr,
+    HIDDEN: tl.constexpr, STORE_PRE: tl.constexpr,
+    WG_TAB: tl.constexpr, WU_TAB: tl.constexpr, BG_TAB: tl.constexpr, BU_TAB: tl.constexpr,
+    PREC: tl.constexpr, G_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    xdt = x_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    num_m = cdiv(P, BLOCK_M) + E + 1
+    num_n = cdiv(I, BLOCK_N)
+    pid_m, pid_n = swizzle(pid, num_m, num_n, GROUP_M)
+    grp, row0, row_end = tile_of(offs_ptr, E, P, pid_m, BLOCK_M, G_PAD)
+    if grp > E:
+        return
+    rows = row0 + tl.arange(0, BLOCK_M)
+    rmask = rows < row_end
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < I
+    omask = rmask[:, None] & cmask[None, :]
+    pre_ptrs = pre_ptr + rows[:, None].to(tl.int64) * stride_pre + cols[None, :]
+    if grp == E:
+        # Dropped pairs: their preact rows are defined as zero.
+        if STORE_PRE:
+            zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=xdt)
+            tl.store(pre_ptrs, zero, mask=omask)
+            if GATED:
+                tl.store(pre_ptrs + I, zero, mask=omask)
+        return
+
+    pair = tl.load(pairs_ptr + rows, mask=rmask, other=0)
+    tok = pair // K
+    rk = tl.arange(0, BLOCK_K)
+    a_ptrs = x_ptr + tok[:, None] * stride_xt + rk[None, :] * stride_xd
+    wg_base = expert_ptr(wg_ptr, wg_tab, grp, s_wge, WG_TAB)
+    bg_ptrs = wg_base + cols[None, :] * s_wgo + rk[:, None] * s_wgi  # B[kk, n] = Wg[n, kk]
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if GATED:
+        wu_base = expert_ptr(wu_ptr, wu_tab, grp, s_wue, WU_TAB)
+        bu_ptrs = wu_base + cols[None, :] * s_wuo + rk[:, None] * s_wui
+        acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        kmask = (k0 + rk) < D
+        a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(bg_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
+        acc_g = mma(a, b, acc_g, PREC)
+        bg_ptrs += BLOCK_K * s_wgi
+        if GATED:
+            b2 = tl.load(bu_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
+            acc_u = mma(a, b2, acc_u, PREC)
+            bu_ptrs += BLOCK_K * s_wui
+        a_ptrs += BLOCK_K * stride_xd
+
+    # Epilogue: bias, round to x's dtype (as F.linear's output), activation in fp32.
+    if HAS_BG:
+        bgb = expert_ptr(bg_ptr, bg_tab, grp, s_bge, BG_TAB)
+        acc_g += tl.load(bgb + cols * s_bgo, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    g = rnd(acc_g, xdt)
+    h = act_fwd(g, ACT)
+    if GATED:
+        if HAS_BU:
+            bub = expert_ptr(bu_ptr, bu_tab, grp, s_bue, BU_TAB)
+            acc_u += tl.load(bub + cols * s_buo, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        u = rnd(acc_u, xdt)
+        h = rnd(h, xdt) * u
+    if STORE_PRE:
+        tl.store(pre_ptrs, cast(g, xdt), mask=omask)
+        if GATED:
+            tl.store(pre_ptrs + I, cast(u, xdt), mask=omask)
+    if HIDDEN:
+        w = tl.load(tw_ptr + pair, mask=rmask, other=0.0).to(tl.float32)
+        h = rnd(h, xdt) * w[:, None]
+    h_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_h + cols[None, :]
+    tl.store(h_ptrs, cast(h, h_ptr.dtype.element_ty), mask=omask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Row GEMM: forward down projection (+bias, *w) and backward dX (dg Wg + du Wu)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rows_gemm_kernel(
+    a1_ptr,  # [P, KD] A rows in sorted order (h forward; dg backward), unit column stride
+    a2_ptr,  # [P, KD] second A (du backward), TWO only
+    b1_ptr, b1_tab,  # expert matrix, stacked base or pointer table; B[kk, n] at kk*s_b1k + n*s_b1n
+    b2_ptr, b2_tab,  # second expert matrix (TWO only)
+    bias_ptr, bias_tab,  # [E, N] stacked / table of [N] (HAS_BIAS only)
+    tw_ptr,  # [T*K] routing weights, contiguous (SCALE only)
+    pairs_ptr,  # [P] int64 sorted_pairs
+    offs_ptr,  # [E+1] int64 expert_offsets
+    out_ptr,  # out: [P, N] sorted-order buffer, or [T, N] indexed by token when DIRECT (K == 1)
+    N, KD, K, P, E, ROWS_CLASS,
+    s_a1, s_a2,
+    s_b1e, s_b1k, s_b1n, s_b2e, s_b2k, s_b2n,
+    s_biase, s_biasn,
+    stride_out,
+    TWO: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE: tl.constexpr, DIRECT: tl.constexpr,
+    B1_TAB: tl.constexpr, B2_TAB: tl.constexpr, BIAS_TAB: tl.constexpr,
+    C_DT: tl.constexpr,  # dtype the reference holds the row result in (rounding point)
+    PREC: tl.constexpr, G_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    adt = a1_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    num_m = cdiv(P, BLOCK_M) + E + 1
+    num_n = cdiv(N, BLOCK_N)
+    pid_m, pid_n = swizzle(pid, num_m, num_n, GROUP_M)
+    grp, row0, row_end = tile_of(offs_ptr, E, P, pid_m, BLOCK_M, G_PAD)
+    if grp >= E:
+        return  # no tile, or the dropped tail (never read by the combine)
+    rows = row0 + tl.arange(0, BLOCK_M)
+    rmask = rows < row_end
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    rk = tl.arange(0, BLOCK_K)
+    rows64 = rows.to(tl.int64)
+
+    a1_ptrs = a1_ptr + rows64[:, None] * s_a1 + rk[None, :]
+    b1_base = expert_ptr(b1_ptr, b1_tab, grp, s_b1e, B1_TAB)
+    b1_ptrs = b1_base + rk[:, None] * s_b1k + cols[None, :] * s_b1n
+    if TWO:
+        a2_ptrs = a2_ptr + rows64[:, None] * s_a2 + rk[None, :]
+        b2_base = expert_ptr(b2_ptr, b2_tab, grp, s_b2e, B2_TAB)
+        b2_ptrs = b2_base + rk[:, None] * s_b2k + cols[None, :] * s_b2n
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, KD, BLOCK_K):
+        kmask = (k0 + rk) < KD
+        a = tl.load(a1_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(b1_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
+        acc = mma(a, b, acc, PREC)
+        a1_ptrs += BLOCK_K
+        b1_ptrs += BLOCK_K * s_b1k
+        if TWO:
+            a = tl.load(a2_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+            b = tl.load(b2_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
+            acc = mma(a, b, acc, PREC)
+            a2_ptrs += BLOCK_K
+            b2_ptrs += BLOCK_K * s_b2k
+
+    if HAS_BIAS:
+        bb = expert_ptr(bias_ptr, bias_tab, grp, s_biase, BIAS_TAB)
+        acc += tl.load(bb + cols * s_biasn, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    acc = rnd(acc, adt)  # the GEMM's output dtype, as F.linear
+    if SCALE:
+        pair = tl.load(pairs_ptr + rows, mask=rmask, other=0)
+        w = tl.load(tw_ptr + pair, mask=rmask, other=0.0).to(tl.float32)
+        acc = acc * w[:, None]
+    val = cast(acc, C_DT)
+    if DIRECT:
+        dst = tl.load(pairs_ptr + rows, mask=rmask, other=0)  # K == 1: pair id == token id
+    else:
+        dst = rows64
+    out_ptrs = out_ptr + dst[:, None] * stride_out + cols[None, :]
+    tl.store(out_ptrs, cast(val, out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward through the down GEMM and the activation (optional recompute of GEMM 1)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dh_kernel(
+    gy_ptr,  # [T, D] grad of y; rows gathered by token
+    x_ptr,  # [T, D] tokens (RECOMPUTE only)
+    tw_ptr,  # [T*K] routing weights, contiguous
+    pairs_ptr,  # [P] int64 sorted_pairs
+    offs_ptr,  # [E+1] int64 expert_offsets
+    wd_ptr, wd_tab,  # down weights: stacked [E, D, I] / table of [D, I]; B[kk, n] = Wd[kk, n]
+    wg_ptr, wg_tab,  # gate weights [E, I, D] / table (RECOMPUTE only)
+    wu_ptr, wu_tab,  # up weights (RECOMPUTE and GATED)
+    bg_ptr, bg_tab, bu_ptr, bu_tab,  # first-GEMM biases (RECOMPUTE, HAS_BG / HAS_BU)
+    bd_ptr, bd_tab,  # down bias [E, D] / table (BD_TERM: the <gy, bd> part of d(weight))
+    pre_ptr,  # [P, n_in] saved g | u (not RECOMPUTE)
+    dgu_ptr,  # [P, n_in] out: dg | du in x dtype
+    hs_ptr,  # [P, I] out: h ("output") or w*h ("hidden") in x dtype, the R operand of dWd
+    part_ptr,  # [P, NT] fp32 out: partial d(routing weight) of each sorted row per N tile
+    D, I, K, P, E, NT, ROWS_CLASS,
+    stride_gyt, stride_gyd, stride_xt, stride_xd,
+    s_wde, s_wdo, s_wdi, s_wge, s_wgo, s_wgi, s_wue, s_wuo, s_wui,
+    s_bge, s_bgo, s_bue, s_buo, s_bde, s_bdo,
+    stride_pre, stride_dgu, stride_hs,
+    ACT: tl.constexpr, GATED: tl.constexpr, RECOMPUTE: tl.constexpr,
+    HAS_BG: tl.constexpr, HAS_BU: tl.constexpr, BD_TERM: tl.constexpr, HIDDEN: tl.constexpr,
+    WD_TAB: tl.constexpr, WG_TAB: tl.constexpr, WU_TAB: tl.constexpr,
+    BG_TAB: tl.constexpr, BU_TAB: tl.constexpr, BD_TAB: tl.constexpr,
+    PREC: tl.constexpr, G_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    xdt = wd_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    num_m = cdiv(P, BLOCK_M) + E + 1
+    num_n = cdiv(I, BLOCK_N)
+    pid_m, pid_n = swizzle(pid, num_m, num_n, GROUP_M)
+    grp, row0, row_end = tile_of(offs_ptr, E, P, pid_m, BLOCK_M, G_PAD)
+    if grp >= E:
+        return  # dropped pairs get no gradient; their rows are never read
+    rows = row0 + tl.arange(0, BLOCK_M)
+    rmask = rows < row_end
+    rows64 = rows.to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < I
+    omask = rmask[:, None] & cmask[None, :]
+    rk = tl.arange(0, BLOCK_K)
+    pair = tl.load(pairs_ptr + rows, mask=rmask, other=0)
+    tok = pair // K
+
+    gy_ptrs = gy_ptr + tok[:, None] * stride_gyt + rk[None, :] * stride_gyd
+    wd_base = expert_ptr(wd_ptr, wd_tab, grp, s_wde, WD_TAB)
+    wd_ptrs = wd_base + rk[:, None] * s_wdo + cols[None, :] * s_wdi
+    acc_q = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if BD_TERM:
+        bd_base = expert_ptr(bd_ptr, bd_tab, grp, s_bde, BD_TAB)
+        gb = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if RECOMPUTE:
+        x_ptrs = x_ptr + tok[:, None] * stride_xt + rk[None, :] * stride_xd
+        wg_base = expert_ptr(wg_ptr, wg_tab, grp, s_wge, WG_TAB)
+        wg_ptrs = wg_base + cols[None, :] * s_wgo + rk[:, None] * s_wgi
+        acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if GATED:
+            wu_base = expert_ptr(wu_ptr, wu_tab, grp, s_wue, WU_TAB)
+            wu_ptrs = wu_base + cols[None, :] * s_wuo + rk[:, None] * s_wui
+            acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        kk = k0 + rk
+        kmask = kk < D
+        gyt = tl.load(gy_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+        wdt = tl.load(wd_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
+        acc_q = mma(cast(gyt, xdt), wdt, acc_q, PREC)
+        if BD_TERM:
+            bdv = tl.load(bd_base + kk * s_bdo, mask=kmask, other=0.0).to(tl.float32)
+            gb += rsum(gyt.to(tl.float32) * bdv[None, :], 1)
+        gy_ptrs += BLOCK_K * stride_gyd
+        wd_ptrs += BLOCK_K * s_wdo
+        if RECOMPUTE:
+            xt = tl.load(x_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+            wgt = tl.load(wg_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
+            acc_g = mma(xt, wgt, acc_g, PREC)
+            x_ptrs += BLOCK_K * stride_xd
+            wg_ptrs += BLOCK_K * s_wgi
+            if GATED:
+                wut = tl.load(wu_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
+                acc_u = mma(xt, wut, acc_u, PREC)
+                wu_ptrs += BLOCK_K * s_wui
+
+    pre_ptrs = pre_ptr + rows64[:, None] * stride_pre + cols[None, :]
+    if RECOMPUTE:
+        if HAS_BG:
+            bgb = expert_ptr(bg_ptr, bg_tab, grp, s_bge, BG_TAB)
+            acc_g += tl.load(bgb + cols * s_bgo, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        g = rnd(acc_g, xdt)
+        if GATED:
+            if HAS_BU:
+                bub = expert_ptr(bu_ptr, bu_tab, grp, s_bue, BU_TAB)
+                acc_u += tl.load(bub + cols * s_buo, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            u = rnd(acc_u, xdt)
+    else:
+        g = tl.load(pre_ptrs, mask=omask, other=0.0).to(tl.float32)
+        if GATED:
+            u = tl.load(pre_ptrs + I, mask=omask, other=0.0).to(tl.float32)
+    a = rnd(act_fwd(g, ACT), xdt)
+    if GATED:
+        h = rnd(a * u, xdt)
+    else:
+        h = a
+    w = tl.load(tw_ptr + pair, mask=rmask, other=0.0).to(tl.float32)
+    q = rnd(acc_q, xdt)
+
+    # d(routing weight): this tile's share of <q, h> (+ <gy, bd> once, from the first tile).
+    dwp = rsum(tl.where(omask, q * h, 0.0), 1)
+    if BD_TERM:
+        dwp += tl.where(pid_n == 0, gb, 0.0)
+    tl.store(part_ptr + rows64 * NT + pid_n, dwp, mask=rmask)
+
+    dh = rnd(q * w[:, None], xdt)
+    dgu_ptrs = dgu_ptr + rows64[:, None] * stride_dgu + cols[None, :]
+    if GATED:
+        dg = rnd(dh * u, xdt) * act_grad(g, ACT)
+        du = dh * a
+        tl.store(dgu_ptrs + I, cast(du, xdt), mask=omask)
+    else:
+        dg = dh * act_grad(g, ACT)
+    tl.store(dgu_ptrs, cast(dg, xdt), mask=omask)
+    if HIDDEN:
+        hs = h * w[:, None]
+    else:
+        hs = h
+    tl.store(hs_ptr + rows64[:, None] * stride_hs + cols[None, :], cast(hs, xdt), mask=omask)
+
+
+if INTERPRET:
+    gemm1_tuned = rows_gemm_tuned = dh_tuned = None
+else:
+    gemm1_tuned = triton.autotune(GEMM1_CONFIGS, key=["D", "I", "ROWS_CLASS"])(_gemm1_kernel)
+    rows_gemm_tuned = triton.autotune(ROWS_CONFIGS, key=["N", "KD", "ROWS_CLASS"])(_rows_gemm_kernel)
+    dh_tuned = triton.autotune(DH_CONFIGS, key=["D", "I", "ROWS_CLASS"])(_dh_kernel)

@@ -1,0 +1,110 @@
+r"""Grouped weight gradients: dW_e = L_e^T R_e over each expert's sorted pairs (ragged K).
+
+One kernel serves the three expert weight gradients of the backward (notation of
+``blazec.ops.reference.moe_experts_bwd``; rows s of expert e are its sorted pairs, t(s) the
+token of pair s, w(s) its routing weight):
+
+    dWg_e[i, c] = sum_s dg[s, i] * x[t(s), c]        L = dg (sorted rows),  R = x (gathered)
+    dWu_e[i, c] = sum_s du[s, i] * x[t(s), c]        L = du (sorted rows),  R = x (gathered)
+    dWd_e[c, i] = sum_s do[s, c] * h[s, i]           "output": do = w(s) gy[t(s)], R = h
+                = sum_s gy[t(s), c] * (w h)[s, i]    "hidden": L = gy (gathered), R = w h
+
+and the bias gradients are the row sums of L over the same pairs (db_e = sum_s L[s, :]), taken
+by the programs of the first N tile. The grid is (out tiles x in tiles, E): program (tile, e)
+loops over expert e's pairs in BLOCK_K chunks, so an empty expert writes zeros and every
+output element is written once (deterministic, no atomics, no split-K reduction).
+
+Floor per call, over all experts (S pairs, M x N the weight shape, b bytes/element):
+FLOPs 2*S*M*N. Bytes: S*M*b (L) + S*N*b (R, gathered rows of x or gy hit L2 k times) +
+E*M*N*b (dW) [+ E*M*b (db)]. Summed over the three weights: 2*S*d*n_in + 2*S*I*d FLOPs.
+
+Load balance: a program's work is its expert's pair count, so a skewed routing (all tokens
+on one expert) leaves the other experts' programs idle. Split-K over pairs with a fixed-order
+reduction would fix that; it is not done yet (see docs/KERNELS.md).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from blazec.kernels._common import INTERPRET, cast, cdiv, expert_ptr, mma, rsum
+
+WGRAD_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    for bm, bn, bk, w, s in (
+        (128, 128, 64, 8, 3),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (64, 64, 32, 4, 4),
+    )
+]
+INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
+
+
+@triton.jit
+def _wgrad_kernel(
+    l_ptr,  # L rows: [P, M] sorted-order buffer, or [T, M] token rows when L_GATHER
+    r_ptr,  # R rows: [P, N] sorted-order buffer, or [T, N] token rows when R_GATHER
+    tw_ptr,  # [T*K] routing weights, contiguous (L_SCALE only)
+    pairs_ptr,  # [P] int64 sorted_pairs
+    offs_ptr,  # [E+1] int64 expert_offsets
+    dw_ptr, dw_tab,  # out: stacked [E, M, N] gradient, or table of E [M, N] gradients
+    db_ptr, db_tab,  # out: stacked [E, M] bias gradient, or table of E [M] (HAS_DB only)
+    M, N, K, ROWS_CLASS,
+    s_lr, s_lc, s_rr, s_rc,  # row / column strides of L and R
+    s_dwe, s_dwm, s_dwn, s_dbe, s_dbm,
+    L_GATHER: tl.constexpr, R_GATHER: tl.constexpr, L_SCALE: tl.constexpr, HAS_DB: tl.constexpr,
+    DW_TAB: tl.constexpr, DB_TAB: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rdt = r_ptr.dtype.element_ty  # the GEMM input dtype (x's dtype)
+    pid = tl.program_id(0)
+    e = tl.program_id(1)
+    num_n = cdiv(N, BLOCK_N)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    s0 = tl.load(offs_ptr + e)
+    s1 = tl.load(offs_ptr + e + 1)
+    mm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    nn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask = mm < M
+    nmask = nn < N
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if HAS_DB:
+        dbacc = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k0 in range(s0, s1, BLOCK_K):
+        rows = k0 + rk
+        kmask = rows < s1
+        if L_GATHER or R_GATHER or L_SCALE:
+            pair = tl.load(pairs_ptr + rows, mask=kmask, other=0)
+        if L_GATHER:
+            lrow = pair // K
+        else:
+            lrow = rows.to(tl.int64)
+        if R_GATHER:
+            rrow = pair // K
+        else:
+            rrow = rows.to(tl.int64)
+        lt = tl.load(l_ptr + lrow[None, :] * s_lr + mm[:, None] * s_lc,
+                     mask=mmask[:, None] & kmask[None, :], other=0.0)  # [BLOCK_M, BLOCK_K] = L^T
+        if L_SCALE:
+            w = tl.load(tw_ptr + pair, mask=kmask, other=0.0).to(tl.float32)
+            lt = lt.to(tl.float32) * w[None, :]
+        lt = cast(lt, rdt)
+        rt = tl.load(r_ptr + rrow[:, None] * s_rr + nn[None, :] * s_rc,
+                     mask=kmask[:, None] & nmask[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
+        acc = mma(lt, rt, acc, PREC)
+        if HAS_DB:
+            dbacc += rsum(lt.to(tl.float32), 1)
+    dw_base = expert_ptr(dw_ptr, dw_tab, e, s_dwe, DW_TAB)
+    tl.store(dw_base + mm[:, None] * s_dwm + nn[None, :] * s_dwn,
+             cast(acc, dw_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+    if HAS_DB:
+        if pid_n == 0:
+            db_base = expert_ptr(db_ptr, db_tab, e, s_dbe, DB_TAB)
+            tl.store(db_base + mm * s_dbm, cast(dbacc, db_ptr.dtype.element_ty), mask=mmask)
+
+
+wgrad_tuned = None if INTERPRET else triton.autotune(WGRAD_CONFIGS, key=["M", "N", "ROWS_CLASS"])(_wgrad_kernel)

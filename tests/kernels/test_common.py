@@ -1,0 +1,53 @@
+"""Unit tests of the shared kernel plumbing: weight operands, pointer tables, poisoning."""
+
+from __future__ import annotations
+
+import torch
+
+from tests.kernels.conftest import KERNEL_DEVICE
+
+
+def test_weight_operand_forms() -> None:
+    from blazec.kernels._common import weight_operand
+
+    stacked = torch.randn(3, 5, 4, device=KERNEL_DEVICE).transpose(1, 2)  # [E, out, in] view
+    op = weight_operand([stacked], 2)
+    assert not op.table and op.ptr is stacked and op.strides == stacked.stride()
+
+    ws = [torch.randn(4, 5, device=KERNEL_DEVICE).t() for _ in range(3)]
+    op = weight_operand(ws, 2)
+    assert op.table and op.strides == (0, 1, 5)
+    assert op.tab.dtype == torch.int64 and op.tab.tolist() == [w.data_ptr() for w in ws]
+
+    mixed = [torch.randn(5, 4, device=KERNEL_DEVICE), torch.randn(4, 5, device=KERNEL_DEVICE).t()]
+    assert weight_operand(mixed, 2) is None  # the launcher falls back to the reference
+
+
+def test_pointer_table_cache() -> None:
+    from blazec.kernels._common import pointer_table
+
+    ws = [torch.randn(3, device=KERNEL_DEVICE) for _ in range(4)]
+    a = pointer_table(ws)
+    assert pointer_table(ws) is a  # parameters hit the cache: no H2D copy per step
+    assert pointer_table(ws, cache=False) is not a
+    assert pointer_table(ws[::-1]).tolist() == a.tolist()[::-1]
+
+
+def test_output_operand_mirrors_layout() -> None:
+    from blazec.kernels._common import output_operand
+
+    stacked = torch.randn(3, 5, 4, device=KERNEL_DEVICE).transpose(1, 2)
+    outs, op = output_operand([stacked], 2)
+    assert len(outs) == 1 and outs[0].shape == stacked.shape and outs[0].is_contiguous() and not op.table
+    ws = [torch.randn(4, 5, device=KERNEL_DEVICE).t() for _ in range(3)]
+    outs, op = output_operand(ws, 2)
+    assert len(outs) == 3 and all(o.shape == (5, 4) and o.is_contiguous() for o in outs)
+    assert op.table and op.tab.tolist() == [o.data_ptr() for o in outs]
+    assert len({o.untyped_storage().data_ptr() for o in outs}) == 3  # no aliasing between outputs
+
+
+def test_poison() -> None:
+    from blazec.kernels._common import INT_POISON, empty
+
+    assert torch.isnan(empty((3,), torch.float32, KERNEL_DEVICE)).all()  # the fixture turned it on
+    assert (empty((3,), torch.int64, KERNEL_DEVICE) == INT_POISON).all()
