@@ -82,9 +82,10 @@ def _idx(node: object, index: tuple) -> Node | None:
 
 
 def _terms(node: object) -> list:
+    """The summands of an add tree; a literal 0 (Python's ``sum()`` start value) is dropped."""
     if is_fn(node, *ADD) and len(node.args) == 2:
         return _terms(node.args[0]) + _terms(node.args[1])
-    return [node]
+    return [] if isinstance(node, (int, float)) and node == 0 else [node]
 
 
 def _one_hot(node: object) -> tuple[Node, int] | None:

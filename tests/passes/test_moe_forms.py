@@ -1,0 +1,267 @@
+"""The non-loop naive forms: GShard/Switch capacity dispatch, sort + split loop, per-pair weight
+gather + bmm, and the dense top-k gate. Each is rewritten into blaze ops with eager's numbers,
+and near-identical code that is not the form is left alone with a reason."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from blazec import report
+from tests.helpers import EXAMPLE_FILES, load_example, run_train
+
+EAGER = {"final_stage": "eager"}
+DISPATCH_NODES = ("torch.where", "nonzero", "one_hot(", "index_add_", "einsum", "torch.bmm", "argsort", "split(",
+                  ".scatter(")
+
+
+def compile_and_compare(model, inputs, options=EAGER, atol=2e-5, rtol=1e-4):
+    """Train step eager vs blaze; returns the GraphRecord of the (single) compiled graph."""
+    ref = run_train(copy.deepcopy(model), inputs)
+    with report.capture() as records:
+        got = run_train(torch.compile(model, backend="blaze", options=options), inputs)
+    torch.testing.assert_close(got[0], ref[0], atol=atol, rtol=rtol)
+    assert got[1].keys() == ref[1].keys()
+    for n in ref[1]:
+        torch.testing.assert_close(got[1][n], ref[1][n], atol=atol, rtol=rtol, msg=lambda m: f"grad {n}: {m}")
+    for i in ref[2]:
+        torch.testing.assert_close(got[2][i], ref[2][i], atol=atol, rtol=rtol)
+    assert len(records) == 1
+    return records[0]
+
+
+def matches(rec):
+    return [m for r in rec.pass_reports for m in r.matches]
+
+
+def near_misses(rec):
+    return [n for r in rec.pass_reports for n in r.near_misses]
+
+
+def assert_rewritten(rec, form, **details):
+    """One match of ``form``; blaze ops in the graph and none of the naive dispatch ops.
+
+    GShard's gate keeps its [T, E] one_hot masks (they compute the routing weights), but no
+    [T, E, C] dispatch/combine tensor, einsum or bmm may remain.
+    """
+    allowed = ("one_hot(",) if form.startswith("gshard") else ()
+    (m,) = matches(rec)
+    assert m.form == form
+    for k, v in details.items():
+        assert m.details[k] == v, (k, m.details)
+    forward = rec.blaze_graph.split("def forward", 1)[1]
+    assert "torch.ops.blazec.moe_experts" in forward and "torch.ops.blazec.moe_route" in forward
+    for bad in DISPATCH_NODES:
+        if bad not in allowed:
+            assert bad not in forward, f"{bad} left in the rewritten graph"
+    for line in forward.splitlines():  # no 3-D tensor of the token count's size survives
+        assert not (line.strip().startswith(("dispatch", "combine", "expert_in"))), line
+
+
+EXPECTED_FORMS = {
+    "moe_deepseek_gate.py": "static_loop_modulelist",
+    "moe_dense_gate.py": "dense_gate",
+    "moe_gshard_top2.py": "gshard_top2",
+    "moe_loop_modulelist.py": "static_loop_modulelist",
+    "moe_loop_stacked.py": "static_loop_stacked",
+    "moe_pair_gather_bmm.py": "pair_weight_gather",
+    "moe_sort_grouped_mm.py": "sort_grouped",
+}
+
+
+def test_every_example_has_an_expected_form():
+    assert sorted(EXPECTED_FORMS) == EXAMPLE_FILES
+
+
+@pytest.mark.parametrize("name", EXAMPLE_FILES)
+def test_every_example_is_rewritten(name):
+    model, inputs = load_example(name).make()
+    rec = compile_and_compare(model, inputs)
+    assert_rewritten(rec, EXPECTED_FORMS[name])
+
+
+# ---------------------------------------------------------------------------------------
+# GShard / Switch
+
+
+class GShard(nn.Module):
+    """Top-1 (Switch) or top-2 (GShard) capacity dispatch; ``flaw`` breaks one semantic condition."""
+
+    def __init__(self, d=16, inter=24, E=6, top_k=2, capacity_factor=1.0, act="relu", bias=True, flaw=None):
+        super().__init__()
+        self.E, self.top_k, self.cf, self.act, self.flaw = E, top_k, capacity_factor, act, flaw
+        self.wg = nn.Linear(d, E, bias=False)
+        self.w_in = nn.Parameter(torch.randn(E, d, inter) * d**-0.5)
+        self.w_out = nn.Parameter(torch.randn(E, inter, d) * inter**-0.5)
+        self.b_in = nn.Parameter(torch.randn(E, 1, inter) * 0.1) if bias else None
+        self.b_out = nn.Parameter(torch.randn(E, 1, d) * 0.1) if bias else None
+
+    def forward(self, x):
+        T, E = x.shape[0], self.E
+        C = max(1, math.ceil(self.top_k * self.cf * T / E))
+        gates = F.softmax(self.wg(x), dim=1)
+        idx1 = torch.argmax(gates, dim=1)
+        mask1 = F.one_hot(idx1, E)
+        loc1 = torch.cumsum(mask1, dim=0) - 1
+        masks, locs = [mask1], [loc1]
+        if self.top_k == 2:
+            idx2 = torch.argmax(gates.masked_fill(mask1.bool(), float("-inf")), dim=1)
+            mask2 = F.one_hot(idx2, E)
+            loc2 = torch.cumsum(mask2, dim=0) - 1
+            if self.flaw != "no_offset":
+                loc2 = loc2 + torch.sum(mask1, dim=0, keepdim=True)
+            masks.append(mask2)
+            locs.append(loc2)
+        kept = [m * torch.lt(l, C) for m, l in zip(masks, locs)]
+        pos = [torch.sum(l * k, dim=1) for l, k in zip(locs, kept)]
+        g = [(gates * k).sum(dim=1) for k in kept]
+        if self.top_k == 2:
+            denom = torch.clamp(g[0] + g[1], min=torch.finfo(gates.dtype).eps)
+            g = [gi / denom for gi in g]
+        combine = sum((gi[:, None] * km)[:, :, None] * F.one_hot(p, C)[:, None, :] for gi, km, p in zip(g, kept, pos))
+        dispatch = (combine > -1).to(x.dtype) if self.flaw == "all_dispatch" else combine.bool().to(x.dtype)
+        expert_in = torch.einsum("tec,td->ecd", dispatch, x)
+        h = torch.bmm(expert_in, self.w_in)
+        if self.b_in is not None:
+            h = h + self.b_in
+        h = F.relu(h) if self.act == "relu" else F.gelu(h)
+        out = torch.bmm(h, self.w_out)
+        if self.b_out is not None:
+            out = out + self.b_out
+        return torch.einsum("tec,ecd->td", combine.to(x.dtype), out)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("capacity_factor", [0.25, 1.0, 4.0])
+def test_gshard_rewritten_with_drops(top_k, capacity_factor):
+    torch.manual_seed(top_k * 10 + int(capacity_factor * 4))
+    T, E = 37, 6
+    model = GShard(E=E, top_k=top_k, capacity_factor=capacity_factor)
+    x = torch.randn(T, 16)
+    rec = compile_and_compare(model, (x,))
+    C = max(1, math.ceil(top_k * capacity_factor * T / E))
+    assert_rewritten(rec, f"gshard_top{top_k}", E=E, k=top_k, capacity=C, activation="relu", bias=True)
+    if capacity_factor == 0.25:  # the case must really drop pairs, or it proves nothing about drops
+        assert C * E < T * top_k
+
+
+def test_gshard_gelu_without_bias():
+    model = GShard(top_k=2, act="gelu", bias=False, capacity_factor=0.5)
+    rec = compile_and_compare(model, (torch.randn(29, 16),))
+    assert_rewritten(rec, "gshard_top2", activation="gelu", bias=False)
+
+
+@pytest.mark.parametrize("flaw, reason", [
+    ("no_offset", "buffer positions are not cumsum(mask, 0) - 1 plus the counts of earlier choices"),
+    ("all_dispatch", "the dispatch tensor is not combine.bool()"),
+])
+def test_gshard_lookalikes_are_left_alone(flaw, reason):
+    model = GShard(top_k=2, capacity_factor=0.5, flaw=flaw)
+    rec = compile_and_compare(model, (torch.randn(31, 16),))
+    assert not matches(rec)
+    assert "torch.ops.blazec" not in rec.blaze_graph
+    assert any(reason in n.reason for n in near_misses(rec)), [n.reason for n in near_misses(rec)]
+
+
+# ---------------------------------------------------------------------------------------
+# Dense gate and per-pair weight gather
+
+
+class DenseGate(nn.Module):
+    def __init__(self, d=12, inter=20, E=5, k=2, from_topk=True, spelling="slice"):
+        super().__init__()
+        self.k, self.from_topk, self.spelling = k, from_topk, spelling
+        self.router = nn.Linear(d, E)
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(d, inter), nn.GELU(), nn.Linear(inter, d))
+                                     for _ in range(E))
+
+    def forward(self, x):
+        probs = F.softmax(self.router(x), dim=-1)
+        if self.from_topk:
+            w, i = probs.topk(self.k, dim=-1)
+            gate = torch.zeros_like(probs).scatter(1, i, w)
+        else:
+            gate = probs  # a soft mixture over all experts: not a sparse MoE
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            col = gate[:, e : e + 1] if self.spelling == "slice" else gate[:, e].unsqueeze(-1)
+            out = out + col * expert(x)
+        return out
+
+
+@pytest.mark.parametrize("spelling", ["slice", "unsqueeze"])
+def test_dense_gate_rewritten(spelling):
+    rec = compile_and_compare(DenseGate(spelling=spelling), (torch.randn(23, 12),))
+    assert_rewritten(rec, "dense_gate", E=5, k=2, activation="gelu", bias=True)
+
+
+def test_soft_mixture_is_not_a_sparse_moe():
+    rec = compile_and_compare(DenseGate(from_topk=False), (torch.randn(9, 12),))
+    assert not matches(rec)
+    assert any("not built with scatter" in n.reason for n in near_misses(rec))
+
+
+class PairGather(nn.Module):
+    def __init__(self, d=12, inter=16, E=4, k=2, gated=False):
+        super().__init__()
+        self.k, self.gated = k, gated
+        self.router = nn.Linear(d, E, bias=False)
+        self.w1 = nn.Parameter(torch.randn(E, d, inter) * d**-0.5)
+        self.w3 = nn.Parameter(torch.randn(E, d, inter) * d**-0.5)
+        self.w2 = nn.Parameter(torch.randn(E, inter, d) * inter**-0.5)
+
+    def forward(self, x):
+        T, d = x.shape
+        w, ids = torch.topk(F.softmax(self.router(x), dim=-1), self.k, dim=-1)
+        flat = ids.reshape(-1)
+        xs = x.repeat_interleave(self.k, dim=0).unsqueeze(1)
+        h = F.silu(torch.bmm(xs, self.w1[flat]))
+        if self.gated:
+            h = h * torch.bmm(xs, self.w3[flat])
+        y = torch.bmm(h, self.w2[flat]).squeeze(1)
+        return (y.view(T, self.k, d) * w.unsqueeze(-1)).sum(dim=1)
+
+
+@pytest.mark.parametrize("gated, act", [(False, "silu"), (True, "swiglu")])
+def test_pair_gather_rewritten(gated, act):
+    rec = compile_and_compare(PairGather(gated=gated), (torch.randn(19, 12),))
+    assert_rewritten(rec, "pair_weight_gather", E=4, k=2, activation=act)
+
+
+# ---------------------------------------------------------------------------------------
+# Sort + split loop
+
+
+class Sorted(nn.Module):
+    def __init__(self, d=12, inter=16, E=5, k=2, counts="histc", wrong_weight_order=False):
+        super().__init__()
+        self.E, self.k, self.counts, self.wrong = E, k, counts, wrong_weight_order
+        self.router = nn.Linear(d, E, bias=False)
+        self.w_up = nn.Parameter(torch.randn(E, d, inter) * d**-0.5)
+        self.w_down = nn.Parameter(torch.randn(E, inter, d) * inter**-0.5)
+
+    def forward(self, x):
+        w, ids = torch.topk(F.softmax(self.router(x), dim=-1), self.k, dim=-1)
+        flat = ids.reshape(-1)
+        perm = torch.argsort(flat, stable=True)
+        tok = perm // self.k
+        rows = x[tok]
+        counts = torch.histc(flat.float(), bins=self.E, min=0, max=self.E - 1).long()
+        outs = [F.relu(c @ self.w_up[e]) @ self.w_down[e] for e, c in enumerate(rows.split(counts.tolist()))]
+        order = torch.arange(perm.shape[0]) if self.wrong else perm
+        y = torch.cat(outs) * w.reshape(-1)[order, None]
+        return torch.zeros_like(x).index_add_(0, tok, y)
+
+
+def test_sorted_rewritten():
+    rec = compile_and_compare(Sorted(), (torch.randn(21, 12),))
+    assert_rewritten(rec, "sort_grouped", E=5, k=2, activation="relu")
+
+
+def test_sorted_with_weights_in_the_wrong_order_is_left_alone():
+    rec = compile_and_compare(Sorted(wrong_weight_order=True), (torch.randn(21, 12),))
+    assert not matches(rec)
+    assert any("w.reshape(-1)[perm, None]" in n.reason for n in near_misses(rec))
