@@ -118,58 +118,63 @@ class CheckpointPlan:
         return self.recompute_us / self.forward_us if self.forward_us > 0 else 0.0
 
     def lines(self) -> list[str]:
-        head = f"checkpoint plan: solver {self.solver}"
         extra = [self.status]
-        if self.gap is not None and self.solver not in ("default (min-cut partition)",):
-            extra.append(f"gap {100 * self.gap:.4g}%")
-        elif self.solver == "heuristic":
-            extra.append("gap unknown")
-        extra.append(f"{self.solve_seconds:.2f} s")
-        out = [f"{head} ({', '.join(extra)})"]
+        if self.budget_spec is not None and self.status != "infeasible":
+            if self.gap is not None:
+                extra.append(f"gap {100 * self.gap:.3g}%")
+            else:
+                extra.append("gap unknown")
+        if self.budget_spec is not None:
+            extra.append(f"{self.solve_seconds:.2f} s")
+        out = [f"checkpoint plan: solver {self.solver} ({', '.join(extra)})"]
         if self.budget_spec is None:
             out.append("  budget: none (memory_budget not set): PyTorch's min-cut partition, unchanged")
         else:
             out.append(f"  budget: {self.budget_spec} = {self.budget_bytes:,d} B at the size hints")
         if self.message:
             out.append(f"  {self.message}")
+        bytes_saved = [t for t in self.saved if t.bytes > 0 or t.bytes_expr != "0"]
+        free = len(self.saved) - len(bytes_saved)
         out.append(
-            f"  saved for backward: {len(self.saved)} tensor(s), {self.saved_bytes:,d} B = {self.saved_bytes_expr}"
-            + (f"  (budget {self.budget_bytes:,d} B, {'fits' if self.fits else 'OVER BUDGET'})" if self.budget_bytes is not None else "")
+            f"  saved for backward: {self.saved_bytes:,d} B = {self.saved_bytes_expr} in {len(bytes_saved)} tensor(s)"
+            + (f" (+{free} input(s), views of inputs and sizes, 0 B)" if free else "")
+            + (f"; budget {self.budget_bytes:,d} B: {'fits' if self.fits else 'OVER BUDGET'}" if self.budget_bytes is not None else "")
         )
-        out.append(
-            f"  default partition saves {self.default_bytes:,d} B = {self.default_bytes_expr}, "
-            f"recomputing {self.default_recompute_us:.3f} us"
-        )
-        w = max([len(t.name) for t in self.saved] + [4])
-        for t in self.saved:
+        w = max([len(t.name) for t in bytes_saved] + [4])
+        for t in bytes_saved:
             note = f"  {t.note}" if t.note else ""
-            out.append(f"    {t.name:<{w}}  {t.dtype:<9} [{', '.join(t.shape)}]  {t.bytes:>12,d} B  ({t.bytes_expr}){note}")
+            out.append(f"    {t.name:<{w}}  {t.dtype:<8} [{', '.join(t.shape)}]  {t.bytes:,d} B = {t.bytes_expr}{note}")
         out.append(
-            f"  recomputed in backward: {len(self.recomputed)} node(s) with a cost"
-            + (f" (+{self.free_recomputed} free: views, getitems, shapes)" if self.free_recomputed else "")
-            + f", estimated {self.recompute_us:.3f} us, {self.recompute_flops:,d} FLOP"
-            f" = {100 * self.overhead:.1f}% of the forward's estimated {self.forward_us:.3f} us"
+            f"  recomputed in backward: {len(self.recomputed)} node(s)"
+            + (f" (+{self.free_recomputed} free: views, getitems, sizes)" if self.free_recomputed else "")
+            + f", estimated {fmt_time(self.recompute_us)}, {self.recompute_flops:,d} FLOP"
+            f" = {100 * self.overhead:.1f}% of the forward's estimated {fmt_time(self.forward_us)}"
         )
         w = max([len(r.name) for r in self.recomputed] + [4])
         for r in self.recomputed:
-            out.append(f"    {r.name:<{w}}  {r.op:<32} {r.flops:>14,d} FLOP  {r.cost_us:10.4f} us")
+            out.append(f"    {r.name:<{w}}  {r.op:<28} {r.flops:>14,d} FLOP  {fmt_time(r.cost_us)}")
         for m in self.moe:
             changed = "" if m.choice == m.was else f" (was {m.was})"
             if m.choice == "save_preact":
-                what = f"saves preact {m.preact_bytes:,d} B ({m.preact_bytes_expr})"
+                what = f"saves preact, {m.preact_bytes:,d} B = {m.preact_bytes_expr}"
             else:
-                what = (f"drops preact {m.preact_bytes:,d} B ({m.preact_bytes_expr}), recomputes GEMM1 in backward: "
-                        f"{m.gemm1_flops:,d} FLOP, {m.gemm1_cost_us:.4f} us")
+                what = (f"drops preact ({m.preact_bytes:,d} B = {m.preact_bytes_expr}); GEMM1 again in backward: "
+                        f"{m.gemm1_flops:,d} FLOP, {fmt_time(m.gemm1_cost_us)}")
             out.append(f"  MoE layer {m.name}: {m.choice}{changed}: {what}")
+        out.append(
+            f"  default partition: saves {self.default_bytes:,d} B = {self.default_bytes_expr}, "
+            f"recomputes {fmt_time(self.default_recompute_us)}"
+            + (f"; smallest feasible budget {self.min_feasible_bytes:,d} B" if self.min_feasible_bytes is not None else "")
+        )
         for p in self.points[1:]:
             b = p.get("budget")
             out.append(
                 f"  at {p['label']}: saves {p['saved']:,d} B"
-                + (f", budget {b:,d} B" if b is not None else "")
+                + (f" (budget {b:,d} B)" if b is not None else "")
                 + f", default {p['default']:,d} B"
             )
         for line in self.log:
-            out.append(f"  solver log: {line}")
+            out.append(f"  solver: {line}")
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -180,6 +185,19 @@ class CheckpointPlan:
 
 def _us(seconds: float) -> float:
     return seconds * 1e6
+
+
+def fmt_time(us: float) -> str:
+    """A duration given in microseconds, in a readable unit."""
+    if us == 0:
+        return "0 s"
+    if us < 1:
+        return f"{us * 1e3:.3g} ns"
+    if us < 1e3:
+        return f"{us:.3g} us"
+    if us < 1e6:
+        return f"{us / 1e3:.3g} ms"
+    return f"{us / 1e6:.3g} s"
 
 
 def _expr_str(e: sympy.Expr) -> str:
@@ -209,10 +227,6 @@ def describe(problem: Problem, plan: Plan, default: Plan, *, solver: str, status
     for i in sorted(plan.saved):
         v = verts[i]
         shape, dtype = _shape_strs(v.node)
-        if v.index in {layer.preact for layer in problem.layers} and any(
-            layer.preact == i and layer.index in plan.z for layer in problem.layers
-        ):
-            continue
         saved_expr = saved_expr + v.bytes_expr
         saved.append(PlanTensor(v.name, shape, dtype, problem.bytes_at[0][i], _expr_str(v.bytes_expr), v.bytes_note))
     default_expr = sympy.Integer(0)

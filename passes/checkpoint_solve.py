@@ -103,6 +103,11 @@ def evaluate(problem: Problem, saved: set[int] | frozenset[int], z: set[int] | f
 # Minimum cut
 
 
+class NoValidPlan(Exception):
+    """No plan at all (whatever the budget): a value the backward reads can be neither
+    saved nor recomputed. Torch's partitioner fails on such graphs too."""
+
+
 def min_cut(problem: Problem, cost_weight: float, mem_weight: list[float], forbid_save: set[int] | None = None) -> Plan:
     """Exactly minimise ``cost_weight * recompute cost + sum_v mem_weight[v] * saved_v``.
 
@@ -150,7 +155,12 @@ def min_cut(problem: Problem, cost_weight: float, mem_weight: list[float], forbi
             g[a][b]["capacity"] += cap
         else:
             g.add_edge(a, b, capacity=cap)
-    _value, (source_side, _sink_side) = nx.minimum_cut(g, "s", "t")
+    try:
+        _value, (source_side, _sink_side) = nx.minimum_cut(g, "s", "t")
+    except nx.NetworkXUnbounded:
+        # some value the backward reads can be neither saved nor recomputed
+        plan = evaluate(problem, {v.index for v in verts if v.can_save}, set())
+        raise NoValidPlan("; ".join(plan.violations) or "no valid plan") from None
     saved = {
         v.index for v in verts
         if ("i", v.index) in source_side and ("o", v.index) not in source_side
@@ -205,7 +215,11 @@ def solve(problem: Problem, budget: list[int | None], *, solver: str = "auto", t
     """The cheapest plan within ``budget`` (bytes per evaluation point; None: no limit)."""
     t0 = time.perf_counter()
     log: list[str] = []
-    pm = min_memory(problem)
+    try:
+        pm = min_memory(problem)
+    except NoValidPlan as e:
+        plan = evaluate(problem, {v.index for v in problem.vertices if v.can_save}, set())
+        return SolveResult(plan, "none", "invalid", None, None, time.perf_counter() - t0, [str(e)])
     if not pm.fits(budget):
         # The hint-optimal minimum may still be beaten at other points by the exact solver,
         # but the hint is the budget users state, so report the minimum there.
@@ -388,8 +402,11 @@ def solve_heuristic(problem: Problem, budget: list[int | None], *, start: list[P
     single = len([1 for j, b in rows if b > 0]) == 1
     lower: float | None = None
 
-    def solve_at(lam: float) -> Plan:
-        return min_cut(problem, 1.0 / cs, [lam * w + TIE_BREAK * w for w in weights], forbid)
+    def solve_at(lam: float) -> Plan | None:
+        try:
+            return min_cut(problem, 1.0 / cs, [lam * w + TIE_BREAK * w for w in weights], forbid)
+        except NoValidPlan:  # a value needed in backward whose every byte is over budget
+            return None
 
     def lagrange_bound(p: Plan, lam: float) -> float:
         # L(lam) = min_P cost(P) + lam*cs*(w(P) - 1) <= OPT, attained by p when p minimises it
@@ -399,16 +416,20 @@ def solve_heuristic(problem: Problem, budget: list[int | None], *, start: list[P
     # Grow lambda until the relaxed optimum fits, then bisect in log space.
     lam_lo, lam_hi = 0.0, 1.0
     p_hi = None
+    p_lo: Plan | None = None
     steps = 0
     while steps < 60 and time.perf_counter() < deadline:
         p = solve_at(lam_hi)
         steps += 1
+        if p is None:
+            break
         if single:
             lower = max(lower or 0.0, lagrange_bound(p, lam_hi))
         if p.fits(budget) and p.feasible:
             p_hi = p
             candidates.append(p)
             break
+        p_lo = p
         lam_lo, lam_hi = lam_hi, lam_hi * 4.0
     if p_hi is not None:
         for _ in range(iters):
@@ -417,26 +438,67 @@ def solve_heuristic(problem: Problem, budget: list[int | None], *, start: list[P
             lam = math.sqrt(lam_hi * lam_lo) if lam_lo > 0 else lam_hi / 4.0
             p = solve_at(lam)
             steps += 1
+            if p is None:
+                break
             if single:
                 lower = max(lower or 0.0, lagrange_bound(p, lam))
             if p.fits(budget) and p.feasible:
                 lam_hi, p_hi = lam, p
                 candidates.append(p)
             else:
-                lam_lo = lam
+                lam_lo, p_lo = lam, p
                 if lam_lo == 0:
                     break
-    log.append(f"heuristic: {steps} minimum cut(s), lambda in [{lam_lo:.3g}, {lam_hi:.3g}]")
+    log.append(f"heuristic: {steps} minimum cut(s), lambda in [{lam_lo:.4g}, {lam_hi:.4g}]")
     if not candidates:
         pm = min_memory(problem)
-        return SolveResult(pm, "heuristic", "infeasible", None, None, time.perf_counter() - t0, log)
+        return SolveResult(pm, "heuristic", "infeasible", None, None, time.perf_counter() - t0, log, pm.bytes_at)
+    # Two local searches: fill the budget left by the best feasible plan, and repair the
+    # cheapest infeasible Lagrangian plan (drop what costs least to recompute per byte).
+    share = (deadline - time.perf_counter()) / 2
     best = min(candidates, key=lambda p: (p.cost, p.bytes_at[0]))
-    best = greedy_fill(problem, best, budget, deadline)
+    finals = [greedy_fill(problem, best, budget, time.perf_counter() + share)]
+    if p_lo is not None and p_lo.feasible:
+        repaired = greedy_repair(problem, p_lo, budget, time.perf_counter() + share)
+        if repaired is not None:
+            finals.append(greedy_fill(problem, repaired, budget, deadline))
+    best = min(finals, key=lambda p: (p.cost, p.bytes_at[0]))
     if lower is not None:
         lower = min(lower, best.cost)
     gap = _gap(best.cost, lower)
-    status = "optimal" if gap is not None and gap <= 1e-9 else "feasible"
+    status = "optimal" if gap is not None and gap <= 1e-6 else "feasible"
     return SolveResult(best, "heuristic", status, gap, lower, time.perf_counter() - t0, log)
+
+
+def _excess(plan: Plan, budget: list[int | None]) -> float:
+    return sum(max(0, x - b) / max(b, 1) for x, b in zip(plan.bytes_at, budget) if b is not None)
+
+
+def greedy_repair(problem: Problem, plan: Plan, budget: list[int | None], deadline: float,
+                  max_candidates: int = 48) -> Plan | None:
+    """From a plan over budget: stop saving (or drop the preact of) whatever adds the least
+    recompute cost per byte of excess removed, until it fits. None if time runs out."""
+    while not plan.fits(budget):
+        if time.perf_counter() > deadline:
+            return None
+        excess = _excess(plan, budget)
+        cands = sorted(plan.saved, key=lambda i: -problem.bytes_at[0][i])[:max_candidates]
+        trials = [(plan.saved - {i}, plan.z) for i in cands if problem.bytes_at[0][i] > 0]
+        trials += [(plan.saved - {problem.layers[k].preact}, plan.z | {k})
+                   for k in range(len(problem.layers)) if k not in plan.z]
+        best: tuple[float, Plan] | None = None
+        for saved, z in trials:
+            q = evaluate(problem, saved, z)
+            gain = excess - _excess(q, budget)
+            if not q.feasible or gain <= 0:
+                continue
+            score = max(q.cost - plan.cost, 0.0) / gain
+            if best is None or score < best[0]:
+                best = (score, q)
+        if best is None:
+            return None
+        plan = best[1]
+    return plan
 
 
 def greedy_fill(problem: Problem, plan: Plan, budget: list[int | None], deadline: float, max_candidates: int = 48) -> Plan:
