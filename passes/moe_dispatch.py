@@ -170,6 +170,7 @@ def emit_moe(graph: torch.fx.Graph, before: Node, ids: Node, weights: Node, x: N
     E = len(experts)
     first = experts[0]
     refs = {a: [getattr(experts[e], a) for e in range(E)] for a in ("gate", "up", "down", "b_gate", "b_up", "b_down")}
+    existing = set(graph.nodes)
     with graph.inserting_before(before):
         route = graph.call_function(torch.ops.blazec.moe_route.default, (ids, E, capacity, priority))
         sorted_pairs, offsets, pair_pos = (graph.call_function(operator.getitem, (route, i)) for i in range(3))
@@ -181,7 +182,14 @@ def emit_moe(graph: torch.fx.Graph, before: Node, ids: Node, weights: Node, x: N
              first.activation, "hidden" if first.weight_in_hidden is not None else "output", recompute,
              out_dtype),
         )
-        return graph.call_function(operator.getitem, (out, 0))
+        y = graph.call_function(operator.getitem, (out, 0))
+    # The new nodes carry the replaced code's source location, so dumps and errors point at it.
+    for n in graph.nodes:
+        if n not in existing:
+            for key in ("stack_trace", "nn_module_stack"):
+                if key in before.meta:
+                    n.meta[key] = before.meta[key]
+    return y
 
 
 def _describe_match(form: str, where: str, experts: dict, x: Node, top_k: int, recompute: bool,

@@ -58,6 +58,13 @@ PASSES: list[PassSpec] = [
         "find naive MoE expert dispatch (loops, one-hot capacity, sort+gather, per-pair "
         "weight gather, dense gates) and rewrite it into blaze ops",
     ),
+    PassSpec(
+        "moe_gating",
+        "pre_grad",
+        "moe_gating",
+        "moe_gating_pass",
+        "name the router variant feeding each rewritten MoE layer (reports only; gating stays in torch ops)",
+    ),
 ]
 
 

@@ -28,7 +28,8 @@ def test_dump_every_example_json(name, capsys):
     assert doc["mode"] == "train" and doc["graphs"]
     for g in doc["graphs"]:
         assert "class GraphModule" in g["dynamo_graph"] and "class GraphModule" in g["blaze_graph"]
-        assert [p["name"] for p in g["passes"]] == ["moe_dispatch"]
+        assert [p["name"] for p in g["passes"]] == ["moe_dispatch", "moe_gating"]
+        assert len(g["passes"][0]["matches"]) == 1, g["passes"][0]  # every example form is rewritten
         (part,) = g["partitions"]
         sizes = [s["bytes"] for s in part["saved"]]
         assert sizes and all(b > 0 for b in sizes)
@@ -87,7 +88,7 @@ def test_dump_bad_input_one_line_error(tmp_path, capsys, write, spec, message):
 
 def test_dump_unknown_pass_is_an_error(capsys):
     rc, _, err = _dump(capsys, str(EXAMPLES / "moe_loop_modulelist.py"), "--pass", "nope")
-    assert rc == 2 and "unknown pass name(s) 'nope'; known passes: moe_dispatch" in err
+    assert rc == 2 and "unknown pass name(s) 'nope'; known passes: moe_dispatch, moe_gating" in err
 
 
 def test_console_script_runs():

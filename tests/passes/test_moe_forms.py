@@ -265,3 +265,32 @@ def test_sorted_with_weights_in_the_wrong_order_is_left_alone():
     rec = compile_and_compare(Sorted(wrong_weight_order=True), (torch.randn(21, 12),))
     assert not matches(rec)
     assert any("w.reshape(-1)[perm, None]" in n.reason for n in near_misses(rec))
+
+
+EXPECTED_ROUTERS = {
+    "moe_deepseek_gate.py": "sigmoid_bias_group_topk",
+    "moe_dense_gate.py": "softmax_topk",
+    "moe_gshard_top2.py": "argmax_capacity",
+    "moe_loop_modulelist.py": "softmax_topk_renorm",
+    "moe_loop_stacked.py": "topk_softmax",
+    "moe_pair_gather_bmm.py": "softmax_topk",
+    "moe_sort_grouped_mm.py": "softmax_topk_renorm",
+}
+
+
+@pytest.mark.parametrize("name", EXAMPLE_FILES)
+def test_gating_pass_names_the_router(name):
+    from blazec.backend import run_pre_grad_passes
+    from blazec.config import BlazeConfig
+
+    model, inputs = load_example(name).make()
+    reports = []
+
+    def backend(gm, example_inputs):
+        gm, reps = run_pre_grad_passes(gm, example_inputs, BlazeConfig.from_options({}))
+        reports.extend(reps)
+        return gm.forward
+
+    torch.compile(model, backend=backend, fullgraph=True)(*inputs)
+    gating = next(r for r in reports if r.name == "moe_gating")
+    assert len(gating.notes) == 1 and gating.notes[0].endswith(": " + EXPECTED_ROUTERS[name]), gating.notes
