@@ -168,6 +168,29 @@ def rows_class(P: int, E: int) -> int:
     return int(math.log2(max(1, P // max(E, 1))))
 
 
+SMEM_BUDGET = 200 * 1024  # of H100/H200's 227 KiB per block, with room for the epilogue
+
+
+def smem_pruner(tensor_arg: str, operands):
+    """An autotune ``early_config_prune`` that drops configs whose pipelined tiles would not fit
+    in shared memory (fp32 inputs need half the tile of bf16). ``operands(args)`` returns how
+    many [BLOCK_M, BLOCK_K] and [BLOCK_K, BLOCK_N] tiles one K step loads."""
+
+    def est(cfg, args, el):
+        n_a, n_b = operands(args)
+        m, k = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_K"]
+        n = cfg.kwargs.get("BLOCK_N", args.get("BLOCK_N", 128))
+        return cfg.num_stages * (m * k * n_a + k * n * n_b) * el
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        el = args[tensor_arg].element_size()
+        ok = [c for c in configs if est(c, args, el) <= SMEM_BUDGET]
+        return ok or [min(configs, key=lambda c: est(c, args, el))]
+
+    return prune
+
+
 def launch(kernel, tuned, grid, args: dict, fixed: dict) -> None:
     """Launch ``kernel`` with ``fixed`` meta-parameters under the interpreter, or the autotuned
     ``tuned`` wrapper on GPU. ``grid`` is a callable of the meta-parameters."""

@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from blazec.kernels._common import (
-    INTERPRET, act_fwd, act_grad, cast, cdiv, expert_ptr, mma, rnd, rsum, swizzle, tile_of,
+    INTERPRET, act_fwd, act_grad, cast, cdiv, expert_ptr, mma, rnd, rsum, smem_pruner, swizzle, tile_of,
 )
 
 
@@ -396,6 +396,16 @@ def _dh_kernel(
 if INTERPRET:
     gemm1_tuned = rows_gemm_tuned = dh_tuned = None
 else:
-    gemm1_tuned = triton.autotune(GEMM1_CONFIGS, key=["D", "I", "ROWS_CLASS"])(_gemm1_kernel)
-    rows_gemm_tuned = triton.autotune(ROWS_CONFIGS, key=["N", "KD", "ROWS_CLASS"])(_rows_gemm_kernel)
-    dh_tuned = triton.autotune(DH_CONFIGS, key=["D", "I", "ROWS_CLASS"])(_dh_kernel)
+    gemm1_tuned = triton.autotune(
+        GEMM1_CONFIGS, key=["D", "I", "ROWS_CLASS"],
+        prune_configs_by={"early_config_prune": smem_pruner("x_ptr", lambda a: (1, 2 if a["GATED"] else 1))},
+    )(_gemm1_kernel)
+    rows_gemm_tuned = triton.autotune(
+        ROWS_CONFIGS, key=["N", "KD", "ROWS_CLASS"],
+        prune_configs_by={"early_config_prune": smem_pruner("a1_ptr", lambda a: (2, 2) if a["TWO"] else (1, 1))},
+    )(_rows_gemm_kernel)
+    dh_tuned = triton.autotune(
+        DH_CONFIGS, key=["D", "I", "ROWS_CLASS"],
+        prune_configs_by={"early_config_prune": smem_pruner(
+            "wd_ptr", lambda a: (2, 3 if a["GATED"] else 2) if a["RECOMPUTE"] else (1, 1))},
+    )(_dh_kernel)

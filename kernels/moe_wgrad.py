@@ -28,7 +28,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from blazec.kernels._common import INTERPRET, cast, cdiv, expert_ptr, mma, rsum
+from blazec.kernels._common import INTERPRET, cast, cdiv, expert_ptr, mma, rsum, smem_pruner
 
 WGRAD_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
@@ -107,4 +107,7 @@ def _wgrad_kernel(
             tl.store(db_base + mm * s_dbm, cast(dbacc, db_ptr.dtype.element_ty), mask=mmask)
 
 
-wgrad_tuned = None if INTERPRET else triton.autotune(WGRAD_CONFIGS, key=["M", "N", "ROWS_CLASS"])(_wgrad_kernel)
+wgrad_tuned = None if INTERPRET else triton.autotune(
+    WGRAD_CONFIGS, key=["M", "N", "ROWS_CLASS"],
+    prune_configs_by={"early_config_prune": smem_pruner("r_ptr", lambda a: (1, 1))},
+)(_wgrad_kernel)

@@ -1,0 +1,451 @@
+"""``blazec bench``: one MoE SwiGLU layer with its router, forward + backward, side by side.
+
+The protocol of ../shared/BASELINES.md, in one process, on the same weights and inputs:
+
+- ``eager-loop``: the naive static loop over a ModuleList of experts (torch.where + index_add_)
+- ``sort-grouped-mm`` / ``sort-grouped-mm-compile``: argsort + gather + grouped GEMMs, written
+  as a user would (``torch._grouped_mm`` for bf16 on CUDA, else a loop over the groups), eager
+  and under ``torch.compile``
+- ``blazec-loop`` / ``blazec-loop-recompute``: the eager-loop model under
+  ``torch.compile(backend="blaze")`` (default options, and ``moe_recompute="recompute_gemm1"``)
+- ``blazec-ops`` / ``blazec-ops-recompute``: ``blazec.ops.moe_route`` + ``moe_experts`` called
+  directly on stacked weights
+
+Each row: median wall time of forward + backward of ``out.float().pow(2).mean()`` (CUDA events
+on GPU), TFLOP/s of the three expert GEMMs (3*T*k*2*d*3*I FLOPs per step), peak memory above
+weights and inputs, memory still held after forward (excluding the output), and the max abs
+error of the output and of dL/dx against the eager loop, relative to the largest value. On CPU, "act" is the bytes autograd
+saves for backward (saved-tensor hooks) and "peak" is not measured; CPU timings are not the GPU
+claim. The GPU shapes (olmoe-like, mixtral-like) need CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SHAPES: dict[str, tuple[int, int, int, int, int]] = {
+    "olmoe-like": (16384, 2048, 1024, 64, 8),
+    "mixtral-like": (8192, 4096, 14336, 8, 2),
+}
+CPU_DEFAULT_SHAPE = (256, 64, 96, 8, 2)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+IMPLS = (
+    "eager-loop",
+    "sort-grouped-mm",
+    "sort-grouped-mm-compile",
+    "blazec-loop",
+    "blazec-loop-recompute",
+    "blazec-ops",
+    "blazec-ops-recompute",
+)
+GiB = 1024**3
+
+
+class BenchError(ValueError):
+    """A user error of ``blazec bench`` (printed as one line)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The models, written the way users write them
+# ----------------------------------------------------------------------------------------------
+
+
+def _route(gate: nn.Linear, x: torch.Tensor, top_k: int):
+    probs = F.softmax(gate(x), dim=1, dtype=torch.float)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights.to(x.dtype), ids
+
+
+class SwiGLUExpert(nn.Module):
+    def __init__(self, d: int, inter: int):
+        super().__init__()
+        self.w1 = nn.Linear(d, inter, bias=False)
+        self.w2 = nn.Linear(inter, d, bias=False)
+        self.w3 = nn.Linear(d, inter, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class LoopMoE(nn.Module):
+    """Static loop over experts: one_hot mask, torch.where, gather, expert MLP, index_add_."""
+
+    def __init__(self, d: int, inter: int, num_experts: int, top_k: int):
+        super().__init__()
+        self.num_experts, self.top_k = num_experts, top_k
+        self.gate = nn.Linear(d, num_experts, bias=False)
+        self.experts = nn.ModuleList(SwiGLUExpert(d, inter) for _ in range(num_experts))
+
+    def forward(self, x):
+        probs = F.softmax(self.gate(x), dim=1, dtype=torch.float)
+        routing_weights, selected = torch.topk(probs, self.top_k, dim=-1)
+        routing_weights /= routing_weights.sum(dim=-1, keepdim=True)
+        routing_weights = routing_weights.to(x.dtype)
+        final = torch.zeros_like(x)
+        expert_mask = F.one_hot(selected, num_classes=self.num_experts).permute(2, 1, 0)
+        for e in range(self.num_experts):
+            idx, top_x = torch.where(expert_mask[e])
+            current = self.experts[e](x[top_x]) * routing_weights[top_x, idx, None]
+            final.index_add_(0, top_x, current.to(x.dtype))
+        return final
+
+
+class SortedMoE(nn.Module):
+    """argsort by expert, gather rows, grouped GEMMs on the sorted rows, weight, index_add_."""
+
+    def __init__(self, loop: LoopMoE):
+        super().__init__()
+        self.num_experts, self.top_k = loop.num_experts, loop.top_k
+        self.gate = copy.deepcopy(loop.gate)
+        ex = loop.experts
+        I = ex[0].w1.weight.shape[0]
+        gu = torch.stack([torch.cat([m.w1.weight, m.w3.weight], 0).t() for m in ex])  # [E, d, 2I]
+        self.w_gate_up = nn.Parameter(gu.detach().clone())
+        self.w_down = nn.Parameter(torch.stack([m.w2.weight.t() for m in ex]).detach().clone())  # [E, I, d]
+        self.inter = I
+
+    def forward(self, x):
+        weights, ids = _route(self.gate, x, self.top_k)
+        flat = ids.reshape(-1)
+        perm = torch.argsort(flat, stable=True)
+        tok = perm // self.top_k
+        rows = x[tok]
+        counts = torch.histc(flat.float(), bins=self.num_experts, min=0, max=self.num_experts - 1).long()
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+        if x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
+            gate, up = torch._grouped_mm(rows, self.w_gate_up, offs=offs).chunk(2, dim=-1)
+            out_rows = torch._grouped_mm(F.silu(gate) * up, self.w_down, offs=offs)
+        else:
+            outs = []
+            for e, chunk in enumerate(torch.split(rows, counts.tolist())):
+                gate, up = (chunk @ self.w_gate_up[e]).chunk(2, dim=-1)
+                outs.append((F.silu(gate) * up) @ self.w_down[e])
+            out_rows = torch.cat(outs)
+        out_rows = out_rows * weights.reshape(-1)[perm, None]
+        return torch.zeros_like(x).index_add_(0, tok, out_rows)
+
+
+class BlazeOpsMoE(nn.Module):
+    """The blaze ops called directly, on 3-D stacked expert weights."""
+
+    def __init__(self, loop: LoopMoE, recompute: bool):
+        super().__init__()
+        self.num_experts, self.top_k, self.recompute = loop.num_experts, loop.top_k, recompute
+        self.gate = copy.deepcopy(loop.gate)
+        ex = loop.experts
+        self.w_gate = nn.Parameter(torch.stack([m.w1.weight for m in ex]).detach().clone())  # [E, I, d]
+        self.w_up = nn.Parameter(torch.stack([m.w3.weight for m in ex]).detach().clone())
+        self.w_down = nn.Parameter(torch.stack([m.w2.weight for m in ex]).detach().clone())  # [E, d, I]
+
+    def forward(self, x):
+        from blazec.ops import moe_experts, moe_route
+
+        weights, ids = _route(self.gate, x, self.top_k)
+        sp, eo, pp = moe_route(ids, self.num_experts)
+        return moe_experts(x, weights, sp, eo, pp, self.w_gate, self.w_up, self.w_down, None, None, None,
+                           "swiglu", "output", self.recompute)
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurement
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    impl: str
+    ms: Optional[float] = None
+    tflops: Optional[float] = None
+    peak_gib: Optional[float] = None
+    act_gib: Optional[float] = None
+    err_out: Optional[float] = None
+    err_dx: Optional[float] = None
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _step(model, x):
+    out = model(x)
+    out.float().pow(2).mean().backward()
+    return out
+
+
+def _time(model, x, dev, warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+        _step(model, x)
+    _sync(dev)
+    times = []
+    for _ in range(iters):
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+        if dev.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            _step(model, x)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            _step(model, x)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _memory(model, x, dev) -> tuple[Optional[float], float, torch.Tensor, torch.Tensor]:
+    """(peak GiB or None, after-forward GiB, output, dL/dx) of one fresh step."""
+    model.zero_grad(set_to_none=True)
+    x.grad = None
+    if dev.type == "cuda":
+        _sync(dev)
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        out = model(x)
+        _sync(dev)
+        act = torch.cuda.memory_allocated(dev) - base - out.untyped_storage().nbytes()
+        out.float().pow(2).mean().backward()
+        _sync(dev)
+        peak = torch.cuda.max_memory_allocated(dev) - base
+        return peak / GiB, act / GiB, out.detach(), x.grad.detach().clone()
+    from blazec.memory import model_tensors, saved_for_backward
+
+    out, saved = saved_for_backward(lambda: model(x), model_tensors(model, (x,)))
+    out.float().pow(2).mean().backward()
+    return None, saved.activation_bytes / GiB, out.detach(), x.grad.detach().clone()
+
+
+def _rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |a - ref| / max |ref| (0 when both are 0)."""
+    err = (a.float() - ref.float()).abs().max().item()
+    scale = ref.float().abs().max().item()
+    return err / scale if scale > 0 else err
+
+
+def _fmt(v: Optional[float], spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def parse_shape(text: Optional[str], on_cuda: bool) -> tuple[str, tuple[int, int, int, int, int]]:
+    if text is None:
+        return ("olmoe-like", SHAPES["olmoe-like"]) if on_cuda else ("cpu-small", CPU_DEFAULT_SHAPE)
+    if text in SHAPES:
+        if not on_cuda:
+            raise BenchError(f"--shape {text} is a GPU shape and needs CUDA, which is not available here; "
+                             f"on CPU pass a small shape such as --shape {','.join(map(str, CPU_DEFAULT_SHAPE))}")
+        return text, SHAPES[text]
+    parts = text.split(",")
+    try:
+        vals = tuple(int(p) for p in parts)
+    except ValueError:
+        vals = ()
+    if len(vals) != 5 or min(vals) < 1:
+        raise BenchError(f"--shape must be olmoe-like, mixtral-like or T,d,I,E,k with positive integers, got {text!r}")
+    T, d, I, E, k = vals
+    if k > E:
+        raise BenchError(f"--shape: top-k ({k}) cannot exceed the number of experts ({E})")
+    return "custom", vals  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shape", default=None,
+                   help="olmoe-like | mixtral-like (GPU) | T,d,I,E,k; default olmoe-like on CUDA, "
+                        f"{','.join(map(str, CPU_DEFAULT_SHAPE))} on CPU")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument("--impl", action="append", choices=IMPLS, metavar="NAME",
+                   help=f"run only this row (repeatable): {', '.join(IMPLS)}")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    p.add_argument("--iters", type=int, default=10, help="timed steps; the median is reported (default 10)")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _build(impl: str, loop: LoopMoE) -> tuple[nn.Module, Callable[[], dict]]:
+    """The model of one row, plus a callable giving extra facts after it ran."""
+    if impl == "eager-loop":
+        return loop, dict
+    if impl == "sort-grouped-mm":
+        return SortedMoE(loop), dict
+    if impl == "sort-grouped-mm-compile":
+        return torch.compile(SortedMoE(loop)), dict
+    if impl.startswith("blazec-loop"):
+        import blazec.backend  # noqa: F401  (registers the backend)
+        from blazec import report
+
+        opts = {"moe_recompute": "recompute_gemm1"} if impl.endswith("recompute") else {}
+        compiled = torch.compile(copy.deepcopy(loop), backend="blaze", options=opts)
+        records: list = []
+
+        class _Wrapped(nn.Module):  # keeps the blaze reports of the first (compiling) call
+            def __init__(self):
+                super().__init__()
+                self.m = compiled
+
+            def forward(self, x):
+                if records:
+                    return self.m(x)
+                with report.capture() as recs:
+                    out = self.m(x)
+                records.extend(recs or [None])
+                return out
+
+        def facts() -> dict:
+            return {"rewrites": sum(r.num_rewrites for r in records if r is not None)}
+
+        return _Wrapped(), facts
+    if impl.startswith("blazec-ops"):
+        return BlazeOpsMoE(loop, impl.endswith("recompute")), dict
+    raise AssertionError(impl)
+
+
+def _kernel_note(dev: torch.device, impl: str) -> str:
+    if not impl.startswith("blazec"):
+        return ""
+    if dev.type != "cuda":
+        return "reference ops (CPU)"
+    from blazec.ops import get_impl
+
+    fn = get_impl("moe_experts", "cuda")
+    return "Triton kernels" if fn.__module__.startswith("blazec.kernels") else "reference ops (no kernels)"
+
+
+def run(args: argparse.Namespace, stream=None) -> int:
+    stream = stream or sys.stdout
+
+    def say(msg: str = "") -> None:
+        print(msg, file=stream, flush=True)
+
+    try:
+        has_cuda = torch.cuda.is_available()
+        if args.device == "cuda" and not has_cuda:
+            raise BenchError("--device cuda: CUDA is not available on this machine")
+        on_cuda = has_cuda and args.device != "cpu"
+        name, (T, d, I, E, k) = parse_shape(args.shape, on_cuda)
+        dtype = DTYPES[args.dtype or ("bf16" if on_cuda else "fp32")]
+        if args.iters < 1 or args.warmup < 0:
+            raise BenchError("--iters must be >= 1 and --warmup >= 0")
+    except BenchError as e:
+        print(f"blazec bench: error: {e}", file=sys.stderr)
+        return 2
+
+    dev = torch.device("cuda" if on_cuda else "cpu")
+    impls = list(dict.fromkeys(args.impl or IMPLS))
+    flops = 3 * T * k * 2 * d * 3 * I
+    card = torch.cuda.get_device_name(dev) if on_cuda else "CPU"
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    meta = {
+        "shape": name, "T": T, "d": d, "I": I, "E": E, "k": k, "dtype": str(dtype).replace("torch.", ""),
+        "device": card, "torch": torch.__version__, "triton": triton_version,
+        "date": datetime.date.today().isoformat(), "warmup": args.warmup, "iters": args.iters,
+        "gflop_per_step": flops / 1e9,
+    }
+    say(f"blazec bench: MoE SwiGLU layer with router, T={T} d={d} I={I} E={E} k={k}, {meta['dtype']}, "
+        f"forward + backward; {card}, torch {torch.__version__}, triton {triton_version}, {meta['date']}")
+    if not on_cuda:
+        say("NOTE: running on CPU at a small shape. CPU timings are not the GPU claim "
+            "(see ../shared/BASELINES.md and docs/BENCHMARKS.md); 'act' is bytes saved for backward.")
+
+    torch.manual_seed(args.seed)
+    with torch.device(dev):
+        loop = LoopMoE(d, I, E, k).to(dtype)
+    x = torch.randn(T, d, device=dev, dtype=dtype).requires_grad_()
+
+    rows: list[Row] = []
+    ref_out = ref_dx = None
+    for impl in impls:
+        row = Row(impl)
+        say(f"  running {impl} ...")
+        try:
+            model, facts = _build(impl, loop)
+            model.zero_grad(set_to_none=True)
+            _step(model, x)  # compiles and autotunes where needed, outside the measurements
+            peak, act, out, dx = _memory(model, x, dev)
+            row.ms = _time(model, x, dev, args.warmup, args.iters)
+            row.tflops = flops / (row.ms * 1e-3) / 1e12
+            row.peak_gib, row.act_gib = peak, act
+            if impl == "eager-loop":
+                ref_out, ref_dx = out, dx
+            elif ref_out is None:  # the reference row was not requested: run it once, untimed
+                _, _, ref_out, ref_dx = _memory(loop, x, dev)
+            row.err_out = _rel_err(out, ref_out)
+            row.err_dx = _rel_err(dx, ref_dx)
+            row.extra = facts()
+            notes = [_kernel_note(dev, impl)]
+            if "rewrites" in row.extra:
+                n = row.extra["rewrites"]
+                notes.append(f"{n} MoE rewrite(s)" if n else "blaze rewrote nothing!")
+            row.note = "; ".join(n for n in notes if n)
+        except torch.cuda.OutOfMemoryError as e:
+            row.note = f"OOM ({str(e).splitlines()[0][:80]})"
+        except Exception as e:  # noqa: BLE001 - a failing row is a result, like in BASELINES.md
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            row.note = f"failed: {type(e).__name__}: {msg[:120]}"
+        finally:
+            if on_cuda:
+                torch.cuda.empty_cache()
+        rows.append(row)
+        torch._dynamo.reset()
+
+    head = ["implementation", "ms", "TFLOP/s", "peak GiB", "act GiB", "err out", "err dx", "note"]
+    table = [[r.impl, _fmt(r.ms, ".2f"), _fmt(r.tflops, ".1f" if on_cuda else ".3g"), _fmt(r.peak_gib, ".3f"),
+              _fmt(r.act_gib, ".3f" if on_cuda else ".3g"), _fmt(r.err_out, ".1e"), _fmt(r.err_dx, ".1e"),
+              r.note] for r in rows]
+    say("")
+    say("| " + " | ".join(head) + " |")
+    say("|" + "|".join("---" for _ in head) + "|")
+    for line in table:
+        say("| " + " | ".join(line) + " |")
+    say("")
+    say(f"ms: median of {args.iters} forward+backward steps after {args.warmup} warm-ups; TFLOP/s: "
+        f"{flops / 1e9:.3g} GFLOP of expert GEMMs per step; err: max abs error / max abs value, "
+        f"vs eager-loop.")
+    if not on_cuda:
+        say("CPU timings are not the GPU claim.")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": [asdict(r) for r in rows]}, f, indent=2)
+        say(f"wrote {args.json}")
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Standalone entry (``python -m blazec.bench``) until the CLI wires ``blazec bench``."""
+    p = argparse.ArgumentParser(prog="blazec bench", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""Compile every blaze kernel variant for an NVIDIA target without a GPU (ahead of time).
+
+The interpreter runs the kernels' Python, not Triton's compiler, so it cannot catch what only
+the compiler rejects (control flow with early returns, dtype mismatches between branches,
+constexpr misuse, too much shared memory). This script drives the real launchers on CPU
+tensors with every launch intercepted, then compiles each intercepted kernel, with the
+arguments it would have received, through TTIR -> TTGIR -> LLVM -> PTX -> cubin for
+``cuda:90`` (Hopper) with Triton's bundled ptxas. It must run *without* TRITON_INTERPRET.
+
+    python -m tests.kernels.aot_compile            # first autotune config of each kernel
+    python -m tests.kernels.aot_compile --all      # every autotune config
+    python -m tests.kernels.aot_compile --arch 80  # another target
+
+It compiles with the locally installed Triton; the GPU image's Triton may differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    sys.exit("aot_compile: unset TRITON_INTERPRET (the compiler, not the interpreter, is checked)")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+SMEM_LIMIT = {90: 232448, 80: 166912, 89: 101376, 100: 232448}
+_SIG = {
+    torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
+    torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.uint8: "u8",
+}
+
+
+class _Recorder:
+    """Stands in for a JITFunction (``k[grid](...)``) or for ``launch``; records every call."""
+
+    def __init__(self, log: list, fn=None):
+        self.log, self.fn = log, fn
+
+    def __getitem__(self, grid):
+        def call(*args, **kwargs):
+            names = self.fn.arg_names
+            kw = dict(zip(names, args))
+            kw.update(kwargs)
+            opts = {k: kw.pop(k) for k in ("num_warps", "num_stages") if k in kw}
+            self.log.append((self.fn, kw, [opts]))
+
+        return call
+
+
+def _record_launch(log: list, all_configs: bool):
+    def launch(kernel, tuned, grid, args, fixed):
+        if tuned is None:
+            meta = dict(fixed)
+            opts = {k: meta.pop(k) for k in ("num_warps", "num_stages") if k in meta}
+            log.append((kernel, {**args, **meta}, [opts]))
+        else:
+            configs = tuned.configs
+            prune = getattr(tuned, "early_config_prune", None)
+            if prune is not None:
+                configs = prune(configs, args)
+            for cfg in configs if all_configs else configs[:1]:
+                log.append((kernel, {**args, **cfg.kwargs}, [{"num_warps": cfg.num_warps,
+                                                               "num_stages": cfg.num_stages}]))
+
+    return launch
+
+
+def _signature(fn, kw: dict[str, Any]) -> tuple[dict, dict]:
+    sig, consts = {}, {}
+    for p in fn.params:
+        v = kw[p.name]
+        if p.is_constexpr:
+            sig[p.name] = "constexpr"
+            consts[p.name] = v
+        elif isinstance(v, torch.Tensor):
+            sig[p.name] = "*" + _SIG[v.dtype]
+        elif isinstance(v, bool):
+            sig[p.name] = "i1"
+        elif isinstance(v, int):
+            if v == 1:  # the runtime specializes ints equal to 1
+                sig[p.name] = "constexpr"
+                consts[p.name] = 1
+            else:
+                sig[p.name] = "i32" if -(2**31) <= v < 2**31 else "i64"
+        else:
+            raise TypeError(f"{fn.__name__}.{p.name}: unexpected argument {v!r}")
+    return sig, consts
+
+
+def _brief(sig: dict, consts: dict) -> str:
+    first = next(v for v in sig.values() if v.startswith("*"))
+    blocks = {k: v for k, v in consts.items() if k.startswith("BLOCK")}
+    return f"{first} {blocks}"
+
+
+def cases():
+    """Representative launcher calls: every kernel, both weight forms, all flags."""
+    from blazec.ops import reference as ref
+
+    def make(T, d, I, E, k, act, dtype, layout, bias, tw_dtype=None):
+        gated = act in ("swiglu", "geglu", "geglu_tanh")
+        x = torch.randn(T, d, dtype=dtype)
+        tw = torch.rand(T, k, dtype=tw_dtype or dtype)
+        ids = torch.randint(0, E, (T, k))
+        route = ref.moe_route(ids, E, -1, "token")
+        if layout == "stacked":
+            wg, wd = [torch.randn(E, I, d, dtype=dtype)], [torch.randn(E, I, d, dtype=dtype).transpose(1, 2)]
+            wu = [torch.randn(E, I, d, dtype=dtype)] if gated else []
+        else:
+            wg, wd = [torch.randn(I, d, dtype=dtype) for _ in range(E)], [torch.randn(d, I, dtype=dtype) for _ in range(E)]
+            wu = [torch.randn(I, d, dtype=dtype) for _ in range(E)] if gated else []
+        if bias == "stacked":
+            b = ([torch.randn(E, I, dtype=dtype)], [torch.randn(E, I, dtype=dtype)] if gated else [],
+                 [torch.randn(E, d, dtype=dtype)])
+        elif bias == "list":
+            b = ([torch.randn(I, dtype=dtype) for _ in range(E)],
+                 [torch.randn(I, dtype=dtype) for _ in range(E)] if gated else [],
+                 [torch.randn(d, dtype=dtype) for _ in range(E)])
+        else:
+            b = ([], [], [])
+        return x, tw, ids, route, (wg, wu, wd, *b)
+
+    yield "route-token", ("route", torch.randint(0, 64, (512, 8)), 64, -1, "token")
+    yield "route-slot-cap", ("route", torch.randint(0, 8, (300, 2)).int(), 8, 40, "slot")
+    specs = [
+        # name, T, d, I, E, k, act, dtype, layout, bias, weight_pos, recompute, tw_dtype
+        ("bf16-swiglu-stacked", 64, 256, 128, 8, 8, "swiglu", torch.bfloat16, "stacked", "none", "output", False, None),
+        ("bf16-swiglu-table-recompute-bias-hidden", 64, 256, 128, 8, 2, "swiglu", torch.bfloat16, "list", "list",
+         "hidden", True, None),
+        ("fp16-gelu-k1-bias", 64, 128, 96, 4, 1, "gelu", torch.float16, "stacked", "stacked", "output", True, None),
+        ("fp32-geglu_tanh", 32, 64, 64, 4, 2, "geglu_tanh", torch.float32, "stacked", "stacked", "output", False, None),
+        ("bf16-relu-fp32router", 32, 64, 64, 4, 2, "relu", torch.bfloat16, "list", "none", "output", False,
+         torch.float32),
+    ]
+    for name, T, d, I, E, k, act, dt, layout, bias, wp, rec, twd in specs:
+        x, tw, ids, route, ws = make(T, d, I, E, k, act, dt, layout, bias, twd)
+        yield name, ("experts", x, tw, route, ws, act, wp, rec)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--all", action="store_true", help="compile every autotune config (slow)")
+    ap.add_argument("--arch", type=int, default=90)
+    args = ap.parse_args(argv)
+
+    import blazec.kernels._common as common
+    from blazec.kernels import moe_combine, moe_experts, moe_route
+
+    assert not common.INTERPRET
+    log: list = []
+    moe_experts.launch = _record_launch(log, args.all)
+    for mod, name in ((moe_route, "_route_count_kernel"), (moe_route, "_route_scan_kernel"),
+                      (moe_route, "_route_scatter_kernel"), (moe_combine, "_combine_kernel"),
+                      (moe_combine, "_dtw_kernel")):
+        setattr(mod, name, _Recorder(log, getattr(mod, name)))
+
+    for name, spec in cases():
+        if spec[0] == "route":
+            moe_route.moe_route(*spec[1:])
+            continue
+        _, x, tw, route, ws, act, wp, rec = spec
+        y, preact = moe_experts.moe_experts_fwd(x, tw, *route, *ws, act, wp, rec, None)
+        moe_experts.moe_experts_bwd(torch.randn_like(y), x, tw, *route, *ws, preact, act, wp, rec)
+
+    target = GPUTarget("cuda", args.arch, 32)
+    seen, n_ok, failures = set(), 0, []
+    t0 = time.time()
+    for fn, kw, opts_list in log:
+        sig, consts = _signature(fn, kw)
+        for opts in opts_list:
+            key = (fn.__name__, tuple(sorted(sig.items())), tuple(sorted((k, str(v)) for k, v in consts.items())),
+                   tuple(sorted(opts.items())))
+            if key in seen:
+                continue
+            seen.add(key)
+            try:
+                c = triton.compile(ASTSource(fn, sig, consts), target=target, options=opts)
+                smem = c.metadata.shared
+                if smem > SMEM_LIMIT.get(args.arch, 232448):
+                    failures.append(f"{fn.__name__} {opts} {_brief(sig, consts)}: needs {smem} B shared memory")
+                n_ok += 1
+            except Exception as e:  # noqa: BLE001 - report every failing variant
+                msg = str(e).strip().splitlines()
+                failures.append(f"{fn.__name__} {opts} {_brief(sig, consts)}: {type(e).__name__}: "
+                                f"{msg[-1] if msg else ''}")
+    print(f"aot_compile: {n_ok} kernel variants compiled for cuda:{args.arch} with triton {triton.__version__} "
+          f"in {time.time() - t0:.0f} s; {len(failures)} failure(s)")
+    for f in failures:
+        print("  FAIL", f)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""``blazec bench`` on CPU: small shapes run and print one table; GPU shapes give one line."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+
+import pytest
+import torch
+
+from blazec import bench
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    return p.parse_args(list(argv))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU behaviour")
+@pytest.mark.parametrize("shape", ["olmoe-like", "mixtral-like"])
+def test_gpu_shape_on_cpu_is_one_line(shape: str, capsys) -> None:
+    assert bench.run(_args("--shape", shape)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("blazec bench: error:") and "CUDA" in err[0]
+
+
+@pytest.mark.parametrize("argv", [["--shape", "1,2,3"], ["--shape", "8,4,4,2,3"], ["--iters", "0"]])
+def test_bad_arguments_are_one_line(argv, capsys) -> None:
+    assert bench.run(_args(*argv, "--device", "cpu")) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_cpu_small_shape_table_and_json(tmp_path) -> None:
+    out = io.StringIO()
+    path = tmp_path / "bench.json"
+    rc = bench.run(_args("--device", "cpu", "--shape", "32,16,24,4,2", "--iters", "1", "--warmup", "0",
+                         "--impl", "eager-loop", "--impl", "sort-grouped-mm", "--impl", "blazec-ops",
+                         "--impl", "blazec-ops-recompute", "--json", str(path)), stream=out)
+    text = out.getvalue()
+    assert rc == 0
+    assert "CPU timings are not the GPU claim" in text
+    assert text.count("| blazec-ops") == 2 and "| eager-loop |" in text
+    data = json.loads(path.read_text())
+    assert data["meta"]["T"] == 32 and data["meta"]["device"] == "CPU"
+    rows = {r["impl"]: r for r in data["rows"]}
+    assert set(rows) == {"eager-loop", "sort-grouped-mm", "blazec-ops", "blazec-ops-recompute"}
+    for r in rows.values():
+        assert r["ms"] > 0 and not r["note"].startswith("failed"), r
+        assert r["err_out"] < 1e-5 and r["err_dx"] < 1e-5, r
+    # Recompute keeps less for backward than saving the pre-activations, which keeps less than eager.
+    assert rows["blazec-ops-recompute"]["act_gib"] < rows["blazec-ops"]["act_gib"] < rows["eager-loop"]["act_gib"]
