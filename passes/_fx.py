@@ -53,6 +53,13 @@ def shape(node: Any) -> tuple | None:
     return tuple(v.shape) if isinstance(v, torch.Tensor) else None
 
 
+def same_shape(a: Any, b: Any) -> bool:
+    """Shapes equal as expressions. Symbolic sizes are compared without guarding on them."""
+    sa = a if isinstance(a, tuple) else shape(a)
+    sb = b if isinstance(b, tuple) else shape(b)
+    return sa is not None and sb is not None and tuple(map(str, sa)) == tuple(map(str, sb))
+
+
 def dtype(node: Any) -> torch.dtype | None:
     v = val(node)
     return v.dtype if isinstance(v, torch.Tensor) else None

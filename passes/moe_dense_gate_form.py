@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from blazec.passes._fx import NoMatch, arg, is_fn, is_getitem, is_method, shape, strip_casts
+from blazec.passes._fx import NoMatch, arg, is_fn, is_getitem, is_method, same_shape, shape, strip_casts
 from blazec.passes.moe_expert_mlp import ExpertMLP, check_consistent, parse_expert
 from blazec.passes.moe_loop_form import ZEROS_FNS, _check_dtypes
 
@@ -84,7 +84,7 @@ def _scatter_gate(gate: Node) -> tuple[Node, Node, int]:
         raise NoMatch("the dense gate scatters a constant, not per-token routing weights")
     if not (is_getitem(ids) and ids.args[1] == 1 and (is_fn(ids.args[0], torch.topk) or is_method(ids.args[0], "topk"))):
         raise NoMatch("cannot prove the gate's expert ids are distinct within a row (they do not come from topk)")
-    if shape(ids) != shape(src):
+    if not same_shape(ids, src):
         raise NoMatch(f"gate ids {shape(ids)} and weights {shape(src)} differ in shape")
     return ids, src, int(gshape[1])
 
@@ -137,7 +137,7 @@ def match_dense_gate(final: Node) -> DenseGateMatch:
     if missing:
         raise NoMatch(f"the sum does not cover every expert: missing expert(s) {missing}")
     xs = shape(x)
-    if xs is None or len(xs) != 2 or str(xs[0]) != str(shape(ids)[0]) or shape(final) != xs:
+    if xs is None or len(xs) != 2 or str(xs[0]) != str(shape(ids)[0]) or not same_shape(final, xs):
         raise NoMatch(f"x {xs}, gate ids {shape(ids)} and the output {shape(final)} do not agree on [T, d]")
     check_consistent(experts)
     _check_dtypes(x, experts)

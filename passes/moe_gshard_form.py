@@ -34,7 +34,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from blazec.passes._fx import NoMatch, arg, is_fn, is_getitem, is_method, is_mul, shape, strip_casts
+from blazec.passes._fx import NoMatch, arg, is_fn, is_getitem, is_method, is_mul, same_shape, shape, strip_casts
 from blazec.passes.moe_expert_mlp import GATED, ExpertMLP, WeightRef, _activation
 from blazec.passes.moe_loop_form import _check_dtypes
 
@@ -200,7 +200,7 @@ def match_gshard(out: Node) -> GShardMatch:
     experts = _batched_mlp(expert_out, expert_in, E)
     T = shape(x)[0]
     for w, m, *_ in choices:
-        if shape(w) != (T,) or shape(_one_hot(m)[0]) != (T,):
+        if not same_shape(w, (T,)) or not same_shape(_one_hot(m)[0], (T,)):
             raise NoMatch(f"choice weights {shape(w)} / ids do not have shape [T]={T}")
     if not isinstance(C, int) or C < 1:
         raise NoMatch(f"capacity {C} is not a positive constant")

@@ -28,7 +28,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from blazec.passes._fx import NoMatch, arg, dtype, is_fn, is_getitem, is_method, shape, strip_casts
+from blazec.passes._fx import NoMatch, arg, dtype, is_fn, is_getitem, is_method, same_shape, shape, strip_casts
 from blazec.passes.moe_expert_mlp import ExpertMLP, check_consistent, parse_expert
 
 Node = torch.fx.Node
@@ -229,10 +229,10 @@ def match_loop(acc: Node, index_adds: list[Node]) -> LoopMatch:
     if missing or extra:
         what = f"missing expert(s) {missing}" if missing else f"expert ids {extra} outside [0, {E})"
         raise NoMatch(f"the loop does not cover every expert exactly once: {what}")
-    if shape(weights) != T_k:
+    if not same_shape(weights, T_k):
         raise NoMatch(f"routing weights have shape {shape(weights)}, routing ids {T_k}")
     x_shape = shape(x)
-    if x_shape is None or len(x_shape) != 2 or str(x_shape[0]) != str(T_k[0]) or acc_shape != x_shape:
+    if x_shape is None or len(x_shape) != 2 or str(x_shape[0]) != str(T_k[0]) or not same_shape(acc_shape, x_shape):
         raise NoMatch(f"x {x_shape}, accumulator {acc_shape} and ids {T_k} do not agree on [T, d]")
     if not weights_are_float(weights):
         raise NoMatch("routing weights are not floating point")

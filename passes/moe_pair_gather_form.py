@@ -111,8 +111,8 @@ def match_pair_gather(final: Node) -> PairGatherMatch:
     if ids is None or (is_method(flat[0], "reshape", "view") and tuple(flat[0].args[1:]) not in ((-1,), ((-1,),))):
         raise NoMatch("the weight gather index is not ids.reshape(-1)")
     T = shape(x)[0]
-    dims = yv.args[1] if len(yv.args) == 2 and isinstance(yv.args[1], (tuple, list)) else yv.args[1:]
-    if shape(ids) != (T, k) or shape(w) != (T, k) or tuple(dims)[:2] != (T, k):
+    want = (str(T), str(k))  # symbolic sizes compare by expression, without guarding on them
+    if any(tuple(map(str, (shape(n) or ())[:2])) != want for n in (ids, w, yv)):
         raise NoMatch(f"ids {shape(ids)}, weights {shape(w)} and the [T, k, d] view disagree with T={T}, k={k}")
     E = int(shape(gate)[0])
     if any(int(shape(P)[0]) != E for P in (down, up) if P is not None):

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from blazec.passes._fx import NoMatch, arg, is_fn, is_getitem, is_method, is_mul, shape, strip_casts
+from blazec.passes._fx import NoMatch, arg, is_fn, is_getitem, is_method, is_mul, same_shape, shape, strip_casts
 from blazec.passes.moe_expert_mlp import ExpertMLP, check_consistent, parse_expert
 from blazec.passes.moe_loop_form import ZEROS_FNS, _check_acc_reads, _check_dtypes
 
@@ -152,9 +152,9 @@ def match_sorted(acc: Node, index_adds: list[Node]) -> SortMatch:
         raise NoMatch("cannot prove the split sizes are the per-expert counts of the sorted ids "
                       "(expected histc(ids, bins=E, min=0, max=E-1) or bincount(ids, minlength=E))")
     xs = shape(x)
-    if xs is None or len(xs) != 2 or str(xs[0]) != str(shape(ids)[0]) or shape(acc) != xs:
+    if xs is None or len(xs) != 2 or str(xs[0]) != str(shape(ids)[0]) or not same_shape(acc, xs):
         raise NoMatch(f"x {xs}, ids {shape(ids)} and the accumulator {shape(acc)} do not agree on [T, d]")
-    if shape(weights) != shape(ids):
+    if not same_shape(weights, ids):
         raise NoMatch(f"routing weights {shape(weights)} and ids {shape(ids)} differ in shape")
     check_consistent(experts)
     _check_dtypes(x, experts)
