@@ -21,6 +21,7 @@ import sys
 import time
 
 import torch
+import torch._functorch.config
 from torch import nn
 from tqdm import tqdm
 
@@ -40,6 +41,9 @@ def throughput(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     model = SharedBottom(args.in_dim, [args.hidden] * args.layers, args.rep_dim, args.tasks, head_hidden=32)
     if args.compile:
+        # param mode runs T backward passes over one graph (retain_graph=True), which
+        # Inductor's compiled backward refuses while it donates its saved buffers.
+        torch._functorch.config.donated_buffer = False
         model.shared = torch.compile(model.shared)
         model.heads = nn.ModuleList(torch.compile(h) for h in model.heads)
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)

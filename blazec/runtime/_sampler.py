@@ -72,7 +72,9 @@ class BalancedBatchSampler(Sampler[list[int]]):
     with long samples gets fewer. So do not take a per-rank mean: use
     ``loss = per_sample_losses.sum() * world_size / global_batch_size`` on each micro-batch;
     accumulated over micro-batches and averaged by DDP over ranks, that is the mean over the
-    global batch, with every sample weighted alike.
+    global batch, with every sample weighted alike. ``len()`` counts ``micro_batches`` batches
+    per step; only a short last batch (``drop_last=False``) with fewer samples than
+    ``world_size * micro_batches`` can yield fewer (empty micro-batches are skipped).
 
     Args:
         data_source: the dataset (anything with ``len``) or its size.

@@ -5,14 +5,15 @@ Balancing methods re-weight the tasks' gradients before they reach the shared bo
 the shared *parameters* (the classic way) it needs one full backward per task, T times the
 cost of the bottom. MultiBalance does it on the shared *representation* instead:
 
-1. ``g_t = dL_t / d rep`` for each task: a backward through head t only (heads are small);
+1. for each task, a backward of ``L_t`` through head t only, stopping at ``rep``: it gives
+   ``g_t = dL_t / d rep`` and the gradients of head t's parameters;
 2. combine ``g = sum_t w_t g_t`` with a balancing rule;
-3. one backward: the heads get their ordinary gradients and the shared bottom gets ``J^T g``
-   (``J = d rep / d theta_shared``), through a hook on ``rep`` that replaces the summed
-   ``sum_t g_t`` arriving there by ``g``.
+3. one backward through the shared bottom, seeded with ``g``, which gives it ``J^T g``
+   (``J = d rep / d theta_shared``); the same call accumulates the heads' gradients.
 
-The extra cost is one more backward through the heads, so throughput stays close to plain
-summed-loss training. Usage::
+Every node of the graph is traversed once, as in ``sum(losses).backward()``: the extra cost
+is the balancing arithmetic on ``rep``-sized tensors and T small backward calls instead of
+one, so throughput stays close to plain summed-loss training. Usage::
 
     balancer = GradBalancer(num_tasks=2, method="magnitude")
     rep = model.shared(x)
@@ -66,7 +67,9 @@ class GradBalancer:
 
     * ``"rep"`` (default): gradients w.r.t. ``rep``, as described in the module docstring.
     * ``"param"``: gradients w.r.t. the shared parameters, one full backward per task. It
-      exists to measure what parameter-space balancing costs; it is single-process only.
+      exists to measure what parameter-space balancing costs; it is single-process only, and
+      since it backpropagates T times through one graph (``retain_graph=True``) it needs
+      ``torch._functorch.config.donated_buffer = False`` with Inductor-compiled modules.
 
     Args:
         num_tasks: number of losses passed to ``backward``.
@@ -184,23 +187,32 @@ class GradBalancer:
     # Modes ---------------------------------------------------------------------------------
 
     def _backward_rep(self, losses: list[torch.Tensor], reps: list[torch.Tensor], inv_scale: float, retain_graph: bool) -> torch.Tensor:
-        # Per-task gradients at rep: autograd.grad only runs the nodes between loss_t and rep,
-        # i.e. head t, and never touches the shared bottom or any .grad.
-        grads = [
-            list(torch.autograd.grad(loss, reps, retain_graph=True, allow_unused=True, materialize_grads=True))
-            for loss in losses
-        ]
+        head_leaves, retain = _head_graphs(losses, reps)
+        heads: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (param, summed grad)
+        grads = []
+        for t, loss in enumerate(losses):
+            # autograd.grad w.r.t. rep runs only the nodes between loss_t and rep (head t) and
+            # does not execute rep's own grad_fn, so the shared bottom is untouched. The head's
+            # graph is freed unless a later task still needs one of its nodes: Inductor's
+            # compiled backwards donate their buffers and refuse retain_graph=True.
+            leaves = head_leaves[t]
+            g = torch.autograd.grad(
+                loss, [*reps, *leaves], retain_graph=retain[t], allow_unused=True, materialize_grads=True
+            )
+            grads.append(list(g[: len(reps)]))
+            for p, gp in zip(leaves, g[len(reps) :]):
+                prev = heads.get(id(p))
+                heads[id(p)] = (p, gp if prev is None else prev[1] + gp)
         w = self._weights(grads, inv_scale)
         combined = [_combine(w, [g[i] for g in grads]) for i in range(len(reps))]
-        # One backward of the summed loss: the heads get their own gradients, and the hook
-        # swaps the sum_t g_t arriving at rep for the balanced combination before it flows
-        # into the shared bottom.
-        handles = [r.register_hook(_Replace(g)) for r, g in zip(reps, combined)]
-        try:
-            torch.autograd.backward(torch.stack([loss.reshape(()) for loss in losses]).sum(), retain_graph=retain_graph)
-        finally:
-            for h in handles:
-                h.remove()
+        # One engine call: rep seeded with the balanced combination runs the shared bottom
+        # once, and the head parameters (leaves) get their summed task gradients through their
+        # AccumulateGrad nodes, so .grad accumulates and DDP's gradient hooks fire as in an
+        # ordinary backward.
+        params = [p for p, _ in heads.values()]
+        torch.autograd.backward(
+            [*reps, *params], grad_tensors=[*combined, *(g for _, g in heads.values())], retain_graph=retain_graph
+        )
         return w
 
     def _backward_param(
@@ -324,17 +336,6 @@ def _combine(w: torch.Tensor, grads: list[torch.Tensor]) -> torch.Tensor:
     return out.to(grads[0].dtype)
 
 
-class _Replace:
-    """Tensor hook returning a fixed gradient (the balanced combination) instead of the
-    incoming one. A class rather than a lambda so the hook is picklable and named in traces."""
-
-    def __init__(self, grad: torch.Tensor) -> None:
-        self.grad = grad
-
-    def __call__(self, incoming: torch.Tensor) -> torch.Tensor:
-        return self.grad
-
-
 def _walk_leaves(roots: list, stop: set) -> list[torch.Tensor]:
     """Leaf tensors (AccumulateGrad variables) reachable from autograd nodes ``roots``
     without passing through any node in ``stop``, in first-visit order."""
@@ -364,3 +365,35 @@ def _leaves_behind(reps: list[torch.Tensor]) -> list[torch.Tensor]:
 def _leaves_before(losses: list[torch.Tensor], reps: list[torch.Tensor]) -> list[torch.Tensor]:
     """Parameters the losses depend on without going through ``rep`` (the heads')."""
     return _walk_leaves([loss.grad_fn for loss in losses], {r.grad_fn for r in reps})
+
+
+def _head_graphs(losses: list[torch.Tensor], reps: list[torch.Tensor]) -> tuple[list[list[torch.Tensor]], list[bool]]:
+    """Per task: the leaves its loss reaches without passing through ``rep``, and whether its
+    backward must keep the graph because a later task's loss shares one of its nodes (e.g. a
+    common tower after rep). Leaf nodes hold no saved tensors and do not count."""
+    stop = {r.grad_fn for r in reps if r.grad_fn is not None}
+    rep_ids = {id(r) for r in reps}
+    leaves, nodes = [], []
+    for loss in losses:
+        seen: set = set()
+        stack = [loss.grad_fn] if loss.grad_fn is not None else []
+        found: list[torch.Tensor] = []
+        while stack:
+            node = stack.pop()
+            if node in seen or node in stop:
+                continue
+            seen.add(node)
+            var = getattr(node, "variable", None)
+            if isinstance(var, torch.Tensor):
+                if id(var) not in rep_ids and all(v is not var for v in found):
+                    found.append(var)
+                continue
+            stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+        leaves.append(found)
+        nodes.append({n for n in seen if getattr(n, "variable", None) is None})
+    retain = []
+    later: set = set()
+    for t in range(len(losses) - 1, -1, -1):
+        retain.append(bool(nodes[t] & later))
+        later |= nodes[t]
+    return leaves, retain[::-1]

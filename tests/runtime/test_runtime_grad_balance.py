@@ -341,3 +341,52 @@ def test_bad_backward_arguments():
     with pytest.raises(ValueError, match="single-process"):
         GradBalancer(2, mode="param", distributed=True).backward([rep.sum(), rep.mean()], rep)
     assert math.isfinite(bal.backward([rep.sum(), rep.mean()], rep)[0].item())
+
+
+class _AssertNoKeepGraph(torch.autograd.Function):
+    """Identity whose backward fails under retain_graph=True, as Inductor's compiled backward
+    with donated buffers does (checked without paying for an Inductor compile)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        assert not torch._C._autograd._get_current_graph_task_keep_graph(), "backward ran with retain_graph=True"
+        return g
+
+
+@pytest.mark.parametrize("method", ["equal", "magnitude", "mgda"])
+def test_each_head_and_the_bottom_run_backward_once_without_retain_graph(method):
+    torch.manual_seed(0)
+    model = _Model(3, 4, 3)
+    x, ys = _data(7, 5, 3, 3)
+    rep = _AssertNoKeepGraph.apply(model.shared(x))
+    losses = [((_AssertNoKeepGraph.apply(h(rep)) - y) ** 2).mean() for h, y in zip(model.heads, ys)]
+    GradBalancer(3, method).backward(losses, rep)
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_shared_tower_after_rep_gets_the_plain_sum():
+    # Heads share a tower after rep: the tower's nodes are needed by every task, so the graph
+    # is kept for all but the last; the tower gets sum_t dL_t/dtower like any head parameter.
+    torch.manual_seed(0)
+    model = _Model(3, 4, 2)
+    tower = nn.Linear(4, 4).double()
+    x, ys = _data(8, 6, 3, 2)
+    bal = GradBalancer(2, "magnitude", beta=0.0)
+    rep = model.shared(x)
+    z = torch.tanh(tower(rep))
+    bal.backward(model.losses(z, ys), rep)
+    got_shared, got_tower = _grads(model.shared), _grads(tower)
+    rep0 = model.shared(x).detach().requires_grad_(True)
+    g = [torch.autograd.grad(model.losses(torch.tanh(tower(rep0)), ys)[t], rep0)[0] for t in range(2)]
+    n = [gi.norm() for gi in g]
+    w = [(n[0] + n[1]) / 2 / nt for nt in n]
+    ref_shared = torch.autograd.grad(model.shared(x), list(model.shared.parameters()), grad_outputs=w[0] * g[0] + w[1] * g[1])
+    ref_tower = torch.autograd.grad(sum(model.losses(torch.tanh(tower(rep0)), ys)), list(tower.parameters()))
+    for a, b in zip(got_shared, ref_shared):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(got_tower, ref_tower):
+        torch.testing.assert_close(a, b)
