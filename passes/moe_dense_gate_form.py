@@ -47,6 +47,10 @@ class DenseGateMatch:
     def first(self) -> ExpertMLP:
         return self.experts[0]
 
+    def routing(self, graph: torch.fx.Graph) -> tuple[Node, Node]:
+        """(ids [T, k], weights [T, k]) as graph nodes."""
+        return self.ids, self.weights
+
 
 def _gate_column(node: object) -> tuple[Node, int] | None:
     """``gate[:, e:e+1]`` / ``gate[:, e, None]`` / ``gate[:, e].unsqueeze(-1)`` -> (gate, e)."""

@@ -73,45 +73,29 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
             form = "static_loop_" + ("stacked" if m.experts[0].gate.index is not None else "modulelist")
         rep.matches.append(_describe_match(form, where, m.experts, m.x, m.top_k, recompute))
 
-    for final in _dense_gate_sums(graph):
-        where = f"{module_path(final)} ({where_loc(final)})"
-        try:
-            dm = match_dense_gate(final)
-        except NoMatch as e:
-            rep.near_misses.append(NearMiss("dense_gate", where, str(e)))
-            continue
-        y = emit_moe(graph, final, dm.ids, dm.weights, dm.x, dm.experts, dtype(final), recompute)
-        final.replace_all_uses_with(y)
-        graph.erase_node(final)
-        rep.matches.append(_describe_match("dense_gate", where, dm.experts, dm.x, dm.top_k, recompute))
-    for final in _slot_sums(graph):
-        where = f"{module_path(final)} ({where_loc(final)})"
-        try:
-            pm = match_pair_gather(final)
-        except NoMatch as e:
-            if _has_param_gather(final):
-                rep.near_misses.append(NearMiss("pair_weight_gather", where, str(e)))
-            continue
-        y = emit_moe(graph, final, pm.ids, pm.weights, pm.x, pm.experts, dtype(final), recompute)
-        final.replace_all_uses_with(y)
-        graph.erase_node(final)
-        rep.matches.append(_describe_match("pair_weight_gather", where, pm.experts, pm.x, pm.top_k, recompute))
-    for out in [n for n in graph.nodes if _is_combine_einsum(n)]:
-        where = f"{module_path(out)} ({where_loc(out)})"
-        try:
-            gm_ = match_gshard(out)
-        except NoMatch as e:
-            rep.near_misses.append(NearMiss("gshard_capacity", where, str(e)))
-            continue
-        with graph.inserting_before(out):
-            ids = graph.call_function(torch.stack, (gm_.idx,), {"dim": 1})
-            weights = graph.call_function(torch.stack, (gm_.w,), {"dim": 1})
-        y = emit_moe(graph, out, ids, weights, gm_.x, gm_.experts, dtype(out), recompute,
-                     capacity=gm_.capacity, priority="slot")
-        out.replace_all_uses_with(y)
-        graph.erase_node(out)
-        rep.matches.append(_describe_match(f"gshard_top{len(gm_.idx)}", where, gm_.experts, gm_.x, len(gm_.idx),
-                                           recompute, capacity=gm_.capacity))
+    # Forms whose result is one node (a sum or an einsum) that the blaze op replaces.
+    for form, candidates, match, report_misses in (
+        ("dense_gate", _dense_gate_sums, match_dense_gate, lambda n: True),
+        ("pair_weight_gather", _slot_sums, match_pair_gather, _has_param_gather),
+        ("gshard_capacity", _combine_einsums, match_gshard, lambda n: True),
+    ):
+        for final in candidates(graph):
+            where = f"{module_path(final)} ({where_loc(final)})"
+            try:
+                m = match(final)
+            except NoMatch as e:
+                if report_misses(final):
+                    rep.near_misses.append(NearMiss(form, where, str(e)))
+                continue
+            capacity, priority = getattr(m, "capacity", -1), getattr(m, "priority", "token")
+            with graph.inserting_before(final):
+                ids, weights = m.routing(graph)
+            y = emit_moe(graph, final, ids, weights, m.x, m.experts, dtype(final), recompute, capacity, priority)
+            final.replace_all_uses_with(y)
+            graph.erase_node(final)
+            name = f"gshard_top{m.top_k}" if form == "gshard_capacity" else form
+            rep.matches.append(_describe_match(name, where, m.experts, m.x, m.top_k, recompute,
+                                               capacity if capacity >= 0 else None))
     if rep.matches:
         _remove_dead(graph)
     return rep
@@ -132,9 +116,9 @@ def _dense_gate_sums(graph: torch.fx.Graph) -> list[Node]:
     return out
 
 
-def _is_combine_einsum(n: Node) -> bool:
-    return is_fn(n, torch.einsum, torch.functional.einsum) and isinstance(n.args[0], str) \
-        and n.args[0].replace(" ", "") == "tec,ecd->td"
+def _combine_einsums(graph: torch.fx.Graph) -> list[Node]:
+    return [n for n in graph.nodes if is_fn(n, torch.einsum, torch.functional.einsum)
+            and isinstance(n.args[0], str) and n.args[0].replace(" ", "") == "tec,ecd->td"]
 
 
 def _slot_sums(graph: torch.fx.Graph) -> list[Node]:

@@ -53,6 +53,16 @@ class GShardMatch:
     x: Node
     capacity: int
     experts: dict[int, ExpertMLP]
+    priority: str = "slot"  # all first choices fill the buffers before any second choice
+
+    @property
+    def top_k(self) -> int:
+        return len(self.idx)
+
+    def routing(self, graph: torch.fx.Graph) -> tuple[Node, Node]:
+        """Stack the per-choice ids and weights into [T, k] (inserted at the graph's insert point)."""
+        return (graph.call_function(torch.stack, (self.idx,), {"dim": 1}),
+                graph.call_function(torch.stack, (self.w,), {"dim": 1}))
 
 
 def _einsum(node: object, eq: str) -> bool:

@@ -37,6 +37,10 @@ class PairGatherMatch:
     top_k: int
     experts: dict[int, ExpertMLP]
 
+    def routing(self, graph: torch.fx.Graph) -> tuple[Node, Node]:
+        """(ids [T, k], weights [T, k]) as graph nodes."""
+        return self.ids, self.weights
+
 
 def _squeeze1(node: object) -> Node | None:
     if is_method(node, "squeeze") and len(node.args) == 2 and node.args[1] in (1, -2):
