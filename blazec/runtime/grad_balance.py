@@ -167,7 +167,10 @@ class GradBalancer:
             inv_scale = 1.0
         if self.method == "equal":
             # The baseline is exactly the summed loss: no per-task pass at all.
-            torch.autograd.backward(torch.stack([loss.reshape(()) for loss in losses]).sum(), retain_graph=retain_graph)
+            total = losses[0].reshape(())
+            for loss in losses[1:]:
+                total = total + loss.reshape(())  # "+" promotes mixed AMP dtypes; stack would not
+            torch.autograd.backward(total, retain_graph=retain_graph)
             w = torch.ones(self.num_tasks)
             self.last_weights = w
             return w
@@ -197,7 +200,7 @@ class GradBalancer:
             # compiled backwards donate their buffers and refuse retain_graph=True.
             leaves = head_leaves[t]
             g = torch.autograd.grad(
-                loss, [*reps, *leaves], retain_graph=retain[t], allow_unused=True, materialize_grads=True
+                loss, [*reps, *leaves], retain_graph=retain[t] or retain_graph, allow_unused=True, materialize_grads=True
             )
             grads.append(list(g[: len(reps)]))
             for p, gp in zip(leaves, g[len(reps) :]):
