@@ -221,7 +221,13 @@ def device_fn(fn):
 # Sums and prefix sums go through tl.reduce / tl.associative_scan with the standard combine
 # function rather than tl.sum / tl.cumsum: identical code when compiled, and under the
 # interpreter they hit its numpy fast path without a per-call language re-patch.
-_SUM = tl.standard._sum_combine
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+# The standard combine function is what the interpreter recognizes; any jit adder works compiled.
+_SUM = getattr(getattr(tl, "standard", None), "_sum_combine", None) or _add
 
 
 @device_fn
