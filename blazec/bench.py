@@ -252,7 +252,7 @@ def parse_shape(text: Optional[str], on_cuda: bool) -> tuple[str, tuple[int, int
         return ("olmoe-like", SHAPES["olmoe-like"]) if on_cuda else ("cpu-small", CPU_DEFAULT_SHAPE)
     if text in SHAPES:
         if not on_cuda:
-            raise BenchError(f"--shape {text} is a GPU shape and needs CUDA, which is not available here; "
+            raise BenchError(f"--shape {text} is a GPU shape and needs a CUDA device (none available, or --device cpu); "
                              f"on CPU pass a small shape such as --shape {','.join(map(str, CPU_DEFAULT_SHAPE))}")
         return text, SHAPES[text]
     parts = text.split(",")
@@ -413,6 +413,7 @@ def run(args: argparse.Namespace, stream=None) -> int:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
             row.note = f"failed: {type(e).__name__}: {msg[:120]}"
         finally:
+            model = None  # free this row's weights before the next row builds its own
             if on_cuda:
                 torch.cuda.empty_cache()
         rows.append(row)
