@@ -1,4 +1,4 @@
-"""The ``blazec`` command line: ``blazec dump | demo | balance-sim``.
+"""The ``blazec`` command line: ``blazec dump | demo | bench | balance-sim``.
 
 Every user error (a missing file, a bad factory, a malformed option) prints one line,
 ``blazec <cmd>: error: ...``, and exits with status 2. Set ``BLAZEC_TRACEBACK=1`` to see the
@@ -71,14 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("demo", help="run the embedded naive MoE model eager and under blaze, side by side")
     _demo_args(m)
     m.set_defaults(func=_cmd_demo)
-    try:
-        from blazec.runtime import balance_sim
-    except ImportError:
-        balance_sim = None
-    if balance_sim is not None:
-        b = sub.add_parser("balance-sim", help="simulate sample load balancing across ranks (bubble fractions)")
-        balance_sim.add_arguments(b)
-        b.set_defaults(func=balance_sim.run)
+    from blazec import bench
+    from blazec.runtime import balance_sim
+
+    b = sub.add_parser("bench", help="one MoE layer forward+backward: baselines vs blazec (BASELINES.md protocol)")
+    bench.add_arguments(b)
+    b.set_defaults(func=bench.run)
+    s = sub.add_parser("balance-sim", help="simulate sample load balancing across ranks (bubble fractions)")
+    balance_sim.add_arguments(s)
+    s.set_defaults(func=balance_sim.run)
     return parser
 
 
