@@ -137,7 +137,7 @@ class CheckpointPlan:
         free = len(self.saved) - len(bytes_saved)
         out.append(
             f"  saved for backward: {self.saved_bytes:,d} B = {self.saved_bytes_expr} in {len(bytes_saved)} tensor(s)"
-            + (f" (+{free} input(s), views of inputs and sizes, 0 B)" if free else "")
+            + (f" (+{free} at 0 B: inputs, views of inputs or of saved storage, sizes)" if free else "")
             + (f"; budget {self.budget_bytes:,d} B: {'fits' if self.fits else 'OVER BUDGET'}" if self.budget_bytes is not None else "")
         )
         w = max([len(t.name) for t in bytes_saved] + [4])
@@ -222,16 +222,19 @@ def describe(problem: Problem, plan: Plan, default: Plan, *, solver: str, status
              budget: list[int | None] | None, budget_spec: str | None,
              result: SolveResult | None = None) -> CheckpointPlan:
     verts = problem.vertices
-    saved_expr = sympy.Integer(0)
     saved: list[PlanTensor] = []
+    counted: dict[int, str] = {}
     for i in sorted(plan.saved):
         v = verts[i]
         shape, dtype = _shape_strs(v.node)
-        saved_expr = saved_expr + v.bytes_expr
+        key = v.root if v.root is not None else i
+        if key in counted:
+            saved.append(PlanTensor(v.name, shape, dtype, 0, "0", f"{v.bytes_note}, storage counted with {counted[key]}"))
+            continue
+        counted[key] = v.name
         saved.append(PlanTensor(v.name, shape, dtype, problem.bytes_at[0][i], _expr_str(v.bytes_expr), v.bytes_note))
-    default_expr = sympy.Integer(0)
-    for i in default.saved:
-        default_expr = default_expr + verts[i].bytes_expr
+    saved_expr = storage_bytes_expr(problem, plan.saved)
+    default_expr = storage_bytes_expr(problem, default.saved)
     recomputed: list[PlanRecompute] = []
     free = 0
     flops_total = 0
@@ -296,6 +299,15 @@ def describe(problem: Problem, plan: Plan, default: Plan, *, solver: str, status
 
 # ---------------------------------------------------------------------------------------
 # Budgets
+
+
+def storage_bytes_expr(problem: Problem, saved) -> sympy.Expr:
+    """Saved bytes as a formula in the symbolic sizes, each storage counted once."""
+    keys = {}
+    for i in sorted(saved):
+        v = problem.vertices[i]
+        keys.setdefault(v.root if v.root is not None else i, v.bytes_expr)
+    return sympy.expand(sum(keys.values(), sympy.Integer(0)))
 
 
 def resolve_budget(problem: Problem, default: Plan, memory_budget: int | float) -> tuple[list[int | None], str]:

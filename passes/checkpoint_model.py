@@ -14,10 +14,14 @@ partitioner) and returns a :class:`Problem`:
 - the points (symbol values) at which sizes are evaluated: the size hints, and the declared
   bounds of dynamic sizes.
 
-Memory model. A saved tensor costs the bytes of the storage it keeps alive: a view costs its
-base's bytes (a view of a graph input costs nothing: inputs and parameters are alive
-anyway), and symbolic integers cost nothing. The sum over saved tensors can only
-overestimate what is kept, so a plan within budget in this model is within budget measured.
+Memory model. A saved tensor costs the bytes of the storage it keeps alive, once however
+many views of it are saved: a view costs its base's bytes unless the base (or another view
+of it) is saved too, a view of a graph input costs nothing (inputs and parameters are alive
+anyway), and symbolic integers cost nothing. The solvers never save a view of a savable
+base (saving the base instead keeps the same storage, and views recompute for free), so
+they can add bytes up; :func:`checkpoint_solve.evaluate` counts shared storages once when it
+measures any plan, e.g. the default partition's, which saves q, k and v as views of one
+matmul.
 
 Recompute model. A forward node recomputed in backward costs
 ``max(flops / flops_per_s, bytes_moved / bytes_per_s)`` seconds. FLOPs come from
@@ -64,10 +68,17 @@ class Vertex:
     moved_expr: sympy.Expr = sympy.Integer(0)
     cost: float = 0.0  # seconds at the size hints, 0 unless kind == FWD
     required: bool = False  # the backward reads it whatever the plan
+    root: int | None = None  # vertex owning the storage, for a view of another vertex
+    view_of_savable: bool = False  # a view whose base can be saved instead
 
     @property
     def name(self) -> str:
         return self.node.name
+
+    @property
+    def solver_save(self) -> bool:
+        """The solvers consider saving it (not views of savable bases: see above)."""
+        return self.can_save and not self.view_of_savable
 
 
 @dataclass
@@ -535,6 +546,7 @@ def build_problem(joint_graph: torch.fx.Graph, node_info: Any) -> Problem:
                 v.bytes_expr = tensor_bytes_expr(rv)
                 if root is not v.node:
                     v.bytes_note = f"view of {root.name}"
+                    v.root = by_node.get(root)
         if v.kind == FWD and v.can_recompute:
             c = node_cost(v.node)
             if not c.known:
@@ -551,6 +563,8 @@ def build_problem(joint_graph: torch.fx.Graph, node_info: Any) -> Problem:
     direct_set = set(direct)
     for v in vertices:
         v.required = v.node in direct_set
+    for v in vertices:
+        v.view_of_savable = v.root is not None and vertices[v.root].can_save
 
     # MoE layers: getitem(moe_experts, 1) read only by the matching backward ops.
     layers: list[MoeLayer] = []

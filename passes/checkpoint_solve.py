@@ -94,7 +94,9 @@ def evaluate(problem: Problem, saved: set[int] | frozenset[int], z: set[int] | f
             cost += v.cost
         stack.extend(v.inputs)
     cost += sum(problem.layers[k].gemm1_cost for k in z)
-    bytes_at = [sum(row[i] for i in used) for row in problem.bytes_at]
+    # one storage per root: a view and its base (or two views of it) are kept once
+    storages = {verts[i].root if verts[i].root is not None else i: i for i in used}
+    bytes_at = [sum(row[i] for i in storages.values()) for row in problem.bytes_at]
     recomputed.sort()
     return Plan(frozenset(used), frozenset(z), recomputed, cost, bytes_at, violations)
 
@@ -128,7 +130,7 @@ def min_cut(problem: Problem, cost_weight: float, mem_weight: list[float], forbi
             inf_edges.append(("s", vin))
         elif v.kind == FWD and v.cost > 0:
             caps.append(("s", vin, cost_weight * v.cost))
-        if v.can_save and i not in forbid_save:
+        if v.solver_save and i not in forbid_save:
             caps.append((vin, vout, mem_weight[i]))
         else:
             inf_edges.append((vin, vout))
@@ -315,7 +317,7 @@ def solve_ilp(problem: Problem, budget: list[int | None], *, time_limit: float =
             ub[R + i] = 0
         if v.required:
             lb[A + i] = 1
-        if not v.can_save:
+        if not v.solver_save:
             ub[S + i] = 0
     for layer in problem.layers:
         c[Z + layer.index] = layer.gemm1_cost / cs
@@ -506,7 +508,7 @@ def greedy_fill(problem: Problem, plan: Plan, budget: list[int | None], deadline
     cuts the most recompute cost per byte, while the plan still fits."""
     while time.perf_counter() < deadline:
         options: list[tuple[float, Plan]] = []
-        cands = [i for i in plan.recomputed if problem.vertices[i].can_save]
+        cands = [i for i in plan.recomputed if problem.vertices[i].solver_save]
         cands.sort(key=lambda i: -problem.vertices[i].cost)
         trials: list[tuple[frozenset[int], frozenset[int]]] = [
             (plan.saved | {i}, plan.z) for i in cands[:max_candidates]

@@ -107,7 +107,7 @@ def test_budgets_are_respected_and_numerics_match(name):
     assert saved0.activation_bytes <= default.saved_bytes == default.default_bytes
     assert_same((out0, g0), ref, exact=False)
     costs = []
-    budgets = [1.0, 0.6, 0.3, 0.0, int(0.45 * default.default_bytes), "40%"]
+    budgets = [1.0, 0.4, 0.0, int(0.2 * default.default_bytes)]
     for budget in budgets:
         out, grads, saved, plans, _ = run(clone_model(model), inputs, {"memory_budget": budget})
         (plan,) = plans
@@ -218,7 +218,7 @@ def test_dynamic_plan_holds_across_batch_sizes():
     plan = plans[0]
     assert b_sym.name in plan.saved_bytes_expr or s_sym.name in plan.saved_bytes_expr, plan.saved_bytes_expr
     assert [p["label"].split(" (")[0] for p in plan.points] == ["size hints", "lower bounds", "large sizes"] or len(plan.points) == 3
-    default_expr = sum((dyn.problem.vertices[i].bytes_expr for i in dyn.default.saved), sympy.Integer(0))
+    default_expr = ck.storage_bytes_expr(dyn.problem, dyn.default.saved)
     saved_expr = sympy.sympify(plan.saved_bytes_expr)
     for batch in (8, 64):
         subs = {b_sym: batch, s_sym: 16}
@@ -276,3 +276,18 @@ def test_dump_shows_the_plan():
     assert "MoE layer moe_experts: recompute_gemm1 (was save_preact)" in text
     doc = records[0].partitions[0].to_json()
     assert doc["checkpoint"]["fits"] and doc["checkpoint"]["budget_bytes"] > 0
+
+
+def test_inductor_final_stage():
+    """The solver runs as Inductor's ``custom_partitioner_fn`` too: the compiled kernels
+    save what the plan says, within budget, with eager's numerics."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 32),
+                                torch.nn.LayerNorm(32), torch.nn.Tanh())
+    inputs = (torch.randn(16, 32),)
+    ref = eager(clone_model(model), inputs)
+    out, grads, saved, (plan,), _ = run(clone_model(model), inputs, {"final_stage": "inductor", "memory_budget": 0.5})
+    assert plan.budget_bytes == int(0.5 * plan.default_bytes) and plan.fits
+    assert plan.recompute_us > 0, "half the default's bytes must cost some recompute"
+    assert saved.activation_bytes <= plan.saved_bytes <= plan.budget_bytes
+    assert_same((out, grads), ref, exact=False)

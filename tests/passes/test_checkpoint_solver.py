@@ -56,13 +56,18 @@ def reference_plan(pr: Problem, saved: set[int], z: set[int]):
     used = need - recomputed
     cost = sum(pr.vertices[i].cost for i in recomputed if pr.vertices[i].kind == FWD)
     cost += sum(pr.layers[k].gemm1_cost for k in z)
-    return ok, cost, [sum(row[i] for i in used) for row in pr.bytes_at]
+    # views share their base's storage: count each storage once
+    groups: dict[int, int] = {}
+    for i in sorted(used):
+        groups.setdefault(i if pr.vertices[i].root is None else pr.vertices[i].root, i)
+    return ok, cost, [sum(row[i] for i in groups.values()) for row in pr.bytes_at]
 
 
 def enumerate_best(pr: Problem, budget: list[int | None]):
     """(best cost within budget or None, smallest bytes at the hints of any valid plan)."""
     free = {v.index for v in pr.vertices if v.can_save and all(row[v.index] == 0 for row in pr.bytes_at)}
     cands = [v.index for v in pr.vertices if v.can_save and v.index not in free]
+    # every savable value is enumerated, views included (they share their base's bytes)
     assert len(cands) <= 16, "too many candidates to enumerate"
     best = None
     smallest = None
@@ -127,7 +132,8 @@ def check_against_enumeration(pr: Problem, budget: list[int | None], time_limit:
 
 
 def synthetic_problem(spec) -> Problem:
-    """Vertices 0..n_in-1 are inputs; the rest are forward ops over earlier vertices."""
+    """Vertices 0..n_in-1 are inputs; the rest are forward ops over earlier vertices, some of
+    them views of earlier ops (free to recompute, sharing the base's storage)."""
     n_in, ops, layers, second_point = spec
     g = torch.fx.Graph()
     vertices: list[Vertex] = []
@@ -136,18 +142,26 @@ def synthetic_problem(spec) -> Problem:
         vertices.append(Vertex(index=i, node=node, kind=INPUT, can_recompute=False,
                                no_recompute_reason="graph input"))
     bytes_hint, bytes_other = [0] * n_in, [0] * n_in
-    for j, (inputs, cost, nbytes, can_save, can_recompute, required) in enumerate(ops):
+    for j, op in enumerate(ops):
+        inputs, cost, nbytes, can_save, can_recompute, required = op[:6]
+        view_of = op[6] if len(op) > 6 else None  # a view of op ``view_of``: its storage
         i = n_in + j
+        root = None
+        if view_of is not None:
+            root = n_in + view_of
+            inputs, cost, can_recompute = [root], 0, True
+            nbytes = bytes_hint[root]
         node = g.call_function(torch.ops.aten.relu.default, tuple(vertices[u].node for u in inputs))
         node.name = f"op{j}"
         vertices.append(Vertex(
             index=i, node=node, kind=FWD, inputs=sorted(set(inputs)), can_save=can_save,
             no_save_reason="" if can_save else "tuple", can_recompute=can_recompute,
             no_recompute_reason="" if can_recompute else "random", cost=float(cost),
-            bytes_expr=sympy.Integer(nbytes), required=required,
+            bytes_expr=sympy.Integer(nbytes), required=required, root=root,
+            view_of_savable=root is not None and vertices[root].can_save,
         ))
         bytes_hint.append(nbytes)
-        bytes_other.append(nbytes * 3 + (j % 3) * 10 if nbytes else 0)
+        bytes_other.append(bytes_other[root] if root is not None else nbytes * 3 + (j % 3) * 10 if nbytes else 0)
     moe = []
     for k, (pre, gemm1) in enumerate(layers):
         i = n_in + pre
@@ -178,6 +192,8 @@ def problems(draw):
     for j in range(n_ops):
         k = n_in + j
         inputs = draw(st.lists(st.integers(0, k - 1), min_size=1, max_size=3))
+        earlier = [e for e in range(j) if ops[e][6] is None]
+        view_of = draw(st.sampled_from(earlier)) if earlier and draw(st.integers(0, 4)) == 0 else None
         ops.append((
             inputs,
             draw(st.sampled_from([0, 0, 1, 2, 3, 5, 8, 13])),  # recompute cost
@@ -185,6 +201,7 @@ def problems(draw):
             draw(st.booleans()) or draw(st.booleans()),  # can_save (mostly)
             draw(st.integers(0, 5)) > 0,  # can_recompute (mostly)
             draw(st.integers(0, 2)) == 0,  # required
+            view_of,  # a view of an earlier op (shares its storage)
         ))
     n_layers = draw(st.integers(0, min(2, n_ops)))
     pres = draw(st.lists(st.integers(0, n_ops - 1), min_size=n_layers, max_size=n_layers, unique=True))
@@ -303,3 +320,23 @@ def test_random_ops_are_never_recomputed():
     assert plan.status == "infeasible"  # the dropout's output must be kept
     assert all(r.name not in {v.name for v in random} for r in plan.recomputed)
     assert "smallest feasible budget" in plan.message and f"{plan.min_feasible_bytes:,d} B" in plan.message
+
+
+def test_heuristic_path_end_to_end(monkeypatch):
+    """``checkpoint_solver="heuristic"`` (and "auto" past the exact solver's size limit)
+    use the Lagrangian min-cut search; its plan fits and reports its lower bound honestly."""
+    from blazec.passes import checkpoint_solve
+
+    inputs = [t.requires_grad_() for t in TOY["attention"][1]()]
+    caps, reports, _ = _capture(attention, *inputs, options={"memory_budget": 0.3, "checkpoint_solver": "heuristic"})
+    plan = reports[0].checkpoint
+    assert plan.solver == "heuristic" and plan.fits, plan.lines()
+    best, _ = enumerate_best(caps[0].problem, [plan.budget_bytes] + [None] * (len(caps[0].problem.points) - 1))
+    assert plan.recompute_us * 1e-6 >= best - _tol(caps[0].problem)
+    if plan.lower_bound_us is not None:
+        assert plan.lower_bound_us * 1e-6 <= best + _tol(caps[0].problem)
+        assert plan.gap is not None and 0 <= plan.gap <= 1
+    monkeypatch.setattr(checkpoint_solve, "EXACT_MAX_VERTICES", 0)
+    res = solve(caps[0].problem, [plan.budget_bytes] + [None] * (len(caps[0].problem.points) - 1), solver="auto")
+    assert res.solver == "heuristic" and any("skipping the exact solver" in line for line in res.log)
+    assert res.plan.fits([plan.budget_bytes] + [None] * (len(caps[0].problem.points) - 1))
