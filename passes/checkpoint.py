@@ -147,6 +147,7 @@ class CheckpointPlan:
         out.append(
             f"  recomputed in backward: {len(self.recomputed)} node(s)"
             + (f" (+{self.free_recomputed} free: views, getitems, sizes)" if self.free_recomputed else "")
+            + (f" and GEMM1 of {n_gemm1} MoE layer(s)" if (n_gemm1 := sum(m.choice == "recompute_gemm1" for m in self.moe)) else "")
             + f", estimated {fmt_time(self.recompute_us)}, {self.recompute_flops:,d} FLOP"
             f" = {100 * self.overhead:.1f}% of the forward's estimated {fmt_time(self.forward_us)}"
         )
@@ -434,6 +435,11 @@ class Session:
             )
             log.warning("blaze memory_budget: %s", cp.message)
         self.plan = cp
+        log.info(
+            "blaze checkpoint: solver %s (%s%s): saves %s B of a %s B budget, recomputes %s (%.1f%% of the forward)",
+            cp.solver, cp.status, "" if cp.gap is None else f", gap {100 * cp.gap:.3g}%",
+            f"{cp.saved_bytes:,d}", f"{cp.budget_bytes:,d}", fmt_time(cp.recompute_us), 100 * cp.overhead,
+        )
         # Apply: flip MoE layers, then hand torch the saved nodes in graph order.
         for layer in problem.layers:
             set_experts_flag(layer, layer.index in plan.z)

@@ -222,19 +222,22 @@ def solve(problem: Problem, budget: list[int | None], *, solver: str = "auto", t
     except NoValidPlan as e:
         plan = evaluate(problem, {v.index for v in problem.vertices if v.can_save}, set())
         return SolveResult(plan, "none", "invalid", None, None, time.perf_counter() - t0, [str(e)])
-    if not pm.fits(budget):
-        # The hint-optimal minimum may still be beaten at other points by the exact solver,
-        # but the hint is the budget users state, so report the minimum there.
-        return SolveResult(pm, "min-memory fallback", "infeasible", None, None, time.perf_counter() - t0,
-                           ["no plan fits the budget; using the minimum-memory plan"], pm.bytes_at)
+    if budget[0] is not None and pm.bytes_at[0] > budget[0]:
+        return _infeasible(pm, t0, log)
     p0 = min_cost(problem)
     if p0.fits(budget) and p0.feasible:
         return SolveResult(p0, "min-cut", "optimal", 0.0, p0.cost, time.perf_counter() - t0,
                            ["the unconstrained optimum (one minimum cut) fits the budget"], pm.bytes_at)
     best: SolveResult | None = None
     if solver in ("auto", "ilp") and (solver == "ilp" or problem.n <= EXACT_MAX_VERTICES):
-        res = solve_ilp(problem, budget, time_limit=time_limit)
+        try:
+            res = solve_ilp(problem, budget, time_limit=time_limit)
+        except ImportError as e:  # scipy is optional: the heuristic still runs
+            res = SolveResult(None, "ilp", "unavailable", None, None, 0.0,  # type: ignore[arg-type]
+                              [f"exact solver unavailable ({e}); install scipy for exact plans"])
         log += res.log
+        if res.status == "infeasible":  # proven: no plan fits at every evaluation point
+            return _infeasible(pm, t0, log)
         if res.plan is not None and res.plan.fits(budget) and res.plan.feasible:
             best = res
             if res.status == "optimal":
@@ -245,6 +248,9 @@ def solve(problem: Problem, budget: list[int | None], *, solver: str = "auto", t
         log.append(f"{problem.n} vertices > {EXACT_MAX_VERTICES}: skipping the exact solver")
     heur = solve_heuristic(problem, budget, start=[pm, p0], time_limit=max(1.0, time_limit))
     log += heur.log
+    if best is None and heur.status == "infeasible":
+        # fits at the hints but not at another evaluation point
+        return _infeasible(pm, t0, log)
     if best is None or heur.plan.cost < best.plan.cost:
         if best is not None and best.lower_bound is not None:
             lb = max(best.lower_bound, heur.lower_bound or 0.0)
@@ -258,6 +264,11 @@ def solve(problem: Problem, budget: list[int | None], *, solver: str = "auto", t
     best.min_memory_bytes = pm.bytes_at
     best.log = log
     return best
+
+
+def _infeasible(pm: Plan, t0: float, log: list[str]) -> SolveResult:
+    return SolveResult(pm, "min-memory fallback", "infeasible", None, None, time.perf_counter() - t0,
+                       log + ["no plan fits the budget; using the minimum-memory plan"], pm.bytes_at)
 
 
 def _gap(cost: float, lb: float | None) -> float | None:

@@ -340,3 +340,17 @@ def test_heuristic_path_end_to_end(monkeypatch):
     res = solve(caps[0].problem, [plan.budget_bytes] + [None] * (len(caps[0].problem.points) - 1), solver="auto")
     assert res.solver == "heuristic" and any("skipping the exact solver" in line for line in res.log)
     assert res.plan.fits([plan.budget_bytes] + [None] * (len(caps[0].problem.points) - 1))
+
+
+def test_without_scipy_the_heuristic_answers(monkeypatch):
+    """scipy is optional: without it the plan comes from the min-cut heuristic, in budget."""
+    import sys
+
+    spec = (1, [([0], 5, 800, True, True, True), ([1], 3, 400, True, True, True), ([2], 1, 300, True, True, True)], [], False)
+    pr = synthetic_problem(spec)
+    monkeypatch.setitem(sys.modules, "scipy.optimize", None)
+    res = solve(pr, [900], solver="ilp")
+    assert res.solver == "heuristic" and res.plan.fits([900])
+    assert any("exact solver unavailable" in line for line in res.log)
+    best, _ = enumerate_best(pr, [900])
+    assert res.plan.cost >= best - _tol(pr)
