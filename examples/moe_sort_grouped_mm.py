@@ -38,7 +38,7 @@ class SortedMoE(nn.Module):
         counts = torch.histc(flat_ids.float(), bins=self.num_experts, min=0, max=self.num_experts - 1).long()
         offsets = torch.cumsum(counts, dim=0).to(torch.int32)
 
-        if x.is_cuda and x.dtype == torch.bfloat16:
+        if x.dtype == torch.bfloat16:
             gate, up = torch._grouped_mm(rows, self.w_gate_up, offs=offsets).chunk(2, dim=-1)
             out_rows = torch._grouped_mm(F.silu(gate) * up, self.w_down, offs=offsets)
         else:
@@ -52,10 +52,15 @@ class SortedMoE(nn.Module):
         return out.reshape(shape)
 
 
-def make(batch=4, seq=16, d=32, inter=48, num_experts=8, top_k=2, seed=0):
-    """Factory for ``blazec dump``: returns (model, example_inputs)."""
+def make(batch=4, seq=16, d=32, inter=48, num_experts=8, top_k=2, seed=0, dtype=torch.float32):
+    """Factory for ``blazec dump``: returns (model, example_inputs). bf16 takes the grouped_mm path."""
     torch.manual_seed(seed)
-    return SortedMoE(d, inter, num_experts, top_k), (torch.randn(batch, seq, d),)
+    return SortedMoE(d, inter, num_experts, top_k).to(dtype), (torch.randn(batch, seq, d, dtype=dtype),)
+
+
+def make_bf16():
+    """The grouped_mm spelling: ``blazec dump examples/moe_sort_grouped_mm.py:make_bf16``."""
+    return make(dtype=torch.bfloat16)
 
 
 if __name__ == "__main__":

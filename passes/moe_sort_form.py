@@ -14,8 +14,8 @@ The form, as Dynamo sees it (S = T*k pairs, pair p = t*k + j)::
 Sorted row r is pair ``perm[r]``: token ``perm[r] // k``, weight ``w.flat[perm[r]]`` and, because
 ``counts`` counts each expert id and the sort groups equal ids, expert ``flat[perm[r]]``. So
 ``out[t] = sum_j w[t, j] * expert_{ids[t, j]}(x[t])`` whatever order the sort leaves within
-an expert: the blaze op. (``torch._grouped_mm`` in place of the loop only traces for bf16 on
-CUDA and is not matched yet.)
+an expert: the blaze op. The same holds for ``torch._grouped_mm(rows, W, offs=cumsum(counts))``
+in place of the loop (the bf16 spelling): group e of the sorted rows uses ``W[e]``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 import torch.fx
 
 from blazec.passes._fx import NoMatch, arg, is_fn, is_getitem, is_method, is_mul, same_shape, shape, strip_casts
-from blazec.passes.moe_expert_mlp import ExpertMLP, check_consistent, parse_expert
+from blazec.passes.moe_expert_mlp import GATED, ExpertMLP, WeightRef, _activation, check_consistent, parse_expert
 from blazec.passes.moe_loop_form import ZEROS_FNS, _check_acc_reads, _check_dtypes
 
 Node = torch.fx.Node
@@ -115,6 +115,8 @@ def match_sorted(acc: Node, index_adds: list[Node]) -> SortMatch:
     if weights is None:
         raise NoMatch("the rows are not scaled by w.reshape(-1)[perm, None] for the same sort order")
     y_rows, _ = strip_casts(y_rows)
+    if is_fn(y_rows, GROUPED_MM):
+        return _match_grouped_mm(acc, ia, y_rows, ids, weights, flat, tok, perm, k)
     if not (is_fn(y_rows, torch.cat) and arg(y_rows, 1, "dim", 0) in (0, -2)):
         raise NoMatch("expert outputs are not concatenated in sorted order (torch.cat)")
     outs = list(y_rows.args[0])
@@ -159,6 +161,79 @@ def match_sorted(acc: Node, index_adds: list[Node]) -> SortMatch:
     check_consistent(experts)
     _check_dtypes(x, experts)
     _check_acc_reads(acc, index_adds)
+    return SortMatch(acc, ia, ids, weights, x, k, experts)
+
+
+GROUPED_MM = getattr(torch, "_grouped_mm", None)
+
+
+def _grouped(node: object, inp: object, offs: list) -> Node:
+    """``_grouped_mm(inp, W, offs=O)`` with W a 3-D parameter and one ``O`` for every call -> W."""
+    if not is_fn(node, GROUPED_MM) or node.args[0] is not inp:
+        raise NoMatch("a projection is not torch._grouped_mm of the sorted rows")
+    if arg(node, 3, "bias") is not None or arg(node, 4, "out_dtype") is not None:
+        raise NoMatch("torch._grouped_mm with bias or out_dtype is not matched")
+    o = arg(node, 2, "offs")
+    if offs and o is not offs[0]:
+        raise NoMatch("the grouped GEMMs use different group offsets")
+    offs.append(o)
+    W = node.args[1]
+    if not (isinstance(W, Node) and W.op in ("placeholder", "get_attr") and len(shape(W) or ()) == 3):
+        raise NoMatch("a grouped GEMM weight is not a 3-D parameter")
+    return W
+
+
+def _match_grouped_mm(acc, ia, out, ids, weights, flat, tok, perm, k) -> SortMatch:
+    """y_rows = _grouped_mm(act(g) [* u], W_down, offs) with g, u grouped GEMMs of x[perm // k]."""
+    offs: list = []
+    h = out.args[0]
+    down = _grouped(out, h, offs)
+    act = _activation(h)
+    chunk_of = {}
+    if act is not None:
+        name, gate_in, up_in = act[0], act[1], None
+    elif is_mul(h):
+        name = gate_in = up_in = None
+        for a, u in ((h.args[0], h.args[1]), (h.args[1], h.args[0])):
+            act = _activation(a) if isinstance(a, Node) else None
+            if act is not None and act[0] in GATED:
+                name, gate_in, up_in = GATED[act[0]], act[1], u
+                break
+        if name is None:
+            raise NoMatch("the expert hidden is a product without a supported gated activation")
+    else:
+        raise NoMatch("the expert hidden is not act(grouped_mm) or act(grouped_mm) * grouped_mm")
+    rows = None
+    refs = {}
+    for role, node in (("gate", gate_in), ("up", up_in)):
+        if node is None:
+            continue
+        if is_getitem(node) and is_method(node.args[0], "chunk") and arg(node.args[0], 1, "chunks") == 2 \
+                and arg(node.args[0], 2, "dim", 0) in (-1, 1):
+            mm = node.args[0].args[0]
+            width = int(shape(mm)[-1])
+            chunk_of[role] = (0, width // 2) if node.args[1] == 0 else (width // 2, width)
+            node = mm
+        if rows is None:
+            rows = node.args[0] if is_fn(node, GROUPED_MM) else None
+        refs[role] = _grouped(node, rows, offs)
+    if not (is_getitem(rows) and (rows.args[1] is tok or _same_tok(rows.args[1], perm, k))):
+        raise NoMatch("the grouped GEMM rows are not x[perm // k]")
+    x = rows.args[0]
+    E = int(shape(down)[0])
+    offsets, _ = strip_casts(offs[0])
+    if not (is_fn(offsets, torch.cumsum) and arg(offsets, 1, "dim") == 0 and _counts_ok(offsets.args[0], flat, E)):
+        raise NoMatch("cannot prove the group offsets are the cumulative per-expert counts of the sorted ids")
+
+    def ref(role, e):
+        if role not in refs:
+            return None
+        return WeightRef(refs[role], e, transposed=True, rows=chunk_of.get(role))
+
+    experts = {e: ExpertMLP(name, ref("gate", e), ref("up", e), WeightRef(down, e, transposed=True), None, None, None)
+               for e in range(E)}
+    _check_dtypes(x, experts)
+    _check_acc_reads(acc, [ia])
     return SortMatch(acc, ia, ids, weights, x, k, experts)
 
 
