@@ -470,6 +470,8 @@ def _save_ban(node: torch.fx.Node) -> str:
         return ""
     if isinstance(val, (torch.SymInt, torch.SymBool, int, bool)):
         return ""
+    if isinstance(val, torch.ScriptObject) or type(val).__name__ in ("FakeScriptObject", "BackwardState"):
+        return ""  # opaque objects: saved by reference, no bytes of their own
     if isinstance(val, torch.SymFloat):
         return "symbolic float"
     if val is None:
@@ -684,11 +686,13 @@ def set_experts_flag(layer: MoeLayer, recompute: bool) -> None:
     if recompute:
         new_pre = pre.new_empty((0,))
     else:
-        S, _d, n_in, _I, _E, _ = _experts_dims(fwd)
+        from blazec.ops.activations import is_gated
+
         x_val = fwd.args[0].meta["val"]
         sp = fwd.args[2].meta["val"]
-        n_in_int = int(n_in) if not n_in.free_symbols else n_in
-        new_pre = x_val.new_empty((sp.shape[0], n_in_int))
+        width = fwd.args[5][0].meta["val"].shape[-2]
+        activation = fwd.args[11] if len(fwd.args) > 11 else fwd.kwargs["activation"]
+        new_pre = x_val.new_empty((sp.shape[0], 2 * width if is_gated(activation) else width))
     fwd.meta["val"] = (y, new_pre)
     for u in fwd.users:
         if u.target is operator.getitem and u.args[1] == 1:

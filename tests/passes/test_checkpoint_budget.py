@@ -160,6 +160,21 @@ def test_moe_layers_choose_separately():
     assert_same((out, grads), ref, exact=False)
 
 
+def test_budget_can_turn_recompute_back_into_save():
+    """``moe_recompute="recompute_gemm1"`` is where the default starts; with room in the
+    budget the solver saves the pre-activations again (cheaper), and numerics still match."""
+    model, inputs = make_moe()
+    ref = eager(clone_model(model), inputs)
+    opts = {"moe_recompute": "recompute_gemm1", "memory_budget": "1GiB"}
+    out, grads, saved, (plan,), _ = run(clone_model(model), inputs, opts)
+    (layer,) = plan.moe
+    assert (layer.was, layer.choice) == ("recompute_gemm1", "save_preact")
+    assert plan.fits and plan.saved_bytes > plan.default_bytes  # preact is kept now
+    assert plan.default_bytes < saved.activation_bytes <= plan.saved_bytes
+    assert any(shape == (layer.preact_bytes // 4 // 96, 96) for shape, _, _ in saved.largest)
+    assert_same((out, grads), ref, exact=False)
+
+
 def test_no_feasible_plan_falls_back_to_minimum_memory():
     """Dropout outputs cannot be recomputed, so some bytes must be kept: a budget of 1 byte
     is infeasible; the plan says so, names the smallest feasible budget, and uses it."""
