@@ -360,7 +360,10 @@ class Captured:
 
 
 def plan_of_nodes(problem: Problem, nodes: list[torch.fx.Node]) -> Plan:
+    """Torch's choice (a list of saved nodes) in the problem's terms."""
     saved = {problem.by_node[n] for n in nodes if n in problem.by_node}
+    # torch saves the RNG state of the random ops it recomputes by itself
+    saved |= {v.index for v in problem.vertices if v.rng_state_of is not None}
     z = {layer.index for layer in problem.layers if layer.recompute_now}
     return evaluate(problem, saved, z)
 
@@ -423,16 +426,31 @@ class Session:
         budget, spec = resolve_budget(problem, default, budget_opt)
         res = solve(problem, budget, solver=self.config.checkpoint_solver,
                     time_limit=self.config.checkpoint_time_limit)
+        if res.status == "invalid":
+            # no plan at all in the model (a value the backward needs can be neither saved
+            # nor recomputed): leave the partition to torch
+            self.error = f"no valid checkpoint plan ({'; '.join(res.log)}); the default partition is used"
+            log.warning("blaze memory_budget: %s", self.error)
+            self.plan = describe(problem, default, default, solver="default (no valid plan)", status="invalid",
+                                 budget=None, budget_spec=None)
+            return default_saved
         plan = res.plan
         cp = describe(problem, plan, default, solver=res.solver, status=res.status, budget=budget,
                       budget_spec=spec, result=res)
         if res.status == "infeasible":
             smallest = res.min_memory_bytes[0]
             frac = f" ({100 * smallest / default.bytes_at[0]:.1f}% of the default partition)" if default.bytes_at[0] else ""
-            cp.message = (
-                f"NO PLAN FITS the budget of {budget[0]:,d} B: the smallest feasible budget is "
-                f"{smallest:,d} B{frac}; using the minimum-memory plan"
-            )
+            if smallest > budget[0]:
+                cp.message = (
+                    f"NO PLAN FITS the budget of {budget[0]:,d} B: the smallest feasible budget is "
+                    f"{smallest:,d} B{frac}; using the minimum-memory plan"
+                )
+            else:
+                over = [p["label"] for p in cp.points if p["budget"] is not None and p["saved"] > p["budget"]]
+                cp.message = (
+                    f"NO PLAN FITS the budget at every evaluation point ({', '.join(over) or 'other sizes'}): "
+                    f"the smallest plan at the size hints saves {smallest:,d} B{frac}; using the minimum-memory plan"
+                )
             log.warning("blaze memory_budget: %s", cp.message)
         self.plan = cp
         log.info(
@@ -443,7 +461,7 @@ class Session:
         # Apply: flip MoE layers, then hand torch the saved nodes in graph order.
         for layer in problem.layers:
             set_experts_flag(layer, layer.index in plan.z)
-        nodes = [problem.vertices[i].node for i in plan.saved]
+        nodes = [problem.vertices[i].node for i in plan.saved if problem.vertices[i].rng_state_of is None]
         nodes += [problem.vertices[layer.preact].node for layer in problem.layers
                   if layer.index in plan.z and problem.vertices[layer.preact].node not in nodes]
         order = {n: k for k, n in enumerate(nodes[0].graph.nodes)} if nodes else {}

@@ -33,7 +33,6 @@ whichever graph needs them.
 
 from __future__ import annotations
 
-import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -70,10 +69,11 @@ class Vertex:
     required: bool = False  # the backward reads it whatever the plan
     root: int | None = None  # vertex owning the storage, for a view of another vertex
     view_of_savable: bool = False  # a view whose base can be saved instead
+    rng_state_of: int | None = None  # a virtual vertex: the RNG state torch saves to replay it
 
     @property
     def name(self) -> str:
-        return self.node.name
+        return self.node.name if self.rng_state_of is None else f"{self.node.name}.rng_state"
 
     @property
     def solver_save(self) -> bool:
@@ -358,16 +358,13 @@ def _experts_dims(node: torch.fx.Node):
     x = args[0].meta["val"]
     sorted_pairs = args[2].meta["val"]
     w_gate = args[5]
-    w_down = args[7]
     activation = args[11] if len(args) > 11 else node.kwargs["activation"]
     wg = w_gate[0].meta["val"]
-    wd = w_down[0].meta["val"]
     S = sym_expr(sorted_pairs.shape[0])
     d = sym_expr(x.shape[1])
     I = sym_expr(wg.shape[-2])
     n_in = 2 * I if is_gated(activation) else I
     E = sym_expr(wg.shape[0]) if wg.dim() == 3 else sympy.Integer(len(w_gate))
-    del wd
     return S, d, n_in, I, E, x.element_size()
 
 
@@ -440,7 +437,8 @@ def _recompute_ban(node: torch.fx.Node) -> str:
         return "marked MUST_SAVE"
     if _is_collective(node):
         return "collective"
-    if _is_random(node):
+    if _is_random(node) and not _must_recompute_tag(node):
+        # (inside a torch.utils.checkpoint region torch replays the RNG state on recompute)
         return "random op (recomputing would draw new values)"
     if _is_mutable(node) or _partitioner_tag(node) == "must_be_in_forward":
         return "mutates its input"
@@ -458,6 +456,21 @@ def _recompute_ban(node: torch.fx.Node) -> str:
     if isinstance(t, torch._ops.OpOverload):
         return f"custom op {t.namespace}::{t._schema.name.split('::')[-1]} without a cost model"
     return f"unknown call {t}"
+
+
+def _rng_state_bytes(node: torch.fx.Node) -> int:
+    """Bytes of the RNG state torch saves to replay a random op (functionalize_rng_ops):
+    the CPU generator's state, or a device generator's seed and offset."""
+    dev = next((t.device for t in _val_tensors(node.meta.get("val"))), None)
+    if dev is not None and dev.type not in ("cpu", "meta"):
+        try:
+            from torch._functorch._aot_autograd.utils import supports_graphsafe_rng
+
+            if supports_graphsafe_rng(dev):
+                return 16
+        except ImportError:
+            return 16
+    return int(torch.get_rng_state().numel())
 
 
 def _save_ban(node: torch.fx.Node) -> str:
@@ -567,6 +580,16 @@ def build_problem(joint_graph: torch.fx.Graph, node_info: Any) -> Problem:
         v.required = v.node in direct_set
     for v in vertices:
         v.view_of_savable = v.root is not None and vertices[v.root].can_save
+    # A random op inside a torch.utils.checkpoint region may be recomputed: torch then saves
+    # the RNG state and replays it. Model that state as an input of the op that can only be
+    # saved, so recomputing the op costs its bytes.
+    for v in list(vertices):
+        if v.kind == FWD and v.can_recompute and _is_random(v.node):
+            state = Vertex(index=len(vertices), node=v.node, kind=INPUT, can_recompute=False,
+                           no_recompute_reason="RNG state", bytes_expr=sympy.Integer(_rng_state_bytes(v.node)),
+                           bytes_note=f"RNG state torch saves to replay {v.node.name}", rng_state_of=v.index)
+            vertices.append(state)
+            v.inputs.append(state.index)
 
     # MoE layers: getitem(moe_experts, 1) read only by the matching backward ops.
     layers: list[MoeLayer] = []

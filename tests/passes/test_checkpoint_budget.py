@@ -306,3 +306,36 @@ def test_inductor_final_stage():
     assert plan.recompute_us > 0, "half the default's bytes must cost some recompute"
     assert saved.activation_bytes <= plan.saved_bytes <= plan.budget_bytes
     assert_same((out, grads), ref, exact=False)
+
+
+class _CheckpointedDropout(torch.nn.Module):
+    """A torch.utils.checkpoint region with dropout, next to the same block outside one."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(32, 64)
+        self.b = torch.nn.Linear(64, 32)
+
+    def block(self, x):
+        return self.b(torch.nn.functional.dropout(torch.relu(self.a(x)), 0.3, True))
+
+    def forward(self, x):
+        import torch.utils.checkpoint as ac
+
+        return ac.checkpoint(self.block, x, use_reentrant=False) + self.block(x).sin()
+
+
+def test_checkpoint_regions_replay_rng_within_budget():
+    """Inside a torch.utils.checkpoint region a dropout must be recomputed; torch replays
+    its RNG state, which the plan counts. Outside the region dropout is never recomputed."""
+    torch.manual_seed(0)
+    model, inputs = _CheckpointedDropout(), (torch.randn(16, 32),)
+    ref = eager(clone_model(model), inputs, seed=5)
+    for budget in (None, 0.0):
+        out, grads, saved, (plan,), _ = run(clone_model(model), inputs, {"memory_budget": budget}, seed=5)
+        assert saved.activation_bytes <= plan.saved_bytes, (budget, saved, plan.lines())
+        assert any(t.name.endswith(".rng_state") and t.bytes > 0 for t in plan.saved)
+        recomputed = [r.op for r in plan.recomputed]
+        assert recomputed.count("native_dropout.default") == 1, recomputed
+        assert_same((out, grads), ref, exact=False)
+    assert plan.status == "infeasible" and plan.min_feasible_bytes == plan.saved_bytes
