@@ -198,6 +198,10 @@ def match_loop(acc: Node, index_adds: list[Node]) -> LoopMatch:
                     break
         if mlp_out is None:  # the weight may scale the hidden state instead (weight_pos="hidden")
             mlp_out = contrib
+            for f in (contrib.args[:2] if is_fn(contrib, operator.mul, torch.mul) or is_method(contrib, "mul") else ()):
+                if _is_weight_gather(f):
+                    raise NoMatch(f"expert {site.expert}: output is scaled by {f.name}, which is not the routing "
+                                  "weight w[token, slot] at the (token, slot) pairs its mask selected")
         mlp_out, casts2 = strip_casts(mlp_out)
         region.update(casts2)
 
@@ -223,7 +227,7 @@ def match_loop(acc: Node, index_adds: list[Node]) -> LoopMatch:
         region |= mlp.nodes | _rows_nodes(rows)
 
     T_k = shape(ids)
-    E = E_seen if E_seen is not None else len(experts)
+    E = E_seen if E_seen is not None else _ids_bound(ids)
     missing = sorted(set(range(E)) - set(experts))
     extra = sorted(set(experts) - set(range(E)))
     if missing or extra:
@@ -240,6 +244,22 @@ def match_loop(acc: Node, index_adds: list[Node]) -> LoopMatch:
     _check_dtypes(x, experts)
     _check_acc_reads(acc, index_adds)
     return LoopMatch(acc, index_adds, ids, weights, x, E, int(T_k[1]), experts, wheres, region)
+
+
+def _ids_bound(ids: Node) -> int:
+    """The number of experts when the mask is ``ids == e``: ids must be topk indices over E scores.
+
+    Without one_hot(ids, E) nothing else says how many experts exist, and taking the loop's
+    length would drop the pairs of experts the loop leaves out.
+    """
+    tk = ids.args[0] if is_getitem(ids) and ids.args[1] == 1 else None
+    if tk is not None and (is_fn(tk, torch.topk) or is_method(tk, "topk")):
+        scores = shape(tk.args[0])
+        dim = arg(tk, 2, "dim", -1)
+        if scores is not None and dim in (-1, len(scores) - 1) and isinstance(scores[-1], int):
+            return int(scores[-1])
+    raise NoMatch("cannot prove the routing ids lie in [0, E): they are not topk indices over E expert scores "
+                  "(use one_hot(ids, E) for the mask, or route with topk)")
 
 
 def weights_are_float(node: Node) -> bool:

@@ -211,28 +211,19 @@ def test_near_miss_is_left_alone_and_matches_eager(factory, reason):
     _assert_left_alone(factory(), reason)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="LIMITATION: the near miss for a routing weight read from the wrong slot "
-                   "blames the expert MLP ('output is call_function mul, not a linear/matmul down projection') "
-                   "instead of saying the weight is not w[token, slot]")
 def test_wrong_slot_reason_names_the_routing_weight():
     torch.manual_seed(0)
     _assert_left_alone(WrongSlot(Cfg(), "next_slot"), "routing weight")
 
 
-# With the ``ids == e`` mask there is no one_hot(num_classes=E) to say how many experts exist,
-# and the pass takes E = the number of experts in the loop. A loop that stops early (or an
-# accumulator that collects only the first experts) is then "complete" for that E, gets
-# rewritten as moe_route(ids, E - 1), and fails at run time when ids hold the missing expert.
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="BUG: with the `ids == e` mask, E is inferred from the loop, so a loop "
-                   "over range(E-1) is rewritten with E-1 experts and moe_route raises "
-                   "'topk_ids must lie in [0, num_experts=3)' at run time")
+# With the ``ids == e`` mask there is no one_hot(num_classes=E) to say how many experts exist:
+# the pass takes E from the topk that produced the ids, so a loop that stops early (or an
+# accumulator that collects only the first experts) is incomplete and left alone.
 def test_missing_last_expert_with_eq_mask_is_left_alone():
     torch.manual_seed(0)
     _assert_left_alone(MissingLastExpert(Cfg(mask="eq")), "missing expert")
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="BUG: with the `ids == e` mask, an accumulator that collects only experts "
-                   "0..E/2-1 is rewritten with E/2 experts; moe_route raises at run time")
 def test_partial_accumulator_with_eq_mask_is_left_alone():
     torch.manual_seed(0)
     _assert_left_alone(TwoAccumulators(Cfg(mask="eq")), "expert")
