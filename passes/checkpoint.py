@@ -128,7 +128,7 @@ class CheckpointPlan:
             extra.append(f"{self.solve_seconds:.2f} s")
         out = [f"checkpoint plan: solver {self.solver} ({', '.join(extra)})"]
         if self.budget_spec is None:
-            out.append("  budget: none (memory_budget not set): PyTorch's min-cut partition, unchanged")
+            out.append("  budget: none (memory_budget not set): PyTorch's partition, unchanged")
         else:
             out.append(f"  budget: {self.budget_spec} = {self.budget_bytes:,d} B at the size hints")
         if self.message:
@@ -409,7 +409,10 @@ class Session:
         for rec in getattr(_captures, "stack", []):
             rec.append(Captured(joint_graph, node_info, problem, list(default_saved), default, original))
         if budget_opt is None:
-            self.plan = describe(problem, default, default, solver="default (min-cut partition)",
+            torch_budget = args[2] if len(args) > 2 else kwargs.get("memory_budget", 1)
+            label = "default (min-cut partition)" if torch_budget == 1 else (
+                f"torch (activation_memory_budget={torch_budget})")
+            self.plan = describe(problem, default, default, solver=label,
                                  status="default", budget=None, budget_spec=None)
             return default_saved
         try:
