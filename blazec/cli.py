@@ -27,13 +27,24 @@ def _dump_args(p: argparse.ArgumentParser) -> None:
                    help="'eager' runs the FX graphs without Inductor codegen (faster)")
     p.add_argument("--dynamic", action="store_true", default=None, help="compile with dynamic=True")
     p.add_argument("--fullgraph", action="store_true", help="compile with fullgraph=True")
+    p.add_argument("--memory-budget", metavar="BUDGET",
+                   help="activation memory budget for the checkpoint solver: a fraction (0.6, '60%%') of what the "
+                        "default partition saves, or bytes ('2GiB', 123456)")
 
 
 def _cmd_dump(args: argparse.Namespace) -> int:
     from blazec import dump
 
+    budget = args.memory_budget
+    for number in (int, float):  # "123456" is bytes, "0.6" a fraction; "2GiB" and "60%" stay strings
+        try:
+            budget = number(budget)
+            break
+        except (TypeError, ValueError):
+            continue
     text, files = dump.run(args.model, train=args.train, passes=args.passes, out=args.out, as_json=args.json,
-                           final_stage=args.final_stage, dynamic=args.dynamic, fullgraph=args.fullgraph)
+                           final_stage=args.final_stage, dynamic=args.dynamic, fullgraph=args.fullgraph,
+                           memory_budget=budget)
     print(text)
     if files:
         print(f"blazec dump: wrote {len(files)} file(s) under {args.out}", file=sys.stderr)

@@ -152,9 +152,11 @@ def write_dir(out: Path, records: list[report.GraphRecord], text: str, doc: dict
 
 def run(spec: str, *, train: bool = True, passes: list[str] | None = None, out: str | None = None,
         as_json: bool = False, final_stage: str = "inductor", dynamic: bool | None = None,
-        fullgraph: bool = False) -> tuple[str, list[Path]]:
+        fullgraph: bool = False, memory_budget: Any = None) -> tuple[str, list[Path]]:
     """Everything ``blazec dump`` does; returns what it prints and the files it wrote."""
     options: dict[str, Any] = {"final_stage": final_stage}
+    if memory_budget is not None:
+        options["memory_budget"] = memory_budget
     if passes is not None:
         options["passes"] = passes
     BlazeConfig.from_options(options)  # a bad --pass fails here, before the model is loaded

@@ -96,3 +96,12 @@ def test_console_script_runs():
                           timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == "blazec dump: error: model file not found: missing.py"
+
+
+def test_dump_memory_budget_shows_the_plan(capsys):
+    rc, out, err = _dump(capsys, str(EXAMPLES / "moe_loop_modulelist.py"), "--final-stage", "eager",
+                         "--memory-budget", "0.5")
+    assert rc == 0, err
+    assert "checkpoint plan: solver" in out and "budget: 50% of the default partition" in out
+    rc, _, err = _dump(capsys, str(EXAMPLES / "moe_loop_modulelist.py"), "--memory-budget", "2XB")
+    assert rc == 2 and "memory_budget" in err and err.startswith("blazec dump: error: ")
