@@ -203,14 +203,17 @@ def test_through_ops_and_autograd(recompute: bool) -> None:
 
 @pytest.mark.skipif(ON_GPU, reason="checks the CPU registry hook")
 def test_lazy_registry_hook(monkeypatch) -> None:
-    """The first CUDA lookup registers the kernels; BLAZEC_KERNELS=0 keeps the reference; CPU
-    never gets them."""
+    """The kernels are opt-in: without BLAZEC_KERNELS=1 CUDA keeps the reference; with it the
+    first CUDA lookup registers them; CPU never gets them."""
     from blazec.ops import _registry
     from blazec.kernels import moe_experts as kx
 
     saved_impls, saved_tried = dict(_registry._IMPLS), set(_registry._LAZY_TRIED)
     try:
         _registry._IMPLS.clear()
+        _registry._LAZY_TRIED.clear()
+        monkeypatch.delenv("BLAZEC_KERNELS", raising=False)
+        assert _registry.get_impl("moe_experts", "cuda") is ref.moe_experts_fwd
         _registry._LAZY_TRIED.clear()
         monkeypatch.setenv("BLAZEC_KERNELS", "0")
         assert _registry.get_impl("moe_experts", "cuda") is ref.moe_experts_fwd
