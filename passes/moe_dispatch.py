@@ -13,9 +13,9 @@ including the runtime asserts on its data-dependent sizes, so no data-dependent 
 
 Forms matched today: the static loop over experts, with ModuleList experts or 3-D stacked
 parameters (passes/moe_loop_form.py); all experts on all tokens weighted by a dense top-k gate
-(passes/moe_dense_gate_form.py); and the per-pair weight gather with bmm
+(passes/moe_dense_gate_form.py); the per-pair weight gather with bmm
 (passes/moe_pair_gather_form.py); the sort-based grouped form with a per-expert loop over
-split rows (passes/moe_sort_form.py); and GShard/Switch one-hot capacity dispatch, top-1 and
+split rows or torch._grouped_mm (passes/moe_sort_form.py); and GShard/Switch one-hot capacity dispatch, top-1 and
 top-2 (passes/moe_gshard_form.py), which becomes ``moe_route`` with the capacity and the
 slot-major drop order.
 """
@@ -26,6 +26,7 @@ import operator
 
 import torch
 import torch.fx
+
 import blazec.ops  # noqa: F401 - registers torch.ops.blazec.*
 from blazec.passes._fx import NoMatch, dtype, is_fn, is_method, module_path, shape, where_loc
 from blazec.passes.moe_dense_gate_form import ADD as DENSE_ADD
@@ -33,8 +34,8 @@ from blazec.passes.moe_dense_gate_form import _is_term, match_dense_gate
 from blazec.passes.moe_expert_mlp import weight_list
 from blazec.passes.moe_gshard_form import match_gshard
 from blazec.passes.moe_loop_form import match_loop
-from blazec.passes.moe_sort_form import match_sorted
 from blazec.passes.moe_pair_gather_form import match_pair_gather
+from blazec.passes.moe_sort_form import match_sorted
 from blazec.report import Match, NearMiss, PassReport
 
 Node = torch.fx.Node
