@@ -35,7 +35,7 @@ from blazec.passes.moe_expert_mlp import weight_list
 from blazec.passes.moe_gshard_form import match_gshard
 from blazec.passes.moe_loop_form import match_loop
 from blazec.passes.moe_pair_gather_form import match_pair_gather
-from blazec.passes.moe_sort_form import match_sorted
+from blazec.passes.moe_sort_form import match_sorted, match_sorted_unpermute
 from blazec.report import Match, NearMiss, PassReport
 
 Node = torch.fx.Node
@@ -56,8 +56,7 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
 
     for acc, index_adds in _accumulators(graph):
         where = f"{module_path(index_adds[0])} ({where_loc(index_adds[0])})"
-        index = index_adds[0].args[2] if len(index_adds[0].args) > 2 else index_adds[0].kwargs.get("index")
-        sorted_form = is_fn(index, operator.floordiv, torch.div)
+        sorted_form = _sorted_index(index_adds[0])
         try:
             m = match_sorted(acc, index_adds) if sorted_form else match_loop(acc, index_adds)
         except NoMatch as e:
@@ -78,6 +77,7 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
     for form, candidates, match, report_misses in (
         ("dense_gate", _dense_gate_sums, match_dense_gate, lambda n: True),
         ("pair_weight_gather", _slot_sums, match_pair_gather, _has_param_gather),
+        ("sort_grouped", _slot_sums, match_sorted_unpermute, _has_argsort),
         ("gshard_capacity", _combine_einsums, match_gshard, lambda n: True),
     ):
         for final in candidates(graph):
@@ -107,6 +107,14 @@ def _inter(mlp) -> int:
     return int(s[-2] if mlp.down.transposed else s[-1])
 
 
+def _sorted_index(combine: Node) -> bool:
+    """Whether rows are summed by ``perm // k`` (the sorted form) rather than by where() tokens."""
+    index = combine.args[2] if len(combine.args) > 2 else combine.kwargs.get("index")
+    while is_method(index, "expand", "reshape", "view", "unsqueeze"):
+        index = index.args[0]
+    return is_fn(index, operator.floordiv, torch.div) or not is_method(combine, "index_add_")
+
+
 def _dense_gate_sums(graph: torch.fx.Graph) -> list[Node]:
     """Last adds of chains ``acc + gate[:, e:e+1] * expert_e(x)`` (their result is not summed further)."""
     out = []
@@ -126,6 +134,19 @@ def _slot_sums(graph: torch.fx.Graph) -> list[Node]:
     return [n for n in graph.nodes if is_method(n, "sum") and len(shape(n.args[0]) or ()) == 3]
 
 
+def _has_argsort(final: Node) -> bool:
+    """Whether ``final`` reads an inverse permutation (so a failed sorted match is a near miss)."""
+    return any(is_fn(n, torch.argsort) or is_method(n, "argsort") for n in _upstream(final, 8))
+
+
+def _upstream(node: Node, depth: int) -> list[Node]:
+    out, frontier = [], [node]
+    for _ in range(depth):
+        frontier = [a for f in frontier for a in f.all_input_nodes]
+        out.extend(frontier)
+    return out
+
+
 def _has_param_gather(final: Node) -> bool:
     """Whether a bmm with a per-pair weight gather feeds ``final`` (so a failed match is a near miss)."""
     stack, seen = [final], set()
@@ -141,10 +162,11 @@ def _has_param_gather(final: Node) -> bool:
 
 
 def _accumulators(graph: torch.fx.Graph) -> list[tuple[Node, list[Node]]]:
-    """Tensors that are the target of ``index_add_`` calls, with those calls in graph order."""
+    """Tensors that ``index_add_`` (or ``scatter_add``) sums rows into, with those calls in graph order."""
     found: dict[Node, list[Node]] = {}
     for n in graph.nodes:
-        if is_method(n, "index_add_") and isinstance(n.args[0], Node):
+        if (is_method(n, "index_add_", "scatter_add", "scatter_add_") or is_fn(n, torch.scatter_add)) \
+                and isinstance(n.args[0], Node):
             found.setdefault(n.args[0], []).append(n)
     return list(found.items())
 

@@ -95,15 +95,13 @@ def match_sorted(acc: Node, index_adds: list[Node]) -> SortMatch:
     (ia,) = index_adds
     if not (is_fn(acc, *ZEROS_FNS) or is_method(acc, "new_zeros")):
         raise NoMatch("the accumulator is not created with zeros/zeros_like/new_zeros")
-    if arg(ia, 1, "dim") not in (0, -2) or ia.kwargs.get("alpha", 1) != 1:
-        raise NoMatch("index_add_ is not along dim 0 with alpha 1")
-    tok = arg(ia, 2, "index")
+    tok, source = _combine_args(ia)
     perm, flat, k = _perm_of(tok)
     ids = _flat_of(flat)
     if ids is None or len(shape(ids) or ()) != 2 or int(shape(ids)[1]) != k:
         raise NoMatch(f"the sorted ids are not ids[T, {k}].reshape(-1)")
 
-    src, _ = strip_casts(arg(ia, 3, "source"))
+    src, _ = strip_casts(source)
     if not is_mul(src):
         raise NoMatch("the combined rows are not scaled by the routing weights")
     weights = y_rows = None
@@ -114,45 +112,7 @@ def match_sorted(acc: Node, index_adds: list[Node]) -> SortMatch:
             break
     if weights is None:
         raise NoMatch("the rows are not scaled by w.reshape(-1)[perm, None] for the same sort order")
-    y_rows, _ = strip_casts(y_rows)
-    if is_fn(y_rows, GROUPED_MM):
-        return _match_grouped_mm(acc, ia, y_rows, ids, weights, flat, tok, perm, k)
-    if not (is_fn(y_rows, torch.cat) and arg(y_rows, 1, "dim", 0) in (0, -2)):
-        raise NoMatch("expert outputs are not concatenated in sorted order (torch.cat)")
-    outs = list(y_rows.args[0])
-    E = len(outs)
-    experts: dict[int, ExpertMLP] = {}
-    split = x = None
-    for e, out in enumerate(outs):
-        out, _ = strip_casts(out)
-        chunk = _chunk_input(out)
-        if not (is_getitem(chunk) and chunk.args[1] == e):
-            raise NoMatch(f"output {e} of the concatenation does not come from split chunk {e}")
-        if split is None:
-            split = chunk.args[0]
-        elif chunk.args[0] is not split:
-            raise NoMatch(f"expert {e} reads a different split than expert 0")
-        experts[e] = parse_expert(out, chunk, e, lambda n: False)
-    if not (is_fn(split, torch.split) or is_method(split, "split")):
-        raise NoMatch("expert inputs are not rows.split(counts)")
-    rows, sizes = split.args[0], arg(split, 1, "split_size_or_sections", arg(split, 1, "split_size"))
-    if not (is_getitem(rows) and rows.args[1] is tok or is_getitem(rows) and _same_tok(rows.args[1], perm, k)):
-        raise NoMatch("the split rows are not x[perm // k]")
-    x = rows.args[0]
-    if not isinstance(sizes, (list, tuple)) or len(sizes) != E:
-        raise NoMatch("the split sizes are not one count per expert")
-    counts = None
-    for e, s in enumerate(sizes):
-        c = s.args[0] if is_method(s, "item") else None
-        if not (is_getitem(c) and c.args[1] == e):
-            raise NoMatch(f"split size {e} is not counts[{e}]")
-        if counts is None:
-            counts = c.args[0]
-        elif c.args[0] is not counts:
-            raise NoMatch("split sizes come from different count tensors")
-    if not _counts_ok(counts, flat, E):
-        raise NoMatch("cannot prove the split sizes are the per-expert counts of the sorted ids "
-                      "(expected histc(ids, bins=E, min=0, max=E-1) or bincount(ids, minlength=E))")
+    experts, x = sorted_experts(y_rows, perm, k, flat)
     xs = shape(x)
     if xs is None or len(xs) != 2 or str(xs[0]) != str(shape(ids)[0]) or not same_shape(acc, xs):
         raise NoMatch(f"x {xs}, ids {shape(ids)} and the accumulator {shape(acc)} do not agree on [T, d]")
@@ -183,7 +143,13 @@ def _grouped(node: object, inp: object, offs: list) -> Node:
     return W
 
 
-def _match_grouped_mm(acc, ia, out, ids, weights, flat, tok, perm, k) -> SortMatch:
+def sorted_experts(y_rows: Node, perm: Node, k: int, flat: Node) -> tuple[dict[int, ExpertMLP], Node]:
+    """The experts and ``x`` behind expert outputs in sorted-pair order (grouped_mm or split loop)."""
+    y, _ = strip_casts(y_rows)
+    return _grouped_experts(y, perm, k, flat) if is_fn(y, GROUPED_MM) else _split_experts(y, perm, k, flat)
+
+
+def _grouped_experts(out: Node, perm: Node, k: int, flat: Node) -> tuple[dict[int, ExpertMLP], Node]:
     """y_rows = _grouped_mm(act(g) [* u], W_down, offs) with g, u grouped GEMMs of x[perm // k]."""
     offs: list = []
     h = out.args[0]
@@ -217,7 +183,7 @@ def _match_grouped_mm(acc, ia, out, ids, weights, flat, tok, perm, k) -> SortMat
         if rows is None:
             rows = node.args[0] if is_fn(node, GROUPED_MM) else None
         refs[role] = _grouped(node, rows, offs)
-    if not (is_getitem(rows) and (rows.args[1] is tok or _same_tok(rows.args[1], perm, k))):
+    if not (is_getitem(rows) and _same_tok(rows.args[1], perm, k)):
         raise NoMatch("the grouped GEMM rows are not x[perm // k]")
     x = rows.args[0]
     E = int(shape(down)[0])
@@ -232,9 +198,72 @@ def _match_grouped_mm(acc, ia, out, ids, weights, flat, tok, perm, k) -> SortMat
 
     experts = {e: ExpertMLP(name, ref("gate", e), ref("up", e), WeightRef(down, e, transposed=True), None, None, None)
                for e in range(E)}
-    _check_dtypes(x, experts)
-    _check_acc_reads(acc, [ia])
-    return SortMatch(acc, ia, ids, weights, x, k, experts)
+    return experts, x
+
+
+def _split_experts(y_rows: Node, perm: Node, k: int, flat: Node) -> tuple[dict[int, ExpertMLP], Node]:
+    """Experts and x for ``y_rows = cat([expert_e(chunk_e) for e, chunk_e in enumerate(x[perm // k].split(counts))])``."""
+    y_rows, _ = strip_casts(y_rows)
+    if not (is_fn(y_rows, torch.cat) and arg(y_rows, 1, "dim", 0) in (0, -2)):
+        raise NoMatch("expert outputs are not concatenated in sorted order (torch.cat)")
+    outs = list(y_rows.args[0])
+    E = len(outs)
+    experts: dict[int, ExpertMLP] = {}
+    split = x = None
+    for e, out in enumerate(outs):
+        out, _ = strip_casts(out)
+        chunk = _chunk_input(out)
+        if not (is_getitem(chunk) and chunk.args[1] == e):
+            raise NoMatch(f"output {e} of the concatenation does not come from split chunk {e}")
+        if split is None:
+            split = chunk.args[0]
+        elif chunk.args[0] is not split:
+            raise NoMatch(f"expert {e} reads a different split than expert 0")
+        experts[e] = parse_expert(out, chunk, e, lambda n: False)
+    if not (is_fn(split, torch.split) or is_method(split, "split")):
+        raise NoMatch("expert inputs are not rows.split(counts)")
+    rows, sizes = split.args[0], arg(split, 1, "split_size_or_sections", arg(split, 1, "split_size"))
+    if not (is_getitem(rows) and _same_tok(rows.args[1], perm, k)):
+        raise NoMatch("the split rows are not x[perm // k]")
+    x = rows.args[0]
+    if not isinstance(sizes, (list, tuple)) or len(sizes) != E:
+        raise NoMatch("the split sizes are not one count per expert")
+    counts = None
+    for e, s in enumerate(sizes):
+        c = s.args[0] if is_method(s, "item") else None
+        if not (is_getitem(c) and c.args[1] == e):
+            raise NoMatch(f"split size {e} is not counts[{e}]")
+        if counts is None:
+            counts = c.args[0]
+        elif c.args[0] is not counts:
+            raise NoMatch("split sizes come from different count tensors")
+    if not _counts_ok(counts, flat, E):
+        raise NoMatch("cannot prove the split sizes are the per-expert counts of the sorted ids "
+                      "(expected histc(ids, bins=E, min=0, max=E-1) or bincount(ids, minlength=E))")
+    return experts, x
+
+
+def _combine_args(ia: Node) -> tuple[Node, Node]:
+    """(token index, rows) of ``acc.index_add_(0, tok, rows)`` or of
+    ``acc.scatter_add(0, tok.reshape(-1, 1).expand(-1, d), rows)`` (the same sum by token)."""
+    if is_method(ia, "index_add_", "index_add"):
+        if arg(ia, 1, "dim") not in (0, -2) or ia.kwargs.get("alpha", 1) != 1 or len(ia.args) > 4:
+            raise NoMatch("index_add_ is not along dim 0 with alpha 1")
+        return arg(ia, 2, "index"), arg(ia, 3, "source")
+    if is_method(ia, "scatter_add_", "scatter_add") or is_fn(ia, torch.scatter_add):
+        if arg(ia, 1, "dim") not in (0, -2):
+            raise NoMatch("scatter_add is not along dim 0")
+        index, src = arg(ia, 2, "index"), arg(ia, 3, "src")
+        # Every row of src (S of them, as many as tokens in tok) lands in its token's row:
+        # the index must cover src's full width.
+        if is_method(index, "expand") and str((shape(index) or (None,))[-1]) == str((shape(src) or (0,))[-1]):
+            inner = index.args[0]
+            if is_method(inner, "reshape", "view") and tuple(inner.args[1:]) in ((-1, 1), ((-1, 1),)):
+                return inner.args[0], src
+            if is_method(inner, "unsqueeze") and inner.args[1] in (-1, 1):
+                return inner.args[0], src
+        raise NoMatch("the scatter_add index is not the token index broadcast over the rows' columns")
+    raise NoMatch("the combine is neither index_add_ nor scatter_add")
 
 
 def _same_tok(node: object, perm: Node, k: int) -> bool:
@@ -264,3 +293,60 @@ def _chunk_input(out: Node) -> Node | None:
             return node
         node = node.args[0]
     return None
+
+
+@dataclass
+class UnpermuteMatch:
+    final: Node
+    ids: Node
+    weights: Node
+    x: Node
+    top_k: int
+    experts: dict[int, ExpertMLP]
+
+    def routing(self, graph: torch.fx.Graph) -> tuple[Node, Node]:
+        return self.ids, self.weights
+
+
+def match_sorted_unpermute(final: Node) -> UnpermuteMatch:
+    """The sorted form combined by inverse permutation::
+
+        y = y_rows[argsort(perm)]                                # back to pair order
+        out = (y.view(T, k, d) * w.unsqueeze(-1)).sum(dim=1)
+
+    Row p of ``y`` is pair p (token p // k, slot p % k), so this is the same weighted sum.
+    """
+    if not (is_method(final, "sum") and arg(final, 1, "dim") in (1, -2)) or final.kwargs.get("keepdim", False):
+        raise NoMatch("not a sum over the slot dimension")
+    prod = final.args[0]
+    if not is_mul(prod):
+        raise NoMatch("the slot sum is not over expert outputs times routing weights")
+    yv = w = None
+    for a, b in ((prod.args[0], prod.args[1]), (prod.args[1], prod.args[0])):
+        if is_method(b, "unsqueeze") and b.args[1] == -1:
+            yv, w = a, b.args[0]
+            break
+    if yv is None or not is_method(yv, "view", "reshape"):
+        raise NoMatch("expert outputs are not viewed as [T, k, d] and weighted by w.unsqueeze(-1)")
+    unperm = strip_casts(yv.args[0])[0]
+    if not (is_getitem(unperm) and isinstance(unperm.args[1], Node)):
+        raise NoMatch("expert outputs are not put back in pair order with y_rows[argsort(perm)]")
+    inv = unperm.args[1]
+    if not (is_fn(inv, torch.argsort) or is_method(inv, "argsort")):
+        raise NoMatch("the inverse permutation is not argsort(perm)")
+    perm = inv.args[0]
+    if not (is_fn(perm, torch.argsort) or is_method(perm, "argsort")):
+        raise NoMatch("the pair order is not argsort of the flattened expert ids")
+    flat = perm.args[0]
+    ids = _flat_of(flat)
+    k = int(shape(ids)[1]) if ids is not None and len(shape(ids) or ()) == 2 else None
+    if k is None:
+        raise NoMatch("the sorted ids are not ids[T, k].reshape(-1)")
+    experts, x = sorted_experts(unperm.args[0], perm, k, flat)
+    T = shape(x)[0]
+    want = (str(T), str(k))
+    if any(tuple(map(str, (shape(n) or ())[:2])) != want for n in (ids, w, yv)):
+        raise NoMatch(f"ids {shape(ids)}, weights {shape(w)} and the [T, k, d] view disagree with T={T}, k={k}")
+    check_consistent(experts)
+    _check_dtypes(x, experts)
+    return UnpermuteMatch(final, ids, w, x, k, experts)

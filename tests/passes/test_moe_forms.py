@@ -395,3 +395,42 @@ def test_aux_loss_passes_through_unchanged():
     rec = compile_and_compare(LoopWithAuxLoss(), (torch.randn(17, 12),))
     # the aux loss still reads the one_hot mask; the dispatch (where, index_add_) is gone
     assert_rewritten(rec, "static_loop_modulelist", allow=("one_hot(",), E=6, k=2, activation="silu")
+
+
+class SortedScatterAdd(Sorted):
+    """torchtitan's spelling of the combine: scatter_add over the token index broadcast to [S, d]."""
+
+    def forward(self, x):
+        w, ids = torch.topk(F.softmax(self.router(x), dim=-1), self.k, dim=-1)
+        flat = ids.reshape(-1)
+        perm = torch.argsort(flat, stable=True)
+        tok = perm // self.k
+        counts = torch.histc(flat.float(), bins=self.E, min=0, max=self.E - 1).long()
+        outs = [F.relu(c @ self.w_up[e]) @ self.w_down[e] for e, c in enumerate(x[tok].split(counts.tolist()))]
+        y = torch.cat(outs) * w.reshape(-1)[perm].unsqueeze(-1)
+        return torch.zeros_like(x).scatter_add(0, tok.reshape(-1, 1).expand(-1, x.shape[1]), y)
+
+
+def test_sorted_scatter_add_rewritten():
+    rec = compile_and_compare(SortedScatterAdd(), (torch.randn(21, 12),))
+    assert_rewritten(rec, "sort_grouped", E=5, k=2, activation="relu")
+
+
+class SortedUnpermute(Sorted):
+    """Combine by inverse permutation: rows back to pair order, view [T, k, d], weighted slot sum."""
+
+    def forward(self, x):
+        T, d = x.shape
+        w, ids = torch.topk(F.softmax(self.router(x), dim=-1), self.k, dim=-1)
+        flat = ids.reshape(-1)
+        perm = torch.argsort(flat)
+        counts = torch.histc(flat.float(), bins=self.E, min=0, max=self.E - 1).long()
+        rows = x[perm // self.k]
+        y = torch.cat([F.relu(c @ self.w_up[e]) @ self.w_down[e] for e, c in enumerate(rows.split(counts.tolist()))])
+        y = y[torch.argsort(perm)]
+        return (y.view(T, self.k, d) * w.unsqueeze(-1)).sum(dim=1)
+
+
+def test_sorted_unpermute_rewritten():
+    rec = compile_and_compare(SortedUnpermute(), (torch.randn(19, 12),))
+    assert_rewritten(rec, "sort_grouped", E=5, k=2, activation="relu")
