@@ -65,6 +65,14 @@ PASSES: list[PassSpec] = [
         "moe_gating_pass",
         "name the router variant feeding each rewritten MoE layer (reports only; gating stays in torch ops)",
     ),
+    PassSpec(
+        "comm_overlap",
+        "post_grad",
+        "comm_overlap",
+        "comm_overlap_pass",
+        "issue each functional collective right after its inputs and wait on it right before "
+        "its first use, keeping the collectives' program order",
+    ),
 ]
 
 

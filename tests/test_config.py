@@ -29,7 +29,7 @@ def test_valid_options():
     [
         ({"bogus": 1}, None, "unknown blaze option(s) 'bogus'; valid keys: passes, disable_passes, final_stage"),
         ({"final_stage": "tvm"}, None, "option 'final_stage' must be one of 'inductor', 'eager', got 'tvm'"),
-        ({"passes": ["nope"]}, None, "option 'passes': unknown pass name(s) 'nope'; known passes: moe_dispatch, moe_gating"),
+        ({"passes": ["nope"]}, None, "option 'passes': unknown pass name(s) 'nope'; known passes: moe_dispatch, moe_gating, comm_overlap"),
         ({"passes": 3}, None, "option 'passes' must be a list of pass names, got 3"),
         ({"disable_passes": ["x"]}, None, "option 'disable_passes': unknown pass name(s) 'x'"),
         ({"moe_recompute": True}, None, "option 'moe_recompute' must be one of 'save_preact', 'recompute_gemm1'"),

@@ -28,7 +28,9 @@ def test_dump_every_example_json(name, capsys):
     assert doc["mode"] == "train" and doc["graphs"]
     for g in doc["graphs"]:
         assert "class GraphModule" in g["dynamo_graph"] and "class GraphModule" in g["blaze_graph"]
-        assert [p["name"] for p in g["passes"]] == ["moe_dispatch", "moe_gating"]
+        # pre-grad reports, then the post-grad pass once per partitioned graph (forward, backward)
+        assert [p["name"] for p in g["passes"]] == ["moe_dispatch", "moe_gating", "comm_overlap", "comm_overlap"]
+        assert not any(p["matches"] for p in g["passes"][2:])  # no collectives in the examples
         assert len(g["passes"][0]["matches"]) == 1, g["passes"][0]  # every example form is rewritten
         (part,) = g["partitions"]
         sizes = [s["bytes"] for s in part["saved"]]
@@ -88,7 +90,7 @@ def test_dump_bad_input_one_line_error(tmp_path, capsys, write, spec, message):
 
 def test_dump_unknown_pass_is_an_error(capsys):
     rc, _, err = _dump(capsys, str(EXAMPLES / "moe_loop_modulelist.py"), "--pass", "nope")
-    assert rc == 2 and "unknown pass name(s) 'nope'; known passes: moe_dispatch, moe_gating" in err
+    assert rc == 2 and "unknown pass name(s) 'nope'; known passes: moe_dispatch, moe_gating, comm_overlap" in err
 
 
 def test_console_script_runs():
