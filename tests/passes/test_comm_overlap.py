@@ -183,6 +183,24 @@ def test_collective_does_not_rise_above_random_op():
     assert order[order.index(rand2) - 1] == "wait_tensor"
 
 
+def test_coalesced_collective_waits_through_getitem():
+    def f(x, y, w):
+        outs = c10d.all_gather_into_tensor_coalesced([x, y], 2, GROUP)
+        a, b = c10d.wait_tensor(outs[0]), c10d.wait_tensor(outs[1])
+        h = torch.mm(x, w)
+        return a.sum() + h.sum(), b
+
+    gm = _trace(f, (4, 4), (4, 4), (4, 4))
+    rep = comm_overlap_pass(gm)
+    gm.graph.lint()
+    order = _order(gm)
+    assert _before(order, "mm", "wait_tensor")  # first wait right before its sum, after mm
+    assert order[order.index("sum_1") - 1] == "wait_tensor"
+    assert order[order.index("output") - 1] == "wait_tensor_1"  # the second is only returned
+    (m,) = rep.matches
+    assert m.details["op"] == "all_gather_into_tensor_coalesced" and m.details["compute_between"] == "0->1"
+
+
 def test_no_collectives_no_change():
     gm = _trace(lambda x: torch.relu(x) * 2, (3,))
     names = _order(gm)
@@ -242,6 +260,13 @@ def _rank_main(rank: int, world: int, port: int) -> None:
             assert int(fwd[0].details["compute_between"].split("->")[1]) >= 2
             i0, i1 = map(int, bwd[0].details["issue"].split("->"))
             assert bwd[0].details["op"] == "all_reduce" and i1 < i0, bwd[0].details
+        # the pass can be turned off like any other
+        torch._dynamo.reset()
+        with report.capture() as records:
+            opts = {"final_stage": "eager", "disable_passes": ["comm_overlap"]}
+            out = torch.compile(f, backend="blaze", fullgraph=True, options=opts)(x)
+        torch.testing.assert_close(out, out_ref)
+        assert not any(r.name == "comm_overlap" and not r.skipped for r in records[0].pass_reports)
     finally:
         dist.destroy_process_group()
 
