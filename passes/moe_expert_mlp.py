@@ -73,6 +73,22 @@ class ExpertMLP:
         )
 
 
+@dataclass
+class FinalMatch:
+    """A matched site whose result is one node (``final``) that the blaze op replaces."""
+
+    final: Node
+    ids: Node  # [T, k] expert ids
+    weights: Node  # [T, k] routing weights, exactly the tensor the code used
+    x: Node  # [T, d] expert input
+    top_k: int
+    experts: dict[int, "ExpertMLP"]
+
+    def routing(self, graph: torch.fx.Graph) -> tuple[Node, Node]:
+        """(ids [T, k], weights [T, k]) as graph nodes."""
+        return self.ids, self.weights
+
+
 GATED = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu_tanh"}
 
 

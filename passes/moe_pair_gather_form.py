@@ -16,30 +16,14 @@ stacked weights used as they are (transposed views), and no per-pair copy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.fx
 
 from blazec.passes._fx import NoMatch, arg, is_fn, is_getitem, is_method, is_mul, shape
-from blazec.passes.moe_expert_mlp import GATED, ExpertMLP, WeightRef, _activation
+from blazec.passes.moe_expert_mlp import GATED, ExpertMLP, FinalMatch, WeightRef, _activation
 from blazec.passes.moe_loop_form import _check_dtypes
 
 Node = torch.fx.Node
-
-
-@dataclass
-class PairGatherMatch:
-    final: Node
-    ids: Node
-    weights: Node
-    x: Node
-    top_k: int
-    experts: dict[int, ExpertMLP]
-
-    def routing(self, graph: torch.fx.Graph) -> tuple[Node, Node]:
-        """(ids [T, k], weights [T, k]) as graph nodes."""
-        return self.ids, self.weights
 
 
 def _squeeze1(node: object) -> Node | None:
@@ -68,7 +52,7 @@ def _bmm(node: object, xs: list, flat: list) -> Node:
     return _gathered_param(node.args[1], flat)
 
 
-def match_pair_gather(final: Node) -> PairGatherMatch:
+def match_pair_gather(final: Node) -> FinalMatch:
     if not (is_method(final, "sum") and arg(final, 1, "dim") in (1, -2)) or final.kwargs.get("keepdim", False):
         raise NoMatch("not a sum over the slot dimension")
     prod = final.args[0]
@@ -127,5 +111,5 @@ def match_pair_gather(final: Node) -> PairGatherMatch:
                                None if up is None else WeightRef(up, e, transposed=True),
                                WeightRef(down, e, transposed=True), None, None, None)
     _check_dtypes(x, experts)
-    return PairGatherMatch(final, ids, w, x, k, experts)
+    return FinalMatch(final, ids, w, x, k, experts)
 

@@ -27,7 +27,7 @@ import torch
 import torch.fx
 
 from blazec.passes._fx import NoMatch, arg, is_fn, is_getitem, is_method, is_mul, same_shape, shape, strip_casts
-from blazec.passes.moe_expert_mlp import GATED, ExpertMLP, WeightRef, _activation, check_consistent, parse_expert
+from blazec.passes.moe_expert_mlp import GATED, ExpertMLP, FinalMatch, WeightRef, _activation, check_consistent, parse_expert
 from blazec.passes.moe_loop_form import ZEROS_FNS, _check_acc_reads, _check_dtypes
 
 Node = torch.fx.Node
@@ -295,20 +295,7 @@ def _chunk_input(out: Node) -> Node | None:
     return None
 
 
-@dataclass
-class UnpermuteMatch:
-    final: Node
-    ids: Node
-    weights: Node
-    x: Node
-    top_k: int
-    experts: dict[int, ExpertMLP]
-
-    def routing(self, graph: torch.fx.Graph) -> tuple[Node, Node]:
-        return self.ids, self.weights
-
-
-def match_sorted_unpermute(final: Node) -> UnpermuteMatch:
+def match_sorted_unpermute(final: Node) -> FinalMatch:
     """The sorted form combined by inverse permutation::
 
         y = y_rows[argsort(perm)]                                # back to pair order
@@ -349,4 +336,4 @@ def match_sorted_unpermute(final: Node) -> UnpermuteMatch:
         raise NoMatch(f"ids {shape(ids)}, weights {shape(w)} and the [T, k, d] view disagree with T={T}, k={k}")
     check_consistent(experts)
     _check_dtypes(x, experts)
-    return UnpermuteMatch(final, ids, w, x, k, experts)
+    return FinalMatch(final, ids, w, x, k, experts)
