@@ -25,7 +25,6 @@ import argparse
 import copy
 import datetime
 import json
-import math
 import os
 import statistics
 import sys
@@ -36,6 +35,8 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from blazec.demo_model import SwiGLUExpert
 
 SHAPES: dict[str, tuple[int, int, int, int, int]] = {
     "olmoe-like": (16384, 2048, 1024, 64, 8),
@@ -69,17 +70,6 @@ def _route(gate: nn.Linear, x: torch.Tensor, top_k: int):
     weights, ids = torch.topk(probs, top_k, dim=-1)
     weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights.to(x.dtype), ids
-
-
-class SwiGLUExpert(nn.Module):
-    def __init__(self, d: int, inter: int):
-        super().__init__()
-        self.w1 = nn.Linear(d, inter, bias=False)
-        self.w2 = nn.Linear(inter, d, bias=False)
-        self.w3 = nn.Linear(d, inter, bias=False)
-
-    def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class LoopMoE(nn.Module):

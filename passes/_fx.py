@@ -10,7 +10,7 @@ passed by position or keyword.
 from __future__ import annotations
 
 import operator
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.fx
@@ -102,21 +102,19 @@ def _cast_only(node: Node) -> bool:
     return all(isinstance(a, torch.dtype) for a in rest)
 
 
-def strip_views(node: Any) -> Any:
-    """Follow ``reshape``/``view`` to their input (used where only the data, not the shape, matters)."""
-    while is_method(node, "reshape", "view") or is_fn(node, torch.reshape):
+def follow_first_args(node: Any, found, limit: int = 10) -> Node | None:
+    """Walk ``args[0]`` from ``node`` until ``found(n)`` holds; that node, or None within ``limit`` steps.
+
+    Expert MLPs and their wrappers chain their data through the first argument, so this finds
+    an expert's input (a split chunk, a dispatch einsum) from its output.
+    """
+    for _ in range(limit):
+        if not isinstance(node, Node) or not node.args:
+            return None
+        if found(node):
+            return node
         node = node.args[0]
-    return node
-
-
-def users_outside(nodes: Iterable[Node], allowed: set[Node]) -> list[Node]:
-    """Users of ``nodes`` that are not in ``allowed``."""
-    out = []
-    for n in nodes:
-        for u in n.users:
-            if u not in allowed:
-                out.append(u)
-    return out
+    return None
 
 
 def where_loc(node: Node) -> str:

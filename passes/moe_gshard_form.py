@@ -34,7 +34,9 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from blazec.passes._fx import NoMatch, arg, is_fn, is_getitem, is_method, is_mul, same_shape, shape, strip_casts
+from blazec.passes._fx import (
+    NoMatch, arg, follow_first_args, is_fn, is_getitem, is_method, is_mul, same_shape, shape, strip_casts,
+)
 from blazec.passes.moe_expert_mlp import GATED, ExpertMLP, WeightRef, _activation
 from blazec.passes.moe_loop_form import _check_dtypes
 
@@ -200,7 +202,7 @@ def match_gshard(out: Node) -> GShardMatch:
         kept_earlier.append(km)
 
     # dispatch and the batched expert MLP
-    expert_in = _expert_in(expert_out)
+    expert_in = follow_first_args(expert_out, lambda n: _einsum(n, "tec,td->ecd"))
     if not _einsum(expert_in, "tec,td->ecd"):
         raise NoMatch("expert inputs are not einsum('tec,td->ecd', dispatch, x)")
     dispatch, x = _operands(expert_in)
@@ -216,17 +218,6 @@ def match_gshard(out: Node) -> GShardMatch:
         raise NoMatch(f"capacity {C} is not a positive constant")
     _check_dtypes(x, experts)
     return GShardMatch(out, [_one_hot(ch[1])[0] for ch in choices], [ch[0] for ch in choices], x, C, experts)
-
-
-def _expert_in(expert_out: Node) -> Node | None:
-    node = expert_out
-    for _ in range(10):
-        if not isinstance(node, Node) or not node.args:
-            return None
-        if _einsum(node, "tec,td->ecd"):
-            return node
-        node = node.args[0]
-    return None
 
 
 def _bmm_bias(node: object, inp: object, what: str) -> tuple[WeightRef, WeightRef | None]:

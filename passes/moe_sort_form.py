@@ -26,7 +26,9 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from blazec.passes._fx import NoMatch, arg, is_fn, is_getitem, is_method, is_mul, same_shape, shape, strip_casts
+from blazec.passes._fx import (
+    NoMatch, arg, follow_first_args, is_fn, is_getitem, is_method, is_mul, same_shape, shape, strip_casts,
+)
 from blazec.passes.moe_expert_mlp import GATED, ExpertMLP, FinalMatch, WeightRef, _activation, check_consistent, parse_expert
 from blazec.passes.moe_loop_form import ZEROS_FNS, _check_acc_reads, _check_dtypes
 
@@ -212,7 +214,7 @@ def _split_experts(y_rows: Node, perm: Node, k: int, flat: Node) -> tuple[dict[i
     split = x = None
     for e, out in enumerate(outs):
         out, _ = strip_casts(out)
-        chunk = _chunk_input(out)
+        chunk = follow_first_args(out, _is_split_chunk)
         if not (is_getitem(chunk) and chunk.args[1] == e):
             raise NoMatch(f"output {e} of the concatenation does not come from split chunk {e}")
         if split is None:
@@ -266,6 +268,10 @@ def _combine_args(ia: Node) -> tuple[Node, Node]:
     raise NoMatch("the combine is neither index_add_ nor scatter_add")
 
 
+def _is_split_chunk(node: Node) -> bool:
+    return is_getitem(node) and (is_fn(node.args[0], torch.split) or is_method(node.args[0], "split"))
+
+
 def _same_tok(node: object, perm: Node, k: int) -> bool:
     return is_fn(node, operator.floordiv) and node.args[0] is perm and node.args[1] == k
 
@@ -280,18 +286,6 @@ def _weight_gather(node: object, perm: Node) -> Node | None:
     if is_getitem(node) and isinstance(node.args[1], tuple) and len(node.args[1]) == 2 \
             and node.args[1][0] is perm and node.args[1][1] is None:
         return _flat_of(node.args[0])
-    return None
-
-
-def _chunk_input(out: Node) -> Node | None:
-    """Walk first arguments from the expert output down to the split chunk it reads."""
-    node = out
-    for _ in range(10):
-        if not isinstance(node, Node) or not node.args:
-            return None
-        if is_getitem(node) and (is_fn(node.args[0], torch.split) or is_method(node.args[0], "split")):
-            return node
-        node = node.args[0]
     return None
 
 

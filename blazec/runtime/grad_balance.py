@@ -273,7 +273,6 @@ class GradBalancer:
         return stat / (world * world)
 
     def _weights(self, grads: list[list[torch.Tensor]], inv_scale: float) -> torch.Tensor:
-        T = self.num_tasks
         dev = grads[0][0].device
         dtype = torch.float64 if any(g.dtype == torch.float64 for gs in grads for g in gs) else torch.float32
         if self.method == "magnitude":
@@ -339,9 +338,11 @@ def _combine(w: torch.Tensor, grads: list[torch.Tensor]) -> torch.Tensor:
     return out.to(grads[0].dtype)
 
 
-def _walk_leaves(roots: list, stop: set) -> list[torch.Tensor]:
-    """Leaf tensors (AccumulateGrad variables) reachable from autograd nodes ``roots``
-    without passing through any node in ``stop``, in first-visit order."""
+def _walk(roots: list, stop: set) -> tuple[list[torch.Tensor], set]:
+    """Walk the autograd graph from ``roots`` without passing through any node in ``stop``.
+
+    Returns the leaf tensors (AccumulateGrad variables) in first-visit order, each once, and
+    the set of nodes visited."""
     seen, out, stack = set(), [], [r for r in roots if r is not None]
     while stack:
         node = stack.pop()
@@ -357,7 +358,12 @@ def _walk_leaves(roots: list, stop: set) -> list[torch.Tensor]:
         if id(v) not in ids:
             ids.add(id(v))
             uniq.append(v)
-    return uniq
+    return uniq, seen
+
+
+def _walk_leaves(roots: list, stop: set) -> list[torch.Tensor]:
+    """Leaf tensors reachable from autograd nodes ``roots`` without passing through ``stop``."""
+    return _walk(roots, stop)[0]
 
 
 def _leaves_behind(reps: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -378,21 +384,8 @@ def _head_graphs(losses: list[torch.Tensor], reps: list[torch.Tensor]) -> tuple[
     rep_ids = {id(r) for r in reps}
     leaves, nodes = [], []
     for loss in losses:
-        seen: set = set()
-        stack = [loss.grad_fn] if loss.grad_fn is not None else []
-        found: list[torch.Tensor] = []
-        while stack:
-            node = stack.pop()
-            if node in seen or node in stop:
-                continue
-            seen.add(node)
-            var = getattr(node, "variable", None)
-            if isinstance(var, torch.Tensor):
-                if id(var) not in rep_ids and all(v is not var for v in found):
-                    found.append(var)
-                continue
-            stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
-        leaves.append(found)
+        found, seen = _walk([loss.grad_fn], stop)
+        leaves.append([v for v in found if id(v) not in rep_ids])
         nodes.append({n for n in seen if getattr(n, "variable", None) is None})
     retain = []
     later: set = set()

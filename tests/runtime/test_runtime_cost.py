@@ -8,14 +8,6 @@ import torch
 from blazec.runtime.balance import CostModel, calibrate
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: on a busy 2-core machine, intra-op threads spin against each other and
-    # made these tests 50x slower. Restored afterwards so other test modules are unaffected.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_cost_formula_and_extra_features():

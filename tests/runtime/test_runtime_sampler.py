@@ -9,14 +9,6 @@ from torch.utils.data import DataLoader, Dataset
 from blazec.runtime.balance import BalancedBatchSampler, CostModel, bubble_fraction
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: on a busy 2-core machine, intra-op threads spin against each other and
-    # made these tests 50x slower. Restored afterwards so other test modules are unaffected.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _lengths(n, seed=0):

@@ -9,14 +9,6 @@ from blazec.runtime.grad_balance import GradBalancer
 from blazec.runtime.synthetic import mmoe_synthetic, train_multitask
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: on a busy 2-core machine, intra-op threads spin against each other and
-    # made these tests 50x slower. Restored afterwards so other test modules are unaffected.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("p", [-0.5, 0.0, 0.5, 0.9, 1.0])
