@@ -20,6 +20,19 @@ def load_example(name: str):
     return mod
 
 
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` as a module, imported once per session."""
+    import sys
+
+    mod_name = f"blazec_bench_{name}"
+    if mod_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(mod_name, REPO / "benchmarks" / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[mod_name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[mod_name]
+
+
 def loss_of(out) -> torch.Tensor:
     return out.float().pow(2).mean()
 

@@ -12,9 +12,7 @@ bits, which ``moe_recompute="recompute_gemm1"`` shows without any budget).
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 
 import pytest
 import sympy
@@ -23,17 +21,11 @@ import torch
 from blazec import report
 from blazec.memory import model_tensors, saved_for_backward
 from blazec.passes import checkpoint as ck
-from tests.helpers import REPO, clone_model, loss_of
+from tests.helpers import clone_model, load_benchmark, loss_of
 
 
 def _bench():
-    name = "blazec_checkpoint_vs_torch"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / "checkpoint_vs_torch.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
+    return load_benchmark("checkpoint_vs_torch")
 
 
 def make_moe():

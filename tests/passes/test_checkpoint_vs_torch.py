@@ -10,22 +10,14 @@ printed (it is docs/CHECKPOINT.md's, at the test sizes).
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 
-from tests.helpers import REPO
+from tests.helpers import load_benchmark
 
 FRACTIONS = (0.8, 0.5, 0.2, 0.0)
 
 
 def _bench():
-    name = "blazec_checkpoint_vs_torch"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / "checkpoint_vs_torch.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
+    return load_benchmark("checkpoint_vs_torch")
 
 
 def test_blazec_beats_torch_at_equal_memory(capsys):
