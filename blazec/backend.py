@@ -209,6 +209,12 @@ def blaze(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: Any 
 
     gm, reports = run_pre_grad_passes(gm, example_inputs, config)
     record.pass_reports.extend(reports)
+    if config.sm_free_comm:
+        from blazec.expert_parallel import sm_free_notice
+
+        notice = sm_free_notice(config.expert_parallel)
+        if notice:
+            record.pass_reports.append(_report.PassReport("sm_free_comm", notes=[notice]))
     if _want_text():
         record.blaze_graph = _readable(gm)
         log.debug("graph after blaze passes:\n%s", record.blaze_graph)

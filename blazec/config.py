@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 FINAL_STAGES = ("inductor", "eager")
 CHECKPOINT_SOLVERS = ("auto", "ilp", "heuristic")
+COMM_ORDERS = ("priority", "program")
 MOE_RECOMPUTE = ("save_preact", "recompute_gemm1")
 TORCH_MODES = (
     "default",
@@ -58,6 +59,22 @@ class BlazeConfig:
             ``"ilp"`` always tries the exact solver first; ``"heuristic"`` skips it.
         checkpoint_time_limit: seconds the exact solver may take before it stops and the
             best plan found so far (with its optimality gap) is used. Default 5.
+        expert_parallel: ``None`` (default), ``"world"`` or a ``torch.distributed``
+            ``ProcessGroup``. With a group of W ranks, every rewritten MoE layer runs only this
+            rank's E/W experts: token rows go to the owning ranks with all_to_all and come
+            back the same way (see ``blazec.expert_parallel``). torch.distributed must be
+            initialized before the first compiled call; E must be divisible by W (a layer
+            where it is not stays single-process and is reported as a near miss).
+        ep_chunks: token chunks each expert-parallel MoE layer is split into and pipelined
+            over, so chunk i+1's dispatch and chunk i-1's combine overlap chunk i's experts.
+            An int in [1, 64]; default 2.
+        comm_order: how ``comm_overlap`` orders collectives that are ready at the same point:
+            ``"priority"`` (default) puts first the one whose result is needed first;
+            ``"program"`` keeps the traced order. Both are deterministic, so every rank
+            issues the same sequence.
+        sm_free_comm: ask for copy-engine ("SM-free") collectives. Where the torch, NCCL and
+            device setup does not provide them, blaze prints a one-line notice and uses the
+            ordinary collectives. Default False.
         mode: ``torch.compile``'s ``mode=``, forwarded to Inductor.
     """
 
@@ -69,6 +86,10 @@ class BlazeConfig:
     memory_budget: int | float | None = None
     checkpoint_solver: str = "auto"
     checkpoint_time_limit: float = 5.0
+    expert_parallel: Any = None  # blazec.expert_parallel.EPGroup once parsed
+    ep_chunks: int = 2
+    comm_order: str = "priority"
+    sm_free_comm: bool = False
     mode: str = "default"
 
     @classmethod
@@ -229,6 +250,31 @@ def _positive_seconds(key: str, value: Any) -> float:
     return float(value)
 
 
+def _expert_parallel(key: str, value: Any):
+    if value is None:
+        return None
+    from blazec.expert_parallel import EPGroup, ExpertParallelError, resolve_group
+
+    if isinstance(value, EPGroup):
+        return value
+    try:
+        return resolve_group(value)
+    except ExpertParallelError as e:
+        raise BlazeOptionError(f"option {key!r}: {e}") from None
+
+
+def _chunks(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not (1 <= value <= 64):
+        raise BlazeOptionError(f"option {key!r} must be an int in [1, 64], got {value!r}")
+    return value
+
+
+def _bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise BlazeOptionError(f"option {key!r} must be True or False, got {value!r}")
+    return value
+
+
 _VALIDATORS = {
     "passes": _names,
     "disable_passes": _names,
@@ -238,4 +284,8 @@ _VALIDATORS = {
     "memory_budget": parse_memory_budget,
     "checkpoint_solver": _choice(CHECKPOINT_SOLVERS),
     "checkpoint_time_limit": _positive_seconds,
+    "expert_parallel": _expert_parallel,
+    "ep_chunks": _chunks,
+    "comm_order": _choice(COMM_ORDERS),
+    "sm_free_comm": _bool,
 }

@@ -287,8 +287,9 @@ def _shape_env(nodes: Iterable[torch.fx.Node]):
 
 
 def _symbol_hint(shape_env, sym: sympy.Symbol) -> int:
-    for attr in ("backed_var_to_val", "var_to_val"):
-        d = getattr(shape_env, attr, None)
+    # torch >= 2.13 names it backed_var_to_val (var_to_val is a deprecated alias); older: var_to_val
+    attr = "backed_var_to_val" if hasattr(shape_env, "backed_var_to_val") else "var_to_val"
+    for d in (getattr(shape_env, attr, None),):
         if d and sym in d:
             try:
                 return int(d[sym])

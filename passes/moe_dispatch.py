@@ -33,6 +33,7 @@ from blazec.passes.moe_dense_gate_form import ADD as DENSE_ADD
 from blazec.passes.moe_dense_gate_form import _is_term, match_dense_gate
 from blazec.passes.moe_expert_mlp import weight_list
 from blazec.passes.moe_gshard_form import match_gshard
+from blazec.passes.moe_ep import emit_moe_ep
 from blazec.passes.moe_loop_form import match_loop
 from blazec.passes.moe_pair_gather_form import match_pair_gather
 from blazec.passes.moe_sort_form import match_sorted, match_sorted_unpermute
@@ -53,6 +54,22 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
     rep = PassReport("moe_dispatch")
     graph = gm.graph
     recompute = getattr(ctx.config, "moe_recompute", "save_preact") == "recompute_gemm1"
+    ep = getattr(ctx.config, "expert_parallel", None)
+    chunks = getattr(ctx.config, "ep_chunks", 1)
+
+    def emit(before, ids, weights, x, experts, out_dtype, where, capacity=-1, priority="token"):
+        if ep is not None and len(experts) % ep.world == 0:
+            existing = set(graph.nodes)
+            with graph.inserting_before(before):
+                y = emit_moe_ep(graph, ids, weights, x, experts, out_dtype, recompute, capacity, priority,
+                                ep, chunks)
+            _copy_source_meta(graph, before, existing)
+            return y
+        if ep is not None:
+            rep.near_misses.append(NearMiss(
+                "expert_parallel", where, f"E={len(experts)} experts do not split evenly over {ep.world} "
+                "ranks; this layer is rewritten single-process (every rank runs all its experts)"))
+        return emit_moe(graph, before, ids, weights, x, experts, out_dtype, recompute, capacity, priority)
 
     for acc, index_adds in _accumulators(graph):
         where = f"{module_path(index_adds[0])} ({where_loc(index_adds[0])})"
@@ -62,7 +79,7 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
         except NoMatch as e:
             rep.near_misses.append(NearMiss("sort_grouped" if sorted_form else "static_loop", where, str(e)))
             continue
-        y = emit_moe(graph, index_adds[-1], m.ids, m.weights, m.x, m.experts, dtype(m.acc), recompute)
+        y = emit(index_adds[-1], m.ids, m.weights, m.x, m.experts, dtype(m.acc), where)
         for ia in index_adds:  # x.index_add_(...) returns x: its users read the final sum too
             ia.replace_all_uses_with(y)
             graph.erase_node(ia)
@@ -71,7 +88,7 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
             form = "sort_grouped"
         else:
             form = "static_loop_" + ("stacked" if m.experts[0].gate.index is not None else "modulelist")
-        rep.matches.append(_describe_match(form, where, m.experts, m.x, m.top_k, recompute))
+        rep.matches.append(_describe_match(form, where, m.experts, m.x, m.top_k, recompute, ep=ep, chunks=chunks))
 
     # Forms whose result is one node (a sum or an einsum) that the blaze op replaces.
     for form, candidates, match, report_misses in (
@@ -91,12 +108,12 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
             capacity, priority = getattr(m, "capacity", -1), getattr(m, "priority", "token")
             with graph.inserting_before(final):
                 ids, weights = m.routing(graph)
-            y = emit_moe(graph, final, ids, weights, m.x, m.experts, dtype(final), recompute, capacity, priority)
+            y = emit(final, ids, weights, m.x, m.experts, dtype(final), where, capacity, priority)
             final.replace_all_uses_with(y)
             graph.erase_node(final)
             name = f"gshard_top{m.top_k}" if form == "gshard_capacity" else form
             rep.matches.append(_describe_match(name, where, m.experts, m.x, m.top_k, recompute,
-                                               capacity if capacity >= 0 else None))
+                                               capacity if capacity >= 0 else None, ep=ep, chunks=chunks))
     if rep.matches:
         _remove_dead(graph)
     return rep
@@ -190,24 +207,33 @@ def emit_moe(graph: torch.fx.Graph, before: Node, ids: Node, weights: Node, x: N
              out_dtype),
         )
         y = graph.call_function(operator.getitem, (out, 0))
-    # The new nodes carry the replaced code's source location, so dumps and errors point at it.
+    _copy_source_meta(graph, before, existing)
+    return y
+
+
+def _copy_source_meta(graph: torch.fx.Graph, before: Node, existing: set[Node]) -> None:
+    """The new nodes carry the replaced code's source location, so dumps and errors point at it."""
     for n in graph.nodes:
         if n not in existing:
             for key in ("stack_trace", "nn_module_stack"):
                 if key in before.meta:
                     n.meta[key] = before.meta[key]
-    return y
 
 
 def _describe_match(form: str, where: str, experts: dict, x: Node, top_k: int, recompute: bool,
-                    capacity: int | None = None) -> Match:
+                    capacity: int | None = None, ep=None, chunks: int = 1) -> Match:
     first = experts[0]
+    details = {}
+    if ep is not None and len(experts) % ep.world == 0:
+        local = ep.local_experts(len(experts))
+        details["expert_parallel"] = (f"rank {ep.rank}/{ep.world} runs experts {local.start}..{local.stop - 1}, "
+                                      f"{chunks} chunk(s)")
     return Match(form, where, {
         "E": len(experts), "k": top_k, "d": int(shape(x)[1]), "I": _inter(first), "activation": first.activation,
         "bias": first.b_gate is not None or first.b_down is not None,
         "weight_pos": "hidden" if first.weight_in_hidden is not None else "output",
         "capacity": capacity, "dtype": str(dtype(x)).replace("torch.", ""),
-        "recompute": "gemm1" if recompute else "activation only"})
+        "recompute": "gemm1" if recompute else "activation only"} | details)
 
 
 def _remove_dead(graph: torch.fx.Graph) -> None:

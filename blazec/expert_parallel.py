@@ -1,0 +1,199 @@
+"""Expert parallelism: the runtime side of the expert-parallel MoE rewrite.
+
+With ``options={"expert_parallel": "world"}`` (or a ``ProcessGroup``), rank ``r`` of ``W``
+owns experts ``[r*E/W, (r+1)*E/W)``. The MoE rewrite (``passes/moe_ep.py``) then emits, per
+layer and per token chunk::
+
+    rx, rids, rw, *plan = ep_dispatch(x, ids, w, keep, n_local, world, group)   # all_to_all out
+    y_local = moe_experts(rx, rw, *local_route(rids, n_local), local weights)
+    y = ep_combine(y_local, x, *plan, group)                                # all_to_all back
+
+These functions are plain torch code. The rewrite calls them from the Dynamo graph, so
+AOTAutograd traces them into aten ops and ``_c10d_functional`` collectives, and autograd derives
+the backward (the reverse all_to_alls) itself.
+
+**Dispatch sends each token row once per destination rank**, not once per (token, expert)
+pair: a token whose k experts live on two ranks is sent twice, with its k slots' local expert
+ids (or ``n_local``, a sink, for slots owned elsewhere) and routing weights (0 for those
+slots) riding along. Rows are ordered by destination rank, then by token, so the receiving
+rank sees its sources in rank order. The split sizes are computed on device, exchanged with
+one small all_to_all, and read back with ``.tolist()`` (one host sync per chunk: the
+collective needs them as integers).
+
+**Capacity** (GShard/Switch forms) is applied on the source rank, over its own tokens, with the
+same priority order as the single-process op, so dropped pairs are exactly the ones the
+single-process model drops for that rank's batch. Dropped slots are sent as sink slots (or not
+sent, when all of a token's slots are dropped or remote).
+
+**Numerics.** Outputs and gradients equal the single-process model's up to float summation
+order: a token's contributions are summed per rank in slot order, then across ranks in rank
+order (``index_add``; on CUDA it uses atomics, so that last sum is not bitwise deterministic).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+import blazec.ops  # noqa: F401 - registers torch.ops.blazec.*
+
+
+class ExpertParallelError(ValueError):
+    """The expert-parallel option cannot be honoured (no process group, bad world size, ...)."""
+
+
+@dataclass(frozen=True)
+class EPGroup:
+    """A resolved expert-parallel process group, as compiled into the graph."""
+
+    name: str  # the c10d group name the functional collectives address
+    rank: int
+    world: int
+    backend: str
+
+    def local_experts(self, num_experts: int) -> range:
+        n = num_experts // self.world
+        return range(self.rank * n, (self.rank + 1) * n)
+
+
+def resolve_group(value) -> EPGroup:
+    """``"world"`` or a ``ProcessGroup`` -> :class:`EPGroup`; a clear error otherwise."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise ExpertParallelError("expert_parallel needs torch.distributed, which this torch build lacks")
+    if not dist.is_initialized():
+        raise ExpertParallelError(
+            "expert_parallel needs torch.distributed initialized before the first compiled call "
+            "(torch.distributed.init_process_group(...), for example under torchrun)"
+        )
+    if isinstance(value, str):
+        if value != "world":
+            raise ExpertParallelError(
+                f"expert_parallel must be 'world' or a torch.distributed ProcessGroup, got {value!r}"
+            )
+        group = dist.group.WORLD
+    elif isinstance(value, dist.ProcessGroup):
+        group = value
+    else:
+        raise ExpertParallelError(
+            f"expert_parallel must be 'world' or a torch.distributed ProcessGroup, got {type(value).__name__}"
+        )
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ExpertParallelError("expert_parallel: this process is not a member of the given process group")
+    return EPGroup(group.group_name, rank, dist.get_world_size(group), str(dist.get_backend(group)))
+
+
+def ep_dispatch(x: Tensor, ids: Tensor, weights: Tensor, keep: Tensor | None, n_local: int,
+                world: int, group_name: str):
+    """Send each token's row to the ranks that own its experts.
+
+    Args:
+        x: ``[T, d]`` token rows. ids: ``[T, k]`` global expert ids. weights: ``[T, k]`` routing
+        weights. keep: ``[T, k]`` bool, False for pairs dropped by capacity, or None.
+        n_local: experts per rank. world, group_name: the expert-parallel group.
+
+    Returns ``(rx, rids, rw, send_tok, in_splits, out_splits)``: the received rows ``[R, d]``,
+    their slots' local expert ids ``[R, k]`` (``n_local`` marks a slot owned elsewhere), their
+    weights ``[R, k]`` (0 there), and what :func:`ep_combine` needs to send results back.
+    """
+    import torch.distributed._functional_collectives as fc
+
+    T, k = ids.shape
+    ids = ids.to(torch.int64)
+    dest = torch.div(ids, n_local, rounding_mode="floor")
+    if keep is not None:
+        dest = torch.where(keep, dest, world)  # dropped pairs go to a rank that does not exist
+    present = torch.zeros(T, world + 1, dtype=torch.int64, device=x.device).scatter_(1, dest, 1)
+    present = present[:, :world]
+    send_counts = present.sum(0)
+    rank_tok = present.t().nonzero()  # [S, 2]: (destination rank, token), rank-major
+    send_tok = rank_tok[:, 1]
+    mine = dest.index_select(0, send_tok) == rank_tok[:, :1]  # slots owned by the row's destination
+    send_ids = torch.where(mine, ids.index_select(0, send_tok) - rank_tok[:, :1] * n_local, n_local)
+    send_w = torch.where(mine, weights.index_select(0, send_tok), torch.zeros((), dtype=weights.dtype,
+                                                                                device=weights.device))
+    ones = [1] * world
+    recv_counts = fc.all_to_all_single(send_counts, ones, ones, group_name)
+    in_splits = send_counts.tolist()
+    out_splits = recv_counts.tolist()
+    for s in in_splits + out_splits:
+        torch._check(s >= 0)
+    rx = fc.all_to_all_single_autograd(x.index_select(0, send_tok), out_splits, in_splits, group_name)
+    rids = fc.all_to_all_single(send_ids, out_splits, in_splits, group_name)
+    rw = fc.all_to_all_single_autograd(send_w, out_splits, in_splits, group_name)
+    return rx, rids, rw, send_tok, in_splits, out_splits
+
+
+def local_route(rids: Tensor, n_local: int):
+    """``moe_route`` over the received slots, with sink slots (id ``n_local``) marked dropped."""
+    sorted_pairs, offsets, pair_pos = torch.ops.blazec.moe_route(rids, n_local + 1)
+    offsets = offsets[: n_local + 1]
+    # The sink is the last expert, so its pairs sit past offsets[n_local]: the op's dropped region.
+    pair_pos = torch.where(pair_pos < offsets[n_local], pair_pos, -1)
+    return sorted_pairs, offsets, pair_pos
+
+
+def kept_pairs(ids: Tensor, num_experts: int, capacity: int, priority: str) -> Tensor:
+    """``[T, k]`` bool: which pairs the single-process op keeps under ``capacity``."""
+    _, _, pair_pos = torch.ops.blazec.moe_route(ids, num_experts, capacity, priority)
+    return (pair_pos >= 0).view(ids.shape)
+
+
+def ep_combine(y_local: Tensor, x: Tensor, send_tok: Tensor, in_splits, out_splits, group_name: str) -> Tensor:
+    """Send expert outputs back to their source ranks and sum each token's rows: ``[T, d]``.
+
+    ``x`` is the dispatched input; only its row count is read.
+    """
+    import torch.distributed._functional_collectives as fc
+
+    back = fc.all_to_all_single_autograd(y_local, in_splits, out_splits, group_name)
+    out = torch.zeros(x.shape[0], y_local.shape[1], dtype=y_local.dtype, device=y_local.device)
+    return out.index_add(0, send_tok, back)
+
+
+# ------------------------------------------------------------------------------------------
+# SM-free (copy-engine) collectives
+
+
+def sm_free_support(group: EPGroup) -> tuple[bool, str]:
+    """Whether copy-engine collectives can replace the NCCL kernels here, and why not."""
+    if group.backend != "nccl" or not torch.cuda.is_available():
+        return False, f"needs CUDA and the NCCL backend (group backend is {group.backend!r})"
+    try:
+        import torch.distributed._symmetric_memory  # noqa: F401
+    except Exception as e:  # pragma: no cover - depends on the build
+        return False, f"torch.distributed._symmetric_memory is unavailable ({e})"
+    try:
+        nccl = torch.cuda.nccl.version()
+    except Exception:  # pragma: no cover
+        nccl = (0, 0, 0)
+    if tuple(nccl)[:2] < (2, 28):
+        return False, f"needs NCCL >= 2.28 for NCCL_CTA_POLICY_ZERO (found {'.'.join(map(str, nccl))})"
+    return False, ("a copy-engine all_to_all is not implemented in this blazec version (it has not "
+                   "been verified on a multi-GPU machine)")
+
+
+_NOTICED: set[str] = set()
+
+
+def sm_free_notice(group: EPGroup | None) -> str:
+    """The one-line fallback notice for ``sm_free_comm=True`` (logged once per process and reason)."""
+    import logging
+    import torch.distributed as dist
+
+    if group is None and dist.is_available() and dist.is_initialized():
+        world = dist.group.WORLD
+        group = EPGroup(world.group_name, dist.get_rank(), dist.get_world_size(), str(dist.get_backend()))
+    if group is None:
+        ok, why = False, "torch.distributed is not initialized"
+    else:
+        ok, why = sm_free_support(group)
+    msg = "" if ok else f"blazec: sm_free_comm: using ordinary collectives: {why}"
+    if msg and msg not in _NOTICED:
+        _NOTICED.add(msg)
+        logging.getLogger("blazec").warning(msg)
+    return msg

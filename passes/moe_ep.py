@@ -1,0 +1,90 @@
+"""Expert-parallel emission for the MoE rewrite (used by ``passes/moe_dispatch.py``).
+
+When ``expert_parallel`` is set, each matched MoE site becomes, instead of one ``moe_route`` +
+``moe_experts`` over all E experts, a software-pipelined chain over ``ep_chunks`` token chunks::
+
+    keep = kept_pairs(ids, E, capacity, priority)            # only for capacity forms
+    x_0.., ids_0.., w_0.. = tensor_split(x / ids / w, N)     # only for N > 1
+    D(0); D(1); C(0); K(0); D(2); C(1); K(1); ...; C(N-1); K(N-1); y = cat(y_0, ...)
+
+with ``D(i) = ep_dispatch`` (all_to_all of chunk i's rows to the expert owners),
+``C(i) = local_route + moe_experts`` over this rank's E/W experts, and
+``K(i) = ep_combine`` (all_to_all back, then sum per token). Emitting chunk i+1's dispatch
+before chunk i's experts is the pipeline: the post-grad ``comm_overlap`` pass then sinks each
+collective's wait to its first use, so D(i+1) and K(i-1) are in flight while C(i) computes.
+The chunks are independent (a token's combine stays inside its chunk), so the result is the
+same for any N. Autograd derives the backward chain, with its own reverse all_to_alls, from
+this one.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx
+
+from blazec.expert_parallel import EPGroup, ep_combine, ep_dispatch, kept_pairs, local_route
+from blazec.passes.moe_expert_mlp import weight_list
+
+Node = torch.fx.Node
+
+
+def local_weight_lists(graph: torch.fx.Graph, experts: dict, lo: int, n_local: int) -> dict[str, list[Node]]:
+    """The op's weight-list arguments restricted to experts ``[lo, lo + n_local)``."""
+    out = {}
+    for a in ("gate", "up", "down", "b_gate", "b_up", "b_down"):
+        refs = [getattr(experts[e], a) for e in range(len(experts))]
+        if refs[0] is not None and refs[0].index is not None:  # stacked: a row range of the parameter
+            out[a] = [graph.call_function(torch.narrow, (v, 0, lo, n_local))
+                      for v in weight_list(graph, refs, len(experts))]
+        else:
+            out[a] = weight_list(graph, refs[lo:lo + n_local], n_local)
+    return out
+
+
+def emit_moe_ep(graph: torch.fx.Graph, ids: Node, weights: Node, x: Node, experts: dict,
+                out_dtype: torch.dtype, recompute: bool, capacity: int, priority: str,
+                group: EPGroup, chunks: int) -> Node:
+    """Insert the expert-parallel chain at the graph's insertion point; return the node of ``y``."""
+    E = len(experts)
+    n_local = E // group.world
+    first = experts[0]
+    call = graph.call_function
+
+    def items(node: Node, n: int) -> list[Node]:
+        return [call(operator.getitem, (node, i)) for i in range(n)]
+
+    keep = call(kept_pairs, (ids, E, capacity, priority)) if capacity >= 0 else None
+    lists = local_weight_lists(graph, experts, group.rank * n_local, n_local)
+    if chunks > 1:
+        split = [items(call(torch.tensor_split, (t, chunks)), chunks) if t is not None else [None] * chunks
+                 for t in (x, ids, weights, keep)]
+        parts = list(zip(*split))
+    else:
+        parts = [(x, ids, weights, keep)]
+
+    sent: dict[int, list[Node]] = {}
+
+    def dispatch(i: int) -> None:
+        xi, idsi, wi, keepi = parts[i]
+        sent[i] = items(call(ep_dispatch, (xi, idsi, wi, keepi, n_local, group.world, group.name)), 6)
+
+    def compute_and_combine(i: int) -> Node:
+        rx, rids, rw, send_tok, in_splits, out_splits = sent[i]
+        sorted_pairs, offsets, pair_pos = items(call(local_route, (rids, n_local)), 3)
+        out = call(torch.ops.blazec.moe_experts.default, (
+            rx, rw, sorted_pairs, offsets, pair_pos,
+            lists["gate"], lists["up"], lists["down"], lists["b_gate"], lists["b_up"], lists["b_down"],
+            first.activation, "hidden" if first.weight_in_hidden is not None else "output", recompute,
+            out_dtype))
+        y_local = call(operator.getitem, (out, 0))
+        return call(ep_combine, (y_local, parts[i][0], send_tok, in_splits, out_splits, group.name))
+
+    dispatch(0)
+    ys = []
+    for i in range(len(parts)):
+        if i + 1 < len(parts):
+            dispatch(i + 1)
+        ys.append(compute_and_combine(i))
+    return ys[0] if len(ys) == 1 else call(torch.cat, (ys, 0))
