@@ -14,17 +14,18 @@ move; every other node keeps its relative order, and no data dependency changes.
 
 Ordering rules (why each exists):
 
-- **Collectives keep their program order.** Every rank must issue collectives on a process
-  group in the same order, or they deadlock (NCCL) or pair up the wrong buffers (gloo). The
-  graph is the same on every rank, so any *deterministic* reorder inside one graph would be
-  safe for that graph alone; but other collectives that this pass cannot see (eager code
-  between graphs, a graph break, another process group driven from Python, a recompile that
-  only some ranks take) interleave with these in program order, and keeping program order is
-  the one choice that stays correct with all of them. So a collective is never raised above
-  the collective before it. The priority the design asks for (the collective whose result is
-  needed first goes first) is therefore what program order gives in traced code; where the
-  first consumers come in a different order than the issues, the report says so in a note
-  instead of reordering.
+- **Prioritized, deterministic issue order** (``comm_order="priority"``, the default). Every
+  rank must issue collectives on a process group in the same order, or they deadlock (NCCL)
+  or pair up the wrong buffers (gloo). The graph is the same on every rank and the reorder is
+  a pure function of it, so every rank issues the same sequence. Each collective rises to its
+  bound (its last input, or the nearest barrier above it); collectives that land at the same
+  point go in the order their results are first needed (the critical path: the one whose
+  consumer comes first goes first), ties in program order. A collective ready earlier is
+  issued earlier even when it is needed later: holding it back would idle the link. Eager code
+  and other graphs run before or after this graph, never inside it, so they do not interleave
+  with the reordered collectives.
+- ``comm_order="program"`` keeps the traced order instead: no collective rises above the one
+  before it. The report then notes where the first uses come in a different order.
 - **Side effects are barriers.** Neither a collective nor a wait crosses a node that mutates
   a tensor (``copy_``, in-place ops, out= ops, in-place collectives such as
   ``all_reduce_``), a node FX considers impure (asserts, prints, ...), or a random op
@@ -150,8 +151,63 @@ def _op_name(node: torch.fx.Node) -> str:
     return node.target.overloadpacket.__name__
 
 
-def schedule_comms(graph: torch.fx.Graph) -> PassReport:
-    """Reorder ``graph`` in place (collectives early, waits late) and report per collective."""
+def _raise_bound(nodes: list[torch.fx.Node], c: torch.fx.Node, lo: int) -> int:
+    """Index of the node ``c`` must stay below: its last input, ``lo``, or the nearest barrier."""
+    i = nodes.index(c)
+    lo = max([lo] + [nodes.index(a) for a in c.all_input_nodes if a in nodes])
+    for k in range(i - 1, lo, -1):
+        if _is_barrier(nodes[k]) or nodes[k].op == "placeholder":
+            return k
+    return lo
+
+
+def _raise_in_program_order(nodes: list[torch.fx.Node], colls: list[torch.fx.Node]) -> None:
+    """``comm_order="program"``: no collective rises above the collective before it."""
+    prev: torch.fx.Node | None = None
+    for c in colls:
+        if not _mutates(c):
+            lo = _raise_bound(nodes, c, nodes.index(prev) if prev is not None else -1)
+            i = nodes.index(c)
+            if lo + 1 < i:
+                nodes.pop(i)
+                nodes.insert(lo + 1, c)
+        prev = c
+
+
+def _raise_by_priority(nodes: list[torch.fx.Node], colls: list[torch.fx.Node],
+                       waits: dict[torch.fx.Node, torch.fx.Node | None]) -> None:
+    """``comm_order="priority"``: each collective rises to its bound; collectives that land at
+    the same point go in the order their results are first needed (program order on ties)."""
+    original = {n: i for i, n in enumerate(nodes)}
+
+    def need(c: torch.fx.Node) -> int:
+        w = waits[c]
+        uses = [original[u] for u in w.users] if w is not None else []
+        return min(uses, default=len(original))
+
+    anchors = {}
+    for c in colls:  # bounds in the original order
+        if not _mutates(c):
+            k = _raise_bound(nodes, c, -1)
+            anchors[c] = nodes[k] if k >= 0 else None
+    # A collective that reads another collective's output directly stays where it is.
+    movable = [c for c in anchors if not (anchors[c] is not None and _is_collective(anchors[c]))]
+    for c in movable:
+        nodes.remove(c)
+    groups: dict[torch.fx.Node | None, list[torch.fx.Node]] = {}
+    for c in movable:
+        groups.setdefault(anchors[c], []).append(c)
+    for anchor, group in groups.items():
+        group.sort(key=lambda c: (need(c), original[c]))
+        at = nodes.index(anchor) + 1 if anchor is not None else 0
+        nodes[at:at] = group
+
+
+def schedule_comms(graph: torch.fx.Graph, order: str = "priority") -> PassReport:
+    """Reorder ``graph`` in place (collectives early, waits late) and report per collective.
+
+    ``order`` is ``"priority"`` or ``"program"``; see the module docstring.
+    """
     report = PassReport(name=NAME)
     nodes = list(graph.nodes)
     colls = [n for n in nodes if _is_collective(n)]
@@ -173,25 +229,11 @@ def schedule_comms(graph: torch.fx.Graph) -> PassReport:
         c: _between(nodes, before[c][0], before[c][1]) if waits[c] is not None else None for c in colls
     }
 
-    # 1. Raise collectives, in program order: right after the last input, never above the
-    #    previous collective or a barrier.
-    prev: torch.fx.Node | None = None
-    for c in colls:
-        i = nodes.index(c)
-        if _mutates(c):
-            prev = c
-            continue
-        lo = max((nodes.index(a) for a in c.all_input_nodes), default=-1)
-        if prev is not None:
-            lo = max(lo, nodes.index(prev))
-        for k in range(i - 1, lo, -1):
-            if _is_barrier(nodes[k]) or nodes[k].op == "placeholder":
-                lo = k
-                break
-        if lo + 1 < i:
-            nodes.pop(i)
-            nodes.insert(lo + 1, c)
-        prev = c
+    # 1. Raise collectives: right after the last input, never above a barrier.
+    if order == "program":
+        _raise_in_program_order(nodes, colls)
+    else:
+        _raise_by_priority(nodes, colls, waits)
 
     # 2. Sink waits, in program order (waits that share a bound keep their order): right
     #    before the first user of the waited value, never below a barrier, and never below
@@ -248,7 +290,13 @@ def schedule_comms(graph: torch.fx.Graph) -> PassReport:
             report.notes.append(f"{c.name}: {reason} ({', '.join(f'{k}={v}' for k, v in details.items())})")
     ordered = [c for c in colls if c in first_use]
     by_use = sorted(ordered, key=lambda c: first_use[c])
-    if by_use != ordered:
+    issued = sorted(ordered, key=nodes.index)
+    if order == "priority" and issued != ordered:
+        report.notes.append(
+            "collectives issued in the order " + ", ".join(c.name for c in issued)
+            + " (program order: " + ", ".join(c.name for c in ordered) + ")"
+        )
+    if order == "program" and by_use != ordered:
         report.notes.append(
             "collectives kept in program order " + ", ".join(c.name for c in ordered)
             + "; their results are first used in the order " + ", ".join(c.name for c in by_use)
@@ -259,4 +307,5 @@ def schedule_comms(graph: torch.fx.Graph) -> PassReport:
 def comm_overlap_pass(gm: torch.fx.GraphModule, ctx: PassContext | None = None) -> PassReport:
     """Registry entry point (stage ``"post_grad"``); see the module docstring."""
     graph = gm.graph if isinstance(gm, torch.fx.GraphModule) else gm
-    return schedule_comms(graph)
+    order = getattr(getattr(ctx, "config", None), "comm_order", "priority")
+    return schedule_comms(graph, order)

@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from blazec.passes.comm_overlap import comm_overlap_pass
+from blazec.passes.comm_overlap import comm_overlap_pass, schedule_comms
 from blazec.passes.registry import passes_for
 
 c10d = torch.ops._c10d_functional
@@ -110,7 +110,7 @@ def test_two_collectives_keep_program_order():
         return v, g
 
     gm = _trace(f, (8, 16), (16, 16))
-    rep = comm_overlap_pass(gm)
+    rep = schedule_comms(gm.graph, order="program")
     gm.graph.lint()
     order = _order(gm)
     assert _before(order, "all_gather_into_tensor", "all_to_all_single")
@@ -129,11 +129,54 @@ def test_collectives_in_order_even_when_one_would_rise_above_the_other():
         return a.sum() + b.sum()
 
     gm = _trace(f, (8, 16), (16, 16))
-    comm_overlap_pass(gm)
+    schedule_comms(gm.graph, order="program")
     order = _order(gm)
     # all_reduce's input is a placeholder, but it may not be issued before reduce_scatter
     assert order.index("all_reduce") == order.index("reduce_scatter_tensor") + 1
     assert _before(order, "reduce_scatter_tensor", "wait_tensor")
+
+
+def test_priority_issues_each_collective_when_ready():
+    """Default order: all_reduce's input is ready at the top, so it goes before the matmul and
+    before reduce_scatter, whose input the matmul makes."""
+
+    def f(x, w):
+        h = torch.mm(x, w)
+        a = c10d.wait_tensor(c10d.reduce_scatter_tensor(h, "sum", 2, GROUP))
+        b = c10d.wait_tensor(c10d.all_reduce(x, "sum", GROUP))
+        return a.sum() + b.sum()
+
+    gm = _trace(f, (8, 16), (16, 16))
+    rep = comm_overlap_pass(gm)
+    gm.graph.lint()
+    order = _order(gm)
+    assert _before(order, "all_reduce", "mm") and _before(order, "mm", "reduce_scatter_tensor")
+    assert any("issued in the order all_reduce, reduce_scatter_tensor" in n for n in rep.notes), rep.notes
+
+
+def test_priority_breaks_ties_by_first_use():
+    """Three collectives whose inputs are all ready at the top: the one needed first goes first."""
+
+    def f(x, y, z, w):
+        a = c10d.wait_tensor(c10d.all_reduce(x, "sum", GROUP))  # needed last
+        b = c10d.wait_tensor(c10d.all_reduce(y, "sum", GROUP))  # needed second
+        c = c10d.wait_tensor(c10d.all_reduce(z, "sum", GROUP))  # needed first
+        u = torch.mm(c, w)
+        v = torch.mm(b, u)
+        return torch.mm(a, v)
+
+    gm = _trace(f, (16, 16), (16, 16), (16, 16), (16, 16))
+    comm_overlap_pass(gm)
+    gm.graph.lint()
+    order = _order(gm)
+    colls = [n for n in order if n.startswith("all_reduce")]
+    assert colls == ["all_reduce_2", "all_reduce_1", "all_reduce"], order
+    for w, mm in (("wait_tensor_2", "mm"), ("wait_tensor_1", "mm_1"), ("wait_tensor", "mm_2")):
+        assert order[order.index(mm) - 1] == w, order
+    # the same graph in program order keeps x, y, z's order
+    gm2 = _trace(f, (16, 16), (16, 16), (16, 16), (16, 16))
+    schedule_comms(gm2.graph, order="program")
+    assert [n for n in _order(gm2) if n.startswith("all_reduce")] == ["all_reduce", "all_reduce_1", "all_reduce_2"]
 
 
 def test_side_effects_are_barriers():
