@@ -4,9 +4,10 @@ With ``options={"expert_parallel": "world"}`` (or a ``ProcessGroup``), rank ``r`
 owns experts ``[r*E/W, (r+1)*E/W)``. The MoE rewrite (``passes/moe_ep.py``) then emits, per
 layer and per token chunk::
 
-    rx, rids, rw, *plan = ep_dispatch(x, ids, w, keep, n_local, world, group)   # all_to_all out
+    rx, rids, rw, send_tok, in_splits, out_splits = ep_dispatch(x, ids, w, keep, n_local, world, group)   # all_to_all out
     y_local = moe_experts(rx, rw, *local_route(rids, n_local), local weights)
-    y = ep_combine(y_local, x, *plan, group)                                # all_to_all back
+    back = ep_return(y_local, in_splits, out_splits, group)                 # all_to_all back
+    y = ep_sum(back, x, send_tok)                                           # sum per token
 
 These functions are plain torch code. The rewrite calls them from the Dynamo graph, so
 AOTAutograd traces them into aten ops and ``_c10d_functional`` collectives, and autograd derives
@@ -98,7 +99,7 @@ def ep_dispatch(x: Tensor, ids: Tensor, weights: Tensor, keep: Tensor | None, n_
 
     Returns ``(rx, rids, rw, send_tok, in_splits, out_splits)``: the received rows ``[R, d]``,
     their slots' local expert ids ``[R, k]`` (``n_local`` marks a slot owned elsewhere), their
-    weights ``[R, k]`` (0 there), and what :func:`ep_combine` needs to send results back.
+    weights ``[R, k]`` (0 there), and what :func:`ep_return` and :func:`ep_sum` need to bring results back.
     """
     import torch.distributed._functional_collectives as fc
 
@@ -143,15 +144,19 @@ def kept_pairs(ids: Tensor, num_experts: int, capacity: int, priority: str) -> T
     return (pair_pos >= 0).view(ids.shape)
 
 
-def ep_combine(y_local: Tensor, x: Tensor, send_tok: Tensor, in_splits, out_splits, group_name: str) -> Tensor:
-    """Send expert outputs back to their source ranks and sum each token's rows: ``[T, d]``.
+def ep_return(y_local: Tensor, in_splits, out_splits, group_name: str) -> Tensor:
+    """Send expert outputs back to their source ranks: ``[S, d]``, in ``ep_dispatch``'s row order."""
+    import torch.distributed._functional_collectives as fc
+
+    return fc.all_to_all_single_autograd(y_local, in_splits, out_splits, group_name)
+
+
+def ep_sum(back: Tensor, x: Tensor, send_tok: Tensor) -> Tensor:
+    """Sum each token's returned rows (one per rank it was sent to): ``[T, d]``.
 
     ``x`` is the dispatched input; only its row count is read.
     """
-    import torch.distributed._functional_collectives as fc
-
-    back = fc.all_to_all_single_autograd(y_local, in_splits, out_splits, group_name)
-    out = torch.zeros(x.shape[0], y_local.shape[1], dtype=y_local.dtype, device=y_local.device)
+    out = torch.zeros(x.shape[0], back.shape[1], dtype=back.dtype, device=back.device)
     return out.index_add(0, send_tok, back)
 
 

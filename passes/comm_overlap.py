@@ -147,6 +147,57 @@ def _between(nodes: list[torch.fx.Node], i: int, j: int) -> tuple[int, int | Non
     return count, flops
 
 
+_HEAVY = {"mm", "addmm", "bmm", "baddbmm", "convolution", "_grouped_mm", "_scaled_grouped_mm"}
+
+
+def _heavy(node: torch.fx.Node) -> str | None:
+    """The op name of a node worth overlapping with (matmuls, convolutions, blaze ops)."""
+    t = node.target
+    if node.op != "call_function" or not isinstance(t, torch._ops.OpOverload):
+        return None
+    name = t.overloadpacket.__name__
+    return name if t.namespace == "blazec" or name in _HEAVY else None
+
+
+def _heavy_between(nodes: list[torch.fx.Node], i: int, j: int) -> list[str]:
+    """Names of the heavy ops strictly between i and j, with a count when one repeats."""
+    counts: dict[str, int] = {}
+    for n in nodes[i + 1 : j]:
+        h = _heavy(n)
+        if h:
+            counts[h] = counts.get(h, 0) + 1
+    return [h if k == 1 else f"{h}x{k}" for h, k in counts.items()]
+
+
+def schedule_lines(graph: torch.fx.Graph) -> list[str]:
+    """The communication schedule of ``graph`` as text: issues, waits, and the ops between."""
+    out: list[str] = []
+    pending: list[torch.fx.Node] = []
+
+    def flush() -> None:
+        if pending:
+            heavy = [h for h in (_heavy(n) for n in pending) if h]
+            counts = {h: heavy.count(h) for h in dict.fromkeys(heavy)}
+            desc = ", ".join(h if k == 1 else f"{h} x{k}" for h, k in counts.items())
+            out.append(f"    .. {len(pending)} op(s)" + (f": {desc}" if desc else ""))
+            pending.clear()
+
+    for n in graph.nodes:
+        if _is_collective(n):
+            flush()
+            out.append(f"  issue {n.name} ({_op_name(n)})")
+        elif _is_wait(n):
+            flush()
+            src = n.args[0]
+            while isinstance(src, torch.fx.Node) and src.target is operator.getitem:
+                src = src.args[0]
+            out.append(f"  wait  {getattr(src, 'name', src)}")
+        elif _is_compute(n):
+            pending.append(n)
+    flush()
+    return out
+
+
 def _op_name(node: torch.fx.Node) -> str:
     return node.target.overloadpacket.__name__
 
@@ -281,6 +332,9 @@ def schedule_comms(graph: torch.fx.Graph, order: str = "priority") -> PassReport
         }
         if f1 is not None:
             details["flops_between"] = f"{f0 if f0 is not None else '?'}->{f1}"
+        heavy = _heavy_between(nodes, iss1, wait1)
+        if heavy:
+            details["overlaps"] = ",".join(heavy)
         uses = [nodes.index(u) for u in waits[c].users]
         first_use[c] = min(uses) if uses else len(nodes)
         if (iss0, wait0) != (iss1, wait1):
@@ -296,6 +350,7 @@ def schedule_comms(graph: torch.fx.Graph, order: str = "priority") -> PassReport
             "collectives issued in the order " + ", ".join(c.name for c in issued)
             + " (program order: " + ", ".join(c.name for c in ordered) + ")"
         )
+    report.notes.append("schedule after the pass:\n" + "\n".join(schedule_lines(graph)))
     if order == "program" and by_use != ordered:
         report.notes.append(
             "collectives kept in program order " + ", ".join(c.name for c in ordered)

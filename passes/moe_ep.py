@@ -5,13 +5,15 @@ When ``expert_parallel`` is set, each matched MoE site becomes, instead of one `
 
     keep = kept_pairs(ids, E, capacity, priority)            # only for capacity forms
     x_0.., ids_0.., w_0.. = tensor_split(x / ids / w, N)     # only for N > 1
-    D(0); D(1); C(0); K(0); D(2); C(1); K(1); ...; C(N-1); K(N-1); y = cat(y_0, ...)
+    D(0); D(1); C(0); R(0); D(2); C(1); R(1); S(0); ...; C(N-1); R(N-1); S(N-2); S(N-1)
+    y = cat(y_0, ..., y_N-1)
 
 with ``D(i) = ep_dispatch`` (all_to_all of chunk i's rows to the expert owners),
-``C(i) = local_route + moe_experts`` over this rank's E/W experts, and
-``K(i) = ep_combine`` (all_to_all back, then sum per token). Emitting chunk i+1's dispatch
-before chunk i's experts is the pipeline: the post-grad ``comm_overlap`` pass then sinks each
-collective's wait to its first use, so D(i+1) and K(i-1) are in flight while C(i) computes.
+``C(i) = local_route + moe_experts`` over this rank's E/W experts, ``R(i) = ep_return``
+(all_to_all back) and ``S(i) = ep_sum`` (each token's rows summed). Emitting chunk i+1's
+dispatch before chunk i's experts, and chunk i-1's sum after them, is the pipeline: the
+post-grad ``comm_overlap`` pass sinks each collective's wait to its first use, so D(i+1) and
+R(i-1) are in flight while C(i) computes.
 The chunks are independent (a token's combine stays inside its chunk), so the result is the
 same for any N. Autograd derives the backward chain, with its own reverse all_to_alls, from
 this one.
@@ -24,7 +26,7 @@ import operator
 import torch
 import torch.fx
 
-from blazec.expert_parallel import EPGroup, ep_combine, ep_dispatch, kept_pairs, local_route
+from blazec.expert_parallel import EPGroup, ep_dispatch, ep_return, ep_sum, kept_pairs, local_route
 from blazec.passes.moe_expert_mlp import weight_list
 
 Node = torch.fx.Node
@@ -70,7 +72,7 @@ def emit_moe_ep(graph: torch.fx.Graph, ids: Node, weights: Node, x: Node, expert
         xi, idsi, wi, keepi = parts[i]
         sent[i] = items(call(ep_dispatch, (xi, idsi, wi, keepi, n_local, group.world, group.name)), 6)
 
-    def compute_and_combine(i: int) -> Node:
+    def compute_and_return(i: int) -> Node:
         rx, rids, rw, send_tok, in_splits, out_splits = sent[i]
         sorted_pairs, offsets, pair_pos = items(call(local_route, (rids, n_local)), 3)
         out = call(torch.ops.blazec.moe_experts.default, (
@@ -79,12 +81,20 @@ def emit_moe_ep(graph: torch.fx.Graph, ids: Node, weights: Node, x: Node, expert
             first.activation, "hidden" if first.weight_in_hidden is not None else "output", recompute,
             out_dtype))
         y_local = call(operator.getitem, (out, 0))
-        return call(ep_combine, (y_local, parts[i][0], send_tok, in_splits, out_splits, group.name))
+        return call(ep_return, (y_local, in_splits, out_splits, group.name))
 
+    def total(i: int) -> Node:
+        return call(ep_sum, (back[i], parts[i][0], sent[i][3]))
+
+    n = len(parts)
+    back: dict[int, Node] = {}
+    ys: list[Node] = []
     dispatch(0)
-    ys = []
-    for i in range(len(parts)):
-        if i + 1 < len(parts):
+    for i in range(n):
+        if i + 1 < n:
             dispatch(i + 1)
-        ys.append(compute_and_combine(i))
-    return ys[0] if len(ys) == 1 else call(torch.cat, (ys, 0))
+        back[i] = compute_and_return(i)
+        if i >= 1:
+            ys.append(total(i - 1))
+    ys.append(total(n - 1))
+    return ys[0] if n == 1 else call(torch.cat, (ys, 0))
