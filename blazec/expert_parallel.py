@@ -65,23 +65,21 @@ def resolve_group(value) -> EPGroup:
 
     if not dist.is_available():
         raise ExpertParallelError("expert_parallel needs torch.distributed, which this torch build lacks")
-    if not dist.is_initialized():
-        raise ExpertParallelError(
-            "expert_parallel needs torch.distributed initialized before the first compiled call "
-            "(torch.distributed.init_process_group(...), for example under torchrun)"
-        )
     if isinstance(value, str):
         if value != "world":
             raise ExpertParallelError(
                 f"expert_parallel must be 'world' or a torch.distributed ProcessGroup, got {value!r}"
             )
-        group = dist.group.WORLD
-    elif isinstance(value, dist.ProcessGroup):
-        group = value
-    else:
+    elif not isinstance(value, dist.ProcessGroup):
         raise ExpertParallelError(
             f"expert_parallel must be 'world' or a torch.distributed ProcessGroup, got {type(value).__name__}"
         )
+    if not dist.is_initialized():
+        raise ExpertParallelError(
+            "expert_parallel needs torch.distributed initialized before the first compiled call "
+            "(torch.distributed.init_process_group(...), for example under torchrun)"
+        )
+    group = dist.group.WORLD if isinstance(value, str) else value
     rank = dist.get_rank(group)
     if rank < 0:
         raise ExpertParallelError("expert_parallel: this process is not a member of the given process group")

@@ -1,0 +1,114 @@
+"""Expert parallelism on 2 and 4 gloo ranks: the same numbers as one process, for every form."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from blazec.config import BlazeConfig, BlazeOptionError
+from tests.distributed.ep_check import batches, check_ep, moe_matches, reports
+from tests.distributed.spawn import run_ranks
+from tests.helpers import EXAMPLE_FILES, load_example
+
+
+def _every_form(rank: int, world: int) -> None:
+    for name in EXAMPLE_FILES:
+        model, (x0,) = load_example(name).make()
+        records = check_ep(rank, world, model, batches(x0.shape, world), {"final_stage": "eager"})
+        (m,) = moe_matches(records)
+        E = m.details["E"]
+        lo = rank * E // world
+        assert m.details["expert_parallel"] == (
+            f"rank {rank}/{world} runs experts {lo}..{lo + E // world - 1}, 2 chunk(s)"), (name, m.details)
+
+
+def test_every_example_form_matches_single_process_on_2_ranks():
+    assert len(EXAMPLE_FILES) >= 7
+    run_ranks(_every_form, 2)
+
+
+def _skewed_loop(rank: int, world: int) -> None:
+    """World 4, routing bent toward experts 0-1 (rank 0) and away from 6-7 (rank 3 gets none)."""
+    mod = load_example("moe_loop_modulelist.py")
+    model, (x0,) = mod.make(num_experts=8)
+    direction = torch.nn.functional.normalize(torch.randn(x0.shape[-1], generator=torch.Generator().manual_seed(7)), dim=0)
+    with torch.no_grad():
+        model.gate.weight[0:2] += 0.3 * direction
+        model.gate.weight[6:8] = -30.0 * direction
+    xs = batches(x0.shape, world, skew=lambda x: x + 4.0 * direction)
+    ids = [torch.topk(model.gate(x.view(-1, x.shape[-1])), 2).indices for x in xs]
+    counts = torch.bincount(torch.cat(ids).flatten(), minlength=8)
+    assert counts[6:].sum() == 0 and counts[:2].sum() > 2 * counts[4:6].sum(), counts  # the skew holds
+    for chunks in (1, 3):
+        model_c = mod.make(num_experts=8)[0]
+        model_c.load_state_dict(model.state_dict())
+        check_ep(rank, world, model_c, xs, {"final_stage": "eager", "ep_chunks": chunks})
+        local = range(2 * rank, 2 * rank + 2)
+        for e, expert in enumerate(model_c.experts):
+            used = all(p.grad is not None for p in expert.parameters())
+            unused = all(p.grad is None for p in expert.parameters())
+            assert (used if e in local else unused), (e, rank)  # experts 6-7: zero grads on rank 3
+
+    # E=6 does not split over 4 ranks: that layer is rewritten single-process, and reported.
+    model6, _ = mod.make(num_experts=6)
+    records = check_ep(rank, world, model6, batches(x0.shape, world), {"final_stage": "eager"})
+    misses = [n for r in reports(records, "moe_dispatch") for n in r.near_misses]
+    assert any("E=6 experts do not split evenly over 4 ranks" in n.reason for n in misses), misses
+    assert "expert_parallel" not in moe_matches(records)[0].details
+
+
+def _capacity_and_stacked(rank: int, world: int) -> None:
+    for name, kwargs in (("moe_gshard_top2.py", {"capacity_factor": 0.5}), ("moe_loop_stacked.py", {})):
+        model, (x0,) = load_example(name).make(**kwargs)
+        check_ep(rank, world, model, batches(x0.shape, world), {"final_stage": "eager", "ep_chunks": 2})
+
+
+@pytest.mark.parametrize("fn", [_skewed_loop, _capacity_and_stacked], ids=["skewed_empty_rank", "capacity_stacked"])
+def test_four_ranks(fn):
+    run_ranks(fn, 4)
+
+
+def _inductor_pipeline(rank: int, world: int) -> None:
+    model, (x0,) = load_example("moe_loop_modulelist.py").make()
+    xs = batches(x0.shape, world)
+    for chunks in (1, 2):
+        records = check_ep(rank, world, model, xs, {"ep_chunks": chunks, "sm_free_comm": True})
+        fwd, bwd = reports(records, "comm_overlap")
+        overlapping = [m for m in fwd.matches if "moe_experts" in m.details.get("overlaps", "")]
+        # chunk i+1's dispatch and chunk i-1's return are in flight while chunk i's experts run
+        bwd_overlapping = [m for m in bwd.matches if "moe_experts_backward" in m.details.get("overlaps", "")]
+        if chunks == 1:
+            assert not overlapping and not bwd_overlapping, [m.details for m in fwd.matches + bwd.matches]
+        else:
+            assert len(overlapping) >= 4, [m.details for m in fwd.matches]
+            assert bwd_overlapping, [m.details for m in bwd.matches]
+        assert any("schedule after the pass" in n for n in fwd.notes)
+        (sm,) = reports(records, "sm_free_comm")
+        assert sm.notes[0].startswith("blazec: sm_free_comm: using ordinary collectives: needs CUDA and the NCCL")
+        model.zero_grad(set_to_none=True)
+
+
+def test_inductor_pipelined_chunks_overlap_experts_on_2_ranks():
+    run_ranks(_inductor_pipeline, 2)
+
+
+# ---------------------------------------------------------------------------------------
+# Options (no process group needed)
+
+
+def test_expert_parallel_needs_an_initialized_process_group():
+    with pytest.raises(BlazeOptionError, match="expert_parallel.*init_process_group"):
+        BlazeConfig.from_options({"expert_parallel": "world"})
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"expert_parallel": "everyone"}, "must be 'world' or a torch.distributed ProcessGroup, got 'everyone'"),
+    ({"expert_parallel": 2}, "ProcessGroup, got int"),
+    ({"ep_chunks": 0}, "'ep_chunks' must be an int in \\[1, 64\\]"),
+    ({"ep_chunks": 2.0}, "'ep_chunks'"),
+    ({"sm_free_comm": "yes"}, "'sm_free_comm' must be True or False"),
+    ({"comm_order": "fifo"}, "'comm_order' must be one of 'priority', 'program'"),
+])
+def test_bad_options(options, message):
+    with pytest.raises(BlazeOptionError, match=message):
+        BlazeConfig.from_options(options)
