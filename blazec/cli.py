@@ -27,6 +27,11 @@ def _dump_args(p: argparse.ArgumentParser) -> None:
                    help="'eager' runs the FX graphs without Inductor codegen (faster)")
     p.add_argument("--dynamic", action="store_true", default=None, help="compile with dynamic=True")
     p.add_argument("--fullgraph", action="store_true", help="compile with fullgraph=True")
+    p.add_argument("--expert-parallel", type=int, default=1, metavar="N",
+                   help="run N gloo ranks on this machine with options expert_parallel='world' and dump rank 0 "
+                        "(shows the all_to_all dispatch and the communication schedule)")
+    p.add_argument("--ep-chunks", type=int, default=None, metavar="N",
+                   help="token chunks per expert-parallel MoE layer (the ep_chunks option; default 2)")
     p.add_argument("--memory-budget", metavar="BUDGET",
                    help="activation memory budget for the checkpoint solver: a fraction (0.6, '60%%') of what the "
                         "default partition saves, or bytes ('2GiB', 123456)")
@@ -44,7 +49,7 @@ def _cmd_dump(args: argparse.Namespace) -> int:
             continue
     text, files = dump.run(args.model, train=args.train, passes=args.passes, out=args.out, as_json=args.json,
                            final_stage=args.final_stage, dynamic=args.dynamic, fullgraph=args.fullgraph,
-                           memory_budget=budget)
+                           memory_budget=budget, expert_parallel=args.expert_parallel, ep_chunks=args.ep_chunks)
     print(text)
     if files:
         print(f"blazec dump: wrote {len(files)} file(s) under {args.out}", file=sys.stderr)

@@ -152,17 +152,76 @@ def write_dir(out: Path, records: list[report.GraphRecord], text: str, doc: dict
 
 def run(spec: str, *, train: bool = True, passes: list[str] | None = None, out: str | None = None,
         as_json: bool = False, final_stage: str = "inductor", dynamic: bool | None = None,
-        fullgraph: bool = False, memory_budget: Any = None) -> tuple[str, list[Path]]:
-    """Everything ``blazec dump`` does; returns what it prints and the files it wrote."""
+        fullgraph: bool = False, memory_budget: Any = None, expert_parallel: int = 1,
+        ep_chunks: int | None = None) -> tuple[str, list[Path]]:
+    """Everything ``blazec dump`` does; returns what it prints and the files it wrote.
+
+    ``expert_parallel=N > 1`` runs N gloo ranks on this machine (every rank runs the factory's
+    inputs) and dumps rank 0, so the expert-parallel rewrite and its communication schedule show.
+    """
     options: dict[str, Any] = {"final_stage": final_stage}
     if memory_budget is not None:
         options["memory_budget"] = memory_budget
     if passes is not None:
         options["passes"] = passes
+    if ep_chunks is not None:
+        options["ep_chunks"] = ep_chunks
     BlazeConfig.from_options(options)  # a bad --pass fails here, before the model is loaded
+    if not isinstance(expert_parallel, int) or not 1 <= expert_parallel <= 64:
+        raise ValueError(f"--expert-parallel must be a number of ranks in [1, 64], got {expert_parallel!r}")
     model, inputs = load_factory(spec)
-    records = compile_and_capture(model, inputs, train=train, options=options, dynamic=dynamic, fullgraph=fullgraph)
+    if expert_parallel > 1:
+        records = _capture_rank0(spec, expert_parallel, dict(train=train, options=options, dynamic=dynamic,
+                                                                fullgraph=fullgraph))
+    else:
+        records = compile_and_capture(model, inputs, train=train, options=options, dynamic=dynamic,
+                                      fullgraph=fullgraph)
     text = format_records(records, train=train)
+    if expert_parallel > 1:
+        text = (f"expert parallel: rank 0 of {expert_parallel} gloo ranks on this machine; every rank ran the "
+                f"factory's inputs\n\n") + text
     doc = to_json(records, spec, train)
     files = write_dir(Path(out), records, text, doc) if out else []
     return (json.dumps(doc, indent=2) if as_json else text), files
+
+
+def _rank_main(rank: int, world: int, port: int, spec: str, kwargs: dict[str, Any], result: str) -> None:
+    import datetime
+    import pickle
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(max(1, torch.get_num_threads() // world))
+    dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}",
+                            timeout=datetime.timedelta(seconds=300))
+    try:
+        model, inputs = load_factory(spec)
+        kwargs = dict(kwargs, options=dict(kwargs["options"], expert_parallel="world"))
+        records = compile_and_capture(model, inputs, **kwargs)
+        if rank == 0:
+            with open(result, "wb") as f:
+                pickle.dump(records, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def _capture_rank0(spec: str, world: int, kwargs: dict[str, Any]) -> list[report.GraphRecord]:
+    """Run :func:`compile_and_capture` expert-parallel on ``world`` local gloo ranks; rank 0's records."""
+    import pickle
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        result = str(Path(tmp) / "records.pkl")
+        try:
+            mp.spawn(_rank_main, args=(world, port, spec, kwargs, result), nprocs=world)
+        except mp.ProcessRaisedException as e:
+            last = str(e).strip().splitlines()[-1]
+            raise RuntimeError(f"an expert-parallel rank failed: {last}") from None
+        with open(result, "rb") as f:
+            return pickle.load(f)

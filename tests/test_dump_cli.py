@@ -107,3 +107,23 @@ def test_dump_memory_budget_shows_the_plan(capsys):
     assert "checkpoint plan: solver" in out and "budget: 50% of the default partition" in out
     rc, _, err = _dump(capsys, str(EXAMPLES / "moe_loop_modulelist.py"), "--memory-budget", "2XB")
     assert rc == 2 and "memory_budget" in err and err.startswith("blazec dump: error: ")
+
+
+def test_dump_expert_parallel_shows_the_dispatch_and_the_schedule(capsys):
+    rc, out, err = _dump(capsys, str(EXAMPLES / "moe_loop_stacked.py"), "--final-stage", "eager",
+                         "--expert-parallel", "2", "--ep-chunks", "3")
+    assert rc == 0, err
+    assert out.startswith("expert parallel: rank 0 of 2 gloo ranks")
+    assert "expert_parallel=rank 0/2 runs experts 0..3, 3 chunk(s)" in out
+    assert "ep_dispatch" in out and "ep_return" in out  # the rewritten Dynamo-level graph
+    assert "schedule after the pass:" in out and "issue all_to_all_single" in out
+    assert "overlaps=" in out and "moe_experts" in out.split("schedule after the pass:")[1]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--expert-parallel", "0"], "--expert-parallel must be a number of ranks in [1, 64], got 0"),
+    (["--ep-chunks", "0"], "option 'ep_chunks' must be an int in [1, 64], got 0"),
+])
+def test_dump_expert_parallel_bad_numbers(capsys, argv, message):
+    rc, _, err = _dump(capsys, str(EXAMPLES / "moe_loop_stacked.py"), *argv)
+    assert rc == 2 and err.strip() == f"blazec dump: error: {message}", err
