@@ -27,12 +27,16 @@ def batches(shape, world: int, skew=None):
     return [skew(x) for x in xs] if skew else xs
 
 
-def check_ep(rank: int, world: int, model, xs, options: dict, atol=2e-5, rtol=1e-4):
-    """Compile ``model`` expert-parallel, run rank ``rank``'s batch, compare; return the records."""
+def check_ep(rank: int, world: int, model, xs, options: dict, atol=2e-5, rtol=1e-4, group=None):
+    """Compile ``model`` expert-parallel, run rank ``rank``'s batch, compare; return the records.
+
+    ``rank``/``world`` are within ``group`` (default: the world group, given as "world"), and
+    ``xs`` holds one batch per member.
+    """
     ref = copy.deepcopy(model)
     gs = [torch.randn(x.shape, generator=torch.Generator().manual_seed(2000 + r)) for r, x in enumerate(xs)]
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend="blaze", options={"expert_parallel": "world", **options})
+    compiled = torch.compile(model, backend="blaze", options={"expert_parallel": group or "world", **options})
     x = xs[rank].clone().requires_grad_()
     with report.capture() as records:
         y = compiled(x)
@@ -45,7 +49,7 @@ def check_ep(rank: int, world: int, model, xs, options: dict, atol=2e-5, rtol=1e
     torch.testing.assert_close(x.grad, xr[rank].grad, atol=atol, rtol=rtol)
     for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
         g = (p.grad if p.grad is not None else torch.zeros_like(p)).clone()
-        dist.all_reduce(g)
+        dist.all_reduce(g, group=group)
         torch.testing.assert_close(g, q.grad, atol=atol, rtol=rtol, msg=lambda m: f"grad of {name}: {m}")
     return records
 

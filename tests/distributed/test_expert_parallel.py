@@ -22,9 +22,10 @@ def _every_form(rank: int, world: int) -> None:
             f"rank {rank}/{world} runs experts {lo}..{lo + E // world - 1}, 2 chunk(s)"), (name, m.details)
 
 
-def test_every_example_form_matches_single_process_on_2_ranks():
+@pytest.mark.parametrize("world", [2, 4])
+def test_every_example_form_matches_single_process(world):
     assert len(EXAMPLE_FILES) >= 7
-    run_ranks(_every_form, 2)
+    run_ranks(_every_form, world)
 
 
 def _skewed_loop(rank: int, world: int) -> None:
@@ -58,12 +59,23 @@ def _skewed_loop(rank: int, world: int) -> None:
 
 
 def _capacity_and_stacked(rank: int, world: int) -> None:
-    for name, kwargs in (("moe_gshard_top2.py", {"capacity_factor": 0.5}), ("moe_loop_stacked.py", {})):
-        model, (x0,) = load_example(name).make(**kwargs)
-        check_ep(rank, world, model, batches(x0.shape, world), {"final_stage": "eager", "ep_chunks": 2})
+    # Tight capacity: many pairs dropped, per source rank, in GShard's slot order.
+    model, (x0,) = load_example("moe_gshard_top2.py").make(capacity_factor=0.5)
+    check_ep(rank, world, model, batches(x0.shape, world), {"final_stage": "eager", "ep_chunks": 3})
+
+    # Two expert-parallel groups of 2 ranks inside the world of 4, given as ProcessGroups.
+    import torch.distributed as dist
+
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    group = groups[rank // 2]
+    model, (x0,) = load_example("moe_loop_stacked.py").make()
+    records = check_ep(rank % 2, 2, model, batches(x0.shape, 4)[2 * (rank // 2):][:2], {"final_stage": "eager"},
+                       group=group)
+    lo = (rank % 2) * 4
+    assert moe_matches(records)[0].details["expert_parallel"].startswith(f"rank {rank % 2}/2 runs experts {lo}..")
 
 
-@pytest.mark.parametrize("fn", [_skewed_loop, _capacity_and_stacked], ids=["skewed_empty_rank", "capacity_stacked"])
+@pytest.mark.parametrize("fn", [_skewed_loop, _capacity_and_stacked], ids=["skewed_empty_rank", "capacity_subgroups"])
 def test_four_ranks(fn):
     run_ranks(fn, 4)
 
