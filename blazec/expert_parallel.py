@@ -2,12 +2,14 @@
 
 With ``options={"expert_parallel": "world"}`` (or a ``ProcessGroup``), rank ``r`` of ``W``
 owns experts ``[r*E/W, (r+1)*E/W)``. The MoE rewrite (``passes/moe_ep.py``) then emits, per
-layer and per token chunk::
+layer (``_i`` is a token chunk)::
 
-    rx, rids, rw, send_tok, in_splits, out_splits = ep_dispatch(x, ids, w, keep, n_local, world, group)   # all_to_all out
-    y_local = moe_experts(rx, rw, *local_route(rids, n_local), local weights)
-    back = ep_return(y_local, in_splits, out_splits, group)                 # all_to_all back
-    y = ep_sum(back, x, send_tok)                                           # sum per token
+    send_tok_i, send_ids_i, mine_i, counts_i = ep_plan(ids_i, keep_i, n_local, world)  # local
+    splits = ep_exchange_counts([counts_0, ...], world, group)      # one small all_to_all + sync
+    rx_i, rids_i, rw_i = ep_send(x_i, w_i, send_tok_i, send_ids_i, mine_i, *splits[i], group)
+    y_local_i = moe_experts(rx_i, rw_i, *local_route(rids_i, n_local), local weights)
+    back_i = ep_return(y_local_i, *splits[i], group)                 # all_to_all back
+    y_i = ep_sum(back_i, x_i, send_tok_i)                            # sum per token
 
 These functions are plain torch code. The rewrite calls them from the Dynamo graph, so
 AOTAutograd traces them into aten ops and ``_c10d_functional`` collectives, and autograd derives
@@ -17,9 +19,9 @@ the backward (the reverse all_to_alls) itself.
 pair: a token whose k experts live on two ranks is sent twice, with its k slots' local expert
 ids (or ``n_local``, a sink, for slots owned elsewhere) and routing weights (0 for those
 slots) riding along. Rows are ordered by destination rank, then by token, so the receiving
-rank sees its sources in rank order. The split sizes are computed on device, exchanged with
-one small all_to_all, and read back with ``.tolist()`` (one host sync per chunk: the
-collective needs them as integers).
+rank sees its sources in rank order. The split sizes are computed on device, exchanged for
+all chunks with one small all_to_all, and read back with ``.tolist()``: one host sync per
+layer (the collectives need their split sizes as integers), before any row moves.
 
 **Capacity** (GShard/Switch forms) is applied on the source rank, over its own tokens, with the
 same priority order as the single-process op, so dropped pairs are exactly the ones the
@@ -86,45 +88,70 @@ def resolve_group(value) -> EPGroup:
     return EPGroup(group.group_name, rank, dist.get_world_size(group), str(dist.get_backend(group)))
 
 
-def ep_dispatch(x: Tensor, ids: Tensor, weights: Tensor, keep: Tensor | None, n_local: int,
-                world: int, group_name: str):
-    """Send each token's row to the ranks that own its experts.
+def ep_plan(ids: Tensor, keep: Tensor | None, n_local: int, world: int):
+    """Where each of a chunk's token rows goes; local compute only.
 
     Args:
-        x: ``[T, d]`` token rows. ids: ``[T, k]`` global expert ids. weights: ``[T, k]`` routing
-        weights. keep: ``[T, k]`` bool, False for pairs dropped by capacity, or None.
-        n_local: experts per rank. world, group_name: the expert-parallel group.
+        ids: ``[T, k]`` global expert ids. keep: ``[T, k]`` bool, False for pairs dropped by
+        capacity, or None. n_local: experts per rank. world: ranks in the group.
 
-    Returns ``(rx, rids, rw, send_tok, in_splits, out_splits)``: the received rows ``[R, d]``,
-    their slots' local expert ids ``[R, k]`` (``n_local`` marks a slot owned elsewhere), their
-    weights ``[R, k]`` (0 there), and what :func:`ep_return` and :func:`ep_sum` need to bring results back.
+    Returns ``(send_tok, send_ids, mine, send_counts)``: the token of each row to send ``[S]``
+    (grouped by destination rank, then in token order), its slots' local expert ids at the
+    destination ``[S, k]`` (``n_local``, a sink, for a slot owned elsewhere), which slots the
+    destination owns ``[S, k]``, and the rows per destination rank ``[W]``.
     """
-    import torch.distributed._functional_collectives as fc
-
     T, k = ids.shape
     ids = ids.to(torch.int64)
     dest = torch.div(ids, n_local, rounding_mode="floor")
     if keep is not None:
         dest = torch.where(keep, dest, world)  # dropped pairs go to a rank that does not exist
-    present = torch.zeros(T, world + 1, dtype=torch.int64, device=x.device).scatter_(1, dest, 1)
+    present = torch.zeros(T, world + 1, dtype=torch.int64, device=ids.device).scatter_(1, dest, 1)
     present = present[:, :world]
     send_counts = present.sum(0)
     rank_tok = present.t().nonzero()  # [S, 2]: (destination rank, token), rank-major
     send_tok = rank_tok[:, 1]
-    mine = dest.index_select(0, send_tok) == rank_tok[:, :1]  # slots owned by the row's destination
+    mine = dest.index_select(0, send_tok) == rank_tok[:, :1]
     send_ids = torch.where(mine, ids.index_select(0, send_tok) - rank_tok[:, :1] * n_local, n_local)
-    send_w = torch.where(mine, weights.index_select(0, send_tok), torch.zeros((), dtype=weights.dtype,
-                                                                                device=weights.device))
-    ones = [1] * world
-    recv_counts = fc.all_to_all_single(send_counts, ones, ones, group_name)
-    in_splits = send_counts.tolist()
-    out_splits = recv_counts.tolist()
-    for s in in_splits + out_splits:
-        torch._check(s >= 0)
+    return send_tok, send_ids, mine, send_counts
+
+
+def ep_exchange_counts(send_counts: list[Tensor], world: int, group_name: str) -> list[tuple[list, list]]:
+    """One all_to_all of every chunk's row counts, and one host read: ``[(in_splits, out_splits)]``.
+
+    The collectives need their split sizes as integers, so this is the layer's one host sync.
+    Doing it once for all chunks, before any row moves, keeps later chunks' transfers from
+    waiting behind it.
+    """
+    import torch.distributed._functional_collectives as fc
+
+    n = len(send_counts)
+    sent = torch.stack(send_counts, 1)  # [W, N]: rows to rank r from chunk i
+    recv = fc.all_to_all_single(sent.reshape(-1), [n] * world, [n] * world, group_name).view(world, n)
+    sent_l, recv_l = sent.tolist(), recv.tolist()
+    out = []
+    for i in range(n):
+        in_splits = [sent_l[r][i] for r in range(world)]
+        out_splits = [recv_l[r][i] for r in range(world)]
+        for v in in_splits + out_splits:
+            torch._check(v >= 0)
+        out.append((in_splits, out_splits))
+    return out
+
+
+def ep_send(x: Tensor, weights: Tensor, send_tok: Tensor, send_ids: Tensor, mine: Tensor,
+            in_splits, out_splits, group_name: str):
+    """Send a chunk's rows, slot ids and slot weights: ``(rx [R, d], rids [R, k], rw [R, k])``.
+
+    Slots the destination does not own carry weight 0 (and the sink id from :func:`ep_plan`).
+    """
+    import torch.distributed._functional_collectives as fc
+
+    send_w = torch.where(mine, weights.index_select(0, send_tok),
+                         torch.zeros((), dtype=weights.dtype, device=weights.device))
     rx = fc.all_to_all_single_autograd(x.index_select(0, send_tok), out_splits, in_splits, group_name)
     rids = fc.all_to_all_single(send_ids, out_splits, in_splits, group_name)
     rw = fc.all_to_all_single_autograd(send_w, out_splits, in_splits, group_name)
-    return rx, rids, rw, send_tok, in_splits, out_splits
+    return rx, rids, rw
 
 
 def local_route(rids: Tensor, n_local: int):

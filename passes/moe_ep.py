@@ -5,10 +5,13 @@ When ``expert_parallel`` is set, each matched MoE site becomes, instead of one `
 
     keep = kept_pairs(ids, E, capacity, priority)            # only for capacity forms
     x_0.., ids_0.., w_0.. = tensor_split(x / ids / w, N)     # only for N > 1
+    P(0) ... P(N-1); splits = ep_exchange_counts(counts of every chunk)
     D(0); D(1); C(0); R(0); D(2); C(1); R(1); S(0); ...; C(N-1); R(N-1); S(N-2); S(N-1)
     y = cat(y_0, ..., y_N-1)
 
-with ``D(i) = ep_dispatch`` (all_to_all of chunk i's rows to the expert owners),
+with ``P(i) = ep_plan`` (where chunk i's rows go, local), one exchange of all chunks' row
+counts (the layer's one host sync), ``D(i) = ep_send`` (all_to_all of chunk i's rows to the
+expert owners),
 ``C(i) = local_route + moe_experts`` over this rank's E/W experts, ``R(i) = ep_return``
 (all_to_all back) and ``S(i) = ep_sum`` (each token's rows summed). Emitting chunk i+1's
 dispatch before chunk i's experts, and chunk i-1's sum after them, is the pipeline: the
@@ -26,7 +29,8 @@ import operator
 import torch
 import torch.fx
 
-from blazec.expert_parallel import EPGroup, ep_dispatch, ep_return, ep_sum, kept_pairs, local_route
+from blazec.expert_parallel import (EPGroup, ep_exchange_counts, ep_plan, ep_return, ep_send, ep_sum, kept_pairs,
+                                    local_route)
 from blazec.passes.moe_expert_mlp import weight_list
 
 Node = torch.fx.Node
@@ -66,14 +70,19 @@ def emit_moe_ep(graph: torch.fx.Graph, ids: Node, weights: Node, x: Node, expert
     else:
         parts = [(x, ids, weights, keep)]
 
+    plans = [items(call(ep_plan, (idsi, keepi, n_local, group.world)), 4) for _, idsi, _, keepi in parts]
+    exchanged = call(ep_exchange_counts, ([p[3] for p in plans], group.world, group.name))
+    splits = [items(call(operator.getitem, (exchanged, i)), 2) for i in range(len(parts))]
     sent: dict[int, list[Node]] = {}
 
     def dispatch(i: int) -> None:
-        xi, idsi, wi, keepi = parts[i]
-        sent[i] = items(call(ep_dispatch, (xi, idsi, wi, keepi, n_local, group.world, group.name)), 6)
+        xi, _, wi, _ = parts[i]
+        send_tok, send_ids, mine, _ = plans[i]
+        sent[i] = items(call(ep_send, (xi, wi, send_tok, send_ids, mine, *splits[i], group.name)), 3)
 
     def compute_and_return(i: int) -> Node:
-        rx, rids, rw, send_tok, in_splits, out_splits = sent[i]
+        rx, rids, rw = sent[i]
+        in_splits, out_splits = splits[i]
         sorted_pairs, offsets, pair_pos = items(call(local_route, (rids, n_local)), 3)
         out = call(torch.ops.blazec.moe_experts.default, (
             rx, rw, sorted_pairs, offsets, pair_pos,
@@ -84,7 +93,7 @@ def emit_moe_ep(graph: torch.fx.Graph, ids: Node, weights: Node, x: Node, expert
         return call(ep_return, (y_local, in_splits, out_splits, group.name))
 
     def total(i: int) -> Node:
-        return call(ep_sum, (back[i], parts[i][0], sent[i][3]))
+        return call(ep_sum, (back[i], parts[i][0], plans[i][0]))
 
     n = len(parts)
     back: dict[int, Node] = {}
