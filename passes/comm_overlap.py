@@ -101,10 +101,14 @@ def _shape(node: Any) -> tuple[int, ...] | None:
     val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
     if not isinstance(val, torch.Tensor):
         return None
-    try:
-        return tuple(int(s) for s in val.shape)
-    except Exception:  # symbolic without hint
-        return None
+    out = []
+    for s in val.shape:
+        if isinstance(s, torch.SymInt):  # read the hint: int(s) would guard and specialize the size
+            if s.node.hint is None:  # unbacked
+                return None
+            s = s.node.hint
+        out.append(int(s))
+    return tuple(out)
 
 
 def _flops(node: torch.fx.Node) -> int | None:

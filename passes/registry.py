@@ -70,8 +70,8 @@ PASSES: list[PassSpec] = [
         "post_grad",
         "comm_overlap",
         "comm_overlap_pass",
-        "issue each functional collective right after its inputs and wait on it right before "
-        "its first use, keeping the collectives' program order",
+        "issue each functional collective right after its inputs (ties: the one needed first) and "
+        "wait on it right before its first use",
     ),
 ]
 

@@ -100,8 +100,27 @@ def _inductor_pipeline(rank: int, world: int) -> None:
         model.zero_grad(set_to_none=True)
 
 
+def _dynamic_batch(rank: int, world: int) -> None:
+    """dynamic=True: one compile serves several batch sizes (no pass specializes a size)."""
+    from blazec import report
+
+    model, (x0,) = load_example("moe_loop_modulelist.py").make()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="blaze", dynamic=True, options={"expert_parallel": "world"})
+    with report.capture() as records:
+        for b in (2, 3, 5):
+            x = torch.randn(b, *x0.shape[1:], generator=torch.Generator().manual_seed(10 * b + rank))
+            torch.testing.assert_close(compiled(x), model(x), atol=2e-5, rtol=1e-4)
+            compiled(x).sum().backward()
+    assert len(records) == 1, f"{len(records)} compiles for 3 batch sizes"
+
+
 def test_inductor_pipelined_chunks_overlap_experts_on_2_ranks():
     run_ranks(_inductor_pipeline, 2)
+
+
+def test_dynamic_batch_compiles_once_on_2_ranks():
+    run_ranks(_dynamic_batch, 2)
 
 
 # ---------------------------------------------------------------------------------------
