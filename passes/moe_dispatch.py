@@ -58,7 +58,7 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
     chunks = getattr(ctx.config, "ep_chunks", 1)
 
     def emit(before, ids, weights, x, experts, out_dtype, where, capacity=-1, priority="token"):
-        if ep is not None and len(experts) % ep.world == 0:
+        if ep is not None and ep.world > 1 and len(experts) % ep.world == 0:
             existing = set(graph.nodes)
             with graph.inserting_before(before):
                 y = emit_moe_ep(graph, ids, weights, x, experts, out_dtype, recompute, capacity, priority,
@@ -224,7 +224,7 @@ def _describe_match(form: str, where: str, experts: dict, x: Node, top_k: int, r
                     capacity: int | None = None, ep=None, chunks: int = 1) -> Match:
     first = experts[0]
     details = {}
-    if ep is not None and len(experts) % ep.world == 0:
+    if ep is not None and ep.world > 1 and len(experts) % ep.world == 0:
         local = ep.local_experts(len(experts))
         details["expert_parallel"] = (f"rank {ep.rank}/{ep.world} runs experts {local.start}..{local.stop - 1}, "
                                       f"{chunks} chunk(s)")

@@ -143,3 +143,15 @@ def test_expert_parallel_needs_an_initialized_process_group():
 def test_bad_options(options, message):
     with pytest.raises(BlazeOptionError, match=message):
         BlazeConfig.from_options(options)
+
+
+def _one_rank(rank: int, world: int) -> None:
+    model, (x0,) = load_example("moe_loop_modulelist.py").make()
+    records = check_ep(rank, world, model, batches(x0.shape, world), {"final_stage": "eager"})
+    (m,) = moe_matches(records)
+    assert "expert_parallel" not in m.details  # one rank: the plain single-process rewrite
+    assert not reports(records, "comm_overlap") or not any(r.matches for r in reports(records, "comm_overlap"))
+
+
+def test_a_one_rank_group_needs_no_collectives():
+    run_ranks(_one_rank, 1)
