@@ -7,18 +7,14 @@ compiles a model with a user-written ``funcol.all_reduce`` with ``backend="blaze
 
 from __future__ import annotations
 
-import datetime
-import socket
-
-import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from blazec.passes.comm_overlap import comm_overlap_pass, schedule_comms
 from blazec.passes.registry import passes_for
+from tests.distributed.spawn import run_ranks
 
 c10d = torch.ops._c10d_functional
 GROUP = "0"  # a group name is only a string in the graph; fake tracing never resolves it
@@ -255,13 +251,7 @@ def test_no_collectives_no_change():
 # End to end: 2 gloo ranks, torch.compile(backend="blaze"), eager and Inductor final stages
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank: int, world: int, port: int) -> None:
+def _rank_main(rank: int, world: int) -> None:
     import torch.distributed._functional_collectives as funcol
 
     from blazec import report
@@ -269,60 +259,45 @@ def _rank_main(rank: int, world: int, port: int) -> None:
     # a warm FX graph / AOTAutograd cache would skip the post-grad hook and so the report
     torch._inductor.config.fx_graph_cache = False
     torch._functorch.config.enable_autograd_cache = False
-    dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}",
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        torch.manual_seed(0)
-        lin1, lin2 = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
-        params = list(lin1.parameters()) + list(lin2.parameters())
+    torch.manual_seed(0)
+    lin1, lin2 = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+    params = list(lin1.parameters()) + list(lin2.parameters())
 
-        def f(x):
-            s = funcol.all_reduce(lin1(x), "sum", dist.group.WORLD)
-            y = torch.relu(lin2(x) @ lin2.weight)  # independent of the all_reduce
-            return (s * y).sum()
+    def f(x):
+        s = funcol.all_reduce(lin1(x), "sum", dist.group.WORLD)
+        y = torch.relu(lin2(x) @ lin2.weight)  # independent of the all_reduce
+        return (s * y).sum()
 
-        x = torch.randn(4, 8) + rank  # different data per rank: the all_reduce matters
-        out_ref = f(x)
-        grads_ref = torch.autograd.grad(out_ref, params)
-        for stage in ("eager", "inductor"):
-            torch._dynamo.reset()
-            with report.capture() as records:
-                out = torch.compile(f, backend="blaze", fullgraph=True, options={"final_stage": stage})(x)
-                grads = torch.autograd.grad(out, params)
-            torch.testing.assert_close(out, out_ref)
-            for g, r in zip(grads, grads_ref):
-                torch.testing.assert_close(g, r)
-            (rec,) = records
-            reps = [r for r in rec.pass_reports if r.name == "comm_overlap"]
-            assert len(reps) == 2, [r.name for r in rec.pass_reports]  # forward and backward
-            fwd, bwd = (r.matches for r in reps)
-            assert len(fwd) == 1 and len(bwd) == 1, (fwd, bwd)
-            # forward: the wait moved below lin2's matmuls; backward: the grad all_reduce rose
-            w0, w1 = map(int, fwd[0].details["wait"].split("->"))
-            assert fwd[0].details["op"] == "all_reduce" and w1 > w0, fwd[0].details
-            assert int(fwd[0].details["compute_between"].split("->")[1]) >= 2
-            i0, i1 = map(int, bwd[0].details["issue"].split("->"))
-            assert bwd[0].details["op"] == "all_reduce" and i1 < i0, bwd[0].details
-        # the pass can be turned off like any other
+    x = torch.randn(4, 8) + rank  # different data per rank: the all_reduce matters
+    out_ref = f(x)
+    grads_ref = torch.autograd.grad(out_ref, params)
+    for stage in ("eager", "inductor"):
         torch._dynamo.reset()
         with report.capture() as records:
-            opts = {"final_stage": "eager", "disable_passes": ["comm_overlap"]}
-            out = torch.compile(f, backend="blaze", fullgraph=True, options=opts)(x)
+            out = torch.compile(f, backend="blaze", fullgraph=True, options={"final_stage": stage})(x)
+            grads = torch.autograd.grad(out, params)
         torch.testing.assert_close(out, out_ref)
-        assert not any(r.name == "comm_overlap" and not r.skipped for r in records[0].pass_reports)
-    finally:
-        dist.destroy_process_group()
+        for g, r in zip(grads, grads_ref):
+            torch.testing.assert_close(g, r)
+        (rec,) = records
+        reps = [r for r in rec.pass_reports if r.name == "comm_overlap"]
+        assert len(reps) == 2, [r.name for r in rec.pass_reports]  # forward and backward
+        fwd, bwd = (r.matches for r in reps)
+        assert len(fwd) == 1 and len(bwd) == 1, (fwd, bwd)
+        # forward: the wait moved below lin2's matmuls; backward: the grad all_reduce rose
+        w0, w1 = map(int, fwd[0].details["wait"].split("->"))
+        assert fwd[0].details["op"] == "all_reduce" and w1 > w0, fwd[0].details
+        assert int(fwd[0].details["compute_between"].split("->")[1]) >= 2
+        i0, i1 = map(int, bwd[0].details["issue"].split("->"))
+        assert bwd[0].details["op"] == "all_reduce" and i1 < i0, bwd[0].details
+    # the pass can be turned off like any other
+    torch._dynamo.reset()
+    with report.capture() as records:
+        opts = {"final_stage": "eager", "disable_passes": ["comm_overlap"]}
+        out = torch.compile(f, backend="blaze", fullgraph=True, options=opts)(x)
+    torch.testing.assert_close(out, out_ref)
+    assert not any(r.name == "comm_overlap" and not r.skipped for r in records[0].pass_reports)
 
 
 def test_two_rank_gloo_compile_matches_eager():
-    ctx = mp.spawn(_rank_main, args=(2, _free_port()), nprocs=2, join=False)
-    deadline = 240  # seconds; a hang fails instead of blocking the suite
-    import time
-
-    start = time.monotonic()
-    while not ctx.join(timeout=5):
-        if time.monotonic() - start > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail("2-rank gloo compile did not finish in time (hang?)")
+    run_ranks(_rank_main, 2, deadline=240)
