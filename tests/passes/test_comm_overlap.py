@@ -1,4 +1,4 @@
-"""comm_overlap: functional collectives issued early, waited on late, in program order.
+"""comm_overlap: functional collectives issued early (ready first, then needed first), waited on late.
 
 Unit tests trace toy functions that call ``torch.ops._c10d_functional`` ops under
 FakeTensorMode (no process group needed). The end-to-end test spawns 2 gloo ranks and
