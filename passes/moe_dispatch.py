@@ -65,7 +65,7 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
                                 ep, chunks)
             _copy_source_meta(graph, before, existing)
             return y
-        if ep is not None:
+        if ep is not None and ep.world > 1:
             rep.near_misses.append(NearMiss(
                 "expert_parallel", where, f"E={len(experts)} experts do not split evenly over {ep.world} "
                 "ranks; this layer is rewritten single-process (every rank runs all its experts)"))

@@ -32,13 +32,42 @@ TOPK = (torch.topk,)
 
 def moe_gating_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
     rep = PassReport("moe_gating")
+    seen: set[tuple[Node | None, Node | None]] = set()
     for n in gm.graph.nodes:
         if n.op == "call_function" and n.target is torch.ops.blazec.moe_experts.default:
-            route = n.args[2].args[0] if is_getitem(n.args[2]) else None
-            ids = route.args[0] if isinstance(route, Node) else None
-            variant = classify(ids, n.args[1])
-            rep.notes.append(f"router of the MoE layer at {where_loc(n)}: {variant}")
+            ids, weights = routing_inputs(n)
+            if (ids, weights) in seen:  # another token chunk of an expert-parallel layer
+                continue
+            seen.add((ids, weights))
+            rep.notes.append(f"router of the MoE layer at {where_loc(n)}: {classify(ids, weights)}")
     return rep
+
+
+def routing_inputs(experts: Node) -> tuple[Node | None, Node | None]:
+    """The router's ``(topk_ids, topk_weights)`` behind a ``moe_experts`` node.
+
+    Single-process: ``moe_route``'s ids and the op's weights. Expert-parallel: the ids and
+    weights ``ep_plan`` and ``ep_send`` read, before ``tensor_split`` into chunks.
+    """
+    from blazec.expert_parallel import ep_plan, ep_send
+
+    route = experts.args[2].args[0] if is_getitem(experts.args[2]) else None
+    ids = route.args[0] if isinstance(route, Node) else None
+    weights = experts.args[1]
+    send = weights.args[0] if is_getitem(weights) else None
+    if isinstance(send, Node) and send.target is ep_send:
+        weights, send_ids = send.args[1], send.args[3]
+        plan = send_ids.args[0] if is_getitem(send_ids) else None
+        ids = plan.args[0] if isinstance(plan, Node) and plan.target is ep_plan else None
+        ids, weights = (_unsplit(t) for t in (ids, weights))
+    return ids, weights
+
+
+def _unsplit(node: object) -> object:
+    """``tensor_split(t, n)[i]`` -> ``t``."""
+    if is_getitem(node) and is_fn(node.args[0], torch.tensor_split):
+        return node.args[0].args[0]
+    return node
 
 
 def _topk(node: object) -> Node | None:

@@ -118,6 +118,8 @@ def test_dump_expert_parallel_shows_the_dispatch_and_the_schedule(capsys):
     assert all(f in out for f in ("ep_plan", "ep_exchange_counts", "ep_send", "ep_return", "ep_sum"))
     assert "schedule after the pass:" in out and "issue all_to_all_single" in out
     assert "overlaps=" in out and "moe_experts" in out.split("schedule after the pass:")[1]
+    # the gating pass follows the chunks back to the router, once per layer
+    assert out.count("note: router of the MoE layer at moe_loop_stacked.py:32: topk_softmax") == 1
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -150,6 +150,7 @@ def _one_rank(rank: int, world: int) -> None:
     records = check_ep(rank, world, model, batches(x0.shape, world), {"final_stage": "eager"})
     (m,) = moe_matches(records)
     assert "expert_parallel" not in m.details  # one rank: the plain single-process rewrite
+    assert not [n for r in reports(records, "moe_dispatch") for n in r.near_misses]
     assert not reports(records, "comm_overlap") or not any(r.matches for r in reports(records, "comm_overlap"))
 
 
