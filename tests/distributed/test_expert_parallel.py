@@ -156,3 +156,19 @@ def _one_rank(rank: int, world: int) -> None:
 
 def test_a_one_rank_group_needs_no_collectives():
     run_ranks(_one_rank, 1)
+
+
+def test_pipeline_benchmark_runs_and_prints_its_table():
+    """benchmarks/ep_pipeline.py at a toy size: the printout is the benchmark (timings are not asserted)."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "ep_pipeline.py"), "--tokens", "64", "--d", "32",
+                           "--inter", "16", "--steps", "1", "--warmup", "1", "--final-stage", "eager"],
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("chunks=")]
+    assert [r.split("  ")[0] for r in rows] == ["chunks=1, no overlap pass", "chunks=1", "chunks=2", "chunks=4"], proc.stdout
+    print(proc.stdout)
