@@ -158,8 +158,12 @@ def local_route(rids: Tensor, n_local: int):
     """``moe_route`` over the received slots, with sink slots (id ``n_local``) marked dropped."""
     sorted_pairs, offsets, pair_pos = torch.ops.blazec.moe_route(rids, n_local + 1)
     offsets = offsets[: n_local + 1]
-    # The sink is the last expert, so its pairs sit past offsets[n_local]: the op's dropped region.
-    pair_pos = torch.where(pair_pos < offsets[n_local], pair_pos, -1)
+    # The sink is the last expert, so its pairs sit past offsets[n_local]: mark them exactly as
+    # moe_route marks dropped pairs (-1 in both maps), so every moe_experts implementation skips them.
+    kept = offsets[n_local]
+    pos = torch.arange(sorted_pairs.shape[0], device=sorted_pairs.device)
+    sorted_pairs = torch.where(pos < kept, sorted_pairs, -1)
+    pair_pos = torch.where(pair_pos < kept, pair_pos, -1)
     return sorted_pairs, offsets, pair_pos
 
 
@@ -170,7 +174,7 @@ def kept_pairs(ids: Tensor, num_experts: int, capacity: int, priority: str) -> T
 
 
 def ep_return(y_local: Tensor, in_splits, out_splits, group_name: str) -> Tensor:
-    """Send expert outputs back to their source ranks: ``[S, d]``, in ``ep_dispatch``'s row order."""
+    """Send expert outputs back to their source ranks: ``[S, d]``, in ``ep_plan``'s row order."""
     import torch.distributed._functional_collectives as fc
 
     return fc.all_to_all_single_autograd(y_local, in_splits, out_splits, group_name)

@@ -1,0 +1,57 @@
+"""The local (no-communication) pieces of expert parallelism against brute force."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from blazec.expert_parallel import ep_plan, kept_pairs, local_route
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("world, n_local, k", [(2, 4, 2), (4, 2, 3), (3, 1, 1), (4, 4, 8)])
+def test_ep_plan_sends_each_token_once_per_owning_rank(seed, world, n_local, k):
+    g = torch.Generator().manual_seed(seed)
+    T, E = 11, world * n_local
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    keep = torch.rand(T, k, generator=g) > 0.3 if seed % 2 else None
+    send_tok, send_ids, mine, counts = ep_plan(ids, keep, n_local, world)
+
+    want_tok, want_ids, want_mine, want_counts = [], [], [], [0] * world
+    for r in range(world):  # rank-major, tokens in order, a token at most once per rank
+        for t in range(T):
+            owned = [bool((ids[t, j] // n_local == r) and (keep is None or keep[t, j])) for j in range(k)]
+            if any(owned):
+                want_tok.append(t)
+                want_mine.append(owned)
+                want_ids.append([int(ids[t, j]) - r * n_local if o else n_local for j, o in enumerate(owned)])
+                want_counts[r] += 1
+    assert send_tok.tolist() == want_tok
+    assert send_ids.tolist() == want_ids
+    assert mine.tolist() == want_mine
+    assert counts.tolist() == want_counts
+
+
+def test_ep_plan_empty_chunk():
+    send_tok, send_ids, mine, counts = ep_plan(torch.zeros(0, 2, dtype=torch.int64), None, 2, 2)
+    assert send_tok.numel() == 0 and send_ids.shape == (0, 2) and counts.tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_local_route_marks_sink_slots_dropped(seed):
+    """Sink slots (id n_local) look exactly like moe_route's dropped pairs."""
+    g = torch.Generator().manual_seed(seed)
+    n_local, T, k = 3, 9, 2
+    rids = torch.randint(0, n_local + 1, (T, k), generator=g)
+    sorted_pairs, offsets, pair_pos = local_route(rids, n_local)
+    flat = rids.flatten().tolist()
+    kept = [p for e in range(n_local) for p in range(T * k) if flat[p] == e]
+    assert sorted_pairs.tolist() == kept + [-1] * (T * k - len(kept))
+    assert offsets.tolist() == [sum(1 for v in flat if v < e) for e in range(n_local + 1)]
+    assert pair_pos.tolist() == [kept.index(p) if flat[p] < n_local else -1 for p in range(T * k)]
+
+
+def test_kept_pairs_matches_the_capacity_route():
+    ids = torch.tensor([[0, 1], [0, 2], [0, 1], [1, 0]])
+    # capacity 2, token priority: expert 0 keeps tokens 0 and 1, drops 2 and 3's slot 1
+    assert kept_pairs(ids, 3, 2, "token").tolist() == [[True, True], [True, True], [False, True], [False, False]]
