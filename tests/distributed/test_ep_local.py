@@ -55,3 +55,49 @@ def test_kept_pairs_matches_the_capacity_route():
     ids = torch.tensor([[0, 1], [0, 2], [0, 1], [1, 0]])
     # capacity 2, token priority: expert 0 keeps tokens 0 and 1, drops 2 and 3's slot 1
     assert kept_pairs(ids, 3, 2, "token").tolist() == [[True, True], [True, True], [False, True], [False, False]]
+
+
+# ---------------------------------------------------------------------------------------
+# sm_free_comm: what it turns on, and the one-line notice otherwise
+
+from blazec import expert_parallel as ep  # noqa: E402
+
+NCCL = ep.EPGroup("0", 0, 2, "nccl")
+
+
+def test_sm_free_on_gloo_falls_back_with_a_notice():
+    patches, msg = ep.sm_free_plan(ep.EPGroup("0", 0, 2, "gloo"), "inductor")
+    assert patches == {}
+    assert msg == ("blazec: sm_free_comm: using ordinary collectives: needs CUDA and the NCCL backend "
+                   "(group backend is 'gloo')")
+    assert ep.sm_free_plan(None, "inductor")[1].endswith("torch.distributed is not initialized")
+
+
+def test_sm_free_on_cuda_nccl_turns_on_torch_copy_engine_collectives(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    patches, msg = ep.sm_free_plan(NCCL, "inductor")
+    assert patches == {"aten_distributed_optimizations.enable_low_contention_collectives": True}
+    assert "all_to_all has no copy-engine variant" in msg and "\n" not in msg
+    # not through the eager final stage, and not on a torch without the Inductor pass
+    assert ep.sm_free_plan(NCCL, "eager")[0] == {}
+    monkeypatch.setattr(ep, "_torch_has_low_contention", lambda: False)
+    patches, msg = ep.sm_free_plan(NCCL, "inductor")
+    assert patches == {} and "has no copy-engine collectives" in msg
+
+
+def test_backend_passes_the_sm_free_patch_to_inductor(monkeypatch):
+    import torch._inductor.compile_fx as cfx
+
+    seen = {}
+    real = cfx.compile_fx
+
+    def spy(gm, inputs, config_patches=None, **kw):
+        seen.update(config_patches or {})
+        return real(gm, inputs, config_patches=config_patches, **kw)
+
+    monkeypatch.setattr(cfx, "compile_fx", spy)
+    monkeypatch.setattr(ep, "sm_free_plan", lambda group, stage: ({ep.LOW_CONTENTION_KEY: True}, "blazec: test"))
+    torch._dynamo.reset()
+    out = torch.compile(lambda x: x * 2, backend="blaze", options={"sm_free_comm": True})(torch.ones(3))
+    assert out.tolist() == [2.0, 2.0, 2.0]
+    assert seen.get(ep.LOW_CONTENTION_KEY) is True
