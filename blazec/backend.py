@@ -209,12 +209,12 @@ def blaze(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: Any 
 
     gm, reports = run_pre_grad_passes(gm, example_inputs, config)
     record.pass_reports.extend(reports)
+    sm_free_patches: dict[str, Any] = {}
     if config.sm_free_comm:
         from blazec.expert_parallel import sm_free_notice
 
-        notice = sm_free_notice(config.expert_parallel)
-        if notice:
-            record.pass_reports.append(_report.PassReport("sm_free_comm", notes=[notice]))
+        sm_free_patches, notice = sm_free_notice(config.expert_parallel, config.final_stage)
+        record.pass_reports.append(_report.PassReport("sm_free_comm", notes=[notice]))
     if _want_text():
         record.blaze_graph = _readable(gm)
         log.debug("graph after blaze passes:\n%s", record.blaze_graph)
@@ -226,7 +226,9 @@ def blaze(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: Any 
 
     _report.set_current(record)
     try:
-        return compile_fx(gm, example_inputs, config_patches=inductor_config_patches(config, record))
+        patches = inductor_config_patches(config, record)
+        patches.update(sm_free_patches)
+        return compile_fx(gm, example_inputs, config_patches=patches)
     finally:
         _report.set_current(None)
 

@@ -72,9 +72,11 @@ class BlazeConfig:
             ``"priority"`` (default) puts first the one whose result is needed first;
             ``"program"`` keeps the traced order. Both are deterministic, so every rank
             issues the same sequence.
-        sm_free_comm: ask for copy-engine ("SM-free") collectives. Where the torch, NCCL and
-            device setup does not provide them, blaze prints a one-line notice and uses the
-            ordinary collectives. Default False.
+        sm_free_comm: ask for copy-engine ("SM-free") collectives. On CUDA with an NCCL group
+            and ``final_stage="inductor"``, turns on torch's copy-engine all_gather and
+            reduce_scatter (Inductor's ``enable_low_contention_collectives``); torch has no
+            copy-engine all_to_all. A one-line notice says what applies; elsewhere the ordinary
+            collectives run. Default False. See docs/DISTRIBUTED.md.
         mode: ``torch.compile``'s ``mode=``, forwarded to Inductor.
     """
 

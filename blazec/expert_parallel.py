@@ -193,41 +193,54 @@ def ep_sum(back: Tensor, x: Tensor, send_tok: Tensor) -> Tensor:
 # SM-free (copy-engine) collectives
 
 
-def sm_free_support(group: EPGroup) -> tuple[bool, str]:
-    """Whether copy-engine collectives can replace the NCCL kernels here, and why not."""
+LOW_CONTENTION_KEY = "aten_distributed_optimizations.enable_low_contention_collectives"
+
+
+def _torch_has_low_contention() -> bool:
+    import torch._inductor.config as inductor_config
+
+    group = getattr(inductor_config, "aten_distributed_optimizations", None)
+    return group is not None and hasattr(group, "enable_low_contention_collectives")
+
+
+def sm_free_plan(group: EPGroup | None, final_stage: str) -> tuple[dict, str]:
+    """What ``sm_free_comm=True`` can do here: ``(Inductor config patches, one-line notice)``.
+
+    torch (>= 2.13) has copy-engine ("low-contention") all_gather and reduce_scatter through
+    symmetric memory, which Inductor substitutes when
+    ``aten_distributed_optimizations.enable_low_contention_collectives`` is on; torch itself
+    skips the groups it cannot set symmetric memory up for. There is no copy-engine all_to_all
+    in torch, so the expert-parallel all_to_alls keep NCCL's kernels. The notice says which.
+    """
+    head = "blazec: sm_free_comm: "
+    if group is None:
+        return {}, head + "using ordinary collectives: torch.distributed is not initialized"
     if group.backend != "nccl" or not torch.cuda.is_available():
-        return False, f"needs CUDA and the NCCL backend (group backend is {group.backend!r})"
-    try:
-        import torch.distributed._symmetric_memory  # noqa: F401
-    except Exception as e:  # pragma: no cover - depends on the build
-        return False, f"torch.distributed._symmetric_memory is unavailable ({e})"
-    try:
-        nccl = torch.cuda.nccl.version()
-    except Exception:  # pragma: no cover
-        nccl = (0, 0, 0)
-    if tuple(nccl)[:2] < (2, 28):
-        return False, f"needs NCCL >= 2.28 for NCCL_CTA_POLICY_ZERO (found {'.'.join(map(str, nccl))})"
-    return False, ("a copy-engine all_to_all is not implemented in this blazec version (it has not "
-                   "been verified on a multi-GPU machine)")
+        return {}, head + f"using ordinary collectives: needs CUDA and the NCCL backend (group backend is {group.backend!r})"
+    if not _torch_has_low_contention():
+        return {}, head + (f"using ordinary collectives: torch {torch.__version__} has no copy-engine collectives "
+                           f"(Inductor's {LOW_CONTENTION_KEY}, torch >= 2.13)")
+    if final_stage != "inductor":
+        return {}, head + "using ordinary collectives: copy-engine collectives are an Inductor pass; use final_stage='inductor'"
+    return {LOW_CONTENTION_KEY: True}, head + (
+        "all_gather/reduce_scatter may use copy engines (torch's low-contention collectives); all_to_all has "
+        "no copy-engine variant in torch, so expert-parallel all_to_alls keep NCCL's kernels")
 
 
 _NOTICED: set[str] = set()
 
 
-def sm_free_notice(group: EPGroup | None) -> str:
-    """The one-line fallback notice for ``sm_free_comm=True`` (logged once per process and reason)."""
+def sm_free_notice(group: EPGroup | None, final_stage: str = "inductor") -> tuple[dict, str]:
+    """:func:`sm_free_plan` for the configured or the world group; logs its notice once per process."""
     import logging
+
     import torch.distributed as dist
 
     if group is None and dist.is_available() and dist.is_initialized():
         world = dist.group.WORLD
         group = EPGroup(world.group_name, dist.get_rank(), dist.get_world_size(), str(dist.get_backend()))
-    if group is None:
-        ok, why = False, "torch.distributed is not initialized"
-    else:
-        ok, why = sm_free_support(group)
-    msg = "" if ok else f"blazec: sm_free_comm: using ordinary collectives: {why}"
-    if msg and msg not in _NOTICED:
+    patches, msg = sm_free_plan(group, final_stage)
+    if msg not in _NOTICED:
         _NOTICED.add(msg)
         logging.getLogger("blazec").warning(msg)
-    return msg
+    return patches, msg
