@@ -4,8 +4,9 @@ With ``options={"expert_parallel": "world"}`` (or a ``ProcessGroup``), rank ``r`
 owns experts ``[r*E/W, (r+1)*E/W)``. The MoE rewrite (``passes/moe_ep.py``) then emits, per
 layer (``_i`` is a token chunk)::
 
-    send_tok_i, send_ids_i, mine_i, counts_i = ep_plan(ids_i, keep_i, n_local, world)  # local
+    dest_i, present_i, counts_i = ep_plan(ids_i, keep_i, n_local, world)   # local
     splits = ep_exchange_counts([counts_0, ...], world, group)      # one small all_to_all + sync
+    send_tok_i, send_ids_i, mine_i = ep_rows(ids_i, dest_i, present_i, splits[i][0], n_local)
     rx_i, rids_i, rw_i = ep_send(x_i, w_i, send_tok_i, send_ids_i, mine_i, *splits[i], group)
     y_local_i = moe_experts(rx_i, rw_i, *local_route(rids_i, n_local), local weights)
     back_i = ep_return(y_local_i, *splits[i], group)                 # all_to_all back
@@ -89,30 +90,38 @@ def resolve_group(value) -> EPGroup:
 
 
 def ep_plan(ids: Tensor, keep: Tensor | None, n_local: int, world: int):
-    """Where each of a chunk's token rows goes; local compute only.
+    """Which ranks each token of a chunk goes to; local compute only, no host sync.
 
     Args:
         ids: ``[T, k]`` global expert ids. keep: ``[T, k]`` bool, False for pairs dropped by
         capacity, or None. n_local: experts per rank. world: ranks in the group.
 
-    Returns ``(send_tok, send_ids, mine, send_counts)``: the token of each row to send ``[S]``
-    (grouped by destination rank, then in token order), its slots' local expert ids at the
-    destination ``[S, k]`` (``n_local``, a sink, for a slot owned elsewhere), which slots the
-    destination owns ``[S, k]``, and the rows per destination rank ``[W]``.
+    Returns ``(dest, present, send_counts)``: each slot's owning rank ``[T, k]`` (``world``
+    for a dropped slot), whether token t goes to rank r ``[T, W]`` (0/1), and the rows per
+    destination rank ``[W]``.
     """
-    T, k = ids.shape
-    ids = ids.to(torch.int64)
-    dest = torch.div(ids, n_local, rounding_mode="floor")
+    dest = torch.div(ids.to(torch.int64), n_local, rounding_mode="floor")
     if keep is not None:
         dest = torch.where(keep, dest, world)  # dropped pairs go to a rank that does not exist
-    present = torch.zeros(T, world + 1, dtype=torch.int64, device=ids.device).scatter_(1, dest, 1)
+    present = torch.zeros(ids.shape[0], world + 1, dtype=torch.int64, device=ids.device).scatter_(1, dest, 1)
     present = present[:, :world]
-    send_counts = present.sum(0)
-    rank_tok = present.t().nonzero()  # [S, 2]: (destination rank, token), rank-major
+    return dest, present, present.sum(0)
+
+
+def ep_rows(ids: Tensor, dest: Tensor, present: Tensor, in_splits, n_local: int):
+    """The rows to send, once the row counts are known on the host (so no further sync).
+
+    Returns ``(send_tok, send_ids, mine)``: the token of each row ``[S]`` (grouped by
+    destination rank, then in token order), its slots' local expert ids at the destination
+    ``[S, k]`` (``n_local``, a sink, for a slot owned elsewhere), and which slots the
+    destination owns ``[S, k]``.
+    """
+    rank_tok = torch.nonzero_static(present.t(), size=sum(in_splits))  # [S, 2]: (rank, token)
     send_tok = rank_tok[:, 1]
     mine = dest.index_select(0, send_tok) == rank_tok[:, :1]
-    send_ids = torch.where(mine, ids.index_select(0, send_tok) - rank_tok[:, :1] * n_local, n_local)
-    return send_tok, send_ids, mine, send_counts
+    send_ids = torch.where(mine, ids.to(torch.int64).index_select(0, send_tok) - rank_tok[:, :1] * n_local,
+                           n_local)
+    return send_tok, send_ids, mine
 
 
 def ep_exchange_counts(send_counts: list[Tensor], world: int, group_name: str) -> list[tuple[list, list]]:
@@ -142,7 +151,7 @@ def ep_send(x: Tensor, weights: Tensor, send_tok: Tensor, send_ids: Tensor, mine
             in_splits, out_splits, group_name: str):
     """Send a chunk's rows, slot ids and slot weights: ``(rx [R, d], rids [R, k], rw [R, k])``.
 
-    Slots the destination does not own carry weight 0 (and the sink id from :func:`ep_plan`).
+    Slots the destination does not own carry weight 0 (and the sink id from :func:`ep_rows`).
     """
     import torch.distributed._functional_collectives as fc
 
@@ -174,7 +183,7 @@ def kept_pairs(ids: Tensor, num_experts: int, capacity: int, priority: str) -> T
 
 
 def ep_return(y_local: Tensor, in_splits, out_splits, group_name: str) -> Tensor:
-    """Send expert outputs back to their source ranks: ``[S, d]``, in ``ep_plan``'s row order."""
+    """Send expert outputs back to their source ranks: ``[S, d]``, in ``ep_rows``'s row order."""
     import torch.distributed._functional_collectives as fc
 
     return fc.all_to_all_single_autograd(y_local, in_splits, out_splits, group_name)

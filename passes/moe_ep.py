@@ -5,12 +5,13 @@ When ``expert_parallel`` is set, each matched MoE site becomes, instead of one `
 
     keep = kept_pairs(ids, E, capacity, priority)            # only for capacity forms
     x_0.., ids_0.., w_0.. = tensor_split(x / ids / w, N)     # only for N > 1
-    P(0) ... P(N-1); splits = ep_exchange_counts(counts of every chunk)
+    P(0) ... P(N-1); splits = ep_exchange_counts(counts of every chunk); rows(0) ... rows(N-1)
     D(0); D(1); C(0); R(0); D(2); C(1); R(1); S(0); ...; C(N-1); R(N-1); S(N-2); S(N-1)
     y = cat(y_0, ..., y_N-1)
 
-with ``P(i) = ep_plan`` (where chunk i's rows go, local), one exchange of all chunks' row
-counts (the layer's one host sync), ``D(i) = ep_send`` (all_to_all of chunk i's rows to the
+with ``P(i) = ep_plan`` (which ranks chunk i's tokens go to, local), one exchange of all
+chunks' row counts (the layer's one host sync), ``rows(i) = ep_rows`` (the row order, sized
+by the exchanged counts), ``D(i) = ep_send`` (all_to_all of chunk i's rows to the
 expert owners),
 ``C(i) = local_route + moe_experts`` over this rank's E/W experts, ``R(i) = ep_return``
 (all_to_all back) and ``S(i) = ep_sum`` (each token's rows summed). Emitting chunk i+1's
@@ -29,8 +30,8 @@ import operator
 import torch
 import torch.fx
 
-from blazec.expert_parallel import (EPGroup, ep_exchange_counts, ep_plan, ep_return, ep_send, ep_sum, kept_pairs,
-                                    local_route)
+from blazec.expert_parallel import (EPGroup, ep_exchange_counts, ep_plan, ep_return, ep_rows, ep_send, ep_sum,
+                                    kept_pairs, local_route)
 from blazec.passes.moe_expert_mlp import weight_list
 
 Node = torch.fx.Node
@@ -70,14 +71,16 @@ def emit_moe_ep(graph: torch.fx.Graph, ids: Node, weights: Node, x: Node, expert
     else:
         parts = [(x, ids, weights, keep)]
 
-    plans = [items(call(ep_plan, (idsi, keepi, n_local, group.world)), 4) for _, idsi, _, keepi in parts]
-    exchanged = call(ep_exchange_counts, ([p[3] for p in plans], group.world, group.name))
+    plans = [items(call(ep_plan, (idsi, keepi, n_local, group.world)), 3) for _, idsi, _, keepi in parts]
+    exchanged = call(ep_exchange_counts, ([p[2] for p in plans], group.world, group.name))
     splits = [items(call(operator.getitem, (exchanged, i)), 2) for i in range(len(parts))]
+    rows = [items(call(ep_rows, (parts[i][1], plans[i][0], plans[i][1], splits[i][0], n_local)), 3)
+            for i in range(len(parts))]
     sent: dict[int, list[Node]] = {}
 
     def dispatch(i: int) -> None:
         xi, _, wi, _ = parts[i]
-        send_tok, send_ids, mine, _ = plans[i]
+        send_tok, send_ids, mine = rows[i]
         sent[i] = items(call(ep_send, (xi, wi, send_tok, send_ids, mine, *splits[i], group.name)), 3)
 
     def compute_and_return(i: int) -> Node:
@@ -93,7 +96,7 @@ def emit_moe_ep(graph: torch.fx.Graph, ids: Node, weights: Node, x: Node, expert
         return call(ep_return, (y_local, in_splits, out_splits, group.name))
 
     def total(i: int) -> Node:
-        return call(ep_sum, (back[i], parts[i][0], plans[i][0]))
+        return call(ep_sum, (back[i], parts[i][0], rows[i][0]))
 
     n = len(parts)
     back: dict[int, Node] = {}

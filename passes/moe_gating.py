@@ -47,9 +47,9 @@ def routing_inputs(experts: Node) -> tuple[Node | None, Node | None]:
     """The router's ``(topk_ids, topk_weights)`` behind a ``moe_experts`` node.
 
     Single-process: ``moe_route``'s ids and the op's weights. Expert-parallel: the ids and
-    weights ``ep_plan`` and ``ep_send`` read, before ``tensor_split`` into chunks.
+    weights ``ep_rows`` and ``ep_send`` read, before ``tensor_split`` into chunks.
     """
-    from blazec.expert_parallel import ep_plan, ep_send
+    from blazec.expert_parallel import ep_rows, ep_send
 
     route = experts.args[2].args[0] if is_getitem(experts.args[2]) else None
     ids = route.args[0] if isinstance(route, Node) else None
@@ -57,8 +57,8 @@ def routing_inputs(experts: Node) -> tuple[Node | None, Node | None]:
     send = weights.args[0] if is_getitem(weights) else None
     if isinstance(send, Node) and send.target is ep_send:
         weights, send_ids = send.args[1], send.args[3]
-        plan = send_ids.args[0] if is_getitem(send_ids) else None
-        ids = plan.args[0] if isinstance(plan, Node) and plan.target is ep_plan else None
+        rows = send_ids.args[0] if is_getitem(send_ids) else None
+        ids = rows.args[0] if isinstance(rows, Node) and rows.target is ep_rows else None
         ids, weights = (_unsplit(t) for t in (ids, weights))
     return ids, weights
 

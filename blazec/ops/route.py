@@ -51,17 +51,19 @@ def check_route_args(topk_ids: Tensor, num_experts: int, capacity: int, priority
 
 
 def _check_ids_in_range(topk_ids: Tensor, num_experts: int) -> None:
-    # Data-dependent, so only in the real implementation. On CUDA this costs one host sync,
-    # which is acceptable for the reference path; an out-of-range id would otherwise corrupt
-    # the offsets silently.
+    # Data-dependent, so only in the real implementation; an out-of-range id would otherwise
+    # corrupt the offsets silently. On the CPU it raises a ValueError with the values found. On
+    # an accelerator it is a device-side assert with the same message: a host check would cost
+    # one sync per MoE layer (and per expert-parallel chunk) and break CUDA graphs.
     if topk_ids.numel() == 0:
+        return
+    msg = f"moe_route: topk_ids must lie in [0, num_experts={num_experts})"
+    if topk_ids.device.type != "cpu":
+        torch._assert_async(((topk_ids >= 0) & (topk_ids < num_experts)).all(), msg)
         return
     lo, hi = (int(v) for v in torch.aminmax(topk_ids.to(torch.int64)))
     if lo < 0 or hi >= num_experts:
-        raise ValueError(
-            f"moe_route: topk_ids must lie in [0, num_experts={num_experts}), got values in "
-            f"[{lo}, {hi}]"
-        )
+        raise ValueError(f"{msg}, got values in [{lo}, {hi}]")
 
 
 @torch.library.custom_op("blazec::moe_route", mutates_args=(), schema=ROUTE_SCHEMA)

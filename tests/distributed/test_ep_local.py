@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from blazec.expert_parallel import ep_plan, kept_pairs, local_route
+from blazec.expert_parallel import ep_plan, ep_rows, kept_pairs, local_route
+
+
+def _plan(ids, keep, n_local, world):
+    """ep_plan, then ep_rows with this rank's own counts as the exchanged in_splits."""
+    dest, present, counts = ep_plan(ids, keep, n_local, world)
+    send_tok, send_ids, mine = ep_rows(ids, dest, present, counts.tolist(), n_local)
+    return send_tok, send_ids, mine, counts
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -15,7 +22,7 @@ def test_ep_plan_sends_each_token_once_per_owning_rank(seed, world, n_local, k):
     T, E = 11, world * n_local
     ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
     keep = torch.rand(T, k, generator=g) > 0.3 if seed % 2 else None
-    send_tok, send_ids, mine, counts = ep_plan(ids, keep, n_local, world)
+    send_tok, send_ids, mine, counts = _plan(ids, keep, n_local, world)
 
     want_tok, want_ids, want_mine, want_counts = [], [], [], [0] * world
     for r in range(world):  # rank-major, tokens in order, a token at most once per rank
@@ -33,7 +40,7 @@ def test_ep_plan_sends_each_token_once_per_owning_rank(seed, world, n_local, k):
 
 
 def test_ep_plan_empty_chunk():
-    send_tok, send_ids, mine, counts = ep_plan(torch.zeros(0, 2, dtype=torch.int64), None, 2, 2)
+    send_tok, send_ids, mine, counts = _plan(torch.zeros(0, 2, dtype=torch.int64), None, 2, 2)
     assert send_tok.numel() == 0 and send_ids.shape == (0, 2) and counts.tolist() == [0, 0]
 
 
