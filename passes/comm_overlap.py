@@ -40,7 +40,9 @@ graphs traced under ``FakeTensorMode``. The report has one entry per collective:
 when it or its wait moved, a note when both already sat at their bounds, a near miss when
 its wait could not be found. Each entry gives the op, the issue and wait positions (node
 indices in the graph) before and after, the compute nodes between issue and wait before and
-after, and the FLOPs of the matmuls/convolutions between them when shapes are known.
+after, the FLOPs of the matmuls/convolutions between them when shapes are known, and the
+heavy ops (matmuls, blaze ops) the transfer overlaps. A final note prints the whole schedule
+(issues, waits and the ops between them), which ``blazec dump`` shows.
 """
 
 from __future__ import annotations
