@@ -36,6 +36,7 @@ order (``index_add``; on CUDA it uses atomics, so that last sum is not bitwise d
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -196,6 +197,63 @@ def ep_sum(back: Tensor, x: Tensor, send_tok: Tensor) -> Tensor:
     """
     out = torch.zeros(x.shape[0], back.shape[1], dtype=back.dtype, device=back.device)
     return out.index_add(0, send_tok, back)
+
+
+# ------------------------------------------------------------------------------------------
+# Gradients: which parameters are sharded experts, and the data-parallel reduction of the rest
+
+
+# id -> tensor, weakly: a WeakSet would compare tensors with ==, and a dead tensor drops out
+_EXPERT_PARAMS: "weakref.WeakValueDictionary[int, Tensor]" = weakref.WeakValueDictionary()
+_UNMAPPED: list[str] = []  # layers whose expert weights could not be traced back to parameters
+
+
+def register_expert_params(tensors: list[Tensor], unmapped: list[str]) -> None:
+    """Called by the MoE rewrite (after the pass succeeded) for its expert-parallel layers."""
+    for t in tensors:
+        _EXPERT_PARAMS[id(t)] = t
+    _UNMAPPED.extend(unmapped)
+
+
+def is_expert_param(p: Tensor) -> bool:
+    """Whether ``p`` holds expert weights of a compiled expert-parallel MoE layer."""
+    return _EXPERT_PARAMS.get(id(p)) is p
+
+
+def sync_grads(model: torch.nn.Module, group="world", average: bool = False) -> None:
+    """Make every gradient the gradient of the sum (or mean) of all ranks' losses.
+
+    Call after ``backward()``. Expert weights need nothing: the reverse all_to_all already
+    brought every rank's contribution to the owning rank. Every other parameter (router, norms,
+    attention, ...) is data-parallel; its gradient is all-reduced here, in one flat buffer.
+    With ``average=True`` all gradients are divided by the group size, which matches a loss
+    averaged over ranks. Do not also wrap the model in DDP.
+    """
+    import torch.distributed as dist
+
+    g = resolve_group(group)
+    pg = dist.group.WORLD if group == "world" else group
+    params = list(model.parameters())
+    if not any(is_expert_param(p) for p in params):
+        raise ExpertParallelError(
+            "sync_grads: no expert-parallel MoE layer of this model has been compiled yet (run a compiled "
+            "forward with options={'expert_parallel': ...} first), so its experts cannot be told apart")
+    if _UNMAPPED:
+        raise ExpertParallelError(
+            "sync_grads: the expert weights of " + ", ".join(_UNMAPPED) + " could not be traced back to "
+            "parameters; reduce the gradients yourself")
+    dense = [p.grad for p in params if p.grad is not None and not is_expert_param(p)]
+    if dense:
+        flat = torch._utils._flatten_dense_tensors(dense)
+        dist.all_reduce(flat, group=pg)
+        if average:
+            flat /= g.world
+        for grad, new in zip(dense, torch._utils._unflatten_dense_tensors(flat, dense)):
+            grad.copy_(new)
+    if average:
+        for p in params:
+            if p.grad is not None and is_expert_param(p):
+                p.grad /= g.world
 
 
 # ------------------------------------------------------------------------------------------

@@ -7,9 +7,9 @@
 The model is written for one device (a loop over a ModuleList of experts). With
 ``options={"expert_parallel": "world"}``, blaze rewrites the loop so that rank r runs only
 experts [r*E/W, (r+1)*E/W): token rows travel to the owning ranks with all_to_all and come back
-the same way. Each rank trains on its own batch. The router and norm are data-parallel (their
-gradients are all-reduced here by hand, as DDP would); each expert's gradient already sums every
-rank's tokens, so it needs no reduction.
+the same way. Each rank trains on its own batch. ``blazec.expert_parallel.sync_grads`` then
+all-reduces the data-parallel gradients (router, norm); each expert's gradient already sums
+every rank's tokens, so it is left alone.
 
 Every rank also trains a single-process copy on the global batch (all ranks' batches) and
 prints the largest difference in loss and in the parameters this rank owns.
@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 import blazec  # noqa: F401 - registers the "blaze" backend
 from blazec.demo_model import NaiveMoEBlock
+from blazec.expert_parallel import sync_grads
 
 
 def main() -> int:
@@ -65,13 +66,11 @@ def train(args) -> int:
     ref.load_state_dict(model.state_dict())
     n_local = args.experts // world
     local = range(rank * n_local, (rank + 1) * n_local)
-    expert_params = {id(q) for e, m in enumerate(model.experts) for q in m.parameters()}
-    owned = [q for e in local for q in model.experts[e].parameters()]
-    shared = [q for q in model.parameters() if id(q) not in expert_params]
+    remote = {id(q) for e, m in enumerate(model.experts) if e not in local for q in m.parameters()}
 
     compiled = torch.compile(model, backend="blaze", options={
         "expert_parallel": "world", "ep_chunks": args.chunks, "final_stage": args.final_stage})
-    opt = torch.optim.SGD(owned + shared, lr=0.1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # remote experts get no gradient: SGD skips them
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
     if rank == 0:
         print(f"{world} ranks, {args.experts} experts ({n_local} per rank), {args.tokens} tokens per rank, "
@@ -84,12 +83,11 @@ def train(args) -> int:
 
         # expert parallel: this rank's batch; loss scaled so the sum over ranks is the global mean
         opt.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.mse_loss(compiled(batches[rank]), targets[rank]) / world
+        loss = torch.nn.functional.mse_loss(compiled(batches[rank]), targets[rank])
         loss.backward()
-        for q in shared:
-            dist.all_reduce(q.grad)
+        sync_grads(model, average=True)  # the gradient of the loss averaged over ranks
         opt.step()
-        global_loss = loss.detach().clone()
+        global_loss = loss.detach() / world
         dist.all_reduce(global_loss)
 
         # one process on the global batch
@@ -99,8 +97,7 @@ def train(args) -> int:
         ref_opt.step()
 
         names = dict(ref.named_parameters())
-        diff = max((q - names[n]).abs().max().item() for n, q in model.named_parameters()
-                   if id(q) not in expert_params or any(q is o for o in owned))
+        diff = max((q - names[n]).abs().max().item() for n, q in model.named_parameters() if id(q) not in remote)
         msg = (f"step {step}: loss {global_loss.item():.6f} (one process {ref_loss.item():.6f}), "
                f"max |param diff| on rank {rank}'s parameters {diff:.2e}")
         for r in range(world):  # print in rank order

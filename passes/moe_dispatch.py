@@ -33,7 +33,7 @@ from blazec.passes.moe_dense_gate_form import ADD as DENSE_ADD
 from blazec.passes.moe_dense_gate_form import _is_term, match_dense_gate
 from blazec.passes.moe_expert_mlp import weight_list
 from blazec.passes.moe_gshard_form import match_gshard
-from blazec.passes.moe_ep import emit_moe_ep
+from blazec.passes.moe_ep import emit_moe_ep, expert_parameters
 from blazec.passes.moe_loop_form import match_loop
 from blazec.passes.moe_pair_gather_form import match_pair_gather
 from blazec.passes.moe_sort_form import match_sorted, match_sorted_unpermute
@@ -56,6 +56,8 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
     recompute = getattr(ctx.config, "moe_recompute", "save_preact") == "recompute_gemm1"
     ep = getattr(ctx.config, "expert_parallel", None)
     chunks = getattr(ctx.config, "ep_chunks", 1)
+    ep_params: list = []  # the expert weights of the expert-parallel layers, registered at the end
+    ep_unmapped: list[str] = []
 
     def emit(before, ids, weights, x, experts, out_dtype, where, capacity=-1, priority="token"):
         if ep is not None and ep.world > 1 and len(experts) % ep.world == 0:
@@ -64,6 +66,11 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
                 y = emit_moe_ep(graph, ids, weights, x, experts, out_dtype, recompute, capacity, priority,
                                 ep, chunks)
             _copy_source_meta(graph, before, existing)
+            params = expert_parameters(gm, experts)
+            if params is None:
+                ep_unmapped.append(where)
+            else:
+                ep_params.extend(params)
             return y
         if ep is not None and ep.world > 1:
             rep.near_misses.append(NearMiss(
@@ -116,6 +123,10 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
                                                capacity if capacity >= 0 else None, ep=ep, chunks=chunks))
     if rep.matches:
         _remove_dead(graph)
+    if ep_params or ep_unmapped:
+        from blazec.expert_parallel import register_expert_params
+
+        register_expert_params(ep_params, ep_unmapped)
     return rep
 
 

@@ -37,6 +37,35 @@ from blazec.passes.moe_expert_mlp import weight_list
 Node = torch.fx.Node
 
 
+def expert_parameters(gm: torch.fx.GraphModule, experts: dict) -> list[torch.Tensor] | None:
+    """The real parameter tensors behind every expert's weights and biases (None if any is unknown).
+
+    Dynamo lifts parameters to placeholders whose ``grapharg`` holds the tensor; FX graphs
+    hold them as ``get_attr`` nodes of the module.
+    """
+    out = []
+    for e in range(len(experts)):
+        for a in ("gate", "up", "down", "b_gate", "b_up", "b_down"):
+            ref = getattr(experts[e], a)
+            if ref is None:
+                continue
+            node = ref.base
+            t = None
+            if node.op == "placeholder":
+                try:
+                    t = node.meta["grapharg"].example
+                except Exception:  # noqa: BLE001 - not a Dynamo graph, or the tensor is gone
+                    t = None
+            elif node.op == "get_attr":
+                t = gm
+                for part in str(node.target).split("."):
+                    t = getattr(t, part, None)
+            if not isinstance(t, torch.Tensor):
+                return None
+            out.append(t)
+    return out
+
+
 def local_weight_lists(graph: torch.fx.Graph, experts: dict, lo: int, n_local: int) -> dict[str, list[Node]]:
     """The op's weight-list arguments restricted to experts ``[lo, lo + n_local)``."""
     out = {}

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from blazec import report
+from blazec.expert_parallel import is_expert_param, sync_grads
 
 
 def batches(shape, world: int, skew=None):
@@ -51,6 +52,17 @@ def check_ep(rank: int, world: int, model, xs, options: dict, atol=2e-5, rtol=1e
         g = (p.grad if p.grad is not None else torch.zeros_like(p)).clone()
         dist.all_reduce(g, group=group)
         torch.testing.assert_close(g, q.grad, atol=atol, rtol=rtol, msg=lambda m: f"grad of {name}: {m}")
+
+    # sync_grads reduces exactly the non-expert gradients: then every rank holds the full
+    # gradient of every dense parameter and of its own experts
+    if any(is_expert_param(p) for p in model.parameters()):
+        before = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None and is_expert_param(p)}
+        sync_grads(model, group or "world")
+        for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+            if is_expert_param(p):  # untouched: the owner already holds every rank's contribution
+                assert p.grad is None if name not in before else torch.equal(p.grad, before[name]), name
+            else:
+                torch.testing.assert_close(p.grad, q.grad, atol=atol, rtol=rtol, msg=lambda m: f"synced {name}: {m}")
     return records
 
 

@@ -108,3 +108,8 @@ def test_backend_passes_the_sm_free_patch_to_inductor(monkeypatch):
     out = torch.compile(lambda x: x * 2, backend="blaze", options={"sm_free_comm": True})(torch.ones(3))
     assert out.tolist() == [2.0, 2.0, 2.0]
     assert seen.get(ep.LOW_CONTENTION_KEY) is True
+
+
+def test_sync_grads_needs_a_compiled_expert_parallel_model():
+    with pytest.raises(ep.ExpertParallelError, match="expert_parallel needs torch.distributed initialized"):
+        ep.sync_grads(torch.nn.Linear(2, 2))

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from blazec.config import BlazeConfig, BlazeOptionError
+from blazec.expert_parallel import is_expert_param
 from tests.distributed.ep_check import batches, check_ep, moe_matches, reports
 from tests.distributed.spawn import run_ranks
 from tests.helpers import EXAMPLE_FILES, load_example
@@ -16,6 +17,7 @@ def _every_form(rank: int, world: int) -> None:
         model, (x0,) = load_example(name).make()
         records = check_ep(rank, world, model, batches(x0.shape, world), {"final_stage": "eager"})
         (m,) = moe_matches(records)
+        assert any(is_expert_param(p) for p in model.parameters()), name  # sync_grads was checked
         E = m.details["E"]
         lo = rank * E // world
         assert m.details["expert_parallel"] == (
@@ -151,6 +153,10 @@ def _one_rank(rank: int, world: int) -> None:
     (m,) = moe_matches(records)
     assert "expert_parallel" not in m.details  # one rank: the plain single-process rewrite
     assert not [n for r in reports(records, "moe_dispatch") for n in r.near_misses]
+    from blazec.expert_parallel import ExpertParallelError, sync_grads
+
+    with pytest.raises(ExpertParallelError, match="no expert-parallel MoE layer of this model has been compiled"):
+        sync_grads(model)
     assert not reports(records, "comm_overlap") or not any(r.matches for r in reports(records, "comm_overlap"))
 
 
