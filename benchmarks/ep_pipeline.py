@@ -19,58 +19,50 @@ the compute, so how much overlap shows depends on the machine.
 from __future__ import annotations
 
 import argparse
-import datetime
-import socket
 import statistics
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from blazec.local_ranks import spawn_gloo
 
 
-def _rank(rank: int, world: int, port: int, args) -> None:
-    import blazec  # noqa: F401
+def _rank(rank: int, world: int, args) -> None:
     from blazec.demo_model import NaiveMoEBlock
 
-    torch.set_num_threads(args.threads)
-    dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}",
-                            timeout=datetime.timedelta(seconds=600))
-    try:
+    torch.manual_seed(0)
+    x = torch.randn(1, args.tokens, args.d, generator=torch.Generator().manual_seed(rank))
+    rows = []
+    for name, opts in (
+        ("chunks=1, no overlap pass", {"ep_chunks": 1, "disable_passes": ["comm_overlap"]}),
+        ("chunks=1", {"ep_chunks": 1}),
+        ("chunks=2", {"ep_chunks": 2}),
+        ("chunks=4", {"ep_chunks": 4}),
+    ):
         torch.manual_seed(0)
-        x = torch.randn(1, args.tokens, args.d, generator=torch.Generator().manual_seed(rank))
-        rows = []
-        for name, opts in (
-            ("chunks=1, no overlap pass", {"ep_chunks": 1, "disable_passes": ["comm_overlap"]}),
-            ("chunks=1", {"ep_chunks": 1}),
-            ("chunks=2", {"ep_chunks": 2}),
-            ("chunks=4", {"ep_chunks": 4}),
-        ):
-            torch.manual_seed(0)
-            model = NaiveMoEBlock(d=args.d, inter=args.inter, num_experts=args.experts)
-            torch._dynamo.reset()
-            fn = torch.compile(model, backend="blaze", options={
-                "expert_parallel": "world", "final_stage": args.final_stage, **opts})
-            times = []
-            for step in range(args.warmup + args.steps):
-                dist.barrier()
-                t0 = time.perf_counter()
-                fn(x).float().pow(2).mean().backward()
-                dist.barrier()
-                if step >= args.warmup:
-                    times.append(time.perf_counter() - t0)
-                model.zero_grad(set_to_none=True)
-            rows.append((name, statistics.median(times)))
-        if rank == 0:
-            base = rows[0][1]
-            print(f"{world} gloo ranks, {args.tokens} tokens/rank, d={args.d}, inter={args.inter}, "
-                  f"E={args.experts}, top-2, {args.threads} thread(s)/rank, final_stage={args.final_stage}, "
-                  f"torch {torch.__version__}")
-            print(f"{'variant':<28} {'median step (ms)':>17} {'vs first':>9}")
-            for name, t in rows:
-                print(f"{name:<28} {t * 1e3:>17.1f} {t / base:>8.2f}x")
-    finally:
-        dist.destroy_process_group()
+        model = NaiveMoEBlock(d=args.d, inter=args.inter, num_experts=args.experts)
+        torch._dynamo.reset()
+        fn = torch.compile(model, backend="blaze", options={
+            "expert_parallel": "world", "final_stage": args.final_stage, **opts})
+        times = []
+        for step in range(args.warmup + args.steps):
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn(x).float().pow(2).mean().backward()
+            dist.barrier()
+            if step >= args.warmup:
+                times.append(time.perf_counter() - t0)
+            model.zero_grad(set_to_none=True)
+        rows.append((name, statistics.median(times)))
+    if rank == 0:
+        base = rows[0][1]
+        print(f"{world} gloo ranks, {args.tokens} tokens/rank, d={args.d}, inter={args.inter}, "
+              f"E={args.experts}, top-2, {args.threads} thread(s)/rank, final_stage={args.final_stage}, "
+              f"torch {torch.__version__}")
+        print(f"{'variant':<28} {'median step (ms)':>17} {'vs first':>9}")
+        for name, t in rows:
+            print(f"{name:<28} {t * 1e3:>17.1f} {t / base:>8.2f}x")
 
 
 def main() -> None:
@@ -85,10 +77,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--final-stage", choices=["inductor", "eager"], default="inductor")
     args = p.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_rank, args=(args.ranks, port, args), nprocs=args.ranks)
+    spawn_gloo(_rank, args.ranks, args, threads=args.threads, timeout_s=600)
 
 
 if __name__ == "__main__":

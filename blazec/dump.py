@@ -185,41 +185,30 @@ def run(spec: str, *, train: bool = True, passes: list[str] | None = None, out: 
     return (json.dumps(doc, indent=2) if as_json else text), files
 
 
-def _rank_main(rank: int, world: int, port: int, spec: str, kwargs: dict[str, Any], result: str) -> None:
-    import datetime
+def _rank_main(rank: int, world: int, spec: str, kwargs: dict[str, Any], result: str) -> None:
     import pickle
 
-    import torch.distributed as dist
-
-    torch.set_num_threads(max(1, torch.get_num_threads() // world))
-    dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}",
-                            timeout=datetime.timedelta(seconds=300))
-    try:
-        model, inputs = load_factory(spec)
-        kwargs = dict(kwargs, options=dict(kwargs["options"], expert_parallel="world"))
-        records = compile_and_capture(model, inputs, **kwargs)
-        if rank == 0:
-            with open(result, "wb") as f:
-                pickle.dump(records, f)
-    finally:
-        dist.destroy_process_group()
+    model, inputs = load_factory(spec)
+    kwargs = dict(kwargs, options=dict(kwargs["options"], expert_parallel="world"))
+    records = compile_and_capture(model, inputs, **kwargs)
+    if rank == 0:
+        with open(result, "wb") as f:
+            pickle.dump(records, f)
 
 
 def _capture_rank0(spec: str, world: int, kwargs: dict[str, Any]) -> list[report.GraphRecord]:
     """Run :func:`compile_and_capture` expert-parallel on ``world`` local gloo ranks; rank 0's records."""
     import pickle
-    import socket
     import tempfile
 
     import torch.multiprocessing as mp
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    from blazec.local_ranks import spawn_gloo
+
     with tempfile.TemporaryDirectory() as tmp:
         result = str(Path(tmp) / "records.pkl")
         try:
-            mp.spawn(_rank_main, args=(world, port, spec, kwargs, result), nprocs=world)
+            spawn_gloo(_rank_main, world, spec, kwargs, result, threads=max(1, torch.get_num_threads() // world))
         except mp.ProcessRaisedException as e:
             last = str(e).strip().splitlines()[-1]
             raise RuntimeError(f"an expert-parallel rank failed: {last}") from None
