@@ -304,8 +304,7 @@ def sm_free_notice(group: EPGroup | None, final_stage: str = "inductor") -> tupl
     import torch.distributed as dist
 
     if group is None and dist.is_available() and dist.is_initialized():
-        world = dist.group.WORLD
-        group = EPGroup(world.group_name, dist.get_rank(), dist.get_world_size(), str(dist.get_backend()))
+        group = resolve_group("world")
     patches, msg = sm_free_plan(group, final_stage)
     if msg not in _NOTICED:
         _NOTICED.add(msg)

@@ -60,7 +60,7 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
     ep_unmapped: list[str] = []
 
     def emit(before, ids, weights, x, experts, out_dtype, where, capacity=-1, priority="token"):
-        if ep is not None and ep.world > 1 and len(experts) % ep.world == 0:
+        if _sharded(ep, experts):
             existing = set(graph.nodes)
             with graph.inserting_before(before):
                 y = emit_moe_ep(graph, ids, weights, x, experts, out_dtype, recompute, capacity, priority,
@@ -231,11 +231,16 @@ def _copy_source_meta(graph: torch.fx.Graph, before: Node, existing: set[Node]) 
                     n.meta[key] = before.meta[key]
 
 
+def _sharded(ep, experts: dict) -> bool:
+    """Whether the site is emitted expert-parallel: a group of several ranks that E divides."""
+    return ep is not None and ep.world > 1 and len(experts) % ep.world == 0
+
+
 def _describe_match(form: str, where: str, experts: dict, x: Node, top_k: int, recompute: bool,
                     capacity: int | None = None, ep=None, chunks: int = 1) -> Match:
     first = experts[0]
     details = {}
-    if ep is not None and ep.world > 1 and len(experts) % ep.world == 0:
+    if _sharded(ep, experts):
         local = ep.local_experts(len(experts))
         details["expert_parallel"] = (f"rank {ep.rank}/{ep.world} runs experts {local.start}..{local.stop - 1}, "
                                       f"{chunks} chunk(s)")
