@@ -23,8 +23,18 @@ class NoMatch(Exception):
     """Raised by matchers with the reason a site is not the pattern; becomes a near miss."""
 
 
+# torch 2.11's Dynamo records ``tensor == x`` as ``call_method("__eq__")`` where later versions
+# record ``call_function(operator.eq)``; the comparisons are matched under either spelling.
+_DUNDER = {operator.eq: "__eq__", operator.ne: "__ne__", operator.lt: "__lt__", operator.le: "__le__",
+           operator.gt: "__gt__", operator.ge: "__ge__"}
+
+
 def is_fn(node: Any, *targets: Any) -> bool:
-    return isinstance(node, Node) and node.op == "call_function" and node.target in targets
+    if not isinstance(node, Node):
+        return False
+    if node.op == "call_method":
+        return any(_DUNDER.get(t) == node.target for t in targets if t in _DUNDER)
+    return node.op == "call_function" and node.target in targets
 
 
 def is_method(node: Any, *names: str) -> bool:

@@ -70,6 +70,9 @@ def test_kept_pairs_matches_the_capacity_route():
 from blazec import expert_parallel as ep  # noqa: E402
 
 NCCL = ep.EPGroup("0", 0, 2, "nccl")
+needs_low_contention = pytest.mark.skipif(
+    not ep._torch_has_low_contention(),
+    reason=f"torch {torch.__version__} has no Inductor copy-engine collectives (torch >= 2.13)")
 
 
 def test_sm_free_on_gloo_falls_back_with_a_notice():
@@ -80,18 +83,24 @@ def test_sm_free_on_gloo_falls_back_with_a_notice():
     assert ep.sm_free_plan(None, "inductor")[1].endswith("torch.distributed is not initialized")
 
 
+@needs_low_contention
 def test_sm_free_on_cuda_nccl_turns_on_torch_copy_engine_collectives(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     patches, msg = ep.sm_free_plan(NCCL, "inductor")
     assert patches == {"aten_distributed_optimizations.enable_low_contention_collectives": True}
     assert "all_to_all has no copy-engine variant" in msg and "\n" not in msg
-    # not through the eager final stage, and not on a torch without the Inductor pass
+    # not through the eager final stage
     assert ep.sm_free_plan(NCCL, "eager")[0] == {}
+
+
+def test_sm_free_on_a_torch_without_copy_engine_collectives_says_so(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(ep, "_torch_has_low_contention", lambda: False)
     patches, msg = ep.sm_free_plan(NCCL, "inductor")
-    assert patches == {} and "has no copy-engine collectives" in msg
+    assert patches == {} and "has no copy-engine collectives" in msg and "\n" not in msg
 
 
+@needs_low_contention
 def test_backend_passes_the_sm_free_patch_to_inductor(monkeypatch):
     import torch._inductor.compile_fx as cfx
 

@@ -10,14 +10,21 @@ arguments it would have received, through TTIR -> TTGIR -> LLVM -> PTX -> cubin 
     python -m tests.kernels.aot_compile            # first autotune config of each kernel
     python -m tests.kernels.aot_compile --all      # every autotune config
     python -m tests.kernels.aot_compile --arch 80  # another target
+    python -m tests.kernels.aot_compile --regs     # also each variant's registers and spills
 
-It compiles with the locally installed Triton; the GPU image's Triton may differ.
+It compiles with the locally installed Triton; the GPU image's Triton may differ. ``--regs``
+reads each cubin's resource usage with Triton's bundled ``cuobjdump``: registers per thread, and
+stack / local bytes per thread (nonzero means ptxas spilled registers), next to the dynamic
+shared memory Triton allocates.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import subprocess
+import tempfile
 import sys
 import time
 from typing import Any
@@ -94,10 +101,41 @@ def _signature(fn, kw: dict[str, Any]) -> tuple[dict, dict]:
     return sig, consts
 
 
+def _specialized_source(fn, kw: dict[str, Any], opts: dict, target) -> tuple[ASTSource, dict]:
+    """The ASTSource and options the JIT itself would build for this call on ``target``.
+
+    Goes through the JIT's own binder, so pointers aligned to 16 bytes and integers divisible
+    by 16 get the same ``tt.divisibility`` attributes as at run time. Without them Triton
+    cannot vectorize the loads, and its pipeliner leaves every K loop unpipelined, so the
+    compiled code (and its register use) would not be what a GPU runs.
+    """
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(**kw, **opts)
+    options, signature, constexprs, attrs = fn._pack_args(backend, dict(opts), bound, specialization, options)
+    return ASTSource(fn, signature, constexprs, attrs), options.__dict__
+
+
 def _brief(sig: dict, consts: dict) -> str:
     first = next(v for v in sig.values() if v.startswith("*"))
-    blocks = {k: v for k, v in consts.items() if k.startswith("BLOCK")}
-    return f"{first} {blocks}"
+    blocks = "x".join(str(v) for k, v in consts.items() if k.startswith("BLOCK"))
+    flags = ",".join(k for k, v in consts.items() if v is True and k.isupper() and not k.endswith("_TAB"))
+    return f"{first} {blocks} {flags}".rstrip()
+
+
+def resource_usage(cubin: bytes) -> dict[str, int]:
+    """REG / STACK / SHARED / LOCAL of the one kernel in ``cubin``, from ``cuobjdump -res-usage``."""
+    from triton import knobs
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([knobs.nvidia.cuobjdump.path, "-res-usage", f.name], capture_output=True,
+                             text=True, check=True).stdout
+    return {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", out)}
 
 
 def cases():
@@ -148,6 +186,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--all", action="store_true", help="compile every autotune config (slow)")
     ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--regs", action="store_true", help="print registers and spills of every variant")
     args = ap.parse_args(argv)
 
     import blazec.kernels._common as common
@@ -170,7 +209,7 @@ def main(argv=None) -> int:
         moe_experts.moe_experts_bwd(torch.randn_like(y), x, tw, *route, *ws, preact, act, wp, rec)
 
     target = GPUTarget("cuda", args.arch, 32)
-    seen, n_ok, failures = set(), 0, []
+    seen, n_ok, failures, usage = set(), 0, [], []
     t0 = time.time()
     for fn, kw, opts_list in log:
         sig, consts = _signature(fn, kw)
@@ -181,11 +220,15 @@ def main(argv=None) -> int:
                 continue
             seen.add(key)
             try:
-                c = triton.compile(ASTSource(fn, sig, consts), target=target, options=opts)
+                src, options = _specialized_source(fn, kw, opts, target)
+                c = triton.compile(src, target=target, options=options)
                 smem = c.metadata.shared
                 if smem > SMEM_LIMIT.get(args.arch, 232448):
                     failures.append(f"{fn.__name__} {opts} {_brief(sig, consts)}: needs {smem} B shared memory")
                 n_ok += 1
+                if args.regs:
+                    usage.append((fn.__name__, opts, _brief(sig, consts),
+                                  {**resource_usage(c.asm["cubin"]), "SHARED": smem}))
             except Exception as e:  # noqa: BLE001 - report every failing variant
                 msg = str(e).strip().splitlines()
                 failures.append(f"{fn.__name__} {opts} {_brief(sig, consts)}: {type(e).__name__}: "
@@ -194,6 +237,14 @@ def main(argv=None) -> int:
           f"in {time.time() - t0:.0f} s; {len(failures)} failure(s)")
     for f in failures:
         print("  FAIL", f)
+    if usage:
+        spills = [u for u in usage if u[3].get("LOCAL", 0) or u[3].get("STACK", 0)]
+        print(f"resource usage ({len(spills)} of {len(usage)} variants use local memory):")
+        for name, opts, brief, ru in usage:
+            flag = "  SPILL" if ru.get("LOCAL", 0) or ru.get("STACK", 0) else ""
+            print(f"  {name:22s} w{opts.get('num_warps', 4)} s{opts.get('num_stages', 3)} {brief}: "
+                  f"REG {ru.get('REG')} LOCAL {ru.get('LOCAL')} STACK {ru.get('STACK')} "
+                  f"SHARED {ru.get('SHARED')}{flag}")
     return 1 if failures else 0
 
 
