@@ -110,6 +110,16 @@ def pointer_table(ts: Sequence[Tensor], cache: bool = True) -> Tensor:
     return tab
 
 
+def table_align(ts: Sequence[Tensor]) -> int:
+    """16 when every tensor's address is a multiple of 16 bytes, else 1.
+
+    A pointer loaded from a table carries no alignment the compiler can see, and without one
+    Triton neither vectorizes the loads through it nor pipelines them into shared memory
+    (cp.async). The JIT specializes a stacked tensor's base pointer the same way.
+    """
+    return 16 if all(t.data_ptr() % 16 == 0 for t in ts) else 1
+
+
 @dataclass
 class WeightOperand:
     """One expert weight (or bias) list as kernel arguments.
@@ -117,12 +127,14 @@ class WeightOperand:
     ``ptr`` is the stacked tensor, or the first expert's tensor in table mode (only its dtype is
     used); ``tab`` is the pointer table in table mode, else the stacked tensor again (unused).
     ``strides`` are (stride_e, stride_out[, stride_in]); stride_e is 0 in table mode.
+    ``table`` is the kernels' ``*_TAB`` constexpr: 0 for a stacked tensor; in table mode the
+    alignment in bytes that every address in the table has (16, or 1 when one does not).
     """
 
     ptr: Tensor
     tab: Tensor
     strides: tuple[int, ...]
-    table: bool
+    table: int
 
 
 def weight_operand(ws: Sequence[Tensor], ndim_expert: int) -> Optional[WeightOperand]:
@@ -132,11 +144,11 @@ def weight_operand(ws: Sequence[Tensor], ndim_expert: int) -> Optional[WeightOpe
     """
     if len(ws) == 1 and ws[0].dim() == ndim_expert + 1:
         t = ws[0]
-        return WeightOperand(t, t, tuple(t.stride()), False)
+        return WeightOperand(t, t, tuple(t.stride()), 0)
     s = ws[0].stride()
     if any(w.stride() != s for w in ws):
         return None
-    return WeightOperand(ws[0], pointer_table(ws), (0, *s), True)
+    return WeightOperand(ws[0], pointer_table(ws), (0, *s), table_align(ws))
 
 
 def output_operand(like: Sequence[Tensor], ndim_expert: int) -> tuple[list[Tensor], WeightOperand]:
@@ -144,14 +156,15 @@ def output_operand(like: Sequence[Tensor], ndim_expert: int) -> tuple[list[Tenso
     contiguous, plus their kernel operand. Lists get one tensor per expert and a table."""
     if len(like) == 1 and like[0].dim() == ndim_expert + 1:
         t = empty(like[0].shape, like[0].dtype, like[0].device)
-        return [t], WeightOperand(t, t, tuple(t.stride()), False)
+        return [t], WeightOperand(t, t, tuple(t.stride()), 0)
     outs = [empty(w.shape, w.dtype, w.device) for w in like]
-    return outs, WeightOperand(outs[0], pointer_table(outs, cache=False), (0, *outs[0].stride()), True)
+    return outs, WeightOperand(outs[0], pointer_table(outs, cache=False), (0, *outs[0].stride()),
+                               table_align(outs))
 
 
 def dummy_operand(t: Tensor, ndim_expert: int) -> WeightOperand:
     """Arguments for an absent operand (the kernel's constexpr flag keeps it unread)."""
-    return WeightOperand(t, t, (0,) * (ndim_expert + 1), False)
+    return WeightOperand(t, t, (0,) * (ndim_expert + 1), 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,10 +288,13 @@ def rnd(x, dt: tl.constexpr):
 def expert_ptr(base_ptr, tab_ptr, e, stride_e, TABLE: tl.constexpr):
     """Pointer to expert ``e``'s [out, in] matrix (or [out] vector).
 
-    base_ptr: stacked tensor base (used when not TABLE); tab_ptr: int64 [E] data_ptrs (TABLE).
+    base_ptr: stacked tensor base (used when TABLE == 0); tab_ptr: int64 [E] data_ptrs, whose
+    addresses are all multiples of TABLE bytes (``table_align``).
     """
     if TABLE:
         p = tl.load(tab_ptr + e).to(tl.pointer_type(base_ptr.dtype.element_ty))
+        if TABLE >= 16:
+            p = tl.multiple_of(p, 16)
     else:
         p = base_ptr + e.to(tl.int64) * stride_e
     return p

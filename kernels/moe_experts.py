@@ -195,7 +195,7 @@ def moe_experts_fwd(
         s_biase=o.bd.strides[0], s_biasn=o.bd.strides[1],
         stride_out=out.stride(0),
         TWO=False, HAS_BIAS=o.has_bd, SCALE=not hidden, DIRECT=direct,
-        B1_TAB=o.wd.table, B2_TAB=False, BIAS_TAB=o.bd.table, C_DT=_tl(c_dt),
+        B1_TAB=o.wd.table, B2_TAB=0, BIAS_TAB=o.bd.table, C_DT=_tl(c_dt),
         PREC=o.prec, G_PAD=o.G_PAD,
     ), gg.INTERPRET_CONFIG)
     if not direct:
@@ -318,7 +318,7 @@ def moe_experts_bwd(
         s_biase=0, s_biasn=0,
         stride_out=out.stride(0),
         TWO=o.gated, HAS_BIAS=False, SCALE=False, DIRECT=direct,
-        B1_TAB=o.wg.table, B2_TAB=o.wu.table, BIAS_TAB=False, C_DT=_tl(o.xdt),
+        B1_TAB=o.wg.table, B2_TAB=o.wu.table, BIAS_TAB=0, C_DT=_tl(o.xdt),
         PREC=o.prec, G_PAD=o.G_PAD,
     ), gg.INTERPRET_CONFIG)
     if not direct:

@@ -349,6 +349,11 @@ def _dh_kernel(
                 wu_ptrs += BLOCK_K * s_wui
 
     pre_ptrs = pre_ptr + rows64[:, None] * stride_pre + cols[None, :]
+    w = tl.load(tw_ptr + pair, mask=rmask, other=0.0).to(tl.float32)
+    q = rnd(acc_q, xdt)
+
+    # Phase 1: h, this tile's share of d(routing weight) = <q, h> (+ <gy, bd> once, from the
+    # first N tile), and the dWd operand h or w*h.
     if RECOMPUTE:
         if HAS_BG:
             bgb = expert_ptr(bg_ptr, bg_tab, grp, s_bge, BG_TAB)
@@ -361,37 +366,34 @@ def _dh_kernel(
             u = rnd(acc_u, xdt)
     else:
         g = tl.load(pre_ptrs, mask=omask, other=0.0).to(tl.float32)
-        if GATED:
-            u = tl.load(pre_ptrs + I, mask=omask, other=0.0).to(tl.float32)
-    a = rnd(act_fwd(g, ACT), xdt)
+    h = rnd(act_fwd(g, ACT), xdt)
     if GATED:
-        h = rnd(a * u, xdt)
-    else:
-        h = a
-    w = tl.load(tw_ptr + pair, mask=rmask, other=0.0).to(tl.float32)
-    q = rnd(acc_q, xdt)
-
-    # d(routing weight): this tile's share of <q, h> (+ <gy, bd> once, from the first tile).
+        if not RECOMPUTE:
+            u = tl.load(pre_ptrs + I, mask=omask, other=0.0).to(tl.float32)
+        h = rnd(h * u, xdt)
     dwp = rsum(tl.where(omask, q * h, 0.0), 1)
     if BD_TERM:
         dwp += tl.where(pid_n == 0, gb, 0.0)
     tl.store(part_ptr + rows64 * NT + pid_n, dwp, mask=rmask)
+    if HIDDEN:
+        h = h * w[:, None]
+    tl.store(hs_ptr + rows64[:, None] * stride_hs + cols[None, :], cast(h, xdt), mask=omask)
 
+    # Phase 2: dh = w q, du = dh a(g), dg = dh [u] a'(g). Without recompute, g and u are read
+    # again (L2 hits) instead of being kept live through phase 1: q, g, u, a(g) and h at once
+    # spill registers at 128-wide tiles (measured with tests/kernels/aot_compile.py --regs).
     dh = rnd(q * w[:, None], xdt)
+    if not RECOMPUTE:
+        g = tl.load(pre_ptrs, mask=omask, other=0.0).to(tl.float32)
     dgu_ptrs = dgu_ptr + rows64[:, None] * stride_dgu + cols[None, :]
     if GATED:
+        tl.store(dgu_ptrs + I, cast(dh * rnd(act_fwd(g, ACT), xdt), xdt), mask=omask)
+        if not RECOMPUTE:
+            u = tl.load(pre_ptrs + I, mask=omask, other=0.0).to(tl.float32)
         dg = rnd(dh * u, xdt) * act_grad(g, ACT)
-        du = dh * a
-        tl.store(dgu_ptrs + I, cast(du, xdt), mask=omask)
     else:
         dg = dh * act_grad(g, ACT)
     tl.store(dgu_ptrs, cast(dg, xdt), mask=omask)
-    if HIDDEN:
-        hs = h * w[:, None]
-    else:
-        hs = h
-    tl.store(hs_ptr + rows64[:, None] * stride_hs + cols[None, :], cast(hs, xdt), mask=omask)
-
 
 if INTERPRET:
     gemm1_tuned = rows_gemm_tuned = dh_tuned = None

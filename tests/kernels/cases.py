@@ -20,7 +20,7 @@ from blazec.ops import reference as ref
 from blazec.ops.activations import is_gated
 from tests.kernels.conftest import KERNEL_DEVICE
 
-LAYOUTS = ["stacked", "stacked_t", "fused", "list", "list_t", "list_mixed"]
+LAYOUTS = ["stacked", "stacked_t", "fused", "list", "list_t", "list_mixed", "list_unaligned"]
 TOL = {
     torch.float32: dict(rtol=2e-4, atol=2e-5),
     torch.bfloat16: dict(rtol=4e-2, atol=4e-2),
@@ -116,6 +116,13 @@ def make_case(
         w["w_gate"] = [rnd(I, d, scale=sg) if e % 2 else rnd(d, I, scale=sg).t() for e in range(E)]
         w["w_up"] = [rnd(I, d, scale=sg) for _ in range(E)] if gated else []
         w["w_down"] = [rnd(d, I, scale=sd) for _ in range(E)]
+    elif layout == "list_unaligned":  # views one element into their storage: a table with no 16-B alignment
+        def off(rows, cols, scale):
+            return rnd(rows * cols + 1, scale=scale)[1:].view(rows, cols)
+
+        w["w_gate"] = [off(I, d, sg) for _ in range(E)]
+        w["w_up"] = [off(I, d, sg) for _ in range(E)] if gated else []
+        w["w_down"] = [off(d, I, sd) for _ in range(E)]
     else:
         raise AssertionError(layout)
     if bias == "stacked":

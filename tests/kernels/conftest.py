@@ -28,6 +28,45 @@ if not ON_GPU:
 KERNEL_DEVICE = "cuda" if ON_GPU else "cpu"
 
 
+def _interpreter_problem() -> str | None:
+    """Why Triton's interpreter cannot run here, or None.
+
+    triton 3.6 (torch 2.11's) turns a scalar kernel argument into a Python int with
+    ``int(array_of_one)``, which numpy >= 2.4 rejects, so every kernel with a ``range(n)`` loop
+    fails inside the interpreter. Later triton squeezes first. The kernels themselves are fine
+    (their tests pass on triton 3.6 with numpy 2.2); the environment is what cannot run them.
+    """
+    if ON_GPU:
+        return None
+    import numpy as np
+    import triton
+
+    try:
+        int(np.zeros(1))
+    except TypeError:
+        import inspect
+
+        from triton.runtime import interpreter
+
+        src = inspect.getsource(interpreter)
+        if "int(self.handle.data)" in src:
+            return (f"triton {triton.__version__}'s interpreter cannot run with numpy {np.__version__}: "
+                    "install numpy<2.4, or triton>=3.8")
+    return None
+
+
+_PROBLEM = _interpreter_problem()
+
+
+def pytest_collection_modifyitems(config, items):
+    if _PROBLEM is None:
+        return
+    here = os.path.dirname(__file__)
+    for item in items:
+        if str(item.fspath).startswith(here):
+            item.add_marker(pytest.mark.skip(reason=_PROBLEM))
+
+
 @pytest.fixture(autouse=True)
 def _poison():
     from blazec.kernels._common import set_poison

@@ -12,12 +12,16 @@ def test_weight_operand_forms() -> None:
 
     stacked = torch.randn(3, 5, 4, device=KERNEL_DEVICE).transpose(1, 2)  # [E, out, in] view
     op = weight_operand([stacked], 2)
-    assert not op.table and op.ptr is stacked and op.strides == stacked.stride()
+    assert op.table == 0 and op.ptr is stacked and op.strides == stacked.stride()
 
     ws = [torch.randn(4, 5, device=KERNEL_DEVICE).t() for _ in range(3)]
     op = weight_operand(ws, 2)
     assert op.table and op.strides == (0, 1, 5)
     assert op.tab.dtype == torch.int64 and op.tab.tolist() == [w.data_ptr() for w in ws]
+
+    assert op.table == 16  # fresh allocations: the kernels may assume 16-byte aligned addresses
+    odd = [torch.randn(21, device=KERNEL_DEVICE)[1:].view(4, 5) for _ in range(3)]
+    assert weight_operand(odd, 2).table == 1  # one element in: no alignment is claimed
 
     mixed = [torch.randn(5, 4, device=KERNEL_DEVICE), torch.randn(4, 5, device=KERNEL_DEVICE).t()]
     assert weight_operand(mixed, 2) is None  # the launcher falls back to the reference
