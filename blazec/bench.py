@@ -10,6 +10,9 @@ The protocol of ../shared/BASELINES.md, in one process, on the same weights and 
   ``torch.compile(backend="blaze")`` (default options, and ``moe_recompute="recompute_gemm1"``)
 - ``blazec-ops`` / ``blazec-ops-recompute``: ``blazec.ops.moe_route`` + ``moe_experts`` called
   directly on stacked weights
+- ``dense-equivalent``: not a MoE, the ceiling: one dense SwiGLU MLP (cuBLAS GEMMs) on T*k rows,
+  the same GEMM FLOPs with no routing, gather or combine. Its TFLOP/s is the "% dense" column's
+  denominator; it has no error columns (it is a different function)
 
 Each row: median wall time of forward + backward of ``out.float().pow(2).mean()`` (CUDA events
 on GPU), TFLOP/s of the three expert GEMMs (3*T*k*2*d*3*I FLOPs per step), peak memory above
@@ -52,7 +55,9 @@ IMPLS = (
     "blazec-loop-recompute",
     "blazec-ops",
     "blazec-ops-recompute",
+    "dense-equivalent",
 )
+DENSE = "dense-equivalent"
 GiB = 1024**3
 
 
@@ -151,6 +156,21 @@ class BlazeOpsMoE(nn.Module):
                            "swiglu", "output", self.recompute)
 
 
+class DenseEquivalent(nn.Module):
+    """Expert 0's SwiGLU MLP on T*k rows (x repeated k times, made once): the expert GEMMs'
+    FLOPs as three dense GEMMs forward and six backward, with nothing MoE about them."""
+
+    def __init__(self, loop: LoopMoE, x: torch.Tensor):
+        super().__init__()
+        ex = loop.experts[0]
+        self.w1, self.w3, self.w2 = (nn.Parameter(m.weight.detach().clone()) for m in (ex.w1, ex.w3, ex.w2))
+        self.rows = nn.Parameter(x.detach().repeat_interleave(loop.top_k, 0))  # gets dL/drows like dx
+
+    def forward(self, x):
+        r = self.rows
+        return F.linear(F.silu(F.linear(r, self.w1)) * F.linear(r, self.w3), self.w2)
+
+
 # ----------------------------------------------------------------------------------------------
 # Measurement
 # ----------------------------------------------------------------------------------------------
@@ -161,6 +181,7 @@ class Row:
     impl: str
     ms: Optional[float] = None
     tflops: Optional[float] = None
+    pct_dense: Optional[float] = None  # tflops as a percentage of the dense-equivalent row's
     peak_gib: Optional[float] = None
     act_gib: Optional[float] = None
     err_out: Optional[float] = None
@@ -204,7 +225,7 @@ def _time(model, x, dev, warmup: int, iters: int) -> float:
     return statistics.median(times)
 
 
-def _memory(model, x, dev) -> tuple[Optional[float], float, torch.Tensor, torch.Tensor]:
+def _memory(model, x, dev) -> tuple[Optional[float], float, torch.Tensor, Optional[torch.Tensor]]:
     """(peak GiB or None, after-forward GiB, output, dL/dx) of one fresh step."""
     model.zero_grad(set_to_none=True)
     x.grad = None
@@ -219,12 +240,16 @@ def _memory(model, x, dev) -> tuple[Optional[float], float, torch.Tensor, torch.
         out.float().pow(2).mean().backward()
         _sync(dev)
         peak = torch.cuda.max_memory_allocated(dev) - base
-        return peak / GiB, act / GiB, out.detach(), x.grad.detach().clone()
+        return peak / GiB, act / GiB, out.detach(), _grad(x)
     from blazec.memory import model_tensors, saved_for_backward
 
     out, saved = saved_for_backward(lambda: model(x), model_tensors(model, (x,)))
     out.float().pow(2).mean().backward()
-    return None, saved.activation_bytes / GiB, out.detach(), x.grad.detach().clone()
+    return None, saved.activation_bytes / GiB, out.detach(), _grad(x)
+
+
+def _grad(x: torch.Tensor) -> Optional[torch.Tensor]:
+    return None if x.grad is None else x.grad.detach().clone()  # None: the dense row does not read x
 
 
 def _rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -278,8 +303,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-def _build(impl: str, loop: LoopMoE) -> tuple[nn.Module, Callable[[], dict]]:
+def _build(impl: str, loop: LoopMoE, x: torch.Tensor) -> tuple[nn.Module, Callable[[], dict]]:
     """The model of one row, plus a callable giving extra facts after it ran."""
+    if impl == DENSE:
+        return DenseEquivalent(loop, x), dict
     if impl == "eager-loop":
         return loop, dict
     if impl == "sort-grouped-mm":
@@ -382,7 +409,7 @@ def run(args: argparse.Namespace, stream=None) -> int:
         row = Row(impl)
         say(f"  running {impl} ...")
         try:
-            model, facts = _build(impl, loop)
+            model, facts = _build(impl, loop, x)
             model.zero_grad(set_to_none=True)
             _step(model, x)  # compiles and autotunes where needed, outside the measurements
             peak, act, out, dx = _memory(model, x, dev)
@@ -391,12 +418,15 @@ def run(args: argparse.Namespace, stream=None) -> int:
             row.peak_gib, row.act_gib = peak, act
             if impl == "eager-loop":
                 ref_out, ref_dx = out, dx
-            elif ref_out is None:  # the reference row was not requested: run it once, untimed
+            elif ref_out is None and impl != DENSE:  # the reference row was not requested: run it untimed
                 _, _, ref_out, ref_dx = _memory(loop, x, dev)
-            row.err_out = _rel_err(out, ref_out)
-            row.err_dx = _rel_err(dx, ref_dx)
+            if impl != DENSE:
+                row.err_out = _rel_err(out, ref_out)
+                row.err_dx = _rel_err(dx, ref_dx)
             row.extra = facts()
             notes = [_kernel_note(dev, impl)]
+            if impl == DENSE:
+                notes.append("ceiling: dense GEMMs on T*k rows, same FLOPs")
             if "rewrites" in row.extra:
                 n = row.extra["rewrites"]
                 notes.append(f"{n} MoE rewrite(s)" if n else "blaze rewrote nothing!")
@@ -413,10 +443,14 @@ def run(args: argparse.Namespace, stream=None) -> int:
         rows.append(row)
         torch._dynamo.reset()
 
-    head = ["implementation", "ms", "TFLOP/s", "peak GiB", "act GiB", "err out", "err dx", "note"]
-    table = [[r.impl, _fmt(r.ms, ".2f"), _fmt(r.tflops, ".1f" if on_cuda else ".3g"), _fmt(r.peak_gib, ".3f"),
-              _fmt(r.act_gib, ".3f" if on_cuda else ".3g"), _fmt(r.err_out, ".1e"), _fmt(r.err_dx, ".1e"),
-              r.note] for r in rows]
+    dense = next((r.tflops for r in rows if r.impl == DENSE and r.tflops), None)
+    for r in rows:
+        if dense and r.tflops:
+            r.pct_dense = 100 * r.tflops / dense
+    head = ["implementation", "ms", "TFLOP/s", "% dense", "peak GiB", "act GiB", "err out", "err dx", "note"]
+    table = [[r.impl, _fmt(r.ms, ".2f"), _fmt(r.tflops, ".1f" if on_cuda else ".3g"), _fmt(r.pct_dense, ".0f"),
+              _fmt(r.peak_gib, ".3f"), _fmt(r.act_gib, ".3f" if on_cuda else ".3g"), _fmt(r.err_out, ".1e"),
+              _fmt(r.err_dx, ".1e"), r.note] for r in rows]
     say("")
     say("| " + " | ".join(head) + " |")
     say("|" + "|".join("---" for _ in head) + "|")
@@ -424,8 +458,8 @@ def run(args: argparse.Namespace, stream=None) -> int:
         say("| " + " | ".join(line) + " |")
     say("")
     say(f"ms: median of {args.iters} forward+backward steps after {args.warmup} warm-ups; TFLOP/s: "
-        f"{flops / 1e9:.3g} GFLOP of expert GEMMs per step; err: max abs error / max abs value, "
-        f"vs eager-loop.")
+        f"{flops / 1e9:.3g} GFLOP of expert GEMMs per step; % dense: of the dense-equivalent row's "
+        f"TFLOP/s; err: max abs error / max abs value, vs eager-loop.")
     if not on_cuda:
         say("CPU timings are not the GPU claim.")
     if args.json:

@@ -51,3 +51,30 @@ def test_cpu_small_shape_table_and_json(tmp_path) -> None:
         assert r["err_out"] < 1e-5 and r["err_dx"] < 1e-5, r
     # Recompute keeps less for backward than saving the pre-activations, which keeps less than eager.
     assert rows["blazec-ops-recompute"]["act_gib"] < rows["blazec-ops"]["act_gib"] < rows["eager-loop"]["act_gib"]
+
+
+def test_dense_equivalent_row_is_the_percent_dense_denominator(tmp_path) -> None:
+    out = io.StringIO()
+    path = tmp_path / "bench.json"
+    rc = bench.run(_args("--device", "cpu", "--shape", "32,16,24,4,2", "--iters", "1", "--warmup", "0",
+                         "--impl", "dense-equivalent", "--impl", "blazec-ops", "--json", str(path)), stream=out)
+    assert rc == 0
+    rows = {r["impl"]: r for r in json.loads(path.read_text())["rows"]}
+    dense, ops = rows["dense-equivalent"], rows["blazec-ops"]
+    assert dense["pct_dense"] == pytest.approx(100.0) and dense["err_out"] is None and dense["err_dx"] is None
+    assert ops["pct_dense"] == pytest.approx(100 * ops["tflops"] / dense["tflops"])
+    assert ops["err_out"] < 1e-5  # the MoE rows are still checked against the loop, run untimed
+    assert "| % dense |" in out.getvalue()
+
+
+def test_dense_equivalent_has_the_moe_layers_flops() -> None:
+    T, d, I, E, k = 6, 8, 12, 4, 2
+    loop = bench.LoopMoE(d, I, E, k)
+    x = torch.randn(T, d)
+    dense = bench.DenseEquivalent(loop, x)
+    # the bench's FLOP count, 3*T*k*2*d*3*I, is three [T*k, d] x [d, I]-sized GEMMs, forward and backward
+    assert dense.rows.shape == (T * k, d) and dense.w1.shape == dense.w3.shape == (I, d) and dense.w2.shape == (d, I)
+    out = dense(x)
+    assert out.shape == (T * k, d)
+    out.pow(2).mean().backward()
+    assert dense.rows.grad is not None and dense.w1.grad is not None
