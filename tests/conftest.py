@@ -5,7 +5,13 @@ hit the blaze passes and the partitioner do not run at all, so a test that reads
 reports would depend on what earlier runs left in the on-disk cache. They are switched off
 through the environment (read when torch._inductor is first imported, and inherited by
 subprocesses), not by importing torch._inductor here: that would import triton before
-tests/kernels/conftest.py sets TRITON_INTERPRET=1.
+TRITON_INTERPRET is set.
+
+Without a GPU the Triton kernels run under the interpreter, and TRITON_INTERPRET=1 is set here,
+before any test module is collected: collecting them imports torch._dynamo, which imports
+triton, and triton 3.6 (torch 2.11's) builds its own ``@triton.jit`` helpers such as
+``tl.zeros`` compiled-only when it is imported without the flag, so no kernel could be
+interpreted afterwards. tests/kernels/conftest.py makes the same decision.
 """
 
 import os
@@ -15,6 +21,8 @@ import torch
 
 os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] = "0"
 os.environ["TORCHINDUCTOR_AUTOGRAD_CACHE"] = "0"
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)
