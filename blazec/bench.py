@@ -354,6 +354,15 @@ def _kernel_note(dev: torch.device, impl: str) -> str:
     return "Triton kernels" if fn.__module__.startswith("blazec.kernels") else "reference ops (no kernels)"
 
 
+def _autotune_choices() -> dict:
+    """The Triton configs the kernels' autotuners picked in this run (empty if none ran)."""
+    try:
+        from blazec.kernels.moe_experts import autotune_choices
+    except ImportError:  # no triton
+        return {}
+    return autotune_choices()
+
+
 def run(args: argparse.Namespace, stream=None) -> int:
     stream = stream or sys.stdout
 
@@ -462,6 +471,11 @@ def run(args: argparse.Namespace, stream=None) -> int:
         f"TFLOP/s; err: max abs error / max abs value, vs eager-loop.")
     if not on_cuda:
         say("CPU timings are not the GPU claim.")
+    else:
+        meta["autotune"] = _autotune_choices()
+        for kernel, picks in meta["autotune"].items():
+            for key, cfg in picks.items():
+                say(f"autotune {kernel} {key}: {cfg}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": [asdict(r) for r in rows]}, f, indent=2)

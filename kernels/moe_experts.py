@@ -353,6 +353,21 @@ def cuda_impls() -> dict[str, Callable]:
     }
 
 
+def autotune_choices() -> dict[str, dict[str, str]]:
+    """The config each autotuned kernel picked, per tuning key (shape class and dtypes), as
+    ``{"gemm1": {"(2048, 1024, 5, ...)": "BLOCK 128x128x64, 8 warps, 3 stages"}, ...}``.
+    Empty under the interpreter and before the first GPU launch; ``blazec bench`` prints it."""
+    tuned = {"gemm1": gg.gemm1_tuned, "rows_gemm": gg.rows_gemm_tuned, "dh": gg.dh_tuned,
+             "wgrad": moe_wgrad.wgrad_tuned}
+    out: dict[str, dict[str, str]] = {}
+    for name, t in tuned.items():
+        for key, cfg in (getattr(t, "cache", None) or {}).items():
+            kw = cfg.kwargs
+            block = "x".join(str(kw[b]) for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if b in kw)
+            out.setdefault(name, {})[str(key)] = f"BLOCK {block}, {cfg.num_warps} warps, {cfg.num_stages} stages"
+    return out
+
+
 def register(device_type: str = "cuda") -> None:
     """Use the Triton kernels for the blaze ops on ``device_type`` (normally done lazily by
     ``blazec.ops._registry`` on the first CUDA call)."""

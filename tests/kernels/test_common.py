@@ -55,3 +55,18 @@ def test_poison() -> None:
 
     assert torch.isnan(empty((3,), torch.float32, KERNEL_DEVICE)).all()  # the fixture turned it on
     assert (empty((3,), torch.int64, KERNEL_DEVICE) == INT_POISON).all()
+
+
+def test_autotune_choices_reports_each_kernels_pick(monkeypatch) -> None:
+    import triton
+
+    from blazec.kernels import moe_experts, moe_grouped_gemm as gg
+
+    class FakeTuner:  # what triton.autotune leaves behind: cache[key] = the fastest Config
+        cache = {(2048, 1024, 5, "torch.bfloat16"): triton.Config(
+            {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=4)}
+
+    monkeypatch.setattr(gg, "dh_tuned", FakeTuner())
+    got = moe_experts.autotune_choices()
+    assert got["dh"] == {"(2048, 1024, 5, 'torch.bfloat16')": "BLOCK 128x64x32, 8 warps, 4 stages"}
+    assert set(got) == {"dh"}  # the others are None under the interpreter, or not yet tuned
