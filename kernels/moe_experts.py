@@ -299,6 +299,11 @@ def moe_experts_bwd(
         PREC=o.prec, G_PAD=o.G_PAD, BLOCK_N=BN,
     ), fixed)
 
+    # The order below keeps the peak low: dWd first, so hs ([S, I]) is freed before the dx rows
+    # ([S, d]) and the other weight gradients are allocated.
+    dwd, dbd = _wgrad(o, grad_y, hs, o.d, I, w_down, b_down, True, False, not hidden)
+    del hs
+
     # dx: dg Wg + du Wu per pair, then the slot-ordered combine (k == 1: straight into dx).
     direct = o.k == 1
     if direct:
@@ -335,7 +340,6 @@ def moe_experts_bwd(
         dwu, dbu = _wgrad(o, dgu[:, I:], x, I, o.d, w_up, b_up, False, True, False)
     else:
         dwu, dbu = [], []
-    dwd, dbd = _wgrad(o, grad_y, hs, o.d, I, w_down, b_down, True, False, not hidden)
     return dx, d_tw, dwg, dwu, dwd, dbg, dbu, dbd
 
 

@@ -280,3 +280,32 @@ def test_blaze_backend_runs_the_kernels(moe_recompute: str) -> None:
     torch.testing.assert_close(xs.grad, xr.grad, **tol)
     for (n, p), q in zip(model.named_parameters(), blaze_model.parameters()):
         torch.testing.assert_close(q.grad, p.grad, **tol, msg=lambda m: f"grad of {n}: {m}")
+
+
+def test_backward_frees_h_before_the_dx_rows(monkeypatch) -> None:
+    """Peak memory: the launcher computes dWd first and frees hs ([S, I]) before it allocates
+    the per-pair dx rows ([S, d]); with dWd last both lived at once (+S*I*b at the peak)."""
+    import weakref
+
+    from blazec.kernels import _common, moe_experts
+
+    case = make_case(T=10, d=24, I=16, E=4, k=2, seed=3)
+    y, preact = moe_experts.moe_experts_fwd(*case.fwd_args())
+    P = case.x.shape[0] * 2
+    events: list[tuple[str, tuple]] = []
+    real_empty = _common.empty
+
+    def tracked(shape, dtype, device):
+        t = real_empty(shape, dtype, device)
+        shape = tuple(t.shape)
+        events.append(("alloc", shape))
+        weakref.finalize(t, events.append, ("free", shape))
+        return t
+
+    monkeypatch.setattr(moe_experts, "empty", tracked)
+    monkeypatch.setattr(_common, "empty", tracked)  # output_operand (the weight gradients)
+    grads = moe_experts.moe_experts_bwd(*case.bwd_args(preact))
+    del grads
+    hs_free = events.index(("free", (P, 16)))
+    rows_alloc = events.index(("alloc", (P, 24)))
+    assert hs_free < rows_alloc, events
