@@ -102,7 +102,14 @@ def pointer_table(ts: Sequence[Tensor], cache: bool = True) -> Tensor:
         if hit is not None:
             _TABLE_CACHE.move_to_end(key)
             return hit
-    tab = torch.tensor(ptrs, dtype=torch.int64, device=dev)
+    tab = torch.tensor(ptrs, dtype=torch.int64)
+    if dev.type == "cuda":
+        # From pinned memory and non-blocking: a pageable copy would make the host wait for
+        # the stream (one sync per fresh table, i.e. per backward for list gradients). The
+        # caching host allocator keeps the pinned buffer until the copy has run.
+        tab = tab.pin_memory().to(dev, non_blocking=True)
+    elif dev.type != "cpu":
+        tab = tab.to(dev)
     if cache:
         _TABLE_CACHE[key] = tab
         if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
