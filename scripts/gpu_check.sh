@@ -9,7 +9,8 @@ python3 -m pip install --no-deps --no-build-isolation -q -e . > "$OUT/install.lo
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" \
   | tee "$OUT/versions.txt"
 # 1. kernels vs the reference on the GPU (compiled Triton, not the interpreter)
-timeout 240 python3 -m pytest -q -x tests/kernels tests/ops -p no:cacheprovider > "$OUT/tests.log" 2>&1
+timeout 240 python3 -m pytest -q -x tests/kernels tests/ops -p no:cacheprovider \
+  --ignore=tests/kernels/test_aot_compile.py > "$OUT/tests.log" 2>&1  # AOT: CPU-side check, already in CI
 echo "tests rc=$?" | tee -a "$OUT/versions.txt"
 tail -3 "$OUT/tests.log"
 # 2. the protocol at both shapes, kernels on (blazec bench sets BLAZEC_KERNELS=1)
