@@ -395,6 +395,7 @@ def _dh_kernel(
         dg = dh * act_grad(g, ACT)
     tl.store(dgu_ptrs, cast(dg, xdt), mask=omask)
 
+
 if INTERPRET:
     gemm1_tuned = rows_gemm_tuned = dh_tuned = None
 else:
