@@ -211,15 +211,36 @@ def smem_pruner(tensor_arg: str, operands):
     return prune
 
 
+def autotune_enabled() -> bool:
+    """``BLAZEC_AUTOTUNE=0`` launches each kernel with its first config that fits in shared
+    memory instead of timing them all: for correctness runs on a GPU (tests, gpu_check.sh),
+    where autotuning every shape the tests use would cost minutes of GPU time."""
+    return os.environ.get("BLAZEC_AUTOTUNE", "1") != "0"
+
+
+def first_config(tuned, args: dict):
+    """The config ``tuned`` would try first for these arguments: its list after the pruner."""
+    configs = tuned.configs
+    prune = getattr(tuned, "early_config_prune", None)
+    if prune is not None:
+        configs = prune(configs, args)
+    return configs[0]
+
+
 def launch(kernel, tuned, grid, args: dict, fixed: dict) -> None:
     """Launch ``kernel`` with ``fixed`` meta-parameters under the interpreter, or the autotuned
-    ``tuned`` wrapper on GPU. ``grid`` is a callable of the meta-parameters."""
+    ``tuned`` wrapper on GPU (its first fitting config when autotuning is off). ``grid`` is a
+    callable of the meta-parameters."""
     if INTERPRET or tuned is None:
         meta = dict(fixed)
         launch_opts = {k: meta.pop(k) for k in ("num_warps", "num_stages") if k in meta}
         if INTERPRET:
             launch_opts = {}
         kernel[grid({**args, **meta})](**args, **meta, **launch_opts)
+    elif not autotune_enabled():
+        cfg = first_config(tuned, args)
+        kernel[grid({**args, **cfg.kwargs})](**args, **cfg.kwargs, num_warps=cfg.num_warps,
+                                              num_stages=cfg.num_stages)
     else:
         tuned[grid](**args)
 

@@ -26,6 +26,11 @@ if not ON_GPU:
         for name in [m for m in sys.modules if m.startswith("blazec.kernels.")]:
             del sys.modules[name]
 KERNEL_DEVICE = "cuda" if ON_GPU else "cpu"
+if ON_GPU:
+    # Correctness, not speed: each kernel runs its first fitting config instead of autotuning
+    # every shape the tests use (minutes of GPU time). `blazec bench` autotunes, and its error
+    # columns check the configs it picks.
+    os.environ.setdefault("BLAZEC_AUTOTUNE", "0")
 
 
 def _interpreter_problem() -> str | None:

@@ -70,3 +70,34 @@ def test_autotune_choices_reports_each_kernels_pick(monkeypatch) -> None:
     got = moe_experts.autotune_choices()
     assert got["dh"] == {"(2048, 1024, 5, 'torch.bfloat16')": "BLOCK 128x64x32, 8 warps, 4 stages"}
     assert set(got) == {"dh"}  # the others are None under the interpreter, or not yet tuned
+
+
+def test_launch_with_autotuning_off_takes_the_first_fitting_config(monkeypatch) -> None:
+    import triton
+
+    from blazec.kernels import _common
+
+    calls = []
+
+    class Kernel:  # k[grid](**kwargs), as a JITFunction
+        def __getitem__(self, grid):
+            calls.append(("grid", grid))
+            return lambda **kw: calls.append(("call", kw))
+
+    class Tuned(Kernel):  # configs + the early pruner, as triton.autotune leaves them
+        configs = [triton.Config({"BLOCK_M": 256}, num_warps=8, num_stages=5),
+                   triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=2)]
+
+        @staticmethod
+        def early_config_prune(configs, args):
+            return [c for c in configs if c.kwargs["BLOCK_M"] <= args["limit"]]
+
+    monkeypatch.setattr(_common, "INTERPRET", False)
+    grid = lambda meta: (meta["BLOCK_M"],)  # noqa: E731
+    monkeypatch.setenv("BLAZEC_AUTOTUNE", "0")
+    _common.launch(Kernel(), Tuned(), grid, {"limit": 128}, {})
+    assert calls == [("grid", (64,)), ("call", {"limit": 128, "BLOCK_M": 64, "num_warps": 4, "num_stages": 2})]
+    calls.clear()
+    monkeypatch.delenv("BLAZEC_AUTOTUNE")
+    _common.launch(Kernel(), Tuned(), grid, {"limit": 128}, {})
+    assert calls == [("grid", grid), ("call", {"limit": 128})]  # the autotuner itself
