@@ -11,7 +11,7 @@ Without a GPU the Triton kernels run under the interpreter, and TRITON_INTERPRET
 before any test module is collected: collecting them imports torch._dynamo, which imports
 triton, and triton 3.6 (torch 2.11's) builds its own ``@triton.jit`` helpers such as
 ``tl.zeros`` compiled-only when it is imported without the flag, so no kernel could be
-interpreted afterwards. tests/kernels/conftest.py makes the same decision.
+interpreted afterwards. tests/kernels/conftest.py reads the decision from the environment.
 """
 
 import os
@@ -22,7 +22,7 @@ import torch
 os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] = "0"
 os.environ["TORCHINDUCTOR_AUTOGRAD_CACHE"] = "0"
 if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ["TRITON_INTERPRET"] = "1"  # compiled Triton cannot run without a GPU anyway
 
 
 @pytest.fixture(autouse=True)

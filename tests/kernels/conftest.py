@@ -1,8 +1,7 @@
 """Kernel tests run the Triton kernels on CPU tensors under ``TRITON_INTERPRET=1``.
 
-``@triton.jit`` reads TRITON_INTERPRET when a kernel is *defined*, so it is set here, at import
-time, before any test module imports ``blazec.kernels``; a kernel module imported earlier in the
-same process without it is dropped from ``sys.modules`` so the tests get an interpreted copy.
+``@triton.jit`` reads TRITON_INTERPRET when a kernel is *defined*, and triton itself when it is
+imported, so the root ``tests/conftest.py`` sets it (no GPU) before anything is collected.
 On a machine with CUDA and without TRITON_INTERPRET set, the same tests run the compiled
 kernels on the GPU instead (``KERNEL_DEVICE``), which makes them the first GPU check.
 
@@ -13,18 +12,11 @@ kernel forgot to write fails the comparison.
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 import torch
 
 ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
-if not ON_GPU:
-    os.environ["TRITON_INTERPRET"] = "1"
-    _common = sys.modules.get("blazec.kernels._common")
-    if _common is not None and not _common.INTERPRET:
-        for name in [m for m in sys.modules if m.startswith("blazec.kernels.")]:
-            del sys.modules[name]
 KERNEL_DEVICE = "cuda" if ON_GPU else "cpu"
 if ON_GPU:
     # Correctness, not speed: each kernel runs its first fitting config instead of autotuning
