@@ -218,13 +218,13 @@ def autotune_enabled() -> bool:
     return os.environ.get("BLAZEC_AUTOTUNE", "1") != "0"
 
 
-def first_config(tuned, args: dict):
-    """The config ``tuned`` would try first for these arguments: its list after the pruner."""
+def pruned_configs(tuned, args: dict) -> list:
+    """The configs ``tuned`` would time for these arguments: its list after the pruner."""
     configs = tuned.configs
     prune = getattr(tuned, "early_config_prune", None)
     if prune is not None:
         configs = prune(configs, args)
-    return configs[0]
+    return configs
 
 
 def launch(kernel, tuned, grid, args: dict, fixed: dict) -> None:
@@ -238,7 +238,7 @@ def launch(kernel, tuned, grid, args: dict, fixed: dict) -> None:
             launch_opts = {}
         kernel[grid({**args, **meta})](**args, **meta, **launch_opts)
     elif not autotune_enabled():
-        cfg = first_config(tuned, args)
+        cfg = pruned_configs(tuned, args)[0]
         kernel[grid({**args, **cfg.kwargs})](**args, **cfg.kwargs, num_warps=cfg.num_warps,
                                               num_stages=cfg.num_stages)
     else:

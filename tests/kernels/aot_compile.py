@@ -62,16 +62,15 @@ class _Recorder:
 
 
 def _record_launch(log: list, all_configs: bool):
+    from blazec.kernels._common import pruned_configs
+
     def launch(kernel, tuned, grid, args, fixed):
         if tuned is None:
             meta = dict(fixed)
             opts = {k: meta.pop(k) for k in ("num_warps", "num_stages") if k in meta}
             log.append((kernel, {**args, **meta}, [opts]))
         else:
-            configs = tuned.configs
-            prune = getattr(tuned, "early_config_prune", None)
-            if prune is not None:
-                configs = prune(configs, args)
+            configs = pruned_configs(tuned, args)
             for cfg in configs if all_configs else configs[:1]:
                 log.append((kernel, {**args, **cfg.kwargs}, [{"num_warps": cfg.num_warps,
                                                                "num_stages": cfg.num_stages}]))
