@@ -16,6 +16,13 @@ It compiles with the locally installed Triton; the GPU image's Triton may differ
 reads each cubin's resource usage with Triton's bundled ``cuobjdump``: registers per thread, and
 stack / local bytes per thread (nonzero means ptxas spilled registers), next to the dynamic
 shared memory Triton allocates.
+
+It also checks which matrix instructions each GEMM kernel compiled to: with 16-bit operands on
+sm_90 every ``tl.dot`` must become Hopper's asynchronous ``wgmma`` (``mma.sync`` on sm_80/89).
+A GEMM that silently falls back to ``mma.sync`` on Hopper (operand layouts Triton cannot feed
+to wgmma) runs at a fraction of the card's tensor throughput, and nothing else would show it
+before a GPU timing. fp32 operands use tensor cores only as tf32 (when torch allows it), so
+they are not checked.
 """
 
 from __future__ import annotations
@@ -29,13 +36,10 @@ import sys
 import time
 from typing import Any
 
-if os.environ.get("TRITON_INTERPRET", "0") == "1":
-    sys.exit("aot_compile: unset TRITON_INTERPRET (the compiler, not the interpreter, is checked)")
-
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
 SMEM_LIMIT = {90: 232448, 80: 166912, 89: 101376, 100: 232448}
 _SIG = {
@@ -137,6 +141,24 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
     return {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", out)}
 
 
+GEMM_KERNELS = ("_gemm1_kernel", "_rows_gemm_kernel", "_dh_kernel", "_wgrad_kernel")
+
+
+def mma_kind(ptx: str) -> str:
+    """The tensor-core instruction families a kernel's PTX uses: "wgmma", "mma.sync", both
+    ("wgmma+mma.sync": some dot fell back) or "none"."""
+    kinds = [k for k, pat in (("wgmma", r"\bwgmma\.mma_async\."), ("mma.sync", r"\bmma\.sync\."))
+             if re.search(pat, ptx)]
+    return "+".join(kinds) or "none"
+
+
+def expected_mma(name: str, sig: dict, arch: int):
+    """What a GEMM variant must compile to on ``arch``, or None where nothing is required."""
+    if name not in GEMM_KERNELS or not any(t in ("*bf16", "*fp16") for t in sig.values()):
+        return None
+    return "wgmma" if arch >= 90 else "mma.sync" if arch >= 80 else None
+
+
 def cases():
     """Representative launcher calls: every kernel, both weight forms, all flags."""
     from blazec.ops import reference as ref
@@ -187,6 +209,8 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--regs", action="store_true", help="print registers and spills of every variant")
     args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        sys.exit("aot_compile: unset TRITON_INTERPRET (the compiler, not the interpreter, is checked)")
 
     import blazec.kernels._common as common
     from blazec.kernels import moe_combine, moe_experts, moe_route
@@ -224,10 +248,14 @@ def main(argv=None) -> int:
                 smem = c.metadata.shared
                 if smem > SMEM_LIMIT.get(args.arch, 232448):
                     failures.append(f"{fn.__name__} {opts} {_brief(sig, consts)}: needs {smem} B shared memory")
+                mma, want = mma_kind(c.asm["ptx"]), expected_mma(fn.__name__, sig, args.arch)
+                if want is not None and mma != want:
+                    failures.append(f"{fn.__name__} {opts} {_brief(sig, consts)}: compiled to {mma}, "
+                                    f"expected {want} on sm_{args.arch}")
                 n_ok += 1
                 if args.regs:
                     usage.append((fn.__name__, opts, _brief(sig, consts),
-                                  {**resource_usage(c.asm["cubin"]), "SHARED": smem}))
+                                  {**resource_usage(c.asm["cubin"]), "SHARED": smem, "MMA": mma}))
             except Exception as e:  # noqa: BLE001 - report every failing variant
                 msg = str(e).strip().splitlines()
                 failures.append(f"{fn.__name__} {opts} {_brief(sig, consts)}: {type(e).__name__}: "
@@ -243,7 +271,7 @@ def main(argv=None) -> int:
             flag = "  SPILL" if ru.get("LOCAL", 0) or ru.get("STACK", 0) else ""
             print(f"  {name:22s} w{opts.get('num_warps', 4)} s{opts.get('num_stages', 3)} {brief}: "
                   f"REG {ru.get('REG')} LOCAL {ru.get('LOCAL')} STACK {ru.get('STACK')} "
-                  f"SHARED {ru.get('SHARED')}{flag}")
+                  f"SHARED {ru.get('SHARED')} MMA {ru['MMA']}{flag}")
     return 1 if failures else 0
 
 

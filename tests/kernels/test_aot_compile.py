@@ -6,7 +6,8 @@
 Runs ``tests/kernels/aot_compile.py`` in a fresh process without TRITON_INTERPRET (this
 session's kernels are interpreted) and with an empty Triton cache, so every variant is really
 compiled; see that file for what it checks. It is the only check of the compiled path that
-runs without a GPU: compile errors the interpreter cannot see, and shared memory per block.
+runs without a GPU: compile errors the interpreter cannot see, shared memory per block, and
+that every 16-bit GEMM compiles to wgmma for Hopper.
 """
 
 from __future__ import annotations
@@ -39,3 +40,17 @@ def test_compile_every_kernel_variant_for_sm90(tmp_path: Path) -> None:
 @pytest.mark.skipif(os.environ.get("BLAZEC_AOT") != "1", reason="opt-in: set BLAZEC_AOT=1 (every autotune config)")
 def test_compile_every_autotune_config_for_sm90(tmp_path: Path) -> None:
     _compile(tmp_path, "--all")
+
+
+def test_mma_kind_reads_the_tensor_core_instructions_from_ptx() -> None:
+    from tests.kernels.aot_compile import expected_mma, mma_kind
+
+    assert mma_kind("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {...}") == "wgmma"
+    assert mma_kind("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {...}") == "mma.sync"
+    assert mma_kind("wgmma.mma_async.sync.aligned.m64n64k16\nmma.sync.aligned.m16n8k16") == "wgmma+mma.sync"
+    assert mma_kind("fma.rn.f32 %f1, %f2, %f3, %f4;") == "none"
+    # what each variant must compile to: 16-bit GEMMs only, wgmma on Hopper, mma.sync on Ampere/Ada
+    assert expected_mma("_gemm1_kernel", {"x": "*bf16", "ids": "*i64"}, 90) == "wgmma"
+    assert expected_mma("_wgrad_kernel", {"x": "*fp16"}, 80) == "mma.sync"
+    assert expected_mma("_dh_kernel", {"x": "*fp32"}, 90) is None  # fp32: tf32 only when torch allows it
+    assert expected_mma("_combine_kernel", {"x": "*bf16"}, 90) is None  # not a GEMM
