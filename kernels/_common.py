@@ -83,16 +83,23 @@ def dot_precision(dtype: torch.dtype) -> str:
 # Expert weight operands: stacked tensor or pointer table
 # ----------------------------------------------------------------------------------------------
 
-_TABLE_CACHE: "collections.OrderedDict[tuple, Tensor]" = collections.OrderedDict()
+_TABLE_CACHE: "collections.OrderedDict[tuple, tuple[Tensor, int]]" = collections.OrderedDict()
 _TABLE_CACHE_SIZE = 256
 
 
-def pointer_table(ts: Sequence[Tensor], cache: bool = True) -> Tensor:
-    """An int64 tensor of the tensors' data_ptrs, on their device.
+def pointer_table(ts: Sequence[Tensor], cache: bool = True) -> tuple[Tensor, int]:
+    """An int64 tensor of the tensors' data_ptrs, on their device, and its alignment.
+
+    The alignment is 16 when every address is a multiple of 16 bytes, else 1. A pointer loaded
+    from a table carries no alignment the compiler can see, and without one Triton neither
+    vectorizes the loads through it nor pipelines them into shared memory (cp.async); the
+    kernels' ``*_TAB`` constexpr passes it (the JIT specializes a stacked tensor's base pointer
+    the same way).
 
     The table holds addresses only, so a cached table is correct for any tensors at the same
-    addresses: parameters, which never move, hit the cache on every step (no H2D copy).
-    Gradient outputs are fresh each call and pass ``cache=False``.
+    addresses: parameters, which never move, hit the cache on every step (no H2D copy, and the
+    addresses are walked once, for the key). Gradient outputs are fresh each call and pass
+    ``cache=False``.
     """
     dev = ts[0].device
     ptrs = tuple(int(t.data_ptr()) for t in ts)
@@ -110,21 +117,12 @@ def pointer_table(ts: Sequence[Tensor], cache: bool = True) -> Tensor:
         tab = tab.pin_memory().to(dev, non_blocking=True)
     elif dev.type != "cpu":
         tab = tab.to(dev)
+    out = (tab, 16 if all(p % 16 == 0 for p in ptrs) else 1)
     if cache:
-        _TABLE_CACHE[key] = tab
+        _TABLE_CACHE[key] = out
         if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
             _TABLE_CACHE.popitem(last=False)
-    return tab
-
-
-def table_align(ts: Sequence[Tensor]) -> int:
-    """16 when every tensor's address is a multiple of 16 bytes, else 1.
-
-    A pointer loaded from a table carries no alignment the compiler can see, and without one
-    Triton neither vectorizes the loads through it nor pipelines them into shared memory
-    (cp.async). The JIT specializes a stacked tensor's base pointer the same way.
-    """
-    return 16 if all(t.data_ptr() % 16 == 0 for t in ts) else 1
+    return out
 
 
 @dataclass
@@ -155,7 +153,8 @@ def weight_operand(ws: Sequence[Tensor], ndim_expert: int) -> Optional[WeightOpe
     s = ws[0].stride()
     if any(w.stride() != s for w in ws):
         return None
-    return WeightOperand(ws[0], pointer_table(ws), (0, *s), table_align(ws))
+    tab, align = pointer_table(ws)
+    return WeightOperand(ws[0], tab, (0, *s), align)
 
 
 def output_operand(like: Sequence[Tensor], ndim_expert: int) -> tuple[list[Tensor], WeightOperand]:
@@ -165,8 +164,8 @@ def output_operand(like: Sequence[Tensor], ndim_expert: int) -> tuple[list[Tenso
         t = empty(like[0].shape, like[0].dtype, like[0].device)
         return [t], WeightOperand(t, t, tuple(t.stride()), 0)
     outs = [empty(w.shape, w.dtype, w.device) for w in like]
-    return outs, WeightOperand(outs[0], pointer_table(outs, cache=False), (0, *outs[0].stride()),
-                               table_align(outs))
+    tab, align = pointer_table(outs, cache=False)
+    return outs, WeightOperand(outs[0], tab, (0, *outs[0].stride()), align)
 
 
 def dummy_operand(t: Tensor, ndim_expert: int) -> WeightOperand:
@@ -317,7 +316,7 @@ def expert_ptr(base_ptr, tab_ptr, e, stride_e, TABLE: tl.constexpr):
     """Pointer to expert ``e``'s [out, in] matrix (or [out] vector).
 
     base_ptr: stacked tensor base (used when TABLE == 0); tab_ptr: int64 [E] data_ptrs, whose
-    addresses are all multiples of TABLE bytes (``table_align``).
+    addresses are all multiples of TABLE bytes (``pointer_table``'s alignment).
     """
     if TABLE:
         p = tl.load(tab_ptr + e).to(tl.pointer_type(base_ptr.dtype.element_ty))

@@ -31,10 +31,13 @@ def test_pointer_table_cache() -> None:
     from blazec.kernels._common import pointer_table
 
     ws = [torch.randn(3, device=KERNEL_DEVICE) for _ in range(4)]
-    a = pointer_table(ws)
-    assert pointer_table(ws) is a  # parameters hit the cache: no H2D copy per step
-    assert pointer_table(ws, cache=False) is not a
-    assert pointer_table(ws[::-1]).tolist() == a.tolist()[::-1]
+    a, align = pointer_table(ws)
+    assert pointer_table(ws)[0] is a  # parameters hit the cache: no H2D copy per step
+    assert pointer_table(ws, cache=False)[0] is not a
+    assert pointer_table(ws[::-1])[0].tolist() == a.tolist()[::-1]
+    assert align == 16 and a.tolist() == [w.data_ptr() for w in ws]
+    odd = [w[1:] for w in ws]  # 4 bytes into each storage
+    assert pointer_table(odd)[1] == 1 and pointer_table(odd)[0].tolist() == [w.data_ptr() for w in odd]
 
 
 def test_output_operand_mirrors_layout() -> None:
