@@ -122,10 +122,10 @@ def _gemm1_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < I
     omask = rmask[:, None] & cmask[None, :]
-    pre_ptrs = pre_ptr + rows[:, None].to(tl.int64) * stride_pre + cols[None, :]
     if grp == E:
         # Dropped pairs: their preact rows are defined as zero.
         if STORE_PRE:
+            pre_ptrs = pre_ptr + rows[:, None].to(tl.int64) * stride_pre + cols[None, :]
             zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=xdt)
             tl.store(pre_ptrs, zero, mask=omask)
             if GATED:
@@ -155,22 +155,25 @@ def _gemm1_kernel(
             bu_ptrs += BLOCK_K * s_wui
         a_ptrs += BLOCK_K * stride_xd
 
-    # Epilogue: bias, round to x's dtype (as F.linear's output), activation in fp32.
+    # Epilogue: bias, round to x's dtype (as F.linear's output), activation in fp32. Each
+    # pre-activation is stored as soon as it exists, so g is dead before u is formed (with
+    # both live across the activation, the gated 128-wide tiles spilled registers).
     if HAS_BG:
         bgb = expert_ptr(bg_ptr, bg_tab, grp, s_bge, BG_TAB)
         acc_g += tl.load(bgb + cols * s_bgo, mask=cmask, other=0.0).to(tl.float32)[None, :]
     g = rnd(acc_g, xdt)
+    if STORE_PRE:
+        pre_ptrs = pre_ptr + rows[:, None].to(tl.int64) * stride_pre + cols[None, :]
+        tl.store(pre_ptrs, cast(g, xdt), mask=omask)
     h = act_fwd(g, ACT)
     if GATED:
         if HAS_BU:
             bub = expert_ptr(bu_ptr, bu_tab, grp, s_bue, BU_TAB)
             acc_u += tl.load(bub + cols * s_buo, mask=cmask, other=0.0).to(tl.float32)[None, :]
         u = rnd(acc_u, xdt)
-        h = rnd(h, xdt) * u
-    if STORE_PRE:
-        tl.store(pre_ptrs, cast(g, xdt), mask=omask)
-        if GATED:
+        if STORE_PRE:
             tl.store(pre_ptrs + I, cast(u, xdt), mask=omask)
+        h = rnd(h, xdt) * u
     if HIDDEN:
         w = tl.load(tw_ptr + pair, mask=rmask, other=0.0).to(tl.float32)
         h = rnd(h, xdt) * w[:, None]
