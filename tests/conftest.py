@@ -12,10 +12,6 @@ before any test module is collected: collecting them imports torch._dynamo, whic
 triton, and triton 3.6 (torch 2.11's) builds its own ``@triton.jit`` helpers such as
 ``tl.zeros`` compiled-only when it is imported without the flag, so no kernel could be
 interpreted afterwards. tests/kernels/conftest.py reads the decision from the environment.
-
-``BLAZEC_TEST_SHARD=i/n`` runs every n-th collected test, starting at the i-th, so n processes
-can share a run (scripts/gpu_check.sh: the kernel tests compile ~550 kernel variants, and the AOT
-check compiled 139 in 112 s single-threaded on the 2-core CI machine, ~0.8 s each).
 """
 
 import os
@@ -27,21 +23,6 @@ os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] = "0"
 os.environ["TORCHINDUCTOR_AUTOGRAD_CACHE"] = "0"
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # compiled Triton cannot run without a GPU anyway
-
-
-def pytest_collection_modifyitems(config, items):
-    spec = os.environ.get("BLAZEC_TEST_SHARD")
-    if not spec:
-        return
-    from tests.helpers import in_shard, parse_shard
-
-    try:
-        shard = parse_shard(spec)
-    except ValueError as e:
-        raise pytest.UsageError(str(e)) from None
-    keep = [t for j, t in enumerate(items) if in_shard(j, shard)]
-    config.hook.pytest_deselected(items=[t for j, t in enumerate(items) if not in_shard(j, shard)])
-    items[:] = keep
 
 
 @pytest.fixture(autouse=True)

@@ -66,19 +66,3 @@ def assert_same_training(ref_model, model, inputs, compile_kwargs, atol=1e-5, rt
 def clone_model(m):
     return copy.deepcopy(m)
 
-
-def parse_shard(spec: str) -> tuple[int, int]:
-    """``"i/n"`` (BLAZEC_TEST_SHARD) as (i, n) with 0 <= i < n; a clear error otherwise."""
-    try:
-        i, n = (int(p) for p in spec.split("/"))
-    except ValueError:
-        raise ValueError(f"BLAZEC_TEST_SHARD={spec!r}: expected 'i/n' with integers, e.g. '0/8'") from None
-    if n < 1 or not 0 <= i < n:
-        raise ValueError(f"BLAZEC_TEST_SHARD={spec!r}: need n >= 1 and 0 <= i < n")
-    return i, n
-
-
-def in_shard(index: int, shard: tuple[int, int]) -> bool:
-    """Round-robin: test number ``index`` (collection order) runs in shard ``index % n``."""
-    i, n = shard
-    return index % n == i
