@@ -252,6 +252,26 @@ def _grad(x: torch.Tensor) -> Optional[torch.Tensor]:
     return None if x.grad is None else x.grad.detach().clone()  # None: the dense row does not read x
 
 
+def _profile(model, x, dev, top: int) -> list[dict[str, Any]]:
+    """The ``top`` kernels (CUDA) or ops (CPU) of one forward + backward step by self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    model.zero_grad(set_to_none=True)
+    x.grad = None
+    _sync(dev)
+    with profile(activities=acts) as prof:
+        _step(model, x)
+        _sync(dev)
+    # On CUDA the kernels themselves (a CPU op's "self device time" repeats its kernels').
+    cuda = dev.type == "cuda"
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = [e for e in prof.key_averages()
+              if getattr(e, attr, 0) > 0 and (e.device_type != torch.autograd.DeviceType.CPU) == cuda]
+    events.sort(key=lambda e: getattr(e, attr), reverse=True)
+    return [{"name": e.key, "calls": e.count, "ms": getattr(e, attr) / 1e3} for e in events[:top]]
+
+
 def _rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     """max |a - ref| / max |ref| (0 when both are 0)."""
     err = (a.float() - ref.float()).abs().max().item()
@@ -300,6 +320,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     p.add_argument("--iters", type=int, default=10, help="timed steps; the median is reported (default 10)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    p.add_argument("--profile", type=int, nargs="?", const=8, default=None, metavar="N",
+                   help="after timing, profile one more step of each row and print its N most "
+                        "expensive GPU kernels (CPU ops on CPU) by self time (default N: 8)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -378,6 +401,8 @@ def run(args: argparse.Namespace, stream=None) -> int:
         dtype = DTYPES[args.dtype or ("bf16" if on_cuda else "fp32")]
         if args.iters < 1 or args.warmup < 0:
             raise BenchError("--iters must be >= 1 and --warmup >= 0")
+        if args.profile is not None and args.profile < 1:
+            raise BenchError(f"--profile N needs N >= 1 (or no N, for 8), got {args.profile}")
     except BenchError as e:
         print(f"blazec bench: error: {e}", file=sys.stderr)
         return 2
@@ -433,6 +458,11 @@ def run(args: argparse.Namespace, stream=None) -> int:
                 row.err_out = _rel_err(out, ref_out)
                 row.err_dx = _rel_err(dx, ref_dx)
             row.extra = facts()
+            if args.profile:
+                try:  # a profiler failure costs the profile, not the row's measurements
+                    row.extra["profile"] = _profile(model, x, dev, args.profile)
+                except Exception as e:  # noqa: BLE001
+                    row.extra["profile_error"] = f"{type(e).__name__}: {str(e).strip()[:160]}"
             notes = [_kernel_note(dev, impl)]
             if impl == DENSE:
                 notes.append("ceiling: dense GEMMs on T*k rows, same FLOPs")
@@ -469,6 +499,14 @@ def run(args: argparse.Namespace, stream=None) -> int:
     say(f"ms: median of {args.iters} forward+backward steps after {args.warmup} warm-ups; TFLOP/s: "
         f"{flops / 1e9:.3g} GFLOP of expert GEMMs per step; % dense: of the dense-equivalent row's "
         f"TFLOP/s; err: max abs error / max abs value, vs eager-loop.")
+    for r in rows:
+        if r.extra.get("profile_error"):
+            say(f"profile {r.impl}: failed: {r.extra['profile_error']}")
+        if r.extra.get("profile"):
+            what = "kernels" if on_cuda else "CPU ops"
+            say(f"profile {r.impl}, top {what} of one step by self time:")
+            for p in r.extra["profile"]:
+                say(f"  {p['ms']:9.3f} ms  {p['calls']:4d}x  {p['name'][:100]}")
     if not on_cuda:
         say("CPU timings are not the GPU claim.")
     else:

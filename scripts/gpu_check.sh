@@ -25,9 +25,9 @@ done
 wait
 echo "cache warm-up: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/versions.txt"
 for shape in olmoe-like:180 mixtral-like:130; do
-  timeout "${shape#*:}" python3 -m blazec.bench --shape "${shape%:*}" --dtype bf16 \
+  timeout "${shape#*:}" python3 -m blazec.bench --shape "${shape%:*}" --dtype bf16 --profile \
     --json "$OUT/bench_${shape%:*}.json" > "$OUT/bench_${shape%:*}.txt" 2>&1
-  echo "bench ${shape%:*} rc=$?"; tail -15 "$OUT/bench_${shape%:*}.txt"
+  echo "bench ${shape%:*} rc=$?"; grep -v "^  running" "$OUT/bench_${shape%:*}.txt" | tail -120
 done
 # 2. kernels vs the reference on the GPU (compiled Triton, not the interpreter). The tests
 # compile ~550 kernel variants (counted under the interpreter), ~0.8 s each of single-threaded

@@ -26,7 +26,7 @@ def test_gpu_shape_on_cpu_is_one_line(shape: str, capsys) -> None:
     assert len(err) == 1 and err[0].startswith("blazec bench: error:") and "CUDA" in err[0]
 
 
-@pytest.mark.parametrize("argv", [["--shape", "1,2,3"], ["--shape", "8,4,4,2,3"], ["--iters", "0"]])
+@pytest.mark.parametrize("argv", [["--shape", "1,2,3"], ["--shape", "8,4,4,2,3"], ["--iters", "0"], ["--profile", "0"]])
 def test_bad_arguments_are_one_line(argv, capsys) -> None:
     assert bench.run(_args(*argv, "--device", "cpu")) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
@@ -78,3 +78,31 @@ def test_dense_equivalent_has_the_moe_layers_flops() -> None:
     assert out.shape == (T * k, d)
     out.pow(2).mean().backward()
     assert dense.rows.grad is not None and dense.w1.grad is not None
+
+
+def test_profile_lists_each_rows_most_expensive_ops(tmp_path) -> None:
+    out = io.StringIO()
+    path = tmp_path / "bench.json"
+    rc = bench.run(_args("--device", "cpu", "--shape", "32,16,24,4,2", "--iters", "1", "--warmup", "0",
+                         "--impl", "blazec-ops", "--profile", "3", "--json", str(path)), stream=out)
+    assert rc == 0
+    prof = json.loads(path.read_text())["rows"][0]["extra"]["profile"]
+    assert 1 <= len(prof) <= 3 and all(p["ms"] > 0 and p["calls"] >= 1 and p["name"] for p in prof)
+    assert [p["ms"] for p in prof] == sorted((p["ms"] for p in prof), reverse=True)
+    text = out.getvalue()
+    assert "profile blazec-ops, top CPU ops of one step by self time:" in text
+    assert prof[0]["name"][:40] in text
+
+
+def test_a_profiler_failure_keeps_the_rows_measurements(monkeypatch) -> None:
+    def broken(*a, **k):
+        raise RuntimeError("no profiler here")
+
+    monkeypatch.setattr(bench, "_profile", broken)
+    out = io.StringIO()
+    rc = bench.run(_args("--device", "cpu", "--shape", "32,16,24,4,2", "--iters", "1", "--warmup", "0",
+                         "--impl", "blazec-ops", "--profile"), stream=out)
+    text = out.getvalue()
+    assert rc == 0 and "profile blazec-ops: failed: RuntimeError: no profiler here" in text
+    row = next(line for line in text.splitlines() if line.startswith("| blazec-ops"))
+    assert "failed" not in row and row.split("|")[2].strip() != "-"  # the row kept its time
