@@ -65,4 +65,3 @@ def assert_same_training(ref_model, model, inputs, compile_kwargs, atol=1e-5, rt
 
 def clone_model(m):
     return copy.deepcopy(m)
-

@@ -18,6 +18,15 @@ def _args(*argv: str) -> argparse.Namespace:
     return p.parse_args(list(argv))
 
 
+def _run_small(tmp_path, *argv: str) -> tuple[int, str, dict]:
+    """The bench on CPU at a tiny shape, one untimed-warm-up-free step: (rc, printed text, JSON)."""
+    out = io.StringIO()
+    path = tmp_path / "bench.json"
+    rc = bench.run(_args("--device", "cpu", "--shape", "32,16,24,4,2", "--iters", "1", "--warmup", "0",
+                         *argv, "--json", str(path)), stream=out)
+    return rc, out.getvalue(), json.loads(path.read_text()) if path.exists() else {}
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU behaviour")
 @pytest.mark.parametrize("shape", ["olmoe-like", "mixtral-like"])
 def test_gpu_shape_on_cpu_is_one_line(shape: str, capsys) -> None:
@@ -33,16 +42,11 @@ def test_bad_arguments_are_one_line(argv, capsys) -> None:
 
 
 def test_cpu_small_shape_table_and_json(tmp_path) -> None:
-    out = io.StringIO()
-    path = tmp_path / "bench.json"
-    rc = bench.run(_args("--device", "cpu", "--shape", "32,16,24,4,2", "--iters", "1", "--warmup", "0",
-                         "--impl", "eager-loop", "--impl", "sort-grouped-mm", "--impl", "blazec-ops",
-                         "--impl", "blazec-ops-recompute", "--json", str(path)), stream=out)
-    text = out.getvalue()
+    rc, text, data = _run_small(tmp_path, "--impl", "eager-loop", "--impl", "sort-grouped-mm", "--impl", "blazec-ops",
+                                "--impl", "blazec-ops-recompute")
     assert rc == 0
     assert "CPU timings are not the GPU claim" in text
     assert text.count("| blazec-ops") == 2 and "| eager-loop |" in text
-    data = json.loads(path.read_text())
     assert data["meta"]["T"] == 32 and data["meta"]["device"] == "CPU"
     rows = {r["impl"]: r for r in data["rows"]}
     assert set(rows) == {"eager-loop", "sort-grouped-mm", "blazec-ops", "blazec-ops-recompute"}
@@ -54,17 +58,14 @@ def test_cpu_small_shape_table_and_json(tmp_path) -> None:
 
 
 def test_dense_equivalent_row_is_the_percent_dense_denominator(tmp_path) -> None:
-    out = io.StringIO()
-    path = tmp_path / "bench.json"
-    rc = bench.run(_args("--device", "cpu", "--shape", "32,16,24,4,2", "--iters", "1", "--warmup", "0",
-                         "--impl", "dense-equivalent", "--impl", "blazec-ops", "--json", str(path)), stream=out)
+    rc, text, data = _run_small(tmp_path, "--impl", "dense-equivalent", "--impl", "blazec-ops")
     assert rc == 0
-    rows = {r["impl"]: r for r in json.loads(path.read_text())["rows"]}
+    rows = {r["impl"]: r for r in data["rows"]}
     dense, ops = rows["dense-equivalent"], rows["blazec-ops"]
     assert dense["pct_dense"] == pytest.approx(100.0) and dense["err_out"] is None and dense["err_dx"] is None
     assert ops["pct_dense"] == pytest.approx(100 * ops["tflops"] / dense["tflops"])
     assert ops["err_out"] < 1e-5  # the MoE rows are still checked against the loop, run untimed
-    assert "| % dense |" in out.getvalue()
+    assert "| % dense |" in text
 
 
 def test_dense_equivalent_has_the_moe_layers_flops() -> None:
@@ -81,28 +82,22 @@ def test_dense_equivalent_has_the_moe_layers_flops() -> None:
 
 
 def test_profile_lists_each_rows_most_expensive_ops(tmp_path) -> None:
-    out = io.StringIO()
-    path = tmp_path / "bench.json"
-    rc = bench.run(_args("--device", "cpu", "--shape", "32,16,24,4,2", "--iters", "1", "--warmup", "0",
-                         "--impl", "blazec-ops", "--profile", "3", "--json", str(path)), stream=out)
+    rc, text, data = _run_small(tmp_path, "--impl", "blazec-ops", "--profile", "3")
     assert rc == 0
-    prof = json.loads(path.read_text())["rows"][0]["extra"]["profile"]
+    prof = data["rows"][0]["extra"]["profile"]
     assert 1 <= len(prof) <= 3 and all(p["ms"] > 0 and p["calls"] >= 1 and p["name"] for p in prof)
     assert [p["ms"] for p in prof] == sorted((p["ms"] for p in prof), reverse=True)
-    text = out.getvalue()
     assert "profile blazec-ops, top CPU ops of one step by self time:" in text
     assert prof[0]["name"][:40] in text
 
 
-def test_a_profiler_failure_keeps_the_rows_measurements(monkeypatch) -> None:
+def test_a_profiler_failure_keeps_the_rows_measurements(tmp_path, monkeypatch) -> None:
     def broken(*a, **k):
         raise RuntimeError("no profiler here")
 
     monkeypatch.setattr(bench, "_profile", broken)
-    out = io.StringIO()
-    rc = bench.run(_args("--device", "cpu", "--shape", "32,16,24,4,2", "--iters", "1", "--warmup", "0",
-                         "--impl", "blazec-ops", "--profile"), stream=out)
-    text = out.getvalue()
+    rc, text, data = _run_small(tmp_path, "--impl", "blazec-ops", "--profile")
     assert rc == 0 and "profile blazec-ops: failed: RuntimeError: no profiler here" in text
+    assert data["rows"][0]["ms"] > 0 and "profile" not in data["rows"][0]["extra"]
     row = next(line for line in text.splitlines() if line.startswith("| blazec-ops"))
     assert "failed" not in row and row.split("|")[2].strip() != "-"  # the row kept its time
