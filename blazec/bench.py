@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from blazec.bench_targets import check as check_targets
 from blazec.demo_model import SwiGLUExpert
 
 SHAPES: dict[str, tuple[int, int, int, int, int]] = {
@@ -507,6 +508,13 @@ def run(args: argparse.Namespace, stream=None) -> int:
             say(f"profile {r.impl}, top {what} of one step by self time:")
             for p in r.extra["profile"]:
                 say(f"  {p['ms']:9.3f} ms  {p['calls']:4d}x  {p['name'][:100]}")
+    targets = check_targets(rows, name, T, I, E, k, torch.tensor([], dtype=dtype).element_size())
+    if targets:
+        say("targets (BASELINES.md, 'What blazec must reach'; against the baseline rows of this run"
+            + ("; CPU: not the claim" if not on_cuda else "") + "):")
+        for t in targets:
+            say(t.line())
+        meta["targets"] = [{**asdict(t), "met": t.met} for t in targets]
     if not on_cuda:
         say("CPU timings are not the GPU claim.")
     else:

@@ -101,3 +101,17 @@ def test_a_profiler_failure_keeps_the_rows_measurements(tmp_path, monkeypatch) -
     assert data["rows"][0]["ms"] > 0 and "profile" not in data["rows"][0]["extra"]
     row = next(line for line in text.splitlines() if line.startswith("| blazec-ops"))
     assert "failed" not in row and row.split("|")[2].strip() != "-"  # the row kept its time
+
+
+def test_targets_are_printed_and_written(tmp_path) -> None:
+    rc, text, data = _run_small(tmp_path, "--impl", "eager-loop", "--impl", "blazec-loop",
+                                "--impl", "blazec-loop-recompute")
+    assert rc == 0
+    names = [t["name"] for t in data["meta"]["targets"]]
+    assert names == ["time", "act", "recompute act", "recompute time", "agreement"]  # no peak on CPU
+    assert "against the baseline rows of this run; CPU: not the claim" in text
+    for t in data["meta"]["targets"]:
+        assert f"  {t['name']} " in text
+    by = {t["name"]: t for t in data["meta"]["targets"]}
+    assert by["time"]["limit"] is None  # a custom shape has no time limit
+    assert by["act"]["met"] and by["recompute act"]["met"] and by["agreement"]["met"]  # bytes and numbers hold on CPU too

@@ -1,0 +1,87 @@
+"""The targets of ../shared/BASELINES.md ("What blazec must reach"), checked on one bench run.
+
+``blazec bench`` prints these under its table so that a run answers the question it is for.
+They compare rows of the *same* run: blazec on the loop model (``blazec-loop``, and
+``blazec-loop-recompute``) against the fastest baseline row that ran (eager loop, sort +
+grouped_mm eager or compiled). BASELINES.md's external rows (ScatterMoE, MegaBlocks, ...) are
+not in this process; its numbers stay the reference for those.
+
+- time: blazec-loop's median step <= 0.8x the best baseline's at olmoe-like, 0.9x at
+  mixtral-like (other shapes: the ratio is reported without a limit);
+- act: what blazec-loop keeps after forward <= (the expert pre-activations, S x n_in elements
+  with S = T*k and n_in = 2I for SwiGLU, + the O(T*k) index bytes: the route's sorted pairs,
+  pair positions and offsets, and the router's top-k ids and weights) x 1.05; the router's
+  [T, E] probabilities, which every row keeps, fit in the slack at the GPU shapes;
+- recompute act: blazec-loop-recompute keeps < 0.1 GiB after forward;
+- recompute time: blazec-loop-recompute <= 1.3x blazec-loop's time;
+- peak: blazec-loop's peak <= the lowest baseline peak (GPU only: CPU runs measure no peak);
+- agreement: blazec-loop's output and dL/dx errors against the eager loop stay within a sanity
+  bound for the dtype (a fast row with wrong numbers meets nothing; the exact numerical
+  contract is what the kernel tests check).
+
+A target whose rows did not run (or failed) is left out. These are benchmark readings, never
+test assertions; on CPU they are printed with a note that CPU timings are not the claim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+BASELINE_ROWS = ("eager-loop", "sort-grouped-mm", "sort-grouped-mm-compile")
+TIME_LIMIT = {"olmoe-like": 0.8, "mixtral-like": 0.9}
+ACT_SLACK = 1.05
+RECOMPUTE_ACT_GIB = 0.1
+RECOMPUTE_TIME = 1.3
+GiB = 1024**3
+ERR_BOUND = {1: 0.0, 2: 2e-2, 4: 1e-4}  # by element size: bf16/fp16 a few ulps of the max, fp32
+
+
+@dataclass
+class Target:
+    name: str
+    value: float
+    limit: Optional[float]  # None: reported without a limit
+    unit: str  # "x" (a ratio) or "GiB"
+    detail: str
+
+    @property
+    def met(self) -> Optional[bool]:
+        return None if self.limit is None else self.value <= self.limit
+
+    def line(self) -> str:
+        verdict = {True: "met", False: "MISSED", None: "no limit"}[self.met]
+        lim = "-" if self.limit is None else f"{self.limit:.4g}{self.unit}"
+        return f"  {self.name:15s} {self.value:.4g}{self.unit}  limit {lim}  {verdict}: {self.detail}"
+
+
+def check(rows: Sequence, shape: str, T: int, I: int, E: int, k: int, elem_bytes: int) -> list[Target]:
+    """Targets from the bench rows (objects with impl, ms, peak_gib, act_gib, err_out, err_dx, note)."""
+    ok = {r.impl: r for r in rows if r.ms is not None and not r.note.startswith(("failed", "OOM"))}
+    base = [ok[n] for n in BASELINE_ROWS if n in ok]
+    blaze, rec = ok.get("blazec-loop"), ok.get("blazec-loop-recompute")
+    out: list[Target] = []
+    if blaze and base:
+        best = min(base, key=lambda r: r.ms)
+        out.append(Target("time", blaze.ms / best.ms, TIME_LIMIT.get(shape), "x",
+                          f"blazec-loop {blaze.ms:.2f} ms / best baseline {best.impl} {best.ms:.2f} ms"))
+    if blaze and blaze.act_gib is not None:
+        P = T * k
+        preact = P * 2 * I * elem_bytes / GiB
+        index = (2 * P * 8 + (E + 1) * 8 + P * (8 + elem_bytes)) / GiB
+        out.append(Target("act", blaze.act_gib, ACT_SLACK * (preact + index), " GiB",
+                          f"kept after forward; pre-activations {preact:.4g} GiB + index {index:.2g} GiB, +5%"))
+    if rec and rec.act_gib is not None:
+        out.append(Target("recompute act", rec.act_gib, RECOMPUTE_ACT_GIB, " GiB",
+                          "blazec-loop-recompute, kept after forward"))
+    if rec and blaze:
+        out.append(Target("recompute time", rec.ms / blaze.ms, RECOMPUTE_TIME, "x",
+                          f"blazec-loop-recompute {rec.ms:.2f} ms / blazec-loop {blaze.ms:.2f} ms"))
+    peaks = [r for r in base if r.peak_gib is not None]
+    if blaze and blaze.peak_gib is not None and peaks:
+        low = min(peaks, key=lambda r: r.peak_gib)
+        out.append(Target("peak", blaze.peak_gib, low.peak_gib, " GiB", f"lowest baseline peak: {low.impl}"))
+    if blaze and blaze.err_out is not None and blaze.err_dx is not None:
+        out.append(Target("agreement", max(blaze.err_out, blaze.err_dx), ERR_BOUND.get(elem_bytes), "",
+                          "blazec-loop max(err out, err dx) vs eager-loop"))
+    return out

@@ -1,0 +1,75 @@
+"""The BASELINES.md targets that ``blazec bench`` prints under its table (blazec/bench_targets.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from blazec.bench import Row
+from blazec.bench_targets import GiB, check
+
+
+def _rows(**over) -> list[Row]:
+    rows = {
+        "eager-loop": Row("eager-loop", ms=40.0, peak_gib=6.0, act_gib=3.0, err_out=0.0, err_dx=0.0),
+        "sort-grouped-mm": Row("sort-grouped-mm", ms=20.0, peak_gib=3.0, act_gib=2.0, err_out=0.0, err_dx=0.0),
+        "sort-grouped-mm-compile": Row("sort-grouped-mm-compile", ms=16.0, peak_gib=2.5, act_gib=1.5,
+                                       err_out=0.0, err_dx=0.0),
+        "blazec-loop": Row("blazec-loop", ms=12.0, peak_gib=2.0, act_gib=0.5, err_out=4e-3, err_dx=5e-3),
+        "blazec-loop-recompute": Row("blazec-loop-recompute", ms=15.0, peak_gib=1.8, act_gib=0.01,
+                                     err_out=4e-3, err_dx=5e-3),
+    }
+    for name, fields in over.items():
+        for k, v in fields.items():
+            setattr(rows[name.replace("_", "-")], k, v)
+    return list(rows.values())
+
+
+OLMOE = ("olmoe-like", 16384, 1024, 64, 8, 2)  # shape, T, I, E, k, bf16
+
+
+def _by_name(targets) -> dict:
+    return {t.name: t for t in targets}
+
+
+def test_all_targets_met_and_their_limits() -> None:
+    t = _by_name(check(_rows(), *OLMOE))
+    assert set(t) == {"time", "act", "recompute act", "recompute time", "peak", "agreement"}
+    assert all(x.met for x in t.values()), [x.line() for x in t.values()]
+    assert t["time"].value == pytest.approx(12.0 / 16.0) and t["time"].limit == 0.8
+    assert "sort-grouped-mm-compile" in t["time"].detail  # the fastest baseline row
+    preact = 16384 * 8 * 2 * 1024 * 2 / GiB  # 0.5 GiB
+    index = (2 * 131072 * 8 + 65 * 8 + 131072 * 10) / GiB
+    assert t["act"].limit == pytest.approx(1.05 * (preact + index))
+    assert t["recompute time"].value == pytest.approx(15.0 / 12.0) and t["recompute time"].limit == 1.3
+    assert t["peak"].limit == 2.5 and t["agreement"].limit == 2e-2
+
+
+@pytest.mark.parametrize("over, missed", [
+    ({"blazec_loop": {"ms": 13.0}}, "time"),  # 13/16 = 0.81 > 0.8
+    ({"blazec_loop": {"act_gib": 0.56}}, "act"),
+    ({"blazec_loop_recompute": {"act_gib": 0.11}}, "recompute act"),
+    ({"blazec_loop_recompute": {"ms": 15.7}}, "recompute time"),  # 1.31x
+    ({"blazec_loop": {"peak_gib": 2.6}}, "peak"),
+    ({"blazec_loop": {"err_dx": 0.05}}, "agreement"),
+])
+def test_each_target_can_be_missed(over, missed) -> None:
+    t = _by_name(check(_rows(**over), *OLMOE))
+    assert [n for n, x in t.items() if not x.met] == [missed]
+    assert "MISSED" in t[missed].line()
+
+
+def test_mixtral_limit_and_custom_shapes_without_one() -> None:
+    assert _by_name(check(_rows(blazec_loop={"ms": 14.0}), "mixtral-like", 8192, 14336, 8, 2, 2))["time"].met
+    custom = _by_name(check(_rows(), "custom", 256, 96, 8, 2, 4))["time"]
+    assert custom.limit is None and custom.met is None and "no limit" in custom.line()
+
+
+def test_failed_rows_and_missing_measurements_are_left_out() -> None:
+    rows = _rows(sort_grouped_mm_compile={"note": "failed: RuntimeError: x"},
+                 blazec_loop_recompute={"ms": None})
+    t = _by_name(check(rows, *OLMOE))
+    assert "best baseline sort-grouped-mm 20.00 ms" in t["time"].detail and t["time"].value == pytest.approx(0.6)
+    assert "recompute act" not in t and "recompute time" not in t
+    cpu = [Row(r.impl, ms=r.ms, act_gib=r.act_gib, err_out=r.err_out, err_dx=r.err_dx) for r in _rows()]
+    assert "peak" not in _by_name(check(cpu, *OLMOE))  # CPU runs measure no peak
+    assert check([r for r in _rows() if not r.impl.startswith("blazec")], *OLMOE) == []
