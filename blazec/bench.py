@@ -20,6 +20,9 @@ weights and inputs, memory still held after forward (excluding the output), and 
 error of the output and of dL/dx against the eager loop, relative to the largest value. On CPU, "act" is the bytes autograd
 saves for backward (saved-tensor hooks) and "peak" is not measured; CPU timings are not the GPU
 claim. The GPU shapes (olmoe-like, mixtral-like) need CUDA.
+
+Under the table: the BASELINES.md targets checked on this run's rows (``bench_targets.py``),
+and with ``--profile`` each row's most expensive kernels in one more step.
 """
 
 from __future__ import annotations
