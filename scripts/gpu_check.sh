@@ -5,8 +5,13 @@
 # At most ~9.5 minutes (the timeouts below: 130 + 180 + 130 + 120 s) of a 15-minute device
 # session, whose start counts too. The bench comes first: its numbers are the claim, and its
 # error columns already check the kernels against the loop reference at the real shapes.
+# A dry run of the whole flow on a machine without a GPU (small CPU shapes, interpreter):
+#   OUT=/tmp/gco WARM_SHAPE=64,32,48,8,2 SHAPES="64,32,48,8,2:120" XDIST="-n 2" bash scripts/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-gpu_out}
+WARM_SHAPE=${WARM_SHAPE:-olmoe-like}
+SHAPES=${SHAPES:-olmoe-like:180 mixtral-like:130}
+XDIST=${XDIST:--n 16}
 mkdir -p "$OUT"
 python3 -m pip install --no-deps --no-build-isolation -q -e . > "$OUT/install.log" 2>&1
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" \
@@ -19,12 +24,12 @@ python3 -c "import torch, triton; print(torch.__version__, triton.__version__, t
 # first look; the timings in them mean nothing, the rows ran concurrently).
 t0=$(date +%s)
 for impl in blazec-loop blazec-loop-recompute blazec-ops blazec-ops-recompute sort-grouped-mm-compile; do
-  timeout 130 python3 -m blazec.bench --shape olmoe-like --dtype bf16 --impl "$impl" --warmup 0 --iters 1 \
+  timeout 130 python3 -m blazec.bench --shape "$WARM_SHAPE" --dtype bf16 --impl "$impl" --warmup 0 --iters 1 \
     > "$OUT/warm_$impl.txt" 2>&1 &
 done
 wait
 echo "cache warm-up: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/versions.txt"
-for shape in olmoe-like:180 mixtral-like:130; do
+for shape in $SHAPES; do
   timeout "${shape#*:}" python3 -m blazec.bench --shape "${shape%:*}" --dtype bf16 --profile \
     --json "$OUT/bench_${shape%:*}.json" > "$OUT/bench_${shape%:*}.txt" 2>&1
   echo "bench ${shape%:*} rc=$?"; grep -v "^  running" "$OUT/bench_${shape%:*}.txt" | tail -120
@@ -35,7 +40,7 @@ done
 # (the image has pytest-xdist) sharing one Triton cache. The AOT test is a CPU-side check and
 # already runs in CI.
 t0=$(date +%s)
-timeout 120 python3 -m pytest -q -x -n 16 tests/kernels tests/ops -p no:cacheprovider \
+timeout 120 python3 -m pytest -q -x $XDIST tests/kernels tests/ops -p no:cacheprovider \
   --ignore=tests/kernels/test_aot_compile.py > "$OUT/tests.log" 2>&1
 echo "tests rc=$? in $(( $(date +%s) - t0 )) s" | tee -a "$OUT/versions.txt"
 tail -5 "$OUT/tests.log"
