@@ -22,7 +22,12 @@ sm_90 every ``tl.dot`` must become Hopper's asynchronous ``wgmma`` (``mma.sync``
 A GEMM that silently falls back to ``mma.sync`` on Hopper (operand layouts Triton cannot feed
 to wgmma) runs at a fraction of the card's tensor throughput, and nothing else would show it
 before a GPU timing. fp32 operands use tensor cores only as tf32 (when torch allows it), so
-they are not checked.
+they are not checked. And in every GEMM variant whose weight tables claim 16-byte alignment,
+no 2-D tile may be loaded synchronously inside a loop (sm_80+): Triton's pipeliner turns each
+operand load of a K loop into an asynchronous copy to shared memory, and a plain ``tt.load``
+left in the loop is one it could not pipeline. That is how the per-expert-list kernels once
+compiled (their weight loads, through table pointers of unknown alignment; see
+docs/KERNELS.md, "Weights"), with the gathered x rows still pipelined beside them.
 """
 
 from __future__ import annotations
@@ -159,6 +164,27 @@ def expected_mma(name: str, sig: dict, arch: int):
     return "wgmma" if arch >= 90 else "mma.sync" if arch >= 80 else None
 
 
+def loop_tile_loads(ttgir: str) -> int:
+    """How many synchronous loads of a 2-D tile (``tt.load`` of ``tensor<AxBx!tt.ptr...>``) a
+    kernel's TTGIR has inside ``scf.for`` bodies (by indentation, as the IR is printed)."""
+    n, loop_indents = 0, []
+    for line in ttgir.splitlines():
+        indent = len(line) - len(line.lstrip())
+        while loop_indents and line.strip() and indent <= loop_indents[-1]:
+            loop_indents.pop()
+        if loop_indents and re.search(r"= tt\.load [^\n]*: tensor<\d+x\d+x!tt\.ptr", line):
+            n += 1
+        if "scf.for" in line and line.rstrip().endswith("{"):
+            loop_indents.append(indent)
+    return n
+
+
+def expects_pipelining(name: str, consts: dict, arch: int) -> bool:
+    """A GEMM variant on sm_80+ whose pointer tables (if any) are 16-byte aligned."""
+    return name in GEMM_KERNELS and arch >= 80 and all(
+        v in (0, 16) for k, v in consts.items() if k.endswith("_TAB"))
+
+
 def cases():
     """Representative launcher calls: every kernel, both weight forms, all flags."""
     from blazec.ops import reference as ref
@@ -252,6 +278,10 @@ def main(argv=None) -> int:
                 if want is not None and mma != want:
                     failures.append(f"{fn.__name__} {opts} {_brief(sig, consts)}: compiled to {mma}, "
                                     f"expected {want} on sm_{args.arch}")
+                sync = loop_tile_loads(c.asm["ttgir"])
+                if expects_pipelining(fn.__name__, consts, args.arch) and sync:
+                    failures.append(f"{fn.__name__} {opts} {_brief(sig, consts)}: {sync} tile load(s) "
+                                    f"in a loop not pipelined")
                 n_ok += 1
                 if args.regs:
                     usage.append((fn.__name__, opts, _brief(sig, consts),

@@ -6,8 +6,8 @@
 Runs ``tests/kernels/aot_compile.py`` in a fresh process without TRITON_INTERPRET (this
 session's kernels are interpreted) and with an empty Triton cache, so every variant is really
 compiled; see that file for what it checks. It is the only check of the compiled path that
-runs without a GPU: compile errors the interpreter cannot see, shared memory per block, and
-that every 16-bit GEMM compiles to wgmma for Hopper.
+runs without a GPU: compile errors the interpreter cannot see, shared memory per block, that
+every 16-bit GEMM compiles to wgmma for Hopper, and that every K loop is pipelined.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def test_compile_every_autotune_config_for_sm90(tmp_path: Path) -> None:
 
 
 def test_mma_kind_reads_the_tensor_core_instructions_from_ptx() -> None:
-    from tests.kernels.aot_compile import expected_mma, mma_kind
+    from tests.kernels.aot_compile import expected_mma, expects_pipelining, loop_tile_loads, mma_kind
 
     assert mma_kind("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {...}") == "wgmma"
     assert mma_kind("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {...}") == "mma.sync"
@@ -54,3 +54,18 @@ def test_mma_kind_reads_the_tensor_core_instructions_from_ptx() -> None:
     assert expected_mma("_wgrad_kernel", {"x": "*fp16"}, 80) == "mma.sync"
     assert expected_mma("_dh_kernel", {"x": "*fp32"}, 90) is None  # fp32: tf32 only when torch allows it
     assert expected_mma("_combine_kernel", {"x": "*bf16"}, 90) is None  # not a GEMM
+    # pipelining is required of GEMMs whose tables (if any) are 16-byte aligned
+    assert expects_pipelining("_gemm1_kernel", {"WG_TAB": 16, "WU_TAB": 0, "BLOCK_M": 128}, 90)
+    assert not expects_pipelining("_gemm1_kernel", {"WG_TAB": 1, "WU_TAB": 1}, 90)  # unaligned views
+    assert not expects_pipelining("_combine_kernel", {}, 90) and not expects_pipelining("_dh_kernel", {}, 75)
+    ir = """  tt.func @k() {
+    %a = tt.load %p0 : tensor<128x!tt.ptr<i64>, #blocked>
+    %r:2 = scf.for %i = %c0 to %n step %c64 iter_args(%x = %y) -> (tensor<128x64xf32>) {
+      %b = tt.load %bp, %m, %o : tensor<64x128x!tt.ptr<bf16>, #blocked1>
+      %c = ttg.async_copy_global_to_local %ap, %s : tensor<128x64x!tt.ptr<bf16>, #blocked> -> <128x64xbf16>
+      %v = tt.load %vp : tensor<64x!tt.ptr<bf16>, #blocked2>
+      scf.yield %x
+    }
+    %g = tt.load %gp, %m2 : tensor<128x128x!tt.ptr<bf16>, #mma>
+  }"""
+    assert loop_tile_loads(ir) == 1  # the 2-D load in the loop; not the async copy, a 1-D load, or the epilogue
