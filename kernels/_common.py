@@ -24,6 +24,7 @@ Why each piece is here:
 from __future__ import annotations
 
 import collections
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -188,6 +189,21 @@ def rows_class(P: int, E: int) -> int:
 
 
 SMEM_BUDGET = 200 * 1024  # of H100/H200's 227 KiB per block, with room for the epilogue
+_SMEM_HEADROOM = 27 * 1024
+
+
+@functools.lru_cache(maxsize=None)
+def _device_smem_budget(index: int) -> int:
+    optin = getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", 0)
+    return min(SMEM_BUDGET, optin - _SMEM_HEADROOM) if optin else SMEM_BUDGET
+
+
+def smem_budget(t: Tensor) -> int:
+    """Pipelined-tile bytes a config may use on ``t``'s device: SMEM_BUDGET on H100/H200, less on
+    cards with less shared memory per block (A100: 163 KiB, so ~136 KiB), so that the first
+    config that fits (``BLAZEC_AUTOTUNE=0``) can launch there. CPU tensors (interpreter, AOT
+    compile for sm_90) get SMEM_BUDGET."""
+    return _device_smem_budget(t.device.index or 0) if t.is_cuda else SMEM_BUDGET
 
 
 def smem_pruner(tensor_arg: str, operands):
@@ -204,8 +220,21 @@ def smem_pruner(tensor_arg: str, operands):
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         el = args[tensor_arg].element_size()
-        ok = [c for c in configs if est(c, args, el) <= SMEM_BUDGET]
-        return ok or [min(configs, key=lambda c: est(c, args, el))]
+        budget = smem_budget(args[tensor_arg])
+        ok = [c for c in configs if est(c, args, el) <= budget]
+        if ok:
+            return ok
+        # Nothing fits (fp32 on a card with less shared memory than an H100): shrink the
+        # smallest config, fewer stages first, then a shorter K step.
+        cfg = min(configs, key=lambda c: est(c, args, el))
+        while est(cfg, args, el) > budget and (cfg.num_stages > 2 or cfg.kwargs["BLOCK_K"] > 16):
+            kw, stages = dict(cfg.kwargs), cfg.num_stages
+            if stages > 2:
+                stages -= 1
+            else:
+                kw["BLOCK_K"] //= 2
+            cfg = triton.Config(kw, num_warps=cfg.num_warps, num_stages=stages)
+        return [cfg]
 
     return prune
 

@@ -242,6 +242,8 @@ def main(argv=None) -> int:
     from blazec.kernels import moe_combine, moe_experts, moe_route
 
     assert not common.INTERPRET
+    # The pruner sizes configs for the GPU it runs on; here, for the target architecture.
+    common.SMEM_BUDGET = min(common.SMEM_BUDGET, SMEM_LIMIT.get(args.arch, 232448) - common._SMEM_HEADROOM)
     log: list = []
     moe_experts.launch = _record_launch(log, args.all)
     for mod, name in ((moe_route, "_route_count_kernel"), (moe_route, "_route_scan_kernel"),

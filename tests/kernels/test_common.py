@@ -104,3 +104,44 @@ def test_launch_with_autotuning_off_takes_the_first_fitting_config(monkeypatch) 
     monkeypatch.delenv("BLAZEC_AUTOTUNE")
     _common.launch(Kernel(), Tuned(), grid, {"limit": 128}, {})
     assert calls == [("grid", grid), ("call", {"limit": 128})]  # the autotuner itself
+
+
+def test_smem_budget_follows_the_cards_shared_memory(monkeypatch) -> None:
+    import types
+
+    import blazec.kernels._common as c
+
+    c._device_smem_budget.cache_clear()
+    cards = {0: 232448, 1: 166912, 2: 101376}  # H100/H200, A100, sm_89 opt-in bytes per block
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: types.SimpleNamespace(shared_memory_per_block_optin=cards[i]))
+    try:
+        assert c._device_smem_budget(0) == c.SMEM_BUDGET == 200 * 1024
+        assert c._device_smem_budget(1) == 166912 - 27 * 1024
+        assert c._device_smem_budget(2) == 101376 - 27 * 1024
+    finally:
+        c._device_smem_budget.cache_clear()
+    assert c.smem_budget(torch.empty(1)) == c.SMEM_BUDGET  # CPU tensors: the interpreter, AOT for sm_90
+
+
+def test_pruner_keeps_configs_within_the_budget(monkeypatch) -> None:
+    import triton
+
+    import blazec.kernels._common as c
+
+    cfgs = [triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_stages=4),  # 4*(8K+8K)*2 = 128 KiB
+            triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_stages=3)]  # 48 KiB
+    prune = c.smem_pruner("x", lambda a: (1, 1))
+    x = torch.empty(1, dtype=torch.bfloat16)
+    assert prune(cfgs, {"x": x}) == cfgs
+    monkeypatch.setattr(c, "smem_budget", lambda t: 100 * 1024)
+    assert prune(cfgs, {"x": x}) == cfgs[1:]
+    monkeypatch.setattr(c, "smem_budget", lambda t: 40 * 1024)
+    (small,) = prune(cfgs, {"x": x})  # nothing fits: the smallest, with fewer stages
+    assert (small.kwargs, small.num_stages, small.num_warps) == (cfgs[1].kwargs, 2, cfgs[1].num_warps)
+    monkeypatch.setattr(c, "smem_budget", lambda t: 20 * 1024)
+    (small,) = prune(cfgs, {"x": x})  # then a shorter K step: 2*(64*32+32*64)*2 B = 16 KiB
+    assert small.num_stages == 2 and small.kwargs["BLOCK_K"] == 32
+    monkeypatch.setattr(c, "smem_budget", lambda t: 1)
+    (small,) = prune(cfgs, {"x": x})  # it stops at 2 stages and BLOCK_K 16 (a dot's minimum)
+    assert small.num_stages == 2 and small.kwargs["BLOCK_K"] == 16
