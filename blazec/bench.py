@@ -484,6 +484,10 @@ def run(args: argparse.Namespace, stream=None) -> int:
             if on_cuda:
                 torch.cuda.empty_cache()
         rows.append(row)
+        # As each row ends, so that a run stopped part-way (a timeout) still has its rows.
+        say(f"    {impl}: {_fmt(row.ms, '.2f')} ms, peak {_fmt(row.peak_gib, '.3f')} GiB, "
+            f"act {_fmt(row.act_gib, '.3g')} GiB, err {_fmt(row.err_out, '.1e')} / {_fmt(row.err_dx, '.1e')}"
+            + (f"; {row.note}" if row.note else ""))
         torch._dynamo.reset()
 
     dense = next((r.tflops for r in rows if r.impl == DENSE and r.tflops), None)

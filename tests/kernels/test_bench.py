@@ -47,6 +47,11 @@ def test_cpu_small_shape_table_and_json(tmp_path) -> None:
     assert rc == 0
     assert "CPU timings are not the GPU claim" in text
     assert text.count("| blazec-ops") == 2 and "| eager-loop |" in text
+    # each row's result is printed as it ends, before the table (a run cut short keeps them)
+    done = [line for line in text.splitlines() if line.startswith("    ") and " ms, peak " in line]
+    assert [line.split(":")[0].strip() for line in done] == ["eager-loop", "sort-grouped-mm", "blazec-ops",
+                                                             "blazec-ops-recompute"]
+    assert text.index(done[-1]) < text.index("| implementation |")
     assert data["meta"]["T"] == 32 and data["meta"]["device"] == "CPU"
     rows = {r["impl"]: r for r in data["rows"]}
     assert set(rows) == {"eager-loop", "sort-grouped-mm", "blazec-ops", "blazec-ops-recompute"}
