@@ -515,7 +515,7 @@ def run(args: argparse.Namespace, stream=None) -> int:
             say(f"profile {r.impl}, top {what} of one step by self time:")
             for p in r.extra["profile"]:
                 say(f"  {p['ms']:9.3f} ms  {p['calls']:4d}x  {p['name'][:100]}")
-    targets = check_targets(rows, name, T, I, E, k, torch.tensor([], dtype=dtype).element_size())
+    targets = check_targets(rows, name, T, I, E, k, dtype.itemsize)
     if targets:
         say("targets (BASELINES.md, 'What blazec must reach'; against the baseline rows of this run"
             + ("; CPU: not the claim" if not on_cuda else "") + "):")

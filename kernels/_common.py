@@ -192,10 +192,14 @@ SMEM_BUDGET = 200 * 1024  # of H100/H200's 227 KiB per block, with room for the 
 _SMEM_HEADROOM = 27 * 1024
 
 
+def smem_budget_for(optin: int) -> int:
+    """The budget on a card with ``optin`` bytes of opt-in shared memory per block (0: unknown)."""
+    return min(SMEM_BUDGET, optin - _SMEM_HEADROOM) if optin else SMEM_BUDGET
+
+
 @functools.lru_cache(maxsize=None)
 def _device_smem_budget(index: int) -> int:
-    optin = getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", 0)
-    return min(SMEM_BUDGET, optin - _SMEM_HEADROOM) if optin else SMEM_BUDGET
+    return smem_budget_for(getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", 0))
 
 
 def smem_budget(t: Tensor) -> int:

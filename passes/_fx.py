@@ -33,7 +33,7 @@ def is_fn(node: Any, *targets: Any) -> bool:
     if not isinstance(node, Node):
         return False
     if node.op == "call_method":
-        return any(_DUNDER.get(t) == node.target for t in targets if t in _DUNDER)
+        return is_method(node, *(_DUNDER[t] for t in targets if t in _DUNDER))
     return node.op == "call_function" and node.target in targets
 
 

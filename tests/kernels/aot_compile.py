@@ -36,8 +36,8 @@ import argparse
 import os
 import re
 import subprocess
-import tempfile
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -243,7 +243,7 @@ def main(argv=None) -> int:
 
     assert not common.INTERPRET
     # The pruner sizes configs for the GPU it runs on; here, for the target architecture.
-    common.SMEM_BUDGET = min(common.SMEM_BUDGET, SMEM_LIMIT.get(args.arch, 232448) - common._SMEM_HEADROOM)
+    common.SMEM_BUDGET = common.smem_budget_for(SMEM_LIMIT.get(args.arch, 232448))
     log: list = []
     moe_experts.launch = _record_launch(log, args.all)
     for mod, name in ((moe_route, "_route_count_kernel"), (moe_route, "_route_scan_kernel"),
@@ -297,10 +297,12 @@ def main(argv=None) -> int:
     for f in failures:
         print("  FAIL", f)
     if usage:
-        spills = [u for u in usage if u[3].get("LOCAL", 0) or u[3].get("STACK", 0)]
-        print(f"resource usage ({len(spills)} of {len(usage)} variants use local memory):")
+        def spills(ru: dict) -> bool:
+            return bool(ru.get("LOCAL", 0) or ru.get("STACK", 0))
+
+        print(f"resource usage ({sum(spills(u[3]) for u in usage)} of {len(usage)} variants use local memory):")
         for name, opts, brief, ru in usage:
-            flag = "  SPILL" if ru.get("LOCAL", 0) or ru.get("STACK", 0) else ""
+            flag = "  SPILL" if spills(ru) else ""
             print(f"  {name:22s} w{opts.get('num_warps', 4)} s{opts.get('num_stages', 3)} {brief}: "
                   f"REG {ru.get('REG')} LOCAL {ru.get('LOCAL')} STACK {ru.get('STACK')} "
                   f"SHARED {ru.get('SHARED')} MMA {ru['MMA']}{flag}")
