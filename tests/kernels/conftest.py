@@ -6,7 +6,9 @@ On a machine with CUDA and without TRITON_INTERPRET set, the same tests run the 
 kernels on the GPU instead (``KERNEL_DEVICE``), which makes them the first GPU check.
 
 Every buffer the launchers allocate is poisoned (NaN / a sentinel integer) so that an element a
-kernel forgot to write fails the comparison.
+kernel forgot to write fails the comparison, and every interpreted launch runs under the memory
+sanitizer (``sanitizer.py``), which fails a test whose kernels access memory outside their
+tensors or race between programs: bugs the sequential interpreter cannot show by itself.
 """
 
 from __future__ import annotations
@@ -71,3 +73,19 @@ def _poison():
     old = set_poison(True)
     yield
     set_poison(old)
+
+
+@pytest.fixture(autouse=True)
+def _sanitize(request):
+    """Every interpreted launch of a kernel test goes through ``tests/kernels/sanitizer.py``:
+    in-bounds accesses only, one writer per byte, no read of a byte another program (or, before
+    it, the same program) writes in the launch. test_sanitizer.py runs its own, on kernels built
+    to break these rules."""
+    if ON_GPU or request.module.__name__.endswith("test_sanitizer"):
+        yield
+        return
+    from tests.kernels.sanitizer import Sanitizer
+
+    with Sanitizer() as san:
+        yield
+    san.assert_clean(allow_empty=True)
