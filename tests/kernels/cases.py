@@ -180,7 +180,8 @@ def _upcast(case: Case) -> Case:
 
 
 def check(case: Case, tol: Optional[dict] = None) -> None:
-    """Kernel forward and backward against the reference: y, preact and all eight gradients.
+    """Kernel forward and backward against the reference: y, preact and all eight gradients;
+    and every input bitwise unchanged by the kernels.
 
     fp32 (and fp64, which falls back) must match the reference within ``TOL``. For bf16/fp16
     the reference itself rounds at many points (a bf16 sum of a d(routing weight) can lose
@@ -190,7 +191,11 @@ def check(case: Case, tol: Optional[dict] = None) -> None:
     """
     from blazec.kernels.moe_experts import moe_experts_bwd, moe_experts_fwd
 
+    inputs = _flat([case.x, case.tw, *case.route, *case.w.values(), case.gy])
+    before = [t.clone() for t in inputs]
     got = _run(case, moe_experts_fwd, moe_experts_bwd)
+    for i, (t, b) in enumerate(zip(inputs, before)):  # the kernels write only their outputs
+        assert torch.equal(t, b), f"input {i} (of x, topk_weights, route, weights, grad_y) was modified"
     want = _run(case, ref.moe_experts_fwd, ref.moe_experts_bwd)
     assert len(got) == len(want) == len(NAMES)
     lowp = case.x.dtype in (torch.float16, torch.bfloat16)
