@@ -210,16 +210,21 @@ def smem_budget(t: Tensor) -> int:
     return _device_smem_budget(t.device.index or 0) if t.is_cuda else SMEM_BUDGET
 
 
-def smem_pruner(tensor_arg: str, operands):
+def smem_pruner(tensor_arg: str, operands, indirect: bool = False):
     """An autotune ``early_config_prune`` that drops configs whose pipelined tiles would not fit
     in shared memory (fp32 inputs need half the tile of bf16). ``operands(args)`` returns how
-    many [BLOCK_M, BLOCK_K] and [BLOCK_K, BLOCK_N] tiles one K step loads."""
+    many [BLOCK_M, BLOCK_K] and [BLOCK_K, BLOCK_N] tiles one K step loads.
+
+    ``indirect``: the K loop loads the row indices its tiles are gathered through. Triton's
+    pipeliner then spends two of the ``num_stages`` on the index load and keeps
+    ``num_stages - 2`` tile buffers (``tests/kernels/aot_compile.py --dump``: 3 at 5 stages)."""
 
     def est(cfg, args, el):
         n_a, n_b = operands(args)
         m, k = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_K"]
         n = cfg.kwargs.get("BLOCK_N", args.get("BLOCK_N", 128))
-        return cfg.num_stages * (m * k * n_a + k * n * n_b) * el
+        buffers = max(2, cfg.num_stages - 2) if indirect else cfg.num_stages
+        return buffers * (m * k * n_a + k * n * n_b) * el
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}

@@ -217,7 +217,8 @@ def _dh_block_n(I: int, recompute: bool) -> int:
 
 
 def _wgrad(o: _Operands, L: Tensor, R: Tensor, M: int, N: int, like_w: Sequence[Tensor],
-           like_b: Sequence[Tensor], l_gather: bool, r_gather: bool, l_scale: bool):
+           like_b: Sequence[Tensor], l_gather: bool, r_gather: bool, ws: Optional[Tensor]):
+    """dW (and db) of one expert weight; ``ws``: the sorted routing weights to scale L by."""
     dws, dw_op = output_operand(like_w, 2)
     if like_b:
         dbs, db_op = output_operand(like_b, 1)
@@ -225,13 +226,13 @@ def _wgrad(o: _Operands, L: Tensor, R: Tensor, M: int, N: int, like_w: Sequence[
         dbs, db_op = [], dummy_operand(dws[0], 1)
     grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]), o.E)  # noqa: E731
     launch(moe_wgrad._wgrad_kernel, moe_wgrad.wgrad_tuned, grid, dict(
-        l_ptr=L, r_ptr=R, tw_ptr=o.tw, pairs_ptr=o.sp, offs_ptr=o.eo,
+        l_ptr=L, r_ptr=R, ws_ptr=L if ws is None else ws, pairs_ptr=o.sp, offs_ptr=o.eo,
         dw_ptr=dw_op.ptr, dw_tab=dw_op.tab, db_ptr=db_op.ptr, db_tab=db_op.tab,
         M=M, N=N, K=o.k, ROWS_CLASS=o.rows_class,
         s_lr=L.stride(0), s_lc=L.stride(1), s_rr=R.stride(0), s_rc=R.stride(1),
         s_dwe=dw_op.strides[0], s_dwm=dw_op.strides[1], s_dwn=dw_op.strides[2],
         s_dbe=db_op.strides[0], s_dbm=db_op.strides[1],
-        L_GATHER=l_gather, R_GATHER=r_gather, L_SCALE=l_scale, HAS_DB=bool(like_b),
+        L_GATHER=l_gather, R_GATHER=r_gather, L_SCALE=ws is not None, HAS_DB=bool(like_b),
         DW_TAB=dw_op.table, DB_TAB=db_op.table, PREC=o.prec,
     ), moe_wgrad.INTERPRET_CONFIG)
     return dws, dbs
@@ -273,6 +274,7 @@ def moe_experts_bwd(
     BN = _dh_block_n(I, recompute)
     NT = triton.cdiv(I, BN)
     part = empty((o.P, NT), torch.float32, dev)
+    ws = None if hidden else empty((o.P,), torch.float32, dev)
     pre_arg = dgu if recompute else preact
 
     fixed = dict(gg.INTERPRET_CONFIG)
@@ -282,7 +284,7 @@ def moe_experts_bwd(
         wd_ptr=o.wd.ptr, wd_tab=o.wd.tab, wg_ptr=o.wg.ptr, wg_tab=o.wg.tab,
         wu_ptr=o.wu.ptr, wu_tab=o.wu.tab, bg_ptr=o.bg.ptr, bg_tab=o.bg.tab,
         bu_ptr=o.bu.ptr, bu_tab=o.bu.tab, bd_ptr=o.bd.ptr, bd_tab=o.bd.tab,
-        pre_ptr=pre_arg, dgu_ptr=dgu, hs_ptr=hs, part_ptr=part,
+        pre_ptr=pre_arg, dgu_ptr=dgu, hs_ptr=hs, part_ptr=part, ws_ptr=part if ws is None else ws,
         D=o.d, I=I, K=o.k, P=o.P, E=o.E, NT=NT, ROWS_CLASS=o.rows_class,
         stride_gyt=grad_y.stride(0), stride_gyd=grad_y.stride(1),
         stride_xt=x.stride(0), stride_xd=x.stride(1),
@@ -301,8 +303,8 @@ def moe_experts_bwd(
 
     # The order below keeps the peak low: dWd first, so hs ([S, I]) is freed before the dx rows
     # ([S, d]) and the other weight gradients are allocated.
-    dwd, dbd = _wgrad(o, grad_y, hs, o.d, I, w_down, b_down, True, False, not hidden)
-    del hs
+    dwd, dbd = _wgrad(o, grad_y, hs, o.d, I, w_down, b_down, True, False, ws)
+    del hs, ws
 
     # dx: dg Wg + du Wu per pair, then the slot-ordered combine (k == 1: straight into dx).
     direct = o.k == 1
@@ -335,9 +337,9 @@ def moe_experts_bwd(
     moe_combine.dtw(part, o.pp, d_tw, o.P, NT)
     del part
 
-    dwg, dbg = _wgrad(o, dgu[:, :I], x, I, o.d, w_gate, b_gate, False, True, False)
+    dwg, dbg = _wgrad(o, dgu[:, :I], x, I, o.d, w_gate, b_gate, False, True, None)
     if o.gated:
-        dwu, dbu = _wgrad(o, dgu[:, I:], x, I, o.d, w_up, b_up, False, True, False)
+        dwu, dbu = _wgrad(o, dgu[:, I:], x, I, o.d, w_up, b_up, False, True, None)
     else:
         dwu, dbu = [], []
     return dx, d_tw, dwg, dwu, dwd, dbg, dbu, dbd

@@ -283,6 +283,7 @@ def _dh_kernel(
     dgu_ptr,  # [P, n_in] out: dg | du in x dtype
     hs_ptr,  # [P, I] out: h ("output") or w*h ("hidden") in x dtype, the R operand of dWd
     part_ptr,  # [P, NT] fp32 out: partial d(routing weight) of each sorted row per N tile
+    ws_ptr,  # [P] fp32 out (not HIDDEN): routing weight of each sorted row, for dWd's scaling
     D, I, K, P, E, NT, ROWS_CLASS,
     stride_gyt, stride_gyd, stride_xt, stride_xd,
     s_wde, s_wdo, s_wdi, s_wge, s_wgo, s_wgi, s_wue, s_wuo, s_wui,
@@ -312,6 +313,11 @@ def _dh_kernel(
     rk = tl.arange(0, BLOCK_K)
     pair = tl.load(pairs_ptr + rows, mask=rmask, other=0)
     tok = pair // K
+
+    if not HIDDEN:
+        if pid_n == 0:  # the routing weights in sorted order, for dWd (before the K loop: no
+            # register is held through it, and the epilogue has none to spare)
+            tl.store(ws_ptr + rows64, tl.load(tw_ptr + pair, mask=rmask, other=0.0).to(tl.float32), mask=rmask)
 
     gy_ptrs = gy_ptr + tok[:, None] * stride_gyt + rk[None, :] * stride_gyd
     wd_base = expert_ptr(wd_ptr, wd_tab, grp, s_wde, WD_TAB)

@@ -30,13 +30,19 @@ import triton.language as tl
 
 from blazec.kernels._common import INTERPRET, cast, cdiv, expert_ptr, mma, rsum, smem_pruner
 
+# Five stages: the K loop gathers its rows through indices it loads itself, and Triton's
+# pipeliner keeps num_stages - 2 tile buffers for such a loop. With 3 or 4 stages every
+# iteration waited for all its copies (``ttg.async_wait {num = 0}`` in the loop: nothing
+# prefetched ahead); with 5 it keeps 3 buffers and waits for the oldest only (TTGIR for sm_90,
+# triton 3.9.0, 2026-11-26; tests/kernels/aot_compile.py fails a GEMM loop that drains).
 WGRAD_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
     for bm, bn, bk, w, s in (
-        (128, 128, 64, 8, 3),
-        (128, 64, 64, 4, 4),
-        (64, 128, 64, 4, 4),
-        (64, 64, 32, 4, 4),
+        (128, 128, 64, 8, 5),
+        (128, 64, 64, 4, 5),
+        (64, 128, 64, 4, 5),
+        (128, 128, 32, 8, 5),
+        (64, 64, 32, 4, 5),
     )
 ]
 INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
@@ -46,7 +52,7 @@ INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
 def _wgrad_kernel(
     l_ptr,  # L rows: [P, M] sorted-order buffer, or [T, M] token rows when L_GATHER
     r_ptr,  # R rows: [P, N] sorted-order buffer, or [T, N] token rows when R_GATHER
-    tw_ptr,  # [T*K] routing weights, contiguous (L_SCALE only)
+    ws_ptr,  # [P] fp32 routing weights in sorted order (L_SCALE only; written by _dh_kernel)
     pairs_ptr,  # [P] int64 sorted_pairs
     offs_ptr,  # [E+1] int64 expert_offsets
     dw_ptr, dw_tab,  # out: stacked [E, M, N] gradient, or table of E [M, N] gradients
@@ -77,7 +83,7 @@ def _wgrad_kernel(
     for k0 in range(s0, s1, BLOCK_K):
         rows = k0 + rk
         kmask = rows < s1
-        if L_GATHER or R_GATHER or L_SCALE:
+        if L_GATHER or R_GATHER:
             pair = tl.load(pairs_ptr + rows, mask=kmask, other=0)
         if L_GATHER:
             lrow = pair // K
@@ -90,7 +96,10 @@ def _wgrad_kernel(
         lt = tl.load(l_ptr + lrow[None, :] * s_lr + mm[:, None] * s_lc,
                      mask=mmask[:, None] & kmask[None, :], other=0.0)  # [BLOCK_M, BLOCK_K] = L^T
         if L_SCALE:
-            w = tl.load(tw_ptr + pair, mask=kmask, other=0.0).to(tl.float32)
+            # In sorted order, not gathered through pair: a contiguous fp32 load that Triton
+            # pipelines with the tiles. tw[pair] (2-byte gathered elements) was too narrow to
+            # pipeline: a synchronous load, its latency exposed every iteration.
+            w = tl.load(ws_ptr + rows, mask=kmask, other=0.0)
             lt = lt.to(tl.float32) * w[None, :]
         lt = cast(lt, rdt)
         rt = tl.load(r_ptr + rrow[:, None] * s_rr + nn[None, :] * s_rc,
@@ -107,7 +116,21 @@ def _wgrad_kernel(
             tl.store(db_base + mm * s_dbm, cast(dbacc, db_ptr.dtype.element_ty), mask=mmask)
 
 
+FMA_STAGES = 3
+_fit_smem = smem_pruner("r_ptr", lambda a: (1, 1), indirect=True)
+
+
+def _prune(configs, named_args, **kwargs):
+    """Shared-memory pruning, after capping fp32 without tf32 at ``FMA_STAGES``: its dot runs
+    on the FMA units from registers, and with 5 stages the pipelined operands spill (7.7 KB of
+    stack per thread at 128x128x32, sm_90, triton 3.9.0; none at 3 stages)."""
+    args = {**named_args, **kwargs}
+    if args["PREC"] == "ieee" and args["r_ptr"].element_size() == 4:
+        configs = [triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=min(c.num_stages, FMA_STAGES))
+                   for c in configs]
+    return _fit_smem(configs, named_args, **kwargs)
+
+
 wgrad_tuned = None if INTERPRET else triton.autotune(
-    WGRAD_CONFIGS, key=["M", "N", "ROWS_CLASS"],
-    prune_configs_by={"early_config_prune": smem_pruner("r_ptr", lambda a: (1, 1))},
+    WGRAD_CONFIGS, key=["M", "N", "ROWS_CLASS"], prune_configs_by={"early_config_prune": _prune},
 )(_wgrad_kernel)

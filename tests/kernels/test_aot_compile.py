@@ -7,7 +7,8 @@ Runs ``tests/kernels/aot_compile.py`` in a fresh process without TRITON_INTERPRE
 session's kernels are interpreted) and with an empty Triton cache, so every variant is really
 compiled; see that file for what it checks. It is the only check of the compiled path that
 runs without a GPU: compile errors the interpreter cannot see, shared memory per block, that
-every 16-bit GEMM compiles to wgmma for Hopper, and that every K loop is pipelined.
+every 16-bit GEMM compiles to wgmma for Hopper, and that every K loop is pipelined (no
+synchronous tile load in it, and no wait for every outstanding copy in each iteration).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def test_compile_every_autotune_config_for_sm90(tmp_path: Path) -> None:
 
 
 def test_mma_kind_reads_the_tensor_core_instructions_from_ptx() -> None:
-    from tests.kernels.aot_compile import expected_mma, expects_pipelining, loop_tile_loads, mma_kind
+    from tests.kernels.aot_compile import expected_mma, expects_pipelining, loop_drains, loop_tile_loads, mma_kind
 
     assert mma_kind("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {...}") == "wgmma"
     assert mma_kind("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {...}") == "mma.sync"
@@ -69,3 +70,13 @@ def test_mma_kind_reads_the_tensor_core_instructions_from_ptx() -> None:
     %g = tt.load %gp, %m2 : tensor<128x128x!tt.ptr<bf16>, #mma>
   }"""
     assert loop_tile_loads(ir) == 1  # the 2-D load in the loop; not the async copy, a 1-D load, or the epilogue
+    assert loop_drains(ir) == 0
+    drained = """  tt.func @k() {
+    %r = scf.for %i = %c0 to %n step %c64 iter_args(%x = %y) -> (tensor<128x64xf32>) {
+      %w = ttg.async_wait %a, %b {num = 0 : i32}
+      %w2 = ttg.async_wait %a {num = 2 : i32}
+      scf.yield %x
+    }
+    %e = ttg.async_wait {num = 0 : i32}
+  }"""
+    assert loop_drains(drained) == 1  # the first wait in the loop; not the one that keeps 2, or the epilogue's
