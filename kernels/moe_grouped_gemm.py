@@ -238,7 +238,12 @@ def _rows_gemm_kernel(
         acc = mma(a, b, acc, PREC)
         a1_ptrs += BLOCK_K
         b1_ptrs += BLOCK_K * s_b1k
-        if TWO:
+    if TWO:
+        # A second loop, not a second dot in the first: two chained wgmmas on one accumulator
+        # in one loop made every iteration wait for both to finish (warp_group_dot_wait
+        # pendings = 0: no MMA in flight across iterations; TTGIR, sm_90, triton 3.9.0).
+        for k0 in range(0, KD, BLOCK_K):
+            kmask = (k0 + rk) < KD
             a = tl.load(a2_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
             b = tl.load(b2_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
             acc = mma(a, b, acc, PREC)
@@ -414,7 +419,8 @@ else:
     )(_gemm1_kernel)
     rows_gemm_tuned = triton.autotune(
         ROWS_CONFIGS, key=["N", "KD", "ROWS_CLASS"],
-        prune_configs_by={"early_config_prune": smem_pruner("a1_ptr", lambda a: (2, 2) if a["TWO"] else (1, 1))},
+        # TWO runs its GEMMs one loop after the other, and the second reuses the first's buffers
+        prune_configs_by={"early_config_prune": smem_pruner("a1_ptr", lambda a: (1, 1))},
     )(_rows_gemm_kernel)
     dh_tuned = triton.autotune(
         DH_CONFIGS, key=["D", "I", "ROWS_CLASS"],

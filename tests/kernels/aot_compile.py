@@ -164,35 +164,34 @@ def expected_mma(name: str, sig: dict, arch: int):
     return "wgmma" if arch >= 90 else "mma.sync" if arch >= 80 else None
 
 
-def loop_tile_loads(ttgir: str) -> int:
-    """How many synchronous loads of a 2-D tile (``tt.load`` of ``tensor<AxBx!tt.ptr...>``) a
-    kernel's TTGIR has inside ``scf.for`` bodies (by indentation, as the IR is printed)."""
+def _in_loops(ttgir: str, pattern: str) -> int:
+    """How many lines of a kernel's TTGIR inside ``scf.for`` bodies match ``pattern`` (loop
+    bodies found by indentation, as the IR is printed)."""
     n, loop_indents = 0, []
     for line in ttgir.splitlines():
         indent = len(line) - len(line.lstrip())
         while loop_indents and line.strip() and indent <= loop_indents[-1]:
             loop_indents.pop()
-        if loop_indents and re.search(r"= tt\.load [^\n]*: tensor<\d+x\d+x!tt\.ptr", line):
+        if loop_indents and re.search(pattern, line):
             n += 1
         if "scf.for" in line and line.rstrip().endswith("{"):
             loop_indents.append(indent)
     return n
+
+
+def loop_tile_loads(ttgir: str) -> int:
+    """Synchronous loads of a 2-D tile (``tt.load`` of ``tensor<AxBx!tt.ptr...>``) in loops."""
+    return _in_loops(ttgir, r"= tt\.load [^\n]*: tensor<\d+x\d+x!tt\.ptr")
 
 
 def loop_drains(ttgir: str) -> int:
-    """How many ``ttg.async_wait {num = 0}`` a kernel's TTGIR has inside ``scf.for`` bodies: a
-    loop that waits for every outstanding copy each iteration prefetches nothing ahead of the
-    tile it is about to use, so its load latency is exposed once per iteration."""
-    n, loop_indents = 0, []
-    for line in ttgir.splitlines():
-        indent = len(line) - len(line.lstrip())
-        while loop_indents and line.strip() and indent <= loop_indents[-1]:
-            loop_indents.pop()
-        if loop_indents and re.search(r"ttg\.async_wait [^\n]*\{num = 0 : i32\}", line):
-            n += 1
-        if "scf.for" in line and line.rstrip().endswith("{"):
-            loop_indents.append(indent)
-    return n
+    """Waits in loops for every outstanding copy (``ttg.async_wait {num = 0}``) or for every
+    issued Hopper MMA (``warp_group_dot_wait {pendings = 0}``). A loop that drains its copies
+    prefetches nothing ahead of the tile it is about to use, so the load latency is exposed
+    each iteration; one that drains its MMAs has no tensor-core work in flight while it issues
+    the next step."""
+    return (_in_loops(ttgir, r"ttg\.async_wait [^\n]*\{num = 0 : i32\}")
+            + _in_loops(ttgir, r"warp_group_dot_wait [^\n]*\{pendings = 0 : i32\}"))
 
 
 def expects_pipelining(name: str, consts: dict, arch: int) -> bool:
@@ -304,7 +303,7 @@ def main(argv=None) -> int:
                 if expects_pipelining(fn.__name__, consts, args.arch) and (sync or drains):
                     failures.append(f"{fn.__name__} {opts} {_brief(sig, consts)}: "
                                     + (f"{sync} tile load(s) in a loop not pipelined" if sync else
-                                       f"its loop waits for every copy each iteration ({drains}x)"))
+                                       f"its loop waits for every copy or MMA each iteration ({drains}x)"))
                 n_ok += 1
                 if args.dump:
                     os.makedirs(args.dump, exist_ok=True)

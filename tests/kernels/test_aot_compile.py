@@ -75,8 +75,11 @@ def test_mma_kind_reads_the_tensor_core_instructions_from_ptx() -> None:
     %r = scf.for %i = %c0 to %n step %c64 iter_args(%x = %y) -> (tensor<128x64xf32>) {
       %w = ttg.async_wait %a, %b {num = 0 : i32}
       %w2 = ttg.async_wait %a {num = 2 : i32}
+      %d:2 = ttng.warp_group_dot_wait %acc, %b {pendings = 1 : i32} : tensor<128x128xf32, #mma>
       scf.yield %x
     }
     %e = ttg.async_wait {num = 0 : i32}
   }"""
-    assert loop_drains(drained) == 1  # the first wait in the loop; not the one that keeps 2, or the epilogue's
+    assert loop_drains(drained) == 1  # the first wait in the loop; not those that keep 2 or 1, or the epilogue's
+    serial = drained.replace("pendings = 1", "pendings = 0")
+    assert loop_drains(serial) == 2  # the copy wait, and now an MMA wait for every issued wgmma
