@@ -248,6 +248,18 @@ def smem_pruner(tensor_arg: str, operands, indirect: bool = False):
     return prune
 
 
+TUNED_META = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
+
+
+def variant_key(kernel) -> list[str]:
+    """The names of a kernel's constexpr arguments that select its variant (gated or not,
+    recompute, pointer tables, precision, ...), for its autotune key: without them, variants
+    with the same shapes and dtypes shared one pick, so the backward dX GEMM reused the config
+    timed for the forward down GEMM (same N and K). The tuned meta-parameters are left out,
+    and so is G_PAD (a function of E)."""
+    return [p.name for p in kernel.params if p.is_constexpr and p.name not in (*TUNED_META, "G_PAD")]
+
+
 def autotune_enabled() -> bool:
     """``BLAZEC_AUTOTUNE=0`` launches each kernel with its first config that fits in shared
     memory instead of timing them all: for correctness runs on a GPU (tests, gpu_check.sh),

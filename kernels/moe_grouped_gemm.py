@@ -49,6 +49,7 @@ import triton.language as tl
 
 from blazec.kernels._common import (
     INTERPRET, act_fwd, act_grad, cast, cdiv, expert_ptr, mma, rnd, rsum, smem_pruner, swizzle, tile_of,
+    variant_key,
 )
 
 
@@ -414,16 +415,16 @@ if INTERPRET:
     gemm1_tuned = rows_gemm_tuned = dh_tuned = None
 else:
     gemm1_tuned = triton.autotune(
-        GEMM1_CONFIGS, key=["D", "I", "ROWS_CLASS"],
+        GEMM1_CONFIGS, key=["D", "I", "ROWS_CLASS", *variant_key(_gemm1_kernel)],
         prune_configs_by={"early_config_prune": smem_pruner("x_ptr", lambda a: (1, 2 if a["GATED"] else 1))},
     )(_gemm1_kernel)
     rows_gemm_tuned = triton.autotune(
-        ROWS_CONFIGS, key=["N", "KD", "ROWS_CLASS"],
+        ROWS_CONFIGS, key=["N", "KD", "ROWS_CLASS", *variant_key(_rows_gemm_kernel)],
         # TWO runs its GEMMs one loop after the other, and the second reuses the first's buffers
         prune_configs_by={"early_config_prune": smem_pruner("a1_ptr", lambda a: (1, 1))},
     )(_rows_gemm_kernel)
     dh_tuned = triton.autotune(
-        DH_CONFIGS, key=["D", "I", "ROWS_CLASS"],
+        DH_CONFIGS, key=["D", "I", "ROWS_CLASS", "BLOCK_N", *variant_key(_dh_kernel)],
         prune_configs_by={"early_config_prune": smem_pruner(
             "wd_ptr", lambda a: (2, 3 if a["GATED"] else 2) if a["RECOMPUTE"] else (1, 1))},
     )(_dh_kernel)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from blazec.kernels._common import INTERPRET, cast, cdiv, expert_ptr, mma, rsum, smem_pruner
+from blazec.kernels._common import INTERPRET, cast, cdiv, expert_ptr, mma, rsum, smem_pruner, variant_key
 
 # Five stages: the K loop gathers its rows through indices it loads itself, and Triton's
 # pipeliner keeps num_stages - 2 tile buffers for such a loop. With 3 or 4 stages every
@@ -132,5 +132,6 @@ def _prune(configs, named_args, **kwargs):
 
 
 wgrad_tuned = None if INTERPRET else triton.autotune(
-    WGRAD_CONFIGS, key=["M", "N", "ROWS_CLASS"], prune_configs_by={"early_config_prune": _prune},
+    WGRAD_CONFIGS, key=["M", "N", "ROWS_CLASS", *variant_key(_wgrad_kernel)],
+    prune_configs_by={"early_config_prune": _prune},
 )(_wgrad_kernel)

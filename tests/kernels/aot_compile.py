@@ -70,10 +70,23 @@ class _Recorder:
         return call
 
 
-def _record_launch(log: list, all_configs: bool):
-    from blazec.kernels._common import pruned_configs
+def _record_launch(log: list, all_configs: bool, shared_keys: list | None = None):
+    """A stand-in for ``_common.launch`` that records each launch's variants (first or every
+    autotune config), and in ``shared_keys`` any two launches of a kernel that differ in a
+    constexpr argument yet get the same autotune key (the autotuner would reuse one's pick)."""
+    from blazec.kernels._common import TUNED_META, pruned_configs
+
+    seen: dict = {}
 
     def launch(kernel, tuned, grid, args, fixed):
+        if tuned is not None and shared_keys is not None:
+            key = (kernel.__name__, *(args[k] for k in tuned.keys if k in args),
+                   *(str(v.dtype) for v in args.values() if hasattr(v, "dtype")))
+            variant = tuple(sorted((p.name, str(args.get(p.name))) for p in kernel.params
+                                   if p.is_constexpr and p.name not in TUNED_META and p.name != "G_PAD"))
+            if seen.setdefault(key, variant) != variant:
+                shared_keys.append(f"{kernel.__name__}: variants {dict(seen[key])} and {dict(variant)} "
+                                   f"share the autotune key {key[1:]}")
         if tuned is None:
             meta = dict(fixed)
             opts = {k: meta.pop(k) for k in ("num_warps", "num_stages") if k in meta}
@@ -261,7 +274,8 @@ def main(argv=None) -> int:
     # The pruner sizes configs for the GPU it runs on; here, for the target architecture.
     common.SMEM_BUDGET = common.smem_budget_for(SMEM_LIMIT.get(args.arch, 232448))
     log: list = []
-    moe_experts.launch = _record_launch(log, args.all)
+    shared_keys: list[str] = []
+    moe_experts.launch = _record_launch(log, args.all, shared_keys)
     for mod, name in ((moe_route, "_route_count_kernel"), (moe_route, "_route_scan_kernel"),
                       (moe_route, "_route_scatter_kernel"), (moe_combine, "_combine_kernel"),
                       (moe_combine, "_dtw_kernel")):
@@ -276,7 +290,7 @@ def main(argv=None) -> int:
         moe_experts.moe_experts_bwd(torch.randn_like(y), x, tw, *route, *ws, preact, act, wp, rec)
 
     target = GPUTarget("cuda", args.arch, 32)
-    seen, n_ok, failures, usage = set(), 0, [], []
+    seen, n_ok, failures, usage = set(), 0, list(shared_keys), []
     t0 = time.time()
     for fn, kw, opts_list in log:
         sig, consts = _signature(fn, kw)
