@@ -22,7 +22,8 @@ n_in = 2I (gated) or I, b = bytes per element of x.
     (deterministic, no atomics), or, when k == 1, straight into y[token] (the pair order is a
     permutation of tokens, so no buffer at all).
     FLOPs 2*S*I*d.  Bytes: S*I*b + E*d*I*b + S*d*b_c (+ the combine: S*d*b_c + T*d*b_out).
-    Backward dX: dx_pair = dg Wg + du Wu, the two products accumulated in one tile.
+    Backward dX: dx_pair = dg Wg + du Wu, the two products accumulated in one tile, one K
+    loop after the other (two dots on one accumulator in one loop serialize Hopper's MMAs).
     FLOPs 2*S*n_in*d.  Bytes: S*n_in*b + E*n_in*d*b + S*d*b (buffer, k > 1) -> combine.
 
 ``_dh_kernel``: backward through the down GEMM and the activation, with optional recompute
@@ -33,7 +34,8 @@ n_in = 2I (gated) or I, b = bytes per element of x.
     (the full derivation is in blazec.ops.reference.moe_experts_bwd). d(routing weight) needs
     a reduction over all of I, so each N tile writes its partial to part[row, tile] and
     ``moe_combine`` sums the partials in a fixed order (deterministic). It also writes h or
-    w*h, the second operand of the grouped dWd (``moe_wgrad``).
+    w*h, the second operand of the grouped dWd (``moe_wgrad``), and in "output" mode the
+    routing weights in sorted order as fp32 (S*4 bytes), which dWd scales its rows by.
     FLOPs 2*S*d*I (+ 2*S*d*n_in recompute).  Bytes: S*d*b (gathered gy) [+ S*d*b x] +
     E*d*I*b [+ E*n_in*d*b] + S*n_in*b (preact in) + S*n_in*b (dg|du out) + S*I*b (hs out).
 
