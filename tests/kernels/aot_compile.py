@@ -170,9 +170,11 @@ def mma_kind(ptx: str) -> str:
     return "+".join(kinds) or "none"
 
 
-def expected_mma(name: str, sig: dict, arch: int):
-    """What a GEMM variant must compile to on ``arch``, or None where nothing is required."""
-    if name not in GEMM_KERNELS or not any(t in ("*bf16", "*fp16") for t in sig.values()):
+def expected_mma(name: str, sig: dict, arch: int, consts: dict | None = None):
+    """What a GEMM variant must compile to on ``arch``, or None where nothing is required:
+    16-bit inputs, or fp32 with tf32 allowed (``PREC`` "tf32"), must use tensor cores."""
+    tf32 = (consts or {}).get("PREC") == "tf32"
+    if name not in GEMM_KERNELS or not (tf32 or any(t in ("*bf16", "*fp16") for t in sig.values())):
         return None
     return "wgmma" if arch >= 90 else "mma.sync" if arch >= 80 else None
 
@@ -251,6 +253,8 @@ def cases():
         ("fp32-geglu_tanh", 32, 64, 64, 4, 2, "geglu_tanh", torch.float32, "stacked", "stacked", "output", False, None),
         ("bf16-relu-fp32router", 32, 64, 64, 4, 2, "relu", torch.bfloat16, "list", "none", "output", False,
          torch.float32),
+        # fp32 with torch's matmul precision at "high": the dots use tf32 tensor cores
+        ("fp32-tf32-swiglu", 32, 64, 64, 4, 2, "swiglu", torch.float32, "stacked", "none", "output", True, None),
     ]
     for name, T, d, I, E, k, act, dt, layout, bias, wp, rec, twd in specs:
         x, tw, ids, route, ws = make(T, d, I, E, k, act, dt, layout, bias, twd)
@@ -286,8 +290,13 @@ def main(argv=None) -> int:
             moe_route.moe_route(*spec[1:])
             continue
         _, x, tw, route, ws, act, wp, rec = spec
-        y, preact = moe_experts.moe_experts_fwd(x, tw, *route, *ws, act, wp, rec, None)
-        moe_experts.moe_experts_bwd(torch.randn_like(y), x, tw, *route, *ws, preact, act, wp, rec)
+        precision = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("high" if "tf32" in name else "highest")
+        try:
+            y, preact = moe_experts.moe_experts_fwd(x, tw, *route, *ws, act, wp, rec, None)
+            moe_experts.moe_experts_bwd(torch.randn_like(y), x, tw, *route, *ws, preact, act, wp, rec)
+        finally:
+            torch.set_float32_matmul_precision(precision)
 
     target = GPUTarget("cuda", args.arch, 32)
     seen, n_ok, failures, usage = set(), 0, list(shared_keys), []
@@ -306,7 +315,7 @@ def main(argv=None) -> int:
                 smem = c.metadata.shared
                 if smem > SMEM_LIMIT.get(args.arch, 232448):
                     failures.append(f"{fn.__name__} {opts} {_brief(sig, consts)}: needs {smem} B shared memory")
-                mma, want = mma_kind(c.asm["ptx"]), expected_mma(fn.__name__, sig, args.arch)
+                mma, want = mma_kind(c.asm["ptx"]), expected_mma(fn.__name__, sig, args.arch, consts)
                 if want is not None and mma != want:
                     failures.append(f"{fn.__name__} {opts} {_brief(sig, consts)}: compiled to {mma}, "
                                     f"expected {want} on sm_{args.arch}")

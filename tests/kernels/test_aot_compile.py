@@ -54,6 +54,7 @@ def test_mma_kind_reads_the_tensor_core_instructions_from_ptx() -> None:
     assert expected_mma("_gemm1_kernel", {"x": "*bf16", "ids": "*i64"}, 90) == "wgmma"
     assert expected_mma("_wgrad_kernel", {"x": "*fp16"}, 80) == "mma.sync"
     assert expected_mma("_dh_kernel", {"x": "*fp32"}, 90) is None  # fp32: tf32 only when torch allows it
+    assert expected_mma("_dh_kernel", {"x": "*fp32"}, 90, {"PREC": "tf32"}) == "wgmma"  # and then tensor cores
     assert expected_mma("_combine_kernel", {"x": "*bf16"}, 90) is None  # not a GEMM
     # pipelining is required of GEMMs whose tables (if any) are 16-byte aligned
     assert expects_pipelining("_gemm1_kernel", {"WG_TAB": 16, "WU_TAB": 0, "BLOCK_M": 128}, 90)
