@@ -234,11 +234,13 @@ def smem_pruner(tensor_arg: str, operands, indirect: bool = False):
         if ok:
             return ok
         # Nothing fits (fp32 on a card with less shared memory than an H100): shrink the
-        # smallest config, fewer stages first, then a shorter K step.
+        # smallest config: fewer stages down to 3, then a shorter K step, then 2 stages. Three
+        # stages keep a copy in flight while a tile is used; with two, the loop waits for
+        # every copy each iteration (aot_compile --arch 80 showed it for tf32 GEMM 1).
         cfg = min(configs, key=lambda c: est(c, args, el))
         while est(cfg, args, el) > budget and (cfg.num_stages > 2 or cfg.kwargs["BLOCK_K"] > 16):
             kw, stages = dict(cfg.kwargs), cfg.num_stages
-            if stages > 2:
+            if stages > 3 or (stages == 3 and kw["BLOCK_K"] <= 16):
                 stages -= 1
             else:
                 kw["BLOCK_K"] //= 2

@@ -137,11 +137,15 @@ def test_pruner_keeps_configs_within_the_budget(monkeypatch) -> None:
     monkeypatch.setattr(c, "smem_budget", lambda t: 100 * 1024)
     assert prune(cfgs, {"x": x}) == cfgs[1:]
     monkeypatch.setattr(c, "smem_budget", lambda t: 40 * 1024)
-    (small,) = prune(cfgs, {"x": x})  # nothing fits: the smallest, with fewer stages
-    assert (small.kwargs, small.num_stages, small.num_warps) == (cfgs[1].kwargs, 2, cfgs[1].num_warps)
+    (small,) = prune(cfgs, {"x": x})  # nothing fits: the smallest, with a shorter K step (3 stages kept)
+    assert (small.num_stages, small.num_warps) == (3, cfgs[1].num_warps)
+    assert small.kwargs == {**cfgs[1].kwargs, "BLOCK_K": 32}  # 3*(64*32+32*64)*2 B = 24 KiB
     monkeypatch.setattr(c, "smem_budget", lambda t: 20 * 1024)
-    (small,) = prune(cfgs, {"x": x})  # then a shorter K step: 2*(64*32+32*64)*2 B = 16 KiB
-    assert small.num_stages == 2 and small.kwargs["BLOCK_K"] == 32
+    (small,) = prune(cfgs, {"x": x})  # then BLOCK_K 16 (12 KiB)
+    assert small.num_stages == 3 and small.kwargs["BLOCK_K"] == 16
+    cfgs4 = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_stages=5)]
+    (small,) = prune(cfgs4, {"x": x})  # stages above 3 go first: 5 -> 3, then BLOCK_K 64 -> 16
+    assert small.num_stages == 3 and small.kwargs["BLOCK_K"] == 16
     monkeypatch.setattr(c, "smem_budget", lambda t: 1)
     (small,) = prune(cfgs, {"x": x})  # it stops at 2 stages and BLOCK_K 16 (a dot's minimum)
     assert small.num_stages == 2 and small.kwargs["BLOCK_K"] == 16
