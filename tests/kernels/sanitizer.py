@@ -75,6 +75,9 @@ class Sanitizer:
 
     def __init__(self) -> None:
         self.launches: list[Launch] = []
+        # table data_ptr -> the tensors it addresses. An entry outlives a freed table, so an int64
+        # argument later allocated at the same address would be allowed those tensors too: that
+        # can only hide an out-of-bounds access, never report one that did not happen.
         self._tables: dict[int, list[torch.Tensor]] = {}
         self._rec: list | None = None
         self._seq = 0
