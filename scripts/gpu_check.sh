@@ -17,7 +17,7 @@ python3 -m pip install --no-deps --no-build-isolation -q -e . > "$OUT/install.lo
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" \
   | tee "$OUT/versions.txt"
 # 1. the protocol at both shapes, kernels on (blazec bench sets BLAZEC_KERNELS=1). A cold
-# Triton cache would make the first bench compile 76 kernel variants (every autotune config
+# Triton cache would make the first bench compile 79 kernel variants (every autotune config
 # of both weight forms and both recompute modes, counted with the AOT script's recorder) one
 # after another, so one untimed step of each compiled row runs first, in parallel
 # processes that fill the shared Triton and Inductor caches (their tables are kept as a
