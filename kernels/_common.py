@@ -250,7 +250,7 @@ def smem_pruner(tensor_arg: str, operands, indirect: bool = False):
     return prune
 
 
-TUNED_META = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
+_TUNED_META = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
 
 
 def variant_key(kernel) -> list[str]:
@@ -259,7 +259,7 @@ def variant_key(kernel) -> list[str]:
     with the same shapes and dtypes shared one pick, so the backward dX GEMM reused the config
     timed for the forward down GEMM (same N and K). The tuned meta-parameters are left out,
     and so is G_PAD (a function of E)."""
-    return [p.name for p in kernel.params if p.is_constexpr and p.name not in (*TUNED_META, "G_PAD")]
+    return [p.name for p in kernel.params if p.is_constexpr and p.name not in (*_TUNED_META, "G_PAD")]
 
 
 def autotune_enabled() -> bool:

@@ -21,13 +21,18 @@ It also checks which matrix instructions each GEMM kernel compiled to: with 16-b
 sm_90 every ``tl.dot`` must become Hopper's asynchronous ``wgmma`` (``mma.sync`` on sm_80/89).
 A GEMM that silently falls back to ``mma.sync`` on Hopper (operand layouts Triton cannot feed
 to wgmma) runs at a fraction of the card's tensor throughput, and nothing else would show it
-before a GPU timing. fp32 operands use tensor cores only as tf32 (when torch allows it), so
-they are not checked. And in every GEMM variant whose weight tables claim 16-byte alignment,
-no 2-D tile may be loaded synchronously inside a loop (sm_80+): Triton's pipeliner turns each
-operand load of a K loop into an asynchronous copy to shared memory, and a plain ``tt.load``
-left in the loop is one it could not pipeline. That is how the per-expert-list kernels once
-compiled (their weight loads, through table pointers of unknown alignment; see
-docs/KERNELS.md, "Weights"), with the gathered x rows still pipelined beside them.
+before a GPU timing. fp32 operands use tensor cores only as tf32, so they are checked only
+in the case run with torch's matmul precision at "high". And in every GEMM variant whose
+weight tables claim 16-byte alignment, no 2-D tile may be loaded synchronously inside a loop
+(sm_80+): Triton's pipeliner turns each operand load of a K loop into an asynchronous copy to
+shared memory, and a plain ``tt.load`` left in the loop is one it could not pipeline. That is
+how the per-expert-list kernels once compiled (their weight loads, through table pointers of
+unknown alignment; see docs/KERNELS.md, "Weights"), with the gathered x rows still pipelined
+beside them. Nor may a tensor-core loop wait, each iteration, for every outstanding copy or
+every issued wgmma (``loop_drains``): the wgrad and dX GEMM loops once did.
+
+Finally, two launches of one kernel that differ in a variant flag must not share an autotune
+key (``variant_key``), or the autotuner would reuse one variant's pick for the other.
 """
 
 from __future__ import annotations
@@ -74,7 +79,7 @@ def _record_launch(log: list, all_configs: bool, shared_keys: list | None = None
     """A stand-in for ``_common.launch`` that records each launch's variants (first or every
     autotune config), and in ``shared_keys`` any two launches of a kernel that differ in a
     constexpr argument yet get the same autotune key (the autotuner would reuse one's pick)."""
-    from blazec.kernels._common import TUNED_META, pruned_configs
+    from blazec.kernels._common import pruned_configs, variant_key
 
     seen: dict = {}
 
@@ -82,8 +87,7 @@ def _record_launch(log: list, all_configs: bool, shared_keys: list | None = None
         if tuned is not None and shared_keys is not None:
             key = (kernel.__name__, *(args[k] for k in tuned.keys if k in args),
                    *(str(v.dtype) for v in args.values() if hasattr(v, "dtype")))
-            variant = tuple(sorted((p.name, str(args.get(p.name))) for p in kernel.params
-                                   if p.is_constexpr and p.name not in TUNED_META and p.name != "G_PAD"))
+            variant = tuple((n, str(args.get(n))) for n in variant_key(kernel))
             if seen.setdefault(key, variant) != variant:
                 shared_keys.append(f"{kernel.__name__}: variants {dict(seen[key])} and {dict(variant)} "
                                    f"share the autotune key {key[1:]}")
@@ -205,8 +209,7 @@ def loop_drains(ttgir: str) -> int:
     prefetches nothing ahead of the tile it is about to use, so the load latency is exposed
     each iteration; one that drains its MMAs has no tensor-core work in flight while it issues
     the next step."""
-    return (_in_loops(ttgir, r"ttg\.async_wait [^\n]*\{num = 0 : i32\}")
-            + _in_loops(ttgir, r"warp_group_dot_wait [^\n]*\{pendings = 0 : i32\}"))
+    return _in_loops(ttgir, r"ttg\.async_wait [^\n]*\{num = 0 : i32\}|warp_group_dot_wait [^\n]*\{pendings = 0 : i32\}")
 
 
 def expects_pipelining(name: str, consts: dict, arch: int) -> bool:

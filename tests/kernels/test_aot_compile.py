@@ -8,7 +8,8 @@ session's kernels are interpreted) and with an empty Triton cache, so every vari
 compiled; see that file for what it checks. It is the only check of the compiled path that
 runs without a GPU: compile errors the interpreter cannot see, shared memory per block, that
 every 16-bit GEMM compiles to wgmma for Hopper, and that every K loop is pipelined (no
-synchronous tile load in it, and no wait for every outstanding copy in each iteration).
+synchronous tile load in it, and no wait for every outstanding copy or MMA in each
+iteration), and that no two kernel variants share an autotune key.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def test_mma_kind_reads_the_tensor_core_instructions_from_ptx() -> None:
     assert mma_kind("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {...}") == "mma.sync"
     assert mma_kind("wgmma.mma_async.sync.aligned.m64n64k16\nmma.sync.aligned.m16n8k16") == "wgmma+mma.sync"
     assert mma_kind("fma.rn.f32 %f1, %f2, %f3, %f4;") == "none"
-    # what each variant must compile to: 16-bit GEMMs only, wgmma on Hopper, mma.sync on Ampere/Ada
+    # what each variant must compile to: 16-bit (or tf32) GEMMs, wgmma on Hopper, mma.sync on Ampere/Ada
     assert expected_mma("_gemm1_kernel", {"x": "*bf16", "ids": "*i64"}, 90) == "wgmma"
     assert expected_mma("_wgrad_kernel", {"x": "*fp16"}, 80) == "mma.sync"
     assert expected_mma("_dh_kernel", {"x": "*fp32"}, 90) is None  # fp32: tf32 only when torch allows it
