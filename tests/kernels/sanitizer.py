@@ -57,12 +57,13 @@ def _bytes(elems: np.ndarray, size: int) -> np.ndarray:
     return (elems[:, None] + np.arange(size, dtype=np.uint64)[None, :]).reshape(-1)
 
 
-def _member(sorted_unique: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """``np.isin(q, sorted_unique)`` by binary search, without sorting ``q``."""
+def _lookup(sorted_unique: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each of ``q``: its index in ``sorted_unique`` and whether it is there (``np.isin``
+    by binary search, without sorting ``q``)."""
     if sorted_unique.size == 0:
-        return np.zeros(q.shape, dtype=bool)
+        return np.zeros(q.shape, dtype=np.int64), np.zeros(q.shape, dtype=bool)
     i = np.minimum(np.searchsorted(sorted_unique, q), sorted_unique.size - 1)
-    return sorted_unique[i] == q
+    return i, sorted_unique[i] == q
 
 
 def _fmt(addrs: np.ndarray, limit: int = 3) -> str:
@@ -103,7 +104,7 @@ class Sanitizer:
         pid = (z * gy + y) * gx + x
         self._seq += 1
         nbytes = _bytes(elems, size)
-        inside = _member(self._allowed_now, nbytes).reshape(-1, size).all(1)
+        inside = _lookup(self._allowed_now, nbytes)[1].reshape(-1, size).all(1)
         if not inside.all():
             self._outside[kind].append(nbytes.reshape(-1, size)[~inside].reshape(-1))
             safe = m.copy()
@@ -216,8 +217,7 @@ class Sanitizer:
             first = np.concatenate(([True], ~same))
             ua, up, us = a[first], p[first], s[first]  # each written byte: its first writer and when
             if ra.size:
-                i = np.clip(np.searchsorted(ua, ra), 0, ua.size - 1)
-                hit = ua[i] == ra
+                i, hit = _lookup(ua, ra)
                 cross = np.unique(ra[hit & (up[i] != rp)])
                 if cross.size:
                     bad.append(f"{name}: {cross.size} bytes read by one program and written by another "

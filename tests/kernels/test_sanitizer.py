@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.kernels.conftest import ON_GPU
+from tests.kernels.sanitizer import Sanitizer
 
 pytestmark = pytest.mark.skipif(ON_GPU, reason="the sanitizer instruments Triton's interpreter")
 
@@ -53,8 +54,6 @@ if not ON_GPU:
 
 
 def _run(fn):
-    from tests.kernels.sanitizer import Sanitizer
-
     with Sanitizer() as san:
         fn()
     return san
@@ -132,18 +131,12 @@ def test_route_kernels_are_clean(kw: dict) -> None:
     from tests.kernels.cases import make_ids
 
     ids = make_ids(kw["T"], kw["k"], kw["E"], kw["kind"], torch.Generator().manual_seed(kw["T"]))
-    with _run_ctx() as san:
+    with Sanitizer() as san:
         got = moe_route(ids, kw["E"], kw["capacity"], kw["priority"])
     san.assert_clean()
     assert {launch.kernel for launch in san.launches} >= {"_route_count_kernel", "_route_scatter_kernel"}
     for g, w in zip(got, ref.moe_route(ids, kw["E"], kw["capacity"], kw["priority"])):
         assert torch.equal(g, w)
-
-
-def _run_ctx():
-    from tests.kernels.sanitizer import Sanitizer
-
-    return Sanitizer()
 
 
 EXPERT_CASES = [
@@ -168,7 +161,7 @@ def test_expert_kernels_are_clean(kw: dict) -> None:
     from tests.kernels.cases import make_case
 
     case = make_case(seed=7, **kw)
-    with _run_ctx() as san:
+    with Sanitizer() as san:
         y, preact = moe_experts_fwd(*case.fwd_args())
         grads = moe_experts_bwd(*case.bwd_args(preact))
     san.assert_clean()
