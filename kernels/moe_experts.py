@@ -274,7 +274,10 @@ def moe_experts_bwd(
     BN = _dh_block_n(I, recompute)
     NT = triton.cdiv(I, BN)
     part = empty((o.P, NT), torch.float32, dev)
-    ws = None if hidden else empty((o.P,), torch.float32, dev)
+    # dWd = gy^T (w h) with w folded into hs by _dh_kernel, except "output" mode with a down
+    # bias, whose dbd needs the w-scaled gy rows: there dWd scales them by ws in its K loop.
+    bd_term = o.has_bd and not hidden
+    ws = empty((o.P,), torch.float32, dev) if bd_term else None
     pre_arg = dgu if recompute else preact
 
     fixed = dict(gg.INTERPRET_CONFIG)
@@ -295,7 +298,7 @@ def moe_experts_bwd(
         s_bde=o.bd.strides[0], s_bdo=o.bd.strides[1],
         stride_pre=n_in, stride_dgu=n_in, stride_hs=I,
         ACT=o.act, GATED=o.gated, RECOMPUTE=recompute, HAS_BG=o.has_bg, HAS_BU=o.has_bu,
-        BD_TERM=o.has_bd and not hidden, HIDDEN=hidden,
+        BD_TERM=bd_term,
         WD_TAB=o.wd.table, WG_TAB=o.wg.table, WU_TAB=o.wu.table,
         BG_TAB=o.bg.table, BU_TAB=o.bu.table, BD_TAB=o.bd.table,
         PREC=o.prec, G_PAD=o.G_PAD, BLOCK_N=BN,

@@ -33,9 +33,12 @@ n_in = 2I (gated) or I, b = bytes per element of x.
         dg = dh [*u] * a'(g),  du = dh * a(g)
     (the full derivation is in blazec.ops.reference.moe_experts_bwd). d(routing weight) needs
     a reduction over all of I, so each N tile writes its partial to part[row, tile] and
-    ``moe_combine`` sums the partials in a fixed order (deterministic). It also writes h or
-    w*h, the second operand of the grouped dWd (``moe_wgrad``), and in "output" mode the
-    routing weights in sorted order as fp32 (S*4 bytes), which dWd scales its rows by.
+    ``moe_combine`` sums the partials in a fixed order (deterministic). It also writes w*h,
+    the second operand of the grouped dWd (``moe_wgrad``): dWd = gy^T (w h) in both modes, so
+    dWd's K loop feeds both operands from shared memory to the tensor cores. The exception is
+    "output" mode with a down bias (BD_TERM), whose dbd = sum_s w(s) gy[t(s)] needs the scaled
+    rows: there it writes h and the routing weights in sorted order as fp32 (S*4 bytes), and
+    dWd scales its gy rows by them.
     FLOPs 2*S*d*I (+ 2*S*d*n_in recompute).  Bytes: S*d*b (gathered gy) [+ S*d*b x] +
     E*d*I*b [+ E*n_in*d*b] + S*n_in*b (preact in) + S*n_in*b (dg|du out) + S*I*b (hs out).
 
@@ -289,16 +292,16 @@ def _dh_kernel(
     bd_ptr, bd_tab,  # down bias [E, D] / table (BD_TERM: the <gy, bd> part of d(weight))
     pre_ptr,  # [P, n_in] saved g | u (not RECOMPUTE)
     dgu_ptr,  # [P, n_in] out: dg | du in x dtype
-    hs_ptr,  # [P, I] out: h ("output") or w*h ("hidden") in x dtype, the R operand of dWd
+    hs_ptr,  # [P, I] out: w*h in x dtype, the R operand of dWd (h when BD_TERM)
     part_ptr,  # [P, NT] fp32 out: partial d(routing weight) of each sorted row per N tile
-    ws_ptr,  # [P] fp32 out (not HIDDEN): routing weight of each sorted row, for dWd's scaling
+    ws_ptr,  # [P] fp32 out (BD_TERM only): routing weight of each sorted row, for dWd's scaling
     D, I, K, P, E, NT, ROWS_CLASS,
     stride_gyt, stride_gyd, stride_xt, stride_xd,
     s_wde, s_wdo, s_wdi, s_wge, s_wgo, s_wgi, s_wue, s_wuo, s_wui,
     s_bge, s_bgo, s_bue, s_buo, s_bde, s_bdo,
     stride_pre, stride_dgu, stride_hs,
     ACT: tl.constexpr, GATED: tl.constexpr, RECOMPUTE: tl.constexpr,
-    HAS_BG: tl.constexpr, HAS_BU: tl.constexpr, BD_TERM: tl.constexpr, HIDDEN: tl.constexpr,
+    HAS_BG: tl.constexpr, HAS_BU: tl.constexpr, BD_TERM: tl.constexpr,
     WD_TAB: tl.constexpr, WG_TAB: tl.constexpr, WU_TAB: tl.constexpr,
     BG_TAB: tl.constexpr, BU_TAB: tl.constexpr, BD_TAB: tl.constexpr,
     PREC: tl.constexpr, G_PAD: tl.constexpr,
@@ -322,9 +325,9 @@ def _dh_kernel(
     pair = tl.load(pairs_ptr + rows, mask=rmask, other=0)
     tok = pair // K
 
-    if not HIDDEN:
-        if pid_n == 0:  # the routing weights in sorted order, for dWd (before the K loop: no
-            # register is held through it, and the epilogue has none to spare)
+    if BD_TERM:
+        if pid_n == 0:  # the routing weights in sorted order, for dWd's scaled rows and dbd
+            # (before the K loop: no register is held through it, and the epilogue has none)
             tl.store(ws_ptr + rows64, tl.load(tw_ptr + pair, mask=rmask, other=0.0).to(tl.float32), mask=rmask)
 
     gy_ptrs = gy_ptr + tok[:, None] * stride_gyt + rk[None, :] * stride_gyd
@@ -370,7 +373,7 @@ def _dh_kernel(
     q = rnd(acc_q, xdt)
 
     # Phase 1: h, this tile's share of d(routing weight) = <q, h> (+ <gy, bd> once, from the
-    # first N tile), and the dWd operand h or w*h.
+    # first N tile), and the dWd operand w*h (h when BD_TERM).
     if RECOMPUTE:
         if HAS_BG:
             bgb = expert_ptr(bg_ptr, bg_tab, grp, s_bge, BG_TAB)
@@ -392,7 +395,7 @@ def _dh_kernel(
     if BD_TERM:
         dwp += tl.where(pid_n == 0, gb, 0.0)
     tl.store(part_ptr + rows64 * NT + pid_n, dwp, mask=rmask)
-    if HIDDEN:
+    if not BD_TERM:
         h = h * w[:, None]
     tl.store(hs_ptr + rows64[:, None] * stride_hs + cols[None, :], cast(h, xdt), mask=omask)
 
