@@ -256,8 +256,11 @@ def _grad(x: torch.Tensor) -> Optional[torch.Tensor]:
     return None if x.grad is None else x.grad.detach().clone()  # None: the dense row does not read x
 
 
-def _profile(model, x, dev, top: int) -> list[dict[str, Any]]:
-    """The ``top`` kernels (CUDA) or ops (CPU) of one forward + backward step by self time."""
+def _profile(model, x, dev, top: int) -> dict[str, Any]:
+    """One forward + backward step under the profiler: its ``top`` kernels (CUDA) or ops (CPU)
+    by self time, and on CUDA each kernel launch in order (``launches``: name and ms, the
+    three weight-gradient launches apart) and the summed kernel time (``kernel_ms``), which
+    the step's time less is the time the GPU idled or waited for the host."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
@@ -273,7 +276,14 @@ def _profile(model, x, dev, top: int) -> list[dict[str, Any]]:
     events = [e for e in prof.key_averages()
               if getattr(e, attr, 0) > 0 and (e.device_type != torch.autograd.DeviceType.CPU) == cuda]
     events.sort(key=lambda e: getattr(e, attr), reverse=True)
-    return [{"name": e.key, "calls": e.count, "ms": getattr(e, attr) / 1e3} for e in events[:top]]
+    out: dict[str, Any] = {"top": [{"name": e.key, "calls": e.count, "ms": getattr(e, attr) / 1e3}
+                                   for e in events[:top]]}
+    if cuda:
+        kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                         key=lambda e: e.time_range.start)
+        out["kernel_ms"] = sum(e.time_range.elapsed_us() for e in kernels) / 1e3
+        out["launches"] = [{"name": e.name, "ms": e.time_range.elapsed_us() / 1e3} for e in kernels]
+    return out
 
 
 def _rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -511,10 +521,15 @@ def run(args: argparse.Namespace, stream=None) -> int:
         if r.extra.get("profile_error"):
             say(f"profile {r.impl}: failed: {r.extra['profile_error']}")
         if r.extra.get("profile"):
+            prof = r.extra["profile"]
             what = "kernels" if on_cuda else "CPU ops"
             say(f"profile {r.impl}, top {what} of one step by self time:")
-            for p in r.extra["profile"]:
+            for p in prof["top"]:
                 say(f"  {p['ms']:9.3f} ms  {p['calls']:4d}x  {p['name'][:100]}")
+            if "kernel_ms" in prof:
+                big = [f"{p['name'][:24]} {p['ms']:.3f}" for p in prof["launches"] if p["ms"] >= 0.05]
+                say(f"  kernels: {len(prof['launches'])} launches, {prof['kernel_ms']:.3f} ms in all; "
+                    f"those of 0.05 ms or more, in order: " + ", ".join(big))
     targets = check_targets(rows, name, T, I, E, k, dtype.itemsize)
     if targets:
         say("targets (BASELINES.md, 'What blazec must reach'; against the baseline rows of this run"

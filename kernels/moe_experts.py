@@ -209,13 +209,6 @@ def moe_experts_fwd(
 # ----------------------------------------------------------------------------------------------
 
 
-def _dh_block_n(I: int, recompute: bool) -> int:
-    if INTERPRET:
-        return gg.INTERPRET_CONFIG["BLOCK_N"]
-    # Three live accumulators when recomputing a gated GEMM 1: keep the tile narrower.
-    return min(64 if recompute else 128, max(16, next_pow2(I)))
-
-
 def _wgrad(o: _Operands, L: Tensor, R: Tensor, M: int, N: int, like_w: Sequence[Tensor],
            like_b: Sequence[Tensor], l_gather: bool, r_gather: bool, ws: Optional[Tensor]):
     """dW (and db) of one expert weight; ``ws``: the sorted routing weights to scale L by."""
@@ -271,17 +264,16 @@ def moe_experts_bwd(
     I, n_in = o.I, o.n_in
     dgu = empty((o.P, n_in), o.xdt, dev)
     hs = empty((o.P, I), o.xdt, dev)
-    BN = _dh_block_n(I, recompute)
-    NT = triton.cdiv(I, BN)
-    part = empty((o.P, NT), torch.float32, dev)
+    # One d(routing weight) partial per row and N tile of _dh_kernel, sized for its narrowest
+    # tile; zeroed, since a wider tile (the autotuner's pick) leaves some columns unwritten.
+    NT = triton.cdiv(I, gg.INTERPRET_CONFIG["BLOCK_N"] if INTERPRET else gg.DH_MIN_BLOCK_N)
+    part = torch.zeros((o.P, NT), dtype=torch.float32, device=dev)
     # dWd = gy^T (w h) with w folded into hs by _dh_kernel, except "output" mode with a down
     # bias, whose dbd needs the w-scaled gy rows: there dWd scales them by ws in its K loop.
     bd_term = o.has_bd and not hidden
     ws = empty((o.P,), torch.float32, dev) if bd_term else None
     pre_arg = dgu if recompute else preact
 
-    fixed = dict(gg.INTERPRET_CONFIG)
-    fixed.pop("BLOCK_N")
     launch(gg._dh_kernel, gg.dh_tuned, o.m_grid(I), dict(
         gy_ptr=grad_y, x_ptr=x, tw_ptr=o.tw, pairs_ptr=o.sp, offs_ptr=o.eo,
         wd_ptr=o.wd.ptr, wd_tab=o.wd.tab, wg_ptr=o.wg.ptr, wg_tab=o.wg.tab,
@@ -301,8 +293,8 @@ def moe_experts_bwd(
         BD_TERM=bd_term,
         WD_TAB=o.wd.table, WG_TAB=o.wg.table, WU_TAB=o.wu.table,
         BG_TAB=o.bg.table, BU_TAB=o.bu.table, BD_TAB=o.bd.table,
-        PREC=o.prec, G_PAD=o.G_PAD, BLOCK_N=BN,
-    ), fixed)
+        PREC=o.prec, G_PAD=o.G_PAD,
+    ), gg.INTERPRET_CONFIG)
 
     # The order below keeps the peak low: dWd first, so hs ([S, I]) is freed before the dx rows
     # ([S, d]) and the other weight gradients are allocated.

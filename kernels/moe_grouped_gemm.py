@@ -79,11 +79,20 @@ ROWS_CONFIGS = [
     _cfg(64, 128, 64, 4, 4),
     _cfg(64, 64, 64, 4, 4),
 ]
-# BLOCK_N of _dh_kernel is chosen by the launcher (it sizes the partial buffer), not tuned.
-DH_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-    for bm, bk, w, s in ((128, 64, 8, 3), (64, 64, 4, 4), (128, 32, 8, 4), (64, 32, 4, 4))
-]
+# _dh_kernel writes one d(routing weight) partial per row and N tile: the launcher sizes that
+# buffer for the narrowest BLOCK_N here (DH_MIN_BLOCK_N) and zero-fills it, so the autotuner
+# may pick any BLOCK_N (a wider tile leaves some partial columns at zero). Recomputing a gated
+# GEMM 1 keeps three accumulators live: those variants keep to BLOCK_N <= 64 (_dh_prune).
+DH_CONFIGS = [_cfg(*c) for c in (
+    (128, 128, 64, 8, 3),
+    (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (128, 64, 64, 8, 4),
+    (64, 64, 64, 4, 4),
+    (128, 128, 32, 8, 4),
+    (64, 64, 32, 4, 4),
+)]
+DH_MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in DH_CONFIGS)
 INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}
 
 
@@ -428,8 +437,14 @@ else:
         # TWO runs its GEMMs one loop after the other, and the second reuses the first's buffers
         prune_configs_by={"early_config_prune": smem_pruner("a1_ptr", lambda a: (1, 1))},
     )(_rows_gemm_kernel)
+    _dh_smem = smem_pruner("wd_ptr", lambda a: (2, 3 if a["GATED"] else 2) if a["RECOMPUTE"] else (1, 1))
+
+    def _dh_prune(configs, named_args, **kwargs):
+        if {**named_args, **kwargs}["RECOMPUTE"]:
+            configs = [c for c in configs if c.kwargs["BLOCK_N"] <= 64]
+        return _dh_smem(configs, named_args, **kwargs)
+
     dh_tuned = triton.autotune(
-        DH_CONFIGS, key=["D", "I", "ROWS_CLASS", "BLOCK_N", *variant_key(_dh_kernel)],
-        prune_configs_by={"early_config_prune": smem_pruner(
-            "wd_ptr", lambda a: (2, 3 if a["GATED"] else 2) if a["RECOMPUTE"] else (1, 1))},
+        DH_CONFIGS, key=["D", "I", "ROWS_CLASS", *variant_key(_dh_kernel)],
+        prune_configs_by={"early_config_prune": _dh_prune},
     )(_dh_kernel)

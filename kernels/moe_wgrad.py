@@ -28,7 +28,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from blazec.kernels._common import INTERPRET, cast, cdiv, expert_ptr, mma, rsum, smem_pruner, variant_key
+from blazec.kernels._common import (
+    INTERPRET, cast, cdiv, expert_ptr, mma, rsum, smem_pruner, swizzle, variant_key,
+)
 
 # Five stages: the K loop gathers its rows through indices it loads itself, and Triton's
 # pipeliner keeps num_stages - 2 tile buffers for such a loop. With 3 or 4 stages every
@@ -36,16 +38,18 @@ from blazec.kernels._common import INTERPRET, cast, cdiv, expert_ptr, mma, rsum,
 # prefetched ahead); with 5 it keeps 3 buffers and waits for the oldest only (TTGIR for sm_90,
 # triton 3.9.0, 2026-11-26; tests/kernels/aot_compile.py fails a GEMM loop that drains).
 WGRAD_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
     for bm, bn, bk, w, s in (
         (128, 128, 64, 8, 5),
+        (128, 256, 64, 8, 5),
+        (256, 128, 64, 8, 5),
         (128, 64, 64, 4, 5),
         (64, 128, 64, 4, 5),
         (128, 128, 32, 8, 5),
         (64, 64, 32, 4, 5),
     )
 ]
-INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
+INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}
 
 
 @triton.jit
@@ -62,14 +66,14 @@ def _wgrad_kernel(
     s_dwe, s_dwm, s_dwn, s_dbe, s_dbm,
     L_GATHER: tl.constexpr, R_GATHER: tl.constexpr, L_SCALE: tl.constexpr, HAS_DB: tl.constexpr,
     DW_TAB: tl.constexpr, DB_TAB: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     rdt = r_ptr.dtype.element_ty  # the GEMM input dtype (x's dtype)
     pid = tl.program_id(0)
     e = tl.program_id(1)
-    num_n = cdiv(N, BLOCK_N)
-    pid_m = pid // num_n
-    pid_n = pid % num_n
+    # Grouped tile order: the programs resident at once share GROUP_M row blocks of L and a
+    # few column blocks of R, so the gathered R rows are re-read from DRAM fewer times.
+    pid_m, pid_n = swizzle(pid, cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), GROUP_M)
     s0 = tl.load(offs_ptr + e)
     s1 = tl.load(offs_ptr + e + 1)
     mm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -121,13 +125,14 @@ _fit_smem = smem_pruner("r_ptr", lambda a: (1, 1), indirect=True)
 
 
 def _prune(configs, named_args, **kwargs):
-    """Shared-memory pruning, after capping fp32 without tf32 at ``FMA_STAGES``: its dot runs
-    on the FMA units from registers, and with 5 stages the pipelined operands spill (7.7 KB of
-    stack per thread at 128x128x32, sm_90, triton 3.9.0; none at 3 stages)."""
+    """Shared-memory pruning, after capping fp32 without tf32 at ``FMA_STAGES`` and at
+    128x128 tiles: its dot runs on the FMA units from registers, and with 5 stages the
+    pipelined operands spill (7.7 KB of stack per thread at 128x128x32, sm_90, triton 3.9.0;
+    none at 3 stages)."""
     args = {**named_args, **kwargs}
     if args["PREC"] == "ieee" and args["r_ptr"].element_size() == 4:
         configs = [triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=min(c.num_stages, FMA_STAGES))
-                   for c in configs]
+                   for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128]
     return _fit_smem(configs, named_args, **kwargs)
 
 

@@ -89,7 +89,7 @@ def test_dense_equivalent_has_the_moe_layers_flops() -> None:
 def test_profile_lists_each_rows_most_expensive_ops(tmp_path) -> None:
     rc, text, data = _run_small(tmp_path, "--impl", "blazec-ops", "--profile", "3")
     assert rc == 0
-    prof = data["rows"][0]["extra"]["profile"]
+    prof = data["rows"][0]["extra"]["profile"]["top"]
     assert 1 <= len(prof) <= 3 and all(p["ms"] > 0 and p["calls"] >= 1 and p["name"] for p in prof)
     assert [p["ms"] for p in prof] == sorted((p["ms"] for p in prof), reverse=True)
     assert "profile blazec-ops, top CPU ops of one step by self time:" in text
