@@ -3,7 +3,7 @@
 # the compile caches warm up, then the BASELINES.md protocol at both shapes, alone on the GPU.
 # Writes everything under $OUT (default ./gpu_out): at most 8 files, as the tool returns.
 #   run: bash scripts/gpu_check.sh        (the image already has torch and triton)
-# At most ~7 minutes (the timeouts below: max(150, 170) + 130 + 130 s) of a 15-minute device
+# At most ~7.5 minutes (the timeouts below: 150 + 2 x 115 + 2 x 40 s) of a 15-minute device
 # session, whose start counts too; the bench's error columns check the kernels against the
 # loop reference again at the real shapes.
 # A dry run of the whole flow on a machine without a GPU (small CPU shapes, interpreter):
@@ -13,11 +13,14 @@ export PYTHONUNBUFFERED=1  # a step stopped by its timeout still leaves what it 
 OUT=${OUT:-gpu_out}
 TMP=$(mktemp -d)  # the device tool returns at most 8 files from $OUT: logs gather here first
 WARM_SHAPE=${WARM_SHAPE:-olmoe-like}
-WARM_IMPLS=${WARM_IMPLS:-blazec-loop blazec-loop-recompute blazec-ops blazec-ops-recompute sort-grouped-mm-compile}
+WARM_IMPLS=${WARM_IMPLS:-blazec-loop blazec-loop-recompute sort-grouped-mm-compile}
 WARM_S=${WARM_S:-150}
-TESTS_S=${TESTS_S:-170}
-SHAPES=${SHAPES:-olmoe-like:130 mixtral-like:130}
-IMPLS=${IMPLS:-}  # e.g. "--impl eager-loop --impl blazec-loop": a subset of the rows
+TESTS_S=${TESTS_S:-140}
+SHAPES=${SHAPES:-olmoe-like:115 mixtral-like:115}
+# The rows (blazec-ops and blazec-ops-recompute left out by default: they repeat blazec-loop's
+# kernels on stacked weights; IMPLS="" runs every row).
+IMPLS=${IMPLS---impl eager-loop --impl sort-grouped-mm --impl sort-grouped-mm-compile --impl blazec-loop --impl blazec-loop-recompute --impl dense-equivalent}
+REF_SHAPES=${REF_SHAPES-olmoe-like:40 mixtral-like:40}
 XDIST=${XDIST:--n 12}
 mkdir -p "$OUT"
 python3 -m pip install --no-deps --no-build-isolation -q -e . > "$TMP/install.log" 2>&1 \
@@ -51,4 +54,11 @@ for shape in $SHAPES; do
   timeout "${shape#*:}" python3 -m blazec.bench --shape "${shape%:*}" --dtype bf16 --profile $IMPLS \
     --json "$OUT/bench_${shape%:*}.json" > "$OUT/bench_${shape%:*}.txt" 2>&1
   echo "bench ${shape%:*} rc=$?"; grep -v "^  running" "$OUT/bench_${shape%:*}.txt" | tail -80
+done
+# 3. For the choice of default (the kernels are opt-in): blazec on the loop model with the
+# reference ops instead of the kernels (BLAZEC_KERNELS=0), last, as it matters least.
+for shape in $REF_SHAPES; do
+  BLAZEC_KERNELS=0 timeout "${shape#*:}" python3 -m blazec.bench --shape "${shape%:*}" --dtype bf16 \
+    --impl blazec-loop > "$TMP/ref_${shape%:*}.txt" 2>&1
+  echo "reference ops ${shape%:*} rc=$?"; grep -E "^    blazec-loop" "$TMP/ref_${shape%:*}.txt" | tee -a "$OUT/versions.txt"
 done
