@@ -22,7 +22,6 @@ tensors do not share strides.
 
 from __future__ import annotations
 
-import os
 import warnings
 from typing import Callable, Optional, Sequence
 
@@ -376,8 +375,3 @@ def register(device_type: str = "cuda") -> None:
 
     for op, fn in cuda_impls().items():
         register_impl(op, device_type, fn)
-
-
-def enabled() -> bool:
-    """``BLAZEC_KERNELS=1`` uses the kernels on CUDA (opt-in until validated on a GPU)."""
-    return os.environ.get("BLAZEC_KERNELS", "0") == "1"

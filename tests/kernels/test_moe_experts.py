@@ -203,8 +203,8 @@ def test_through_ops_and_autograd(recompute: bool) -> None:
 
 @pytest.mark.skipif(ON_GPU, reason="checks the CPU registry hook")
 def test_lazy_registry_hook(monkeypatch) -> None:
-    """The kernels are opt-in: without BLAZEC_KERNELS=1 CUDA keeps the reference; with it the
-    first CUDA lookup registers them; CPU never gets them."""
+    """The kernels are the default on CUDA: the first CUDA lookup registers them unless
+    BLAZEC_KERNELS=0; CPU never gets them; another value is an error that names the variable."""
     from blazec.ops import _registry
     from blazec.kernels import moe_experts as kx
 
@@ -212,13 +212,15 @@ def test_lazy_registry_hook(monkeypatch) -> None:
     try:
         _registry._IMPLS.clear()
         _registry._LAZY_TRIED.clear()
-        monkeypatch.delenv("BLAZEC_KERNELS", raising=False)
-        assert _registry.get_impl("moe_experts", "cuda") is ref.moe_experts_fwd
-        _registry._LAZY_TRIED.clear()
         monkeypatch.setenv("BLAZEC_KERNELS", "0")
         assert _registry.get_impl("moe_experts", "cuda") is ref.moe_experts_fwd
         _registry._LAZY_TRIED.clear()
-        monkeypatch.setenv("BLAZEC_KERNELS", "1")
+        monkeypatch.setenv("BLAZEC_KERNELS", "yes")
+        for _ in range(2):  # not only the first time
+            with pytest.raises(ValueError, match="BLAZEC_KERNELS must be 0 .* or 1 .*got 'yes'"):
+                _registry.get_impl("moe_experts", "cuda")
+        _registry._LAZY_TRIED.clear()
+        monkeypatch.delenv("BLAZEC_KERNELS")
         assert _registry.get_impl("moe_experts", "cpu") is ref.moe_experts_fwd
         assert _registry.get_impl("moe_route", "cuda").__name__ == "moe_route"
         assert _registry.get_impl("moe_experts", "cuda").__name__ == kx.moe_experts_fwd.__name__
