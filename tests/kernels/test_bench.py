@@ -120,3 +120,21 @@ def test_targets_are_printed_and_written(tmp_path) -> None:
     by = {t["name"]: t for t in data["meta"]["targets"]}
     assert by["time"]["limit"] is None  # a custom shape has no time limit
     assert by["act"]["met"] and by["recompute act"]["met"] and by["agreement"]["met"]  # bytes and numbers hold on CPU too
+
+
+def test_host_overhead_times_the_ops_host_path_with_launches_stubbed() -> None:
+    """benchmarks/host_overhead.py in a subprocess (it stubs the kernel launches globally)."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "host_overhead.py"), "--tokens", "16",
+                        "--experts", "4", "--dim", "32", "--hidden", "16", "--topk", "2", "--steps", "2"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "host_overhead: T=16 d=32 I=16 E=4 k=2 bf16, list weights" in r.stdout
+    assert "13 kernel launches stubbed per step" in r.stdout
+    bad = subprocess.run([sys.executable, str(REPO / "benchmarks" / "host_overhead.py"), "--topk", "9",
+                          "--experts", "4"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--topk 9 exceeds --experts 4" in bad.stderr
