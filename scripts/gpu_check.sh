@@ -48,15 +48,14 @@ tail -5 "$OUT/tests.log"
 wait
 for f in "$TMP"/warm_*.txt; do echo "== $f"; cat "$f"; done > "$OUT/warm.txt"
 echo "cache warm-up and tests: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/versions.txt"
-# 2. The protocol at both shapes, alone on the GPU, kernels on (blazec bench sets
-# BLAZEC_KERNELS=1), with a profiled step per row (per-launch kernel times, GPU busy time).
+# 2. The protocol at both shapes, alone on the GPU, kernels on (the default on CUDA), with a profiled step per row (per-launch kernel times, GPU busy time).
 for shape in $SHAPES; do
   timeout "${shape#*:}" python3 -m blazec.bench --shape "${shape%:*}" --dtype bf16 --profile $IMPLS \
     --json "$OUT/bench_${shape%:*}.json" > "$OUT/bench_${shape%:*}.txt" 2>&1
   echo "bench ${shape%:*} rc=$?"; grep -v "^  running" "$OUT/bench_${shape%:*}.txt" | tail -80
 done
-# 3. For the choice of default (the kernels are opt-in): blazec on the loop model with the
-# reference ops instead of the kernels (BLAZEC_KERNELS=0), last, as it matters least.
+# 3. For comparison: blazec on the loop model with the reference ops instead of the kernels
+# (BLAZEC_KERNELS=0), last, as it matters least.
 for shape in $REF_SHAPES; do
   BLAZEC_KERNELS=0 timeout "${shape#*:}" python3 -m blazec.bench --shape "${shape%:*}" --dtype bf16 \
     --impl blazec-loop > "$TMP/ref_${shape%:*}.txt" 2>&1
