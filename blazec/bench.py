@@ -528,8 +528,9 @@ def run(args: argparse.Namespace, stream=None) -> int:
                 say(f"  {p['ms']:9.3f} ms  {p['calls']:4d}x  {p['name'][:100]}")
             if "kernel_ms" in prof:
                 big = [f"{p['name'][:24]} {p['ms']:.3f}" for p in prof["launches"] if p["ms"] >= 0.05]
+                more = f", and {len(big) - 40} more" if len(big) > 40 else ""
                 say(f"  kernels: {len(prof['launches'])} launches, {prof['kernel_ms']:.3f} ms in all; "
-                    f"those of 0.05 ms or more, in order: " + ", ".join(big))
+                    f"those of 0.05 ms or more, in order: " + ", ".join(big[:40]) + more)
     targets = check_targets(rows, name, T, I, E, k, dtype.itemsize)
     if targets:
         say("targets (BASELINES.md, 'What blazec must reach'; against the baseline rows of this run"

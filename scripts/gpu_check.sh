@@ -48,7 +48,8 @@ tail -5 "$OUT/tests.log"
 wait
 for f in "$TMP"/warm_*.txt; do echo "== $f"; cat "$f"; done > "$OUT/warm.txt"
 echo "cache warm-up and tests: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/versions.txt"
-# 2. The protocol at both shapes, alone on the GPU, kernels on (the default on CUDA), with a profiled step per row (per-launch kernel times, GPU busy time).
+# 2. The protocol at both shapes, alone on the GPU, kernels on (the default on CUDA), with a
+# profiled step per row (per-launch kernel times, GPU busy time).
 for shape in $SHAPES; do
   timeout "${shape#*:}" python3 -m blazec.bench --shape "${shape%:*}" --dtype bf16 --profile $IMPLS \
     --json "$OUT/bench_${shape%:*}.json" > "$OUT/bench_${shape%:*}.txt" 2>&1
