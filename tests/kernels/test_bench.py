@@ -96,6 +96,21 @@ def test_profile_lists_each_rows_most_expensive_ops(tmp_path) -> None:
     assert prof[0]["name"][:40] in text
 
 
+def test_profile_lists_a_gpu_steps_launches_and_kernel_time(tmp_path, monkeypatch) -> None:
+    """The per-launch line a GPU profile adds (kernel_ms, launches), on a canned profile."""
+    launches = [{"name": "_gemm1_kernel", "ms": 0.9}, {"name": "tiny", "ms": 0.01}]
+    launches += [{"name": f"_k{i}", "ms": 0.06} for i in range(45)]
+    canned = {"top": [{"name": "_gemm1_kernel", "calls": 1, "ms": 0.9}], "kernel_ms": 3.61,
+              "launches": launches}
+    monkeypatch.setattr(bench, "_profile", lambda *a, **k: canned)
+    rc, text, data = _run_small(tmp_path, "--impl", "blazec-ops", "--profile")
+    line = next(x for x in text.splitlines() if x.startswith("  kernels:"))
+    assert line.startswith("  kernels: 47 launches, 3.610 ms in all; those of 0.05 ms or more, in order: "
+                           "_gemm1_kernel 0.900, _k0 0.060")
+    assert "tiny" not in line and "_k38 0.060" in line and "_k39" not in line and line.endswith(", and 6 more")
+    assert rc == 0 and data["rows"][0]["extra"]["profile"]["kernel_ms"] == 3.61
+
+
 def test_a_profiler_failure_keeps_the_rows_measurements(tmp_path, monkeypatch) -> None:
     def broken(*a, **k):
         raise RuntimeError("no profiler here")
