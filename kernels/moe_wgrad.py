@@ -6,11 +6,13 @@ token of pair s, w(s) its routing weight):
 
     dWg_e[i, c] = sum_s dg[s, i] * x[t(s), c]        L = dg (sorted rows),  R = x (gathered)
     dWu_e[i, c] = sum_s du[s, i] * x[t(s), c]        L = du (sorted rows),  R = x (gathered)
-    dWd_e[c, i] = sum_s do[s, c] * h[s, i]           "output": do = w(s) gy[t(s)], R = h
-                = sum_s gy[t(s), c] * (w h)[s, i]    "hidden": L = gy (gathered), R = w h
+    dWd_e[c, i] = sum_s gy[t(s), c] * (w h)[s, i]    L = gy (gathered),     R = w h (sorted)
+                = sum_s (w gy)[s, c] * h[s, i]       "output" mode with a down bias: L = w gy
+                                                     (gy rows scaled in the K loop), R = h
 
 and the bias gradients are the row sums of L over the same pairs (db_e = sum_s L[s, :]), taken
-by the programs of the first N tile. The grid is (out tiles x in tiles, E): program (tile, e)
+by the programs of the first N tile: "output" mode's dbd = sum_s w(s) gy[t(s)] needs the scaled
+L, "hidden" mode's dbd = sum_s gy[t(s)] the plain one. The grid is (out tiles x in tiles, E): program (tile, e)
 loops over expert e's pairs in BLOCK_K chunks, so an empty expert writes zeros and every
 output element is written once (deterministic, no atomics, no split-K reduction).
 
