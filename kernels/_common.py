@@ -253,6 +253,13 @@ def smem_pruner(tensor_arg: str, operands, indirect: bool = False):
 _TUNED_META = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
 
 
+def gemm_config(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
+    """One autotune config of the grouped GEMM kernels (tile BLOCK_M x BLOCK_N x BLOCK_K, grouped
+    tile order over GROUP_M = 8 row blocks)."""
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                         num_warps=warps, num_stages=stages)
+
+
 def variant_key(kernel) -> list[str]:
     """The names of a kernel's constexpr arguments that select its variant (gated or not,
     recompute, pointer tables, precision, ...), for its autotune key: without them, variants

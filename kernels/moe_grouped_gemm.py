@@ -53,45 +53,40 @@ import triton
 import triton.language as tl
 
 from blazec.kernels._common import (
-    INTERPRET, act_fwd, act_grad, cast, cdiv, expert_ptr, mma, rnd, rsum, smem_pruner, swizzle, tile_of,
-    variant_key,
+    INTERPRET, act_fwd, act_grad, cast, cdiv, expert_ptr, gemm_config, mma, rnd, rsum, smem_pruner, swizzle,
+    tile_of, variant_key,
 )
-
-
-def _cfg(bm, bn, bk, w, s, **extra):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, **extra},
-                         num_warps=w, num_stages=s)
 
 
 # Small autotune sets; the key is the shape class (N, reduction dim, rows-per-expert class) and,
 # implicitly, the dtypes of the tensor arguments.
 GEMM1_CONFIGS = [
-    _cfg(128, 128, 64, 8, 3),
-    _cfg(128, 64, 64, 4, 4),
-    _cfg(64, 128, 64, 4, 4),
-    _cfg(128, 128, 32, 8, 4),
-    _cfg(64, 64, 64, 4, 4),
+    gemm_config(128, 128, 64, 8, 3),
+    gemm_config(128, 64, 64, 4, 4),
+    gemm_config(64, 128, 64, 4, 4),
+    gemm_config(128, 128, 32, 8, 4),
+    gemm_config(64, 64, 64, 4, 4),
 ]
 ROWS_CONFIGS = [
-    _cfg(128, 128, 64, 8, 3),
-    _cfg(128, 256, 64, 8, 3),
-    _cfg(128, 64, 64, 4, 4),
-    _cfg(64, 128, 64, 4, 4),
-    _cfg(64, 64, 64, 4, 4),
+    gemm_config(128, 128, 64, 8, 3),
+    gemm_config(128, 256, 64, 8, 3),
+    gemm_config(128, 64, 64, 4, 4),
+    gemm_config(64, 128, 64, 4, 4),
+    gemm_config(64, 64, 64, 4, 4),
 ]
 # _dh_kernel writes one d(routing weight) partial per row and N tile: the launcher sizes that
 # buffer for the narrowest BLOCK_N here (DH_MIN_BLOCK_N) and zero-fills it, so the autotuner
 # may pick any BLOCK_N (a wider tile leaves some partial columns at zero). Recomputing a gated
 # GEMM 1 keeps three accumulators live: those variants keep to BLOCK_N <= 64 (_dh_prune).
-DH_CONFIGS = [_cfg(*c) for c in (
-    (128, 128, 64, 8, 3),
-    (128, 64, 64, 4, 4),
-    (64, 128, 64, 4, 4),
-    (128, 64, 64, 8, 4),
-    (64, 64, 64, 4, 4),
-    (128, 128, 32, 8, 4),
-    (64, 64, 32, 4, 4),
-)]
+DH_CONFIGS = [
+    gemm_config(128, 128, 64, 8, 3),
+    gemm_config(128, 64, 64, 4, 4),
+    gemm_config(64, 128, 64, 4, 4),
+    gemm_config(128, 64, 64, 8, 4),
+    gemm_config(64, 64, 64, 4, 4),
+    gemm_config(128, 128, 32, 8, 4),
+    gemm_config(64, 64, 32, 4, 4),
+]
 DH_MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in DH_CONFIGS)
 INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}
 

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from blazec.kernels._common import (
-    INTERPRET, cast, cdiv, expert_ptr, mma, rsum, smem_pruner, swizzle, variant_key,
+    INTERPRET, cast, cdiv, expert_ptr, gemm_config, mma, rsum, smem_pruner, swizzle, variant_key,
 )
 
 # Five stages: the K loop gathers its rows through indices it loads itself, and Triton's
@@ -40,16 +40,13 @@ from blazec.kernels._common import (
 # prefetched ahead); with 5 it keeps 3 buffers and waits for the oldest only (TTGIR for sm_90,
 # triton 3.9.0, 2026-11-26; tests/kernels/aot_compile.py fails a GEMM loop that drains).
 WGRAD_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-    for bm, bn, bk, w, s in (
-        (128, 128, 64, 8, 5),
-        (128, 256, 64, 8, 5),
-        (256, 128, 64, 8, 5),
-        (128, 64, 64, 4, 5),
-        (64, 128, 64, 4, 5),
-        (128, 128, 32, 8, 5),
-        (64, 64, 32, 4, 5),
-    )
+    gemm_config(128, 128, 64, 8, 5),
+    gemm_config(128, 256, 64, 8, 5),
+    gemm_config(256, 128, 64, 8, 5),
+    gemm_config(128, 64, 64, 4, 5),
+    gemm_config(64, 128, 64, 4, 5),
+    gemm_config(128, 128, 32, 8, 5),
+    gemm_config(64, 64, 32, 4, 5),
 ]
 INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}
 
