@@ -265,7 +265,7 @@ def moe_experts_bwd(
     hs = empty((o.P, I), o.xdt, dev)
     # One d(routing weight) partial per row and N tile of _dh_kernel, sized for its narrowest
     # tile; zeroed, since a wider tile (the autotuner's pick) leaves some columns unwritten.
-    NT = triton.cdiv(I, gg.INTERPRET_CONFIG["BLOCK_N"] if INTERPRET else gg.DH_MIN_BLOCK_N)
+    NT = triton.cdiv(I, gg.DH_MIN_BLOCK_N)
     part = torch.zeros((o.P, NT), dtype=torch.float32, device=dev)
     # dWd = gy^T (w h) with w folded into hs by _dh_kernel, except "output" mode with a down
     # bias, whose dbd needs the w-scaled gy rows: there dWd scales them by ws in its K loop.

@@ -87,8 +87,10 @@ DH_CONFIGS = [
     gemm_config(128, 128, 32, 8, 4),
     gemm_config(64, 64, 32, 4, 4),
 ]
-DH_MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in DH_CONFIGS)
 INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}
+# The narrowest BLOCK_N _dh_kernel may run with here (the interpreter's fixed config, or a
+# tuned one), which sizes its partial buffer.
+DH_MIN_BLOCK_N = INTERPRET_CONFIG["BLOCK_N"] if INTERPRET else min(c.kwargs["BLOCK_N"] for c in DH_CONFIGS)
 
 
 # ----------------------------------------------------------------------------------------------
