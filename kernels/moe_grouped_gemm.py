@@ -408,16 +408,22 @@ def _dh_kernel(
     # Phase 2: dh = w q, du = dh a(g), dg = dh [u] a'(g). Without recompute, g and u are read
     # again (L2 hits) instead of being kept live through phase 1: q, g, u, a(g) and h at once
     # spill registers at 128-wide tiles (measured with tests/kernels/aot_compile.py --regs).
+    # This tile reads every element of pre it uses before it stores dg | du over the same
+    # (row, column) positions, and no other tile reads them, so dgu_ptr may be pre_ptr: the
+    # backward writes dg | du over the saved preact when the autograd graph is not kept.
     dh = rnd(q * w[:, None], xdt)
-    if not RECOMPUTE:
-        g = tl.load(pre_ptrs, mask=omask, other=0.0).to(tl.float32)
     dgu_ptrs = dgu_ptr + rows64[:, None] * stride_dgu + cols[None, :]
     if GATED:
-        tl.store(dgu_ptrs + I, cast(dh * rnd(act_fwd(g, ACT), xdt), xdt), mask=omask)
         if not RECOMPUTE:
             u = tl.load(pre_ptrs + I, mask=omask, other=0.0).to(tl.float32)
-        dg = rnd(dh * u, xdt) * act_grad(g, ACT)
+        dhu = rnd(dh * u, xdt)
+        if not RECOMPUTE:
+            g = tl.load(pre_ptrs, mask=omask, other=0.0).to(tl.float32)
+        tl.store(dgu_ptrs + I, cast(dh * rnd(act_fwd(g, ACT), xdt), xdt), mask=omask)
+        dg = dhu * act_grad(g, ACT)
     else:
+        if not RECOMPUTE:
+            g = tl.load(pre_ptrs, mask=omask, other=0.0).to(tl.float32)
         dg = dh * act_grad(g, ACT)
     tl.store(dgu_ptrs, cast(dg, xdt), mask=omask)
 

@@ -11,7 +11,8 @@ Schemas (the contract between the MoE passes and the kernels)::
     blazec::moe_experts_backward(Tensor grad_y, Tensor x, Tensor topk_weights,
         Tensor sorted_pairs, Tensor expert_offsets, Tensor pair_pos, Tensor[] w_gate,
         Tensor[] w_up, Tensor[] w_down, Tensor[] b_gate, Tensor[] b_up, Tensor[] b_down,
-        Tensor preact, str activation, str weight_pos, bool recompute)
+        Tensor preact, str activation, str weight_pos, bool recompute,
+        bool overwrite_preact=False)
         -> (Tensor dx, Tensor d_topk_weights, Tensor[] dw_gate, Tensor[] dw_up,
             Tensor[] dw_down, Tensor[] db_gate, Tensor[] db_up, Tensor[] db_down)
 
@@ -24,6 +25,13 @@ for gated activations), returned only so that autograd (and the checkpoint solve
 it in the joint graph) can save it. It is marked non-differentiable; gradients flowing into it
 are ignored. With ``recompute=True`` it is an empty ``[0]`` tensor and the backward recomputes
 the first GEMM from x.
+
+``overwrite_preact=True`` tells the backward that its caller will not read ``preact`` again,
+so the kernels may write dg | du over it instead of allocating a second ``[S, n_in]`` buffer
+(at the backward's peak, both would be live with every weight gradient). The autograd formula
+passes it; the kernels take it up only when the running autograd graph task does not keep the
+graph (``retain_graph`` / ``create_graph`` false), since a kept graph's next backward reads the
+saved preact again. Direct callers keep the default False.
 
 What the backward saves: x, topk_weights, sorted_pairs, expert_offsets, pair_pos, the weight and
 bias tensors as passed (parameters or views of them), and preact. Nothing else of size T*k*d or
@@ -51,7 +59,8 @@ EXPERTS_BACKWARD_SCHEMA = (
     "(Tensor grad_y, Tensor x, Tensor topk_weights, Tensor sorted_pairs, "
     "Tensor expert_offsets, Tensor pair_pos, Tensor[] w_gate, Tensor[] w_up, "
     "Tensor[] w_down, Tensor[] b_gate, Tensor[] b_up, Tensor[] b_down, Tensor preact, "
-    "str activation, str weight_pos, bool recompute) -> (Tensor dx, Tensor d_topk_weights, "
+    "str activation, str weight_pos, bool recompute, bool overwrite_preact=False) -> "
+    "(Tensor dx, Tensor d_topk_weights, "
     "Tensor[] dw_gate, Tensor[] dw_up, Tensor[] dw_down, Tensor[] db_gate, Tensor[] db_up, "
     "Tensor[] db_down)"
 )
@@ -320,6 +329,7 @@ def _moe_experts_backward_op(
     activation: str,
     weight_pos: str,
     recompute: bool,
+    overwrite_preact: bool = False,
 ) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
     n_in = check_experts_args(
         x, topk_weights, sorted_pairs, expert_offsets, pair_pos, w_gate, w_up, w_down,
@@ -329,7 +339,7 @@ def _moe_experts_backward_op(
     impl = get_impl("moe_experts_backward", x.device.type)
     return impl(
         grad_y, x, topk_weights, sorted_pairs, expert_offsets, pair_pos, w_gate, w_up, w_down,
-        b_gate, b_up, b_down, preact, activation, weight_pos, recompute,
+        b_gate, b_up, b_down, preact, activation, weight_pos, recompute, overwrite_preact,
     )
 
 
@@ -351,6 +361,7 @@ def _moe_experts_backward_fake(
     activation: str,
     weight_pos: str,
     recompute: bool,
+    overwrite_preact: bool = False,
 ) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
     n_in = check_experts_args(
         x, topk_weights, sorted_pairs, expert_offsets, pair_pos, w_gate, w_up, w_down,
@@ -412,7 +423,7 @@ def _backward(ctx, grad_y: Tensor, _grad_preact: Optional[Tensor]):
         i += n
     dx, d_tw, *grads = torch.ops.blazec.moe_experts_backward(
         grad_y, x, topk_weights, sorted_pairs, expert_offsets, pair_pos, *lists, preact,
-        ctx.activation, ctx.weight_pos, ctx.recompute,
+        ctx.activation, ctx.weight_pos, ctx.recompute, True,  # preact is read only here
     )
     full = (dx, d_tw, None, None, None, *grads, None, None, None, None)
     # The dispatcher drops trailing arguments equal to their defaults before autograd sees

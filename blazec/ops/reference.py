@@ -225,8 +225,11 @@ def moe_experts_bwd(
     activation: str,
     weight_pos: str,
     recompute: bool,
+    overwrite_preact: bool = False,
 ) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
     r"""Backward of ``blazec::moe_experts``.
+
+    ``overwrite_preact`` permits writing over ``preact``; the reference never does.
 
     Returns (dx, d_topk_weights, dw_gate, dw_up, dw_down, db_gate, db_up, db_down); each grad
     list mirrors its input list (stacked in, stacked out; empty in, empty out).

@@ -153,3 +153,30 @@ def test_host_overhead_times_the_ops_host_path_with_launches_stubbed() -> None:
     bad = subprocess.run([sys.executable, str(REPO / "benchmarks" / "host_overhead.py"), "--topk", "9",
                           "--experts", "4"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--topk 9 exceeds --experts 4" in bad.stderr
+
+
+def test_peak_memory_measures_the_kernel_path_with_launches_stubbed() -> None:
+    """benchmarks/peak_memory.py in subprocesses (it stubs the kernel launches globally). With
+    the saved preact reused for dg | du, the default mode's backward peak (46.3 MiB here) is no
+    higher than recompute mode's, which never has a preact to keep; before, it was one [S, 2I]
+    buffer higher (49.8 MiB). What default mode keeps after forward is that preact (S x 2I bf16) and O(S) index
+    bytes."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    T, d, I, E, k = 256, 512, 1792, 8, 2  # mixtral-like proportions: the weight gradients dominate
+    res = {}
+    for mode in ([], ["--recompute"]):
+        r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "peak_memory.py"),
+                            "--shape", f"{T},{d},{I},{E},{k}", "--json", *mode],
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr
+        res[bool(mode)] = json.loads(r.stdout.strip().splitlines()[-1])
+    MiB = 1 / 1024
+    preact = T * k * 2 * I * 2 / 1024**3
+    assert preact <= res[False]["act_gib"] <= preact + 0.1 * MiB, res
+    assert res[True]["act_gib"] < 0.1 * MiB, res
+    assert res[False]["peak_gib"] <= res[True]["peak_gib"] + 0.01 * MiB, res

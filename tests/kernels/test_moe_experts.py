@@ -311,3 +311,77 @@ def test_backward_frees_h_before_the_dx_rows(monkeypatch) -> None:
     hs_free = events.index(("free", (P, 16)))
     rows_alloc = events.index(("alloc", (P, 24)))
     assert hs_free < rows_alloc, events
+
+
+@pytest.mark.parametrize("activation,bias,weight_pos", [
+    ("swiglu", "none", "output"), ("geglu", "stacked", "hidden"), ("gelu", "stacked", "output"),
+])
+def test_dgu_written_over_preact(monkeypatch, activation: str, bias: str, weight_pos: str) -> None:
+    """With overwrite_preact (and a graph that is not kept) _dh_kernel writes dg | du over the
+    saved preact it reads: same gradients as with a separate buffer, and no [S, n_in] alloc."""
+    from blazec.kernels import _common, moe_experts
+
+    case = make_case(T=13, E=4, k=3, activation=activation, bias=bias, weight_pos=weight_pos,
+                     ids_kind="ragged", seed=11)
+    _, preact = moe_experts.moe_experts_fwd(*case.fwd_args())
+    shapes: list[tuple] = []
+    real_empty = _common.empty
+
+    def tracked(shape, dtype, device):
+        shapes.append(tuple(shape))
+        return real_empty(shape, dtype, device)
+
+    monkeypatch.setattr(moe_experts, "empty", tracked)
+    want = moe_experts.moe_experts_bwd(*case.bwd_args(preact.clone()), True)  # no graph task: kept
+    n_separate = shapes.count(tuple(preact.shape))
+    shapes.clear()
+    monkeypatch.setattr(moe_experts, "may_overwrite_preact", lambda p: True)
+    scratch = preact.clone()
+    got = moe_experts.moe_experts_bwd(*case.bwd_args(scratch), True)
+    assert shapes.count(tuple(preact.shape)) == n_separate - 1, shapes
+    assert not torch.equal(scratch, preact)  # it was written over
+    for g, w in zip(got, want):
+        for s, t in zip(g if isinstance(g, list) else [g], w if isinstance(w, list) else [w]):
+            torch.testing.assert_close(s, t, rtol=0, atol=0)
+
+
+def test_overwrite_preact_only_when_the_graph_is_not_kept(monkeypatch) -> None:
+    """Through autograd, three backwards through one graph (retain_graph True, True, False):
+    only the last may write over preact, and all three give the same gradients, so the kept
+    preact was intact for the second and third."""
+    import blazec.ops
+    from blazec.kernels import moe_experts
+    from blazec.ops import moe_experts as experts_op, register_impl
+    from tests.kernels.conftest import KERNEL_DEVICE
+
+    case = make_case(T=11, E=3, k=2, seed=12)
+    decisions: list[bool] = []
+    real = moe_experts.may_overwrite_preact
+
+    def spy(p):
+        decisions.append(real(p))
+        return decisions[-1]
+
+    monkeypatch.setattr(moe_experts, "may_overwrite_preact", spy)
+    old = {op: blazec.ops.get_impl(op, KERNEL_DEVICE) for op in moe_experts.cuda_impls()}
+    x = case.x.detach().clone().requires_grad_()
+    w = {n: [t.detach().clone().requires_grad_() for t in ts] for n, ts in case.w.items()}
+    leaves = [x] + [t for ts in w.values() for t in ts]
+    grads = []
+    try:
+        for op, fn in moe_experts.cuda_impls().items():
+            register_impl(op, KERNEL_DEVICE, fn)
+        y = experts_op(x, case.tw, *case.route, w["w_gate"], w["w_up"], w["w_down"],
+                       w["b_gate"], w["b_up"], w["b_down"], case.activation, case.weight_pos)
+        for retain in (True, True, False):
+            y.backward(case.gy, retain_graph=retain)
+            grads.append([t.grad.clone() for t in leaves])
+            for t in leaves:
+                t.grad = None
+    finally:
+        for op, fn in old.items():
+            register_impl(op, KERNEL_DEVICE, None if fn is blazec.ops._registry.OPS[op] else fn)
+    assert decisions == [False, False, True], decisions
+    for g in grads[1:]:
+        for s, t in zip(g, grads[0]):
+            torch.testing.assert_close(s, t, rtol=0, atol=0)

@@ -1,0 +1,123 @@
+"""Peak and after-forward memory of blazec's kernel path, measured on CPU with the launches stubbed.
+
+``blazec bench`` measures peak memory on a GPU with ``torch.cuda.max_memory_allocated``. Which
+buffers the step allocates, and when it frees them, is decided on the host: by the ops'
+launchers (``blazec.kernels``), by autograd and by the compiled graphs. This script runs that
+host path at full size on CPU tensors, with the Triton kernels' implementations registered for
+the CPU and every kernel launch replaced by a no-op (as ``host_overhead.py`` does), and reads the
+CPU allocator's running total from the profiler's allocation events. Nothing is computed by
+the stubbed kernels and their buffers are never touched, so a mixtral-like step needs little
+real memory.
+
+    python benchmarks/peak_memory.py [--shape mixtral-like] [--recompute]
+
+It builds the bench's loop model, compiles it with ``backend="blaze"`` and reports, for one
+forward + backward of ``out.float().pow(2).mean()`` after a warm-up step, as the bench does:
+- peak: the highest allocated total during the step, above weights and inputs;
+- act: what the step still holds after forward, less the output.
+
+The router, the loss and everything outside the blaze ops run for real (Inductor's CPU code),
+so their buffers can differ slightly from a GPU run's; the expert buffers are the kernels'.
+Needs triton installed (the kernels module is imported; nothing is compiled or launched).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+GiB = 1024**3
+
+
+def _allocations(prof) -> list[tuple[int, int, int]]:
+    """(time ns, bytes, allocated total after it) of every CPU allocation and free, in order."""
+    from torch._C._profiler import _EventType
+
+    out, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        n = stack.pop()
+        stack.extend(n.children)
+        if n.tag == _EventType.Allocation and n.extra_fields.device.type == "cpu":
+            f = n.extra_fields
+            out.append((n.start_time_ns, f.alloc_size, f.total_allocated))
+    out.sort()
+    return out
+
+
+def measure(shape: tuple[int, int, int, int, int], recompute: bool) -> dict[str, float]:
+    """{"peak_gib", "act_gib"} of one step of the compiled loop model at ``shape``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from blazec.bench import LoopMoE
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from host_overhead import stub_launches
+
+    stub_launches()
+    T, d, I, E, k = shape
+    with torch.device("meta"):
+        model = LoopMoE(d, I, E, k).to(torch.bfloat16)
+    model = model.to_empty(device="cpu")  # expert weights stay untouched
+    with torch.no_grad():
+        model.gate.weight.normal_(std=d ** -0.5)  # the router runs for real
+    x = torch.randn(T, d, dtype=torch.bfloat16, requires_grad=True)
+    opts = {"moe_recompute": "recompute_gemm1"} if recompute else {}
+    compiled = torch.compile(model, backend="blaze", options=opts)
+
+    def fresh():
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+
+    fresh()
+    compiled(x).float().pow(2).mean().backward()  # compiles
+    fresh()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = compiled(x)
+        marker = torch.empty(_MARK, dtype=torch.uint8)  # its allocation marks the end of forward
+        del marker
+        out.float().pow(2).mean().backward()
+    events = _allocations(prof)
+    if not events:
+        raise RuntimeError("the profiler recorded no CPU allocations")
+    base = events[0][2] - events[0][1]
+    marks = [i for i, e in enumerate(events) if e[1] == _MARK]
+    if len(marks) != 1:
+        raise RuntimeError(f"found {len(marks)} forward-end markers among the allocations, expected 1")
+    before_mark = events[marks[0]][2] - _MARK
+    act = before_mark - base - out.untyped_storage().nbytes()
+    peak = max(e[2] for e in events) - base
+    return {"peak_gib": peak / GiB, "act_gib": act / GiB}
+
+
+_MARK = 1234577  # bytes: an allocation size nothing else in the step has
+
+
+def main(argv=None) -> int:
+    from blazec.bench import BenchError, parse_shape
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="mixtral-like", help="olmoe-like, mixtral-like or T,d,I,E,k")
+    ap.add_argument("--recompute", action="store_true", help='moe_recompute="recompute_gemm1"')
+    ap.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    args = ap.parse_args(argv)
+    try:
+        name, shape = parse_shape(args.shape, on_cuda=True)
+    except BenchError as e:
+        ap.error(str(e))
+    r = measure(shape, args.recompute)
+    if args.json:
+        print(json.dumps({"shape": list(shape), "recompute": args.recompute, **r}))
+        return 0
+    mode = "recompute GEMM 1" if args.recompute else "default"
+    print(f"peak_memory: {name} {shape} bf16, blazec on the loop model ({mode}), torch "
+          f"{torch.__version__}, launches stubbed on CPU: peak {r['peak_gib']:.3f} GiB "
+          f"({r['peak_gib'] * 1024:.1f} MiB), act {r['act_gib']:.3f} GiB ({r['act_gib'] * 1024:.1f} MiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
