@@ -35,6 +35,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from blazec.ops.reference import stacked_grad_shape
+
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # A global constexpr, readable inside @triton.jit functions.
 _INTERP = tl.constexpr(INTERPRET)
@@ -88,7 +90,7 @@ _TABLE_CACHE: "collections.OrderedDict[tuple, tuple[Tensor, int]]" = collections
 _TABLE_CACHE_SIZE = 256
 
 
-def pointer_table(ts: Sequence[Tensor], cache: bool = True) -> tuple[Tensor, int]:
+def pointer_table(ts: Sequence[Tensor]) -> tuple[Tensor, int]:
     """An int64 tensor of the tensors' data_ptrs, on their device, and its alignment.
 
     The alignment is 16 when every address is a multiple of 16 bytes, else 1. A pointer loaded
@@ -99,30 +101,28 @@ def pointer_table(ts: Sequence[Tensor], cache: bool = True) -> tuple[Tensor, int
 
     The table holds addresses only, so a cached table is correct for any tensors at the same
     addresses: parameters, which never move, hit the cache on every step (no H2D copy, and the
-    addresses are walked once, for the key). Gradient outputs are fresh each call and pass
-    ``cache=False``.
+    addresses are walked once, for the key). Gradients need no table: the backward returns
+    each list's gradient stacked.
     """
     dev = ts[0].device
     ptrs = tuple(int(t.data_ptr()) for t in ts)
     key = (str(dev), ptrs)
-    if cache:
-        hit = _TABLE_CACHE.get(key)
-        if hit is not None:
-            _TABLE_CACHE.move_to_end(key)
-            return hit
+    hit = _TABLE_CACHE.get(key)
+    if hit is not None:
+        _TABLE_CACHE.move_to_end(key)
+        return hit
     tab = torch.tensor(ptrs, dtype=torch.int64)
     if dev.type == "cuda":
         # From pinned memory and non-blocking: a pageable copy would make the host wait for
-        # the stream (one sync per fresh table, i.e. per backward for list gradients). The
-        # caching host allocator keeps the pinned buffer until the copy has run.
+        # the stream (once per new set of addresses). The caching host allocator keeps the
+        # pinned buffer until the copy has run.
         tab = tab.pin_memory().to(dev, non_blocking=True)
     elif dev.type != "cpu":
         tab = tab.to(dev)
     out = (tab, 16 if all(p % 16 == 0 for p in ptrs) else 1)
-    if cache:
-        _TABLE_CACHE[key] = out
-        if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
-            _TABLE_CACHE.popitem(last=False)
+    _TABLE_CACHE[key] = out
+    if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
+        _TABLE_CACHE.popitem(last=False)
     return out
 
 
@@ -159,14 +159,10 @@ def weight_operand(ws: Sequence[Tensor], ndim_expert: int) -> Optional[WeightOpe
 
 
 def output_operand(like: Sequence[Tensor], ndim_expert: int) -> tuple[list[Tensor], WeightOperand]:
-    """Gradient buffers mirroring ``like`` (stacked in, stacked out; list in, list out), all
-    contiguous, plus their kernel operand. Lists get one tensor per expert and a table."""
-    if len(like) == 1 and like[0].dim() == ndim_expert + 1:
-        t = empty(like[0].shape, like[0].dtype, like[0].device)
-        return [t], WeightOperand(t, t, tuple(t.stride()), 0)
-    outs = [empty(w.shape, w.dtype, w.device) for w in like]
-    tab, align = pointer_table(outs, cache=False)
-    return outs, WeightOperand(outs[0], tab, (0, *outs[0].stride()), align)
+    """The gradient of the weight or bias list ``like``: one contiguous stacked tensor (the op
+    contract, ``reference.stacked_grad_shape``), for per-expert lists too, and its operand."""
+    t = empty(stacked_grad_shape(like, ndim_expert), like[0].dtype, like[0].device)
+    return [t], WeightOperand(t, t, tuple(t.stride()), 0)
 
 
 def dummy_operand(t: Tensor, ndim_expert: int) -> WeightOperand:

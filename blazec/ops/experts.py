@@ -16,6 +16,12 @@ Schemas (the contract between the MoE passes and the kernels)::
         -> (Tensor dx, Tensor d_topk_weights, Tensor[] dw_gate, Tensor[] dw_up,
             Tensor[] dw_down, Tensor[] db_gate, Tensor[] db_up, Tensor[] db_down)
 
+Each gradient list of the backward op holds one stacked tensor, ``[E, out, in]`` for weights
+and ``[E, out]`` for biases, whether the input list was one stacked tensor or E per-expert
+tensors (empty for an empty list); the autograd formula unbinds it into per-expert views for
+per-expert lists. One stacked buffer instead of E tensors saves the host E allocations, E
+pytree leaves through the custom op, and a fresh pointer table (an H2D copy) per list.
+
 The math is in ``reference.moe_experts_fwd`` / ``reference.moe_experts_bwd`` (the backward is
 derived in the latter's docstring). This file holds validation, the fake implementations, the
 autograd registration and the user wrapper.
@@ -45,6 +51,7 @@ from torch import Tensor
 
 from blazec.ops._registry import get_impl
 from blazec.ops.activations import ACTIVATIONS, is_gated
+from blazec.ops.reference import stacked_grad_shape
 
 WEIGHT_POSITIONS: tuple[str, ...] = ("output", "hidden")
 FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -369,15 +376,15 @@ def _moe_experts_backward_fake(
     )
     _check_backward_args(grad_y, x, preact, sorted_pairs, n_in, recompute)
 
-    # Gradients are contiguous tensors of each input's shape (the reference allocates them
-    # that way too), whatever the strides of the weight views passed in.
-    def like(ts: Sequence[Tensor]) -> list[Tensor]:
-        return [t.new_empty(t.shape) for t in ts]
+    # Each list's gradient is one contiguous stacked tensor (the reference allocates it that
+    # way too), whatever the layout and strides of the weights passed in.
+    def like(ts: Sequence[Tensor], ndim_expert: int) -> list[Tensor]:
+        return [ts[0].new_empty(stacked_grad_shape(ts, ndim_expert))] if ts else []
 
     return (
         x.new_empty(x.shape),
         topk_weights.new_empty(topk_weights.shape),
-        like(w_gate), like(w_up), like(w_down), like(b_gate), like(b_up), like(b_down),
+        like(w_gate, 2), like(w_up, 2), like(w_down, 2), like(b_gate, 1), like(b_up, 1), like(b_down, 1),
     )
 
 
@@ -421,10 +428,15 @@ def _backward(ctx, grad_y: Tensor, _grad_preact: Optional[Tensor]):
     for n in ctx.list_lens:
         lists.append(list(flat[i : i + n]))
         i += n
-    dx, d_tw, *grads = torch.ops.blazec.moe_experts_backward(
+    dx, d_tw, *stacked = torch.ops.blazec.moe_experts_backward(
         grad_y, x, topk_weights, sorted_pairs, expert_offsets, pair_pos, *lists, preact,
         ctx.activation, ctx.weight_pos, ctx.recompute, True,  # preact is read only here
     )
+    # One stacked gradient per list; per-expert lists get per-expert views of it.
+    grads = [
+        g if len(lst) == 1 and lst[0].dim() == nd + 1 else list(g[0].unbind(0)) if lst else []
+        for g, lst, nd in zip(stacked, lists, (2, 2, 2, 1, 1, 1))
+    ]
     full = (dx, d_tw, None, None, None, *grads, None, None, None, None)
     # The dispatcher drops trailing arguments equal to their defaults before autograd sees
     # them, and the returned structure must match the arguments actually passed.

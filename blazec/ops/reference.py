@@ -41,6 +41,17 @@ def is_stacked_bias(bs: Sequence[Tensor]) -> bool:
     return len(bs) == 1 and bs[0].dim() == 2
 
 
+def stacked_grad_shape(ts: Sequence[Tensor], ndim_expert: int) -> tuple[int, ...]:
+    """Shape of the one stacked gradient the backward returns for a non-empty weight
+    (``ndim_expert`` 2) or bias (1) list: the stacked tensor's shape, or ``[E, *shape]`` for E
+    per-expert tensors. (An E-long list of gradients would cost the host an allocation, a
+    pytree leaf and a pointer-table entry per expert; the autograd formula unbinds the stacked
+    gradient into per-expert views instead.)"""
+    if len(ts) == 1 and ts[0].dim() == ndim_expert + 1:
+        return tuple(ts[0].shape)
+    return (len(ts), *ts[0].shape)
+
+
 def expert_weight(ws: Sequence[Tensor], e: int) -> Tensor:
     """Expert ``e``'s ``[out, in]`` weight: a view, never a copy."""
     return ws[0][e] if is_stacked_weight(ws) else ws[e]
@@ -231,8 +242,10 @@ def moe_experts_bwd(
 
     ``overwrite_preact`` permits writing over ``preact``; the reference never does.
 
-    Returns (dx, d_topk_weights, dw_gate, dw_up, dw_down, db_gate, db_up, db_down); each grad
-    list mirrors its input list (stacked in, stacked out; empty in, empty out).
+    Returns (dx, d_topk_weights, dw_gate, dw_up, dw_down, db_gate, db_up, db_down). Each
+    gradient list holds one stacked tensor, ``[E, out, in]`` (weights) or ``[E, out]`` (biases),
+    whether its input list was stacked or per-expert, and is empty for an empty input list
+    (see ``stacked_grad``).
 
     Derivation, for one kept pair n of expert e, with a = x[t] (row vector), scalar w,
     gy = dL/dy[t] and c the pair's contribution (y[t] = sum of c over the token's kept pairs,
@@ -275,16 +288,17 @@ def moe_experts_bwd(
     dx_buf = torch.zeros(P + 1, d, device=x.device, dtype=acc_dt)
     dw_buf = torch.zeros(P + 1, device=x.device, dtype=topk_weights.dtype)
 
-    def new_grads(ws: Sequence[Tensor]) -> list[Tensor]:
-        return [torch.zeros(w.shape, device=w.device, dtype=w.dtype) for w in ws]
+    def new_grads(ws: Sequence[Tensor], ndim_expert: int) -> list[Tensor]:
+        if not ws:
+            return []
+        shape = stacked_grad_shape(ws, ndim_expert)
+        return [torch.zeros(shape, device=ws[0].device, dtype=ws[0].dtype)]
 
-    dwg, dwu, dwd = new_grads(w_gate), new_grads(w_up), new_grads(w_down)
-    dbg, dbu, dbd = new_grads(b_gate), new_grads(b_up), new_grads(b_down)
+    dwg, dwu, dwd = new_grads(w_gate, 2), new_grads(w_up, 2), new_grads(w_down, 2)
+    dbg, dbu, dbd = new_grads(b_gate, 1), new_grads(b_up, 1), new_grads(b_down, 1)
 
-    def slot(grads: list[Tensor], stacked: bool, e: int) -> Optional[Tensor]:
-        if not grads:
-            return None
-        return grads[0][e] if stacked else grads[e]
+    def slot(grads: list[Tensor], e: int) -> Optional[Tensor]:
+        return grads[0][e] if grads else None
 
     offs = expert_offsets.tolist()
     for e in range(E):
@@ -321,17 +335,17 @@ def moe_experts_bwd(
         dg, du = hidden_backward(activation, dh, g, u)
 
         dxe = dg @ wg
-        slot(dwg, is_stacked_weight(w_gate), e).copy_(dg.t() @ xe)
+        slot(dwg, e).copy_(dg.t() @ xe)
         if gated:
             dxe = dxe + du @ wu
-            slot(dwu, is_stacked_weight(w_up), e).copy_(du.t() @ xe)
-        slot(dwd, is_stacked_weight(w_down), e).copy_(dwd_e)
+            slot(dwu, e).copy_(du.t() @ xe)
+        slot(dwd, e).copy_(dwd_e)
         if b_gate:
-            slot(dbg, is_stacked_bias(b_gate), e).copy_(dg.sum(0))
+            slot(dbg, e).copy_(dg.sum(0))
         if b_up:
-            slot(dbu, is_stacked_bias(b_up), e).copy_(du.sum(0))
+            slot(dbu, e).copy_(du.sum(0))
         if b_down:
-            slot(dbd, is_stacked_bias(b_down), e).copy_(dbd_e)
+            slot(dbd, e).copy_(dbd_e)
         dx_buf[s0:s1] = dxe
         dw_buf[s0:s1] = dw
 

@@ -144,8 +144,8 @@ class Sanitizer:
 
         orig_table = _common.pointer_table
 
-        def pointer_table(ts, cache=True):
-            out = orig_table(ts, cache)
+        def pointer_table(ts):
+            out = orig_table(ts)
             san._tables[out[0].data_ptr()] = list(ts)
             return out
 

@@ -33,24 +33,27 @@ def test_pointer_table_cache() -> None:
     ws = [torch.randn(3, device=KERNEL_DEVICE) for _ in range(4)]
     a, align = pointer_table(ws)
     assert pointer_table(ws)[0] is a  # parameters hit the cache: no H2D copy per step
-    assert pointer_table(ws, cache=False)[0] is not a
+    assert pointer_table(ws[:3])[0] is not a
     assert pointer_table(ws[::-1])[0].tolist() == a.tolist()[::-1]
     assert align == 16 and a.tolist() == [w.data_ptr() for w in ws]
     odd = [w[1:] for w in ws]  # 4 bytes into each storage
     assert pointer_table(odd)[1] == 1 and pointer_table(odd)[0].tolist() == [w.data_ptr() for w in odd]
 
 
-def test_output_operand_mirrors_layout() -> None:
+def test_output_operand_is_one_stacked_gradient() -> None:
     from blazec.kernels._common import output_operand
 
     stacked = torch.randn(3, 5, 4, device=KERNEL_DEVICE).transpose(1, 2)
     outs, op = output_operand([stacked], 2)
     assert len(outs) == 1 and outs[0].shape == stacked.shape and outs[0].is_contiguous() and not op.table
     ws = [torch.randn(4, 5, device=KERNEL_DEVICE).t() for _ in range(3)]
-    outs, op = output_operand(ws, 2)
-    assert len(outs) == 3 and all(o.shape == (5, 4) and o.is_contiguous() for o in outs)
-    assert op.table and op.tab.tolist() == [o.data_ptr() for o in outs]
-    assert len({o.untyped_storage().data_ptr() for o in outs}) == 3  # no aliasing between outputs
+    outs, op = output_operand(ws, 2)  # per-expert list: stacked too, no pointer table
+    assert len(outs) == 1 and outs[0].shape == (3, 5, 4) and outs[0].is_contiguous() and not op.table
+    assert op.strides == (20, 4, 1)
+    outs, op = output_operand([torch.randn(7, device=KERNEL_DEVICE)], 1)  # one expert's bias
+    assert outs[0].shape == (1, 7)
+    outs, op = output_operand([torch.randn(2, 7, device=KERNEL_DEVICE)], 1)  # stacked biases
+    assert outs[0].shape == (2, 7)
 
 
 def test_poison() -> None:

@@ -103,7 +103,7 @@ def test_pointer_table_targets_are_in_bounds() -> None:
     ws = [torch.randn(8) for _ in range(3)]
     dst = torch.empty(3 * 7)
     # _common.pointer_table is looked up inside the sanitizer, as the launchers do
-    with_table = _run(lambda: _through_table[(3,)](_common.pointer_table(ws, cache=False)[0], dst, 7,
+    with_table = _run(lambda: _through_table[(3,)](_common.pointer_table(ws)[0], dst, 7,
                                                    SHIFT=1, BLOCK=8))
     with_table.assert_clean()  # reads ws[e][1:8]: inside each table target
     assert torch.equal(dst, torch.cat([w[1:] for w in ws]))

@@ -727,3 +727,32 @@ def test_errors_also_raised_under_fake_tensors() -> None:
             for k, v in a.items()}
     with mode, pytest.raises(ValueError, match="w_up must be empty"):
         _call(fake)
+
+
+def test_list_gradients_are_views_of_one_stacked_buffer() -> None:
+    """The backward op returns one stacked gradient per list; the autograd formula hands each
+    per-expert parameter a view of it, and AccumulateGrad keeps the view (no copy)."""
+    case = make_case(T=12, E=4, k=2, layout="list", bias="list", ids_kind="empty_experts", seed=4)
+    w = {n: [t.detach().clone().requires_grad_() for t in ts] for n, ts in case.weights().items()}
+    sp, eo, pp = case.route
+    y = moe_experts(case.x, case.tw, sp, eo, pp, w["w_gate"], w["w_up"], w["w_down"],
+                    w["b_gate"], w["b_up"], w["b_down"], case.activation, case.weight_pos)
+    y.backward(torch.randn_like(y))
+    for name, ts in w.items():
+        assert len(ts) == case.E
+        base = ts[0].grad.untyped_storage().data_ptr()
+        for e, t in enumerate(ts):
+            assert t.grad is not None and t.grad.shape == t.shape and t.grad.is_contiguous()
+            assert t.grad.untyped_storage().data_ptr() == base, (name, e)
+            assert t.grad.data_ptr() == base + e * t.numel() * t.element_size(), (name, e)
+    # The op's outputs themselves: one stacked [E, ...] tensor per list.
+    out = torch.ops.blazec.moe_experts_backward(
+        torch.ones_like(y), case.x, case.tw, sp, eo, pp, w["w_gate"], w["w_up"], w["w_down"],
+        w["b_gate"], w["b_up"], w["b_down"],
+        torch.ops.blazec.moe_experts(case.x, case.tw, sp, eo, pp, w["w_gate"], w["w_up"], w["w_down"],
+                                     w["b_gate"], w["b_up"], w["b_down"], case.activation,
+                                     case.weight_pos)[1].detach(),
+        case.activation, case.weight_pos, False)
+    shapes = [[tuple(g.shape) for g in lst] for lst in out[2:]]
+    E, I, d = case.E, case.I, case.d
+    assert shapes == [[(E, I, d)], [(E, I, d)], [(E, d, I)], [(E, I)], [(E, I)], [(E, d)]], shapes
