@@ -22,7 +22,7 @@ import torch
 
 def stub_launches() -> list:
     """Register the kernel implementations for the CPU with every launch a no-op."""
-    from blazec.kernels import moe_combine, moe_experts as kx, moe_route as kr
+    from blazec.kernels import moe_combine, moe_experts as kx, moe_route as kr, wgrad_grouped_mm
     from blazec.ops import _registry
 
     launches: list = []
@@ -35,6 +35,14 @@ def stub_launches() -> list:
             return stub
 
     kx.launch = stub
+
+    def grouped_mm(a, b, offs):  # BLAZEC_WGRAD=grouped_mm's GEMM: its output, uncomputed
+        launches.append(1)
+        return torch.empty((offs.numel(), a.shape[0], b.shape[1]), dtype=a.dtype, device=a.device)
+
+    wgrad_grouped_mm.grouped_mm = grouped_mm
+    # its row gather too: the stubbed route kernels leave sorted_pairs unwritten
+    wgrad_grouped_mm.sorted_rows = lambda src, sorted_pairs, k: src.new_empty((sorted_pairs.shape[0], src.shape[1]))
     for mod, names in ((moe_combine, ("_combine_kernel", "_dtw_kernel")),
                        (kr, ("_route_count_kernel", "_route_scan_kernel", "_route_scatter_kernel"))):
         for name in names:

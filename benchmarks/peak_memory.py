@@ -48,8 +48,10 @@ def _allocations(prof) -> list[tuple[int, int, int]]:
     return out
 
 
-def measure(shape: tuple[int, int, int, int, int], recompute: bool) -> dict[str, float]:
-    """{"peak_gib", "act_gib"} of one step of the compiled loop model at ``shape``."""
+def measure(shape: tuple[int, int, int, int, int], recompute: bool, wgrad: str = "triton") -> dict[str, float]:
+    """{"peak_gib", "act_gib"} of one step of the compiled loop model at ``shape``; ``wgrad``
+    "grouped_mm" takes the opt-in weight-gradient path (kernels/wgrad_grouped_mm.py) with its
+    GPU checks bypassed, to count its sorted row copies."""
     from torch.profiler import ProfilerActivity, profile
 
     from blazec.bench import LoopMoE
@@ -58,6 +60,10 @@ def measure(shape: tuple[int, int, int, int, int], recompute: bool) -> dict[str,
     from host_overhead import stub_launches
 
     stub_launches()
+    if wgrad == "grouped_mm":
+        from blazec.kernels import wgrad_grouped_mm
+
+        wgrad_grouped_mm.use = lambda x, d, I: True
     T, d, I, E, k = shape
     with torch.device("meta"):
         model = LoopMoE(d, I, E, k).to(torch.bfloat16)
@@ -102,17 +108,20 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="mixtral-like", help="olmoe-like, mixtral-like or T,d,I,E,k")
     ap.add_argument("--recompute", action="store_true", help='moe_recompute="recompute_gemm1"')
+    ap.add_argument("--wgrad", choices=("triton", "grouped_mm"), default="triton",
+                    help="weight-gradient path to measure (grouped_mm: the opt-in BLAZEC_WGRAD path)")
     ap.add_argument("--json", action="store_true", help="print the result as one JSON object")
     args = ap.parse_args(argv)
     try:
         name, shape = parse_shape(args.shape, on_cuda=True)
     except BenchError as e:
         ap.error(str(e))
-    r = measure(shape, args.recompute)
+    r = measure(shape, args.recompute, args.wgrad)
     if args.json:
-        print(json.dumps({"shape": list(shape), "recompute": args.recompute, **r}))
+        print(json.dumps({"shape": list(shape), "recompute": args.recompute, "wgrad": args.wgrad, **r}))
         return 0
-    mode = "recompute GEMM 1" if args.recompute else "default"
+    mode = ("recompute GEMM 1" if args.recompute else "default") + (
+        ", grouped_mm weight gradients" if args.wgrad == "grouped_mm" else "")
     print(f"peak_memory: {name} {shape} bf16, blazec on the loop model ({mode}), torch "
           f"{torch.__version__}, launches stubbed on CPU: peak {r['peak_gib']:.3f} GiB "
           f"({r['peak_gib'] * 1024:.1f} MiB), act {r['act_gib']:.3f} GiB ({r['act_gib'] * 1024:.1f} MiB)")

@@ -388,7 +388,11 @@ def _kernel_note(dev: torch.device, impl: str) -> str:
     from blazec.ops import get_impl
 
     fn = get_impl("moe_experts", "cuda")
-    return "Triton kernels" if fn.__module__.startswith("blazec.kernels") else "reference ops (no kernels)"
+    if not fn.__module__.startswith("blazec.kernels"):
+        return "reference ops (no kernels)"
+    from blazec.kernels import wgrad_grouped_mm
+
+    return "Triton kernels" + (", grouped_mm weight gradients" if wgrad_grouped_mm.requested() else "")
 
 
 def _autotune_choices() -> dict:

@@ -8,6 +8,8 @@ imports ``blazec.kernels.moe_experts`` lazily on the first CUDA call. See docs/K
 - ``moe_grouped_gemm``: gather-GEMM-activation, down GEMM / dX GEMM, backward through the
   activation (with optional recompute of the first GEMM)
 - ``moe_wgrad``: grouped weight and bias gradients
+- ``wgrad_grouped_mm``: opt-in (``BLAZEC_WGRAD=grouped_mm``) weight gradients through torch's
+  grouped GEMM on sorted row copies
 - ``moe_combine``: deterministic slot-ordered combines and d(routing weights)
 - ``moe_experts``: launchers with the reference signatures, fallback, registration
 """

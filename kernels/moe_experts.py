@@ -29,7 +29,7 @@ import torch
 import triton
 from torch import Tensor
 
-from blazec.kernels import moe_combine, moe_grouped_gemm as gg, moe_wgrad
+from blazec.kernels import moe_combine, moe_grouped_gemm as gg, moe_wgrad, wgrad_grouped_mm
 from blazec.kernels._common import (
     BASE_CODE,
     INTERPRET,
@@ -313,7 +313,11 @@ def moe_experts_bwd(
 
     # The order below keeps the peak low: dWd first, so hs ([S, I]) is freed before the dx rows
     # ([S, d]) and the other weight gradients are allocated.
-    dwd, dbd = _wgrad(o, grad_y, hs, o.d, I, w_down, b_down, True, False, ws)
+    gm = wgrad_grouped_mm.use(x, o.d, I)  # opt-in: torch's grouped GEMM on sorted row copies
+    if gm and not o.has_bd:
+        dwd, dbd = [wgrad_grouped_mm.weight_grad(wgrad_grouped_mm.sorted_rows(grad_y, o.sp, o.k), hs, o.eo)], []
+    else:
+        dwd, dbd = _wgrad(o, grad_y, hs, o.d, I, w_down, b_down, True, False, ws)
     del hs, ws
 
     # dx: dg Wg + du Wu per pair, then the slot-ordered combine (k == 1: straight into dx).
@@ -347,11 +351,17 @@ def moe_experts_bwd(
     moe_combine.dtw(part, o.pp, d_tw, o.P, NT)
     del part
 
-    dwg, dbg = _wgrad(o, dgu[:, :I], x, I, o.d, w_gate, b_gate, False, True, None)
-    if o.gated:
-        dwu, dbu = _wgrad(o, dgu[:, I:], x, I, o.d, w_up, b_up, False, True, None)
+    xs = wgrad_grouped_mm.sorted_rows(x, o.sp, o.k) if gm and not (o.has_bg or o.has_bu) else None
+    if xs is not None:
+        dwg, dbg = [wgrad_grouped_mm.weight_grad(dgu[:, :I], xs, o.eo)], []
     else:
+        dwg, dbg = _wgrad(o, dgu[:, :I], x, I, o.d, w_gate, b_gate, False, True, None)
+    if not o.gated:
         dwu, dbu = [], []
+    elif xs is not None:
+        dwu, dbu = [wgrad_grouped_mm.weight_grad(dgu[:, I:], xs, o.eo)], []
+    else:
+        dwu, dbu = _wgrad(o, dgu[:, I:], x, I, o.d, w_up, b_up, False, True, None)
     return dx, d_tw, dwg, dwu, dwd, dbg, dbu, dbd
 
 

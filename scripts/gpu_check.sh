@@ -3,7 +3,7 @@
 # the compile caches warm up, then the BASELINES.md protocol at both shapes, alone on the GPU.
 # Writes everything under $OUT (default ./gpu_out): at most 8 files, as the tool returns.
 #   run: bash scripts/gpu_check.sh        (the image already has torch and triton)
-# At most ~8 minutes (the timeouts below: 180 + 2 x 115 + 2 x 40 s) of a 15-minute device
+# At most ~8.5 minutes (the timeouts below: 180 + 2 x 115 + 2 x 50 s) of a 15-minute device
 # session, whose start counts too; the bench's error columns check the kernels against the
 # loop reference again at the real shapes.
 # A dry run of the whole flow on a machine without a GPU (small CPU shapes, interpreter):
@@ -20,7 +20,11 @@ SHAPES=${SHAPES:-olmoe-like:115 mixtral-like:115}
 # The rows (blazec-ops and blazec-ops-recompute left out by default: they repeat blazec-loop's
 # kernels on stacked weights; IMPLS="" runs every row).
 IMPLS=${IMPLS---impl eager-loop --impl sort-grouped-mm --impl sort-grouped-mm-compile --impl blazec-loop --impl blazec-loop-recompute --impl dense-equivalent}
-REF_SHAPES=${REF_SHAPES-olmoe-like:40 mixtral-like:40}
+# Step 3: blazec-loop with the opt-in grouped_mm weight gradients (BLAZEC_WGRAD=grouped_mm),
+# to set against step 2's blazec-loop row on the same warm card.
+WGRAD_SHAPES=${WGRAD_SHAPES-olmoe-like:50 mixtral-like:50}
+# Step 4 (off by default; measured on the H100 on 2026-11-26): blazec-loop on the reference ops.
+REF_SHAPES=${REF_SHAPES-}
 XDIST=${XDIST:--n 12}
 mkdir -p "$OUT"
 python3 -m pip install --no-deps --no-build-isolation -q -e . > "$TMP/install.log" 2>&1 \
@@ -55,7 +59,15 @@ for shape in $SHAPES; do
     --json "$OUT/bench_${shape%:*}.json" > "$OUT/bench_${shape%:*}.txt" 2>&1
   echo "bench ${shape%:*} rc=$?"; grep -v "^  running" "$OUT/bench_${shape%:*}.txt" | tail -80
 done
-# 3. For comparison: blazec on the loop model with the reference ops instead of the kernels
+# 3. blazec on the loop model with the weight gradients through torch's grouped GEMM on sorted
+# row copies (kernels/wgrad_grouped_mm.py), profiled, so that its per-launch times show.
+for shape in $WGRAD_SHAPES; do
+  BLAZEC_WGRAD=grouped_mm timeout "${shape#*:}" python3 -m blazec.bench --shape "${shape%:*}" --dtype bf16 \
+    --profile --impl blazec-loop > "$TMP/wgrad_${shape%:*}.txt" 2>&1
+  echo "grouped_mm wgrad ${shape%:*} rc=$?"; grep -v "^  running" "$TMP/wgrad_${shape%:*}.txt" | tail -40
+done
+for f in "$TMP"/wgrad_*.txt; do [ -e "$f" ] && { echo "== $f"; cat "$f"; }; done > "$OUT/wgrad.txt"
+# 4. For comparison: blazec on the loop model with the reference ops instead of the kernels
 # (BLAZEC_KERNELS=0), last, as it matters least.
 for shape in $REF_SHAPES; do
   BLAZEC_KERNELS=0 timeout "${shape#*:}" python3 -m blazec.bench --shape "${shape%:*}" --dtype bf16 \

@@ -180,3 +180,12 @@ def test_peak_memory_measures_the_kernel_path_with_launches_stubbed() -> None:
     assert preact <= res[False]["act_gib"] <= preact + 0.1 * MiB, res
     assert res[True]["act_gib"] < 0.1 * MiB, res
     assert res[False]["peak_gib"] <= res[True]["peak_gib"] + 0.01 * MiB, res
+    # The opt-in grouped_mm weight gradients add their sorted row copies (S x d) to the peak.
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "peak_memory.py"), "--shape",
+                        f"{T},{d},{I},{E},{k}", "--json", "--wgrad", "grouped_mm"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    gm = json.loads(r.stdout.strip().splitlines()[-1])
+    rows = T * k * d * 2 / 1024**3
+    assert gm["act_gib"] == res[False]["act_gib"], (gm, res)
+    assert res[False]["peak_gib"] < gm["peak_gib"] <= res[False]["peak_gib"] + rows + 0.01 * MiB, (gm, res)
