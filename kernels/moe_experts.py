@@ -235,12 +235,14 @@ def may_overwrite_preact(preact: Tensor) -> bool:
     ``overwrite_preact=True``: preact must be contiguous (dg | du's layout), and the running
     autograd graph task must not keep the graph. With ``retain_graph`` or ``create_graph``, the
     next backward through the same graph reads the saved preact again. Outside a graph task
-    (a direct call) torch reports "keep", so nothing is overwritten there either.
+    (a direct call) torch reports "keep", so nothing is overwritten there either, nor on a torch
+    without that query (it exists in 2.11 through 2.13; AOTAutograd uses it).
 
     At mixtral-like shapes this removes one ``[S, 2I]`` buffer (0.875 GiB in bf16) from the
     backward's peak, where it was live with all three weight gradients.
     """
-    return preact.is_contiguous() and not torch._C._autograd._get_current_graph_task_keep_graph()
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return preact.is_contiguous() and keep_graph is not None and not keep_graph()
 
 
 def moe_experts_bwd(
