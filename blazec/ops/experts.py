@@ -91,8 +91,12 @@ def _check_weight_list(
                 f"{[E, out, inn]}, got {list(ws[0].shape)}"
             )
     elif len(ws) == E:
+        want = (out, inn)
+        if all(w.shape == want for w in ws):  # the common case in one pass (runs every call)
+            _check_weight_dtypes(name, ws, x)
+            return
         for i, w in enumerate(ws):
-            if w.dim() != 2 or _shape(w) != (out, inn):
+            if w.dim() != 2 or _shape(w) != want:
                 raise ValueError(
                     f"moe_experts: {name}[{i}] must have shape [out, in] = {[out, inn]}, "
                     f"got {list(w.shape)}"
@@ -130,6 +134,9 @@ def _check_bias_list(name: str, bs: Sequence[Tensor], E: int, out: int, x: Tenso
 
 
 def _check_weight_dtypes(name: str, ts: Sequence[Tensor], x: Tensor) -> None:
+    dtype, device = x.dtype, x.device
+    if all(t.dtype == dtype and t.device == device for t in ts):
+        return
     for i, t in enumerate(ts):
         if t.dtype != x.dtype:
             raise ValueError(
