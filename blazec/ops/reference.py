@@ -245,7 +245,7 @@ def moe_experts_bwd(
     Returns (dx, d_topk_weights, dw_gate, dw_up, dw_down, db_gate, db_up, db_down). Each
     gradient list holds one stacked tensor, ``[E, out, in]`` (weights) or ``[E, out]`` (biases),
     whether its input list was stacked or per-expert, and is empty for an empty input list
-    (see ``stacked_grad``).
+    (see ``stacked_grad_shape``).
 
     Derivation, for one kept pair n of expert e, with a = x[t] (row vector), scalar w,
     gy = dL/dy[t] and c the pair's contribution (y[t] = sum of c over the token's kept pairs,
