@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from blazec.ops.reference import stacked_grad_shape
+from blazec.ops.reference import is_stacked, stacked_grad_shape
 
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # A global constexpr, readable inside @triton.jit functions.
@@ -148,7 +148,7 @@ def weight_operand(ws: Sequence[Tensor], ndim_expert: int) -> Optional[WeightOpe
 
     Returns None when a per-expert list has mixed strides (the caller then falls back).
     """
-    if len(ws) == 1 and ws[0].dim() == ndim_expert + 1:
+    if is_stacked(ws, ndim_expert):
         t = ws[0]
         return WeightOperand(t, t, tuple(t.stride()), 0)
     s = ws[0].stride()
@@ -254,6 +254,11 @@ def gemm_config(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Co
     tile order over GROUP_M = 8 row blocks)."""
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
                          num_warps=warps, num_stages=stages)
+
+
+# The fixed meta-parameters of every GEMM kernel under the interpreter: 16-wide tiles, so the
+# tests' small shapes still cut into several tiles in each dimension.
+INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}
 
 
 def variant_key(kernel) -> list[str]:

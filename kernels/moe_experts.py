@@ -33,6 +33,7 @@ from blazec.kernels import moe_combine, moe_grouped_gemm as gg, moe_wgrad, wgrad
 from blazec.kernels._common import (
     BASE_CODE,
     INTERPRET,
+    INTERPRET_CONFIG,
     KERNEL_DTYPES,
     TORCH_TO_TL,
     WeightOperand,
@@ -175,7 +176,7 @@ def moe_experts_fwd(
         ACT=o.act, GATED=o.gated, HAS_BG=o.has_bg, HAS_BU=o.has_bu, HIDDEN=hidden,
         STORE_PRE=not recompute, WG_TAB=o.wg.table, WU_TAB=o.wu.table, BG_TAB=o.bg.table,
         BU_TAB=o.bu.table, PREC=o.prec, G_PAD=o.G_PAD,
-    ), gg.INTERPRET_CONFIG)
+    ), INTERPRET_CONFIG)
 
     direct = o.k == 1
     if direct:
@@ -196,7 +197,7 @@ def moe_experts_fwd(
         TWO=False, HAS_BIAS=o.has_bd, SCALE=not hidden, DIRECT=direct,
         B1_TAB=o.wd.table, B2_TAB=0, BIAS_TAB=o.bd.table, C_DT=_tl(c_dt),
         PREC=o.prec, G_PAD=o.G_PAD,
-    ), gg.INTERPRET_CONFIG)
+    ), INTERPRET_CONFIG)
     if not direct:
         y = empty((o.T, o.d), out_dt, dev)
         moe_combine.combine(out, o.pp, y, o.T, o.d, o.k)
@@ -226,7 +227,7 @@ def _wgrad(o: _Operands, L: Tensor, R: Tensor, M: int, N: int, like_w: Sequence[
         s_dbe=db_op.strides[0], s_dbm=db_op.strides[1],
         L_GATHER=l_gather, R_GATHER=r_gather, L_SCALE=ws is not None, HAS_DB=bool(like_b),
         DW_TAB=dw_op.table, DB_TAB=db_op.table, PREC=o.prec,
-    ), moe_wgrad.INTERPRET_CONFIG)
+    ), INTERPRET_CONFIG)
     return dws, dbs
 
 
@@ -311,7 +312,7 @@ def moe_experts_bwd(
         WD_TAB=o.wd.table, WG_TAB=o.wg.table, WU_TAB=o.wu.table,
         BG_TAB=o.bg.table, BU_TAB=o.bu.table, BD_TAB=o.bd.table,
         PREC=o.prec, G_PAD=o.G_PAD,
-    ), gg.INTERPRET_CONFIG)
+    ), INTERPRET_CONFIG)
 
     # The order below keeps the peak low: dWd first, so hs ([S, I]) is freed before the dx rows
     # ([S, d]) and the other weight gradients are allocated.
@@ -343,7 +344,7 @@ def moe_experts_bwd(
         TWO=o.gated, HAS_BIAS=False, SCALE=False, DIRECT=direct,
         B1_TAB=o.wg.table, B2_TAB=o.wu.table, BIAS_TAB=0, C_DT=_tl(o.xdt),
         PREC=o.prec, G_PAD=o.G_PAD,
-    ), gg.INTERPRET_CONFIG)
+    ), INTERPRET_CONFIG)
     if not direct:
         dx = empty((o.T, o.d), o.xdt, dev)
         moe_combine.combine(out, o.pp, dx, o.T, o.d, o.k)

@@ -53,8 +53,8 @@ import triton
 import triton.language as tl
 
 from blazec.kernels._common import (
-    INTERPRET, act_fwd, act_grad, cast, cdiv, expert_ptr, gemm_config, mma, rnd, rsum, smem_pruner, swizzle,
-    tile_of, variant_key,
+    INTERPRET, INTERPRET_CONFIG, act_fwd, act_grad, cast, cdiv, expert_ptr, gemm_config, mma, rnd, rsum,
+    smem_pruner, swizzle, tile_of, variant_key,
 )
 
 
@@ -87,7 +87,6 @@ DH_CONFIGS = [
     gemm_config(128, 128, 32, 8, 4),
     gemm_config(64, 64, 32, 4, 4),
 ]
-INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}
 # The narrowest BLOCK_N _dh_kernel may run with here (the interpreter's fixed config, or a
 # tuned one), which sizes its partial buffer.
 DH_MIN_BLOCK_N = INTERPRET_CONFIG["BLOCK_N"] if INTERPRET else min(c.kwargs["BLOCK_N"] for c in DH_CONFIGS)

@@ -48,7 +48,6 @@ WGRAD_CONFIGS = [
     gemm_config(128, 128, 32, 8, 5),
     gemm_config(64, 64, 32, 4, 5),
 ]
-INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}
 
 
 @triton.jit

@@ -51,7 +51,7 @@ from torch import Tensor
 
 from blazec.ops._registry import get_impl
 from blazec.ops.activations import ACTIVATIONS, is_gated
-from blazec.ops.reference import stacked_grad_shape
+from blazec.ops.reference import is_stacked, stacked_grad_shape
 
 WEIGHT_POSITIONS: tuple[str, ...] = ("output", "hidden")
 FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -84,7 +84,7 @@ def _shape(t: Tensor) -> tuple:
 def _check_weight_list(
     name: str, ws: Sequence[Tensor], E: int, out: int, inn: int, x: Tensor
 ) -> None:
-    if len(ws) == 1 and ws[0].dim() == 3:
+    if is_stacked(ws, 2):
         if _shape(ws[0]) != (E, out, inn):
             raise ValueError(
                 f"moe_experts: {name}[0] (stacked) must have shape [E, out, in] = "
@@ -112,7 +112,7 @@ def _check_weight_list(
 def _check_bias_list(name: str, bs: Sequence[Tensor], E: int, out: int, x: Tensor) -> None:
     if len(bs) == 0:
         return
-    if len(bs) == 1 and bs[0].dim() == 2:
+    if is_stacked(bs, 1):
         if _shape(bs[0]) != (E, out):
             raise ValueError(
                 f"moe_experts: {name}[0] (stacked) must have shape [E, out] = {[E, out]}, "
@@ -441,7 +441,7 @@ def _backward(ctx, grad_y: Tensor, _grad_preact: Optional[Tensor]):
     )
     # One stacked gradient per list; per-expert lists get per-expert views of it.
     grads = [
-        g if len(lst) == 1 and lst[0].dim() == nd + 1 else list(g[0].unbind(0)) if lst else []
+        g if is_stacked(lst, nd) else list(g[0].unbind(0)) if lst else []
         for g, lst, nd in zip(stacked, lists, (2, 2, 2, 1, 1, 1))
     ]
     full = (dx, d_tw, None, None, None, *grads, None, None, None, None)

@@ -31,14 +31,20 @@ from blazec.ops.activations import hidden_backward, hidden_forward, is_gated
 # ----------------------------------------------------------------------------------------------
 
 
+def is_stacked(ts: Sequence[Tensor], ndim_expert: int) -> bool:
+    """A weight (``ndim_expert`` 2) or bias (1) list is stacked when it holds one tensor with
+    an expert dimension in front: ``[E, out, in]`` or ``[E, out]``."""
+    return len(ts) == 1 and ts[0].dim() == ndim_expert + 1
+
+
 def is_stacked_weight(ws: Sequence[Tensor]) -> bool:
     """A weight list is stacked when it holds one 3-D ``[E, out, in]`` tensor."""
-    return len(ws) == 1 and ws[0].dim() == 3
+    return is_stacked(ws, 2)
 
 
 def is_stacked_bias(bs: Sequence[Tensor]) -> bool:
     """A bias list is stacked when it holds one 2-D ``[E, out]`` tensor."""
-    return len(bs) == 1 and bs[0].dim() == 2
+    return is_stacked(bs, 1)
 
 
 def stacked_grad_shape(ts: Sequence[Tensor], ndim_expert: int) -> tuple[int, ...]:
@@ -47,7 +53,7 @@ def stacked_grad_shape(ts: Sequence[Tensor], ndim_expert: int) -> tuple[int, ...
     per-expert tensors. (An E-long list of gradients would cost the host an allocation, a
     pytree leaf and a pointer-table entry per expert; the autograd formula unbinds the stacked
     gradient into per-expert views instead.)"""
-    if len(ts) == 1 and ts[0].dim() == ndim_expert + 1:
+    if is_stacked(ts, ndim_expert):
         return tuple(ts[0].shape)
     return (len(ts), *ts[0].shape)
 
