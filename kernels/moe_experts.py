@@ -10,7 +10,8 @@ Forward (S = T*k pairs; buffers in brackets are freed when the call returns):
     2. _rows_gemm_kernel:  [c: S x d]  (k == 1: y directly)                 GEMM+bias+*w
     3. _combine_kernel:    y [T, d], slot-ordered fp32 sum                  (k > 1)
 Backward:
-    1. _dh_kernel:         [dg|du: S x n_in], [hs: S x I], [part: S x NT]   (recompute GEMM1 inside)
+    0. _gemm1_kernel:      (recompute only) preact into the dg|du buffer
+    1. _dh_kernel:         [dg|du: S x n_in] (over preact), [hs: S x I], [part: S x NT]
     2. _rows_gemm_kernel:  [dx rows: S x d]  (k == 1: dx directly)          dg Wg + du Wu
     3. _combine_kernel:    dx [T, d];  _dtw_kernel: d_topk_weights [T, k]
     4. _wgrad_kernel x 3:  dWg (+dbg), dWu (+dbu), dWd (+dbd), per expert, empty experts -> 0
@@ -124,6 +125,28 @@ def _tl(dt: torch.dtype):
     return TORCH_TO_TL[dt]
 
 
+def _gemm1(o: "_Operands", pre: Tensor, h: Tensor, store_pre: bool, store_h: bool, hidden: bool) -> None:
+    """GEMM 1 (gather, gate and up, activation): writes preact = g | u into ``pre`` when
+    ``store_pre`` and the activated rows into ``h`` when ``store_h``; an output it does not
+    write may be any tensor of x's dtype."""
+    x = o.x
+    launch(gg._gemm1_kernel, gg.gemm1_tuned, o.m_grid(o.I), dict(
+        x_ptr=x, tw_ptr=o.tw, pairs_ptr=o.sp, offs_ptr=o.eo,
+        wg_ptr=o.wg.ptr, wg_tab=o.wg.tab, wu_ptr=o.wu.ptr, wu_tab=o.wu.tab,
+        bg_ptr=o.bg.ptr, bg_tab=o.bg.tab, bu_ptr=o.bu.ptr, bu_tab=o.bu.tab,
+        pre_ptr=pre if store_pre else h, h_ptr=h if store_h else pre,
+        D=o.d, I=o.I, K=o.k, P=o.P, E=o.E, ROWS_CLASS=o.rows_class,
+        stride_xt=x.stride(0), stride_xd=x.stride(1),
+        s_wge=o.wg.strides[0], s_wgo=o.wg.strides[1], s_wgi=o.wg.strides[2],
+        s_wue=o.wu.strides[0], s_wuo=o.wu.strides[1], s_wui=o.wu.strides[2],
+        s_bge=o.bg.strides[0], s_bgo=o.bg.strides[1], s_bue=o.bu.strides[0], s_buo=o.bu.strides[1],
+        stride_pre=o.n_in, stride_h=o.I,
+        ACT=o.act, GATED=o.gated, HAS_BG=o.has_bg, HAS_BU=o.has_bu, HIDDEN=hidden and store_h,
+        STORE_PRE=store_pre, STORE_H=store_h, WG_TAB=o.wg.table, WU_TAB=o.wu.table, BG_TAB=o.bg.table,
+        BU_TAB=o.bu.table, PREC=o.prec, G_PAD=o.G_PAD,
+    ), INTERPRET_CONFIG)
+
+
 # ----------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------
@@ -161,22 +184,7 @@ def moe_experts_fwd(
     preact = x.new_empty(0) if recompute else empty((o.P, o.n_in), o.xdt, dev)
     h = empty((o.P, o.I), o.xdt, dev)
 
-    pre_arg = h if recompute else preact  # any tensor of x's dtype when not stored
-    launch(gg._gemm1_kernel, gg.gemm1_tuned, o.m_grid(o.I), dict(
-        x_ptr=x, tw_ptr=o.tw, pairs_ptr=o.sp, offs_ptr=o.eo,
-        wg_ptr=o.wg.ptr, wg_tab=o.wg.tab, wu_ptr=o.wu.ptr, wu_tab=o.wu.tab,
-        bg_ptr=o.bg.ptr, bg_tab=o.bg.tab, bu_ptr=o.bu.ptr, bu_tab=o.bu.tab,
-        pre_ptr=pre_arg, h_ptr=h,
-        D=o.d, I=o.I, K=o.k, P=o.P, E=o.E, ROWS_CLASS=o.rows_class,
-        stride_xt=x.stride(0), stride_xd=x.stride(1),
-        s_wge=o.wg.strides[0], s_wgo=o.wg.strides[1], s_wgi=o.wg.strides[2],
-        s_wue=o.wu.strides[0], s_wuo=o.wu.strides[1], s_wui=o.wu.strides[2],
-        s_bge=o.bg.strides[0], s_bgo=o.bg.strides[1], s_bue=o.bu.strides[0], s_buo=o.bu.strides[1],
-        stride_pre=o.n_in, stride_h=o.I,
-        ACT=o.act, GATED=o.gated, HAS_BG=o.has_bg, HAS_BU=o.has_bu, HIDDEN=hidden,
-        STORE_PRE=not recompute, WG_TAB=o.wg.table, WU_TAB=o.wu.table, BG_TAB=o.bg.table,
-        BU_TAB=o.bu.table, PREC=o.prec, G_PAD=o.G_PAD,
-    ), INTERPRET_CONFIG)
+    _gemm1(o, preact, h, store_pre=not recompute, store_h=True, hidden=hidden)
 
     direct = o.k == 1
     if direct:
@@ -278,9 +286,17 @@ def moe_experts_bwd(
     dev = x.device
     hidden = weight_pos == "hidden"
     I, n_in = o.I, o.n_in
-    # dg | du over the saved preact when its caller gives it up (see may_overwrite_preact).
-    reuse = not recompute and overwrite_preact and may_overwrite_preact(preact)
-    dgu = preact if reuse else empty((o.P, n_in), o.xdt, dev)
+    # dg | du over preact: the recomputed one always, the saved one when its caller gives it up
+    # (see may_overwrite_preact). Recompute mode runs GEMM 1 again, preact only, into the
+    # buffer that then takes dg | du: the same buffers as the default mode's.
+    if recompute:
+        dgu = empty((o.P, n_in), o.xdt, dev)
+        _gemm1(o, dgu, dgu, store_pre=True, store_h=False, hidden=hidden)
+        preact = dgu
+    elif overwrite_preact and may_overwrite_preact(preact):
+        dgu = preact
+    else:
+        dgu = empty((o.P, n_in), o.xdt, dev)
     hs = empty((o.P, I), o.xdt, dev)
     # One d(routing weight) partial per row and N tile of _dh_kernel, sized for its narrowest
     # tile; zeroed, since a wider tile (the autotuner's pick) leaves some columns unwritten.
@@ -290,29 +306,20 @@ def moe_experts_bwd(
     # bias, whose dbd needs the w-scaled gy rows: there dWd scales them by ws in its K loop.
     bd_term = o.has_bd and not hidden
     ws = empty((o.P,), torch.float32, dev) if bd_term else None
-    pre_arg = dgu if recompute else preact
 
     launch(gg._dh_kernel, gg.dh_tuned, o.m_grid(I), dict(
-        gy_ptr=grad_y, x_ptr=x, tw_ptr=o.tw, pairs_ptr=o.sp, offs_ptr=o.eo,
-        wd_ptr=o.wd.ptr, wd_tab=o.wd.tab, wg_ptr=o.wg.ptr, wg_tab=o.wg.tab,
-        wu_ptr=o.wu.ptr, wu_tab=o.wu.tab, bg_ptr=o.bg.ptr, bg_tab=o.bg.tab,
-        bu_ptr=o.bu.ptr, bu_tab=o.bu.tab, bd_ptr=o.bd.ptr, bd_tab=o.bd.tab,
-        pre_ptr=pre_arg, dgu_ptr=dgu, hs_ptr=hs, part_ptr=part, ws_ptr=part if ws is None else ws,
+        gy_ptr=grad_y, tw_ptr=o.tw, pairs_ptr=o.sp, offs_ptr=o.eo,
+        wd_ptr=o.wd.ptr, wd_tab=o.wd.tab, bd_ptr=o.bd.ptr, bd_tab=o.bd.tab,
+        pre_ptr=preact, dgu_ptr=dgu, hs_ptr=hs, part_ptr=part, ws_ptr=part if ws is None else ws,
         D=o.d, I=I, K=o.k, P=o.P, E=o.E, NT=NT, ROWS_CLASS=o.rows_class,
         stride_gyt=grad_y.stride(0), stride_gyd=grad_y.stride(1),
-        stride_xt=x.stride(0), stride_xd=x.stride(1),
         s_wde=o.wd.strides[0], s_wdo=o.wd.strides[1], s_wdi=o.wd.strides[2],
-        s_wge=o.wg.strides[0], s_wgo=o.wg.strides[1], s_wgi=o.wg.strides[2],
-        s_wue=o.wu.strides[0], s_wuo=o.wu.strides[1], s_wui=o.wu.strides[2],
-        s_bge=o.bg.strides[0], s_bgo=o.bg.strides[1], s_bue=o.bu.strides[0], s_buo=o.bu.strides[1],
         s_bde=o.bd.strides[0], s_bdo=o.bd.strides[1],
         stride_pre=n_in, stride_dgu=n_in, stride_hs=I,
-        ACT=o.act, GATED=o.gated, RECOMPUTE=recompute, HAS_BG=o.has_bg, HAS_BU=o.has_bu,
-        BD_TERM=bd_term,
-        WD_TAB=o.wd.table, WG_TAB=o.wg.table, WU_TAB=o.wu.table,
-        BG_TAB=o.bg.table, BU_TAB=o.bu.table, BD_TAB=o.bd.table,
+        ACT=o.act, GATED=o.gated, BD_TERM=bd_term, WD_TAB=o.wd.table, BD_TAB=o.bd.table,
         PREC=o.prec, G_PAD=o.G_PAD,
     ), INTERPRET_CONFIG)
+    del preact
 
     # The order below keeps the peak low: dWd first, so hs ([S, I]) is freed before the dx rows
     # ([S, d]) and the other weight gradients are allocated.

@@ -12,7 +12,8 @@ n_in = 2I (gated) or I, b = bytes per element of x.
     permuted copy of x), g = x Wg^T (+bg) and, gated, u = x Wu^T (+bu) accumulate in the same
     K loop, and the epilogue computes h = a(g)[*u] in registers ("hidden" mode: times the
     routing weight). It writes h (needed by the down GEMM) and, unless the op recomputes,
-    preact = [g | u] for the backward; it zeroes preact's rows of dropped pairs.
+    preact = [g | u] for the backward; it zeroes preact's rows of dropped pairs. In recompute
+    mode the backward runs it again with preact only (STORE_H off), into the dg | du buffer.
     FLOPs 2*S*d*n_in.  Bytes: S*d*b gathered x reads (L2 absorbs the k-fold reuse only
     partly; the floor is T*d*b) + E*n_in*d*b weights + S*I*b (h) [+ S*n_in*b (preact)].
 
@@ -26,9 +27,8 @@ n_in = 2I (gated) or I, b = bytes per element of x.
     loop after the other (two dots on one accumulator in one loop serialize Hopper's MMAs).
     FLOPs 2*S*n_in*d.  Bytes: S*n_in*b + E*n_in*d*b + S*d*b (buffer, k > 1) -> combine.
 
-``_dh_kernel``: backward through the down GEMM and the activation, with optional recompute
-    of the first GEMM in the same K loop (both reduce over d for the same [pairs, I] tile).
-    q = gy[tok] Wd (gathered rows of grad_y), and, from preact or recomputed g, u:
+``_dh_kernel``: backward through the down GEMM and the activation.
+    q = gy[tok] Wd (gathered rows of grad_y), and, from preact (saved or recomputed) g, u:
         h = a(g)[*u],  dw_pair = <q, h> (+ <gy, bd> in "output" mode),  dh = w q,
         dg = dh [*u] * a'(g),  du = dh * a(g)
     (the full derivation is in blazec.ops.reference.moe_experts_bwd). d(routing weight) needs
@@ -38,9 +38,13 @@ n_in = 2I (gated) or I, b = bytes per element of x.
     dWd's K loop feeds both operands from shared memory to the tensor cores. The exception is
     "output" mode with a down bias (BD_TERM), whose dbd = sum_s w(s) gy[t(s)] needs the scaled
     rows: there it writes h and the routing weights in sorted order as fp32 (S*4 bytes), and
-    dWd scales its gy rows by them.
-    FLOPs 2*S*d*I (+ 2*S*d*n_in recompute).  Bytes: S*d*b (gathered gy) [+ S*d*b x] +
-    E*d*I*b [+ E*n_in*d*b] + S*n_in*b (preact in) + S*n_in*b (dg|du out) + S*I*b (hs out).
+    dWd scales its gy rows by them. dg | du may be written over preact (see phase 2).
+    Recompute mode does not fuse GEMM 1 into this kernel's K loop: three live accumulators
+    held it to 64-wide tiles, and on the H100 run (docs/BENCHMARKS.md) that fused kernel took
+    5.43 / 17.28 ms at olmoe- / mixtral-like, where GEMM 1 and this kernel took 2.27 + 1.84 /
+    7.54 + 6.33 ms run one after the other, with the same buffers.
+    FLOPs 2*S*d*I.  Bytes: S*d*b (gathered gy) + E*d*I*b + S*n_in*b (preact in) +
+    S*n_in*b (dg|du out) + S*I*b (hs out).
 
 Numerics follow the reference's dtypes: accumulation in fp32, each GEMM output rounded to x's
 dtype where the reference's F.linear would round it, routing-weight products in the promoted
@@ -76,8 +80,7 @@ ROWS_CONFIGS = [
 ]
 # _dh_kernel writes one d(routing weight) partial per row and N tile: the launcher sizes that
 # buffer for the narrowest BLOCK_N here (DH_MIN_BLOCK_N) and zero-fills it, so the autotuner
-# may pick any BLOCK_N (a wider tile leaves some partial columns at zero). Recomputing a gated
-# GEMM 1 keeps three accumulators live: those variants keep to BLOCK_N <= 64 (_dh_prune).
+# may pick any BLOCK_N (a wider tile leaves some partial columns at zero).
 DH_CONFIGS = [
     gemm_config(128, 128, 64, 8, 3),
     gemm_config(128, 64, 64, 4, 4),
@@ -108,14 +111,14 @@ def _gemm1_kernel(
     bg_ptr, bg_tab,  # gate bias: stacked [E, I] or table of [I] (HAS_BG only)
     bu_ptr, bu_tab,  # up bias (HAS_BU only)
     pre_ptr,  # [P, n_in] out: g | u in x dtype, sorted order (STORE_PRE); dropped rows zeroed
-    h_ptr,  # [P, I] out: a(g)[*u][*w] in x dtype, sorted order
+    h_ptr,  # [P, I] out: a(g)[*u][*w] in x dtype, sorted order (STORE_H)
     D, I, K, P, E, ROWS_CLASS,  # ROWS_CLASS only keys the autotuner
     stride_xt, stride_xd,
     s_wge, s_wgo, s_wgi, s_wue, s_wuo, s_wui,
     s_bge, s_bgo, s_bue, s_buo,
     stride_pre, stride_h,
     ACT: tl.constexpr, GATED: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr,
-    HIDDEN: tl.constexpr, STORE_PRE: tl.constexpr,
+    HIDDEN: tl.constexpr, STORE_PRE: tl.constexpr, STORE_H: tl.constexpr,
     WG_TAB: tl.constexpr, WU_TAB: tl.constexpr, BG_TAB: tl.constexpr, BU_TAB: tl.constexpr,
     PREC: tl.constexpr, G_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -176,7 +179,8 @@ def _gemm1_kernel(
     if STORE_PRE:
         pre_ptrs = pre_ptr + rows[:, None].to(tl.int64) * stride_pre + cols[None, :]
         tl.store(pre_ptrs, cast(g, xdt), mask=omask)
-    h = act_fwd(g, ACT)
+    if STORE_H:
+        h = act_fwd(g, ACT)
     if GATED:
         if HAS_BU:
             bub = expert_ptr(bu_ptr, bu_tab, grp, s_bue, BU_TAB)
@@ -184,12 +188,14 @@ def _gemm1_kernel(
         u = rnd(acc_u, xdt)
         if STORE_PRE:
             tl.store(pre_ptrs + I, cast(u, xdt), mask=omask)
-        h = rnd(h, xdt) * u
-    if HIDDEN:
-        w = tl.load(tw_ptr + pair, mask=rmask, other=0.0).to(tl.float32)
-        h = rnd(h, xdt) * w[:, None]
-    h_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_h + cols[None, :]
-    tl.store(h_ptrs, cast(h, h_ptr.dtype.element_ty), mask=omask)
+        if STORE_H:
+            h = rnd(h, xdt) * u
+    if STORE_H:
+        if HIDDEN:
+            w = tl.load(tw_ptr + pair, mask=rmask, other=0.0).to(tl.float32)
+            h = rnd(h, xdt) * w[:, None]
+        h_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_h + cols[None, :]
+        tl.store(h_ptrs, cast(h, h_ptr.dtype.element_ty), mask=omask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,29 +292,22 @@ def _rows_gemm_kernel(
 @triton.jit
 def _dh_kernel(
     gy_ptr,  # [T, D] grad of y; rows gathered by token
-    x_ptr,  # [T, D] tokens (RECOMPUTE only)
     tw_ptr,  # [T*K] routing weights, contiguous
     pairs_ptr,  # [P] int64 sorted_pairs
     offs_ptr,  # [E+1] int64 expert_offsets
     wd_ptr, wd_tab,  # down weights: stacked [E, D, I] / table of [D, I]; B[kk, n] = Wd[kk, n]
-    wg_ptr, wg_tab,  # gate weights [E, I, D] / table (RECOMPUTE only)
-    wu_ptr, wu_tab,  # up weights (RECOMPUTE and GATED)
-    bg_ptr, bg_tab, bu_ptr, bu_tab,  # first-GEMM biases (RECOMPUTE, HAS_BG / HAS_BU)
     bd_ptr, bd_tab,  # down bias [E, D] / table (BD_TERM: the <gy, bd> part of d(weight))
-    pre_ptr,  # [P, n_in] saved g | u (not RECOMPUTE)
-    dgu_ptr,  # [P, n_in] out: dg | du in x dtype
+    pre_ptr,  # [P, n_in] g | u: saved by the forward, or recomputed by _gemm1_kernel
+    dgu_ptr,  # [P, n_in] out: dg | du in x dtype (may be pre_ptr itself, see phase 2)
     hs_ptr,  # [P, I] out: w*h in x dtype, the R operand of dWd (h when BD_TERM)
     part_ptr,  # [P, NT] fp32 out: partial d(routing weight) of each sorted row per N tile
     ws_ptr,  # [P] fp32 out (BD_TERM only): routing weight of each sorted row, for dWd's scaling
     D, I, K, P, E, NT, ROWS_CLASS,
-    stride_gyt, stride_gyd, stride_xt, stride_xd,
-    s_wde, s_wdo, s_wdi, s_wge, s_wgo, s_wgi, s_wue, s_wuo, s_wui,
-    s_bge, s_bgo, s_bue, s_buo, s_bde, s_bdo,
+    stride_gyt, stride_gyd,
+    s_wde, s_wdo, s_wdi, s_bde, s_bdo,
     stride_pre, stride_dgu, stride_hs,
-    ACT: tl.constexpr, GATED: tl.constexpr, RECOMPUTE: tl.constexpr,
-    HAS_BG: tl.constexpr, HAS_BU: tl.constexpr, BD_TERM: tl.constexpr,
-    WD_TAB: tl.constexpr, WG_TAB: tl.constexpr, WU_TAB: tl.constexpr,
-    BG_TAB: tl.constexpr, BU_TAB: tl.constexpr, BD_TAB: tl.constexpr,
+    ACT: tl.constexpr, GATED: tl.constexpr, BD_TERM: tl.constexpr,
+    WD_TAB: tl.constexpr, BD_TAB: tl.constexpr,
     PREC: tl.constexpr, G_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -342,15 +341,6 @@ def _dh_kernel(
     if BD_TERM:
         bd_base = expert_ptr(bd_ptr, bd_tab, grp, s_bde, BD_TAB)
         gb = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if RECOMPUTE:
-        x_ptrs = x_ptr + tok[:, None] * stride_xt + rk[None, :] * stride_xd
-        wg_base = expert_ptr(wg_ptr, wg_tab, grp, s_wge, WG_TAB)
-        wg_ptrs = wg_base + cols[None, :] * s_wgo + rk[:, None] * s_wgi
-        acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        if GATED:
-            wu_base = expert_ptr(wu_ptr, wu_tab, grp, s_wue, WU_TAB)
-            wu_ptrs = wu_base + cols[None, :] * s_wuo + rk[:, None] * s_wui
-            acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
         kk = k0 + rk
         kmask = kk < D
@@ -362,16 +352,6 @@ def _dh_kernel(
             gb += rsum(gyt.to(tl.float32) * bdv[None, :], 1)
         gy_ptrs += BLOCK_K * stride_gyd
         wd_ptrs += BLOCK_K * s_wdo
-        if RECOMPUTE:
-            xt = tl.load(x_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
-            wgt = tl.load(wg_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
-            acc_g = mma(xt, wgt, acc_g, PREC)
-            x_ptrs += BLOCK_K * stride_xd
-            wg_ptrs += BLOCK_K * s_wgi
-            if GATED:
-                wut = tl.load(wu_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
-                acc_u = mma(xt, wut, acc_u, PREC)
-                wu_ptrs += BLOCK_K * s_wui
 
     pre_ptrs = pre_ptr + rows64[:, None] * stride_pre + cols[None, :]
     w = tl.load(tw_ptr + pair, mask=rmask, other=0.0).to(tl.float32)
@@ -379,22 +359,10 @@ def _dh_kernel(
 
     # Phase 1: h, this tile's share of d(routing weight) = <q, h> (+ <gy, bd> once, from the
     # first N tile), and the dWd operand w*h (h when BD_TERM).
-    if RECOMPUTE:
-        if HAS_BG:
-            bgb = expert_ptr(bg_ptr, bg_tab, grp, s_bge, BG_TAB)
-            acc_g += tl.load(bgb + cols * s_bgo, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        g = rnd(acc_g, xdt)
-        if GATED:
-            if HAS_BU:
-                bub = expert_ptr(bu_ptr, bu_tab, grp, s_bue, BU_TAB)
-                acc_u += tl.load(bub + cols * s_buo, mask=cmask, other=0.0).to(tl.float32)[None, :]
-            u = rnd(acc_u, xdt)
-    else:
-        g = tl.load(pre_ptrs, mask=omask, other=0.0).to(tl.float32)
+    g = tl.load(pre_ptrs, mask=omask, other=0.0).to(tl.float32)
     h = rnd(act_fwd(g, ACT), xdt)
     if GATED:
-        if not RECOMPUTE:
-            u = tl.load(pre_ptrs + I, mask=omask, other=0.0).to(tl.float32)
+        u = tl.load(pre_ptrs + I, mask=omask, other=0.0).to(tl.float32)
         h = rnd(h * u, xdt)
     dwp = rsum(tl.where(omask, q * h, 0.0), 1)
     if BD_TERM:
@@ -404,25 +372,23 @@ def _dh_kernel(
         h = h * w[:, None]
     tl.store(hs_ptr + rows64[:, None] * stride_hs + cols[None, :], cast(h, xdt), mask=omask)
 
-    # Phase 2: dh = w q, du = dh a(g), dg = dh [u] a'(g). Without recompute, g and u are read
-    # again (L2 hits) instead of being kept live through phase 1: q, g, u, a(g) and h at once
-    # spill registers at 128-wide tiles (measured with tests/kernels/aot_compile.py --regs).
+    # Phase 2: dh = w q, du = dh a(g), dg = dh [u] a'(g). g and u are read again (L2 hits)
+    # instead of being kept live through phase 1: q, g, u, a(g) and h at once spill registers
+    # at 128-wide tiles (measured with tests/kernels/aot_compile.py --regs).
     # This tile reads every element of pre it uses before it stores dg | du over the same
     # (row, column) positions, and no other tile reads them, so dgu_ptr may be pre_ptr: the
-    # backward writes dg | du over the saved preact when the autograd graph is not kept.
+    # backward writes dg | du over the saved preact when the autograd graph is not kept, and
+    # over the recomputed one always.
     dh = rnd(q * w[:, None], xdt)
     dgu_ptrs = dgu_ptr + rows64[:, None] * stride_dgu + cols[None, :]
     if GATED:
-        if not RECOMPUTE:
-            u = tl.load(pre_ptrs + I, mask=omask, other=0.0).to(tl.float32)
+        u = tl.load(pre_ptrs + I, mask=omask, other=0.0).to(tl.float32)
         dhu = rnd(dh * u, xdt)
-        if not RECOMPUTE:
-            g = tl.load(pre_ptrs, mask=omask, other=0.0).to(tl.float32)
+        g = tl.load(pre_ptrs, mask=omask, other=0.0).to(tl.float32)
         tl.store(dgu_ptrs + I, cast(dh * rnd(act_fwd(g, ACT), xdt), xdt), mask=omask)
         dg = dhu * act_grad(g, ACT)
     else:
-        if not RECOMPUTE:
-            g = tl.load(pre_ptrs, mask=omask, other=0.0).to(tl.float32)
+        g = tl.load(pre_ptrs, mask=omask, other=0.0).to(tl.float32)
         dg = dh * act_grad(g, ACT)
     tl.store(dgu_ptrs, cast(dg, xdt), mask=omask)
 
@@ -439,14 +405,7 @@ else:
         # TWO runs its GEMMs one loop after the other, and the second reuses the first's buffers
         prune_configs_by={"early_config_prune": smem_pruner("a1_ptr", lambda a: (1, 1))},
     )(_rows_gemm_kernel)
-    _dh_smem = smem_pruner("wd_ptr", lambda a: (2, 3 if a["GATED"] else 2) if a["RECOMPUTE"] else (1, 1))
-
-    def _dh_prune(configs, named_args, **kwargs):
-        if {**named_args, **kwargs}["RECOMPUTE"]:
-            configs = [c for c in configs if c.kwargs["BLOCK_N"] <= 64]
-        return _dh_smem(configs, named_args, **kwargs)
-
     dh_tuned = triton.autotune(
         DH_CONFIGS, key=["D", "I", "ROWS_CLASS", *variant_key(_dh_kernel)],
-        prune_configs_by={"early_config_prune": _dh_prune},
+        prune_configs_by={"early_config_prune": smem_pruner("wd_ptr", lambda a: (1, 1))},
     )(_dh_kernel)

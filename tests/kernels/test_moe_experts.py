@@ -385,3 +385,52 @@ def test_overwrite_preact_only_when_the_graph_is_not_kept(monkeypatch) -> None:
     for g in grads[1:]:
         for s, t in zip(g, grads[0]):
             torch.testing.assert_close(s, t, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("activation,bias,weight_pos,ids_kind,dtype", [
+    ("swiglu", "none", "output", "empty_experts", torch.bfloat16),
+    ("geglu", "list", "hidden", "ragged", torch.float32),
+    ("relu", "stacked", "output", "ragged", torch.float32),
+])
+def test_recompute_backward_equals_default(monkeypatch, activation: str, bias: str, weight_pos: str,
+                                           ids_kind: str, dtype: torch.dtype) -> None:
+    """Recompute mode runs GEMM 1 again (preact only, into the dg | du buffer) before the same
+    _dh_kernel the default mode runs on the saved preact: the gradients are equal bit for bit
+    (same kernels, same config), and the backward allocates the same buffers. Empty experts,
+    ragged ones and dropped pairs."""
+    import dataclasses
+
+    from blazec.kernels import moe_experts
+
+    case = make_case(T=17, E=5, k=3, activation=activation, bias=bias, weight_pos=weight_pos,
+                     ids_kind=ids_kind, capacity=8, dtype=dtype, seed=21)
+    _, preact = moe_experts.moe_experts_fwd(*case.fwd_args())
+    shapes: list[tuple] = []
+    real_empty = moe_experts.empty
+
+    def tracked(shape, dtype, device):
+        shapes.append((tuple(shape), dtype))
+        return real_empty(shape, dtype, device)
+
+    monkeypatch.setattr(moe_experts, "empty", tracked)
+    want = moe_experts.moe_experts_bwd(*case.bwd_args(preact))
+    default_allocs = sorted(shapes, key=str)
+    shapes.clear()
+    rc = dataclasses.replace(case, recompute=True)
+    _, kept = moe_experts.moe_experts_fwd(*rc.fwd_args())
+    assert kept.numel() == 0
+    shapes.clear()
+    launched: list[str] = []
+    real_launch = moe_experts.launch
+
+    def spy(kernel, *args):
+        launched.append(kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__)
+        return real_launch(kernel, *args)
+
+    monkeypatch.setattr(moe_experts, "launch", spy)
+    got = moe_experts.moe_experts_bwd(*rc.bwd_args(kept))
+    assert launched[:2] == ["_gemm1_kernel", "_dh_kernel"], launched
+    assert sorted(shapes, key=str) == default_allocs
+    for g, w in zip(got, want):
+        for s, t in zip(g if isinstance(g, list) else [g], w if isinstance(w, list) else [w]):
+            torch.testing.assert_close(s, t, rtol=0, atol=0)
