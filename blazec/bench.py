@@ -42,6 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from blazec import bench_timeline
 from blazec.bench_targets import check as check_targets
 from blazec.demo_model import SwiGLUExpert
 
@@ -260,7 +261,8 @@ def _profile(model, x, dev, top: int) -> dict[str, Any]:
     """One forward + backward step under the profiler: its ``top`` kernels (CUDA) or ops (CPU)
     by self time, and on CUDA each kernel launch in order (``launches``: name and ms, the
     three weight-gradient launches apart) and the summed kernel time (``kernel_ms``), which
-    the step's time less is the time the GPU idled or waited for the host."""
+    the step's time less is the time the GPU idled or waited for the host; ``idle`` says where
+    (``bench_timeline``; the profiler's own host cost makes host-bound gaps somewhat longer)."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
@@ -283,6 +285,11 @@ def _profile(model, x, dev, top: int) -> dict[str, Any]:
                          key=lambda e: e.time_range.start)
         out["kernel_ms"] = sum(e.time_range.elapsed_us() for e in kernels) / 1e3
         out["launches"] = [{"name": e.name, "ms": e.time_range.elapsed_us() / 1e3} for e in kernels]
+        cpu_starts = [e.time_range.start for e in prof.events()
+                      if e.device_type == torch.autograd.DeviceType.CPU]
+        if cpu_starts:  # the step's first host op: where its CUDA-event timing starts
+            out["idle"] = bench_timeline.idle(
+                [(e.name, e.time_range.start, e.time_range.end) for e in kernels], min(cpu_starts))
     return out
 
 
@@ -535,6 +542,8 @@ def run(args: argparse.Namespace, stream=None) -> int:
                 more = f", and {len(big) - 40} more" if len(big) > 40 else ""
                 say(f"  kernels: {len(prof['launches'])} launches, {prof['kernel_ms']:.3f} ms in all; "
                     f"those of 0.05 ms or more, in order: " + ", ".join(big[:40]) + more)
+            if prof.get("idle"):
+                say(bench_timeline.describe(prof["idle"]))
     targets = check_targets(rows, name, T, I, E, k, dtype.itemsize)
     if targets:
         say("targets (BASELINES.md, 'What blazec must reach'; against the baseline rows of this run"

@@ -97,11 +97,14 @@ def test_profile_lists_each_rows_most_expensive_ops(tmp_path) -> None:
 
 
 def test_profile_lists_a_gpu_steps_launches_and_kernel_time(tmp_path, monkeypatch) -> None:
-    """The per-launch line a GPU profile adds (kernel_ms, launches), on a canned profile."""
+    """The per-launch and idle lines a GPU profile adds (kernel_ms, launches, idle), on a
+    canned profile."""
     launches = [{"name": "_gemm1_kernel", "ms": 0.9}, {"name": "tiny", "ms": 0.01}]
     launches += [{"name": f"_k{i}", "ms": 0.06} for i in range(45)]
     canned = {"top": [{"name": "_gemm1_kernel", "calls": 1, "ms": 0.9}], "kernel_ms": 3.61,
-              "launches": launches}
+              "launches": launches,
+              "idle": {"lead_ms": 0.42, "gap_ms": 1.5, "gaps": 12,
+                       "largest": [{"ms": 0.8, "after": "_combine_kernel", "before": "_dh_kernel"}]}}
     monkeypatch.setattr(bench, "_profile", lambda *a, **k: canned)
     rc, text, data = _run_small(tmp_path, "--impl", "blazec-ops", "--profile")
     line = next(x for x in text.splitlines() if x.startswith("  kernels:"))
@@ -109,6 +112,9 @@ def test_profile_lists_a_gpu_steps_launches_and_kernel_time(tmp_path, monkeypatc
                            "_gemm1_kernel 0.900, _k0 0.060")
     assert "tiny" not in line and "_k38 0.060" in line and "_k39" not in line and line.endswith(", and 6 more")
     assert rc == 0 and data["rows"][0]["extra"]["profile"]["kernel_ms"] == 3.61
+    idle = text.splitlines()[text.splitlines().index(line) + 1]
+    assert idle == ("  idle: 0.420 ms before the first kernel, 1.500 ms in 12 gaps between kernels; "
+                    "largest: 0.800 ms after _combine_kernel before _dh_kernel")
 
 
 def test_a_profiler_failure_keeps_the_rows_measurements(tmp_path, monkeypatch) -> None:
