@@ -11,6 +11,7 @@ arguments it would have received, through TTIR -> TTGIR -> LLVM -> PTX -> cubin 
     python -m tests.kernels.aot_compile --all      # every autotune config
     python -m tests.kernels.aot_compile --arch 80  # another target
     python -m tests.kernels.aot_compile --regs     # also each variant's registers and spills
+    python -m tests.kernels.aot_compile --kernel _dh_kernel   # only that kernel's variants
 
 It compiles with the locally installed Triton; the GPU image's Triton may differ. ``--regs``
 reads each cubin's resource usage with Triton's bundled ``cuobjdump``: registers per thread, and
@@ -270,6 +271,8 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--regs", action="store_true", help="print registers and spills of every variant")
     ap.add_argument("--dump", metavar="DIR", help="write each variant's TTGIR and PTX to DIR")
+    ap.add_argument("--kernel", metavar="NAME", action="append",
+                    help="compile only this kernel's variants (e.g. _dh_kernel; may repeat)")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         sys.exit("aot_compile: unset TRITON_INTERPRET (the compiler, not the interpreter, is checked)")
@@ -305,6 +308,8 @@ def main(argv=None) -> int:
     seen, n_ok, failures, usage = set(), 0, list(shared_keys), []
     t0 = time.time()
     for fn, kw, opts_list in log:
+        if args.kernel and fn.__name__ not in args.kernel:
+            continue
         sig, consts = _signature(fn, kw)
         for opts in opts_list:
             key = (fn.__name__, tuple(sorted(sig.items())), tuple(sorted((k, str(v)) for k, v in consts.items())),
