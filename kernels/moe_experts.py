@@ -254,6 +254,23 @@ def may_overwrite_preact(preact: Tensor) -> bool:
     return preact.is_contiguous() and keep_graph is not None and not keep_graph()
 
 
+def releasable(preact: Tensor) -> bool:
+    """Whether the backward may free the memory of a preact it was allowed to overwrite
+    (``may_overwrite_preact``) once its last reader has been launched, by resizing its storage
+    to zero bytes as FSDP does with parameters. Its caller still holds the tensor until the
+    backward returns, so ``del`` would free nothing; by then the backward holds every weight
+    gradient, and preact's bytes on top of them were the peak. The storage must be exactly
+    preact's buffer (no other tensor's bytes in it), and not in a CUDA graph capture, whose
+    memory pool owns its buffers. A later read of the released preact fails loudly (a
+    zero-size storage), where the overwritten one would have read dg | du."""
+    st = preact.untyped_storage()
+    if preact.storage_offset() != 0 or st.nbytes() != preact.numel() * preact.element_size():
+        return False
+    if preact.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    return st.resizable()
+
+
 def moe_experts_bwd(
     grad_y: Tensor,
     x: Tensor,
@@ -286,6 +303,7 @@ def moe_experts_bwd(
     dev = x.device
     hidden = weight_pos == "hidden"
     I, n_in = o.I, o.n_in
+    preact_in = preact
     # dg | du over preact: the recomputed one always, the saved one when its caller gives it up
     # (see may_overwrite_preact). Recompute mode runs GEMM 1 again, preact only, into the
     # buffer that then takes dg | du: the same buffers as the default mode's.
@@ -321,16 +339,44 @@ def moe_experts_bwd(
     ), INTERPRET_CONFIG)
     del preact
 
-    # The order below keeps the peak low: dWd first, so hs ([S, I]) is freed before the dx rows
-    # ([S, d]) and the other weight gradients are allocated.
-    gm = wgrad_grouped_mm.use(x, o.d, I)  # opt-in: torch's grouped GEMM on sorted row copies
-    if gm and not o.has_bd:
-        dwd, dbd = [wgrad_grouped_mm.weight_grad(wgrad_grouped_mm.sorted_rows(grad_y, o.sp, o.k), hs, o.eo)], []
-    else:
-        dwd, dbd = _wgrad(o, grad_y, hs, o.d, I, w_down, b_down, True, False, ws)
-    del hs, ws
+    d_tw = empty((o.T, o.k), topk_weights.dtype, dev)
+    moe_combine.dtw(part, o.pp, d_tw, o.P, NT)
+    del part
 
-    # dx: dg Wg + du Wu per pair, then the slot-ordered combine (k == 1: straight into dx).
+    # The order keeps the peak low. Every order ends holding the three weight gradients and the
+    # [S, I] or [S, n_in] buffer the last of them reads. dg | du is freed as soon as dX, dWg and
+    # dWu have read it (``del`` when it is this call's own buffer: recompute mode, or a kept
+    # graph; ``releasable`` when it was written over the caller's saved preact), and dWd, from
+    # hs, goes last: at mixtral-like 3.06 GiB + dx, where dg | du kept to the end made it
+    # 3.5 GiB + dx. Should the caller's preact not be releasable, dWd goes first instead, so
+    # that hs is freed before the dx rows and the other gradients are allocated.
+    gm = wgrad_grouped_mm.use(x, o.d, I)  # opt-in: torch's grouped GEMM on sorted row copies
+    own = dgu is not preact_in
+    if own or releasable(dgu):
+        dx = _dx(o, dgu)
+        dwg, dwu, dbg, dbu = _dw_gate_up(o, dgu, w_gate, w_up, b_gate, b_up, gm)
+        if not own:
+            dgu.untyped_storage().resize_(0)
+        del dgu, preact_in
+        dwd, dbd = _dw_down(o, grad_y, hs, ws, w_down, b_down, gm)
+    else:
+        dwd, dbd = _dw_down(o, grad_y, hs, ws, w_down, b_down, gm)
+        del hs, ws
+        dx = _dx(o, dgu)
+        dwg, dwu, dbg, dbu = _dw_gate_up(o, dgu, w_gate, w_up, b_gate, b_up, gm)
+    return dx, d_tw, dwg, dwu, dwd, dbg, dbu, dbd
+
+
+def _dw_down(o: _Operands, grad_y: Tensor, hs: Tensor, ws: Optional[Tensor], w_down, b_down, gm: bool):
+    """dWd (+dbd) = gy^T (w h) over each expert's pairs, from _dh_kernel's hs (and ws)."""
+    if gm and not o.has_bd:
+        return [wgrad_grouped_mm.weight_grad(wgrad_grouped_mm.sorted_rows(grad_y, o.sp, o.k), hs, o.eo)], []
+    return _wgrad(o, grad_y, hs, o.d, o.I, w_down, b_down, True, False, ws)
+
+
+def _dx(o: _Operands, dgu: Tensor) -> Tensor:
+    """dx: dg Wg + du Wu per pair, then the slot-ordered combine (k == 1: straight into dx)."""
+    dev, I = o.x.device, o.I
     direct = o.k == 1
     if direct:
         dx = torch.zeros((o.T, o.d), dtype=o.xdt, device=dev)
@@ -343,7 +389,7 @@ def moe_experts_bwd(
         b1_ptr=o.wg.ptr, b1_tab=o.wg.tab, b2_ptr=o.wu.ptr, b2_tab=o.wu.tab,
         bias_ptr=o.bd.ptr, bias_tab=o.bd.tab, tw_ptr=o.tw, pairs_ptr=o.sp, offs_ptr=o.eo, out_ptr=out,
         N=o.d, KD=I, K=o.k, P=o.P, E=o.E, ROWS_CLASS=o.rows_class,
-        s_a1=n_in, s_a2=n_in,
+        s_a1=o.n_in, s_a2=o.n_in,
         s_b1e=o.wg.strides[0], s_b1k=o.wg.strides[1], s_b1n=o.wg.strides[2],
         s_b2e=o.wu.strides[0], s_b2k=o.wu.strides[1], s_b2n=o.wu.strides[2],
         s_biase=0, s_biasn=0,
@@ -355,12 +401,12 @@ def moe_experts_bwd(
     if not direct:
         dx = empty((o.T, o.d), o.xdt, dev)
         moe_combine.combine(out, o.pp, dx, o.T, o.d, o.k)
-    del out
+    return dx
 
-    d_tw = empty((o.T, o.k), topk_weights.dtype, dev)
-    moe_combine.dtw(part, o.pp, d_tw, o.P, NT)
-    del part
 
+def _dw_gate_up(o: _Operands, dgu: Tensor, w_gate, w_up, b_gate, b_up, gm: bool):
+    """(dWg, dWu, dbg, dbu) = dg^T x, du^T x (and the row sums) over each expert's pairs."""
+    x, I = o.x, o.I
     xs = wgrad_grouped_mm.sorted_rows(x, o.sp, o.k) if gm and not (o.has_bg or o.has_bu) else None
     if xs is not None:
         dwg, dbg = [wgrad_grouped_mm.weight_grad(dgu[:, :I], xs, o.eo)], []
@@ -372,7 +418,7 @@ def moe_experts_bwd(
         dwu, dbu = [wgrad_grouped_mm.weight_grad(dgu[:, I:], xs, o.eo)], []
     else:
         dwu, dbu = _wgrad(o, dgu[:, I:], x, I, o.d, w_up, b_up, False, True, None)
-    return dx, d_tw, dwg, dwu, dwd, dbg, dbu, dbd
+    return dwg, dwu, dbg, dbu
 
 
 # ----------------------------------------------------------------------------------------------

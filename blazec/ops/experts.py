@@ -37,7 +37,10 @@ so the kernels may write dg | du over it instead of allocating a second ``[S, n_
 (at the backward's peak, both would be live with every weight gradient). The autograd formula
 passes it; the kernels take it up only when the running autograd graph task does not keep the
 graph (``retain_graph`` / ``create_graph`` false), since a kept graph's next backward reads the
-saved preact again. Direct callers keep the default False.
+saved preact again. Then they also release preact's memory (its storage resized to zero bytes)
+once the last kernel that reads dg | du is launched, so that it is not live with the last
+weight gradient; a later read of that preact fails instead of returning dg | du. Direct callers
+keep the default False.
 
 What the backward saves: x, topk_weights, sorted_pairs, expert_offsets, pair_pos, the weight and
 bias tensors as passed (parameters or views of them), and preact. Nothing else of size T*k*d or

@@ -284,20 +284,31 @@ def test_blaze_backend_runs_the_kernels(moe_recompute: str) -> None:
         torch.testing.assert_close(q.grad, p.grad, **tol, msg=lambda m: f"grad of {n}: {m}")
 
 
-def test_backward_frees_h_before_the_dx_rows(monkeypatch) -> None:
-    """Peak memory: the launcher computes dWd first and frees hs ([S, I]) before it allocates
-    the per-pair dx rows ([S, d]); with dWd last both lived at once (+S*I*b at the peak)."""
+@pytest.mark.parametrize("mode", ["over saved preact", "over a preact view", "own buffer", "recompute"])
+def test_backward_buffer_order(monkeypatch, mode: str) -> None:
+    """Peak memory: the order of the backward's buffers. dg | du is freed before dWd is
+    allocated, and hs after dWd: ``del`` when dg | du is the call's own buffer (a kept graph, or
+    recompute mode), a storage resized to zero bytes when it was written over the caller's
+    saved preact (which the caller holds until the backward returns). A preact whose storage
+    holds more than its own bytes is not released: then dWd goes first and hs ([S, I]) is freed
+    before the dx rows ([S, d]) and dWg / dWu are allocated. Every gradient is allocated once."""
+    import dataclasses
     import weakref
 
     from blazec.kernels import _common, moe_experts
 
     case = make_case(T=10, d=24, I=16, E=4, k=2, seed=3)
+    case = dataclasses.replace(case, recompute=mode == "recompute")
     y, preact = moe_experts.moe_experts_fwd(*case.fwd_args())
-    P = case.x.shape[0] * 2
+    P, d, I = case.x.shape[0] * 2, 24, 16
+    if mode == "over a preact view":  # its storage holds a row more than it
+        preact = torch.cat([preact.new_zeros(1, 2 * I), preact])[1:]
     events: list[tuple[str, tuple]] = []
     real_empty = _common.empty
 
     def tracked(shape, dtype, device):
+        if tuple(shape) == (4, d, I):  # dWd: is the saved preact still allocated?
+            events.append(("preact bytes", preact.untyped_storage().nbytes()))
         t = real_empty(shape, dtype, device)
         shape = tuple(t.shape)
         events.append(("alloc", shape))
@@ -306,11 +317,28 @@ def test_backward_frees_h_before_the_dx_rows(monkeypatch) -> None:
 
     monkeypatch.setattr(moe_experts, "empty", tracked)
     monkeypatch.setattr(_common, "empty", tracked)  # output_operand (the weight gradients)
-    grads = moe_experts.moe_experts_bwd(*case.bwd_args(preact))
+    reuse = mode.startswith("over")
+    monkeypatch.setattr(moe_experts, "may_overwrite_preact", lambda p: reuse)
+    grads = moe_experts.moe_experts_bwd(*case.bwd_args(preact), True)
     del grads
-    hs_free = events.index(("free", (P, 16)))
-    rows_alloc = events.index(("alloc", (P, 24)))
-    assert hs_free < rows_alloc, events
+    hs_free = events.index(("free", (P, I)))
+    rows_alloc = events.index(("alloc", (P, d)))
+    dwd_alloc = events.index(("alloc", (4, d, I)))
+    w_allocs = [e for e in events if e[0] == "alloc" and e[1] in ((4, I, d), (4, d, I))]
+    assert len(w_allocs) == 3, events  # dWg, dWu, dWd
+    if mode == "over a preact view":
+        assert ("alloc", (P, 2 * I)) not in events and preact.untyped_storage().nbytes() > 0
+        assert hs_free < rows_alloc and hs_free < events.index(("alloc", (4, I, d))), events
+        return
+    if reuse:
+        assert ("alloc", (P, 2 * I)) not in events
+        assert events[dwd_alloc - 1] == ("preact bytes", 0), events  # released before dWd
+        assert preact.untyped_storage().nbytes() == 0
+        dgu_free = dwd_alloc - 1
+    else:
+        dgu_free = events.index(("free", (P, 2 * I)))
+    assert dgu_free < dwd_alloc < hs_free, events
+    assert events.index(("alloc", (4, I, d))) < dgu_free, events  # dWg read it first
 
 
 @pytest.mark.parametrize("activation,bias,weight_pos", [
@@ -318,7 +346,8 @@ def test_backward_frees_h_before_the_dx_rows(monkeypatch) -> None:
 ])
 def test_dgu_written_over_preact(monkeypatch, activation: str, bias: str, weight_pos: str) -> None:
     """With overwrite_preact (and a graph that is not kept) _dh_kernel writes dg | du over the
-    saved preact it reads: same gradients as with a separate buffer, and no [S, n_in] alloc."""
+    saved preact it reads: same gradients as with a separate buffer, no [S, n_in] alloc, and
+    the preact's storage released once dX, dWg and dWu have read dg | du."""
     from blazec.kernels import _common, moe_experts
 
     case = make_case(T=13, E=4, k=3, activation=activation, bias=bias, weight_pos=weight_pos,
@@ -336,10 +365,14 @@ def test_dgu_written_over_preact(monkeypatch, activation: str, bias: str, weight
     n_separate = shapes.count(tuple(preact.shape))
     shapes.clear()
     monkeypatch.setattr(moe_experts, "may_overwrite_preact", lambda p: True)
+    written: list[torch.Tensor] = []
+    real_dx = moe_experts._dx
+    monkeypatch.setattr(moe_experts, "_dx", lambda o, dgu: written.append(dgu.clone()) or real_dx(o, dgu))
     scratch = preact.clone()
     got = moe_experts.moe_experts_bwd(*case.bwd_args(scratch), True)
     assert shapes.count(tuple(preact.shape)) == n_separate - 1, shapes
-    assert not torch.equal(scratch, preact)  # it was written over
+    assert written[0].shape == preact.shape and not torch.equal(written[0], preact)  # written over
+    assert scratch.untyped_storage().nbytes() == 0  # and released before the call returned
     for g, w in zip(got, want):
         for s, t in zip(g if isinstance(g, list) else [g], w if isinstance(w, list) else [w]):
             torch.testing.assert_close(s, t, rtol=0, atol=0)
