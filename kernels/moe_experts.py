@@ -260,15 +260,30 @@ def releasable(preact: Tensor) -> bool:
     to zero bytes as FSDP does with parameters. Its caller still holds the tensor until the
     backward returns, so ``del`` would free nothing; by then the backward holds every weight
     gradient, and preact's bytes on top of them were the peak. The storage must be exactly
-    preact's buffer (no other tensor's bytes in it), and not in a CUDA graph capture, whose
-    memory pool owns its buffers. A later read of the released preact fails loudly (a
-    zero-size storage), where the overwritten one would have read dg | du."""
+    preact's buffer (no other tensor's bytes in it). On CUDA, not under a CUDA graph capture,
+    nor where Inductor's CUDA graph trees (``mode="reduce-overhead"``) manage the device: their
+    memory pool tracks the storages it hands out. A later read of the released preact fails
+    loudly (a zero-size storage), where the overwritten one would have read dg | du."""
     st = preact.untyped_storage()
     if preact.storage_offset() != 0 or st.nbytes() != preact.numel() * preact.element_size():
         return False
-    if preact.is_cuda and torch.cuda.is_current_stream_capturing():
+    if preact.is_cuda and (torch.cuda.is_current_stream_capturing() or _graph_trees_on(preact.device)):
         return False
     return st.resizable()
+
+
+def _graph_trees_on(device: torch.device) -> bool:
+    """Whether Inductor's CUDA graph trees have a manager for ``device`` in this thread (not
+    imported: no). Any failure to tell counts as yes."""
+    import sys
+
+    trees = sys.modules.get("torch._inductor.cudagraph_trees")
+    if trees is None:
+        return False
+    try:
+        return trees.get_manager(device.index, create_if_none_exists=False) is not None
+    except Exception:  # noqa: BLE001 - another torch's internals: do not release
+        return True
 
 
 def moe_experts_bwd(

@@ -467,3 +467,33 @@ def test_recompute_backward_equals_default(monkeypatch, activation: str, bias: s
     for g, w in zip(got, want):
         for s, t in zip(g if isinstance(g, list) else [g], w if isinstance(w, list) else [w]):
             torch.testing.assert_close(s, t, rtol=0, atol=0)
+
+
+def test_releasable(monkeypatch) -> None:
+    """What the backward may release: a preact whose storage is exactly its bytes; not a view
+    into a larger storage. On CUDA also not where CUDA graph trees manage the device (checked
+    here through a stand-in for torch._inductor.cudagraph_trees)."""
+    import sys
+    import types
+
+    from blazec.kernels import moe_experts
+
+    t = torch.empty(6, 4)
+    assert moe_experts.releasable(t)
+    assert not moe_experts.releasable(torch.empty(7, 4)[1:])
+    assert not moe_experts.releasable(torch.empty(6, 5)[:, :4])
+    dev = torch.device("cuda", 0)
+    fake = types.ModuleType("torch._inductor.cudagraph_trees")
+    monkeypatch.setitem(sys.modules, "torch._inductor.cudagraph_trees", fake)
+    fake.get_manager = lambda index, create_if_none_exists=True: None
+    assert not moe_experts._graph_trees_on(dev)
+    fake.get_manager = lambda index, create_if_none_exists=True: object()
+    assert moe_experts._graph_trees_on(dev)
+
+    def broken(index, create_if_none_exists=True):
+        raise RuntimeError("changed internals")
+
+    fake.get_manager = broken
+    assert moe_experts._graph_trees_on(dev)
+    monkeypatch.delitem(sys.modules, "torch._inductor.cudagraph_trees")
+    assert not moe_experts._graph_trees_on(dev)
