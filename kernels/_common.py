@@ -28,7 +28,7 @@ import functools
 import math
 import os
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import triton
@@ -284,6 +284,31 @@ def pruned_configs(tuned, args: dict) -> list:
     if prune is not None:
         configs = prune(configs, args)
     return configs
+
+
+# Implementation choices timed once per key (``pick_fastest``), by name: what ``blazec bench``
+# reports beside the kernels' tuned configs.
+IMPL_CHOICES: dict[str, dict[tuple, str]] = {}
+
+
+def pick_fastest(name: str, key: tuple, candidates: dict[str, Callable[[], None]], default: str) -> str:
+    """Which of ``candidates`` (names -> launch functions that compute the same outputs into
+    the same buffers) to run for ``key``: on a GPU with autotuning on, the fastest by
+    ``triton.testing.do_bench`` the first time ``key`` is seen (each candidate's own kernels
+    autotune inside its first run), then that one from the cache; ``default`` under the
+    interpreter or with ``BLAZEC_AUTOTUNE=0``. The caller runs the returned candidate itself."""
+    if INTERPRET or not autotune_enabled():
+        return default
+    if len(candidates) == 1:
+        return next(iter(candidates))
+    cache = IMPL_CHOICES.setdefault(name, {})
+    hit = cache.get(key)
+    if hit is None:
+        from triton.testing import do_bench
+
+        times = {c: do_bench(fn, warmup=5, rep=20) for c, fn in candidates.items()}
+        hit = cache[key] = min(times, key=times.get)
+    return hit
 
 
 def launch(kernel, tuned, grid, args: dict, fixed: dict) -> None:

@@ -14,7 +14,8 @@ Backward:
     1. _dh_kernel:         [dg|du: S x n_in] (over preact), [hs: S x I], [part: S x NT]
     2. _rows_gemm_kernel:  [dx rows: S x d]  (k == 1: dx directly)          dg Wg + du Wu
     3. _combine_kernel:    dx [T, d];  _dtw_kernel: d_topk_weights [T, k]
-    4. _wgrad_kernel x 3:  dWg (+dbg), dWu (+dbu), dWd (+dbd), per expert, empty experts -> 0
+    4. _wgrad_kernel x 3:  dWg (+dbg), dWu (+dbu), dWd (+dbd), per expert, empty experts -> 0;
+                           dWg and dWu in one DUAL launch when timing says it is faster
 
 Cases the kernels do not cover fall back to the reference (still correct, on any device):
 fp64 inputs or routing weights, no pairs, a zero-sized dim, and per-expert weight lists whose
@@ -34,6 +35,7 @@ from blazec.kernels import moe_combine, moe_grouped_gemm as gg, moe_wgrad, wgrad
 from blazec.kernels._common import (
     BASE_CODE,
     INTERPRET,
+    IMPL_CHOICES,
     INTERPRET_CONFIG,
     KERNEL_DTYPES,
     TORCH_TO_TL,
@@ -44,6 +46,7 @@ from blazec.kernels._common import (
     launch,
     next_pow2,
     output_operand,
+    pick_fastest,
     rows_class,
     weight_operand,
 )
@@ -221,22 +224,36 @@ def _wgrad(o: _Operands, L: Tensor, R: Tensor, M: int, N: int, like_w: Sequence[
            like_b: Sequence[Tensor], l_gather: bool, r_gather: bool, ws: Optional[Tensor]):
     """dW (and db) of one expert weight; ``ws``: the sorted routing weights to scale L by."""
     dws, dw_op = output_operand(like_w, 2)
-    if like_b:
-        dbs, db_op = output_operand(like_b, 1)
-    else:
-        dbs, db_op = [], dummy_operand(dws[0], 1)
+    dbs, db_op = output_operand(like_b, 1) if like_b else ([], dummy_operand(dws[0], 1))
+    _wgrad_launch(o, L, R, M, N, dw_op, db_op if like_b else None, l_gather, r_gather, ws)
+    return dws, dbs
+
+
+def _wgrad_launch(o: _Operands, L: Tensor, R: Tensor, M: int, N: int, dw_op: WeightOperand,
+                  db_op: Optional[WeightOperand], l_gather: bool, r_gather: bool, ws: Optional[Tensor],
+                  L2: Optional[Tensor] = None, dw2: Optional[Tensor] = None, db2: Optional[Tensor] = None):
+    """One _wgrad_kernel launch into given outputs (``db_op`` None: no bias gradient). With
+    ``L2`` (DUAL) also dW2 = L2^T R into ``dw2``, a tensor with dw_op's strides, and, when
+    given, its row sums into ``db2``, a contiguous [E, M] tensor."""
+    dual = L2 is not None
+    has_db = db_op is not None
+    if not has_db:
+        db_op = dummy_operand(dw_op.ptr, 1)
+    assert not dual or (dw_op.table == 0 and dw2.stride() == dw_op.strides
+                        and (db2 is None or db2.is_contiguous()))
     grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]), o.E)  # noqa: E731
     launch(moe_wgrad._wgrad_kernel, moe_wgrad.wgrad_tuned, grid, dict(
         l_ptr=L, r_ptr=R, ws_ptr=L if ws is None else ws, pairs_ptr=o.sp, offs_ptr=o.eo,
         dw_ptr=dw_op.ptr, dw_tab=dw_op.tab, db_ptr=db_op.ptr, db_tab=db_op.tab,
+        l2_ptr=L2 if dual else L, dw2_ptr=dw2 if dual else dw_op.ptr,
+        db2_ptr=db2 if db2 is not None else db_op.ptr,
         M=M, N=N, K=o.k, ROWS_CLASS=o.rows_class,
         s_lr=L.stride(0), s_lc=L.stride(1), s_rr=R.stride(0), s_rc=R.stride(1),
         s_dwe=dw_op.strides[0], s_dwm=dw_op.strides[1], s_dwn=dw_op.strides[2],
         s_dbe=db_op.strides[0], s_dbm=db_op.strides[1],
-        L_GATHER=l_gather, R_GATHER=r_gather, L_SCALE=ws is not None, HAS_DB=bool(like_b),
-        DW_TAB=dw_op.table, DB_TAB=db_op.table, PREC=o.prec,
+        L_GATHER=l_gather, R_GATHER=r_gather, L_SCALE=ws is not None, HAS_DB=has_db,
+        DW_TAB=dw_op.table, DB_TAB=db_op.table, DUAL=dual, HAS_DB2=db2 is not None, PREC=o.prec,
     ), INTERPRET_CONFIG)
-    return dws, dbs
 
 
 def may_overwrite_preact(preact: Tensor) -> bool:
@@ -424,16 +441,41 @@ def _dw_gate_up(o: _Operands, dgu: Tensor, w_gate, w_up, b_gate, b_up, gm: bool)
     x, I = o.x, o.I
     xs = wgrad_grouped_mm.sorted_rows(x, o.sp, o.k) if gm and not (o.has_bg or o.has_bu) else None
     if xs is not None:
-        dwg, dbg = [wgrad_grouped_mm.weight_grad(dgu[:, :I], xs, o.eo)], []
-    else:
-        dwg, dbg = _wgrad(o, dgu[:, :I], x, I, o.d, w_gate, b_gate, False, True, None)
+        dwu = [wgrad_grouped_mm.weight_grad(dgu[:, I:], xs, o.eo)] if o.gated else []
+        return [wgrad_grouped_mm.weight_grad(dgu[:, :I], xs, o.eo)], dwu, [], []
     if not o.gated:
-        dwu, dbu = [], []
-    elif xs is not None:
-        dwu, dbu = [wgrad_grouped_mm.weight_grad(dgu[:, I:], xs, o.eo)], []
-    else:
-        dwu, dbu = _wgrad(o, dgu[:, I:], x, I, o.d, w_up, b_up, False, True, None)
+        dwg, dbg = _wgrad(o, dgu, x, I, o.d, w_gate, b_gate, False, True, None)
+        return dwg, [], dbg, []
+    dg, du = dgu[:, :I], dgu[:, I:]
+    dwg, g_op = output_operand(w_gate, 2)
+    dwu, u_op = output_operand(w_up, 2)
+    dbg, bg_op = output_operand(b_gate, 1) if b_gate else ([], None)
+    dbu, bu_op = output_operand(b_up, 1) if b_up else ([], None)
+
+    def single():
+        _wgrad_launch(o, dg, x, I, o.d, g_op, bg_op, False, True, None)
+        _wgrad_launch(o, du, x, I, o.d, u_op, bu_op, False, True, None)
+
+    def dual():
+        _wgrad_launch(o, dg, x, I, o.d, g_op, bg_op, False, True, None,
+                      L2=du, dw2=dwu[0], db2=dbu[0] if dbu else None)
+
+    run = {"single": single, "dual": dual}
+    if GATE_UP_FORCE:
+        run[GATE_UP_FORCE]()
+        return dwg, dwu, dbg, dbu
+    # fp32 without tf32 runs its dots on the FMA units from registers, where two accumulators
+    # spill heavily (12.5 KB of stack per thread at 128x128, aot_compile --regs): single only.
+    # Timing needs a GPU (on CPU tensors the launchers run only in the host benchmarks).
+    fma = o.xdt == torch.float32 and o.prec == "ieee"
+    candidates = {"single": single} if fma or not x.is_cuda else run
+    key = (I, o.d, o.rows_class, str(o.xdt), o.prec, o.has_bg, o.has_bu, str(x.device))
+    run[pick_fastest("wgrad gate+up", key, candidates, "single")]()
     return dwg, dwu, dbg, dbu
+
+
+# Tests set this to "single" or "dual" to run that path whatever the timing would pick.
+GATE_UP_FORCE: Optional[str] = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -452,7 +494,8 @@ def cuda_impls() -> dict[str, Callable]:
 
 def autotune_choices() -> dict[str, dict[str, str]]:
     """The config each autotuned kernel picked, per tuning key (shape class and dtypes), as
-    ``{"gemm1": {"(2048, 1024, 5, ...)": "BLOCK 128x128x64, 8 warps, 3 stages"}, ...}``.
+    ``{"gemm1": {"(2048, 1024, 5, ...)": "BLOCK 128x128x64, 8 warps, 3 stages"}, ...}``, and
+    each implementation choice timed by ``pick_fastest`` (``{"wgrad gate+up": {key: "dual"}}``).
     Empty under the interpreter and before the first GPU launch; ``blazec bench`` prints it."""
     tuned = {"gemm1": gg.gemm1_tuned, "rows_gemm": gg.rows_gemm_tuned, "dh": gg.dh_tuned,
              "wgrad": moe_wgrad.wgrad_tuned}
@@ -462,6 +505,9 @@ def autotune_choices() -> dict[str, dict[str, str]]:
             kw = cfg.kwargs
             block = "x".join(str(kw[b]) for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if b in kw)
             out.setdefault(name, {})[str(key)] = f"BLOCK {block}, {cfg.num_warps} warps, {cfg.num_stages} stages"
+    for name, choices in IMPL_CHOICES.items():  # implementation choices (pick_fastest)
+        for key, impl in choices.items():
+            out.setdefault(name, {})[str(key)] = impl
     return out
 
 

@@ -16,6 +16,13 @@ L, "hidden" mode's dbd = sum_s gy[t(s)] the plain one. The grid is (out tiles x 
 loops over expert e's pairs in BLOCK_K chunks, so an empty expert writes zeros and every
 output element is written once (deterministic, no atomics, no split-K reduction).
 
+DUAL computes dWg and dWu in one program from one gathered x tile per K step: two L tiles (dg
+and du), one R tile, two accumulators, as GEMM 1's forward does with Wg and Wu. That reads the
+gathered x rows, the operand the k-fold reuse makes expensive, half as often; per K step a
+128x128 tile does 4*128*128*BK FLOPs on (2*128 + 128)*BK loaded elements instead of 2*128*128*BK
+on 2*128*BK. The launcher picks DUAL or two single launches by timing both once per shape
+class (``moe_experts.wgrad_gate_up_impl``).
+
 Floor per call, over all experts (S pairs, M x N the weight shape, b bytes/element):
 FLOPs 2*S*M*N. Bytes: S*M*b (L) + S*N*b (R, gathered rows of x or gy hit L2 k times) +
 E*M*N*b (dW) [+ E*M*b (db)]. Summed over the three weights: 2*S*d*n_in + 2*S*I*d FLOPs.
@@ -59,11 +66,14 @@ def _wgrad_kernel(
     offs_ptr,  # [E+1] int64 expert_offsets
     dw_ptr, dw_tab,  # out: stacked [E, M, N] gradient, or table of E [M, N] gradients
     db_ptr, db_tab,  # out: stacked [E, M] bias gradient, or table of E [M] (HAS_DB only)
+    l2_ptr,  # DUAL: a second L, same shape and strides as L, sorted order
+    dw2_ptr, db2_ptr,  # DUAL: its [E, M, N] gradient (dw's strides), contiguous [E, M] bias gradient
     M, N, K, ROWS_CLASS,
     s_lr, s_lc, s_rr, s_rc,  # row / column strides of L and R
     s_dwe, s_dwm, s_dwn, s_dbe, s_dbm,
     L_GATHER: tl.constexpr, R_GATHER: tl.constexpr, L_SCALE: tl.constexpr, HAS_DB: tl.constexpr,
-    DW_TAB: tl.constexpr, DB_TAB: tl.constexpr, PREC: tl.constexpr,
+    DW_TAB: tl.constexpr, DB_TAB: tl.constexpr, DUAL: tl.constexpr, HAS_DB2: tl.constexpr,
+    PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     rdt = r_ptr.dtype.element_ty  # the GEMM input dtype (x's dtype)
@@ -82,6 +92,10 @@ def _wgrad_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if HAS_DB:
         dbacc = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if DUAL:
+        acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if HAS_DB2:
+            dbacc2 = tl.zeros([BLOCK_M], dtype=tl.float32)
     for k0 in range(s0, s1, BLOCK_K):
         rows = k0 + rk
         kmask = rows < s1
@@ -109,6 +123,12 @@ def _wgrad_kernel(
         acc = mma(lt, rt, acc, PREC)
         if HAS_DB:
             dbacc += rsum(lt.to(tl.float32), 1)
+        if DUAL:  # the same R tile, a second L (its row indices are L's: sorted order)
+            lt2 = tl.load(l2_ptr + lrow[None, :] * s_lr + mm[:, None] * s_lc,
+                          mask=mmask[:, None] & kmask[None, :], other=0.0)
+            acc2 = mma(cast(lt2, rdt), rt, acc2, PREC)
+            if HAS_DB2:
+                dbacc2 += rsum(lt2.to(tl.float32), 1)
     dw_base = expert_ptr(dw_ptr, dw_tab, e, s_dwe, DW_TAB)
     tl.store(dw_base + mm[:, None] * s_dwm + nn[None, :] * s_dwn,
              cast(acc, dw_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
@@ -116,18 +136,27 @@ def _wgrad_kernel(
         if pid_n == 0:
             db_base = expert_ptr(db_ptr, db_tab, e, s_dbe, DB_TAB)
             tl.store(db_base + mm * s_dbm, cast(dbacc, db_ptr.dtype.element_ty), mask=mmask)
+    if DUAL:
+        tl.store(dw2_ptr + e.to(tl.int64) * s_dwe + mm[:, None] * s_dwm + nn[None, :] * s_dwn,
+                 cast(acc2, dw2_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+        if HAS_DB2:
+            if pid_n == 0:
+                tl.store(db2_ptr + e.to(tl.int64) * M + mm,
+                         cast(dbacc2, db2_ptr.dtype.element_ty), mask=mmask)
 
 
 FMA_STAGES = 3
-_fit_smem = smem_pruner("r_ptr", lambda a: (1, 1), indirect=True)
+_fit_smem = smem_pruner("r_ptr", lambda a: (2 if a["DUAL"] else 1, 1), indirect=True)
 
 
 def _prune(configs, named_args, **kwargs):
-    """Shared-memory pruning, after capping fp32 without tf32 at ``FMA_STAGES`` and at
-    128x128 tiles: its dot runs on the FMA units from registers, and with 5 stages the
-    pipelined operands spill (7.7 KB of stack per thread at 128x128x32, sm_90, triton 3.9.0;
-    none at 3 stages)."""
+    """Shared-memory pruning, after capping DUAL (two accumulators) at 128x128 tiles, and fp32
+    without tf32 at ``FMA_STAGES`` and at 128x128 tiles: its dot runs on the FMA units from
+    registers, and with 5 stages the pipelined operands spill (7.7 KB of stack per thread at
+    128x128x32, sm_90, triton 3.9.0; none at 3 stages)."""
     args = {**named_args, **kwargs}
+    if args["DUAL"]:
+        configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128]
     if args["PREC"] == "ieee" and args["r_ptr"].element_size() == 4:
         configs = [triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=min(c.num_stages, FMA_STAGES))
                    for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128]

@@ -300,9 +300,13 @@ def main(argv=None) -> int:
         torch.set_float32_matmul_precision("high" if "tf32" in name else "highest")
         try:
             y, preact = moe_experts.moe_experts_fwd(x, tw, *route, *ws, act, wp, rec, None)
-            moe_experts.moe_experts_bwd(torch.randn_like(y), x, tw, *route, *ws, preact, act, wp, rec)
+            # Both ways of computing dWg and dWu, except dual on the FMA path, which never runs it
+            for impl in ("single",) if name.startswith("fp32") and "tf32" not in name else ("single", "dual"):
+                moe_experts.GATE_UP_FORCE = impl
+                moe_experts.moe_experts_bwd(torch.randn_like(y), x, tw, *route, *ws, preact, act, wp, rec)
         finally:
             torch.set_float32_matmul_precision(precision)
+            moe_experts.GATE_UP_FORCE = None
 
     target = GPUTarget("cuda", args.arch, 32)
     seen, n_ok, failures, usage = set(), 0, list(shared_keys), []

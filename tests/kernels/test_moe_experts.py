@@ -497,3 +497,66 @@ def test_releasable(monkeypatch) -> None:
     assert moe_experts._graph_trees_on(dev)
     monkeypatch.delitem(sys.modules, "torch._inductor.cudagraph_trees")
     assert not moe_experts._graph_trees_on(dev)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(activation="swiglu", bias="none", ids_kind="empty_experts"),
+    dict(activation="geglu", bias="list", layout="list", ids_kind="ragged", capacity=5),
+    dict(activation="swiglu", bias="stacked", weight_pos="hidden", dtype=torch.bfloat16, recompute=True),
+    dict(activation="geglu_tanh", bias="stacked", T=1, k=1),
+], ids=["empty-experts", "list-bias-dropped", "bf16-hidden-recompute", "T1"])
+def test_dual_gate_up_weight_gradients(monkeypatch, kw) -> None:
+    """dWg and dWu (+ their bias gradients) from one DUAL _wgrad_kernel launch, which shares
+    each gathered x tile between the two products: checked against the reference, and equal
+    bit for bit to the two single launches (same tiles, same sums)."""
+    from blazec.kernels import moe_experts
+
+    case = make_case(E=5, seed=31, **kw)
+    launched: list[dict] = []
+    real_launch = moe_experts.launch
+
+    def spy(kernel, tuned, grid, args, fixed):
+        if args.get("DUAL"):
+            launched.append(args)
+        return real_launch(kernel, tuned, grid, args, fixed)
+
+    monkeypatch.setattr(moe_experts, "launch", spy)
+    monkeypatch.setattr(moe_experts, "GATE_UP_FORCE", "dual")
+    check(case)
+    assert launched and all(a["HAS_DB2"] == (kw["bias"] != "none") for a in launched)
+    _, preact = moe_experts.moe_experts_fwd(*case.fwd_args())
+    dual = moe_experts.moe_experts_bwd(*case.bwd_args(preact))
+    monkeypatch.setattr(moe_experts, "GATE_UP_FORCE", "single")
+    single = moe_experts.moe_experts_bwd(*case.bwd_args(preact))
+    for g, w in zip(dual, single):
+        for s, t in zip(g if isinstance(g, list) else [g], w if isinstance(w, list) else [w]):
+            torch.testing.assert_close(s, t, rtol=0, atol=0)
+
+
+def test_pick_fastest(monkeypatch) -> None:
+    """The implementation choice: the default under the interpreter or BLAZEC_AUTOTUNE=0;
+    otherwise each candidate timed once per key (do_bench), the fastest cached."""
+    import triton.testing
+
+    from blazec.kernels import _common
+
+    runs: list[str] = []
+    cands = {"a": lambda: runs.append("a"), "b": lambda: runs.append("b")}
+    assert _common.pick_fastest("t", (1,), cands, "a") == "a" and runs == []  # interpreter
+    monkeypatch.setattr(_common, "INTERPRET", False)
+    monkeypatch.setenv("BLAZEC_AUTOTUNE", "0")
+    assert _common.pick_fastest("t", (1,), cands, "b") == "b" and runs == []
+    monkeypatch.delenv("BLAZEC_AUTOTUNE")
+    monkeypatch.setattr(_common, "IMPL_CHOICES", {})
+    fake_ms = {"a": 2.0, "b": 1.0}
+
+    def do_bench(fn, warmup, rep):
+        fn()
+        return fake_ms[runs[-1]]
+
+    monkeypatch.setattr(triton.testing, "do_bench", do_bench)
+    assert _common.pick_fastest("t", (1,), cands, "a") == "b" and runs == ["a", "b"]
+    assert _common.pick_fastest("t", (1,), cands, "a") == "b" and runs == ["a", "b"]  # cached
+    fake_ms["a"] = 0.5
+    assert _common.pick_fastest("t", (2,), cands, "b") == "a"  # another key is timed afresh
+    assert _common.IMPL_CHOICES == {"t": {(1,): "b", (2,): "a"}}
