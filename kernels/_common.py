@@ -296,13 +296,16 @@ def pick_fastest(name: str, key: tuple, candidates: dict[str, Callable[[], None]
     the same buffers) to run for ``key``: on a GPU with autotuning on, the fastest by
     ``triton.testing.do_bench`` the first time ``key`` is seen (each candidate's own kernels
     autotune inside its first run), then that one from the cache; ``default`` under the
-    interpreter or with ``BLAZEC_AUTOTUNE=0``. The caller runs the returned candidate itself."""
+    interpreter, with ``BLAZEC_AUTOTUNE=0``, and for an uncached key during a CUDA graph
+    capture. The caller runs the returned candidate itself."""
     if INTERPRET or not autotune_enabled():
         return default
     if len(candidates) == 1:
         return next(iter(candidates))
     cache = IMPL_CHOICES.setdefault(name, {})
     hit = cache.get(key)
+    if hit is None and torch.cuda.is_current_stream_capturing():
+        return default  # timing synchronizes, which a CUDA graph capture cannot; not cached
     if hit is None:
         from triton.testing import do_bench
 
