@@ -304,7 +304,7 @@ def pick_fastest(name: str, key: tuple, candidates: dict[str, Callable[[], None]
         return next(iter(candidates))
     cache = IMPL_CHOICES.setdefault(name, {})
     hit = cache.get(key)
-    if hit is None and torch.cuda.is_current_stream_capturing():
+    if hit is None and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return default  # timing synchronizes, which a CUDA graph capture cannot; not cached
     if hit is None:
         from triton.testing import do_bench

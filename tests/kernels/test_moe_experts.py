@@ -560,6 +560,7 @@ def test_pick_fastest(monkeypatch) -> None:
     fake_ms["a"] = 0.5
     assert _common.pick_fastest("t", (2,), cands, "b") == "a"  # another key is timed afresh
     assert _common.IMPL_CHOICES == {"t": {(1,): "b", (2,): "a"}}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     n = len(runs)
     assert _common.pick_fastest("t", (3,), cands, "b") == "b" and len(runs) == n  # no timing
