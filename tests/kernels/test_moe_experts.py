@@ -504,14 +504,21 @@ def test_releasable(monkeypatch) -> None:
     dict(activation="geglu", bias="list", layout="list", ids_kind="ragged", capacity=5),
     dict(activation="swiglu", bias="stacked", weight_pos="hidden", dtype=torch.bfloat16, recompute=True),
     dict(activation="geglu_tanh", bias="stacked", T=1, k=1),
-], ids=["empty-experts", "list-bias-dropped", "bf16-hidden-recompute", "T1"])
+    dict(activation="swiglu", bias="list", layout="list", only_gate_bias=True),
+], ids=["empty-experts", "list-bias-dropped", "bf16-hidden-recompute", "T1", "gate-bias-only"])
 def test_dual_gate_up_weight_gradients(monkeypatch, kw) -> None:
     """dWg and dWu (+ their bias gradients) from one DUAL _wgrad_kernel launch, which shares
     each gathered x tile between the two products: checked against the reference, and equal
     bit for bit to the two single launches (same tiles, same sums)."""
+    import dataclasses
+
     from blazec.kernels import moe_experts
 
+    kw = dict(kw)
+    only_gate_bias = kw.pop("only_gate_bias", False)
     case = make_case(E=5, seed=31, **kw)
+    if only_gate_bias:  # a bias gradient for dWg's rows, none for dWu's
+        case = dataclasses.replace(case, w={**case.w, "b_up": []})
     launched: list[dict] = []
     real_launch = moe_experts.launch
 
@@ -523,7 +530,8 @@ def test_dual_gate_up_weight_gradients(monkeypatch, kw) -> None:
     monkeypatch.setattr(moe_experts, "launch", spy)
     monkeypatch.setattr(moe_experts, "GATE_UP_FORCE", "dual")
     check(case)
-    assert launched and all(a["HAS_DB2"] == (kw["bias"] != "none") for a in launched)
+    assert launched and all(a["HAS_DB2"] == (kw["bias"] != "none" and not only_gate_bias) for a in launched)
+    assert all(a["HAS_DB"] == (kw["bias"] != "none") for a in launched)
     _, preact = moe_experts.moe_experts_fwd(*case.fwd_args())
     dual = moe_experts.moe_experts_bwd(*case.bwd_args(preact))
     monkeypatch.setattr(moe_experts, "GATE_UP_FORCE", "single")
