@@ -224,8 +224,8 @@ def _wgrad(o: _Operands, L: Tensor, R: Tensor, M: int, N: int, like_w: Sequence[
            like_b: Sequence[Tensor], l_gather: bool, r_gather: bool, ws: Optional[Tensor]):
     """dW (and db) of one expert weight; ``ws``: the sorted routing weights to scale L by."""
     dws, dw_op = output_operand(like_w, 2)
-    dbs, db_op = output_operand(like_b, 1) if like_b else ([], dummy_operand(dws[0], 1))
-    _wgrad_launch(o, L, R, M, N, dw_op, db_op if like_b else None, l_gather, r_gather, ws)
+    dbs, db_op = output_operand(like_b, 1) if like_b else ([], None)
+    _wgrad_launch(o, L, R, M, N, dw_op, db_op, l_gather, r_gather, ws)
     return dws, dbs
 
 
