@@ -12,6 +12,7 @@ arguments it would have received, through TTIR -> TTGIR -> LLVM -> PTX -> cubin 
     python -m tests.kernels.aot_compile --arch 80  # another target
     python -m tests.kernels.aot_compile --regs     # also each variant's registers and spills
     python -m tests.kernels.aot_compile --kernel _dh_kernel   # only that kernel's variants
+    python -m tests.kernels.aot_compile --jobs 1   # in one process (default: one per CPU, forked)
 
 It compiles with the locally installed Triton; the GPU image's Triton may differ. ``--regs``
 reads each cubin's resource usage with Triton's bundled ``cuobjdump``: registers per thread, and
@@ -45,7 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import triton
@@ -265,12 +266,60 @@ def cases():
         yield name, ("experts", x, tw, route, ws, act, wp, rec)
 
 
+_VARIANTS: list = []
+_ARGS = None
+_TARGET = None
+
+
+def _check_variant(i: int) -> tuple[bool, list[str], Optional[tuple]]:
+    """Compile variant ``i`` of ``_VARIANTS`` and check it: (compiled, failures, resource
+    usage or None). Runs in the main process or in a forked worker."""
+    fn, kw, opts, sig, consts = _VARIANTS[i]
+    args, target = _ARGS, _TARGET
+    failures: list[str] = []
+    try:
+        src, options = _specialized_source(fn, kw, opts, target)
+        c = triton.compile(src, target=target, options=options)
+    except Exception as e:  # noqa: BLE001 - report every failing variant
+        msg = str(e).strip().splitlines()
+        return False, [f"{fn.__name__} {opts} {_brief(sig, consts)}: {type(e).__name__}: "
+                       f"{msg[-1] if msg else ''}"], None
+    smem = c.metadata.shared
+    if smem > SMEM_LIMIT.get(args.arch, 232448):
+        failures.append(f"{fn.__name__} {opts} {_brief(sig, consts)}: needs {smem} B shared memory")
+    mma, want = mma_kind(c.asm["ptx"]), expected_mma(fn.__name__, sig, args.arch, consts)
+    if want is not None and mma != want:
+        failures.append(f"{fn.__name__} {opts} {_brief(sig, consts)}: compiled to {mma}, "
+                        f"expected {want} on sm_{args.arch}")
+    sync = loop_tile_loads(c.asm["ttgir"])
+    # A drain is allowed in an FMA loop (fp32 without tf32): moe_wgrad caps its stages
+    # there, since pipelining deeper spills the register operands.
+    drains = loop_drains(c.asm["ttgir"]) if mma != "none" else 0
+    if expects_pipelining(fn.__name__, consts, args.arch) and (sync or drains):
+        failures.append(f"{fn.__name__} {opts} {_brief(sig, consts)}: "
+                        + (f"{sync} tile load(s) in a loop not pipelined" if sync else
+                           f"its loop waits for every copy or MMA each iteration ({drains}x)"))
+    if args.dump:
+        os.makedirs(args.dump, exist_ok=True)
+        stem = os.path.join(args.dump, f"{i + 1:03d}-{fn.__name__}")
+        for ext in ("ttgir", "ptx"):
+            with open(f"{stem}.{ext}", "w") as fh:
+                fh.write(f"// {opts} {_brief(sig, consts)}\n{c.asm[ext]}")
+    usage = None
+    if args.regs:
+        usage = (fn.__name__, opts, _brief(sig, consts),
+                 {**resource_usage(c.asm["cubin"]), "SHARED": smem, "MMA": mma})
+    return True, failures, usage
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--all", action="store_true", help="compile every autotune config (slow)")
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--regs", action="store_true", help="print registers and spills of every variant")
     ap.add_argument("--dump", metavar="DIR", help="write each variant's TTGIR and PTX to DIR")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                    help="compile in this many forked processes (default: one per CPU)")
     ap.add_argument("--kernel", metavar="NAME", action="append",
                     help="compile only this kernel's variants (e.g. _dh_kernel; may repeat)")
     args = ap.parse_args(argv)
@@ -309,8 +358,7 @@ def main(argv=None) -> int:
             moe_experts.GATE_UP_FORCE = None
 
     target = GPUTarget("cuda", args.arch, 32)
-    seen, n_ok, failures, usage = set(), 0, list(shared_keys), []
-    t0 = time.time()
+    seen, variants = set(), []
     for fn, kw, opts_list in log:
         if args.kernel and fn.__name__ not in args.kernel:
             continue
@@ -318,41 +366,23 @@ def main(argv=None) -> int:
         for opts in opts_list:
             key = (fn.__name__, tuple(sorted(sig.items())), tuple(sorted((k, str(v)) for k, v in consts.items())),
                    tuple(sorted(opts.items())))
-            if key in seen:
-                continue
-            seen.add(key)
-            try:
-                src, options = _specialized_source(fn, kw, opts, target)
-                c = triton.compile(src, target=target, options=options)
-                smem = c.metadata.shared
-                if smem > SMEM_LIMIT.get(args.arch, 232448):
-                    failures.append(f"{fn.__name__} {opts} {_brief(sig, consts)}: needs {smem} B shared memory")
-                mma, want = mma_kind(c.asm["ptx"]), expected_mma(fn.__name__, sig, args.arch, consts)
-                if want is not None and mma != want:
-                    failures.append(f"{fn.__name__} {opts} {_brief(sig, consts)}: compiled to {mma}, "
-                                    f"expected {want} on sm_{args.arch}")
-                sync = loop_tile_loads(c.asm["ttgir"])
-                # A drain is allowed in an FMA loop (fp32 without tf32): moe_wgrad caps its stages
-                # there, since pipelining deeper spills the register operands.
-                drains = loop_drains(c.asm["ttgir"]) if mma != "none" else 0
-                if expects_pipelining(fn.__name__, consts, args.arch) and (sync or drains):
-                    failures.append(f"{fn.__name__} {opts} {_brief(sig, consts)}: "
-                                    + (f"{sync} tile load(s) in a loop not pipelined" if sync else
-                                       f"its loop waits for every copy or MMA each iteration ({drains}x)"))
-                n_ok += 1
-                if args.dump:
-                    os.makedirs(args.dump, exist_ok=True)
-                    stem = os.path.join(args.dump, f"{n_ok:03d}-{fn.__name__}")
-                    for ext in ("ttgir", "ptx"):
-                        with open(f"{stem}.{ext}", "w") as fh:
-                            fh.write(f"// {opts} {_brief(sig, consts)}\n{c.asm[ext]}")
-                if args.regs:
-                    usage.append((fn.__name__, opts, _brief(sig, consts),
-                                  {**resource_usage(c.asm["cubin"]), "SHARED": smem, "MMA": mma}))
-            except Exception as e:  # noqa: BLE001 - report every failing variant
-                msg = str(e).strip().splitlines()
-                failures.append(f"{fn.__name__} {opts} {_brief(sig, consts)}: {type(e).__name__}: "
-                                f"{msg[-1] if msg else ''}")
+            if key not in seen:
+                seen.add(key)
+                variants.append((fn, kw, opts, sig, consts))
+    t0 = time.time()
+    global _VARIANTS, _ARGS, _TARGET
+    _VARIANTS, _ARGS, _TARGET = variants, args, target
+    jobs = max(1, min(args.jobs, len(variants)))
+    if jobs > 1:  # forked workers inherit the variants; each returns plain strings and numbers
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(jobs) as pool:
+            results = pool.map(_check_variant, range(len(variants)), chunksize=1)
+    else:
+        results = [_check_variant(i) for i in range(len(variants))]
+    n_ok = sum(r[0] for r in results)
+    failures = list(shared_keys) + [f for r in results for f in r[1]]
+    usage = [r[2] for r in results if r[2] is not None]
     print(f"aot_compile: {n_ok} kernel variants compiled for cuda:{args.arch} with triton {triton.__version__} "
           f"in {time.time() - t0:.0f} s; {len(failures)} failure(s)")
     for f in failures:

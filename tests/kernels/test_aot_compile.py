@@ -1,6 +1,6 @@
 """Compile the kernels for sm_90 without a GPU, with Triton's real compiler (not the interpreter).
 
-    pytest tests/kernels/test_aot_compile.py                  # first autotune config: ~35 s
+    pytest tests/kernels/test_aot_compile.py                  # first autotune config: ~35 s on 2 CPUs
     BLAZEC_AOT=1 pytest tests/kernels/test_aot_compile.py     # every config as well: minutes
 
 Runs ``tests/kernels/aot_compile.py`` in a fresh process without TRITON_INTERPRET (this
