@@ -80,7 +80,8 @@ ROWS_CONFIGS = [
 ]
 # _dh_kernel writes one d(routing weight) partial per row and N tile: the launcher sizes that
 # buffer for the narrowest BLOCK_N here (DH_MIN_BLOCK_N) and zero-fills it, so the autotuner
-# may pick any BLOCK_N (a wider tile leaves some partial columns at zero).
+# may pick any BLOCK_N (a wider tile leaves some partial columns at zero; DH_RESTORE puts the
+# zeros back after the timed runs of other configs).
 DH_CONFIGS = [
     gemm_config(128, 128, 64, 8, 3),
     gemm_config(128, 64, 64, 4, 4),
@@ -93,6 +94,14 @@ DH_CONFIGS = [
 # The narrowest BLOCK_N _dh_kernel may run with here (the interpreter's fixed config, or a
 # tuned one), which sizes its partial buffer.
 DH_MIN_BLOCK_N = INTERPRET_CONFIG["BLOCK_N"] if INTERPRET else min(c.kwargs["BLOCK_N"] for c in DH_CONFIGS)
+# What the autotuner must restore after each timed run (Triton's ``restore_value``): it runs
+# every config on the launch's own arguments before the final launch. _dh_kernel may write
+# dg | du over its preact input (in place: a second run would read dg | du as g | u), and a
+# config with a narrower BLOCK_N leaves partials in columns a wider final config does not
+# write, which the d(routing weight) sum would add. The clones exist only while a key is
+# being tuned (at mixtral-like, preact's 0.875 GiB on the first backward). The other GEMM
+# kernels only store their outputs, so a run repeats exactly.
+DH_RESTORE = ["pre_ptr", "part_ptr"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -408,4 +417,5 @@ else:
     dh_tuned = triton.autotune(
         DH_CONFIGS, key=["D", "I", "ROWS_CLASS", *variant_key(_dh_kernel)],
         prune_configs_by={"early_config_prune": smem_pruner("wd_ptr", lambda a: (1, 1))},
+        restore_value=DH_RESTORE,
     )(_dh_kernel)

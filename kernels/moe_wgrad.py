@@ -21,7 +21,7 @@ and du), one R tile, two accumulators, as GEMM 1's forward does with Wg and Wu. 
 gathered x rows, the operand the k-fold reuse makes expensive, half as often; per K step a
 128x128 tile does 4*128*128*BK FLOPs on (2*128 + 128)*BK loaded elements instead of 2*128*128*BK
 on 2*128*BK. The launcher picks DUAL or two single launches by timing both once per shape
-class (``moe_experts.wgrad_gate_up_impl``).
+class (``moe_experts._dw_gate_up`` with ``_common.pick_fastest``).
 
 Floor per call, over all experts (S pairs, M x N the weight shape, b bytes/element):
 FLOPs 2*S*M*N. Bytes: S*M*b (L) + S*N*b (R, gathered rows of x or gy hit L2 k times) +

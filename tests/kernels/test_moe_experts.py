@@ -574,3 +574,53 @@ def test_pick_fastest(monkeypatch) -> None:
     assert _common.pick_fastest("t", (3,), cands, "b") == "b" and len(runs) == n  # no timing
     assert _common.pick_fastest("t", (2,), cands, "b") == "a"  # a cached choice still holds
     assert (3,) not in _common.IMPL_CHOICES["t"]
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_autotuner_reruns_do_not_change_results(monkeypatch, recompute: bool) -> None:
+    """On a GPU the autotuner runs every config of a new key on the launch's own arguments
+    before the final launch, restoring only the arguments its ``restore_value`` names. Emulated
+    here: each launch first runs twice with the interpreter's config (BLOCK_N 16) under that
+    restore rule, then once with BLOCK_N 32. The results must equal a plain BLOCK_N 32 run bit
+    for bit, with dg | du written over preact (the in-place case) in both modes. Without
+    DH_RESTORE they do not: the second run reads dg | du as g | u, and the 16-wide partials
+    left in columns the 32-wide run does not write enter d(routing weight)."""
+    import dataclasses
+
+    from blazec.kernels import moe_experts, moe_grouped_gemm as gg
+    from blazec.kernels._common import INTERPRET_CONFIG
+
+    restore = {"_dh_kernel": list(gg.DH_RESTORE)}
+    wide = {**INTERPRET_CONFIG, "BLOCK_N": 32}
+    real = moe_experts.launch
+
+    def final_only(kernel, tuned, grid, args, fixed):
+        real(kernel, tuned, grid, args, wide)
+
+    def tuned_like(kernel, tuned, grid, args, fixed):
+        names = restore.get(getattr(kernel, "fn", kernel).__name__, [])
+        for _ in range(2):
+            saved = {n: args[n].clone() for n in names}
+            real(kernel, tuned, grid, args, fixed)
+            for n, t in saved.items():
+                args[n].copy_(t)
+        real(kernel, tuned, grid, args, wide)
+
+    monkeypatch.setattr(moe_experts, "may_overwrite_preact", lambda p: True)
+    case = dataclasses.replace(make_case(T=13, I=40, E=4, k=3, bias="list", seed=41), recompute=recompute)
+
+    def run(launcher):
+        monkeypatch.setattr(moe_experts, "launch", launcher)
+        y, preact = moe_experts.moe_experts_fwd(*case.fwd_args())
+        return [y, *moe_experts.moe_experts_bwd(*case.bwd_args(preact), True)]
+
+    def flat(outs):
+        return [t for o in outs for t in (o if isinstance(o, list) else [o])]
+
+    want = flat(run(final_only))
+    got = flat(run(tuned_like))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    restore.clear()
+    broken = flat(run(tuned_like))
+    assert any(not torch.equal(b, w) for b, w in zip(broken, want))
