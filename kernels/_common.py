@@ -158,11 +158,13 @@ def weight_operand(ws: Sequence[Tensor], ndim_expert: int) -> Optional[WeightOpe
     return WeightOperand(ws[0], tab, (0, *s), align)
 
 
-def output_operand(like: Sequence[Tensor], ndim_expert: int) -> tuple[list[Tensor], WeightOperand]:
-    """The gradient of the weight or bias list ``like``: one contiguous stacked tensor (the op
-    contract, ``reference.stacked_grad_shape``), for per-expert lists too, and its operand."""
-    t = empty(stacked_grad_shape(like, ndim_expert), like[0].dtype, like[0].device)
-    return [t], WeightOperand(t, t, tuple(t.stride()), 0)
+def grad_buffer(like: Sequence[Tensor], ndim_expert: int) -> list[Tensor]:
+    """The gradient list of the weight or bias list ``like``: one contiguous stacked tensor (the
+    op contract, ``reference.stacked_grad_shape``), for per-expert lists too; empty for an
+    empty list."""
+    if not like:
+        return []
+    return [empty(stacked_grad_shape(like, ndim_expert), like[0].dtype, like[0].device)]
 
 
 def dummy_operand(t: Tensor, ndim_expert: int) -> WeightOperand:

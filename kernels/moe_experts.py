@@ -43,9 +43,9 @@ from blazec.kernels._common import (
     dot_precision,
     dummy_operand,
     empty,
+    grad_buffer,
     launch,
     next_pow2,
-    output_operand,
     pick_fastest,
     rows_class,
     weight_operand,
@@ -223,36 +223,32 @@ def moe_experts_fwd(
 def _wgrad(o: _Operands, L: Tensor, R: Tensor, M: int, N: int, like_w: Sequence[Tensor],
            like_b: Sequence[Tensor], l_gather: bool, r_gather: bool, ws: Optional[Tensor]):
     """dW (and db) of one expert weight; ``ws``: the sorted routing weights to scale L by."""
-    dws, dw_op = output_operand(like_w, 2)
-    dbs, db_op = output_operand(like_b, 1) if like_b else ([], None)
-    _wgrad_launch(o, L, R, M, N, dw_op, db_op, l_gather, r_gather, ws)
+    dws, dbs = grad_buffer(like_w, 2), grad_buffer(like_b, 1)
+    _wgrad_launch(o, L, R, M, N, dws[0], dbs[0] if dbs else None, l_gather, r_gather, ws)
     return dws, dbs
 
 
-def _wgrad_launch(o: _Operands, L: Tensor, R: Tensor, M: int, N: int, dw_op: WeightOperand,
-                  db_op: Optional[WeightOperand], l_gather: bool, r_gather: bool, ws: Optional[Tensor],
+def _wgrad_launch(o: _Operands, L: Tensor, R: Tensor, M: int, N: int, dw: Tensor, db: Optional[Tensor],
+                  l_gather: bool, r_gather: bool, ws: Optional[Tensor],
                   L2: Optional[Tensor] = None, dw2: Optional[Tensor] = None, db2: Optional[Tensor] = None):
-    """One _wgrad_kernel launch into given outputs (``db_op`` None: no bias gradient). With
-    ``L2`` (DUAL) also dW2 = L2^T R into ``dw2``, a tensor with dw_op's strides, and, when
-    given, its row sums into ``db2``, a contiguous [E, M] tensor."""
+    """One _wgrad_kernel launch into the stacked gradients ``dw`` [E, M, N] and ``db`` [E, M]
+    (None: no bias gradient). With ``L2`` (DUAL) also dW2 = L2^T R into ``dw2`` and, when
+    given, its row sums into ``db2``: buffers of the same shapes and strides."""
     dual = L2 is not None
-    has_db = db_op is not None
-    if not has_db:
-        db_op = dummy_operand(dw_op.ptr, 1)
-    assert not dual or (dw_op.table == 0 and dw2.stride() == dw_op.strides
-                        and (db2 is None or db2.is_contiguous()))
+    some_db = db if db is not None else db2
+    assert not dual or (dw2.stride() == dw.stride() and (db is None or db2 is None or db2.stride() == db.stride()))
     grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]), o.E)  # noqa: E731
     launch(moe_wgrad._wgrad_kernel, moe_wgrad.wgrad_tuned, grid, dict(
         l_ptr=L, r_ptr=R, ws_ptr=L if ws is None else ws, pairs_ptr=o.sp, offs_ptr=o.eo,
-        dw_ptr=dw_op.ptr, dw_tab=dw_op.tab, db_ptr=db_op.ptr, db_tab=db_op.tab,
-        l2_ptr=L2 if dual else L, dw2_ptr=dw2 if dual else dw_op.ptr,
-        db2_ptr=db2 if db2 is not None else db_op.ptr,
+        dw_ptr=dw, db_ptr=dw if db is None else db,
+        l2_ptr=L2 if dual else L, dw2_ptr=dw2 if dual else dw, db2_ptr=dw if db2 is None else db2,
         M=M, N=N, K=o.k, ROWS_CLASS=o.rows_class,
         s_lr=L.stride(0), s_lc=L.stride(1), s_rr=R.stride(0), s_rc=R.stride(1),
-        s_dwe=dw_op.strides[0], s_dwm=dw_op.strides[1], s_dwn=dw_op.strides[2],
-        s_dbe=db_op.strides[0], s_dbm=db_op.strides[1],
-        L_GATHER=l_gather, R_GATHER=r_gather, L_SCALE=ws is not None, HAS_DB=has_db,
-        DW_TAB=dw_op.table, DB_TAB=db_op.table, DUAL=dual, HAS_DB2=db2 is not None, PREC=o.prec,
+        s_dwe=dw.stride(0), s_dwm=dw.stride(1), s_dwn=dw.stride(2),
+        s_dbe=some_db.stride(0) if some_db is not None else 0,
+        s_dbm=some_db.stride(1) if some_db is not None else 0,
+        L_GATHER=l_gather, R_GATHER=r_gather, L_SCALE=ws is not None, HAS_DB=db is not None,
+        DUAL=dual, HAS_DB2=db2 is not None, PREC=o.prec,
     ), INTERPRET_CONFIG)
 
 
@@ -447,18 +443,15 @@ def _dw_gate_up(o: _Operands, dgu: Tensor, w_gate, w_up, b_gate, b_up, gm: bool)
         dwg, dbg = _wgrad(o, dgu, x, I, o.d, w_gate, b_gate, False, True, None)
         return dwg, [], dbg, []
     dg, du = dgu[:, :I], dgu[:, I:]
-    dwg, g_op = output_operand(w_gate, 2)
-    dwu, u_op = output_operand(w_up, 2)
-    dbg, bg_op = output_operand(b_gate, 1) if b_gate else ([], None)
-    dbu, bu_op = output_operand(b_up, 1) if b_up else ([], None)
+    dwg, dwu, dbg, dbu = grad_buffer(w_gate, 2), grad_buffer(w_up, 2), grad_buffer(b_gate, 1), grad_buffer(b_up, 1)
+    bg, bu = dbg[0] if dbg else None, dbu[0] if dbu else None
 
     def single():
-        _wgrad_launch(o, dg, x, I, o.d, g_op, bg_op, False, True, None)
-        _wgrad_launch(o, du, x, I, o.d, u_op, bu_op, False, True, None)
+        _wgrad_launch(o, dg, x, I, o.d, dwg[0], bg, False, True, None)
+        _wgrad_launch(o, du, x, I, o.d, dwu[0], bu, False, True, None)
 
     def dual():
-        _wgrad_launch(o, dg, x, I, o.d, g_op, bg_op, False, True, None,
-                      L2=du, dw2=dwu[0], db2=dbu[0] if dbu else None)
+        _wgrad_launch(o, dg, x, I, o.d, dwg[0], bg, False, True, None, L2=du, dw2=dwu[0], db2=bu)
 
     run = {"single": single, "dual": dual}
     if GATE_UP_FORCE:

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from blazec.kernels._common import (
-    INTERPRET, cast, cdiv, expert_ptr, gemm_config, mma, rsum, smem_pruner, swizzle, variant_key,
+    INTERPRET, cast, cdiv, gemm_config, mma, rsum, smem_pruner, swizzle, variant_key,
 )
 
 # Five stages: the K loop gathers its rows through indices it loads itself, and Triton's
@@ -64,15 +64,15 @@ def _wgrad_kernel(
     ws_ptr,  # [P] fp32 routing weights in sorted order (L_SCALE only; written by _dh_kernel)
     pairs_ptr,  # [P] int64 sorted_pairs
     offs_ptr,  # [E+1] int64 expert_offsets
-    dw_ptr, dw_tab,  # out: stacked [E, M, N] gradient, or table of E [M, N] gradients
-    db_ptr, db_tab,  # out: stacked [E, M] bias gradient, or table of E [M] (HAS_DB only)
+    dw_ptr,  # out: stacked [E, M, N] gradient (the op returns every gradient stacked)
+    db_ptr,  # out: stacked [E, M] bias gradient (HAS_DB only)
     l2_ptr,  # DUAL: a second L, same shape and strides as L, sorted order
-    dw2_ptr, db2_ptr,  # DUAL: its [E, M, N] gradient (dw's strides), contiguous [E, M] bias gradient
+    dw2_ptr, db2_ptr,  # DUAL: its gradient and bias gradient (HAS_DB2), with dw's / db's strides
     M, N, K, ROWS_CLASS,
     s_lr, s_lc, s_rr, s_rc,  # row / column strides of L and R
     s_dwe, s_dwm, s_dwn, s_dbe, s_dbm,
     L_GATHER: tl.constexpr, R_GATHER: tl.constexpr, L_SCALE: tl.constexpr, HAS_DB: tl.constexpr,
-    DW_TAB: tl.constexpr, DB_TAB: tl.constexpr, DUAL: tl.constexpr, HAS_DB2: tl.constexpr,
+    DUAL: tl.constexpr, HAS_DB2: tl.constexpr,
     PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -129,20 +129,18 @@ def _wgrad_kernel(
             acc2 = mma(cast(lt2, rdt), rt, acc2, PREC)
             if HAS_DB2:
                 dbacc2 += rsum(lt2.to(tl.float32), 1)
-    dw_base = expert_ptr(dw_ptr, dw_tab, e, s_dwe, DW_TAB)
-    tl.store(dw_base + mm[:, None] * s_dwm + nn[None, :] * s_dwn,
-             cast(acc, dw_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
-    if HAS_DB:
-        if pid_n == 0:
-            db_base = expert_ptr(db_ptr, db_tab, e, s_dbe, DB_TAB)
-            tl.store(db_base + mm * s_dbm, cast(dbacc, db_ptr.dtype.element_ty), mask=mmask)
+    e64 = e.to(tl.int64)
+    dw_off = e64 * s_dwe + mm[:, None] * s_dwm + nn[None, :] * s_dwn
+    wmask = mmask[:, None] & nmask[None, :]
+    tl.store(dw_ptr + dw_off, cast(acc, dw_ptr.dtype.element_ty), mask=wmask)
     if DUAL:
-        tl.store(dw2_ptr + e.to(tl.int64) * s_dwe + mm[:, None] * s_dwm + nn[None, :] * s_dwn,
-                 cast(acc2, dw2_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+        tl.store(dw2_ptr + dw_off, cast(acc2, dw2_ptr.dtype.element_ty), mask=wmask)
+    if pid_n == 0:
+        db_off = e64 * s_dbe + mm * s_dbm
+        if HAS_DB:
+            tl.store(db_ptr + db_off, cast(dbacc, db_ptr.dtype.element_ty), mask=mmask)
         if HAS_DB2:
-            if pid_n == 0:
-                tl.store(db2_ptr + e.to(tl.int64) * M + mm,
-                         cast(dbacc2, db2_ptr.dtype.element_ty), mask=mmask)
+            tl.store(db2_ptr + db_off, cast(dbacc2, db2_ptr.dtype.element_ty), mask=mmask)
 
 
 FMA_STAGES = 3

@@ -40,20 +40,21 @@ def test_pointer_table_cache() -> None:
     assert pointer_table(odd)[1] == 1 and pointer_table(odd)[0].tolist() == [w.data_ptr() for w in odd]
 
 
-def test_output_operand_is_one_stacked_gradient() -> None:
-    from blazec.kernels._common import output_operand
+def test_grad_buffer_is_one_stacked_gradient() -> None:
+    from blazec.kernels._common import grad_buffer
 
     stacked = torch.randn(3, 5, 4, device=KERNEL_DEVICE).transpose(1, 2)
-    outs, op = output_operand([stacked], 2)
-    assert len(outs) == 1 and outs[0].shape == stacked.shape and outs[0].is_contiguous() and not op.table
+    outs = grad_buffer([stacked], 2)
+    assert len(outs) == 1 and outs[0].shape == stacked.shape and outs[0].is_contiguous()
     ws = [torch.randn(4, 5, device=KERNEL_DEVICE).t() for _ in range(3)]
-    outs, op = output_operand(ws, 2)  # per-expert list: stacked too, no pointer table
-    assert len(outs) == 1 and outs[0].shape == (3, 5, 4) and outs[0].is_contiguous() and not op.table
-    assert op.strides == (20, 4, 1)
-    outs, op = output_operand([torch.randn(7, device=KERNEL_DEVICE)], 1)  # one expert's bias
+    outs = grad_buffer(ws, 2)  # per-expert list: stacked too, no pointer table
+    assert len(outs) == 1 and outs[0].shape == (3, 5, 4) and outs[0].is_contiguous()
+    assert outs[0].stride() == (20, 4, 1)
+    outs = grad_buffer([torch.randn(7, device=KERNEL_DEVICE)], 1)  # one expert's bias
     assert outs[0].shape == (1, 7)
-    outs, op = output_operand([torch.randn(2, 7, device=KERNEL_DEVICE)], 1)  # stacked biases
+    outs = grad_buffer([torch.randn(2, 7, device=KERNEL_DEVICE)], 1)  # stacked biases
     assert outs[0].shape == (2, 7)
+    assert grad_buffer([], 1) == []  # no bias, no gradient
 
 
 def test_poison() -> None:

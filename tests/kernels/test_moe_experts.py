@@ -316,7 +316,7 @@ def test_backward_buffer_order(monkeypatch, mode: str) -> None:
         return t
 
     monkeypatch.setattr(moe_experts, "empty", tracked)
-    monkeypatch.setattr(_common, "empty", tracked)  # output_operand (the weight gradients)
+    monkeypatch.setattr(_common, "empty", tracked)  # grad_buffer (the weight gradients)
     reuse = mode.startswith("over")
     monkeypatch.setattr(moe_experts, "may_overwrite_preact", lambda p: reuse)
     grads = moe_experts.moe_experts_bwd(*case.bwd_args(preact), True)
