@@ -37,16 +37,6 @@ def is_stacked(ts: Sequence[Tensor], ndim_expert: int) -> bool:
     return len(ts) == 1 and ts[0].dim() == ndim_expert + 1
 
 
-def is_stacked_weight(ws: Sequence[Tensor]) -> bool:
-    """A weight list is stacked when it holds one 3-D ``[E, out, in]`` tensor."""
-    return is_stacked(ws, 2)
-
-
-def is_stacked_bias(bs: Sequence[Tensor]) -> bool:
-    """A bias list is stacked when it holds one 2-D ``[E, out]`` tensor."""
-    return is_stacked(bs, 1)
-
-
 def stacked_grad_shape(ts: Sequence[Tensor], ndim_expert: int) -> tuple[int, ...]:
     """Shape of the one stacked gradient the backward returns for a non-empty weight
     (``ndim_expert`` 2) or bias (1) list: the stacked tensor's shape, or ``[E, *shape]`` for E
@@ -60,14 +50,14 @@ def stacked_grad_shape(ts: Sequence[Tensor], ndim_expert: int) -> tuple[int, ...
 
 def expert_weight(ws: Sequence[Tensor], e: int) -> Tensor:
     """Expert ``e``'s ``[out, in]`` weight: a view, never a copy."""
-    return ws[0][e] if is_stacked_weight(ws) else ws[e]
+    return ws[0][e] if is_stacked(ws, 2) else ws[e]
 
 
 def expert_bias(bs: Sequence[Tensor], e: int) -> Optional[Tensor]:
     """Expert ``e``'s ``[out]`` bias, or None when the list is empty."""
     if len(bs) == 0:
         return None
-    return bs[0][e] if is_stacked_bias(bs) else bs[e]
+    return bs[0][e] if is_stacked(bs, 1) else bs[e]
 
 
 def accumulate_dtype(x_dtype: torch.dtype, w_dtype: torch.dtype) -> torch.dtype:
