@@ -8,6 +8,9 @@ The protocol of ../shared/BASELINES.md, in one process, on the same weights and 
   and under ``torch.compile``
 - ``blazec-loop`` / ``blazec-loop-recompute``: the eager-loop model under
   ``torch.compile(backend="blaze")`` (default options, and ``moe_recompute="recompute_gemm1"``)
+- ``blazec-loop-grouped-mm-wgrad`` / ``blazec-loop-triton-wgrad``: ``blazec-loop`` with its
+  weight gradients forced to torch's grouped GEMM or to the Triton kernel (``BLAZEC_WGRAD`` set
+  for that row only), to compare the two on the same card in the same run
 - ``blazec-ops`` / ``blazec-ops-recompute``: ``blazec.ops.moe_route`` + ``moe_experts`` called
   directly on stacked weights
 - ``dense-equivalent``: not a MoE, the ceiling: one dense SwiGLU MLP (cuBLAS GEMMs) on T*k rows,
@@ -17,9 +20,16 @@ The protocol of ../shared/BASELINES.md, in one process, on the same weights and 
 Each row: median wall time of forward + backward of ``out.float().pow(2).mean()`` (CUDA events
 on GPU), TFLOP/s of the three expert GEMMs (3*T*k*2*d*3*I FLOPs per step), peak memory above
 weights and inputs, memory still held after forward (excluding the output), and the max abs
-error of the output and of dL/dx against the eager loop, relative to the largest value. On CPU, "act" is the bytes autograd
-saves for backward (saved-tensor hooks) and "peak" is not measured; CPU timings are not the GPU
-claim. The GPU shapes (olmoe-like, mixtral-like) need CUDA.
+error of the output, of dL/dx and of the weight gradients (router and the three expert
+weights, the largest of the four) against the eager loop, each relative to the largest value.
+On CPU, "act" is the bytes autograd saves for backward (saved-tensor hooks) and "peak" is not
+measured; CPU timings are not the GPU claim. The GPU shapes (olmoe-like, mixtral-like) need
+CUDA.
+
+The first step of each row (compiling, autotuning) is not timed, but its results are kept and
+compared with a later step's: blazec's kernels are deterministic, so for its rows they must be
+equal bit for bit (``first step`` in the row's line; a difference means that autotuning, which
+runs the kernels on the step's own buffers, changed a result).
 
 Under the table: the BASELINES.md targets checked on this run's rows (``bench_targets.py``),
 and with ``--profile`` each row's most expensive kernels in one more step.
@@ -28,6 +38,7 @@ and with ``--profile`` each row's most expensive kernels in one more step.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import json
@@ -58,11 +69,18 @@ IMPLS = (
     "sort-grouped-mm-compile",
     "blazec-loop",
     "blazec-loop-recompute",
+    "blazec-loop-grouped-mm-wgrad",
+    "blazec-loop-triton-wgrad",
     "blazec-ops",
     "blazec-ops-recompute",
     "dense-equivalent",
 )
 DENSE = "dense-equivalent"
+# Rows that run with an environment variable set for their duration only.
+ROW_ENV = {
+    "blazec-loop-grouped-mm-wgrad": {"BLAZEC_WGRAD": "grouped_mm"},
+    "blazec-loop-triton-wgrad": {"BLAZEC_WGRAD": "triton"},
+}
 GiB = 1024**3
 
 
@@ -191,6 +209,7 @@ class Row:
     act_gib: Optional[float] = None
     err_out: Optional[float] = None
     err_dx: Optional[float] = None
+    err_dw: Optional[float] = None
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -230,8 +249,18 @@ def _time(model, x, dev, warmup: int, iters: int) -> float:
     return statistics.median(times)
 
 
-def _memory(model, x, dev) -> tuple[Optional[float], float, torch.Tensor, Optional[torch.Tensor]]:
-    """(peak GiB or None, after-forward GiB, output, dL/dx) of one fresh step."""
+@dataclass
+class StepResult:
+    """What one step computed: the output, dL/dx and the weight gradients in the loop model's
+    layout (``_weight_grads``); dx and dw are None for the dense row."""
+
+    out: torch.Tensor
+    dx: Optional[torch.Tensor]
+    dw: Optional[dict[str, torch.Tensor]]
+
+
+def _memory(model, x, dev) -> tuple[Optional[float], float, StepResult]:
+    """(peak GiB or None, after-forward GiB, results) of one fresh step."""
     model.zero_grad(set_to_none=True)
     x.grad = None
     if dev.type == "cuda":
@@ -245,16 +274,58 @@ def _memory(model, x, dev) -> tuple[Optional[float], float, torch.Tensor, Option
         out.float().pow(2).mean().backward()
         _sync(dev)
         peak = torch.cuda.max_memory_allocated(dev) - base
-        return peak / GiB, act / GiB, out.detach(), _grad(x)
+        return peak / GiB, act / GiB, _result(model, x, out)
     from blazec.memory import model_tensors, saved_for_backward
 
     out, saved = saved_for_backward(lambda: model(x), model_tensors(model, (x,)))
     out.float().pow(2).mean().backward()
-    return None, saved.activation_bytes / GiB, out.detach(), _grad(x)
+    return None, saved.activation_bytes / GiB, _result(model, x, out)
 
 
-def _grad(x: torch.Tensor) -> Optional[torch.Tensor]:
-    return None if x.grad is None else x.grad.detach().clone()  # None: the dense row does not read x
+def _result(model, x: torch.Tensor, out: torch.Tensor) -> StepResult:
+    # dx None: the dense row does not read x
+    dx = None if x.grad is None else x.grad.detach().clone()
+    return StepResult(out.detach(), dx, _weight_grads(model))
+
+
+def _weight_grads(model: nn.Module) -> Optional[dict[str, torch.Tensor]]:
+    """The router's and the experts' weight gradients of a bench row, in the loop model's
+    layout: ``gate`` [E, d], ``w1`` / ``w3`` [E, I, d], ``w2`` [E, d, I] (None: the dense row)."""
+    inner = getattr(model, "m", model)  # blazec-loop's wrapper
+    inner = getattr(inner, "_orig_mod", inner)  # torch.compile's module
+
+    def grad(p: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
+
+    if isinstance(inner, LoopMoE):
+        ex = inner.experts
+        return {"gate": grad(inner.gate.weight),
+                **{w: torch.stack([grad(getattr(m, w).weight) for m in ex]) for w in ("w1", "w3", "w2")}}
+    if isinstance(inner, SortedMoE):
+        gu, I = grad(inner.w_gate_up), inner.inter  # [E, d, 2I]
+        return {"gate": grad(inner.gate.weight), "w1": gu[..., :I].transpose(1, 2),
+                "w3": gu[..., I:].transpose(1, 2), "w2": grad(inner.w_down).transpose(1, 2)}
+    if isinstance(inner, BlazeOpsMoE):
+        return {"gate": grad(inner.gate.weight), "w1": grad(inner.w_gate), "w3": grad(inner.w_up),
+                "w2": grad(inner.w_down)}
+    return None
+
+
+def _dw_err(dw: Optional[dict[str, torch.Tensor]], ref: Optional[dict[str, torch.Tensor]]) -> Optional[float]:
+    """The largest of the four weight gradients' relative errors (None where either is missing)."""
+    if dw is None or ref is None:
+        return None
+    return max(_rel_err(dw[n], ref[n]) for n in ref)
+
+
+def _max_diff(a: StepResult, b: StepResult) -> float:
+    """The largest absolute difference between two steps' results (0.0: equal bit for bit)."""
+    pairs = [(a.out, b.out)]
+    if a.dx is not None and b.dx is not None:
+        pairs.append((a.dx, b.dx))
+    if a.dw is not None and b.dw is not None:
+        pairs += [(a.dw[n], b.dw[n]) for n in a.dw]
+    return max((u.float() - v.float()).abs().max().item() for u, v in pairs)
 
 
 def _profile(model, x, dev, top: int) -> dict[str, Any]:
@@ -387,6 +458,22 @@ def _build(impl: str, loop: LoopMoE, x: torch.Tensor) -> tuple[nn.Module, Callab
     raise AssertionError(impl)
 
 
+@contextlib.contextmanager
+def _row_env(impl: str):
+    """The row's environment variables (``ROW_ENV``), set for its duration, then restored."""
+    env = ROW_ENV.get(impl, {})
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _kernel_note(dev: torch.device, impl: str) -> str:
     if not impl.startswith("blazec"):
         return ""
@@ -463,37 +550,48 @@ def run(args: argparse.Namespace, stream=None) -> int:
     x = torch.randn(T, d, device=dev, dtype=dtype).requires_grad_()
 
     rows: list[Row] = []
-    ref_out = ref_dx = None
+    ref: Optional[StepResult] = None
     for impl in impls:
         row = Row(impl)
         say(f"  running {impl} ...")
+        first_diff = None
         try:
-            model, facts = _build(impl, loop, x)
-            model.zero_grad(set_to_none=True)
-            _step(model, x)  # compiles and autotunes where needed, outside the measurements
-            peak, act, out, dx = _memory(model, x, dev)
-            row.ms = _time(model, x, dev, args.warmup, args.iters)
-            row.tflops = flops / (row.ms * 1e-3) / 1e12
-            row.peak_gib, row.act_gib = peak, act
-            if impl == "eager-loop":
-                ref_out, ref_dx = out, dx
-            elif ref_out is None and impl != DENSE:  # the reference row was not requested: run it untimed
-                _, _, ref_out, ref_dx = _memory(loop, x, dev)
-            if impl != DENSE:
-                row.err_out = _rel_err(out, ref_out)
-                row.err_dx = _rel_err(dx, ref_dx)
-            row.extra = facts()
-            if args.profile:
-                try:  # a profiler failure costs the profile, not the row's measurements
-                    row.extra["profile"] = _profile(model, x, dev, args.profile)
-                except Exception as e:  # noqa: BLE001
-                    row.extra["profile_error"] = f"{type(e).__name__}: {str(e).strip()[:160]}"
-            notes = [_kernel_note(dev, impl)]
+            with _row_env(impl):
+                model, facts = _build(impl, loop, x)
+                model.zero_grad(set_to_none=True)
+                x.grad = None
+                # compiles and autotunes where needed, outside the measurements
+                first = _result(model, x, _step(model, x))
+                peak, act, res = _memory(model, x, dev)
+                first_diff = _max_diff(first, res)
+                del first
+                row.ms = _time(model, x, dev, args.warmup, args.iters)
+                row.tflops = flops / (row.ms * 1e-3) / 1e12
+                row.peak_gib, row.act_gib = peak, act
+                if impl == "eager-loop":
+                    ref = res
+                elif ref is None and impl != DENSE:  # the reference row was not requested: run it untimed
+                    ref = _memory(loop, x, dev)[2]
+                if impl != DENSE:
+                    row.err_out = _rel_err(res.out, ref.out)
+                    row.err_dx = _rel_err(res.dx, ref.dx)
+                    row.err_dw = _dw_err(res.dw, ref.dw)
+                del res
+                row.extra = facts()
+                row.extra["first_step_diff"] = first_diff
+                if args.profile:
+                    try:  # a profiler failure costs the profile, not the row's measurements
+                        row.extra["profile"] = _profile(model, x, dev, args.profile)
+                    except Exception as e:  # noqa: BLE001
+                        row.extra["profile_error"] = f"{type(e).__name__}: {str(e).strip()[:160]}"
+                notes = [_kernel_note(dev, impl)]
             if impl == DENSE:
                 notes.append("ceiling: dense GEMMs on T*k rows, same FLOPs")
             if "rewrites" in row.extra:
                 n = row.extra["rewrites"]
                 notes.append(f"{n} MoE rewrite(s)" if n else "blaze rewrote nothing!")
+            if impl.startswith("blazec") and first_diff:  # deterministic kernels: must be 0
+                notes.append(f"FIRST STEP DIFFERS from a later one by {first_diff:.2e}")
             row.note = "; ".join(n for n in notes if n)
         except torch.cuda.OutOfMemoryError as e:
             row.note = f"OOM ({str(e).splitlines()[0][:80]})"
@@ -506,19 +604,22 @@ def run(args: argparse.Namespace, stream=None) -> int:
                 torch.cuda.empty_cache()
         rows.append(row)
         # As each row ends, so that a run stopped part-way (a timeout) still has its rows.
+        first = "" if first_diff is None else ("; first step: bitwise equal to a later one" if first_diff == 0
+                                                 else f"; first step differs by {first_diff:.1e}")
         say(f"    {impl}: {_fmt(row.ms, '.2f')} ms, peak {_fmt(row.peak_gib, '.3f')} GiB, "
             f"act {_fmt(row.act_gib, '.3g')} GiB, err {_fmt(row.err_out, '.1e')} / {_fmt(row.err_dx, '.1e')}"
-            + (f"; {row.note}" if row.note else ""))
+            f" / {_fmt(row.err_dw, '.1e')}" + first + (f"; {row.note}" if row.note else ""))
         torch._dynamo.reset()
 
     dense = next((r.tflops for r in rows if r.impl == DENSE and r.tflops), None)
     for r in rows:
         if dense and r.tflops:
             r.pct_dense = 100 * r.tflops / dense
-    head = ["implementation", "ms", "TFLOP/s", "% dense", "peak GiB", "act GiB", "err out", "err dx", "note"]
+    head = ["implementation", "ms", "TFLOP/s", "% dense", "peak GiB", "act GiB", "err out", "err dx", "err dW",
+            "note"]
     table = [[r.impl, _fmt(r.ms, ".2f"), _fmt(r.tflops, ".1f" if on_cuda else ".3g"), _fmt(r.pct_dense, ".0f"),
               _fmt(r.peak_gib, ".3f"), _fmt(r.act_gib, ".3f" if on_cuda else ".3g"), _fmt(r.err_out, ".1e"),
-              _fmt(r.err_dx, ".1e"), r.note] for r in rows]
+              _fmt(r.err_dx, ".1e"), _fmt(r.err_dw, ".1e"), r.note] for r in rows]
     say("")
     say("| " + " | ".join(head) + " |")
     say("|" + "|".join("---" for _ in head) + "|")
@@ -527,7 +628,8 @@ def run(args: argparse.Namespace, stream=None) -> int:
     say("")
     say(f"ms: median of {args.iters} forward+backward steps after {args.warmup} warm-ups; TFLOP/s: "
         f"{flops / 1e9:.3g} GFLOP of expert GEMMs per step; % dense: of the dense-equivalent row's "
-        f"TFLOP/s; err: max abs error / max abs value, vs eager-loop.")
+        f"TFLOP/s; err: max abs error / max abs value, vs eager-loop (dW: the largest of the router's "
+        f"and the three expert weights').")
     for r in rows:
         if r.extra.get("profile_error"):
             say(f"profile {r.impl}: failed: {r.extra['profile_error']}")

@@ -3,9 +3,10 @@
 # the compile caches warm up, then the BASELINES.md protocol at both shapes, alone on the GPU.
 # Writes everything under $OUT (default ./gpu_out): at most 8 files, as the tool returns.
 #   run: bash scripts/gpu_check.sh        (the image already has torch and triton)
-# At most ~8.5 minutes (the timeouts below: 180 + 2 x 115 + 2 x 50 s) of a 15-minute device
-# session, whose start counts too; the bench's error columns check the kernels against the
-# loop reference again at the real shapes.
+# At most ~6.5 minutes (the timeouts below: 120 + 2 x 125 s) of a 15-minute device session,
+# whose start counts too, so that a second, shorter run fits after it; the bench's error columns
+# (output, dL/dx and the weight gradients) check the kernels against the loop reference again
+# at the real shapes, and each blazec row's first, autotuning step against a later one.
 # A dry run of the whole flow on a machine without a GPU (small CPU shapes, interpreter):
 #   OUT=/tmp/gco WARM_SHAPE=64,32,48,8,2 SHAPES="64,32,48,8,2:120" XDIST="-n 2" bash scripts/gpu_check.sh
 set -uo pipefail
@@ -14,15 +15,16 @@ OUT=${OUT:-gpu_out}
 TMP=$(mktemp -d)  # the device tool returns at most 8 files from $OUT: logs gather here first
 WARM_SHAPE=${WARM_SHAPE:-olmoe-like}
 WARM_IMPLS=${WARM_IMPLS:-blazec-loop blazec-loop-recompute sort-grouped-mm-compile}
-WARM_S=${WARM_S:-150}
-TESTS_S=${TESTS_S:-180}  # 140 s ran 446 of 464 tests on the H100 (2026-11-26)
-SHAPES=${SHAPES:-olmoe-like:115 mixtral-like:115}
+WARM_S=${WARM_S:-120}
+TESTS_S=${TESTS_S:-120}  # 140 s ran 446 of 464 tests on the H100 (2026-11-26)
+SHAPES=${SHAPES:-olmoe-like:125 mixtral-like:125}
 # The rows (blazec-ops and blazec-ops-recompute left out by default: they repeat blazec-loop's
-# kernels on stacked weights; IMPLS="" runs every row).
-IMPLS=${IMPLS---impl eager-loop --impl sort-grouped-mm --impl sort-grouped-mm-compile --impl blazec-loop --impl blazec-loop-recompute --impl dense-equivalent}
-# Step 3: blazec-loop with the opt-in grouped_mm weight gradients (BLAZEC_WGRAD=grouped_mm),
-# to set against step 2's blazec-loop row on the same warm card.
-WGRAD_SHAPES=${WGRAD_SHAPES-olmoe-like:50 mixtral-like:50}
+# kernels on stacked weights; IMPLS="" runs every row). blazec-loop-grouped-mm-wgrad is
+# blazec-loop with BLAZEC_WGRAD=grouped_mm, in the same process, on the same warm card.
+IMPLS=${IMPLS---impl eager-loop --impl sort-grouped-mm --impl sort-grouped-mm-compile --impl blazec-loop --impl blazec-loop-recompute --impl blazec-loop-grouped-mm-wgrad --impl dense-equivalent}
+# Step 3 (off by default since the bench has that row): blazec-loop with BLAZEC_WGRAD=grouped_mm
+# in a process of its own, profiled.
+WGRAD_SHAPES=${WGRAD_SHAPES-}
 # Step 4 (off by default; measured on the H100 on 2026-11-26): blazec-loop on the reference ops.
 REF_SHAPES=${REF_SHAPES-}
 XDIST=${XDIST:--n 12}

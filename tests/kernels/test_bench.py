@@ -57,7 +57,11 @@ def test_cpu_small_shape_table_and_json(tmp_path) -> None:
     assert set(rows) == {"eager-loop", "sort-grouped-mm", "blazec-ops", "blazec-ops-recompute"}
     for r in rows.values():
         assert r["ms"] > 0 and not r["note"].startswith("failed"), r
-        assert r["err_out"] < 1e-5 and r["err_dx"] < 1e-5, r
+        # dW maps each row's weight layout (stacked, transposed, gate|up concatenated) onto the
+        # loop's: a swapped or untransposed weight would show here
+        assert r["err_out"] < 1e-5 and r["err_dx"] < 1e-5 and r["err_dw"] < 1e-5, r
+        assert r["extra"]["first_step_diff"] == 0.0, r
+    assert "| err dW |" in text and "first step: bitwise equal to a later one" in text
     # Recompute keeps less for backward than saving the pre-activations, which keeps less than eager.
     assert rows["blazec-ops-recompute"]["act_gib"] < rows["blazec-ops"]["act_gib"] < rows["eager-loop"]["act_gib"]
 
@@ -71,6 +75,58 @@ def test_dense_equivalent_row_is_the_percent_dense_denominator(tmp_path) -> None
     assert ops["pct_dense"] == pytest.approx(100 * ops["tflops"] / dense["tflops"])
     assert ops["err_out"] < 1e-5  # the MoE rows are still checked against the loop, run untimed
     assert "| % dense |" in text
+
+
+def test_a_first_step_that_differs_is_flagged(tmp_path, monkeypatch) -> None:
+    """The first (compiling, autotuning) step's results must equal a later step's for blazec's
+    deterministic kernels; a row whose first step differs says so in its note."""
+    real = bench._build
+
+    def build(impl, loop, x):
+        model, facts = real(impl, loop, x)
+        calls = []
+
+        class FirstOff(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.inner = model
+
+            def forward(self, x):
+                calls.append(1)
+                out = self.inner(x)
+                return out + 1e-3 if len(calls) == 1 else out
+
+        return FirstOff(), facts
+
+    monkeypatch.setattr(bench, "_build", build)
+    rc, text, data = _run_small(tmp_path, "--impl", "blazec-ops")
+    assert rc == 0
+    row = data["rows"][0]
+    assert row["extra"]["first_step_diff"] == pytest.approx(1e-3, rel=1e-3)
+    assert "FIRST STEP DIFFERS from a later one by 1.00e-03" in row["note"]
+    assert "first step differs by 1.0e-03" in text
+
+
+def test_row_env_is_set_for_its_row_only(tmp_path, monkeypatch) -> None:
+    """blazec-loop-grouped-mm-wgrad / -triton-wgrad run with BLAZEC_WGRAD set for their own
+    row, and the variable is restored (here: unset) afterwards."""
+    import os
+
+    monkeypatch.delenv("BLAZEC_WGRAD", raising=False)
+    seen = []
+    real = bench._build
+
+    def build(impl, loop, x):
+        seen.append((impl, os.environ.get("BLAZEC_WGRAD")))
+        return real(impl, loop, x)
+
+    monkeypatch.setattr(bench, "_build", build)
+    rc, text, data = _run_small(tmp_path, "--impl", "blazec-loop-grouped-mm-wgrad", "--impl", "blazec-ops",
+                                "--impl", "blazec-loop-triton-wgrad")
+    assert rc == 0 and "BLAZEC_WGRAD" not in os.environ
+    assert seen == [("blazec-loop-grouped-mm-wgrad", "grouped_mm"), ("blazec-ops", None),
+                    ("blazec-loop-triton-wgrad", "triton")]
+    assert all(r["err_dw"] < 1e-5 and "1 MoE rewrite(s)" in r["note"] for r in data["rows"] if "loop" in r["impl"])
 
 
 def test_dense_equivalent_has_the_moe_layers_flops() -> None:
