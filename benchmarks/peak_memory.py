@@ -9,7 +9,7 @@ CPU allocator's running total from the profiler's allocation events. Nothing is 
 the stubbed kernels and their buffers are never touched, so a mixtral-like step needs little
 real memory.
 
-    python benchmarks/peak_memory.py [--shape mixtral-like] [--recompute]
+    python benchmarks/peak_memory.py [--shape mixtral-like] [--recompute] [--wgrad triton]
 
 It builds the bench's loop model, compiles it with ``backend="blaze"`` and reports, for one
 forward + backward of ``out.float().pow(2).mean()`` after a warm-up step, as the bench does:
@@ -48,10 +48,11 @@ def _allocations(prof) -> list[tuple[int, int, int]]:
     return out
 
 
-def measure(shape: tuple[int, int, int, int, int], recompute: bool, wgrad: str = "triton") -> dict[str, float]:
+def measure(shape: tuple[int, int, int, int, int], recompute: bool, wgrad: str = "grouped_mm") -> dict[str, float]:
     """{"peak_gib", "act_gib"} of one step of the compiled loop model at ``shape``; ``wgrad``
-    "grouped_mm" takes the opt-in weight-gradient path (kernels/wgrad_grouped_mm.py) with its
-    GPU checks bypassed, to count its sorted row copies."""
+    "grouped_mm" takes the weight-gradient path a Hopper GPU takes in bf16 by default
+    (kernels/wgrad_grouped_mm.py; its GPU checks bypassed, to count its sorted row copies),
+    "triton" the Triton kernel's (``BLAZEC_WGRAD=triton``, and the default elsewhere)."""
     from torch.profiler import ProfilerActivity, profile
 
     from blazec.bench import LoopMoE
@@ -60,10 +61,9 @@ def measure(shape: tuple[int, int, int, int, int], recompute: bool, wgrad: str =
     from host_overhead import stub_launches
 
     stub_launches()
-    if wgrad == "grouped_mm":
-        from blazec.kernels import wgrad_grouped_mm
+    from blazec.kernels import wgrad_grouped_mm
 
-        wgrad_grouped_mm.use = lambda x, d, I: True
+    wgrad_grouped_mm.use = lambda x, d, I: wgrad == "grouped_mm"
     T, d, I, E, k = shape
     with torch.device("meta"):
         model = LoopMoE(d, I, E, k).to(torch.bfloat16)
@@ -108,8 +108,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="mixtral-like", help="olmoe-like, mixtral-like or T,d,I,E,k")
     ap.add_argument("--recompute", action="store_true", help='moe_recompute="recompute_gemm1"')
-    ap.add_argument("--wgrad", choices=("triton", "grouped_mm"), default="triton",
-                    help="weight-gradient path to measure (grouped_mm: the opt-in BLAZEC_WGRAD path)")
+    ap.add_argument("--wgrad", choices=("triton", "grouped_mm"), default="grouped_mm",
+                    help="weight-gradient path to measure: grouped_mm (default: a Hopper GPU's in "
+                         "bf16) or triton (BLAZEC_WGRAD=triton, and other GPUs')")
     ap.add_argument("--json", action="store_true", help="print the result as one JSON object")
     args = ap.parse_args(argv)
     try:
@@ -121,7 +122,7 @@ def main(argv=None) -> int:
         print(json.dumps({"shape": list(shape), "recompute": args.recompute, "wgrad": args.wgrad, **r}))
         return 0
     mode = ("recompute GEMM 1" if args.recompute else "default") + (
-        ", grouped_mm weight gradients" if args.wgrad == "grouped_mm" else "")
+        f", {args.wgrad} weight gradients")
     print(f"peak_memory: {name} {shape} bf16, blazec on the loop model ({mode}), torch "
           f"{torch.__version__}, launches stubbed on CPU: peak {r['peak_gib']:.3f} GiB "
           f"({r['peak_gib'] * 1024:.1f} MiB), act {r['act_gib']:.3f} GiB ({r['act_gib'] * 1024:.1f} MiB)")

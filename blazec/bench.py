@@ -11,6 +11,8 @@ The protocol of ../shared/BASELINES.md, in one process, on the same weights and 
 - ``blazec-loop-grouped-mm-wgrad`` / ``blazec-loop-triton-wgrad``: ``blazec-loop`` with its
   weight gradients forced to torch's grouped GEMM or to the Triton kernel (``BLAZEC_WGRAD`` set
   for that row only), to compare the two on the same card in the same run
+- ``blazec-loop-split-dh`` / ``blazec-loop-fused-dh``: ``blazec-loop`` with ``BLAZEC_DH=split``
+  or ``fused`` for that row (the backward's dh step, docs/KERNELS.md)
 - ``blazec-ops`` / ``blazec-ops-recompute``: ``blazec.ops.moe_route`` + ``moe_experts`` called
   directly on stacked weights
 - ``dense-equivalent``: not a MoE, the ceiling: one dense SwiGLU MLP (cuBLAS GEMMs) on T*k rows,
@@ -71,6 +73,8 @@ IMPLS = (
     "blazec-loop-recompute",
     "blazec-loop-grouped-mm-wgrad",
     "blazec-loop-triton-wgrad",
+    "blazec-loop-split-dh",
+    "blazec-loop-fused-dh",
     "blazec-ops",
     "blazec-ops-recompute",
     "dense-equivalent",
@@ -80,6 +84,8 @@ DENSE = "dense-equivalent"
 ROW_ENV = {
     "blazec-loop-grouped-mm-wgrad": {"BLAZEC_WGRAD": "grouped_mm"},
     "blazec-loop-triton-wgrad": {"BLAZEC_WGRAD": "triton"},
+    "blazec-loop-split-dh": {"BLAZEC_DH": "split"},
+    "blazec-loop-fused-dh": {"BLAZEC_DH": "fused"},
 }
 GiB = 1024**3
 
@@ -458,6 +464,14 @@ def _build(impl: str, loop: LoopMoE, x: torch.Tensor) -> tuple[nn.Module, Callab
     raise AssertionError(impl)
 
 
+def _clear_paths_taken() -> None:
+    try:
+        from blazec.kernels import wgrad_grouped_mm
+    except ImportError:  # no triton
+        return
+    wgrad_grouped_mm.TAKEN.clear()
+
+
 @contextlib.contextmanager
 def _row_env(impl: str):
     """The row's environment variables (``ROW_ENV``), set for its duration, then restored."""
@@ -484,9 +498,11 @@ def _kernel_note(dev: torch.device, impl: str) -> str:
     fn = get_impl("moe_experts", "cuda")
     if not fn.__module__.startswith("blazec.kernels"):
         return "reference ops (no kernels)"
-    from blazec.kernels import wgrad_grouped_mm
+    from blazec.kernels import moe_experts, wgrad_grouped_mm
 
-    return "Triton kernels" + (", grouped_mm weight gradients" if wgrad_grouped_mm.requested() else "")
+    taken = " + ".join(sorted(wgrad_grouped_mm.TAKEN)) or "-"
+    return (f"Triton kernels, weight gradients: {taken}"
+            + (", split dh" if moe_experts.dh_mode() == "split" else ""))
 
 
 def _autotune_choices() -> dict:
@@ -557,6 +573,7 @@ def run(args: argparse.Namespace, stream=None) -> int:
         first_diff = None
         try:
             with _row_env(impl):
+                _clear_paths_taken()
                 model, facts = _build(impl, loop, x)
                 model.zero_grad(set_to_none=True)
                 x.grad = None

@@ -24,6 +24,7 @@ tensors do not share strides.
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Callable, Optional, Sequence
 
@@ -205,7 +206,7 @@ def moe_experts_fwd(
         s_b2e=0, s_b2k=0, s_b2n=0,
         s_biase=o.bd.strides[0], s_biasn=o.bd.strides[1],
         stride_out=out.stride(0),
-        TWO=False, HAS_BIAS=o.has_bd, SCALE=not hidden, DIRECT=direct,
+        TWO=False, HAS_BIAS=o.has_bd, SCALE=not hidden, DIRECT=direct, A_GATHER=False,
         B1_TAB=o.wd.table, B2_TAB=0, BIAS_TAB=o.bd.table, C_DT=_tl(c_dt),
         PREC=o.prec, G_PAD=o.G_PAD,
     ), INTERPRET_CONFIG)
@@ -235,6 +236,7 @@ def _wgrad_launch(o: _Operands, L: Tensor, R: Tensor, M: int, N: int, dw: Tensor
     (None: no bias gradient). With ``L2`` (DUAL) also dW2 = L2^T R into ``dw2`` and, when
     given, its row sums into ``db2``: buffers of the same shapes and strides."""
     dual = L2 is not None
+    wgrad_grouped_mm.TAKEN.add("triton")
     some_db = db if db is not None else db2
     assert not dual or (dw2.stride() == dw.stride() and (db is None or db2 is None or db2.stride() == db.stride()))
     grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]), o.E)  # noqa: E731
@@ -344,27 +346,20 @@ def moe_experts_bwd(
     else:
         dgu = empty((o.P, n_in), o.xdt, dev)
     hs = empty((o.P, I), o.xdt, dev)
-    # One d(routing weight) partial per row and N tile of _dh_kernel, sized for its narrowest
-    # tile; zeroed, since a wider tile (the autotuner's pick) leaves some columns unwritten.
-    NT = triton.cdiv(I, gg.DH_MIN_BLOCK_N)
-    part = torch.zeros((o.P, NT), dtype=torch.float32, device=dev)
-    # dWd = gy^T (w h) with w folded into hs by _dh_kernel, except "output" mode with a down
+    # dWd = gy^T (w h) with w folded into hs by the dh step, except "output" mode with a down
     # bias, whose dbd needs the w-scaled gy rows: there dWd scales them by ws in its K loop.
     bd_term = o.has_bd and not hidden
     ws = empty((o.P,), torch.float32, dev) if bd_term else None
-
-    launch(gg._dh_kernel, gg.dh_tuned, o.m_grid(I), dict(
-        gy_ptr=grad_y, tw_ptr=o.tw, pairs_ptr=o.sp, offs_ptr=o.eo,
-        wd_ptr=o.wd.ptr, wd_tab=o.wd.tab, bd_ptr=o.bd.ptr, bd_tab=o.bd.tab,
-        pre_ptr=preact, dgu_ptr=dgu, hs_ptr=hs, part_ptr=part, ws_ptr=part if ws is None else ws,
-        D=o.d, I=I, K=o.k, P=o.P, E=o.E, NT=NT, ROWS_CLASS=o.rows_class,
-        stride_gyt=grad_y.stride(0), stride_gyd=grad_y.stride(1),
-        s_wde=o.wd.strides[0], s_wdo=o.wd.strides[1], s_wdi=o.wd.strides[2],
-        s_bde=o.bd.strides[0], s_bdo=o.bd.strides[1],
-        stride_pre=n_in, stride_dgu=n_in, stride_hs=I,
-        ACT=o.act, GATED=o.gated, BD_TERM=bd_term, WD_TAB=o.wd.table, BD_TAB=o.bd.table,
-        PREC=o.prec, G_PAD=o.G_PAD,
-    ), INTERPRET_CONFIG)
+    split = _dh_split(o, grad_y, bd_term)
+    # One d(routing weight) partial per row and column tile of the dh step, sized for its
+    # narrowest tile; zeroed, since a wider tile (the autotuner's pick) leaves some columns
+    # unwritten, and dropped pairs' rows are never written.
+    NT = triton.cdiv(I, gg.DH_EPILOGUE_CONFIG["BLOCK_N"] if split else gg.DH_MIN_BLOCK_N)
+    part = torch.zeros((o.P, NT), dtype=torch.float32, device=dev)
+    if split:
+        _dh_split_launch(o, grad_y, preact, dgu, hs, part, NT)
+    else:
+        _dh_fused_launch(o, grad_y, preact, dgu, hs, part, ws, NT, bd_term)
     del preact
 
     d_tw = empty((o.T, o.k), topk_weights.dtype, dev)
@@ -378,7 +373,7 @@ def moe_experts_bwd(
     # hs, goes last: at mixtral-like 3.06 GiB + dx, where dg | du kept to the end made it
     # 3.5 GiB + dx. Should the caller's preact not be releasable, dWd goes first instead, so
     # that hs is freed before the dx rows and the other gradients are allocated.
-    gm = wgrad_grouped_mm.use(x, o.d, I)  # opt-in: torch's grouped GEMM on sorted row copies
+    gm = wgrad_grouped_mm.use(x, o.d, I)  # torch's grouped GEMM on sorted row copies (Hopper, bf16)
     own = dgu is not preact_in
     if own or releasable(dgu):
         dx = _dx(o, dgu)
@@ -393,6 +388,69 @@ def moe_experts_bwd(
         dx = _dx(o, dgu)
         dwg, dwu, dbg, dbu = _dw_gate_up(o, dgu, w_gate, w_up, b_gate, b_up, gm)
     return dx, d_tw, dwg, dwu, dwd, dbg, dbu, dbd
+
+
+DH_MODES = ("fused", "split")
+
+
+def dh_mode() -> str:
+    """``BLAZEC_DH``: how the backward computes dh and dg | du (``_dh_kernel`` fused, or the
+    split GEMM + elementwise pass, docs/KERNELS.md); anything else is an error."""
+    value = os.environ.get("BLAZEC_DH", "fused").strip()
+    if value not in DH_MODES:
+        raise ValueError(f"BLAZEC_DH must be one of {DH_MODES} (default fused), got {value!r}")
+    return value
+
+
+def _dh_split(o: _Operands, grad_y: Tensor, bd_term: bool) -> bool:
+    """Whether this backward takes the split dh path: asked for, and where it applies. "output"
+    mode with a down bias (its <gy, bd> term rides in the fused K loop) and a grad_y of another
+    dtype than x (the fused kernel casts its rows as it loads them) stay fused."""
+    return dh_mode() == "split" and not bd_term and grad_y.dtype == o.xdt
+
+
+def _dh_fused_launch(o: _Operands, grad_y, preact, dgu, hs, part, ws, NT: int, bd_term: bool) -> None:
+    launch(gg._dh_kernel, gg.dh_tuned, o.m_grid(o.I), dict(
+        gy_ptr=grad_y, tw_ptr=o.tw, pairs_ptr=o.sp, offs_ptr=o.eo,
+        wd_ptr=o.wd.ptr, wd_tab=o.wd.tab, bd_ptr=o.bd.ptr, bd_tab=o.bd.tab,
+        pre_ptr=preact, dgu_ptr=dgu, hs_ptr=hs, part_ptr=part, ws_ptr=part if ws is None else ws,
+        D=o.d, I=o.I, K=o.k, P=o.P, E=o.E, NT=NT, ROWS_CLASS=o.rows_class,
+        stride_gyt=grad_y.stride(0), stride_gyd=grad_y.stride(1),
+        s_wde=o.wd.strides[0], s_wdo=o.wd.strides[1], s_wdi=o.wd.strides[2],
+        s_bde=o.bd.strides[0], s_bdo=o.bd.strides[1],
+        stride_pre=o.n_in, stride_dgu=o.n_in, stride_hs=o.I,
+        ACT=o.act, GATED=o.gated, BD_TERM=bd_term, WD_TAB=o.wd.table, BD_TAB=o.bd.table,
+        PREC=o.prec, G_PAD=o.G_PAD,
+    ), INTERPRET_CONFIG)
+
+
+def _dh_split_launch(o: _Operands, grad_y, preact, dgu, hs, part, NT: int) -> None:
+    """The split dh path: q = gy[t(s)] Wd by the row GEMM with gathered A rows, into hs (an
+    [S, I] buffer the backward holds anyway), then ``_dh_epilogue_kernel`` over q and preact,
+    which leaves w*h in hs and dg | du in dgu. The same values as ``_dh_kernel``'s, without
+    its epilogue serialized after each tile's K loop (it took ~300 TFLOP/s on the H100)."""
+    if grad_y.stride(1) != 1:
+        grad_y = grad_y.contiguous()
+    launch(gg._rows_gemm_kernel, gg.rows_gemm_tuned, o.m_grid(o.I), dict(
+        a1_ptr=grad_y, a2_ptr=grad_y, b1_ptr=o.wd.ptr, b1_tab=o.wd.tab, b2_ptr=o.wd.ptr, b2_tab=o.wd.tab,
+        bias_ptr=o.bd.ptr, bias_tab=o.bd.tab, tw_ptr=o.tw, pairs_ptr=o.sp, offs_ptr=o.eo, out_ptr=hs,
+        N=o.I, KD=o.d, K=o.k, P=o.P, E=o.E, ROWS_CLASS=o.rows_class,
+        s_a1=grad_y.stride(0), s_a2=grad_y.stride(0),
+        # B[kk, n] = Wd[kk, n]: Wd_e is [d, I] = [out, in]
+        s_b1e=o.wd.strides[0], s_b1k=o.wd.strides[1], s_b1n=o.wd.strides[2],
+        s_b2e=0, s_b2k=0, s_b2n=0,
+        s_biase=0, s_biasn=0,
+        stride_out=hs.stride(0),
+        TWO=False, HAS_BIAS=False, SCALE=False, DIRECT=False, A_GATHER=True,
+        B1_TAB=o.wd.table, B2_TAB=0, BIAS_TAB=0, C_DT=_tl(o.xdt),
+        PREC=o.prec, G_PAD=o.G_PAD,
+    ), INTERPRET_CONFIG)
+    grid = lambda META: (triton.cdiv(o.P, META["BLOCK_M"]), triton.cdiv(o.I, META["BLOCK_N"]))  # noqa: E731
+    launch(gg._dh_epilogue_kernel, None, grid, dict(
+        hs_ptr=hs, tw_ptr=o.tw, pairs_ptr=o.sp, offs_ptr=o.eo, pre_ptr=preact, dgu_ptr=dgu, part_ptr=part,
+        I=o.I, E=o.E, NT=NT, stride_pre=o.n_in, stride_dgu=o.n_in, stride_hs=o.I,
+        ACT=o.act, GATED=o.gated,
+    ), gg.DH_EPILOGUE_CONFIG)
 
 
 def _dw_down(o: _Operands, grad_y: Tensor, hs: Tensor, ws: Optional[Tensor], w_down, b_down, gm: bool):
@@ -422,7 +480,7 @@ def _dx(o: _Operands, dgu: Tensor) -> Tensor:
         s_b2e=o.wu.strides[0], s_b2k=o.wu.strides[1], s_b2n=o.wu.strides[2],
         s_biase=0, s_biasn=0,
         stride_out=out.stride(0),
-        TWO=o.gated, HAS_BIAS=False, SCALE=False, DIRECT=direct,
+        TWO=o.gated, HAS_BIAS=False, SCALE=False, DIRECT=direct, A_GATHER=False,
         B1_TAB=o.wg.table, B2_TAB=o.wu.table, BIAS_TAB=0, C_DT=_tl(o.xdt),
         PREC=o.prec, G_PAD=o.G_PAD,
     ), INTERPRET_CONFIG)

@@ -214,7 +214,8 @@ def _gemm1_kernel(
 
 @triton.jit
 def _rows_gemm_kernel(
-    a1_ptr,  # [P, KD] A rows in sorted order (h forward; dg backward), unit column stride
+    a1_ptr,  # [P, KD] A rows in sorted order (h forward; dg backward), unit column stride;
+    #          A_GATHER: [T, KD], row t(s) = sorted_pairs[s] // K for sorted row s (grad_y)
     a2_ptr,  # [P, KD] second A (du backward), TWO only
     b1_ptr, b1_tab,  # expert matrix, stacked base or pointer table; B[kk, n] at kk*s_b1k + n*s_b1n
     b2_ptr, b2_tab,  # second expert matrix (TWO only)
@@ -229,6 +230,7 @@ def _rows_gemm_kernel(
     s_biase, s_biasn,
     stride_out,
     TWO: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE: tl.constexpr, DIRECT: tl.constexpr,
+    A_GATHER: tl.constexpr,
     B1_TAB: tl.constexpr, B2_TAB: tl.constexpr, BIAS_TAB: tl.constexpr,
     C_DT: tl.constexpr,  # dtype the reference holds the row result in (rounding point)
     PREC: tl.constexpr, G_PAD: tl.constexpr,
@@ -249,7 +251,11 @@ def _rows_gemm_kernel(
     rk = tl.arange(0, BLOCK_K)
     rows64 = rows.to(tl.int64)
 
-    a1_ptrs = a1_ptr + rows64[:, None] * s_a1 + rk[None, :]
+    if A_GATHER:  # rows of a1 by token (dh = gy[t(s)] Wd); dropped pairs are past row_end
+        a_rows = tl.load(pairs_ptr + rows, mask=rmask, other=0) // K
+    else:
+        a_rows = rows64
+    a1_ptrs = a1_ptr + a_rows[:, None] * s_a1 + rk[None, :]
     b1_base = expert_ptr(b1_ptr, b1_tab, grp, s_b1e, B1_TAB)
     b1_ptrs = b1_base + rk[:, None] * s_b1k + cols[None, :] * s_b1n
     if TWO:
@@ -401,6 +407,60 @@ def _dh_kernel(
         dg = dh * act_grad(g, ACT)
     tl.store(dgu_ptrs, cast(dg, xdt), mask=omask)
 
+
+
+@triton.jit
+def _dh_epilogue_kernel(
+    hs_ptr,  # [P, I] in: q = gy[tok] Wd in x dtype (the split dh GEMM's output); out: w*h
+    tw_ptr,  # [T*K] routing weights, contiguous
+    pairs_ptr,  # [P] int64 sorted_pairs
+    offs_ptr,  # [E+1] int64 expert_offsets (offs[E]: the kept pairs)
+    pre_ptr,  # [P, n_in] g | u
+    dgu_ptr,  # [P, n_in] out: dg | du (may be pre_ptr itself)
+    part_ptr,  # [P, NT] fp32 out: partial d(routing weight) of each sorted row per column block
+    I, E, NT,
+    stride_pre, stride_dgu, stride_hs,
+    ACT: tl.constexpr, GATED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """_dh_kernel's epilogue as an elementwise pass over the split path's q (see the module
+    docstring): the same operations in the same order, on the same rounded q. Each element of
+    q, g and u is read before this program stores hs, dg and du at the same position, and no
+    other program touches it, so hs_ptr holds q in and w*h out, and dgu_ptr may be pre_ptr."""
+    xdt = hs_ptr.dtype.element_ty
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < tl.load(offs_ptr + E)  # dropped pairs get no gradient
+    rows64 = rows.to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    omask = rmask[:, None] & (cols < I)[None, :]
+    pair = tl.load(pairs_ptr + rows, mask=rmask, other=0)
+    w = tl.load(tw_ptr + pair, mask=rmask, other=0.0).to(tl.float32)
+    hs_ptrs = hs_ptr + rows64[:, None] * stride_hs + cols[None, :]
+    pre_ptrs = pre_ptr + rows64[:, None] * stride_pre + cols[None, :]
+    q = tl.load(hs_ptrs, mask=omask, other=0.0).to(tl.float32)
+    g = tl.load(pre_ptrs, mask=omask, other=0.0).to(tl.float32)
+    ag = rnd(act_fwd(g, ACT), xdt)
+    h = ag
+    if GATED:
+        u = tl.load(pre_ptrs + I, mask=omask, other=0.0).to(tl.float32)
+        h = rnd(h * u, xdt)
+    tl.store(part_ptr + rows64 * NT + pid_n, rsum(tl.where(omask, q * h, 0.0), 1), mask=rmask)
+    tl.store(hs_ptrs, cast(h * w[:, None], xdt), mask=omask)
+    dh = rnd(q * w[:, None], xdt)
+    dgu_ptrs = dgu_ptr + rows64[:, None] * stride_dgu + cols[None, :]
+    if GATED:
+        tl.store(dgu_ptrs + I, cast(dh * ag, xdt), mask=omask)
+        dg = rnd(dh * u, xdt) * act_grad(g, ACT)
+    else:
+        dg = dh * act_grad(g, ACT)
+    tl.store(dgu_ptrs, cast(dg, xdt), mask=omask)
+
+
+# The split path's epilogue tile (elementwise: no autotuning, which would rerun it in place).
+DH_EPILOGUE_CONFIG = ({"BLOCK_M": 16, "BLOCK_N": 16} if INTERPRET else
+                      {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4})
 
 if INTERPRET:
     gemm1_tuned = rows_gemm_tuned = dh_tuned = None

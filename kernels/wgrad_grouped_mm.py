@@ -1,6 +1,6 @@
-r"""Opt-in: the expert weight gradients through torch's grouped GEMM on sorted row copies.
+r"""The expert weight gradients through torch's grouped GEMM on sorted row copies.
 
-``BLAZEC_WGRAD=grouped_mm`` makes the Triton backward compute dWg, dWu and dWd with
+Where it applies (below), the Triton backward computes dWg, dWu and dWd with
 ``torch._grouped_mm`` (CUTLASS on Hopper) instead of ``_wgrad_kernel``::
 
     dWg = grouped_mm(dg^T, xs),  dWu = grouped_mm(du^T, xs),  dWd = grouped_mm(gys^T, w h)
@@ -8,16 +8,16 @@ r"""Opt-in: the expert weight gradients through torch's grouped GEMM on sorted r
 with ``xs = x[t(s)]`` and ``gys = grad_y[t(s)]`` sorted copies of the gathered rows (``[S, d]``
 each, alive only around their products) and the K dimension ragged by ``expert_offsets``.
 
-Why: on the H100 run of docs/BENCHMARKS.md, ``_wgrad_kernel`` reached 330-385 TFLOP/s on these
-products, reading its gathered operand through per-row indices, while CUTLASS ran the same
-products of the sort + grouped_mm baseline at 640-750 TFLOP/s at mixtral-like, on rows that
-baseline had sorted first. The copies cost 2·S·d·b bytes of traffic each (about 0.1 ms at
-mixtral-like, 0.35 ms at olmoe-like on an H100's bandwidth) and S·d·b bytes of memory while
-alive. **Not yet measured on a GPU**: the default stays ``triton`` until a GPU run shows the
-trade (``scripts/gpu_check.sh`` runs both).
+Why: ``_wgrad_kernel`` reads its gathered operand through per-row indices and reached 330-385
+TFLOP/s on these products on an H100, where CUTLASS runs them at 640-750 on sorted rows. The
+copies cost 2·S·d·b bytes of traffic each and S·d·b bytes of memory while alive. Measured on
+the H100 (docs/BENCHMARKS.md, 2026-11-27, one process, same weights): blazec on the loop model
+went from 41.82 to 35.15 ms per step at mixtral-like and from 14.51 to 14.16 ms at olmoe-like;
+its peak rose from 3.251 to 3.376 GiB and from 1.444 to 1.944 GiB (the xs copy).
 
-Used only where it is known to be right; elsewhere the Triton kernel runs, with a warning
-naming the reason when the variable asked for grouped_mm:
+``BLAZEC_WGRAD``: ``auto`` (default: grouped_mm where it applies, else the Triton kernel),
+``grouped_mm`` (the same, with a warning naming the reason where it cannot), or ``triton``
+(always the Triton kernel: no row copies, the lower peak). grouped_mm applies with:
 - a CUDA device of compute capability 9.0 (Hopper). On Blackwell, torch's grouped GEMM has
   returned nonzero weight gradients for empty groups (pytorch/pytorch#172439, open);
 - bf16 (the dtype torch's grouped GEMM supports);
@@ -35,16 +35,20 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-MODES = ("triton", "grouped_mm")
+MODES = ("auto", "triton", "grouped_mm")
 _WARNED: set[str] = set()
+# Which weight-gradient paths backward calls took ("grouped_mm", "triton"), for blazec bench's
+# notes; the bench clears it before each row.
+TAKEN: set[str] = set()
 
 
-def requested() -> bool:
-    """``BLAZEC_WGRAD``: ``triton`` (default) or ``grouped_mm``; anything else is an error."""
-    value = os.environ.get("BLAZEC_WGRAD", "triton").strip()
+def mode() -> str:
+    """``BLAZEC_WGRAD``: ``auto`` (default), ``triton`` or ``grouped_mm``; anything else is an
+    error."""
+    value = os.environ.get("BLAZEC_WGRAD", "auto").strip()
     if value not in MODES:
-        raise ValueError(f"BLAZEC_WGRAD must be one of {MODES} (default triton), got {value!r}")
-    return value == "grouped_mm"
+        raise ValueError(f"BLAZEC_WGRAD must be one of {MODES} (default auto), got {value!r}")
+    return value
 
 
 def unsupported(x: Tensor, d: int, I: int) -> Optional[str]:
@@ -64,18 +68,15 @@ def unsupported(x: Tensor, d: int, I: int) -> Optional[str]:
 
 
 def use(x: Tensor, d: int, I: int) -> bool:
-    """Whether this backward computes its weight gradients with grouped_mm (warns once per
-    reason when ``BLAZEC_WGRAD=grouped_mm`` asked for it and it cannot)."""
-    if not requested():
-        return False
-    why = unsupported(x, d, I)
-    if why is None:
-        return True
-    if why not in _WARNED:
+    """Whether this backward computes its (bias-free) weight gradients with grouped_mm; warns
+    once per reason when ``BLAZEC_WGRAD=grouped_mm`` asked for it and it cannot."""
+    m = mode()
+    why = "BLAZEC_WGRAD=triton" if m == "triton" else unsupported(x, d, I)
+    if why is not None and m == "grouped_mm" and why not in _WARNED:
         _WARNED.add(why)
         warnings.warn(f"BLAZEC_WGRAD=grouped_mm: using the Triton weight-gradient kernel: {why}",
                       stacklevel=2)
-    return False
+    return why is None
 
 
 def sorted_rows(src: Tensor, sorted_pairs: Tensor, k: int) -> Tensor:
@@ -88,6 +89,7 @@ def weight_grad(lhs_rows: Tensor, rhs_rows: Tensor, expert_offsets: Tensor) -> T
     """``[E, M, N]``: dW_e = lhs_e^T rhs_e over each expert's rows (``lhs_rows`` [S, M],
     ``rhs_rows`` [S, N], both in sorted order; column slices of wider buffers are fine)."""
     offs = expert_offsets[1:].to(torch.int32)
+    TAKEN.add("grouped_mm")
     return grouped_mm(lhs_rows.t(), rhs_rows, offs)
 
 

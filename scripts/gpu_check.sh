@@ -3,7 +3,7 @@
 # the compile caches warm up, then the BASELINES.md protocol at both shapes, alone on the GPU.
 # Writes everything under $OUT (default ./gpu_out): at most 8 files, as the tool returns.
 #   run: bash scripts/gpu_check.sh        (the image already has torch and triton)
-# At most ~6.5 minutes (the timeouts below: 120 + 2 x 125 s) of a 15-minute device session,
+# At most ~7 minutes (the timeouts below: 150 + 2 x 130 s) of a 15-minute device session,
 # whose start counts too, so that a second, shorter run fits after it; the bench's error columns
 # (output, dL/dx and the weight gradients) check the kernels against the loop reference again
 # at the real shapes, and each blazec row's first, autotuning step against a later one.
@@ -14,14 +14,17 @@ export PYTHONUNBUFFERED=1  # a step stopped by its timeout still leaves what it 
 OUT=${OUT:-gpu_out}
 TMP=$(mktemp -d)  # the device tool returns at most 8 files from $OUT: logs gather here first
 WARM_SHAPE=${WARM_SHAPE:-olmoe-like}
-WARM_IMPLS=${WARM_IMPLS:-blazec-loop blazec-loop-recompute sort-grouped-mm-compile}
-WARM_S=${WARM_S:-120}
-TESTS_S=${TESTS_S:-120}  # 140 s ran 446 of 464 tests on the H100 (2026-11-26)
-SHAPES=${SHAPES:-olmoe-like:125 mixtral-like:125}
+WARM_IMPLS=${WARM_IMPLS:-blazec-loop blazec-loop-recompute blazec-loop-split-dh sort-grouped-mm-compile}
+WARM_S=${WARM_S:-150}
+TESTS_S=${TESTS_S:-150}  # 140 s ran 446 of 464 tests on the H100 (2026-11-26), 120 s ~90 (2026-11-27)
+NEW_TESTS=${NEW_TESTS:-split_dh or dual or recompute_backward or autotuner or dgu_written or buffer_order or grouped_mm}
+NEW_TESTS_S=${NEW_TESTS_S:-75}
+SHAPES=${SHAPES:-olmoe-like:130 mixtral-like:130}
 # The rows (blazec-ops and blazec-ops-recompute left out by default: they repeat blazec-loop's
-# kernels on stacked weights; IMPLS="" runs every row). blazec-loop-grouped-mm-wgrad is
-# blazec-loop with BLAZEC_WGRAD=grouped_mm, in the same process, on the same warm card.
-IMPLS=${IMPLS---impl eager-loop --impl sort-grouped-mm --impl sort-grouped-mm-compile --impl blazec-loop --impl blazec-loop-recompute --impl blazec-loop-grouped-mm-wgrad --impl dense-equivalent}
+# kernels on stacked weights; IMPLS="" runs every row). blazec-loop-split-dh and
+# blazec-loop-triton-wgrad are blazec-loop with BLAZEC_DH=split / BLAZEC_WGRAD=triton, in the
+# same process, on the same warm card.
+IMPLS=${IMPLS---impl eager-loop --impl sort-grouped-mm --impl sort-grouped-mm-compile --impl blazec-loop --impl blazec-loop-recompute --impl blazec-loop-split-dh --impl blazec-loop-triton-wgrad --impl dense-equivalent}
 # Step 3 (off by default since the bench has that row): blazec-loop with BLAZEC_WGRAD=grouped_mm
 # in a process of its own, profiled.
 WGRAD_SHAPES=${WGRAD_SHAPES-}
@@ -47,7 +50,11 @@ for impl in $WARM_IMPLS; do
   timeout "$WARM_S" python3 -m blazec.bench --shape "$WARM_SHAPE" --dtype bf16 --impl "$impl" --warmup 0 --iters 1 \
     > "$TMP/warm_$impl.txt" 2>&1 &
 done
-timeout "$TESTS_S" python3 -m pytest -q -x $XDIST tests/kernels tests/ops -p no:cacheprovider \
+# The tests of the newest code paths first (NEW_TESTS, a -k expression), then all of them.
+timeout "$NEW_TESTS_S" python3 -m pytest -q $XDIST tests/kernels -p no:cacheprovider -k "$NEW_TESTS" \
+  --ignore=tests/kernels/test_aot_compile.py > "$OUT/tests_new.log" 2>&1
+echo "new-path tests rc=$? in $(( $(date +%s) - t0 )) s: $(tail -1 "$OUT/tests_new.log")" | tee -a "$OUT/versions.txt"
+timeout $(( TESTS_S - ($(date +%s) - t0) )) python3 -m pytest -q -x $XDIST tests/kernels tests/ops -p no:cacheprovider \
   --ignore=tests/kernels/test_aot_compile.py > "$OUT/tests.log" 2>&1
 echo "tests rc=$? in $(( $(date +%s) - t0 )) s" | tee -a "$OUT/versions.txt"
 tail -5 "$OUT/tests.log"

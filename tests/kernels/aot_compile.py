@@ -364,9 +364,13 @@ def main(argv=None) -> int:
             for impl in ("single",) if name.startswith("fp32") and "tf32" not in name else ("single", "dual"):
                 moe_experts.GATE_UP_FORCE = impl
                 moe_experts.moe_experts_bwd(torch.randn_like(y), x, tw, *route, *ws, preact, act, wp, rec)
+            # and the split dh path (the gathered row GEMM and the elementwise epilogue)
+            os.environ["BLAZEC_DH"] = "split"
+            moe_experts.moe_experts_bwd(torch.randn_like(y), x, tw, *route, *ws, preact, act, wp, rec)
         finally:
             torch.set_float32_matmul_precision(precision)
             moe_experts.GATE_UP_FORCE = None
+            os.environ.pop("BLAZEC_DH", None)
 
     target = GPUTarget("cuda", args.arch, 32)
     seen, variants = set(), []

@@ -624,3 +624,54 @@ def test_autotuner_reruns_do_not_change_results(monkeypatch, recompute: bool) ->
     restore.clear()
     broken = flat(run(tuned_like))
     assert any(not torch.equal(b, w) for b, w in zip(broken, want))
+
+
+@pytest.mark.parametrize("kw", [
+    dict(activation="swiglu", bias="none", ids_kind="empty_experts", dtype=torch.bfloat16),
+    dict(activation="geglu", bias="list", layout="list", weight_pos="hidden", ids_kind="ragged", capacity=5),
+    dict(activation="relu", bias="stacked", weight_pos="hidden", recompute=True),
+    dict(activation="gelu", bias="none", T=1, k=1),
+    dict(activation="swiglu", bias="stacked", weight_pos="output"),
+], ids=["bf16-empty-experts", "list-bias-dropped", "relu-hidden-recompute", "T1", "output-down-bias"])
+def test_split_dh_equals_fused(monkeypatch, kw) -> None:
+    """BLAZEC_DH=split: dh by the row GEMM with gathered grad_y rows, then the elementwise
+    epilogue, instead of _dh_kernel. Checked against the reference, and equal bit for bit to
+    the fused kernel under the interpreter (the same rounded q, the same operations in the
+    same order, and both tile the columns 16 wide, so the d(routing weight) partials match
+    too). On a GPU the two paths' first configs tile the columns differently, which changes
+    the order of d(routing weight)'s fp32 sums: there they agree within the dtype's tolerance.
+    "output" mode with a down bias stays on the fused kernel."""
+    from blazec.kernels import moe_experts
+
+    case = make_case(E=5, seed=41, **kw)
+    launched: list[str] = []
+    real_launch = moe_experts.launch
+
+    def spy(kernel, tuned, grid, args, fixed):
+        name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
+        launched.append(name + ("+gather" if args.get("A_GATHER") else ""))
+        return real_launch(kernel, tuned, grid, args, fixed)
+
+    monkeypatch.setattr(moe_experts, "launch", spy)
+    _, preact = moe_experts.moe_experts_fwd(*case.fwd_args())
+    fused = moe_experts.moe_experts_bwd(*case.bwd_args(preact.clone()))
+    assert "_dh_kernel" in launched
+    launched.clear()
+    monkeypatch.setenv("BLAZEC_DH", "split")
+    check(case)
+    split_path = kw.get("weight_pos", "output") != "output" or kw["bias"] == "none"
+    assert ("_rows_gemm_kernel+gather" in launched) == split_path, launched
+    assert ("_dh_kernel" in launched) != split_path, launched
+    split = moe_experts.moe_experts_bwd(*case.bwd_args(preact.clone()))
+    tol = TOL[case.x.dtype] if ON_GPU else dict(rtol=0, atol=0)
+    for g, w in zip(split, fused):
+        for s, t in zip(g if isinstance(g, list) else [g], w if isinstance(w, list) else [w]):
+            torch.testing.assert_close(s, t, **tol)
+
+
+def test_dh_mode_is_checked(monkeypatch) -> None:
+    from blazec.kernels import moe_experts
+
+    monkeypatch.setenv("BLAZEC_DH", "fast")
+    with pytest.raises(ValueError, match=r"BLAZEC_DH must be one of \('fused', 'split'\).*'fast'"):
+        moe_experts.dh_mode()

@@ -67,13 +67,15 @@ def test_biases_keep_the_triton_kernel_for_their_weight(forced) -> None:
 def test_the_variable_and_the_conditions(monkeypatch) -> None:
     from blazec.kernels import wgrad_grouped_mm as gm
 
+    import warnings
+
     monkeypatch.delenv("BLAZEC_WGRAD", raising=False)
-    assert not gm.requested()
+    assert gm.mode() == "auto"
     monkeypatch.setenv("BLAZEC_WGRAD", "grouped_mm")
-    assert gm.requested()
+    assert gm.mode() == "grouped_mm"
     monkeypatch.setenv("BLAZEC_WGRAD", "cutlass")
     with pytest.raises(ValueError, match="BLAZEC_WGRAD must be one of .* got 'cutlass'"):
-        gm.requested()
+        gm.mode()
 
     x = torch.zeros(4, 24, dtype=torch.bfloat16)
     assert "not CUDA" in gm.unsupported(x, 24, 16)
@@ -81,8 +83,12 @@ def test_the_variable_and_the_conditions(monkeypatch) -> None:
     gm._WARNED.clear()
     with pytest.warns(UserWarning, match="BLAZEC_WGRAD=grouped_mm: using the Triton .* not CUDA"):
         assert not gm.use(x, 24, 16)
-    monkeypatch.setenv("BLAZEC_WGRAD", "triton")
-    assert not gm.use(x, 24, 16)
+    gm._WARNED.clear()
+    for quiet in ("triton", "auto"):  # the default falls back without a warning
+        monkeypatch.setenv("BLAZEC_WGRAD", quiet)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert not gm.use(x, 24, 16)
 
     class Cuda:  # what unsupported reads of x
         device = torch.device("cuda")
@@ -98,3 +104,8 @@ def test_the_variable_and_the_conditions(monkeypatch) -> None:
         Cuda.dtype = dtype
         got = gm.unsupported(Cuda, d, I)
         assert (got is None) if why is None else (why in got), (cc, dtype, got)
+    # where it applies, auto and grouped_mm take it and triton does not
+    monkeypatch.setattr(gm, "unsupported", lambda x, d, I: None)
+    for m, want in (("auto", True), ("grouped_mm", True), ("triton", False)):
+        monkeypatch.setenv("BLAZEC_WGRAD", m)
+        assert gm.use(x, 24, 16) is want, m
