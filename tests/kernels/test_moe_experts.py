@@ -428,9 +428,10 @@ def test_overwrite_preact_only_when_the_graph_is_not_kept(monkeypatch) -> None:
 def test_recompute_backward_equals_default(monkeypatch, activation: str, bias: str, weight_pos: str,
                                            ids_kind: str, dtype: torch.dtype) -> None:
     """Recompute mode runs GEMM 1 again (preact only, into the dg | du buffer) before the same
-    _dh_kernel the default mode runs on the saved preact: the gradients are equal bit for bit
-    (same kernels, same config), and the backward allocates the same buffers. Empty experts,
-    ragged ones and dropped pairs."""
+    dh step the default mode runs on the saved preact (the split one: the gathered row GEMM
+    and _dh_epilogue_kernel): the gradients are equal bit for bit (same kernels, same config),
+    and the backward allocates the same buffers. Empty experts, ragged ones and dropped
+    pairs."""
     import dataclasses
 
     from blazec.kernels import moe_experts
@@ -462,7 +463,9 @@ def test_recompute_backward_equals_default(monkeypatch, activation: str, bias: s
 
     monkeypatch.setattr(moe_experts, "launch", spy)
     got = moe_experts.moe_experts_bwd(*rc.bwd_args(kept))
-    assert launched[:2] == ["_gemm1_kernel", "_dh_kernel"], launched
+    fused = bias != "none" and weight_pos == "output"  # the <gy, bd> term keeps _dh_kernel
+    dh = ["_dh_kernel"] if fused else ["_rows_gemm_kernel", "_dh_epilogue_kernel"]
+    assert launched[:1 + len(dh)] == ["_gemm1_kernel", *dh], launched
     assert sorted(shapes, key=str) == default_allocs
     for g, w in zip(got, want):
         for s, t in zip(g if isinstance(g, list) else [g], w if isinstance(w, list) else [w]):
@@ -576,15 +579,19 @@ def test_pick_fastest(monkeypatch) -> None:
     assert (3,) not in _common.IMPL_CHOICES["t"]
 
 
+@pytest.mark.parametrize("dh", ["fused", "split"])
 @pytest.mark.parametrize("recompute", [False, True])
-def test_autotuner_reruns_do_not_change_results(monkeypatch, recompute: bool) -> None:
+def test_autotuner_reruns_do_not_change_results(monkeypatch, recompute: bool, dh: str) -> None:
     """On a GPU the autotuner runs every config of a new key on the launch's own arguments
     before the final launch, restoring only the arguments its ``restore_value`` names. Emulated
-    here: each launch first runs twice with the interpreter's config (BLOCK_N 16) under that
-    restore rule, then once with BLOCK_N 32. The results must equal a plain BLOCK_N 32 run bit
-    for bit, with dg | du written over preact (the in-place case) in both modes. Without
-    DH_RESTORE they do not: the second run reads dg | du as g | u, and the 16-wide partials
-    left in columns the 32-wide run does not write enter d(routing weight)."""
+    here: each launch of an autotuned kernel first runs twice with the interpreter's config
+    (BLOCK_N 16) under that restore rule, then once with BLOCK_N 32 (the split path's
+    elementwise epilogue is not autotuned: it runs once). The results must equal a plain
+    BLOCK_N 32 run bit for bit, with dg | du written over preact (the in-place case) in both
+    modes. The fused _dh_kernel needs DH_RESTORE: without it the second run reads dg | du as
+    g | u, and the 16-wide partials left in columns the 32-wide run does not write enter
+    d(routing weight). The split path's autotuned GEMM only writes its output: it needs
+    nothing restored."""
     import dataclasses
 
     from blazec.kernels import moe_experts, moe_grouped_gemm as gg
@@ -595,10 +602,14 @@ def test_autotuner_reruns_do_not_change_results(monkeypatch, recompute: bool) ->
     real = moe_experts.launch
 
     def final_only(kernel, tuned, grid, args, fixed):
-        real(kernel, tuned, grid, args, wide)
+        untuned = getattr(kernel, "fn", kernel).__name__ == "_dh_epilogue_kernel"
+        real(kernel, tuned, grid, args, fixed if untuned else wide)
 
     def tuned_like(kernel, tuned, grid, args, fixed):
-        names = restore.get(getattr(kernel, "fn", kernel).__name__, [])
+        name = getattr(kernel, "fn", kernel).__name__
+        if name == "_dh_epilogue_kernel":
+            return real(kernel, tuned, grid, args, fixed)
+        names = restore.get(name, [])
         for _ in range(2):
             saved = {n: args[n].clone() for n in names}
             real(kernel, tuned, grid, args, fixed)
@@ -607,7 +618,11 @@ def test_autotuner_reruns_do_not_change_results(monkeypatch, recompute: bool) ->
         real(kernel, tuned, grid, args, wide)
 
     monkeypatch.setattr(moe_experts, "may_overwrite_preact", lambda p: True)
-    case = dataclasses.replace(make_case(T=13, I=40, E=4, k=3, bias="list", seed=41), recompute=recompute)
+    monkeypatch.setenv("BLAZEC_DH", dh)
+    # ("output" mode with a down bias keeps the fused kernel: the split case runs "hidden")
+    wp = "hidden" if dh == "split" else "output"
+    case = dataclasses.replace(make_case(T=13, I=40, E=4, k=3, bias="list", weight_pos=wp, seed=41),
+                               recompute=recompute)
 
     def run(launcher):
         monkeypatch.setattr(moe_experts, "launch", launcher)
@@ -622,8 +637,9 @@ def test_autotuner_reruns_do_not_change_results(monkeypatch, recompute: bool) ->
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
     restore.clear()
-    broken = flat(run(tuned_like))
-    assert any(not torch.equal(b, w) for b, w in zip(broken, want))
+    unrestored = flat(run(tuned_like))
+    same = all(torch.equal(b, w) for b, w in zip(unrestored, want))
+    assert same == (dh == "split")
 
 
 @pytest.mark.parametrize("kw", [
@@ -654,6 +670,7 @@ def test_split_dh_equals_fused(monkeypatch, kw) -> None:
 
     monkeypatch.setattr(moe_experts, "launch", spy)
     _, preact = moe_experts.moe_experts_fwd(*case.fwd_args())
+    monkeypatch.setenv("BLAZEC_DH", "fused")
     fused = moe_experts.moe_experts_bwd(*case.bwd_args(preact.clone()))
     assert "_dh_kernel" in launched
     launched.clear()
@@ -672,6 +689,8 @@ def test_split_dh_equals_fused(monkeypatch, kw) -> None:
 def test_dh_mode_is_checked(monkeypatch) -> None:
     from blazec.kernels import moe_experts
 
+    monkeypatch.delenv("BLAZEC_DH", raising=False)
+    assert moe_experts.dh_mode() == "split"
     monkeypatch.setenv("BLAZEC_DH", "fast")
     with pytest.raises(ValueError, match=r"BLAZEC_DH must be one of \('fused', 'split'\).*'fast'"):
         moe_experts.dh_mode()

@@ -155,6 +155,23 @@ EXPERT_CASES = [
 ]
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(layout="list_t", activation="relu", weight_pos="hidden", bias="list",
+                                           recompute=True)], ids=["default", "list_t,hidden,recompute"])
+def test_fused_dh_kernel_is_clean(monkeypatch, kw: dict) -> None:
+    """BLAZEC_DH=fused: _dh_kernel where the split path would run (the cases above reach it
+    only in "output" mode with a down bias)."""
+    from blazec.kernels.moe_experts import moe_experts_bwd, moe_experts_fwd
+    from tests.kernels.cases import make_case
+
+    monkeypatch.setenv("BLAZEC_DH", "fused")
+    case = make_case(seed=8, **kw)
+    with Sanitizer() as san:
+        _, preact = moe_experts_fwd(*case.fwd_args())
+        moe_experts_bwd(*case.bwd_args(preact))
+    san.assert_clean()
+    assert "_dh_kernel" in {launch.kernel for launch in san.launches}
+
+
 @pytest.mark.parametrize("kw", EXPERT_CASES, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default")
 def test_expert_kernels_are_clean(kw: dict) -> None:
     from blazec.kernels.moe_experts import moe_experts_bwd, moe_experts_fwd
@@ -166,6 +183,8 @@ def test_expert_kernels_are_clean(kw: dict) -> None:
         grads = moe_experts_bwd(*case.bwd_args(preact))
     san.assert_clean()
     kernels = {launch.kernel for launch in san.launches}
-    assert {"_gemm1_kernel", "_rows_gemm_kernel", "_dh_kernel", "_wgrad_kernel"} <= kernels, kernels
+    assert {"_gemm1_kernel", "_rows_gemm_kernel", "_wgrad_kernel"} <= kernels, kernels
+    # the dh step: split by default; "output" mode with a down bias keeps the fused kernel
+    assert kernels & {"_dh_kernel", "_dh_epilogue_kernel"}, kernels
     assert sum(launch.written_bytes for launch in san.launches) > 0
     assert not torch.isnan(y).any() and all(not torch.isnan(g).any() for g in grads if isinstance(g, torch.Tensor))
