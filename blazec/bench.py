@@ -13,6 +13,8 @@ The protocol of ../shared/BASELINES.md, in one process, on the same weights and 
   for that row only), to compare the two on the same card in the same run
 - ``blazec-loop-split-dh`` / ``blazec-loop-fused-dh``: ``blazec-loop`` with ``BLAZEC_DH=split``
   or ``fused`` for that row (the backward's dh step, docs/KERNELS.md)
+- ``blazec-loop-split-gemm1``: ``blazec-loop`` with ``BLAZEC_GEMM1=split`` (GEMM 1 as two row
+  GEMMs and an elementwise activation pass)
 - ``blazec-ops`` / ``blazec-ops-recompute``: ``blazec.ops.moe_route`` + ``moe_experts`` called
   directly on stacked weights
 - ``dense-equivalent``: not a MoE, the ceiling: one dense SwiGLU MLP (cuBLAS GEMMs) on T*k rows,
@@ -75,6 +77,7 @@ IMPLS = (
     "blazec-loop-triton-wgrad",
     "blazec-loop-split-dh",
     "blazec-loop-fused-dh",
+    "blazec-loop-split-gemm1",
     "blazec-ops",
     "blazec-ops-recompute",
     "dense-equivalent",
@@ -86,6 +89,7 @@ ROW_ENV = {
     "blazec-loop-triton-wgrad": {"BLAZEC_WGRAD": "triton"},
     "blazec-loop-split-dh": {"BLAZEC_DH": "split"},
     "blazec-loop-fused-dh": {"BLAZEC_DH": "fused"},
+    "blazec-loop-split-gemm1": {"BLAZEC_GEMM1": "split"},
 }
 GiB = 1024**3
 
@@ -502,7 +506,8 @@ def _kernel_note(dev: torch.device, impl: str) -> str:
 
     taken = " + ".join(sorted(wgrad_grouped_mm.TAKEN)) or "-"
     return (f"Triton kernels, weight gradients: {taken}"
-            + (", split dh" if moe_experts.dh_mode() == "split" else ""))
+            + (", fused dh" if moe_experts.dh_mode() == "fused" else "")
+            + (", split GEMM 1" if moe_experts.gemm1_mode() == "split" else ""))
 
 
 def _autotune_choices() -> dict:

@@ -11,11 +11,15 @@ Forward (S = T*k pairs; buffers in brackets are freed when the call returns):
     3. _combine_kernel:    y [T, d], slot-ordered fp32 sum                  (k > 1)
 Backward:
     0. _gemm1_kernel:      (recompute only) preact into the dg|du buffer
-    1. _dh_kernel:         [dg|du: S x n_in] (over preact), [hs: S x I], [part: S x NT]
+    1. _rows_gemm_kernel:  (A_GATHER) q = gy[t(s)] Wd into [hs: S x I]      (BLAZEC_DH=split)
+       _dh_epilogue_kernel: [dg|du: S x n_in] (over preact), w*h into hs, [part: S x NT]
+       or _dh_kernel:      both in one kernel (BLAZEC_DH=fused; "output" mode with a down bias)
     2. _rows_gemm_kernel:  [dx rows: S x d]  (k == 1: dx directly)          dg Wg + du Wu
     3. _combine_kernel:    dx [T, d];  _dtw_kernel: d_topk_weights [T, k]
-    4. _wgrad_kernel x 3:  dWg (+dbg), dWu (+dbu), dWd (+dbd), per expert, empty experts -> 0;
-                           dWg and dWu in one DUAL launch when timing says it is faster
+    4. dWg, dWu, dWd:      torch._grouped_mm on sorted row copies of x and gy (Hopper, bf16, no
+                           bias; wgrad_grouped_mm), else _wgrad_kernel x 3 (+ the bias
+                           gradients), per expert, empty experts -> 0, dWg and dWu in one DUAL
+                           launch when timing says it is faster
 
 Cases the kernels do not cover fall back to the reference (still correct, on any device):
 fp64 inputs or routing weights, no pairs, a zero-sized dim, and per-expert weight lists whose
@@ -129,10 +133,25 @@ def _tl(dt: torch.dtype):
     return TORCH_TO_TL[dt]
 
 
+GEMM1_MODES = ("fused", "split")
+
+
+def gemm1_mode() -> str:
+    """``BLAZEC_GEMM1``: ``fused`` (default: ``_gemm1_kernel``) or ``split`` (two row GEMMs
+    into preact's halves, then ``_act_kernel``, where preact is stored; docs/KERNELS.md).
+    Anything else is an error."""
+    value = os.environ.get("BLAZEC_GEMM1", "fused").strip()
+    if value not in GEMM1_MODES:
+        raise ValueError(f"BLAZEC_GEMM1 must be one of {GEMM1_MODES} (default fused), got {value!r}")
+    return value
+
+
 def _gemm1(o: "_Operands", pre: Tensor, h: Tensor, store_pre: bool, store_h: bool, hidden: bool) -> None:
     """GEMM 1 (gather, gate and up, activation): writes preact = g | u into ``pre`` when
     ``store_pre`` and the activated rows into ``h`` when ``store_h``; an output it does not
     write may be any tensor of x's dtype."""
+    if store_pre and gemm1_mode() == "split":
+        return _gemm1_split(o, pre, h, store_h, hidden)
     x = o.x
     launch(gg._gemm1_kernel, gg.gemm1_tuned, o.m_grid(o.I), dict(
         x_ptr=x, tw_ptr=o.tw, pairs_ptr=o.sp, offs_ptr=o.eo,
@@ -149,6 +168,40 @@ def _gemm1(o: "_Operands", pre: Tensor, h: Tensor, store_pre: bool, store_h: boo
         STORE_PRE=store_pre, STORE_H=store_h, WG_TAB=o.wg.table, WU_TAB=o.wu.table, BG_TAB=o.bg.table,
         BU_TAB=o.bu.table, PREC=o.prec, G_PAD=o.G_PAD,
     ), INTERPRET_CONFIG)
+
+
+def _gemm1_split(o: "_Operands", pre: Tensor, h: Tensor, store_h: bool, hidden: bool) -> None:
+    """BLAZEC_GEMM1=split: g and u by the row GEMM with gathered x rows, into preact's two
+    halves, then (``store_h``) ``_act_kernel`` for h; the same values as ``_gemm1_kernel``."""
+    x = o.x
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    halves = [(o.wg, o.bg, o.has_bg, pre[:, :o.I])]
+    if o.gated:
+        halves.append((o.wu, o.bu, o.has_bu, pre[:, o.I:]))
+    for w, b, has_b, out in halves:
+        # B[kk, n] = W[n, kk]: W_e is [I, d] = [out, in]
+        launch(gg._rows_gemm_kernel, gg.rows_gemm_tuned, o.m_grid(o.I), dict(
+            a1_ptr=x, a2_ptr=x, b1_ptr=w.ptr, b1_tab=w.tab, b2_ptr=w.ptr, b2_tab=w.tab,
+            bias_ptr=b.ptr, bias_tab=b.tab, tw_ptr=o.tw, pairs_ptr=o.sp, offs_ptr=o.eo, out_ptr=out,
+            N=o.I, KD=o.d, K=o.k, P=o.P, E=o.E, ROWS_CLASS=o.rows_class,
+            s_a1=x.stride(0), s_a2=x.stride(0),
+            s_b1e=w.strides[0], s_b1k=w.strides[2], s_b1n=w.strides[1],
+            s_b2e=0, s_b2k=0, s_b2n=0,
+            s_biase=b.strides[0], s_biasn=b.strides[1],
+            stride_out=out.stride(0),
+            TWO=False, HAS_BIAS=has_b, SCALE=False, DIRECT=False, A_GATHER=True,
+            B1_TAB=w.table, B2_TAB=0, BIAS_TAB=b.table, C_DT=_tl(o.xdt),
+            PREC=o.prec, G_PAD=o.G_PAD,
+        ), INTERPRET_CONFIG)
+    if not store_h:  # recompute mode's backward: preact alone, its dropped rows never read
+        return
+    grid = lambda META: (triton.cdiv(o.P, META["BLOCK_M"]), triton.cdiv(o.I, META["BLOCK_N"]))  # noqa: E731
+    launch(gg._act_kernel, None, grid, dict(
+        pre_ptr=pre, h_ptr=h, tw_ptr=o.tw, pairs_ptr=o.sp, offs_ptr=o.eo,
+        I=o.I, E=o.E, P=o.P, stride_pre=o.n_in, stride_h=o.I,
+        ACT=o.act, GATED=o.gated, HIDDEN=hidden,
+    ), gg.ACT_CONFIG)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -27,7 +27,28 @@ n_in = 2I (gated) or I, b = bytes per element of x.
     loop after the other (two dots on one accumulator in one loop serialize Hopper's MMAs).
     FLOPs 2*S*n_in*d.  Bytes: S*n_in*b + E*n_in*d*b + S*d*b (buffer, k > 1) -> combine.
 
-``_dh_kernel``: backward through the down GEMM and the activation.
+``_act_kernel`` (opt-in, ``BLAZEC_GEMM1=split``): GEMM 1 in three launches. Two
+    ``_rows_gemm_kernel`` launches with A_GATHER write g = x[tok] Wg^T (+bg) and u = x Wu^T (+bu)
+    into preact's two halves (each reads the gathered x rows again: S*d*b more traffic), then
+    this elementwise pass computes h = a(g)[*u][*w] from them, the operations of GEMM 1's
+    epilogue in the same order, and zeroes the dropped pairs' preact rows. The aim is the one
+    the split dh path met: the GEMM tiles no longer hold the tensor cores idle through their
+    epilogue. Only where preact is stored anyway (default mode's forward, recompute mode's
+    backward, which needs no h); recompute mode's forward keeps ``_gemm1_kernel``. Not yet
+    measured on a GPU. Bytes of the pass: S*n_in*b (preact in) + S*I*b (h out).
+
+``_dh_epilogue_kernel`` (default, ``BLAZEC_DH=split``): the backward's dh step in two
+    launches. ``_rows_gemm_kernel`` with A_GATHER computes q = gy[tok] Wd (rows of grad_y read
+    through ``sorted_pairs // k``, no copy) rounded to x's dtype into hs; this elementwise pass
+    then does ``_dh_kernel``'s epilogue below, the same operations in the same order, reading
+    q from hs and writing w*h back into it, dg | du over preact. Its tiles' K loops no longer
+    wait on the epilogue (on the H100: 2.88 + 1.16 ms where ``_dh_kernel`` took 6.06, at
+    mixtral-like). Bytes of the pass: S*I*b (q in) + S*n_in*b (preact) + S*n_in*b (dg|du) +
+    S*I*b (hs) + S*NT*4 (partials).
+
+``_dh_kernel``: backward through the down GEMM and the activation, in one kernel
+    (``BLAZEC_DH=fused``, and "output" mode with a down bias, whose <gy, bd> term rides in
+    its K loop).
     q = gy[tok] Wd (gathered rows of grad_y), and, from preact (saved or recomputed) g, u:
         h = a(g)[*u],  dw_pair = <q, h> (+ <gy, bd> in "output" mode),  dh = w q,
         dg = dh [*u] * a'(g),  du = dh * a(g)
@@ -458,9 +479,54 @@ def _dh_epilogue_kernel(
     tl.store(dgu_ptrs, cast(dg, xdt), mask=omask)
 
 
-# The split path's epilogue tile (elementwise: no autotuning, which would rerun it in place).
+
+@triton.jit
+def _act_kernel(
+    pre_ptr,  # [P, n_in] g | u in x dtype (the split GEMM 1's two products); dropped rows out: 0
+    h_ptr,  # [P, I] out: h = a(g) [* u] [* w]
+    tw_ptr,  # [T*K] routing weights, contiguous (HIDDEN only)
+    pairs_ptr,  # [P] int64 sorted_pairs
+    offs_ptr,  # [E+1] int64 expert_offsets (offs[E]: the kept pairs)
+    I, E, P,
+    stride_pre, stride_h,
+    ACT: tl.constexpr, GATED: tl.constexpr, HIDDEN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """_gemm1_kernel's epilogue as an elementwise pass over the split GEMM 1's g | u (already
+    biased and rounded to x's dtype by the row GEMM): the same operations in the same order.
+    It also zeroes the preact rows of dropped pairs, as _gemm1_kernel does."""
+    xdt = pre_ptr.dtype.element_ty
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    kept = tl.load(offs_ptr + E)
+    rows64 = rows.to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = (cols < I)[None, :]
+    pre_ptrs = pre_ptr + rows64[:, None] * stride_pre + cols[None, :]
+    if pid_m * BLOCK_M + BLOCK_M > kept:  # a tile reaching the dropped tail
+        dropped = ((rows >= kept) & (rows < P))[:, None] & cmask
+        zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=xdt)
+        tl.store(pre_ptrs, zero, mask=dropped)
+        if GATED:
+            tl.store(pre_ptrs + I, zero, mask=dropped)
+    rmask = rows < kept
+    omask = rmask[:, None] & cmask
+    g = tl.load(pre_ptrs, mask=omask, other=0.0).to(tl.float32)
+    h = act_fwd(g, ACT)
+    if GATED:
+        u = tl.load(pre_ptrs + I, mask=omask, other=0.0).to(tl.float32)
+        h = rnd(h, xdt) * u
+    if HIDDEN:
+        pair = tl.load(pairs_ptr + rows, mask=rmask, other=0)
+        w = tl.load(tw_ptr + pair, mask=rmask, other=0.0).to(tl.float32)
+        h = rnd(h, xdt) * w[:, None]
+    tl.store(h_ptr + rows64[:, None] * stride_h + cols[None, :], cast(h, h_ptr.dtype.element_ty), mask=omask)
+
+# The split paths' elementwise tiles (no autotuning, which would rerun them in place).
 DH_EPILOGUE_CONFIG = ({"BLOCK_M": 16, "BLOCK_N": 16} if INTERPRET else
                       {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4})
+ACT_CONFIG = DH_EPILOGUE_CONFIG
 
 if INTERPRET:
     gemm1_tuned = rows_gemm_tuned = dh_tuned = None

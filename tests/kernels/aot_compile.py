@@ -364,13 +364,18 @@ def main(argv=None) -> int:
             for impl in ("single",) if name.startswith("fp32") and "tf32" not in name else ("single", "dual"):
                 moe_experts.GATE_UP_FORCE = impl
                 moe_experts.moe_experts_bwd(torch.randn_like(y), x, tw, *route, *ws, preact, act, wp, rec)
-            # and the split dh path (the gathered row GEMM and the elementwise epilogue)
-            os.environ["BLAZEC_DH"] = "split"
+            # the fused dh kernel (BLAZEC_DH=fused; split, the default, ran above)
+            os.environ["BLAZEC_DH"] = "fused"
+            moe_experts.moe_experts_bwd(torch.randn_like(y), x, tw, *route, *ws, preact, act, wp, rec)
+            # and the split GEMM 1 (BLAZEC_GEMM1=split: the gathered row GEMMs and _act_kernel)
+            os.environ["BLAZEC_GEMM1"] = "split"
+            y, preact = moe_experts.moe_experts_fwd(x, tw, *route, *ws, act, wp, rec, None)
             moe_experts.moe_experts_bwd(torch.randn_like(y), x, tw, *route, *ws, preact, act, wp, rec)
         finally:
             torch.set_float32_matmul_precision(precision)
             moe_experts.GATE_UP_FORCE = None
             os.environ.pop("BLAZEC_DH", None)
+            os.environ.pop("BLAZEC_GEMM1", None)
 
     target = GPUTarget("cuda", args.arch, 32)
     seen, variants = set(), []

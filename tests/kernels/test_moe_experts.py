@@ -694,3 +694,61 @@ def test_dh_mode_is_checked(monkeypatch) -> None:
     monkeypatch.setenv("BLAZEC_DH", "fast")
     with pytest.raises(ValueError, match=r"BLAZEC_DH must be one of \('fused', 'split'\).*'fast'"):
         moe_experts.dh_mode()
+
+
+@pytest.mark.parametrize("kw", [
+    dict(activation="swiglu", bias="none", ids_kind="empty_experts", dtype=torch.bfloat16),
+    dict(activation="geglu", bias="list", layout="list", ids_kind="ragged", capacity=5),
+    dict(activation="relu", bias="stacked", weight_pos="hidden", recompute=True),
+    dict(activation="gelu", bias="none", T=1, k=1, weight_pos="hidden"),
+    dict(activation="swiglu", bias="stacked", layout="list_t", capacity=3, noncontig=True),
+], ids=["bf16-empty-experts", "list-bias-dropped", "relu-hidden-recompute", "T1-hidden", "list_t-noncontig"])
+def test_split_gemm1_equals_fused(monkeypatch, kw) -> None:
+    """BLAZEC_GEMM1=split: g and u by the row GEMM with gathered x rows into preact's halves,
+    then _act_kernel, instead of _gemm1_kernel, where preact is stored (default mode's forward,
+    recompute mode's backward; recompute mode's forward keeps _gemm1_kernel). Checked against
+    the reference (preact's dropped rows zeroed, as the op contract says), and equal bit for
+    bit to the fused kernel: the same rounded g and u, the same epilogue operations in the same
+    order. On a GPU too: every output element's sum runs over the same K chunks in order."""
+    from blazec.kernels import moe_experts
+
+    case = make_case(E=5, seed=43, **kw)
+    launched: list[str] = []
+    real_launch = moe_experts.launch
+
+    def spy(kernel, tuned, grid, args, fixed):
+        name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
+        launched.append(name + ("+gather" if args.get("A_GATHER") else ""))
+        return real_launch(kernel, tuned, grid, args, fixed)
+
+    monkeypatch.setattr(moe_experts, "launch", spy)
+
+    def both():
+        y, preact = moe_experts.moe_experts_fwd(*case.fwd_args())
+        return [y, preact, *moe_experts.moe_experts_bwd(*case.bwd_args(preact.clone()))]
+
+    monkeypatch.setenv("BLAZEC_GEMM1", "fused")
+    fused = both()
+    assert "_act_kernel" not in launched
+    launched.clear()
+    monkeypatch.setenv("BLAZEC_GEMM1", "split")
+    check(case)
+    recompute = kw.get("recompute", False)
+    # forward: fused in recompute mode; backward: split GEMM 1 (no _act_kernel) in recompute mode
+    assert ("_gemm1_kernel" in launched) == recompute, launched
+    assert ("_act_kernel" in launched) != recompute, launched
+    assert "_rows_gemm_kernel+gather" in launched, launched
+    split = both()
+    for g, w in zip(split, fused):
+        for s, t in zip(g if isinstance(g, list) else [g], w if isinstance(w, list) else [w]):
+            torch.testing.assert_close(s, t, rtol=0, atol=0)
+
+
+def test_gemm1_mode_is_checked(monkeypatch) -> None:
+    from blazec.kernels import moe_experts
+
+    monkeypatch.delenv("BLAZEC_GEMM1", raising=False)
+    assert moe_experts.gemm1_mode() == "fused"
+    monkeypatch.setenv("BLAZEC_GEMM1", "tiled")
+    with pytest.raises(ValueError, match=r"BLAZEC_GEMM1 must be one of \('fused', 'split'\).*'tiled'"):
+        moe_experts.gemm1_mode()

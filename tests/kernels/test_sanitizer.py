@@ -155,21 +155,25 @@ EXPERT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(layout="list_t", activation="relu", weight_pos="hidden", bias="list",
-                                           recompute=True)], ids=["default", "list_t,hidden,recompute"])
-def test_fused_dh_kernel_is_clean(monkeypatch, kw: dict) -> None:
+@pytest.mark.parametrize("kw", [dict(capacity=3), dict(layout="list_t", activation="relu", weight_pos="hidden",
+                                                     bias="list", T=15, E=4, capacity=4)],
+                         ids=["dropped", "list_t,hidden,dropped"])
+def test_fused_dh_and_split_gemm1_are_clean(monkeypatch, kw: dict) -> None:
     """BLAZEC_DH=fused: _dh_kernel where the split path would run (the cases above reach it
-    only in "output" mode with a down bias)."""
+    only in "output" mode with a down bias); with BLAZEC_GEMM1=split, the gathered row GEMMs
+    and _act_kernel (which zeroes the dropped pairs' preact rows) in place of _gemm1_kernel."""
     from blazec.kernels.moe_experts import moe_experts_bwd, moe_experts_fwd
     from tests.kernels.cases import make_case
 
     monkeypatch.setenv("BLAZEC_DH", "fused")
+    monkeypatch.setenv("BLAZEC_GEMM1", "split")
     case = make_case(seed=8, **kw)
     with Sanitizer() as san:
         _, preact = moe_experts_fwd(*case.fwd_args())
         moe_experts_bwd(*case.bwd_args(preact))
     san.assert_clean()
-    assert "_dh_kernel" in {launch.kernel for launch in san.launches}
+    kernels = {launch.kernel for launch in san.launches}
+    assert "_dh_kernel" in kernels and "_act_kernel" in kernels, kernels
 
 
 @pytest.mark.parametrize("kw", EXPERT_CASES, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default")
