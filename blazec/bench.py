@@ -30,10 +30,12 @@ On CPU, "act" is the bytes autograd saves for backward (saved-tensor hooks) and 
 measured; CPU timings are not the GPU claim. The GPU shapes (olmoe-like, mixtral-like) need
 CUDA.
 
-The first step of each row (compiling, autotuning) is not timed, but its results are kept and
-compared with a later step's: blazec's kernels are deterministic, so for its rows they must be
-equal bit for bit (``first step`` in the row's line; a difference means that autotuning, which
-runs the kernels on the step's own buffers, changed a result).
+The first step of each row (compiling, and autotuning each kernel key that no earlier row of
+the process has tuned) is not timed, but its results are kept and compared with a later
+step's: blazec's kernels are deterministic, so for its rows they must be equal bit for bit
+(``first step`` in the row's line; a difference means that autotuning, which runs the kernels
+on the step's own buffers, changed a result). Run a row alone (``--impl``) to tune all its keys
+in its first step.
 
 Under the table: the BASELINES.md targets checked on this run's rows (``bench_targets.py``),
 and with ``--profile`` each row's most expensive kernels in one more step.

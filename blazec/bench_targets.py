@@ -15,7 +15,7 @@ not in this process; its numbers stay the reference for those.
 - recompute act: blazec-loop-recompute keeps < 0.1 GiB after forward;
 - recompute time: blazec-loop-recompute <= 1.3x blazec-loop's time;
 - peak: blazec-loop's peak <= the lowest baseline peak (GPU only: CPU runs measure no peak);
-- agreement: blazec-loop's output and dL/dx errors against the eager loop stay within a sanity
+- agreement: blazec-loop's output, dL/dx and weight-gradient errors against the eager loop stay within a sanity
   bound for the dtype (a fast row with wrong numbers meets nothing; the exact numerical
   contract is what the kernel tests check).
 
@@ -82,6 +82,8 @@ def check(rows: Sequence, shape: str, T: int, I: int, E: int, k: int, elem_bytes
         low = min(peaks, key=lambda r: r.peak_gib)
         out.append(Target("peak", blaze.peak_gib, low.peak_gib, " GiB", f"lowest baseline peak: {low.impl}"))
     if blaze and blaze.err_out is not None and blaze.err_dx is not None:
-        out.append(Target("agreement", max(blaze.err_out, blaze.err_dx), ERR_BOUND.get(elem_bytes), "",
-                          "blazec-loop max(err out, err dx) vs eager-loop"))
+        errs = [blaze.err_out, blaze.err_dx] + ([blaze.err_dw] if getattr(blaze, "err_dw", None) is not None else [])
+        out.append(Target("agreement", max(errs), ERR_BOUND.get(elem_bytes), "",
+                          "blazec-loop max(err out, err dx" + (", err dW" if len(errs) == 3 else "")
+                          + ") vs eager-loop"))
     return out

@@ -7,13 +7,16 @@ ops keep validating their arguments; these functions assume validated inputs.
 
 Forward (S = T*k pairs; buffers in brackets are freed when the call returns):
     1. _gemm1_kernel:      h [S, I], preact [S, n_in] (unless recompute)   gather+GEMM+act
+       (BLAZEC_GEMM1=split, where preact is stored: _rows_gemm_kernel x 2 with A_GATHER into
+       preact's halves, then _act_kernel for h)
     2. _rows_gemm_kernel:  [c: S x d]  (k == 1: y directly)                 GEMM+bias+*w
     3. _combine_kernel:    y [T, d], slot-ordered fp32 sum                  (k > 1)
 Backward:
-    0. _gemm1_kernel:      (recompute only) preact into the dg|du buffer
+    0. _gemm1_kernel:      (recompute only) preact into the dg|du buffer (split: the two row GEMMs)
     1. _rows_gemm_kernel:  (A_GATHER) q = gy[t(s)] Wd into [hs: S x I]      (BLAZEC_DH=split)
        _dh_epilogue_kernel: [dg|du: S x n_in] (over preact), w*h into hs, [part: S x NT]
-       or _dh_kernel:      both in one kernel (BLAZEC_DH=fused; "output" mode with a down bias)
+       or _dh_kernel:      both in one kernel (BLAZEC_DH=fused; "output" mode with a down bias;
+                           a grad_y whose dtype is not x's)
     2. _rows_gemm_kernel:  [dx rows: S x d]  (k == 1: dx directly)          dg Wg + du Wu
     3. _combine_kernel:    dx [T, d];  _dtw_kernel: d_topk_weights [T, k]
     4. dWg, dWu, dWd:      torch._grouped_mm on sorted row copies of x and gy (Hopper, bf16, no
@@ -483,7 +486,7 @@ def _dh_split_launch(o: _Operands, grad_y, preact, dgu, hs, part, NT: int) -> No
     [S, I] buffer the backward holds anyway), then ``_dh_epilogue_kernel`` over q and preact,
     which leaves w*h in hs and dg | du in dgu. The same values as ``_dh_kernel``'s, without
     its epilogue serialized after each tile's K loop. On the H100 (docs/BENCHMARKS.md,
-    2026-11-27) the two launches took 2.83 + 1.16 ms at mixtral-like where ``_dh_kernel`` took
+    2026-11-27) the two launches took 2.88 + 1.16 ms at mixtral-like where ``_dh_kernel`` took
     6.06, and about 0.9 + 0.71 where it took 1.85 at olmoe-like."""
     if grad_y.stride(1) != 1:
         grad_y = grad_y.contiguous()
@@ -510,7 +513,7 @@ def _dh_split_launch(o: _Operands, grad_y, preact, dgu, hs, part, NT: int) -> No
 
 
 def _dw_down(o: _Operands, grad_y: Tensor, hs: Tensor, ws: Optional[Tensor], w_down, b_down, gm: bool):
-    """dWd (+dbd) = gy^T (w h) over each expert's pairs, from _dh_kernel's hs (and ws)."""
+    """dWd (+dbd) = gy^T (w h) over each expert's pairs, from the dh step's hs (and ws)."""
     if gm and not o.has_bd:
         return [wgrad_grouped_mm.weight_grad(wgrad_grouped_mm.sorted_rows(grad_y, o.sp, o.k), hs, o.eo)], []
     return _wgrad(o, grad_y, hs, o.d, o.I, w_down, b_down, True, False, ws)

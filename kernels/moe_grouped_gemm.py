@@ -536,7 +536,9 @@ else:
         prune_configs_by={"early_config_prune": smem_pruner("x_ptr", lambda a: (1, 2 if a["GATED"] else 1))},
     )(_gemm1_kernel)
     rows_gemm_tuned = triton.autotune(
-        ROWS_CONFIGS, key=["N", "KD", "ROWS_CLASS", *variant_key(_rows_gemm_kernel)],
+        # B's strides are in the key: the split GEMM 1 (Wg, Wu read transposed) and the split
+        # dh GEMM (Wd) can share N, KD, every constexpr and every dtype, and need not share a pick
+        ROWS_CONFIGS, key=["N", "KD", "ROWS_CLASS", "s_b1k", "s_b1n", *variant_key(_rows_gemm_kernel)],
         # TWO runs its GEMMs one loop after the other, and the second reuses the first's buffers
         prune_configs_by={"early_config_prune": smem_pruner("a1_ptr", lambda a: (1, 1))},
     )(_rows_gemm_kernel)

@@ -57,7 +57,7 @@ def unsupported(x: Tensor, d: int, I: int) -> Optional[str]:
         return f"torch {torch.__version__} has no torch._grouped_mm"
     if x.device.type != "cuda":
         return f"x is on {x.device.type}, not CUDA"
-    cc = torch.cuda.get_device_capability(x.device)
+    cc = _capability(x.device)
     if cc != (9, 0):
         return f"compute capability {cc[0]}.{cc[1]} is not 9.0 (Hopper)"
     if x.dtype != torch.bfloat16:
@@ -65,6 +65,18 @@ def unsupported(x: Tensor, d: int, I: int) -> Optional[str]:
     if d % 8 or I % 8:
         return f"d={d} and I={I} must be multiples of 8 (16-byte strides)"
     return None
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    # asked on every backward: cached per device (the query is not free on the host path)
+    key = str(device)
+    cc = _CAPABILITY.get(key)
+    if cc is None:
+        cc = _CAPABILITY[key] = tuple(torch.cuda.get_device_capability(device))
+    return cc
+
+
+_CAPABILITY: dict[str, tuple[int, int]] = {}
 
 
 def use(x: Tensor, d: int, I: int) -> bool:

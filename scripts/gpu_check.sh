@@ -55,7 +55,8 @@ done
 timeout "$NEW_TESTS_S" python3 -m pytest -q $XDIST tests/kernels -p no:cacheprovider -k "$NEW_TESTS" \
   --ignore=tests/kernels/test_aot_compile.py > "$OUT/tests_new.log" 2>&1
 echo "new-path tests rc=$? in $(( $(date +%s) - t0 )) s: $(tail -1 "$OUT/tests_new.log")" | tee -a "$OUT/versions.txt"
-timeout $(( TESTS_S - ($(date +%s) - t0) )) python3 -m pytest -q -x $XDIST tests/kernels tests/ops -p no:cacheprovider \
+left=$(( TESTS_S - ($(date +%s) - t0) )); [ "$left" -ge 10 ] || left=10
+timeout "$left" python3 -m pytest -q -x $XDIST tests/kernels tests/ops -p no:cacheprovider \
   --ignore=tests/kernels/test_aot_compile.py > "$OUT/tests.log" 2>&1
 echo "tests rc=$? in $(( $(date +%s) - t0 )) s" | tee -a "$OUT/versions.txt"
 tail -5 "$OUT/tests.log"

@@ -14,7 +14,8 @@ def _rows(**over) -> list[Row]:
         "sort-grouped-mm": Row("sort-grouped-mm", ms=20.0, peak_gib=3.0, act_gib=2.0, err_out=0.0, err_dx=0.0),
         "sort-grouped-mm-compile": Row("sort-grouped-mm-compile", ms=16.0, peak_gib=2.5, act_gib=1.5,
                                        err_out=0.0, err_dx=0.0),
-        "blazec-loop": Row("blazec-loop", ms=12.0, peak_gib=2.0, act_gib=0.5, err_out=4e-3, err_dx=5e-3),
+        "blazec-loop": Row("blazec-loop", ms=12.0, peak_gib=2.0, act_gib=0.5, err_out=4e-3, err_dx=5e-3,
+                           err_dw=6e-3),
         "blazec-loop-recompute": Row("blazec-loop-recompute", ms=15.0, peak_gib=1.8, act_gib=0.01,
                                      err_out=4e-3, err_dx=5e-3),
     }
@@ -51,6 +52,7 @@ def test_all_targets_met_and_their_limits() -> None:
     ({"blazec_loop_recompute": {"ms": 15.7}}, "recompute time"),  # 1.31x
     ({"blazec_loop": {"peak_gib": 2.6}}, "peak"),
     ({"blazec_loop": {"err_dx": 0.05}}, "agreement"),
+    ({"blazec_loop": {"err_dw": 0.05}}, "agreement"),
 ])
 def test_each_target_can_be_missed(over, missed) -> None:
     t = _by_name(check(_rows(**over), *OLMOE))

@@ -101,6 +101,7 @@ def test_the_variable_and_the_conditions(monkeypatch) -> None:
         ((9, 0), torch.bfloat16, 24, 16, None),
     ]:
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev, cc=cc: cc)
+        monkeypatch.setattr(gm, "_CAPABILITY", {})  # cached per device
         Cuda.dtype = dtype
         got = gm.unsupported(Cuda, d, I)
         assert (got is None) if why is None else (why in got), (cc, dtype, got)
