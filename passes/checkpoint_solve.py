@@ -311,8 +311,16 @@ def solve_ilp(problem: Problem, budget: list[int | None], *, time_limit: float =
     t0 = time.perf_counter()
     verts = problem.vertices
     n, L = len(verts), len(problem.layers)
-    R, A, S, Z = 0, n, 2 * n, 3 * n
-    nv = 3 * n + L
+    # Views of one storage that may each be saved (views of a base that cannot be saved: with a
+    # savable base, only the base is a candidate) keep that storage once, as ``evaluate``
+    # counts it: one storage variable K per such group, and the budget counts K, not each view.
+    groups: dict[int, list[int]] = {}
+    for v in verts:
+        if v.solver_save:
+            groups.setdefault(v.root if v.root is not None else v.index, []).append(v.index)
+    shared = [members for members in groups.values() if len(members) > 1]
+    R, A, S, Z, K = 0, n, 2 * n, 3 * n, 3 * n + L
+    nv = 3 * n + L + len(shared)
     cs, ms = _cost_scale(problem), _mem_scale(problem)
     c = np.zeros(nv)
     lb = np.zeros(nv)
@@ -332,6 +340,9 @@ def solve_ilp(problem: Problem, budget: list[int | None], *, time_limit: float =
             ub[S + i] = 0
     for layer in problem.layers:
         c[Z + layer.index] = layer.gemm1_cost / cs
+    for g, members in enumerate(shared):
+        c[K + g] = TIE_BREAK * max(problem.bytes_at[0][i] for i in members) / ms
+    in_group = {i: g for g, members in enumerate(shared) for i in members}
     rows: list[int] = []
     cols: list[int] = []
     vals: list[float] = []
@@ -356,13 +367,18 @@ def solve_ilp(problem: Problem, budget: list[int | None], *, time_limit: float =
             row([(R + i, 1.0), (A + u, -1.0)], 0.0)  # r_v <= a_u
     for layer in problem.layers:
         row([(A + layer.preact, -1.0), (Z + layer.index, -1.0)], -1.0)  # a_p + z >= 1
+    for i, g in in_group.items():
+        row([(S + i, 1.0), (K + g, -1.0)], 0.0)  # s_view <= k_storage
     for j, b in _budget_rows(problem, budget):
         if b <= 0:
             for i, by in enumerate(problem.bytes_at[j]):
                 if by > 0:
                     ub[S + i] = 0
             continue
-        row([(S + i, by / b) for i, by in enumerate(problem.bytes_at[j]) if by > 0], 1.0)
+        entries = [(S + i, by / b) for i, by in enumerate(problem.bytes_at[j]) if by > 0 and i not in in_group]
+        entries += [(K + g, max(problem.bytes_at[j][i] for i in members) / b) for g, members in enumerate(shared)
+                    if max(problem.bytes_at[j][i] for i in members) > 0]
+        row(entries, 1.0)
     A_mat = coo_matrix((vals, (rows, cols)), shape=(r, nv)).tocsr()
     with _quiet_stdout():
         res = milp(

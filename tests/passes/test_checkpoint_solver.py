@@ -20,7 +20,7 @@ import pytest
 import sympy
 import torch
 import torch.fx
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from blazec.config import BlazeConfig
@@ -209,8 +209,17 @@ def problems(draw):
     return n_in, ops, layers, draw(st.booleans())
 
 
+# Found by this test in CI (2026-11-27): several saved views of one base that cannot itself be
+# saved keep one storage; the MILP counted each view's bytes, so it recomputed (cost 1 for 0)
+# or called the budget infeasible.
+_VIEWS_OF_UNSAVABLE = [([0], 1, 100, False, True, False, None)] + [([0], 0, 0, True, False, True, 0)] * 4 \
+    + [([0], 0, 0, False, False, False, 0)]
+
+
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(spec=problems(), frac=st.sampled_from([0.0, 0.1, 0.25, 0.4, 0.6, 0.8, 1.0]))
+@example(spec=(1, _VIEWS_OF_UNSAVABLE, [], False), frac=0.25)
+@example(spec=(1, [([0], 0, 100, False, False, False, None)] + _VIEWS_OF_UNSAVABLE[1:], [], False), frac=0.25)
 def test_random_dags_match_enumeration(spec, frac):
     pr = synthetic_problem(spec)
     total = [sum(row) for row in pr.bytes_at]
