@@ -579,8 +579,7 @@ def test_pick_fastest(monkeypatch) -> None:
     assert (3,) not in _common.IMPL_CHOICES["t"]
 
 
-@pytest.mark.parametrize("dh", ["fused", "split"])
-@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("recompute,dh", [(False, "fused"), (True, "fused"), (False, "split")])
 def test_autotuner_reruns_do_not_change_results(monkeypatch, recompute: bool, dh: str) -> None:
     """On a GPU the autotuner runs every config of a new key on the launch's own arguments
     before the final launch, restoring only the arguments its ``restore_value`` names. Emulated
