@@ -641,6 +641,29 @@ def test_autotuner_reruns_do_not_change_results(monkeypatch, recompute: bool, dh
     assert same == (dh == "split")
 
 
+def _spy_launches(monkeypatch) -> list[str]:
+    """The kernels the expert launchers launch from now on, by name ("+gather": A_GATHER)."""
+    from blazec.kernels import moe_experts
+
+    launched: list[str] = []
+    real_launch = moe_experts.launch
+
+    def spy(kernel, tuned, grid, args, fixed):
+        name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
+        launched.append(name + ("+gather" if args.get("A_GATHER") else ""))
+        return real_launch(kernel, tuned, grid, args, fixed)
+
+    monkeypatch.setattr(moe_experts, "launch", spy)
+    return launched
+
+
+def _assert_same(got, want, **tol) -> None:
+    """Two launchers' outputs (tensors, or lists of them, in the same order) agree."""
+    for g, w in zip(got, want, strict=True):
+        for s, t in zip(g if isinstance(g, list) else [g], w if isinstance(w, list) else [w], strict=True):
+            torch.testing.assert_close(s, t, **tol)
+
+
 @pytest.mark.parametrize("kw", [
     dict(activation="swiglu", bias="none", ids_kind="empty_experts", dtype=torch.bfloat16),
     dict(activation="geglu", bias="list", layout="list", weight_pos="hidden", ids_kind="ragged", capacity=5),
@@ -661,15 +684,7 @@ def test_split_dh_equals_fused(monkeypatch, kw) -> None:
     from blazec.kernels import moe_experts
 
     case = make_case(E=5, seed=41, **kw)
-    launched: list[str] = []
-    real_launch = moe_experts.launch
-
-    def spy(kernel, tuned, grid, args, fixed):
-        name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
-        launched.append(name + ("+gather" if args.get("A_GATHER") else ""))
-        return real_launch(kernel, tuned, grid, args, fixed)
-
-    monkeypatch.setattr(moe_experts, "launch", spy)
+    launched = _spy_launches(monkeypatch)
     _, preact = moe_experts.moe_experts_fwd(*case.fwd_args())
     monkeypatch.setenv("BLAZEC_DH", "fused")
     fused = moe_experts.moe_experts_bwd(*case.bwd_args(preact.clone()))
@@ -681,17 +696,12 @@ def test_split_dh_equals_fused(monkeypatch, kw) -> None:
     assert ("_rows_gemm_kernel+gather" in launched) == split_path, launched
     assert ("_dh_kernel" in launched) != split_path, launched
     split = moe_experts.moe_experts_bwd(*case.bwd_args(preact.clone()))
-    tol = TOL[case.x.dtype] if ON_GPU else dict(rtol=0, atol=0)
-    for g, w in zip(split, fused):
-        for s, t in zip(g if isinstance(g, list) else [g], w if isinstance(w, list) else [w]):
-            torch.testing.assert_close(s, t, **tol)
+    _assert_same(split, fused, **(TOL[case.x.dtype] if ON_GPU else dict(rtol=0, atol=0)))
     # dg | du written over the saved preact (the training step's case): the same gradients
     monkeypatch.setattr(moe_experts, "may_overwrite_preact", lambda p: True)
     saved = preact.clone()
     over = moe_experts.moe_experts_bwd(*case.bwd_args(saved), True)  # saved: overwritten, then released
-    for g, w in zip(over, split):
-        for s, t in zip(g if isinstance(g, list) else [g], w if isinstance(w, list) else [w]):
-            torch.testing.assert_close(s, t, rtol=0, atol=0)
+    _assert_same(over, split, rtol=0, atol=0)
 
 
 def test_dh_mode_is_checked(monkeypatch) -> None:
@@ -722,15 +732,7 @@ def test_split_gemm1_equals_fused(monkeypatch, kw) -> None:
     from blazec.kernels import moe_experts
 
     case = make_case(E=5, seed=43, **kw)
-    launched: list[str] = []
-    real_launch = moe_experts.launch
-
-    def spy(kernel, tuned, grid, args, fixed):
-        name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
-        launched.append(name + ("+gather" if args.get("A_GATHER") else ""))
-        return real_launch(kernel, tuned, grid, args, fixed)
-
-    monkeypatch.setattr(moe_experts, "launch", spy)
+    launched = _spy_launches(monkeypatch)
 
     def both():
         y, preact = moe_experts.moe_experts_fwd(*case.fwd_args())
@@ -748,10 +750,7 @@ def test_split_gemm1_equals_fused(monkeypatch, kw) -> None:
     assert ("_act_kernel" in launched) != recompute, launched
     assert "_rows_gemm_kernel+gather" in launched, launched
     split = both()
-    tol = TOL[case.x.dtype] if ON_GPU else dict(rtol=0, atol=0)
-    for g, w in zip(split, fused):
-        for s, t in zip(g if isinstance(g, list) else [g], w if isinstance(w, list) else [w]):
-            torch.testing.assert_close(s, t, **tol)
+    _assert_same(split, fused, **(TOL[case.x.dtype] if ON_GPU else dict(rtol=0, atol=0)))
 
 
 def test_gemm1_mode_is_checked(monkeypatch) -> None:
