@@ -272,6 +272,15 @@ def variant_key(kernel) -> list[str]:
     return [p.name for p in kernel.params if p.is_constexpr and p.name not in (*_TUNED_META, "G_PAD")]
 
 
+def env_choice(name: str, choices: Sequence[str], default: str) -> str:
+    """The value of environment variable ``name``, one of ``choices`` (``default`` when unset);
+    anything else is an error that names the variable."""
+    value = os.environ.get(name, default).strip()
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)} (default {default}), got {value!r}")
+    return value
+
+
 def autotune_enabled() -> bool:
     """``BLAZEC_AUTOTUNE=0`` launches each kernel with its first config that fits in shared
     memory instead of timing them all: for correctness runs on a GPU (tests, gpu_check.sh),

@@ -31,7 +31,6 @@ tensors do not share strides.
 
 from __future__ import annotations
 
-import os
 import warnings
 from typing import Callable, Optional, Sequence
 
@@ -51,6 +50,7 @@ from blazec.kernels._common import (
     dot_precision,
     dummy_operand,
     empty,
+    env_choice,
     grad_buffer,
     launch,
     next_pow2,
@@ -131,9 +131,41 @@ class _Operands:
         P, E = self.P, self.E
         return lambda META: ((triton.cdiv(P, META["BLOCK_M"]) + E + 1) * triton.cdiv(n, META["BLOCK_N"]),)
 
+    def elementwise_grid(self, META) -> tuple[int, int]:
+        """The elementwise passes' grid: [S, I] in BLOCK_M x BLOCK_N tiles."""
+        return triton.cdiv(self.P, META["BLOCK_M"]), triton.cdiv(self.I, META["BLOCK_N"])
+
 
 def _tl(dt: torch.dtype):
     return TORCH_TO_TL[dt]
+
+
+def _rows_gemm(o: "_Operands", a1: Tensor, s_a: int, w: WeightOperand, wt: bool, out: Tensor, N: int, KD: int,
+               c_dt: torch.dtype, *, two: Optional[tuple[Tensor, WeightOperand]] = None,
+               bias: Optional[WeightOperand] = None, scale: bool = False, direct: bool = False,
+               gather: bool = False) -> None:
+    """One ``_rows_gemm_kernel`` launch: out = a1 B (+ a2 B2, ``two``) (+ bias) (* w) over each
+    expert's sorted rows. B = W^T with ``wt`` (W_e [N, KD] = [out, in], as F.linear holds it:
+    forward GEMMs), else W (W_e [KD, N]: backward GEMMs through a weight). ``s_a``: the row
+    stride of a1 (and a2); ``gather``: a1's rows by token (A_GATHER); ``direct``: k == 1, rows
+    straight to their token; ``c_dt``: the dtype the row result is held in."""
+    k_dim, n_dim = (2, 1) if wt else (1, 2)
+    a2, w2 = two if two is not None else (a1, w)
+    b = bias if bias is not None else o.bd  # a placeholder the kernel leaves unread
+    launch(gg._rows_gemm_kernel, gg.rows_gemm_tuned, o.m_grid(N), dict(
+        a1_ptr=a1, a2_ptr=a2, b1_ptr=w.ptr, b1_tab=w.tab, b2_ptr=w2.ptr, b2_tab=w2.tab,
+        bias_ptr=b.ptr, bias_tab=b.tab, tw_ptr=o.tw, pairs_ptr=o.sp, offs_ptr=o.eo, out_ptr=out,
+        N=N, KD=KD, K=o.k, P=o.P, E=o.E, ROWS_CLASS=o.rows_class,
+        s_a1=s_a, s_a2=s_a,
+        s_b1e=w.strides[0], s_b1k=w.strides[k_dim], s_b1n=w.strides[n_dim],
+        s_b2e=w2.strides[0] if two else 0, s_b2k=w2.strides[k_dim] if two else 0,
+        s_b2n=w2.strides[n_dim] if two else 0,
+        s_biase=b.strides[0] if bias else 0, s_biasn=b.strides[1] if bias else 0,
+        stride_out=out.stride(0),
+        TWO=two is not None, HAS_BIAS=bias is not None, SCALE=scale, DIRECT=direct, A_GATHER=gather,
+        B1_TAB=w.table, B2_TAB=w2.table if two else 0, BIAS_TAB=b.table if bias else 0, C_DT=_tl(c_dt),
+        PREC=o.prec, G_PAD=o.G_PAD,
+    ), INTERPRET_CONFIG)
 
 
 GEMM1_MODES = ("fused", "split")
@@ -143,10 +175,7 @@ def gemm1_mode() -> str:
     """``BLAZEC_GEMM1``: ``fused`` (default: ``_gemm1_kernel``) or ``split`` (two row GEMMs
     into preact's halves, then ``_act_kernel``, where preact is stored; docs/KERNELS.md).
     Anything else is an error."""
-    value = os.environ.get("BLAZEC_GEMM1", "fused").strip()
-    if value not in GEMM1_MODES:
-        raise ValueError(f"BLAZEC_GEMM1 must be one of {GEMM1_MODES} (default fused), got {value!r}")
-    return value
+    return env_choice("BLAZEC_GEMM1", GEMM1_MODES, "fused")
 
 
 def _gemm1(o: "_Operands", pre: Tensor, h: Tensor, store_pre: bool, store_h: bool, hidden: bool) -> None:
@@ -183,28 +212,14 @@ def _gemm1_split(o: "_Operands", pre: Tensor, h: Tensor, store_h: bool, hidden: 
     if o.gated:
         halves.append((o.wu, o.bu, o.has_bu, pre[:, o.I:]))
     for w, b, has_b, out in halves:
-        # B[kk, n] = W[n, kk]: W_e is [I, d] = [out, in]
-        launch(gg._rows_gemm_kernel, gg.rows_gemm_tuned, o.m_grid(o.I), dict(
-            a1_ptr=x, a2_ptr=x, b1_ptr=w.ptr, b1_tab=w.tab, b2_ptr=w.ptr, b2_tab=w.tab,
-            bias_ptr=b.ptr, bias_tab=b.tab, tw_ptr=o.tw, pairs_ptr=o.sp, offs_ptr=o.eo, out_ptr=out,
-            N=o.I, KD=o.d, K=o.k, P=o.P, E=o.E, ROWS_CLASS=o.rows_class,
-            s_a1=x.stride(0), s_a2=x.stride(0),
-            s_b1e=w.strides[0], s_b1k=w.strides[2], s_b1n=w.strides[1],
-            s_b2e=0, s_b2k=0, s_b2n=0,
-            s_biase=b.strides[0], s_biasn=b.strides[1],
-            stride_out=out.stride(0),
-            TWO=False, HAS_BIAS=has_b, SCALE=False, DIRECT=False, A_GATHER=True,
-            B1_TAB=w.table, B2_TAB=0, BIAS_TAB=b.table, C_DT=_tl(o.xdt),
-            PREC=o.prec, G_PAD=o.G_PAD,
-        ), INTERPRET_CONFIG)
+        _rows_gemm(o, x, x.stride(0), w, True, out, o.I, o.d, o.xdt, bias=b if has_b else None, gather=True)
     if not store_h:  # recompute mode's backward: preact alone, its dropped rows never read
         return
-    grid = lambda META: (triton.cdiv(o.P, META["BLOCK_M"]), triton.cdiv(o.I, META["BLOCK_N"]))  # noqa: E731
-    launch(gg._act_kernel, None, grid, dict(
+    launch(gg._act_kernel, None, o.elementwise_grid, dict(
         pre_ptr=pre, h_ptr=h, tw_ptr=o.tw, pairs_ptr=o.sp, offs_ptr=o.eo,
         I=o.I, E=o.E, P=o.P, stride_pre=o.n_in, stride_h=o.I,
         ACT=o.act, GATED=o.gated, HIDDEN=hidden,
-    ), gg.ACT_CONFIG)
+    ), gg.ELEMENTWISE_CONFIG)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,20 +267,8 @@ def moe_experts_fwd(
         out = y
     else:
         out = empty((o.P, o.d), c_dt, dev)
-    launch(gg._rows_gemm_kernel, gg.rows_gemm_tuned, o.m_grid(o.d), dict(
-        a1_ptr=h, a2_ptr=h, b1_ptr=o.wd.ptr, b1_tab=o.wd.tab, b2_ptr=o.wd.ptr, b2_tab=o.wd.tab,
-        bias_ptr=o.bd.ptr, bias_tab=o.bd.tab, tw_ptr=o.tw, pairs_ptr=o.sp, offs_ptr=o.eo, out_ptr=out,
-        N=o.d, KD=o.I, K=o.k, P=o.P, E=o.E, ROWS_CLASS=o.rows_class,
-        s_a1=o.I, s_a2=o.I,
-        # B[kk, n] = Wd[n, kk]: Wd_e is [d, I] = [out, in]
-        s_b1e=o.wd.strides[0], s_b1k=o.wd.strides[2], s_b1n=o.wd.strides[1],
-        s_b2e=0, s_b2k=0, s_b2n=0,
-        s_biase=o.bd.strides[0], s_biasn=o.bd.strides[1],
-        stride_out=out.stride(0),
-        TWO=False, HAS_BIAS=o.has_bd, SCALE=not hidden, DIRECT=direct, A_GATHER=False,
-        B1_TAB=o.wd.table, B2_TAB=0, BIAS_TAB=o.bd.table, C_DT=_tl(c_dt),
-        PREC=o.prec, G_PAD=o.G_PAD,
-    ), INTERPRET_CONFIG)
+    _rows_gemm(o, h, o.I, o.wd, True, out, o.d, o.I, c_dt, bias=o.bd if o.has_bd else None, scale=not hidden,
+               direct=direct)
     if not direct:
         y = empty((o.T, o.d), out_dt, dev)
         moe_combine.combine(out, o.pp, y, o.T, o.d, o.k)
@@ -410,7 +413,7 @@ def moe_experts_bwd(
     # One d(routing weight) partial per row and column tile of the dh step, sized for its
     # narrowest tile; zeroed, since a wider tile (the autotuner's pick) leaves some columns
     # unwritten, and dropped pairs' rows are never written.
-    NT = triton.cdiv(I, gg.DH_EPILOGUE_CONFIG["BLOCK_N"] if split else gg.DH_MIN_BLOCK_N)
+    NT = triton.cdiv(I, gg.ELEMENTWISE_CONFIG["BLOCK_N"] if split else gg.DH_MIN_BLOCK_N)
     part = torch.zeros((o.P, NT), dtype=torch.float32, device=dev)
     if split:
         _dh_split_launch(o, grad_y, preact, dgu, hs, part, NT)
@@ -453,10 +456,7 @@ def dh_mode() -> str:
     """``BLAZEC_DH``: how the backward computes dh and dg | du: ``split`` (default: the row
     GEMM with gathered grad_y rows, then ``_dh_epilogue_kernel``) or ``fused`` (``_dh_kernel``,
     the epilogue in the GEMM's tiles); docs/KERNELS.md. Anything else is an error."""
-    value = os.environ.get("BLAZEC_DH", "split").strip()
-    if value not in DH_MODES:
-        raise ValueError(f"BLAZEC_DH must be one of {DH_MODES} (default split), got {value!r}")
-    return value
+    return env_choice("BLAZEC_DH", DH_MODES, "split")
 
 
 def _dh_split(o: _Operands, grad_y: Tensor, bd_term: bool) -> bool:
@@ -490,26 +490,12 @@ def _dh_split_launch(o: _Operands, grad_y, preact, dgu, hs, part, NT: int) -> No
     6.06, and about 0.9 + 0.71 where it took 1.85 at olmoe-like."""
     if grad_y.stride(1) != 1:
         grad_y = grad_y.contiguous()
-    launch(gg._rows_gemm_kernel, gg.rows_gemm_tuned, o.m_grid(o.I), dict(
-        a1_ptr=grad_y, a2_ptr=grad_y, b1_ptr=o.wd.ptr, b1_tab=o.wd.tab, b2_ptr=o.wd.ptr, b2_tab=o.wd.tab,
-        bias_ptr=o.bd.ptr, bias_tab=o.bd.tab, tw_ptr=o.tw, pairs_ptr=o.sp, offs_ptr=o.eo, out_ptr=hs,
-        N=o.I, KD=o.d, K=o.k, P=o.P, E=o.E, ROWS_CLASS=o.rows_class,
-        s_a1=grad_y.stride(0), s_a2=grad_y.stride(0),
-        # B[kk, n] = Wd[kk, n]: Wd_e is [d, I] = [out, in]
-        s_b1e=o.wd.strides[0], s_b1k=o.wd.strides[1], s_b1n=o.wd.strides[2],
-        s_b2e=0, s_b2k=0, s_b2n=0,
-        s_biase=0, s_biasn=0,
-        stride_out=hs.stride(0),
-        TWO=False, HAS_BIAS=False, SCALE=False, DIRECT=False, A_GATHER=True,
-        B1_TAB=o.wd.table, B2_TAB=0, BIAS_TAB=0, C_DT=_tl(o.xdt),
-        PREC=o.prec, G_PAD=o.G_PAD,
-    ), INTERPRET_CONFIG)
-    grid = lambda META: (triton.cdiv(o.P, META["BLOCK_M"]), triton.cdiv(o.I, META["BLOCK_N"]))  # noqa: E731
-    launch(gg._dh_epilogue_kernel, None, grid, dict(
+    _rows_gemm(o, grad_y, grad_y.stride(0), o.wd, False, hs, o.I, o.d, o.xdt, gather=True)
+    launch(gg._dh_epilogue_kernel, None, o.elementwise_grid, dict(
         hs_ptr=hs, tw_ptr=o.tw, pairs_ptr=o.sp, offs_ptr=o.eo, pre_ptr=preact, dgu_ptr=dgu, part_ptr=part,
         I=o.I, E=o.E, NT=NT, stride_pre=o.n_in, stride_dgu=o.n_in, stride_hs=o.I,
         ACT=o.act, GATED=o.gated,
-    ), gg.DH_EPILOGUE_CONFIG)
+    ), gg.ELEMENTWISE_CONFIG)
 
 
 def _dw_down(o: _Operands, grad_y: Tensor, hs: Tensor, ws: Optional[Tensor], w_down, b_down, gm: bool):
@@ -528,21 +514,8 @@ def _dx(o: _Operands, dgu: Tensor) -> Tensor:
         out = dx
     else:
         out = empty((o.P, o.d), o.xdt, dev)
-    # B[kk, n] = W[kk, n]: W_e is [I, d] = [out, in]
-    launch(gg._rows_gemm_kernel, gg.rows_gemm_tuned, o.m_grid(o.d), dict(
-        a1_ptr=dgu, a2_ptr=dgu[:, I:] if o.gated else dgu,
-        b1_ptr=o.wg.ptr, b1_tab=o.wg.tab, b2_ptr=o.wu.ptr, b2_tab=o.wu.tab,
-        bias_ptr=o.bd.ptr, bias_tab=o.bd.tab, tw_ptr=o.tw, pairs_ptr=o.sp, offs_ptr=o.eo, out_ptr=out,
-        N=o.d, KD=I, K=o.k, P=o.P, E=o.E, ROWS_CLASS=o.rows_class,
-        s_a1=o.n_in, s_a2=o.n_in,
-        s_b1e=o.wg.strides[0], s_b1k=o.wg.strides[1], s_b1n=o.wg.strides[2],
-        s_b2e=o.wu.strides[0], s_b2k=o.wu.strides[1], s_b2n=o.wu.strides[2],
-        s_biase=0, s_biasn=0,
-        stride_out=out.stride(0),
-        TWO=o.gated, HAS_BIAS=False, SCALE=False, DIRECT=direct, A_GATHER=False,
-        B1_TAB=o.wg.table, B2_TAB=o.wu.table, BIAS_TAB=0, C_DT=_tl(o.xdt),
-        PREC=o.prec, G_PAD=o.G_PAD,
-    ), INTERPRET_CONFIG)
+    _rows_gemm(o, dgu, o.n_in, o.wg, False, out, o.d, I, o.xdt, direct=direct,
+               two=(dgu[:, I:], o.wu) if o.gated else None)
     if not direct:
         dx = empty((o.T, o.d), o.xdt, dev)
         moe_combine.combine(out, o.pp, dx, o.T, o.d, o.k)

@@ -429,7 +429,6 @@ def _dh_kernel(
     tl.store(dgu_ptrs, cast(dg, xdt), mask=omask)
 
 
-
 @triton.jit
 def _dh_epilogue_kernel(
     hs_ptr,  # [P, I] in: q = gy[tok] Wd in x dtype (the split dh GEMM's output); out: w*h
@@ -479,7 +478,6 @@ def _dh_epilogue_kernel(
     tl.store(dgu_ptrs, cast(dg, xdt), mask=omask)
 
 
-
 @triton.jit
 def _act_kernel(
     pre_ptr,  # [P, n_in] g | u in x dtype (the split GEMM 1's two products); dropped rows out: 0
@@ -523,10 +521,10 @@ def _act_kernel(
         h = rnd(h, xdt) * w[:, None]
     tl.store(h_ptr + rows64[:, None] * stride_h + cols[None, :], cast(h, h_ptr.dtype.element_ty), mask=omask)
 
+
 # The split paths' elementwise tiles (no autotuning, which would rerun them in place).
-DH_EPILOGUE_CONFIG = ({"BLOCK_M": 16, "BLOCK_N": 16} if INTERPRET else
+ELEMENTWISE_CONFIG = ({"BLOCK_M": 16, "BLOCK_N": 16} if INTERPRET else
                       {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4})
-ACT_CONFIG = DH_EPILOGUE_CONFIG
 
 if INTERPRET:
     gemm1_tuned = rows_gemm_tuned = dh_tuned = None

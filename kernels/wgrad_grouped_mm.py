@@ -28,12 +28,13 @@ its peak rose from 3.251 to 3.376 GiB and from 1.444 to 1.944 GiB (the xs copy).
 
 from __future__ import annotations
 
-import os
 import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor
+
+from blazec.kernels._common import env_choice
 
 MODES = ("auto", "triton", "grouped_mm")
 _WARNED: set[str] = set()
@@ -45,10 +46,7 @@ TAKEN: set[str] = set()
 def mode() -> str:
     """``BLAZEC_WGRAD``: ``auto`` (default), ``triton`` or ``grouped_mm``; anything else is an
     error."""
-    value = os.environ.get("BLAZEC_WGRAD", "auto").strip()
-    if value not in MODES:
-        raise ValueError(f"BLAZEC_WGRAD must be one of {MODES} (default auto), got {value!r}")
-    return value
+    return env_choice("BLAZEC_WGRAD", MODES, "auto")
 
 
 def unsupported(x: Tensor, d: int, I: int) -> Optional[str]:
