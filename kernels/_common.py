@@ -105,8 +105,8 @@ def pointer_table(ts: Sequence[Tensor]) -> tuple[Tensor, int]:
     each list's gradient stacked.
     """
     dev = ts[0].device
-    ptrs = tuple(int(t.data_ptr()) for t in ts)
-    key = (str(dev), ptrs)
+    ptrs = tuple(map(Tensor.data_ptr, ts))  # one C-level pass: this runs every call
+    key = (dev, ptrs)
     hit = _TABLE_CACHE.get(key)
     if hit is not None:
         _TABLE_CACHE.move_to_end(key)
@@ -151,11 +151,11 @@ def weight_operand(ws: Sequence[Tensor], ndim_expert: int) -> Optional[WeightOpe
     if is_stacked(ws, ndim_expert):
         t = ws[0]
         return WeightOperand(t, t, tuple(t.stride()), 0)
-    s = ws[0].stride()
-    if any(w.stride() != s for w in ws):
+    strides = set(map(Tensor.stride, ws))
+    if len(strides) != 1:
         return None
     tab, align = pointer_table(ws)
-    return WeightOperand(ws[0], tab, (0, *s), align)
+    return WeightOperand(ws[0], tab, (0, *strides.pop()), align)
 
 
 def grad_buffer(like: Sequence[Tensor], ndim_expert: int) -> list[Tensor]:
