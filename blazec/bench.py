@@ -15,6 +15,8 @@ The protocol of ../shared/BASELINES.md, in one process, on the same weights and 
   or ``fused`` for that row (the backward's dh step, docs/KERNELS.md)
 - ``blazec-loop-split-gemm1``: ``blazec-loop`` with ``BLAZEC_GEMM1=split`` (GEMM 1 as two row
   GEMMs and an elementwise activation pass)
+- ``blazec-loop-wide-gemm1``: ``blazec-loop`` with ``BLAZEC_GEMM1=wide`` (GEMM 1 with one
+  interleaved gate|up weight tile per K step)
 - ``blazec-ops`` / ``blazec-ops-recompute``: ``blazec.ops.moe_route`` + ``moe_experts`` called
   directly on stacked weights
 - ``dense-equivalent``: not a MoE, the ceiling: one dense SwiGLU MLP (cuBLAS GEMMs) on T*k rows,
@@ -80,6 +82,7 @@ IMPLS = (
     "blazec-loop-split-dh",
     "blazec-loop-fused-dh",
     "blazec-loop-split-gemm1",
+    "blazec-loop-wide-gemm1",
     "blazec-ops",
     "blazec-ops-recompute",
     "dense-equivalent",
@@ -92,6 +95,7 @@ ROW_ENV = {
     "blazec-loop-split-dh": {"BLAZEC_DH": "split"},
     "blazec-loop-fused-dh": {"BLAZEC_DH": "fused"},
     "blazec-loop-split-gemm1": {"BLAZEC_GEMM1": "split"},
+    "blazec-loop-wide-gemm1": {"BLAZEC_GEMM1": "wide"},
 }
 GiB = 1024**3
 

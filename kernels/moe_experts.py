@@ -168,13 +168,15 @@ def _rows_gemm(o: "_Operands", a1: Tensor, s_a: int, w: WeightOperand, wt: bool,
     ), INTERPRET_CONFIG)
 
 
-GEMM1_MODES = ("fused", "split")
+GEMM1_MODES = ("fused", "split", "wide")
 
 
 def gemm1_mode() -> str:
-    """``BLAZEC_GEMM1``: ``fused`` (default: ``_gemm1_kernel``) or ``split`` (two row GEMMs
-    into preact's halves, then ``_act_kernel``, where preact is stored; docs/KERNELS.md).
-    Anything else is an error."""
+    """``BLAZEC_GEMM1``: ``fused`` (default: ``_gemm1_kernel``), ``split`` (two row GEMMs
+    into preact's halves, then ``_act_kernel``, where preact is stored) or ``wide``
+    (``_gemm1_kernel`` with one interleaved gate|up B tile per K step, GU_WIDE, for gated
+    activations whose two weights share their K stride); docs/KERNELS.md. Anything else is an
+    error."""
     return env_choice("BLAZEC_GEMM1", GEMM1_MODES, "fused")
 
 
@@ -182,7 +184,8 @@ def _gemm1(o: "_Operands", pre: Tensor, h: Tensor, store_pre: bool, store_h: boo
     """GEMM 1 (gather, gate and up, activation): writes preact = g | u into ``pre`` when
     ``store_pre`` and the activated rows into ``h`` when ``store_h``; an output it does not
     write may be any tensor of x's dtype."""
-    if store_pre and gemm1_mode() == "split":
+    mode = gemm1_mode()
+    if store_pre and mode == "split":
         return _gemm1_split(o, pre, h, store_h, hidden)
     x = o.x
     launch(gg._gemm1_kernel, gg.gemm1_tuned, o.m_grid(o.I), dict(
@@ -198,8 +201,25 @@ def _gemm1(o: "_Operands", pre: Tensor, h: Tensor, store_pre: bool, store_h: boo
         stride_pre=o.n_in, stride_h=o.I,
         ACT=o.act, GATED=o.gated, HAS_BG=o.has_bg, HAS_BU=o.has_bu, HIDDEN=hidden and store_h,
         STORE_PRE=store_pre, STORE_H=store_h, WG_TAB=o.wg.table, WU_TAB=o.wu.table, BG_TAB=o.bg.table,
-        BU_TAB=o.bu.table, PREC=o.prec, G_PAD=o.G_PAD,
+        BU_TAB=o.bu.table, GU_WIDE=mode == "wide" and _wide_ok(o),
+        PREC=o.prec, G_PAD=o.G_PAD,
     ), INTERPRET_CONFIG)
+
+
+def _aligned16(w: WeightOperand, el: int) -> bool:
+    """Every expert's matrix of ``w`` starts on a 16-byte boundary."""
+    if w.table:
+        return w.table == 16
+    return w.ptr.data_ptr() % 16 == 0 and (w.strides[0] * el) % 16 == 0
+
+
+def _wide_ok(o: "_Operands") -> bool:
+    """Whether GEMM 1 can run GU_WIDE: gated, Wg and Wu with the same strides, and both
+    16-byte aligned per expert (the kernel tells the compiler that Wu's rows lie a multiple of
+    16 bytes from Wg's; a claim that were false would misalign its vector loads)."""
+    el = o.x.element_size()
+    return (o.gated and o.wg.strides[1:] == o.wu.strides[1:]
+            and _aligned16(o.wg, el) and _aligned16(o.wu, el))
 
 
 def _gemm1_split(o: "_Operands", pre: Tensor, h: Tensor, store_h: bool, hidden: bool) -> None:

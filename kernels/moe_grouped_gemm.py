@@ -14,6 +14,8 @@ n_in = 2I (gated) or I, b = bytes per element of x.
     routing weight). It writes h (needed by the down GEMM) and, unless the op recomputes,
     preact = [g | u] for the backward; it zeroes preact's rows of dropped pairs. In recompute
     mode the backward runs it again with preact only (STORE_H off), into the dg | du buffer.
+    GU_WIDE (opt-in, ``BLAZEC_GEMM1=wide``): gate and up weights in one interleaved B tile, one
+    dot per K step (docs/KERNELS.md, "GEMM 1 with one wide dot").
     FLOPs 2*S*d*n_in.  Bytes: S*d*b gathered x reads (L2 absorbs the k-fold reuse only
     partly; the floor is T*d*b) + E*n_in*d*b weights + S*I*b (h) [+ S*n_in*b (preact)].
 
@@ -150,6 +152,7 @@ def _gemm1_kernel(
     ACT: tl.constexpr, GATED: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr,
     HIDDEN: tl.constexpr, STORE_PRE: tl.constexpr, STORE_H: tl.constexpr,
     WG_TAB: tl.constexpr, WU_TAB: tl.constexpr, BG_TAB: tl.constexpr, BU_TAB: tl.constexpr,
+    GU_WIDE: tl.constexpr,  # GATED: one [BLOCK_K, 2*BLOCK_N] B tile, gate and up interleaved
     PREC: tl.constexpr, G_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -181,23 +184,51 @@ def _gemm1_kernel(
     rk = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + tok[:, None] * stride_xt + rk[None, :] * stride_xd
     wg_base = expert_ptr(wg_ptr, wg_tab, grp, s_wge, WG_TAB)
-    bg_ptrs = wg_base + cols[None, :] * s_wgo + rk[:, None] * s_wgi  # B[kk, n] = Wg[n, kk]
-    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if GATED:
         wu_base = expert_ptr(wu_ptr, wu_tab, grp, s_wue, WU_TAB)
-        bu_ptrs = wu_base + cols[None, :] * s_wuo + rk[:, None] * s_wui
-        acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        kmask = (k0 + rk) < D
-        a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(bg_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
-        acc_g = mma(a, b, acc_g, PREC)
-        bg_ptrs += BLOCK_K * s_wgi
+    if GATED and GU_WIDE:
+        # One dot per K step over B = [Wg^T | Wu^T] with the two interleaved by column (2j: gate
+        # row j, 2j+1: up row j): an m64n256 wgmma where two dots issue two m64n128 ones that
+        # each read the A tile from shared memory again (the launcher sets GU_WIDE only where Wg
+        # and Wu have the same strides). Interleaved, g and u of one output column are adjacent
+        # accumulator columns, so the reshape and split below pair them without moving data.
+        cc = tl.arange(0, 2 * BLOCK_N)
+        wcol = pid_n * BLOCK_N + cc // 2
+        # Up's rows as offsets from gate's base, not a select between two pointers: through a
+        # select Triton 3.9 loses the rows' alignment and no longer pipelines the load. The
+        # launcher sets GU_WIDE only where every expert's Wg and Wu start 16-byte aligned, so
+        # their distance is a multiple of 16 bytes.
+        EL: tl.constexpr = wg_ptr.dtype.element_ty.primitive_bitwidth // 8
+        up_off = tl.multiple_of((wu_base.to(tl.int64) - wg_base.to(tl.int64)) // EL, 16 // EL)
+        w_row = wg_base + wcol * s_wgo + (cc % 2).to(tl.int64) * up_off
+        b_ptrs = w_row[None, :] + rk[:, None] * s_wgi
+        wmask = wcol < I
+        acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            kmask = (k0 + rk) < D
+            a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=kmask[:, None] & wmask[None, :], other=0.0)
+            acc = mma(a, b, acc, PREC)
+            b_ptrs += BLOCK_K * s_wgi
+            a_ptrs += BLOCK_K * stride_xd
+        acc_g, acc_u = tl.split(tl.reshape(acc, [BLOCK_M, BLOCK_N, 2]))
+    else:
+        bg_ptrs = wg_base + cols[None, :] * s_wgo + rk[:, None] * s_wgi  # B[kk, n] = Wg[n, kk]
+        acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         if GATED:
-            b2 = tl.load(bu_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
-            acc_u = mma(a, b2, acc_u, PREC)
-            bu_ptrs += BLOCK_K * s_wui
-        a_ptrs += BLOCK_K * stride_xd
+            bu_ptrs = wu_base + cols[None, :] * s_wuo + rk[:, None] * s_wui
+            acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            kmask = (k0 + rk) < D
+            a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+            b = tl.load(bg_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
+            acc_g = mma(a, b, acc_g, PREC)
+            bg_ptrs += BLOCK_K * s_wgi
+            if GATED:
+                b2 = tl.load(bu_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
+                acc_u = mma(a, b2, acc_u, PREC)
+                bu_ptrs += BLOCK_K * s_wui
+            a_ptrs += BLOCK_K * stride_xd
 
     # Epilogue: bias, round to x's dtype (as F.linear's output), activation in fp32. Each
     # pre-activation is stored as soon as it exists, which shortens g's live range: the gated

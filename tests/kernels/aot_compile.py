@@ -309,6 +309,8 @@ def _check(i, fn, kw, opts, sig, consts, args, target) -> tuple[bool, list[str],
         for ext in ("ttgir", "ptx"):
             with open(f"{stem}.{ext}", "w") as fh:
                 fh.write(f"// {opts} {_brief(sig, consts)}\n{c.asm[ext]}")
+        with open(f"{stem}.cubin", "wb") as fh:  # for nvdisasm / cuobjdump -sass
+            fh.write(c.asm["cubin"])
     usage = None
     if args.regs:
         usage = (fn.__name__, opts, _brief(sig, consts),
@@ -321,7 +323,7 @@ def main(argv=None) -> int:
     ap.add_argument("--all", action="store_true", help="compile every autotune config (slow)")
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--regs", action="store_true", help="print registers and spills of every variant")
-    ap.add_argument("--dump", metavar="DIR", help="write each variant's TTGIR and PTX to DIR")
+    ap.add_argument("--dump", metavar="DIR", help="write each variant's TTGIR, PTX and cubin to DIR")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                     help="compile in this many forked processes (default: one per CPU)")
     ap.add_argument("--kernel", metavar="NAME", action="append",
@@ -369,6 +371,10 @@ def main(argv=None) -> int:
             moe_experts.moe_experts_bwd(torch.randn_like(y), x, tw, *route, *ws, preact, act, wp, rec)
             # and the split GEMM 1 (BLAZEC_GEMM1=split: the gathered row GEMMs and _act_kernel)
             os.environ["BLAZEC_GEMM1"] = "split"
+            y, preact = moe_experts.moe_experts_fwd(x, tw, *route, *ws, act, wp, rec, None)
+            moe_experts.moe_experts_bwd(torch.randn_like(y), x, tw, *route, *ws, preact, act, wp, rec)
+            # and GEMM 1's interleaved gate|up tile (BLAZEC_GEMM1=wide, GU_WIDE)
+            os.environ["BLAZEC_GEMM1"] = "wide"
             y, preact = moe_experts.moe_experts_fwd(x, tw, *route, *ws, act, wp, rec, None)
             moe_experts.moe_experts_bwd(torch.randn_like(y), x, tw, *route, *ws, preact, act, wp, rec)
         finally:

@@ -642,7 +642,8 @@ def test_autotuner_reruns_do_not_change_results(monkeypatch, recompute: bool, dh
 
 
 def _spy_launches(monkeypatch) -> list[str]:
-    """The kernels the expert launchers launch from now on, by name ("+gather": A_GATHER)."""
+    """The kernels the expert launchers launch from now on, by name ("+gather": A_GATHER,
+    "+wide": GU_WIDE)."""
     from blazec.kernels import moe_experts
 
     launched: list[str] = []
@@ -650,7 +651,7 @@ def _spy_launches(monkeypatch) -> list[str]:
 
     def spy(kernel, tuned, grid, args, fixed):
         name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
-        launched.append(name + ("+gather" if args.get("A_GATHER") else ""))
+        launched.append(name + ("+gather" if args.get("A_GATHER") else "") + ("+wide" if args.get("GU_WIDE") else ""))
         return real_launch(kernel, tuned, grid, args, fixed)
 
     monkeypatch.setattr(moe_experts, "launch", spy)
@@ -753,11 +754,48 @@ def test_split_gemm1_equals_fused(monkeypatch, kw) -> None:
     _assert_same(split, fused, **(TOL[case.x.dtype] if ON_GPU else dict(rtol=0, atol=0)))
 
 
+@pytest.mark.parametrize("kw, wide", [
+    (dict(activation="swiglu", ids_kind="empty_experts", dtype=torch.bfloat16, d=24), True),
+    (dict(activation="geglu", bias="list", layout="list", capacity=5), True),  # odd d and I
+    (dict(activation="swiglu", bias="stacked", layout="fused", weight_pos="hidden", recompute=True, d=24), True),
+    (dict(activation="geglu_tanh", T=1, k=1, layout="list_t", noncontig=True), True),
+    (dict(activation="gelu", bias="stacked", d=24), False),  # one weight
+    (dict(activation="swiglu", d=21), False),  # stacked, 19*21 elements per expert: unaligned
+    (dict(activation="swiglu", layout="list_unaligned"), False),
+], ids=["bf16-empty-experts", "list-bias-dropped", "fused-hidden-recompute", "T1-list_t-noncontig",
+        "gelu", "stacked-unaligned", "list-unaligned"])
+def test_wide_gemm1_equals_fused(monkeypatch, kw, wide) -> None:
+    """BLAZEC_GEMM1=wide: _gemm1_kernel with one interleaved gate|up B tile per K step
+    (GU_WIDE), in both directions (recompute mode's backward runs GEMM 1 too), where the
+    activation is gated and every expert's Wg and Wu start 16-byte aligned with the same
+    strides; elsewhere the two-dot kernel. Checked against the reference, and equal to the
+    two-dot kernel: every g and u element is the same K sum (bit for bit under the
+    interpreter; on a GPU within the dtype's tolerance)."""
+    from blazec.kernels import moe_experts
+
+    case = make_case(E=5, seed=44, **kw)
+    launched = _spy_launches(monkeypatch)
+
+    def both():
+        y, preact = moe_experts.moe_experts_fwd(*case.fwd_args())
+        return [y, preact, *moe_experts.moe_experts_bwd(*case.bwd_args(preact.clone()))]
+
+    monkeypatch.setenv("BLAZEC_GEMM1", "fused")
+    fused = both()
+    assert not any(n.endswith("+wide") for n in launched), launched
+    launched.clear()
+    monkeypatch.setenv("BLAZEC_GEMM1", "wide")
+    check(case)
+    gemm1 = [n for n in launched if n.startswith("_gemm1_kernel")]
+    assert gemm1 and all(n.endswith("+wide") == wide for n in gemm1), launched
+    _assert_same(both(), fused, **(TOL[case.x.dtype] if ON_GPU else dict(rtol=0, atol=0)))
+
+
 def test_gemm1_mode_is_checked(monkeypatch) -> None:
     from blazec.kernels import moe_experts
 
     monkeypatch.delenv("BLAZEC_GEMM1", raising=False)
     assert moe_experts.gemm1_mode() == "fused"
     monkeypatch.setenv("BLAZEC_GEMM1", "tiled")
-    with pytest.raises(ValueError, match=r"BLAZEC_GEMM1 must be one of \('fused', 'split'\).*'tiled'"):
+    with pytest.raises(ValueError, match=r"BLAZEC_GEMM1 must be one of \('fused', 'split', 'wide'\).*'tiled'"):
         moe_experts.gemm1_mode()

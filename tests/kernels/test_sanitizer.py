@@ -176,6 +176,21 @@ def test_fused_dh_and_split_gemm1_are_clean(monkeypatch, kw: dict) -> None:
     assert "_dh_kernel" in kernels and "_act_kernel" in kernels, kernels
 
 
+def test_wide_gemm1_is_clean(monkeypatch) -> None:
+    """BLAZEC_GEMM1=wide: the interleaved gate|up tile reads through two weight bases, masked
+    by the output column; odd I, per-expert weights, dropped pairs."""
+    from blazec.kernels.moe_experts import moe_experts_bwd, moe_experts_fwd
+    from tests.kernels.cases import make_case
+
+    monkeypatch.setenv("BLAZEC_GEMM1", "wide")
+    case = make_case(seed=9, T=14, I=19, E=4, k=3, layout="list", capacity=5, activation="swiglu")
+    with Sanitizer() as san:
+        _, preact = moe_experts_fwd(*case.fwd_args())
+        moe_experts_bwd(*case.bwd_args(preact))
+    san.assert_clean()
+    assert any(launch.kernel == "_gemm1_kernel" for launch in san.launches)
+
+
 @pytest.mark.parametrize("kw", EXPERT_CASES, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default")
 def test_expert_kernels_are_clean(kw: dict) -> None:
     from blazec.kernels.moe_experts import moe_experts_bwd, moe_experts_fwd
