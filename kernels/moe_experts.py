@@ -214,11 +214,14 @@ def _aligned16(w: WeightOperand, el: int) -> bool:
 
 
 def _wide_ok(o: "_Operands") -> bool:
-    """Whether GEMM 1 can run GU_WIDE: gated, Wg and Wu with the same strides, and both
-    16-byte aligned per expert (the kernel tells the compiler that Wu's rows lie a multiple of
-    16 bytes from Wg's; a claim that were false would misalign its vector loads)."""
+    """Whether GEMM 1 can run GU_WIDE: gated, Wg and Wu with the same strides, contiguous
+    along d (their rows are the tile's K runs: with the other dimension contiguous, the
+    interleaved columns leave the compiler no contiguous run and it loads the tile element by
+    element, unpipelined), and both 16-byte aligned per expert (the kernel tells the compiler
+    that Wu's rows lie a multiple of 16 bytes from Wg's; a claim that were false would
+    misalign its vector loads)."""
     el = o.x.element_size()
-    return (o.gated and o.wg.strides[1:] == o.wu.strides[1:]
+    return (o.gated and o.wg.strides[1:] == o.wu.strides[1:] and o.wg.strides[2] == 1
             and _aligned16(o.wg, el) and _aligned16(o.wu, el))
 
 

@@ -12,8 +12,14 @@ from tests.distributed.spawn import run_ranks
 from tests.helpers import EXAMPLE_FILES, load_example
 
 
+# On 4 ranks, one form per way experts are held and dispatched (per-expert ModuleList, capacity
+# one-hot, sort and grouped GEMM): the expert-parallel rewrite after the MoE match does not
+# depend on the form, and 2 ranks run every form. (4 ranks x 7 forms took a minute of CI.)
+FOUR_RANK_FORMS = ("moe_loop_modulelist.py", "moe_gshard_top2.py", "moe_sort_grouped_mm.py")
+
+
 def _every_form(rank: int, world: int) -> None:
-    for name in EXAMPLE_FILES:
+    for name in EXAMPLE_FILES if world == 2 else FOUR_RANK_FORMS:
         model, (x0,) = load_example(name).make()
         records = check_ep(rank, world, model, batches(x0.shape, world), {"final_stage": "eager"})
         (m,) = moe_matches(records)
@@ -26,7 +32,7 @@ def _every_form(rank: int, world: int) -> None:
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_every_example_form_matches_single_process(world):
-    assert len(EXAMPLE_FILES) >= 7
+    assert len(EXAMPLE_FILES) >= 7 and set(FOUR_RANK_FORMS) <= set(EXAMPLE_FILES)
     run_ranks(_every_form, world)
 
 

@@ -256,6 +256,7 @@ def cases():
          "hidden", True, None),
         ("fp16-gelu-k1-bias", 64, 128, 96, 4, 1, "gelu", torch.float16, "stacked", "stacked", "output", True, None),
         ("fp32-geglu_tanh", 32, 64, 64, 4, 2, "geglu_tanh", torch.float32, "stacked", "stacked", "output", False, None),
+        ("fp16-geglu-table", 32, 64, 64, 4, 2, "geglu", torch.float16, "list", "none", "output", False, None),
         ("bf16-relu-fp32router", 32, 64, 64, 4, 2, "relu", torch.bfloat16, "list", "none", "output", False,
          torch.float32),
         # fp32 with torch's matmul precision at "high": the dots use tf32 tensor cores

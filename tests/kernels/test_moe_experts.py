@@ -758,12 +758,16 @@ def test_split_gemm1_equals_fused(monkeypatch, kw) -> None:
     (dict(activation="swiglu", ids_kind="empty_experts", dtype=torch.bfloat16, d=24), True),
     (dict(activation="geglu", bias="list", layout="list", capacity=5), True),  # odd d and I
     (dict(activation="swiglu", bias="stacked", layout="fused", weight_pos="hidden", recompute=True, d=24), True),
-    (dict(activation="geglu_tanh", T=1, k=1, layout="list_t", noncontig=True), True),
+    (dict(activation="geglu_tanh", T=1, k=1, noncontig=True, d=24), True),
     (dict(activation="gelu", bias="stacked", d=24), False),  # one weight
     (dict(activation="swiglu", d=21), False),  # stacked, 19*21 elements per expert: unaligned
     (dict(activation="swiglu", layout="list_unaligned"), False),
-], ids=["bf16-empty-experts", "list-bias-dropped", "fused-hidden-recompute", "T1-list_t-noncontig",
-        "gelu", "stacked-unaligned", "list-unaligned"])
+    # Wg's rows aligned, Wu's 8 bytes off (gate and up sliced from one [E, 2I, d] parameter)
+    (dict(activation="swiglu", layout="fused", dtype=torch.bfloat16, d=20), False),
+    (dict(activation="swiglu", layout="list_t"), False),  # contiguous along I, not d
+    (dict(activation="swiglu", layout="up_strided", d=24), False),  # aligned, Wu's strides differ
+], ids=["bf16-empty-experts", "list-bias-dropped", "fused-hidden-recompute", "T1-noncontig",
+        "gelu", "stacked-unaligned", "list-unaligned", "fused-up-unaligned", "list_t", "up-strides"])
 def test_wide_gemm1_equals_fused(monkeypatch, kw, wide) -> None:
     """BLAZEC_GEMM1=wide: _gemm1_kernel with one interleaved gate|up B tile per K step
     (GU_WIDE), in both directions (recompute mode's backward runs GEMM 1 too), where the
@@ -773,7 +777,11 @@ def test_wide_gemm1_equals_fused(monkeypatch, kw, wide) -> None:
     interpreter; on a GPU within the dtype's tolerance)."""
     from blazec.kernels import moe_experts
 
-    case = make_case(E=5, seed=44, **kw)
+    up_strided = kw.get("layout") == "up_strided"
+    case = make_case(E=5, seed=44, **{**kw, "layout": "stacked" if up_strided else kw.get("layout", "stacked")})
+    if up_strided:  # Wu stored [E, d, I] and passed transposed: the same values, other strides
+        (wu,) = case.w["w_up"]
+        case.w["w_up"] = [wu.transpose(1, 2).contiguous().transpose(1, 2)]
     launched = _spy_launches(monkeypatch)
 
     def both():

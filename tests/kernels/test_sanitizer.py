@@ -182,13 +182,24 @@ def test_wide_gemm1_is_clean(monkeypatch) -> None:
     from blazec.kernels.moe_experts import moe_experts_bwd, moe_experts_fwd
     from tests.kernels.cases import make_case
 
+    from blazec.kernels import moe_experts
+
     monkeypatch.setenv("BLAZEC_GEMM1", "wide")
+    wide: list[bool] = []
+    real_launch = moe_experts.launch
+
+    def spy(kernel, tuned, grid, args, fixed):
+        if "GU_WIDE" in args:
+            wide.append(args["GU_WIDE"])
+        return real_launch(kernel, tuned, grid, args, fixed)
+
+    monkeypatch.setattr(moe_experts, "launch", spy)
     case = make_case(seed=9, T=14, I=19, E=4, k=3, layout="list", capacity=5, activation="swiglu")
     with Sanitizer() as san:
         _, preact = moe_experts_fwd(*case.fwd_args())
         moe_experts_bwd(*case.bwd_args(preact))
     san.assert_clean()
-    assert any(launch.kernel == "_gemm1_kernel" for launch in san.launches)
+    assert wide == [True], wide  # the forward's GEMM 1 ran wide
 
 
 @pytest.mark.parametrize("kw", EXPERT_CASES, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default")
