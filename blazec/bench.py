@@ -17,6 +17,8 @@ The protocol of ../shared/BASELINES.md, in one process, on the same weights and 
   GEMMs and an elementwise activation pass)
 - ``blazec-loop-wide-gemm1``: ``blazec-loop`` with ``BLAZEC_GEMM1=wide`` (GEMM 1 with one
   interleaved gate|up weight tile per K step)
+- ``blazec-loop-persistent-rows``: ``blazec-loop`` with ``BLAZEC_ROWS=persistent`` (the
+  single-product row GEMMs as persistent kernels)
 - ``blazec-ops`` / ``blazec-ops-recompute``: ``blazec.ops.moe_route`` + ``moe_experts`` called
   directly on stacked weights
 - ``dense-equivalent``: not a MoE, the ceiling: one dense SwiGLU MLP (cuBLAS GEMMs) on T*k rows,
@@ -83,6 +85,7 @@ IMPLS = (
     "blazec-loop-fused-dh",
     "blazec-loop-split-gemm1",
     "blazec-loop-wide-gemm1",
+    "blazec-loop-persistent-rows",
     "blazec-ops",
     "blazec-ops-recompute",
     "dense-equivalent",
@@ -96,6 +99,7 @@ ROW_ENV = {
     "blazec-loop-fused-dh": {"BLAZEC_DH": "fused"},
     "blazec-loop-split-gemm1": {"BLAZEC_GEMM1": "split"},
     "blazec-loop-wide-gemm1": {"BLAZEC_GEMM1": "wide"},
+    "blazec-loop-persistent-rows": {"BLAZEC_ROWS": "persistent"},
 }
 GiB = 1024**3
 

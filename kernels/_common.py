@@ -208,26 +208,31 @@ def smem_budget(t: Tensor) -> int:
     return _device_smem_budget(t.device.index or 0) if t.is_cuda else SMEM_BUDGET
 
 
-def smem_pruner(tensor_arg: str, operands, indirect: bool = False):
+def smem_pruner(tensor_arg: str, operands, indirect: bool = False, epilogue=None):
     """An autotune ``early_config_prune`` that drops configs whose pipelined tiles would not fit
     in shared memory (fp32 inputs need half the tile of bf16). ``operands(args)`` returns how
     many [BLOCK_M, BLOCK_K] and [BLOCK_K, BLOCK_N] tiles one K step loads.
 
     ``indirect``: the K loop loads the row indices its tiles are gathered through. Triton's
     pipeliner then spends two of the ``num_stages`` on the index load and keeps
-    ``num_stages - 2`` tile buffers (``tests/kernels/aot_compile.py --dump``: 3 at 5 stages)."""
+    ``num_stages - 2`` tile buffers (``tests/kernels/aot_compile.py --dump``: 3 at 5 stages).
+    ``epilogue(args)``: bytes per output element of an epilogue buffer that is live with the
+    tile buffers (a persistent kernel's, whose next tile's copies are in flight while it
+    stores), or 0."""
 
     def est(cfg, args, el):
         n_a, n_b = operands(args)
         m, k = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_K"]
         n = cfg.kwargs.get("BLOCK_N", args.get("BLOCK_N", 128))
         buffers = max(2, cfg.num_stages - 2) if indirect else cfg.num_stages
-        return buffers * (m * k * n_a + k * n * n_b) * el
+        return buffers * (m * k * n_a + k * n * n_b) * el + (m * n * epilogue(args) if epilogue else 0)
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         el = args[tensor_arg].element_size()
         budget = smem_budget(args[tensor_arg])
+        if epilogue is not None and epilogue(args):
+            budget += _SMEM_HEADROOM  # the headroom was for that epilogue buffer, counted here
         ok = [c for c in configs if est(c, args, el) <= budget]
         if ok:
             return ok
@@ -457,6 +462,16 @@ def tile_of(offs_ptr, E, P, tile, BLOCK_M: tl.constexpr, G_PAD: tl.constexpr):
     row0 = rsum(tl.where(sel, lo, 0), 0) + (tile - first_tile) * BLOCK_M
     row_end = rsum(tl.where(sel, hi, 0), 0)
     return grp, row0, row_end
+
+
+@device_fn
+def real_m_tiles(offs_ptr, E, P, BLOCK_M: tl.constexpr, G_PAD: tl.constexpr):
+    """The number of M tiles of the experts (groups 0..E-1; not the dropped tail's): the first
+    ``real_m_tiles`` virtual tiles of ``tile_of``."""
+    g = tl.arange(0, G_PAD)
+    lo = tl.load(offs_ptr + g, mask=g < E, other=0).to(tl.int32)
+    hi = tl.load(offs_ptr + g + 1, mask=g < E, other=0).to(tl.int32)
+    return rsum((hi - lo + BLOCK_M - 1) // BLOCK_M, 0)
 
 
 @device_fn

@@ -152,7 +152,9 @@ def _rows_gemm(o: "_Operands", a1: Tensor, s_a: int, w: WeightOperand, wt: bool,
     k_dim, n_dim = (2, 1) if wt else (1, 2)
     a2, w2 = two if two is not None else (a1, w)
     b = bias if bias is not None else o.bd  # a placeholder the kernel leaves unread
-    launch(gg._rows_gemm_kernel, gg.rows_gemm_tuned, o.m_grid(N), dict(
+    persistent = two is None and rows_mode() == "persistent"
+    progs = _num_programs(out.device) if persistent else 1
+    launch(gg._rows_gemm_kernel, gg.rows_gemm_tuned, (lambda META: (progs,)) if persistent else o.m_grid(N), dict(
         a1_ptr=a1, a2_ptr=a2, b1_ptr=w.ptr, b1_tab=w.tab, b2_ptr=w2.ptr, b2_tab=w2.tab,
         bias_ptr=b.ptr, bias_tab=b.tab, tw_ptr=o.tw, pairs_ptr=o.sp, offs_ptr=o.eo, out_ptr=out,
         N=N, KD=KD, K=o.k, P=o.P, E=o.E, ROWS_CLASS=o.rows_class,
@@ -164,8 +166,35 @@ def _rows_gemm(o: "_Operands", a1: Tensor, s_a: int, w: WeightOperand, wt: bool,
         stride_out=out.stride(0),
         TWO=two is not None, HAS_BIAS=bias is not None, SCALE=scale, DIRECT=direct, A_GATHER=gather,
         B1_TAB=w.table, B2_TAB=w2.table if two else 0, BIAS_TAB=b.table if bias else 0, C_DT=_tl(c_dt),
-        PREC=o.prec, G_PAD=o.G_PAD,
+        PERSISTENT=persistent, PREC=o.prec, G_PAD=o.G_PAD, NUM_PROGS=progs,
     ), INTERPRET_CONFIG)
+
+
+ROWS_MODES = ("tiles", "persistent")
+# Programs of a persistent launch under the interpreter: a few, so that each loops over tiles.
+INTERPRET_PROGRAMS = 3
+
+
+def rows_mode() -> str:
+    """``BLAZEC_ROWS``: how ``_rows_gemm_kernel`` launches where it has one product (forward
+    down GEMM, split dh GEMM, split GEMM 1; the dX GEMM's two loops keep ``tiles``): ``tiles``
+    (default: a program per output tile) or ``persistent`` (a program per SM looping over the
+    tiles, PERSISTENT); docs/KERNELS.md. Anything else is an error."""
+    return env_choice("BLAZEC_ROWS", ROWS_MODES, "tiles")
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _num_programs(device: torch.device) -> int:
+    """A persistent launch's grid: the device's SM count (cached), or INTERPRET_PROGRAMS."""
+    if INTERPRET or device.type != "cuda":
+        return INTERPRET_PROGRAMS
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    n = _SM_COUNT.get(index)
+    if n is None:
+        n = _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return n
 
 
 GEMM1_MODES = ("fused", "split", "wide")

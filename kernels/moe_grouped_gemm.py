@@ -28,6 +28,8 @@ n_in = 2I (gated) or I, b = bytes per element of x.
     Backward dX: dx_pair = dg Wg + du Wu, the two products accumulated in one tile, one K
     loop after the other (two dots on one accumulator in one loop serialize Hopper's MMAs).
     FLOPs 2*S*n_in*d.  Bytes: S*n_in*b + E*n_in*d*b + S*d*b (buffer, k > 1) -> combine.
+    PERSISTENT (opt-in, ``BLAZEC_ROWS=persistent``, one product only): a program per SM loops
+    over the experts' tiles, its tile loop flattened with the K loop (docs/KERNELS.md).
 
 ``_act_kernel`` (opt-in, ``BLAZEC_GEMM1=split``): GEMM 1 in three launches. Two
     ``_rows_gemm_kernel`` launches with A_GATHER write g = x[tok] Wg^T (+bg) and u = x Wu^T (+bu)
@@ -80,8 +82,8 @@ import triton
 import triton.language as tl
 
 from blazec.kernels._common import (
-    INTERPRET, INTERPRET_CONFIG, act_fwd, act_grad, cast, cdiv, expert_ptr, gemm_config, mma, rnd, rsum,
-    smem_pruner, swizzle, tile_of, variant_key,
+    INTERPRET, INTERPRET_CONFIG, act_fwd, act_grad, cast, cdiv, device_fn, expert_ptr, gemm_config, mma,
+    real_m_tiles, rnd, rsum, smem_pruner, swizzle, tile_of, variant_key,
 )
 
 
@@ -285,17 +287,52 @@ def _rows_gemm_kernel(
     A_GATHER: tl.constexpr,
     B1_TAB: tl.constexpr, B2_TAB: tl.constexpr, BIAS_TAB: tl.constexpr,
     C_DT: tl.constexpr,  # dtype the reference holds the row result in (rounding point)
+    PERSISTENT: tl.constexpr,  # not TWO: NUM_PROGS programs loop over the tiles (see below)
     PREC: tl.constexpr, G_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    NUM_PROGS=1,  # PERSISTENT: the grid's size
 ):
-    adt = a1_ptr.dtype.element_ty
     pid = tl.program_id(0)
-    num_m = cdiv(P, BLOCK_M) + E + 1
     num_n = cdiv(N, BLOCK_N)
-    pid_m, pid_n = swizzle(pid, num_m, num_n, GROUP_M)
-    grp, row0, row_end = tile_of(offs_ptr, E, P, pid_m, BLOCK_M, G_PAD)
-    if grp >= E:
-        return  # no tile, or the dropped tail (never read by the combine)
+    if PERSISTENT:
+        # One program per SM, each looping over the experts' tiles (never the dropped tail's,
+        # nor the grid's padding), flattened with its K loop: the compiler pipelines the next
+        # tile's first loads under this tile's epilogue, which a program per tile leaves
+        # exposed (a short K loop, 16 steps at olmoe-like's down GEMM, makes that epilogue and
+        # the pipeline's fill a large share of each tile).
+        num_m = real_m_tiles(offs_ptr, E, P, BLOCK_M, G_PAD)
+        for t in tl.range(pid, num_m * num_n, NUM_PROGS, flatten=True):
+            pid_m, pid_n = swizzle(t, num_m, num_n, GROUP_M)
+            grp, row0, row_end = tile_of(offs_ptr, E, P, pid_m, BLOCK_M, G_PAD)
+            _rows_tile(a1_ptr, a2_ptr, b1_ptr, b1_tab, b2_ptr, b2_tab, bias_ptr, bias_tab, tw_ptr, pairs_ptr,
+                       out_ptr, N, KD, K, s_a1, s_a2, s_b1e, s_b1k, s_b1n, s_b2e, s_b2k, s_b2n,
+                       s_biase, s_biasn, stride_out, grp, row0, row_end, pid_n,
+                       TWO, HAS_BIAS, SCALE, DIRECT, A_GATHER, B1_TAB, B2_TAB, BIAS_TAB, C_DT, PREC,
+                       BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        num_m = cdiv(P, BLOCK_M) + E + 1
+        pid_m, pid_n = swizzle(pid, num_m, num_n, GROUP_M)
+        grp, row0, row_end = tile_of(offs_ptr, E, P, pid_m, BLOCK_M, G_PAD)
+        if grp >= E:
+            return  # no tile, or the dropped tail (never read by the combine)
+        _rows_tile(a1_ptr, a2_ptr, b1_ptr, b1_tab, b2_ptr, b2_tab, bias_ptr, bias_tab, tw_ptr, pairs_ptr,
+                   out_ptr, N, KD, K, s_a1, s_a2, s_b1e, s_b1k, s_b1n, s_b2e, s_b2k, s_b2n,
+                   s_biase, s_biasn, stride_out, grp, row0, row_end, pid_n,
+                   TWO, HAS_BIAS, SCALE, DIRECT, A_GATHER, B1_TAB, B2_TAB, BIAS_TAB, C_DT, PREC,
+                   BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@device_fn
+def _rows_tile(a1_ptr, a2_ptr, b1_ptr, b1_tab, b2_ptr, b2_tab, bias_ptr, bias_tab, tw_ptr, pairs_ptr,
+               out_ptr, N, KD, K, s_a1, s_a2, s_b1e, s_b1k, s_b1n, s_b2e, s_b2k, s_b2n,
+               s_biase, s_biasn, stride_out, grp, row0, row_end, pid_n,
+               TWO: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE: tl.constexpr, DIRECT: tl.constexpr,
+               A_GATHER: tl.constexpr, B1_TAB: tl.constexpr, B2_TAB: tl.constexpr, BIAS_TAB: tl.constexpr,
+               C_DT: tl.constexpr, PREC: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One [BLOCK_M, BLOCK_N] tile of ``_rows_gemm_kernel``: rows [row0, row_end) of expert
+    ``grp`` (< E), columns of tile ``pid_n``."""
+    adt = a1_ptr.dtype.element_ty
     rows = row0 + tl.arange(0, BLOCK_M)
     rmask = rows < row_end
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -569,7 +606,11 @@ else:
         # dh GEMM (Wd) can share N, KD, every constexpr and every dtype, and need not share a pick
         ROWS_CONFIGS, key=["N", "KD", "ROWS_CLASS", "s_b1k", "s_b1n", *variant_key(_rows_gemm_kernel)],
         # TWO runs its GEMMs one loop after the other, and the second reuses the first's buffers
-        prune_configs_by={"early_config_prune": smem_pruner("a1_ptr", lambda a: (1, 1))},
+        # PERSISTENT also keeps the output tile's layout-conversion buffer (compiled for sm_90:
+        # 131072 B at bf16 128x128x64, 3 stages, against 98304 B per tile launch)
+        prune_configs_by={"early_config_prune": smem_pruner(
+            "a1_ptr", lambda a: (1, 1),
+            epilogue=lambda a: a["out_ptr"].element_size() if a["PERSISTENT"] else 0)},
     )(_rows_gemm_kernel)
     dh_tuned = triton.autotune(
         DH_CONFIGS, key=["D", "I", "ROWS_CLASS", *variant_key(_dh_kernel)],

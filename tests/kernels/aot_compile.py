@@ -185,18 +185,21 @@ def expected_mma(name: str, sig: dict, arch: int, consts: dict | None = None):
     return "wgmma" if arch >= 90 else "mma.sync" if arch >= 80 else None
 
 
-def _in_loops(ttgir: str, pattern: str) -> int:
-    """How many lines of a kernel's TTGIR inside ``scf.for`` bodies match ``pattern`` (loop
-    bodies found by indentation, as the IR is printed)."""
-    n, loop_indents = 0, []
+def _in_loops(ttgir: str, pattern: str, skip_ifs: bool = False) -> int:
+    """How many lines of a kernel's TTGIR inside ``scf.for`` bodies match ``pattern`` (blocks
+    found by indentation, as the IR is printed); with ``skip_ifs``, not those inside an
+    ``scf.if`` within the loop."""
+    n, blocks = 0, []  # (indent, "for" | "if") of the open blocks
     for line in ttgir.splitlines():
         indent = len(line) - len(line.lstrip())
-        while loop_indents and line.strip() and indent <= loop_indents[-1]:
-            loop_indents.pop()
-        if loop_indents and re.search(pattern, line):
-            n += 1
-        if "scf.for" in line and line.rstrip().endswith("{"):
-            loop_indents.append(indent)
+        while blocks and line.strip() and indent <= blocks[-1][0]:
+            blocks.pop()
+        kinds = [k for _, k in blocks]
+        if "for" in kinds and re.search(pattern, line):
+            if not (skip_ifs and "if" in kinds[len(kinds) - 1 - kinds[::-1].index("for"):]):
+                n += 1
+        if line.rstrip().endswith("{") and ("scf.for" in line or "scf.if" in line or line.strip() == "} else {"):
+            blocks.append((indent, "for" if "scf.for" in line else "if"))
     return n
 
 
@@ -205,13 +208,15 @@ def loop_tile_loads(ttgir: str) -> int:
     return _in_loops(ttgir, r"= tt\.load [^\n]*: tensor<\d+x\d+x!tt\.ptr")
 
 
-def loop_drains(ttgir: str) -> int:
+def loop_drains(ttgir: str, persistent: bool = False) -> int:
     """Waits in loops for every outstanding copy (``ttg.async_wait {num = 0}``) or for every
     issued Hopper MMA (``warp_group_dot_wait {pendings = 0}``). A loop that drains its copies
     prefetches nothing ahead of the tile it is about to use, so the load latency is exposed
     each iteration; one that drains its MMAs has no tensor-core work in flight while it issues
-    the next step."""
-    return _in_loops(ttgir, r"ttg\.async_wait [^\n]*\{num = 0 : i32\}|warp_group_dot_wait [^\n]*\{pendings = 0 : i32\}")
+    the next step. ``persistent``: a flattened tile loop, whose epilogue, conditional on the
+    last K step of a tile, must wait for that tile's MMAs; only an unconditional wait counts."""
+    return _in_loops(ttgir, r"ttg\.async_wait [^\n]*\{num = 0 : i32\}|warp_group_dot_wait [^\n]*\{pendings = 0 : i32\}",
+                     skip_ifs=persistent)
 
 
 def expects_pipelining(name: str, consts: dict, arch: int) -> bool:
@@ -299,7 +304,7 @@ def _check(i, fn, kw, opts, sig, consts, args, target) -> tuple[bool, list[str],
     sync = loop_tile_loads(c.asm["ttgir"])
     # A drain is allowed in an FMA loop (fp32 without tf32): moe_wgrad caps its stages
     # there, since pipelining deeper spills the register operands.
-    drains = loop_drains(c.asm["ttgir"]) if mma != "none" else 0
+    drains = loop_drains(c.asm["ttgir"], bool(consts.get("PERSISTENT"))) if mma != "none" else 0
     if expects_pipelining(fn.__name__, consts, args.arch) and (sync or drains):
         failures.append(f"{fn.__name__} {opts} {_brief(sig, consts)}: "
                         + (f"{sync} tile load(s) in a loop not pipelined" if sync else
@@ -378,11 +383,17 @@ def main(argv=None) -> int:
             os.environ["BLAZEC_GEMM1"] = "wide"
             y, preact = moe_experts.moe_experts_fwd(x, tw, *route, *ws, act, wp, rec, None)
             moe_experts.moe_experts_bwd(torch.randn_like(y), x, tw, *route, *ws, preact, act, wp, rec)
+            # and the persistent row GEMMs (BLAZEC_ROWS=persistent; split GEMM 1 and dh as above)
+            os.environ["BLAZEC_ROWS"] = "persistent"
+            os.environ["BLAZEC_GEMM1"] = "split"
+            y, preact = moe_experts.moe_experts_fwd(x, tw, *route, *ws, act, wp, rec, None)
+            moe_experts.moe_experts_bwd(torch.randn_like(y), x, tw, *route, *ws, preact, act, wp, rec)
         finally:
             torch.set_float32_matmul_precision(precision)
             moe_experts.GATE_UP_FORCE = None
             os.environ.pop("BLAZEC_DH", None)
             os.environ.pop("BLAZEC_GEMM1", None)
+            os.environ.pop("BLAZEC_ROWS", None)
 
     target = GPUTarget("cuda", args.arch, 32)
     seen, variants = set(), []

@@ -799,6 +799,59 @@ def test_wide_gemm1_equals_fused(monkeypatch, kw, wide) -> None:
     _assert_same(both(), fused, **(TOL[case.x.dtype] if ON_GPU else dict(rtol=0, atol=0)))
 
 
+@pytest.mark.parametrize("kw, split", [
+    (dict(activation="swiglu", ids_kind="empty_experts", dtype=torch.bfloat16, T=20, k=3, E=6), False),
+    (dict(activation="swiglu", ids_kind="empty_experts", dtype=torch.bfloat16, T=20, k=3, E=6), True),
+    (dict(activation="geglu", bias="list", layout="list", capacity=5), False),  # dropped pairs, odd d, I
+    (dict(activation="relu", bias="stacked", weight_pos="hidden", recompute=True, T=1, k=1), True),
+    (dict(activation="swiglu", bias="stacked", ids_kind="one_expert", T=33, noncontig=True), False),
+], ids=["bf16-empty-experts", "bf16-empty-experts-split-gemm1", "list-bias-dropped",
+        "relu-hidden-recompute-T1-split-gemm1", "one-expert-noncontig"])
+def test_persistent_rows_gemm_equals_tiles(monkeypatch, kw, split) -> None:
+    """BLAZEC_ROWS=persistent: the row GEMMs with one product (forward down GEMM, split dh GEMM,
+    and with BLAZEC_GEMM1=split GEMM 1's two) run PERSISTENT, a fixed number of programs (3
+    under the interpreter) looping over the experts' tiles; the dX GEMM (two products) keeps a
+    program per tile. The same tiles, the same K sums: equal bit for bit to the tile launch
+    under the interpreter (on a GPU within the dtype's tolerance), and checked against the
+    reference."""
+    from blazec.kernels import moe_experts
+
+    case = make_case(**{"E": 5, **kw}, seed=45)
+    persistent: list[tuple[bool, bool]] = []  # (PERSISTENT, TWO) per row GEMM launch
+    real_launch = moe_experts.launch
+
+    def spy(kernel, tuned, grid, args, fixed):
+        if "PERSISTENT" in args:
+            persistent.append((args["PERSISTENT"], args["TWO"]))
+        return real_launch(kernel, tuned, grid, args, fixed)
+
+    monkeypatch.setattr(moe_experts, "launch", spy)
+    monkeypatch.setenv("BLAZEC_GEMM1", "split" if split else "fused")
+
+    def both():
+        y, preact = moe_experts.moe_experts_fwd(*case.fwd_args())
+        return [y, preact, *moe_experts.moe_experts_bwd(*case.bwd_args(preact.clone()))]
+
+    monkeypatch.setenv("BLAZEC_ROWS", "tiles")
+    tiles = both()
+    assert persistent and not any(p for p, _ in persistent), persistent
+    persistent.clear()
+    monkeypatch.setenv("BLAZEC_ROWS", "persistent")
+    check(case)
+    assert all(p == (not two) for p, two in persistent) and any(p for p, _ in persistent), persistent
+    _assert_same(both(), tiles, **(TOL[case.x.dtype] if ON_GPU else dict(rtol=0, atol=0)))
+
+
+def test_rows_mode_is_checked(monkeypatch) -> None:
+    from blazec.kernels import moe_experts
+
+    monkeypatch.delenv("BLAZEC_ROWS", raising=False)
+    assert moe_experts.rows_mode() == "tiles"
+    monkeypatch.setenv("BLAZEC_ROWS", "persistant")
+    with pytest.raises(ValueError, match=r"BLAZEC_ROWS must be one of \('tiles', 'persistent'\).*'persistant'"):
+        moe_experts.rows_mode()
+
+
 def test_gemm1_mode_is_checked(monkeypatch) -> None:
     from blazec.kernels import moe_experts
 

@@ -202,6 +202,23 @@ def test_wide_gemm1_is_clean(monkeypatch) -> None:
     assert wide == [True], wide  # the forward's GEMM 1 ran wide
 
 
+def test_persistent_rows_gemm_is_clean(monkeypatch) -> None:
+    """BLAZEC_ROWS=persistent (with the split GEMM 1, so that every single-product row GEMM
+    runs persistent): programs loop over the experts' tiles only; dropped pairs, an empty
+    expert."""
+    from blazec.kernels.moe_experts import moe_experts_bwd, moe_experts_fwd
+    from tests.kernels.cases import make_case
+
+    monkeypatch.setenv("BLAZEC_ROWS", "persistent")
+    monkeypatch.setenv("BLAZEC_GEMM1", "split")
+    case = make_case(seed=10, T=14, E=5, k=3, capacity=4, ids_kind="empty_experts", bias="stacked")
+    with Sanitizer() as san:
+        _, preact = moe_experts_fwd(*case.fwd_args())
+        moe_experts_bwd(*case.bwd_args(preact))
+    san.assert_clean()
+    assert sum(launch.kernel == "_rows_gemm_kernel" for launch in san.launches) >= 4
+
+
 @pytest.mark.parametrize("kw", EXPERT_CASES, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default")
 def test_expert_kernels_are_clean(kw: dict) -> None:
     from blazec.kernels.moe_experts import moe_experts_bwd, moe_experts_fwd
