@@ -177,9 +177,9 @@ INTERPRET_PROGRAMS = 3
 
 def rows_mode() -> str:
     """``BLAZEC_ROWS``: how ``_rows_gemm_kernel`` launches where it has one product (forward
-    down GEMM, split dh GEMM, split GEMM 1; the dX GEMM's two loops keep ``tiles``): ``tiles``
-    (default: a program per output tile) or ``persistent`` (a program per SM looping over the
-    tiles, PERSISTENT); docs/KERNELS.md. Anything else is an error."""
+    down GEMM, split dh GEMM, split GEMM 1, a plain activation's dX; a gated dX GEMM's two loops
+    keep ``tiles``): ``tiles`` (default: a program per output tile) or ``persistent`` (a program
+    per SM looping over the tiles, PERSISTENT); docs/KERNELS.md. Anything else is an error."""
     return env_choice("BLAZEC_ROWS", ROWS_MODES, "tiles")
 
 

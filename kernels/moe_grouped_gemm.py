@@ -28,8 +28,9 @@ n_in = 2I (gated) or I, b = bytes per element of x.
     Backward dX: dx_pair = dg Wg + du Wu, the two products accumulated in one tile, one K
     loop after the other (two dots on one accumulator in one loop serialize Hopper's MMAs).
     FLOPs 2*S*n_in*d.  Bytes: S*n_in*b + E*n_in*d*b + S*d*b (buffer, k > 1) -> combine.
-    PERSISTENT (opt-in, ``BLAZEC_ROWS=persistent``, one product only): a program per SM loops
-    over the experts' tiles, its tile loop flattened with the K loop (docs/KERNELS.md).
+    PERSISTENT (opt-in, ``BLAZEC_ROWS=persistent``, one product only, so not the gated dX):
+    a program per SM loops over the experts' tiles, its tile loop flattened with the K loop
+    (docs/KERNELS.md).
 
 ``_act_kernel`` (opt-in, ``BLAZEC_GEMM1=split``): GEMM 1 in three launches. Two
     ``_rows_gemm_kernel`` launches with A_GATHER write g = x[tok] Wg^T (+bg) and u = x Wu^T (+bu)
@@ -290,7 +291,7 @@ def _rows_gemm_kernel(
     PERSISTENT: tl.constexpr,  # not TWO: NUM_PROGS programs loop over the tiles (see below)
     PREC: tl.constexpr, G_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_PROGS=1,  # PERSISTENT: the grid's size
+    NUM_PROGS,  # PERSISTENT: the grid's size (else unused)
 ):
     pid = tl.program_id(0)
     num_n = cdiv(N, BLOCK_N)

@@ -185,10 +185,10 @@ def expected_mma(name: str, sig: dict, arch: int, consts: dict | None = None):
     return "wgmma" if arch >= 90 else "mma.sync" if arch >= 80 else None
 
 
-def _in_loops(ttgir: str, pattern: str, skip_ifs: bool = False) -> int:
+def _in_loops(ttgir: str, pattern: str, in_ifs: Optional[bool] = None) -> int:
     """How many lines of a kernel's TTGIR inside ``scf.for`` bodies match ``pattern`` (blocks
-    found by indentation, as the IR is printed); with ``skip_ifs``, not those inside an
-    ``scf.if`` within the loop."""
+    found by indentation, as the IR is printed). ``in_ifs``: True counts only those inside an
+    ``scf.if`` (or its else) within the innermost loop, False only those outside one."""
     n, blocks = 0, []  # (indent, "for" | "if") of the open blocks
     for line in ttgir.splitlines():
         indent = len(line) - len(line.lstrip())
@@ -196,8 +196,8 @@ def _in_loops(ttgir: str, pattern: str, skip_ifs: bool = False) -> int:
             blocks.pop()
         kinds = [k for _, k in blocks]
         if "for" in kinds and re.search(pattern, line):
-            if not (skip_ifs and "if" in kinds[len(kinds) - 1 - kinds[::-1].index("for"):]):
-                n += 1
+            conditional = "if" in kinds[len(kinds) - 1 - kinds[::-1].index("for"):]
+            n += in_ifs is None or in_ifs == conditional
         if line.rstrip().endswith("{") and ("scf.for" in line or "scf.if" in line or line.strip() == "} else {"):
             blocks.append((indent, "for" if "scf.for" in line else "if"))
     return n
@@ -208,15 +208,22 @@ def loop_tile_loads(ttgir: str) -> int:
     return _in_loops(ttgir, r"= tt\.load [^\n]*: tensor<\d+x\d+x!tt\.ptr")
 
 
+_COPY_DRAIN = r"ttg\.async_wait [^\n]*\{num = 0 : i32\}"
+_MMA_DRAIN = r"warp_group_dot_wait [^\n]*\{pendings = 0 : i32[,}]"  # triton 3.9 adds attributes
+
+
 def loop_drains(ttgir: str, persistent: bool = False) -> int:
     """Waits in loops for every outstanding copy (``ttg.async_wait {num = 0}``) or for every
     issued Hopper MMA (``warp_group_dot_wait {pendings = 0}``). A loop that drains its copies
     prefetches nothing ahead of the tile it is about to use, so the load latency is exposed
     each iteration; one that drains its MMAs has no tensor-core work in flight while it issues
     the next step. ``persistent``: a flattened tile loop, whose epilogue, conditional on the
-    last K step of a tile, must wait for that tile's MMAs; only an unconditional wait counts."""
-    return _in_loops(ttgir, r"ttg\.async_wait [^\n]*\{num = 0 : i32\}|warp_group_dot_wait [^\n]*\{pendings = 0 : i32\}",
-                     skip_ifs=persistent)
+    last K step of a tile, must wait for that tile's MMAs: one conditional MMA drain is allowed
+    there; a copy drain, which would wait out the next tile's prefetched copies, is not."""
+    if not persistent:
+        return _in_loops(ttgir, f"{_COPY_DRAIN}|{_MMA_DRAIN}")
+    return (_in_loops(ttgir, f"{_COPY_DRAIN}|{_MMA_DRAIN}", in_ifs=False) + _in_loops(ttgir, _COPY_DRAIN, in_ifs=True)
+            + max(0, _in_loops(ttgir, _MMA_DRAIN, in_ifs=True) - 1))
 
 
 def expects_pipelining(name: str, consts: dict, arch: int) -> bool:

@@ -85,3 +85,26 @@ def test_mma_kind_reads_the_tensor_core_instructions_from_ptx() -> None:
     assert loop_drains(drained) == 1  # the first wait in the loop; not those that keep 2 or 1, or the epilogue's
     serial = drained.replace("pendings = 1", "pendings = 0")
     assert loop_drains(serial) == 2  # the copy wait, and now an MMA wait for every issued wgmma
+    # triton 3.9 prints the MMA wait with an attribute after the count
+    assert loop_drains(serial.replace("pendings = 0 : i32}", "pendings = 0 : i32, warpGroupLocal}")) == 2
+    # A persistent kernel's flattened tile loop: its epilogue, under an scf.if (or its else) on
+    # a tile's last K step, waits for that tile's MMAs once; any other drain still counts.
+    flat = """  tt.func @k() {
+    %r = scf.for %i = %c0 to %n step %c1 iter_args(%x = %y) -> (tensor<128x64xf32>) {
+      %w2 = ttg.async_wait %a {num = 2 : i32}
+      scf.if %last {
+        %d:2 = ttng.warp_group_dot_wait %acc, %b {pendings = 0 : i32, warpGroupLocal} : tensor<128x128xf32, #mma>
+        tt.store %p, %v
+      } else {
+        %z = arith.addi %q, %q : i32
+      }
+      scf.yield %x
+    }
+  }"""
+    assert loop_drains(flat) == 1 and loop_drains(flat, persistent=True) == 0
+    twice = flat.replace("%z = arith.addi %q, %q : i32", "%e:2 = ttng.warp_group_dot_wait %acc {pendings = 0 : i32}")
+    assert loop_drains(twice, persistent=True) == 1  # a second conditional MMA drain
+    copies = flat.replace("tt.store %p, %v", "%c = ttg.async_wait {num = 0 : i32}")
+    assert loop_drains(copies, persistent=True) == 1  # it would wait out the next tile's copies
+    assert loop_drains(flat.replace("%w2 = ttg.async_wait %a {num = 2 : i32}", "%w2 = ttg.async_wait %a {num = 0 : i32}"),
+                       persistent=True) == 1  # an unconditional drain

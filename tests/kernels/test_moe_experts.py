@@ -658,6 +658,15 @@ def _spy_launches(monkeypatch) -> list[str]:
     return launched
 
 
+def _fwd_bwd(case) -> list:
+    """The kernels' forward, then their backward on a copy of its preact: every output and
+    gradient, to compare two launch paths."""
+    from blazec.kernels import moe_experts
+
+    y, preact = moe_experts.moe_experts_fwd(*case.fwd_args())
+    return [y, preact, *moe_experts.moe_experts_bwd(*case.bwd_args(preact.clone()))]
+
+
 def _assert_same(got, want, **tol) -> None:
     """Two launchers' outputs (tensors, or lists of them, in the same order) agree."""
     for g, w in zip(got, want, strict=True):
@@ -730,17 +739,11 @@ def test_split_gemm1_equals_fused(monkeypatch, kw) -> None:
     bit to the fused kernel: the same rounded g and u, the same epilogue operations in the same
     order (on a GPU the two kernels' configs may order the K sums differently: there they
     agree within the dtype's tolerance)."""
-    from blazec.kernels import moe_experts
-
     case = make_case(E=5, seed=43, **kw)
     launched = _spy_launches(monkeypatch)
 
-    def both():
-        y, preact = moe_experts.moe_experts_fwd(*case.fwd_args())
-        return [y, preact, *moe_experts.moe_experts_bwd(*case.bwd_args(preact.clone()))]
-
     monkeypatch.setenv("BLAZEC_GEMM1", "fused")
-    fused = both()
+    fused = _fwd_bwd(case)
     assert "_act_kernel" not in launched
     launched.clear()
     monkeypatch.setenv("BLAZEC_GEMM1", "split")
@@ -750,7 +753,7 @@ def test_split_gemm1_equals_fused(monkeypatch, kw) -> None:
     assert ("_gemm1_kernel" in launched) == recompute, launched
     assert ("_act_kernel" in launched) != recompute, launched
     assert "_rows_gemm_kernel+gather" in launched, launched
-    split = both()
+    split = _fwd_bwd(case)
     _assert_same(split, fused, **(TOL[case.x.dtype] if ON_GPU else dict(rtol=0, atol=0)))
 
 
@@ -775,8 +778,6 @@ def test_wide_gemm1_equals_fused(monkeypatch, kw, wide) -> None:
     strides; elsewhere the two-dot kernel. Checked against the reference, and equal to the
     two-dot kernel: every g and u element is the same K sum (bit for bit under the
     interpreter; on a GPU within the dtype's tolerance)."""
-    from blazec.kernels import moe_experts
-
     up_strided = kw.get("layout") == "up_strided"
     case = make_case(E=5, seed=44, **{**kw, "layout": "stacked" if up_strided else kw.get("layout", "stacked")})
     if up_strided:  # Wu stored [E, d, I] and passed transposed: the same values, other strides
@@ -784,19 +785,15 @@ def test_wide_gemm1_equals_fused(monkeypatch, kw, wide) -> None:
         case.w["w_up"] = [wu.transpose(1, 2).contiguous().transpose(1, 2)]
     launched = _spy_launches(monkeypatch)
 
-    def both():
-        y, preact = moe_experts.moe_experts_fwd(*case.fwd_args())
-        return [y, preact, *moe_experts.moe_experts_bwd(*case.bwd_args(preact.clone()))]
-
     monkeypatch.setenv("BLAZEC_GEMM1", "fused")
-    fused = both()
+    fused = _fwd_bwd(case)
     assert not any(n.endswith("+wide") for n in launched), launched
     launched.clear()
     monkeypatch.setenv("BLAZEC_GEMM1", "wide")
     check(case)
     gemm1 = [n for n in launched if n.startswith("_gemm1_kernel")]
     assert gemm1 and all(n.endswith("+wide") == wide for n in gemm1), launched
-    _assert_same(both(), fused, **(TOL[case.x.dtype] if ON_GPU else dict(rtol=0, atol=0)))
+    _assert_same(_fwd_bwd(case), fused, **(TOL[case.x.dtype] if ON_GPU else dict(rtol=0, atol=0)))
 
 
 @pytest.mark.parametrize("kw, split", [
@@ -805,8 +802,11 @@ def test_wide_gemm1_equals_fused(monkeypatch, kw, wide) -> None:
     (dict(activation="geglu", bias="list", layout="list", capacity=5), False),  # dropped pairs, odd d, I
     (dict(activation="relu", bias="stacked", weight_pos="hidden", recompute=True, T=1, k=1), True),
     (dict(activation="swiglu", bias="stacked", ids_kind="one_expert", T=33, noncontig=True), False),
+    (dict(activation="swiglu", capacity=0), True),  # every pair dropped: no tile at all
+    (dict(activation="gelu", k=1, capacity=2, T=12), False),  # k = 1 (rows to tokens), dropped pairs
 ], ids=["bf16-empty-experts", "bf16-empty-experts-split-gemm1", "list-bias-dropped",
-        "relu-hidden-recompute-T1-split-gemm1", "one-expert-noncontig"])
+        "relu-hidden-recompute-T1-split-gemm1", "one-expert-noncontig", "all-dropped-split-gemm1",
+        "k1-dropped-gelu"])
 def test_persistent_rows_gemm_equals_tiles(monkeypatch, kw, split) -> None:
     """BLAZEC_ROWS=persistent: the row GEMMs with one product (forward down GEMM, split dh GEMM,
     and with BLAZEC_GEMM1=split GEMM 1's two) run PERSISTENT, a fixed number of programs (3
@@ -828,18 +828,14 @@ def test_persistent_rows_gemm_equals_tiles(monkeypatch, kw, split) -> None:
     monkeypatch.setattr(moe_experts, "launch", spy)
     monkeypatch.setenv("BLAZEC_GEMM1", "split" if split else "fused")
 
-    def both():
-        y, preact = moe_experts.moe_experts_fwd(*case.fwd_args())
-        return [y, preact, *moe_experts.moe_experts_bwd(*case.bwd_args(preact.clone()))]
-
     monkeypatch.setenv("BLAZEC_ROWS", "tiles")
-    tiles = both()
+    tiles = _fwd_bwd(case)
     assert persistent and not any(p for p, _ in persistent), persistent
     persistent.clear()
     monkeypatch.setenv("BLAZEC_ROWS", "persistent")
     check(case)
     assert all(p == (not two) for p, two in persistent) and any(p for p, _ in persistent), persistent
-    _assert_same(both(), tiles, **(TOL[case.x.dtype] if ON_GPU else dict(rtol=0, atol=0)))
+    _assert_same(_fwd_bwd(case), tiles, **(TOL[case.x.dtype] if ON_GPU else dict(rtol=0, atol=0)))
 
 
 def test_rows_mode_is_checked(monkeypatch) -> None:
