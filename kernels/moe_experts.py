@@ -203,9 +203,9 @@ GEMM1_MODES = ("fused", "split", "wide")
 def gemm1_mode() -> str:
     """``BLAZEC_GEMM1``: ``fused`` (default: ``_gemm1_kernel``), ``split`` (two row GEMMs
     into preact's halves, then ``_act_kernel``, where preact is stored) or ``wide``
-    (``_gemm1_kernel`` with one interleaved gate|up B tile per K step, GU_WIDE, for gated
-    activations whose two weights share their K stride); docs/KERNELS.md. Anything else is an
-    error."""
+    (``_gemm1_kernel`` with one interleaved gate|up B tile per K step, GU_WIDE, where
+    ``_wide_ok``: gated, both weights 16-byte aligned, with the same strides, contiguous along
+    d; elsewhere the two-dot kernel); docs/KERNELS.md. Anything else is an error."""
     return env_choice("BLAZEC_GEMM1", GEMM1_MODES, "fused")
 
 
