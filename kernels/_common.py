@@ -444,6 +444,17 @@ def mma(a, b, acc, PREC: tl.constexpr):
 
 
 @device_fn
+def _group_tiles(offs_ptr, E, P, BLOCK_M: tl.constexpr, G_PAD: tl.constexpr):
+    """Per group g < G_PAD of ``tile_of``: its rows [lo, hi) and its number of M tiles (groups
+    0..E-1 the experts, E the dropped tail [offs[E], P), past E empty)."""
+    g = tl.arange(0, G_PAD)
+    lo = tl.load(offs_ptr + g, mask=g <= E, other=P).to(tl.int32)
+    hi = tl.load(offs_ptr + g + 1, mask=g < E, other=P).to(tl.int32)
+    hi = tl.where(g <= E, hi, lo)
+    return g, lo, hi, (hi - lo + BLOCK_M - 1) // BLOCK_M
+
+
+@device_fn
 def tile_of(offs_ptr, E, P, tile, BLOCK_M: tl.constexpr, G_PAD: tl.constexpr):
     """Map virtual M tile ``tile`` to (group, row0, row_end) over ragged groups.
 
@@ -452,11 +463,7 @@ def tile_of(offs_ptr, E, P, tile, BLOCK_M: tl.constexpr, G_PAD: tl.constexpr):
     numbered in group order. A tile past the last one gets group E+1 (nothing to do).
     The grid must have at least cdiv(P, BLOCK_M) + E + 1 M tiles.
     """
-    g = tl.arange(0, G_PAD)
-    lo = tl.load(offs_ptr + g, mask=g <= E, other=P).to(tl.int32)
-    hi = tl.load(offs_ptr + g + 1, mask=g < E, other=P).to(tl.int32)
-    hi = tl.where(g <= E, hi, lo)
-    ntile = (hi - lo + BLOCK_M - 1) // BLOCK_M
+    g, lo, hi, ntile = _group_tiles(offs_ptr, E, P, BLOCK_M, G_PAD)
     cum = csum(ntile, 0)
     grp = rsum((cum <= tile).to(tl.int32), 0)
     sel = g == grp
@@ -470,10 +477,8 @@ def tile_of(offs_ptr, E, P, tile, BLOCK_M: tl.constexpr, G_PAD: tl.constexpr):
 def real_m_tiles(offs_ptr, E, P, BLOCK_M: tl.constexpr, G_PAD: tl.constexpr):
     """The number of M tiles of the experts (groups 0..E-1; not the dropped tail's): the first
     ``real_m_tiles`` virtual tiles of ``tile_of``."""
-    g = tl.arange(0, G_PAD)
-    lo = tl.load(offs_ptr + g, mask=g < E, other=0).to(tl.int32)
-    hi = tl.load(offs_ptr + g + 1, mask=g < E, other=0).to(tl.int32)
-    return rsum((hi - lo + BLOCK_M - 1) // BLOCK_M, 0)
+    g, lo, hi, ntile = _group_tiles(offs_ptr, E, P, BLOCK_M, G_PAD)
+    return rsum(tl.where(g < E, ntile, 0), 0)
 
 
 @device_fn
