@@ -382,19 +382,15 @@ def main(argv=None) -> int:
             # the fused dh kernel (BLAZEC_DH=fused; split, the default, ran above)
             os.environ["BLAZEC_DH"] = "fused"
             moe_experts.moe_experts_bwd(torch.randn_like(y), x, tw, *route, *ws, preact, act, wp, rec)
-            # and the split GEMM 1 (BLAZEC_GEMM1=split: the gathered row GEMMs and _act_kernel)
-            os.environ["BLAZEC_GEMM1"] = "split"
-            y, preact = moe_experts.moe_experts_fwd(x, tw, *route, *ws, act, wp, rec, None)
-            moe_experts.moe_experts_bwd(torch.randn_like(y), x, tw, *route, *ws, preact, act, wp, rec)
-            # and GEMM 1's interleaved gate|up tile (BLAZEC_GEMM1=wide, GU_WIDE)
-            os.environ["BLAZEC_GEMM1"] = "wide"
-            y, preact = moe_experts.moe_experts_fwd(x, tw, *route, *ws, act, wp, rec, None)
-            moe_experts.moe_experts_bwd(torch.randn_like(y), x, tw, *route, *ws, preact, act, wp, rec)
-            # and the persistent row GEMMs (BLAZEC_ROWS=persistent; split GEMM 1 and dh as above)
-            os.environ["BLAZEC_ROWS"] = "persistent"
-            os.environ["BLAZEC_GEMM1"] = "split"
-            y, preact = moe_experts.moe_experts_fwd(x, tw, *route, *ws, act, wp, rec, None)
-            moe_experts.moe_experts_bwd(torch.randn_like(y), x, tw, *route, *ws, preact, act, wp, rec)
+            # and, with the fused dh kept, the opt-in paths, each a forward and a backward: the
+            # split GEMM 1 (the gathered row GEMMs and _act_kernel), GEMM 1's interleaved
+            # gate|up tile (GU_WIDE), and the persistent row GEMMs (with the split GEMM 1, so
+            # that each single-product row GEMM runs persistent)
+            for env in ({"BLAZEC_GEMM1": "split"}, {"BLAZEC_GEMM1": "wide"},
+                        {"BLAZEC_GEMM1": "split", "BLAZEC_ROWS": "persistent"}):
+                os.environ.update(env)
+                y, preact = moe_experts.moe_experts_fwd(x, tw, *route, *ws, act, wp, rec, None)
+                moe_experts.moe_experts_bwd(torch.randn_like(y), x, tw, *route, *ws, preact, act, wp, rec)
         finally:
             torch.set_float32_matmul_precision(precision)
             moe_experts.GATE_UP_FORCE = None

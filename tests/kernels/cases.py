@@ -218,3 +218,25 @@ def check(case: Case, tol: Optional[dict] = None) -> None:
             scale = max(1.0, et.abs().max().item())
             assert err <= 2 * ref_err + rel * 0.25 * scale, (
                 f"{n}[{i}]: kernel max error {err:.3g} vs reference's {ref_err:.3g} (scale {scale:.3g})")
+
+
+# The launch flags spy_launches appends to a kernel's name.
+_FLAGS = (("A_GATHER", "+gather"), ("GU_WIDE", "+wide"), ("TWO", "+two"), ("PERSISTENT", "+persistent"))
+
+
+def spy_launches(monkeypatch) -> list[str]:
+    """The kernels the expert launchers launch from now on, by name, with a suffix for each of
+    these flags that is set: "+gather" (A_GATHER), "+wide" (GU_WIDE), "+two" (TWO), "+persistent"
+    (PERSISTENT)."""
+    from blazec.kernels import moe_experts
+
+    launched: list[str] = []
+    real_launch = moe_experts.launch
+
+    def spy(kernel, tuned, grid, args, fixed):
+        name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
+        launched.append(name + "".join(suffix for flag, suffix in _FLAGS if args.get(flag)))
+        return real_launch(kernel, tuned, grid, args, fixed)
+
+    monkeypatch.setattr(moe_experts, "launch", spy)
+    return launched

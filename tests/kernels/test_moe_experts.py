@@ -7,6 +7,8 @@ into several 16-wide tiles in every GEMM dimension (d=21, I=19 by default).
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -14,7 +16,7 @@ from hypothesis import strategies as st
 
 from blazec.ops import ACTIVATIONS
 from blazec.ops import reference as ref
-from tests.kernels.cases import LAYOUTS, TOL, check, make_case
+from tests.kernels.cases import LAYOUTS, TOL, check, make_case, spy_launches
 from tests.kernels.conftest import ON_GPU
 
 
@@ -641,23 +643,6 @@ def test_autotuner_reruns_do_not_change_results(monkeypatch, recompute: bool, dh
     assert same == (dh == "split")
 
 
-def _spy_launches(monkeypatch) -> list[str]:
-    """The kernels the expert launchers launch from now on, by name ("+gather": A_GATHER,
-    "+wide": GU_WIDE)."""
-    from blazec.kernels import moe_experts
-
-    launched: list[str] = []
-    real_launch = moe_experts.launch
-
-    def spy(kernel, tuned, grid, args, fixed):
-        name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
-        launched.append(name + ("+gather" if args.get("A_GATHER") else "") + ("+wide" if args.get("GU_WIDE") else ""))
-        return real_launch(kernel, tuned, grid, args, fixed)
-
-    monkeypatch.setattr(moe_experts, "launch", spy)
-    return launched
-
-
 def _fwd_bwd(case) -> list:
     """The kernels' forward, then their backward on a copy of its preact: every output and
     gradient, to compare two launch paths."""
@@ -694,7 +679,7 @@ def test_split_dh_equals_fused(monkeypatch, kw) -> None:
     from blazec.kernels import moe_experts
 
     case = make_case(E=5, seed=41, **kw)
-    launched = _spy_launches(monkeypatch)
+    launched = spy_launches(monkeypatch)
     _, preact = moe_experts.moe_experts_fwd(*case.fwd_args())
     monkeypatch.setenv("BLAZEC_DH", "fused")
     fused = moe_experts.moe_experts_bwd(*case.bwd_args(preact.clone()))
@@ -714,16 +699,6 @@ def test_split_dh_equals_fused(monkeypatch, kw) -> None:
     _assert_same(over, split, rtol=0, atol=0)
 
 
-def test_dh_mode_is_checked(monkeypatch) -> None:
-    from blazec.kernels import moe_experts
-
-    monkeypatch.delenv("BLAZEC_DH", raising=False)
-    assert moe_experts.dh_mode() == "split"
-    monkeypatch.setenv("BLAZEC_DH", "fast")
-    with pytest.raises(ValueError, match=r"BLAZEC_DH must be one of \('fused', 'split'\).*'fast'"):
-        moe_experts.dh_mode()
-
-
 @pytest.mark.parametrize("kw", [
     dict(activation="swiglu", bias="none", ids_kind="empty_experts", dtype=torch.bfloat16),
     dict(activation="geglu", bias="list", layout="list", ids_kind="ragged", capacity=5),
@@ -740,7 +715,7 @@ def test_split_gemm1_equals_fused(monkeypatch, kw) -> None:
     order (on a GPU the two kernels' configs may order the K sums differently: there they
     agree within the dtype's tolerance)."""
     case = make_case(E=5, seed=43, **kw)
-    launched = _spy_launches(monkeypatch)
+    launched = spy_launches(monkeypatch)
 
     monkeypatch.setenv("BLAZEC_GEMM1", "fused")
     fused = _fwd_bwd(case)
@@ -785,7 +760,7 @@ def test_wide_gemm1_equals_fused(monkeypatch, kw, wide) -> None:
     if up_strided:  # Wu stored [E, d, I] and passed transposed: the same values, other strides
         (wu,) = case.w["w_up"]
         case.w["w_up"] = [wu.transpose(1, 2).contiguous().transpose(1, 2)]
-    launched = _spy_launches(monkeypatch)
+    launched = spy_launches(monkeypatch)
     monkeypatch.setenv("BLAZEC_GEMM1", "wide")
     if not wide:  # the launcher refuses: its forward runs the two-dot kernel (tested as the default)
         moe_experts.moe_experts_fwd(*case.fwd_args())
@@ -820,45 +795,42 @@ def test_persistent_rows_gemm_equals_tiles(monkeypatch, kw, split) -> None:
     program per tile. The same tiles, the same K sums: equal bit for bit to the tile launch
     under the interpreter (on a GPU within the dtype's tolerance), and checked against the
     reference."""
-    from blazec.kernels import moe_experts
-
     case = make_case(**{"E": 5, **kw}, seed=45)
-    persistent: list[tuple[bool, bool]] = []  # (PERSISTENT, TWO) per row GEMM launch
-    real_launch = moe_experts.launch
-
-    def spy(kernel, tuned, grid, args, fixed):
-        if "PERSISTENT" in args:
-            persistent.append((args["PERSISTENT"], args["TWO"]))
-        return real_launch(kernel, tuned, grid, args, fixed)
-
-    monkeypatch.setattr(moe_experts, "launch", spy)
+    launched = spy_launches(monkeypatch)
     monkeypatch.setenv("BLAZEC_GEMM1", "split" if split else "fused")
+
+    def rows() -> list[str]:  # the row GEMM launches so far
+        return [n for n in launched if n.startswith("_rows_gemm_kernel")]
 
     monkeypatch.setenv("BLAZEC_ROWS", "tiles")
     tiles = _fwd_bwd(case)
-    assert persistent and not any(p for p, _ in persistent), persistent
-    persistent.clear()
+    assert rows() and not any("+persistent" in n for n in rows()), launched
+    launched.clear()
     monkeypatch.setenv("BLAZEC_ROWS", "persistent")
     check(case)
-    assert all(p == (not two) for p, two in persistent) and any(p for p, _ in persistent), persistent
+    assert any("+persistent" in n for n in rows()), launched
+    assert all(("+persistent" in n) != ("+two" in n) for n in rows()), launched
     _assert_same(_fwd_bwd(case), tiles, **(TOL[case.x.dtype] if ON_GPU else dict(rtol=0, atol=0)))
 
 
-def test_rows_mode_is_checked(monkeypatch) -> None:
+@pytest.mark.parametrize("fn, var, default, choices, bad", [
+    ("dh_mode", "BLAZEC_DH", "split", ("fused", "split"), "fast"),
+    ("gemm1_mode", "BLAZEC_GEMM1", "fused", ("fused", "split", "wide"), "tiled"),
+    ("rows_mode", "BLAZEC_ROWS", "tiles", ("tiles", "persistent"), "persistant"),
+])
+def test_path_switches_are_checked(monkeypatch, fn, var, default, choices, bad) -> None:
+    """Each launch-path switch: its default when unset, each choice as given, and an error that
+    names the variable, the choices and the bad value."""
     from blazec.kernels import moe_experts
 
-    monkeypatch.delenv("BLAZEC_ROWS", raising=False)
-    assert moe_experts.rows_mode() == "tiles"
-    monkeypatch.setenv("BLAZEC_ROWS", "persistant")
-    with pytest.raises(ValueError, match=r"BLAZEC_ROWS must be one of \('tiles', 'persistent'\).*'persistant'"):
-        moe_experts.rows_mode()
+    mode = getattr(moe_experts, fn)
+    monkeypatch.delenv(var, raising=False)
+    assert mode() == default
+    for choice in choices:
+        monkeypatch.setenv(var, choice)
+        assert mode() == choice
+    monkeypatch.setenv(var, bad)
+    with pytest.raises(ValueError, match=re.escape(f"{var} must be one of {choices}") + f".*'{bad}'"):
+        mode()
 
 
-def test_gemm1_mode_is_checked(monkeypatch) -> None:
-    from blazec.kernels import moe_experts
-
-    monkeypatch.delenv("BLAZEC_GEMM1", raising=False)
-    assert moe_experts.gemm1_mode() == "fused"
-    monkeypatch.setenv("BLAZEC_GEMM1", "tiled")
-    with pytest.raises(ValueError, match=r"BLAZEC_GEMM1 must be one of \('fused', 'split', 'wide'\).*'tiled'"):
-        moe_experts.gemm1_mode()

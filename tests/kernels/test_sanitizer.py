@@ -180,26 +180,17 @@ def test_wide_gemm1_is_clean(monkeypatch) -> None:
     """BLAZEC_GEMM1=wide: the interleaved gate|up tile reads through two weight bases, masked
     by the output column; odd I, per-expert weights, dropped pairs."""
     from blazec.kernels.moe_experts import moe_experts_bwd, moe_experts_fwd
-    from tests.kernels.cases import make_case
-
-    from blazec.kernels import moe_experts
+    from tests.kernels.cases import make_case, spy_launches
 
     monkeypatch.setenv("BLAZEC_GEMM1", "wide")
-    wide: list[bool] = []
-    real_launch = moe_experts.launch
-
-    def spy(kernel, tuned, grid, args, fixed):
-        if "GU_WIDE" in args:
-            wide.append(args["GU_WIDE"])
-        return real_launch(kernel, tuned, grid, args, fixed)
-
-    monkeypatch.setattr(moe_experts, "launch", spy)
+    launched = spy_launches(monkeypatch)
     case = make_case(seed=9, T=14, I=19, E=4, k=3, layout="list", capacity=5, activation="swiglu")
     with Sanitizer() as san:
         _, preact = moe_experts_fwd(*case.fwd_args())
         moe_experts_bwd(*case.bwd_args(preact))
     san.assert_clean()
-    assert wide == [True], wide  # the forward's GEMM 1 ran wide
+    # the forward's GEMM 1 ran wide
+    assert [n for n in launched if n.startswith("_gemm1_kernel")] == ["_gemm1_kernel+wide"], launched
 
 
 def test_persistent_rows_gemm_is_clean(monkeypatch) -> None:
@@ -207,16 +198,21 @@ def test_persistent_rows_gemm_is_clean(monkeypatch) -> None:
     runs persistent): programs loop over the experts' tiles only; dropped pairs, an empty
     expert."""
     from blazec.kernels.moe_experts import moe_experts_bwd, moe_experts_fwd
-    from tests.kernels.cases import make_case
+    from tests.kernels.cases import make_case, spy_launches
 
     monkeypatch.setenv("BLAZEC_ROWS", "persistent")
     monkeypatch.setenv("BLAZEC_GEMM1", "split")
+    launched = spy_launches(monkeypatch)
     case = make_case(seed=10, T=14, E=5, k=3, capacity=4, ids_kind="empty_experts", bias="stacked")
     with Sanitizer() as san:
         _, preact = moe_experts_fwd(*case.fwd_args())
         moe_experts_bwd(*case.bwd_args(preact))
     san.assert_clean()
     assert sum(launch.kernel == "_rows_gemm_kernel" for launch in san.launches) >= 4
+    # GEMM 1's two and the down GEMM ran persistent (the dh step is _dh_kernel here: "output"
+    # mode with a down bias); the gated dX (two products) did not
+    rows = [n for n in launched if n.startswith("_rows_gemm_kernel")]
+    assert sum("+persistent" in n for n in rows) == 3 and all(("+persistent" in n) != ("+two" in n) for n in rows), rows
 
 
 @pytest.mark.parametrize("kw", EXPERT_CASES, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default")
