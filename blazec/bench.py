@@ -19,6 +19,9 @@ The protocol of ../shared/BASELINES.md, in one process, on the same weights and 
   interleaved gate|up weight tile per K step)
 - ``blazec-loop-persistent-rows``: ``blazec-loop`` with ``BLAZEC_ROWS=persistent`` (the
   single-product row GEMMs as persistent kernels)
+- ``blazec-loop-fused-tiles``: ``blazec-loop`` with GEMM 1's two-dot kernel and row GEMMs of a
+  program per tile, forced (``blazec-loop`` picks these launch paths by timing: this row is
+  what it ran before that)
 - ``blazec-ops`` / ``blazec-ops-recompute``: ``blazec.ops.moe_route`` + ``moe_experts`` called
   directly on stacked weights
 - ``dense-equivalent``: not a MoE, the ceiling: one dense SwiGLU MLP (cuBLAS GEMMs) on T*k rows,
@@ -86,6 +89,7 @@ IMPLS = (
     "blazec-loop-split-gemm1",
     "blazec-loop-wide-gemm1",
     "blazec-loop-persistent-rows",
+    "blazec-loop-fused-tiles",
     "blazec-ops",
     "blazec-ops-recompute",
     "dense-equivalent",
@@ -100,6 +104,7 @@ ROW_ENV = {
     "blazec-loop-split-gemm1": {"BLAZEC_GEMM1": "split"},
     "blazec-loop-wide-gemm1": {"BLAZEC_GEMM1": "wide"},
     "blazec-loop-persistent-rows": {"BLAZEC_ROWS": "persistent"},
+    "blazec-loop-fused-tiles": {"BLAZEC_GEMM1": "fused", "BLAZEC_ROWS": "tiles"},
 }
 GiB = 1024**3
 
@@ -515,9 +520,11 @@ def _kernel_note(dev: torch.device, impl: str) -> str:
     from blazec.kernels import moe_experts, wgrad_grouped_mm
 
     taken = " + ".join(sorted(wgrad_grouped_mm.TAKEN)) or "-"
+    gemm1, rows = moe_experts.gemm1_mode(), moe_experts.rows_mode()
     return (f"Triton kernels, weight gradients: {taken}"
             + (", fused dh" if moe_experts.dh_mode() == "fused" else "")
-            + (", split GEMM 1" if moe_experts.gemm1_mode() == "split" else ""))
+            + (f", GEMM 1 {gemm1} (forced)" if gemm1 != "auto" else "")
+            + (f", row GEMMs {rows} (forced)" if rows != "auto" else ""))
 
 
 def _autotune_choices() -> dict:

@@ -305,30 +305,99 @@ def pruned_configs(tuned, args: dict) -> list:
 
 
 # Implementation choices timed once per key (``pick_fastest``), by name: what ``blazec bench``
-# reports beside the kernels' tuned configs.
+# reports beside the kernels' tuned configs; and the candidates each key excluded because their
+# outputs differed from the default's.
 IMPL_CHOICES: dict[str, dict[tuple, str]] = {}
+IMPL_DISAGREED: dict[str, dict[tuple, tuple[str, ...]]] = {}
+
+# An integer dtype of each element size, to read a tensor's bit patterns.
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def pick_fastest(name: str, key: tuple, candidates: dict[str, Callable[[], None]], default: str) -> str:
+def bits_checksum(t: Tensor) -> Tensor:
+    """Two int64 sums of ``t``'s bit patterns, weighted by row and by column position (``t``
+    viewed as rows of its last dimension): equal for equal tensors, and different for nearly
+    any difference, a swapped pair of rows or columns included. Integer sums, so the reduction
+    order does not matter; overflow wraps the same way for both sides. Reads ``t`` in place (a
+    view of its bits; no copy of its size)."""
+    b = t.view(_BITS[t.element_size()])
+    b = b.reshape(1, -1) if b.dim() < 2 else b.flatten(0, -2)
+    rows, cols = b.sum(dim=1, dtype=torch.int64), b.sum(dim=0, dtype=torch.int64)
+
+    def weighted(v: Tensor) -> Tensor:
+        return (v * torch.arange(1, v.numel() + 1, dtype=torch.int64, device=v.device)).sum()
+
+    return torch.stack([weighted(rows), weighted(cols)])
+
+
+def _agreeing(name: str, key: tuple, candidates: dict[str, Callable[[], None]], default: str,
+              outputs: Sequence[tuple[Tensor, float]]) -> dict[str, Callable[[], None]]:
+    """The candidates whose outputs equal the default's bit for bit: each runs once on
+    ``outputs`` reset to their fill value (NaN for a buffer the kernels write, 0 for one they
+    accumulate into or leave zero where nothing is routed), so that an element one candidate
+    writes and another leaves unwritten differs too. A candidate that differs is dropped, with a
+    warning: it would change the numbers, which an implementation choice must not do."""
+
+    def run(c: str) -> list[Tensor]:
+        for t, fill in outputs:
+            t.fill_(fill)
+        candidates[c]()
+        return [bits_checksum(t) for t, _ in outputs]
+
+    ref = run(default)
+    keep, bad = {default: candidates[default]}, []
+    for c, fn in candidates.items():
+        if c == default:
+            continue
+        if all(torch.equal(a, b) for a, b in zip(run(c), ref)):
+            keep[c] = fn
+        else:
+            bad.append(c)
+    if bad:
+        import warnings
+
+        IMPL_DISAGREED.setdefault(name, {})[key] = tuple(bad)
+        warnings.warn(f"blazec kernels: {name} {', '.join(map(repr, bad))} computed other bits than "
+                      f"{default!r} for {key}; not used there (please report this)", stacklevel=3)
+    return keep
+
+
+def timeable(t: Tensor) -> bool:
+    """Whether launches writing ``t`` can be timed: a CUDA tensor (CPU tensors reach the
+    launchers only in the host benchmarks, whose launches are stubbed)."""
+    return t.is_cuda
+
+
+def pick_fastest(name: str, key: tuple, candidates: dict[str, Callable[[], None]], default: str,
+                 outputs: Optional[Sequence[tuple[Tensor, float]]] = None) -> str:
     """Which of ``candidates`` (names -> launch functions that compute the same outputs into
     the same buffers) to run for ``key``: on a GPU with autotuning on, the fastest by
     ``triton.testing.do_bench`` the first time ``key`` is seen (each candidate's own kernels
     autotune inside its first run), then that one from the cache; ``default`` under the
-    interpreter, with ``BLAZEC_AUTOTUNE=0``, and for an uncached key during a CUDA graph
-    capture. The caller runs the returned candidate itself."""
+    interpreter, with ``BLAZEC_AUTOTUNE=0``, for CPU ``outputs``, and for an uncached key during
+    a CUDA graph capture. With ``outputs`` ((buffer, fill value) pairs: what the candidates
+    write), only candidates that compute the default's bits take part (``_agreeing``). The
+    caller runs the returned candidate itself."""
     if INTERPRET or not autotune_enabled():
         return default
     if len(candidates) == 1:
         return next(iter(candidates))
     cache = IMPL_CHOICES.setdefault(name, {})
     hit = cache.get(key)
+    if hit is None and outputs and not timeable(outputs[0][0]):
+        return default
     if hit is None and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return default  # timing synchronizes, which a CUDA graph capture cannot; not cached
     if hit is None:
         from triton.testing import do_bench
 
-        times = {c: do_bench(fn, warmup=5, rep=20) for c, fn in candidates.items()}
-        hit = cache[key] = min(times, key=times.get)
+        if outputs:
+            candidates = _agreeing(name, key, candidates, default, outputs)
+        if len(candidates) == 1:  # the others computed other bits
+            hit = cache[key] = default
+        else:
+            times = {c: do_bench(fn, warmup=5, rep=20) for c, fn in candidates.items()}
+            hit = cache[key] = min(times, key=times.get)
     return hit
 
 

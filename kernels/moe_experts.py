@@ -7,9 +7,11 @@ ops keep validating their arguments; these functions assume validated inputs.
 
 Forward (S = T*k pairs; buffers in brackets are freed when the call returns):
     1. _gemm1_kernel:      h [S, I], preact [S, n_in] (unless recompute)   gather+GEMM+act
-       (BLAZEC_GEMM1=split, where preact is stored: _rows_gemm_kernel x 2 with A_GATHER into
-       preact's halves, then _act_kernel for h)
+       (gate and up as two dots, or as one interleaved wide dot, GU_WIDE; or, where preact is
+       stored, _rows_gemm_kernel x 2 with A_GATHER into preact's halves, then _act_kernel for
+       h: BLAZEC_GEMM1, by default the fastest by timing, ``gemm1_mode``)
     2. _rows_gemm_kernel:  [c: S x d]  (k == 1: y directly)                 GEMM+bias+*w
+       (a program per tile or persistent: BLAZEC_ROWS, by default timed, ``rows_mode``)
     3. _combine_kernel:    y [T, d], slot-ordered fp32 sum                  (k > 1)
 Backward:
     0. _gemm1_kernel:      (recompute only) preact into the dg|du buffer (split: the two row GEMMs)
@@ -43,6 +45,7 @@ from blazec.kernels._common import (
     BASE_CODE,
     INTERPRET,
     IMPL_CHOICES,
+    IMPL_DISAGREED,
     INTERPRET_CONFIG,
     KERNEL_DTYPES,
     TORCH_TO_TL,
@@ -152,9 +155,7 @@ def _rows_gemm(o: "_Operands", a1: Tensor, s_a: int, w: WeightOperand, wt: bool,
     k_dim, n_dim = (2, 1) if wt else (1, 2)
     a2, w2 = two if two is not None else (a1, w)
     b = bias if bias is not None else o.bd  # a placeholder the kernel leaves unread
-    persistent = two is None and rows_mode() == "persistent"
-    progs = _num_programs(out.device) if persistent else 1
-    launch(gg._rows_gemm_kernel, gg.rows_gemm_tuned, (lambda META: (progs,)) if persistent else o.m_grid(N), dict(
+    args = dict(
         a1_ptr=a1, a2_ptr=a2, b1_ptr=w.ptr, b1_tab=w.tab, b2_ptr=w2.ptr, b2_tab=w2.tab,
         bias_ptr=b.ptr, bias_tab=b.tab, tw_ptr=o.tw, pairs_ptr=o.sp, offs_ptr=o.eo, out_ptr=out,
         N=N, KD=KD, K=o.k, P=o.P, E=o.E, ROWS_CLASS=o.rows_class,
@@ -166,11 +167,28 @@ def _rows_gemm(o: "_Operands", a1: Tensor, s_a: int, w: WeightOperand, wt: bool,
         stride_out=out.stride(0),
         TWO=two is not None, HAS_BIAS=bias is not None, SCALE=scale, DIRECT=direct, A_GATHER=gather,
         B1_TAB=w.table, B2_TAB=w2.table if two else 0, BIAS_TAB=b.table if bias else 0, C_DT=_tl(c_dt),
-        PERSISTENT=persistent, PREC=o.prec, G_PAD=o.G_PAD, NUM_PROGS=progs,
-    ), INTERPRET_CONFIG)
+        PERSISTENT=False, PREC=o.prec, G_PAD=o.G_PAD, NUM_PROGS=1,
+    )
+
+    def run(persistent: bool) -> None:
+        if not persistent:
+            launch(gg._rows_gemm_kernel, gg.rows_gemm_tuned, o.m_grid(N), args, INTERPRET_CONFIG)
+            return
+        progs = _num_programs(out.device)
+        launch(gg._rows_gemm_kernel, gg.rows_gemm_tuned, lambda META: (progs,),
+               {**args, "PERSISTENT": True, "NUM_PROGS": progs}, INTERPRET_CONFIG)
+
+    mode = rows_mode() if two is None else "tiles"  # a gated dX's two loops: tiles
+    if mode == "auto":
+        key = (N, KD, o.rows_class, o.E, wt, gather, scale, direct, bias is not None, w.table, w.strides[1:],
+               str(a1.dtype), str(c_dt), o.prec, str(out.device))
+        # k == 1 writes kept tokens' rows into a zeroed y; other launches write every row they define
+        mode = pick_fastest("rows_gemm", key, {"tiles": lambda: run(False), "persistent": lambda: run(True)},
+                            "tiles", [(out, 0.0 if direct else float("nan"))])
+    run(mode == "persistent")
 
 
-ROWS_MODES = ("tiles", "persistent")
+ROWS_MODES = ("auto", "tiles", "persistent")
 # Programs of a persistent launch under the interpreter: a few, so that each loops over tiles.
 INTERPRET_PROGRAMS = 3
 
@@ -178,9 +196,12 @@ INTERPRET_PROGRAMS = 3
 def rows_mode() -> str:
     """``BLAZEC_ROWS``: how ``_rows_gemm_kernel`` launches where it has one product (forward
     down GEMM, split dh GEMM, split GEMM 1, a plain activation's dX; a gated dX GEMM's two loops
-    keep ``tiles``): ``tiles`` (default: a program per output tile) or ``persistent`` (a program
-    per SM looping over the tiles, PERSISTENT); docs/KERNELS.md. Anything else is an error."""
-    return env_choice("BLAZEC_ROWS", ROWS_MODES, "tiles")
+    always launch ``tiles``): ``tiles`` (a program per output tile), ``persistent`` (a program
+    per SM looping over the tiles, PERSISTENT) or ``auto`` (default: the faster of the two by
+    timing, once per launch site and shape class on a GPU with autotuning on, among those that
+    compute the same bits as ``tiles``; ``tiles`` elsewhere); docs/KERNELS.md. Anything else is
+    an error."""
+    return env_choice("BLAZEC_ROWS", ROWS_MODES, "auto")
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -197,25 +218,45 @@ def _num_programs(device: torch.device) -> int:
     return n
 
 
-GEMM1_MODES = ("fused", "split", "wide")
+GEMM1_MODES = ("auto", "fused", "split", "wide")
 
 
 def gemm1_mode() -> str:
-    """``BLAZEC_GEMM1``: ``fused`` (default: ``_gemm1_kernel``), ``split`` (two row GEMMs
-    into preact's halves, then ``_act_kernel``, where preact is stored) or ``wide``
-    (``_gemm1_kernel`` with one interleaved gate|up B tile per K step, GU_WIDE, where
-    ``_wide_ok``: gated, both weights 16-byte aligned, with the same strides, contiguous along
-    d; elsewhere the two-dot kernel); docs/KERNELS.md. Anything else is an error."""
-    return env_choice("BLAZEC_GEMM1", GEMM1_MODES, "fused")
+    """``BLAZEC_GEMM1``: ``fused`` (``_gemm1_kernel`` with a gate and an up dot per K step),
+    ``split`` (two row GEMMs into preact's halves, then ``_act_kernel``, where preact is
+    stored), ``wide`` (``_gemm1_kernel`` with one interleaved gate|up B tile per K step,
+    GU_WIDE, where ``_wide_ok``: gated, both weights 16-byte aligned, with the same strides,
+    contiguous along d) or ``auto`` (default: the fastest of those that apply, by timing once
+    per shape class on a GPU with autotuning on, among those that compute the same bits as
+    ``fused``; ``fused`` elsewhere). A forced ``split`` or ``wide`` that does not apply runs
+    ``fused``; docs/KERNELS.md. Anything else is an error."""
+    return env_choice("BLAZEC_GEMM1", GEMM1_MODES, "auto")
 
 
 def _gemm1(o: "_Operands", pre: Tensor, h: Tensor, store_pre: bool, store_h: bool, hidden: bool) -> None:
     """GEMM 1 (gather, gate and up, activation): writes preact = g | u into ``pre`` when
     ``store_pre`` and the activated rows into ``h`` when ``store_h``; an output it does not
-    write may be any tensor of x's dtype."""
+    write may be any tensor of x's dtype. ``gemm1_mode`` picks the launch."""
     mode = gemm1_mode()
-    if store_pre and mode == "split":
-        return _gemm1_split(o, pre, h, store_h, hidden)
+    run = {"fused": lambda: _gemm1_launch(o, pre, h, store_pre, store_h, hidden, wide=False)}
+    if mode in ("auto", "wide") and _wide_ok(o):
+        run["wide"] = lambda: _gemm1_launch(o, pre, h, store_pre, store_h, hidden, wide=True)
+    # Timed only where it writes what _gemm1_kernel writes: in recompute mode's backward
+    # (preact alone) it leaves the dropped pairs' rows unwritten, which the kernel zeroes.
+    if (mode == "split" and store_pre) or (mode == "auto" and store_pre and store_h):
+        run["split"] = lambda: _gemm1_split(o, pre, h, store_h, hidden)
+    if mode == "auto":
+        key = (o.d, o.I, o.rows_class, o.E, str(o.xdt), o.prec, o.act, o.gated, o.has_bg, o.has_bu,
+               o.wg.table, o.wu.table, o.wg.strides[1:], o.wu.strides[1:], store_pre, store_h, hidden,
+               str(o.x.device))
+        outs = [(t, float("nan")) for t, stored in ((pre, store_pre), (h, store_h)) if stored]
+        mode = pick_fastest("gemm1", key, run, "fused", outs)
+    run[mode if mode in run else "fused"]()
+
+
+def _gemm1_launch(o: "_Operands", pre: Tensor, h: Tensor, store_pre: bool, store_h: bool, hidden: bool,
+                  wide: bool) -> None:
+    """One ``_gemm1_kernel`` launch (GU_WIDE with ``wide``)."""
     x = o.x
     launch(gg._gemm1_kernel, gg.gemm1_tuned, o.m_grid(o.I), dict(
         x_ptr=x, tw_ptr=o.tw, pairs_ptr=o.sp, offs_ptr=o.eo,
@@ -230,7 +271,7 @@ def _gemm1(o: "_Operands", pre: Tensor, h: Tensor, store_pre: bool, store_h: boo
         stride_pre=o.n_in, stride_h=o.I,
         ACT=o.act, GATED=o.gated, HAS_BG=o.has_bg, HAS_BU=o.has_bu, HIDDEN=hidden and store_h,
         STORE_PRE=store_pre, STORE_H=store_h, WG_TAB=o.wg.table, WU_TAB=o.wu.table, BG_TAB=o.bg.table,
-        BU_TAB=o.bu.table, GU_WIDE=mode == "wide" and _wide_ok(o),
+        BU_TAB=o.bu.table, GU_WIDE=wide,
         PREC=o.prec, G_PAD=o.G_PAD,
     ), INTERPRET_CONFIG)
 
@@ -605,7 +646,8 @@ def _dw_gate_up(o: _Operands, dgu: Tensor, w_gate, w_up, b_gate, b_up, gm: bool)
     fma = o.xdt == torch.float32 and o.prec == "ieee"
     candidates = {"single": single} if fma or not x.is_cuda else run
     key = (I, o.d, o.rows_class, str(o.xdt), o.prec, o.has_bg, o.has_bu, str(x.device))
-    run[pick_fastest("wgrad gate+up", key, candidates, "single")]()
+    outs = [(t[0], float("nan")) for t in (dwg, dwu, dbg, dbu) if t]
+    run[pick_fastest("wgrad gate+up", key, candidates, "single", outs)]()
     return dwg, dwu, dbg, dbu
 
 
@@ -630,7 +672,8 @@ def cuda_impls() -> dict[str, Callable]:
 def autotune_choices() -> dict[str, dict[str, str]]:
     """The config each autotuned kernel picked, per tuning key (shape class and dtypes), as
     ``{"gemm1": {"(2048, 1024, 5, ...)": "BLOCK 128x128x64, 8 warps, 3 stages"}, ...}``, and
-    each implementation choice timed by ``pick_fastest`` (``{"wgrad gate+up": {key: "dual"}}``).
+    each implementation choice timed by ``pick_fastest`` (``{"wgrad gate+up": {key: "dual"}}``,
+    with any candidate it left out for computing other bits).
     Empty under the interpreter and before the first GPU launch; ``blazec bench`` prints it."""
     tuned = {"gemm1": gg.gemm1_tuned, "rows_gemm": gg.rows_gemm_tuned, "dh": gg.dh_tuned,
              "wgrad": moe_wgrad.wgrad_tuned}
@@ -642,7 +685,8 @@ def autotune_choices() -> dict[str, dict[str, str]]:
             out.setdefault(name, {})[str(key)] = f"BLOCK {block}, {cfg.num_warps} warps, {cfg.num_stages} stages"
     for name, choices in IMPL_CHOICES.items():  # implementation choices (pick_fastest)
         for key, impl in choices.items():
-            out.setdefault(name, {})[str(key)] = impl
+            bad = IMPL_DISAGREED.get(name, {}).get(key)
+            out.setdefault(name, {})[str(key)] = impl + (f" ({', '.join(bad)}: other bits, not used)" if bad else "")
     return out
 
 

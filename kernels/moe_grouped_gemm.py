@@ -14,7 +14,7 @@ n_in = 2I (gated) or I, b = bytes per element of x.
     routing weight). It writes h (needed by the down GEMM) and, unless the op recomputes,
     preact = [g | u] for the backward; it zeroes preact's rows of dropped pairs. In recompute
     mode the backward runs it again with preact only (STORE_H off), into the dg | du buffer.
-    GU_WIDE (opt-in, ``BLAZEC_GEMM1=wide``): gate and up weights in one interleaved B tile, one
+    GU_WIDE (``BLAZEC_GEMM1=wide``, or picked by timing under ``auto``): gate and up weights in one interleaved B tile, one
     dot per K step (docs/KERNELS.md, "GEMM 1 with one wide dot").
     FLOPs 2*S*d*n_in.  Bytes: S*d*b gathered x reads (L2 absorbs the k-fold reuse only
     partly; the floor is T*d*b) + E*n_in*d*b weights + S*I*b (h) [+ S*n_in*b (preact)].
@@ -28,11 +28,12 @@ n_in = 2I (gated) or I, b = bytes per element of x.
     Backward dX: dx_pair = dg Wg + du Wu, the two products accumulated in one tile, one K
     loop after the other (two dots on one accumulator in one loop serialize Hopper's MMAs).
     FLOPs 2*S*n_in*d.  Bytes: S*n_in*b + E*n_in*d*b + S*d*b (buffer, k > 1) -> combine.
-    PERSISTENT (opt-in, ``BLAZEC_ROWS=persistent``, one product only, so not the gated dX):
+    PERSISTENT (``BLAZEC_ROWS=persistent``, or picked by timing under ``auto``; one product
+    only, so not the gated dX):
     a program per SM loops over the experts' tiles, its tile loop flattened with the K loop
     (docs/KERNELS.md).
 
-``_act_kernel`` (opt-in, ``BLAZEC_GEMM1=split``): GEMM 1 in three launches. Two
+``_act_kernel`` (``BLAZEC_GEMM1=split``, or picked by timing under ``auto``): GEMM 1 in three launches. Two
     ``_rows_gemm_kernel`` launches with A_GATHER write g = x[tok] Wg^T (+bg) and u = x Wu^T (+bu)
     into preact's two halves (each reads the gathered x rows again: S*d*b more traffic), then
     this elementwise pass computes h = a(g)[*u][*w] from them, the operations of GEMM 1's

@@ -8,6 +8,7 @@ into several 16-wide tiles in every GEMM dimension (d=21, I=19 by default).
 from __future__ import annotations
 
 import re
+import warnings
 
 import pytest
 import torch
@@ -581,6 +582,128 @@ def test_pick_fastest(monkeypatch) -> None:
     assert (3,) not in _common.IMPL_CHOICES["t"]
 
 
+def test_pick_fastest_takes_only_candidates_that_agree(monkeypatch) -> None:
+    """With ``outputs``, a candidate takes part only if, run on the outputs reset to their fill
+    value, it leaves the default's bits: one that computes another value, or leaves unwritten
+    an element the default writes, is dropped with a warning (and reported by
+    ``autotune_choices``), however fast. Outputs that cannot be timed (CPU): the default,
+    nothing run or timed."""
+    import triton.testing
+
+    from blazec.kernels import _common, moe_experts
+
+    monkeypatch.setattr(_common, "INTERPRET", False)
+    monkeypatch.delenv("BLAZEC_AUTOTUNE", raising=False)
+    for name in ("IMPL_CHOICES", "IMPL_DISAGREED"):
+        fresh: dict = {}
+        monkeypatch.setattr(_common, name, fresh)
+        monkeypatch.setattr(moe_experts, name, fresh)
+    out, acc = torch.empty(4, 6), torch.zeros(3)
+    want = torch.arange(24.0).reshape(4, 6)
+    timed: list[str] = []
+
+    def write(name, fix=None):
+        def run():
+            out.copy_(want)
+            if fix is not None:
+                fix(out)
+            acc.add_(1.0)  # from its fill value: the same bits only if reset before each run
+        run.__name__ = name
+        return run
+
+    cands = {c.__name__: c for c in (
+        write("ref"), write("same"), write("other", lambda t: t[2, 3].add_(1e-3)),
+        write("rows_swapped", lambda t: t.copy_(t[[1, 0, 2, 3]])),
+        write("unwritten", lambda t: t[3].fill_(float("nan"))),
+        write("minus_zero", lambda t: t[0, 0].mul_(-1.0)))}
+    fast = {"ref": 3.0, "same": 2.0}
+
+    def do_bench(fn, warmup, rep):
+        timed.append(fn.__name__)
+        return fast.get(fn.__name__, 1.0)
+
+    monkeypatch.setattr(triton.testing, "do_bench", do_bench)
+    assert _common.pick_fastest("t", (0,), cands, "ref", [(out, float("nan"))]) == "ref"
+    assert timed == [] and acc.sum() == 0  # CPU outputs
+    monkeypatch.setattr(_common, "timeable", lambda t: True)
+    with pytest.warns(UserWarning, match="other bits than 'ref'"):
+        pick = _common.pick_fastest("t", (1,), cands, "ref", [(out, float("nan")), (acc, 0.0)])
+    assert pick == "same" and timed == ["ref", "same"]
+    bad = ("other", "rows_swapped", "unwritten", "minus_zero")
+    assert _common.IMPL_DISAGREED == {"t": {(1,): bad}}
+    assert moe_experts.autotune_choices()["t"]["(1,)"] == f"same ({', '.join(bad)}: other bits, not used)"
+    only = {"ref": cands["ref"], "other": cands["other"]}
+    with pytest.warns(UserWarning, match="'other'"):
+        assert _common.pick_fastest("t", (2,), only, "ref", [(out, float("nan"))]) == "ref"
+    assert timed == ["ref", "same"]  # one candidate left: nothing to time
+
+
+def test_bits_checksum() -> None:
+    """Equal for equal bits; different for a changed element, swapped rows or columns, -0.0
+    against 0.0; over a strided view as over its copy."""
+    from blazec.kernels._common import bits_checksum
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(5, 7, generator=g).to(torch.bfloat16)
+    c = bits_checksum(t)
+    assert torch.equal(c, bits_checksum(t.clone()))
+    for other in (t[[1, 0, 2, 3, 4]], t[:, [0, 2, 1, 3, 4, 5, 6]], t.clone().index_fill_(0, torch.tensor([2]), 0.0)):
+        assert not torch.equal(bits_checksum(other), c)
+    z = torch.zeros(3, 2)
+    assert not torch.equal(bits_checksum(z), bits_checksum(-z))
+    wide = torch.randn(6, 10, generator=g)
+    assert torch.equal(bits_checksum(wide[:, 5:]), bits_checksum(wide[:, 5:].contiguous()))
+    s = torch.randn(2, 3, 4, generator=g)
+    assert torch.equal(bits_checksum(s), bits_checksum(s.reshape(6, 4)))
+
+
+@pytest.mark.parametrize("kw, gemm1, rows", [
+    # stacked, aligned, gated: GEMM 1 has all three candidates; k = 3 down GEMM into row buffers
+    (dict(activation="swiglu", ids_kind="empty_experts", dtype=torch.bfloat16, T=20, k=3, E=6, d=24),
+     ["fused", "split", "wide"], ["persistent", "tiles"]),
+    # k = 1 with dropped pairs: the down GEMM writes tokens' rows of a zeroed y directly
+    (dict(activation="gelu", k=1, capacity=2, T=12, E=5), ["fused", "split"], ["persistent", "tiles"]),
+    # recompute: the forward's GEMM 1 stores no preact, the backward's only preact (no split:
+    # it would leave the dropped pairs' rows unwritten, where the kernel writes zeros)
+    (dict(activation="swiglu", layout="list", bias="list", recompute=True, capacity=5, E=5, d=24),
+     ["fused", "wide"], ["persistent", "tiles"]),
+], ids=["bf16-empty-experts", "k1-dropped-gelu", "list-bias-recompute"])
+def test_auto_launch_paths_agree(monkeypatch, kw, gemm1, rows) -> None:
+    """BLAZEC_GEMM1 / BLAZEC_ROWS unset ("auto"): at each launch site the launcher offers the
+    paths that apply, and every one of them passes ``_agreeing``'s bit-for-bit check against the
+    default (the check a GPU runs before timing them), under the interpreter. Then the
+    non-default paths, picked, match the reference."""
+    from blazec.kernels import _common, moe_experts
+
+    monkeypatch.delenv("BLAZEC_GEMM1", raising=False)
+    monkeypatch.delenv("BLAZEC_ROWS", raising=False)
+    case = make_case(**kw, seed=46)
+    offered: dict[str, set] = {}
+    launched = spy_launches(monkeypatch)
+    picks: list[tuple[str, int]] = []  # (pick, launches before the launcher runs it)
+
+    def pick(name, key, cands, default, outputs=None):
+        kept = _common._agreeing(name, key, cands, default, outputs)
+        assert sorted(kept) == sorted(cands), (name, key)
+        offered.setdefault(name, set()).update(cands)
+        choice = max(kept, key=lambda c: c != default)  # a non-default one where there is one
+        picks.append((choice, len(launched)))
+        return choice
+
+    monkeypatch.setattr(moe_experts, "pick_fastest", pick)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no candidate may disagree
+        check(case)
+    assert sorted(offered["gemm1"]) == gemm1 and sorted(offered["rows_gemm"]) == rows, offered
+    # the launcher then runs what was picked
+    ran = {"wide": lambda n: n == "_gemm1_kernel+wide", "persistent": lambda n: n.endswith("+persistent"),
+           "split": lambda n: n.startswith("_rows_gemm_kernel+gather")}
+    for choice, at in picks:
+        if choice in ran:
+            assert ran[choice](launched[at]), (choice, launched[at:at + 3])
+    assert {c for c, _ in picks} >= {"persistent", gemm1[-1]}, picks
+
+
 @pytest.mark.parametrize("recompute,dh", [(False, "fused"), (True, "fused"), (False, "split")])
 def test_autotuner_reruns_do_not_change_results(monkeypatch, recompute: bool, dh: str) -> None:
     """On a GPU the autotuner runs every config of a new key on the launch's own arguments
@@ -815,8 +938,8 @@ def test_persistent_rows_gemm_equals_tiles(monkeypatch, kw, split) -> None:
 
 @pytest.mark.parametrize("fn, var, default, choices, bad", [
     ("dh_mode", "BLAZEC_DH", "split", ("fused", "split"), "fast"),
-    ("gemm1_mode", "BLAZEC_GEMM1", "fused", ("fused", "split", "wide"), "tiled"),
-    ("rows_mode", "BLAZEC_ROWS", "tiles", ("tiles", "persistent"), "persistant"),
+    ("gemm1_mode", "BLAZEC_GEMM1", "auto", ("auto", "fused", "split", "wide"), "tiled"),
+    ("rows_mode", "BLAZEC_ROWS", "auto", ("auto", "tiles", "persistent"), "persistant"),
 ])
 def test_path_switches_are_checked(monkeypatch, fn, var, default, choices, bad) -> None:
     """Each launch-path switch: its default when unset, each choice as given, and an error that
