@@ -13,15 +13,14 @@ The protocol of ../shared/BASELINES.md, in one process, on the same weights and 
   for that row only), to compare the two on the same card in the same run
 - ``blazec-loop-split-dh`` / ``blazec-loop-fused-dh``: ``blazec-loop`` with ``BLAZEC_DH=split``
   or ``fused`` for that row (the backward's dh step, docs/KERNELS.md)
-- ``blazec-loop-split-gemm1``: ``blazec-loop`` with ``BLAZEC_GEMM1=split`` (GEMM 1 as two row
-  GEMMs and an elementwise activation pass)
-- ``blazec-loop-wide-gemm1``: ``blazec-loop`` with ``BLAZEC_GEMM1=wide`` (GEMM 1 with one
-  interleaved gate|up weight tile per K step)
-- ``blazec-loop-persistent-rows``: ``blazec-loop`` with ``BLAZEC_ROWS=persistent`` (the
-  single-product row GEMMs as persistent kernels)
-- ``blazec-loop-fused-tiles``: ``blazec-loop`` with GEMM 1's two-dot kernel and row GEMMs of a
-  program per tile, forced (``blazec-loop`` picks these launch paths by timing: this row is
-  what it ran before that)
+- ``blazec-loop-fused-tiles``: ``blazec-loop`` with ``BLAZEC_GEMM1=fused`` and
+  ``BLAZEC_ROWS=tiles`` (GEMM 1's two-dot kernel, a program per row-GEMM tile), forced:
+  ``blazec-loop`` picks these launch paths by timing, and this row is what it ran before that
+- ``blazec-loop-split-gemm1`` / ``blazec-loop-wide-gemm1`` / ``blazec-loop-persistent-rows``:
+  ``blazec-loop-fused-tiles`` with one path changed: ``BLAZEC_GEMM1=split`` (GEMM 1 as two row
+  GEMMs and an elementwise activation pass), ``BLAZEC_GEMM1=wide`` (one interleaved gate|up
+  weight tile per K step) or ``BLAZEC_ROWS=persistent`` (the single-product row GEMMs as
+  persistent kernels)
 - ``blazec-ops`` / ``blazec-ops-recompute``: ``blazec.ops.moe_route`` + ``moe_experts`` called
   directly on stacked weights
 - ``dense-equivalent``: not a MoE, the ceiling: one dense SwiGLU MLP (cuBLAS GEMMs) on T*k rows,
@@ -101,9 +100,10 @@ ROW_ENV = {
     "blazec-loop-triton-wgrad": {"BLAZEC_WGRAD": "triton"},
     "blazec-loop-split-dh": {"BLAZEC_DH": "split"},
     "blazec-loop-fused-dh": {"BLAZEC_DH": "fused"},
-    "blazec-loop-split-gemm1": {"BLAZEC_GEMM1": "split"},
-    "blazec-loop-wide-gemm1": {"BLAZEC_GEMM1": "wide"},
-    "blazec-loop-persistent-rows": {"BLAZEC_ROWS": "persistent"},
+    # each the former fixed defaults (fused, tiles) with one path changed
+    "blazec-loop-split-gemm1": {"BLAZEC_GEMM1": "split", "BLAZEC_ROWS": "tiles"},
+    "blazec-loop-wide-gemm1": {"BLAZEC_GEMM1": "wide", "BLAZEC_ROWS": "tiles"},
+    "blazec-loop-persistent-rows": {"BLAZEC_GEMM1": "fused", "BLAZEC_ROWS": "persistent"},
     "blazec-loop-fused-tiles": {"BLAZEC_GEMM1": "fused", "BLAZEC_ROWS": "tiles"},
 }
 GiB = 1024**3

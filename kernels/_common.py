@@ -314,15 +314,26 @@ IMPL_DISAGREED: dict[str, dict[tuple, tuple[str, ...]]] = {}
 _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def bits_checksum(t: Tensor) -> Tensor:
+def bits_checksum(t: Tensor, chunk: int = 1 << 24) -> Tensor:
     """Two int64 sums of ``t``'s bit patterns, weighted by row and by column position (``t``
     viewed as rows of its last dimension): equal for equal tensors, and different for nearly
-    any difference, a swapped pair of rows or columns included. Integer sums, so the reduction
-    order does not matter; overflow wraps the same way for both sides. Reads ``t`` in place (a
-    view of its bits; no copy of its size)."""
+    any difference, a swapped pair of rows or columns included (not a proof of equality: a
+    rectangle of four changes that cancel in every row and column sum would pass). Integer
+    sums, so the reduction order does not matter; overflow wraps the same way for both sides.
+    The bits are widened to int64 ``chunk`` elements' worth of rows at a time (a sum with
+    ``dtype=int64`` converts its whole input first): at most 8 * chunk bytes (128 MiB) of
+    scratch, whatever ``t``'s size."""
     b = t.view(_BITS[t.element_size()])
     b = b.reshape(1, -1) if b.dim() < 2 else b.flatten(0, -2)
-    rows, cols = b.sum(dim=1, dtype=torch.int64), b.sum(dim=0, dtype=torch.int64)
+    R, C = b.shape
+    rows = torch.empty(R, dtype=torch.int64, device=t.device)
+    cols = torch.zeros(C, dtype=torch.int64, device=t.device)
+    step = max(1, chunk // max(C, 1))
+    for r0 in range(0, R, step):
+        blk = b[r0:r0 + step].to(torch.int64)
+        rows[r0:r0 + step] = blk.sum(dim=1)
+        cols += blk.sum(dim=0)
+        del blk
 
     def weighted(v: Tensor) -> Tensor:
         return (v * torch.arange(1, v.numel() + 1, dtype=torch.int64, device=v.device)).sum()
@@ -332,11 +343,14 @@ def bits_checksum(t: Tensor) -> Tensor:
 
 def _agreeing(name: str, key: tuple, candidates: dict[str, Callable[[], None]], default: str,
               outputs: Sequence[tuple[Tensor, float]]) -> dict[str, Callable[[], None]]:
-    """The candidates whose outputs equal the default's bit for bit: each runs once on
-    ``outputs`` reset to their fill value (NaN for a buffer the kernels write, 0 for one they
-    accumulate into or leave zero where nothing is routed), so that an element one candidate
-    writes and another leaves unwritten differs too. A candidate that differs is dropped, with a
-    warning: it would change the numbers, which an implementation choice must not do."""
+    """The candidates whose outputs equal the default's bit for bit on this call's inputs: each
+    runs once on ``outputs`` reset to their fill value (NaN for a buffer the kernels write, 0
+    for one that must stay zero where nothing is routed), so that an element one candidate
+    writes and another leaves unwritten differs too. A candidate that differs, or raises (a
+    variant this card or Triton cannot compile), is dropped with a warning: an implementation
+    choice must not change the numbers, nor make a call fail that the default serves. Then the
+    outputs are reset again, so that a dropped candidate's writes cannot outlive the check."""
+    import warnings
 
     def run(c: str) -> list[Tensor]:
         for t, fill in outputs:
@@ -349,16 +363,22 @@ def _agreeing(name: str, key: tuple, candidates: dict[str, Callable[[], None]], 
     for c, fn in candidates.items():
         if c == default:
             continue
-        if all(torch.equal(a, b) for a, b in zip(run(c), ref)):
+        try:
+            same = all(torch.equal(a, b) for a, b in zip(run(c), ref))
+        except Exception as e:  # noqa: BLE001 - any failure of an optional path: not used
+            warnings.warn(f"blazec kernels: {name} {c!r} failed for {key} ({type(e).__name__}: {e}); "
+                          f"using the others", stacklevel=3)
+            same = False
+        if same:
             keep[c] = fn
         else:
             bad.append(c)
     if bad:
-        import warnings
-
         IMPL_DISAGREED.setdefault(name, {})[key] = tuple(bad)
-        warnings.warn(f"blazec kernels: {name} {', '.join(map(repr, bad))} computed other bits than "
-                      f"{default!r} for {key}; not used there (please report this)", stacklevel=3)
+        warnings.warn(f"blazec kernels: {name} {', '.join(map(repr, bad))} did not compute the bits "
+                      f"of {default!r} for {key}; not used there", stacklevel=3)
+    for t, fill in outputs:
+        t.fill_(fill)
     return keep
 
 

@@ -180,8 +180,8 @@ def _rows_gemm(o: "_Operands", a1: Tensor, s_a: int, w: WeightOperand, wt: bool,
 
     mode = rows_mode() if two is None else "tiles"  # a gated dX's two loops: tiles
     if mode == "auto":
-        key = (N, KD, o.rows_class, o.E, wt, gather, scale, direct, bias is not None, w.table, w.strides[1:],
-               str(a1.dtype), str(c_dt), o.prec, str(out.device))
+        key = (N, KD, o.rows_class, o.E, wt, gather, scale, direct, bias is not None, w.table, b.table if bias else 0,
+               w.strides[1:], s_a, out.stride(), str(a1.dtype), str(c_dt), str(out.dtype), o.prec, str(out.device))
         # k == 1 writes kept tokens' rows into a zeroed y; other launches write every row they define
         mode = pick_fastest("rows_gemm", key, {"tiles": lambda: run(False), "persistent": lambda: run(True)},
                             "tiles", [(out, 0.0 if direct else float("nan"))])
@@ -246,9 +246,10 @@ def _gemm1(o: "_Operands", pre: Tensor, h: Tensor, store_pre: bool, store_h: boo
     if (mode == "split" and store_pre) or (mode == "auto" and store_pre and store_h):
         run["split"] = lambda: _gemm1_split(o, pre, h, store_h, hidden)
     if mode == "auto":
-        key = (o.d, o.I, o.rows_class, o.E, str(o.xdt), o.prec, o.act, o.gated, o.has_bg, o.has_bu,
-               o.wg.table, o.wu.table, o.wg.strides[1:], o.wu.strides[1:], store_pre, store_h, hidden,
-               str(o.x.device))
+        # with the paths that apply (wide's alignment is not otherwise in the key)
+        key = (o.d, o.I, o.rows_class, o.E, str(o.xdt), o.prec, o.act, o.has_bg, o.has_bu, o.wg.table,
+               o.wu.table, o.bg.table, o.bu.table, o.wg.strides[1:], o.wu.strides[1:], o.x.stride(),
+               store_pre, store_h, hidden, tuple(run), str(o.x.device))
         outs = [(t, float("nan")) for t, stored in ((pre, store_pre), (h, store_h)) if stored]
         mode = pick_fastest("gemm1", key, run, "fused", outs)
     run[mode if mode in run else "fused"]()

@@ -611,11 +611,16 @@ def test_pick_fastest_takes_only_candidates_that_agree(monkeypatch) -> None:
         run.__name__ = name
         return run
 
+    def fails():
+        out[0, 0] = 5.0  # a write before it fails: reset after the check like the others'
+        raise RuntimeError("out of resources")
+
+    fails.__name__ = "fails"
     cands = {c.__name__: c for c in (
         write("ref"), write("same"), write("other", lambda t: t[2, 3].add_(1e-3)),
         write("rows_swapped", lambda t: t.copy_(t[[1, 0, 2, 3]])),
         write("unwritten", lambda t: t[3].fill_(float("nan"))),
-        write("minus_zero", lambda t: t[0, 0].mul_(-1.0)))}
+        write("minus_zero", lambda t: t[0, 0].mul_(-1.0)), fails)}
     fast = {"ref": 3.0, "same": 2.0}
 
     def do_bench(fn, warmup, rep):
@@ -626,10 +631,14 @@ def test_pick_fastest_takes_only_candidates_that_agree(monkeypatch) -> None:
     assert _common.pick_fastest("t", (0,), cands, "ref", [(out, float("nan"))]) == "ref"
     assert timed == [] and acc.sum() == 0  # CPU outputs
     monkeypatch.setattr(_common, "timeable", lambda t: True)
-    with pytest.warns(UserWarning, match="other bits than 'ref'"):
+    with pytest.warns(UserWarning) as caught:
         pick = _common.pick_fastest("t", (1,), cands, "ref", [(out, float("nan")), (acc, 0.0)])
+    messages = [str(w.message) for w in caught]
+    assert any("'fails' failed" in m and "out of resources" in m for m in messages), messages
+    assert any("did not compute the bits of 'ref'" in m for m in messages), messages
     assert pick == "same" and timed == ["ref", "same"]
-    bad = ("other", "rows_swapped", "unwritten", "minus_zero")
+    assert out.isnan().all() and acc.eq(0).all()  # reset to the fill values after the check
+    bad = ("other", "rows_swapped", "unwritten", "minus_zero", "fails")
     assert _common.IMPL_DISAGREED == {"t": {(1,): bad}}
     assert moe_experts.autotune_choices()["t"]["(1,)"] == f"same ({', '.join(bad)}: other bits, not used)"
     only = {"ref": cands["ref"], "other": cands["other"]}
@@ -640,7 +649,8 @@ def test_pick_fastest_takes_only_candidates_that_agree(monkeypatch) -> None:
 
 def test_bits_checksum() -> None:
     """Equal for equal bits; different for a changed element, swapped rows or columns, -0.0
-    against 0.0; over a strided view as over its copy."""
+    against 0.0, swapped experts of a stacked tensor; over a strided view as over its copy, and
+    whatever the chunk of rows widened at a time."""
     from blazec.kernels._common import bits_checksum
 
     g = torch.Generator().manual_seed(0)
@@ -653,8 +663,15 @@ def test_bits_checksum() -> None:
     assert not torch.equal(bits_checksum(z), bits_checksum(-z))
     wide = torch.randn(6, 10, generator=g)
     assert torch.equal(bits_checksum(wide[:, 5:]), bits_checksum(wide[:, 5:].contiguous()))
-    s = torch.randn(2, 3, 4, generator=g)
-    assert torch.equal(bits_checksum(s), bits_checksum(s.reshape(6, 4)))
+    for chunk in (1, 7, 10, 59):  # rows widened to int64 a few at a time: the same sums
+        assert torch.equal(bits_checksum(wide, chunk=chunk), bits_checksum(wide))
+    s = torch.randn(2, 3, 4, generator=g)  # stacked [E, out, in]: two experts swapped differ
+    assert not torch.equal(bits_checksum(s), bits_checksum(s.flip(0)))
+
+
+# The buffers each launched kernel writes, by argument name.
+_WRITES = {"_gemm1_kernel": ("pre_ptr", "h_ptr"), "_rows_gemm_kernel": ("out_ptr",), "_act_kernel": ("h_ptr", "pre_ptr"),
+           "_wgrad_kernel": ("dw_ptr", "db_ptr", "dw2_ptr", "db2_ptr")}
 
 
 @pytest.mark.parametrize("kw, gemm1, rows", [
@@ -690,9 +707,24 @@ def test_auto_launch_paths_agree(monkeypatch, kw, gemm1, rows) -> None:
         picks.append((choice, len(launched)))
         return choice
 
-    monkeypatch.setattr(moe_experts, "pick_fastest", pick)
+    # Every buffer a candidate's launches write must be among the outputs the check compares.
+    real_launch, writing = moe_experts.launch, []
+
+    def launch(kernel, tuned, grid, args, fixed):
+        name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
+        writing.extend(args[a].untyped_storage().data_ptr() for a in _WRITES.get(name, ()))
+        return real_launch(kernel, tuned, grid, args, fixed)
+
+    def checked_pick(name, key, cands, default, outputs=None):
+        writing.clear()
+        choice = pick(name, key, cands, default, outputs)
+        assert set(writing) <= {t.untyped_storage().data_ptr() for t, _ in outputs}, (name, key)
+        return choice
+
+    monkeypatch.setattr(moe_experts, "launch", launch)
+    monkeypatch.setattr(moe_experts, "pick_fastest", checked_pick)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no candidate may disagree
+        warnings.filterwarnings("error", message=".*did not compute the bits|.* failed for")
         check(case)
     assert sorted(offered["gemm1"]) == gemm1 and sorted(offered["rows_gemm"]) == rows, offered
     # the launcher then runs what was picked
