@@ -14,8 +14,8 @@ n_in = 2I (gated) or I, b = bytes per element of x.
     routing weight). It writes h (needed by the down GEMM) and, unless the op recomputes,
     preact = [g | u] for the backward; it zeroes preact's rows of dropped pairs. In recompute
     mode the backward runs it again with preact only (STORE_H off), into the dg | du buffer.
-    GU_WIDE (``BLAZEC_GEMM1=wide``, or picked by timing under ``auto``): gate and up weights in one interleaved B tile, one
-    dot per K step (docs/KERNELS.md, "GEMM 1 with one wide dot").
+    GU_WIDE (``BLAZEC_GEMM1=wide``, or picked by timing under ``auto``): gate and up weights in
+    one interleaved B tile, one dot per K step (docs/KERNELS.md, "GEMM 1 with one wide dot").
     FLOPs 2*S*d*n_in.  Bytes: S*d*b gathered x reads (L2 absorbs the k-fold reuse only
     partly; the floor is T*d*b) + E*n_in*d*b weights + S*I*b (h) [+ S*n_in*b (preact)].
 
@@ -29,12 +29,11 @@ n_in = 2I (gated) or I, b = bytes per element of x.
     loop after the other (two dots on one accumulator in one loop serialize Hopper's MMAs).
     FLOPs 2*S*n_in*d.  Bytes: S*n_in*b + E*n_in*d*b + S*d*b (buffer, k > 1) -> combine.
     PERSISTENT (``BLAZEC_ROWS=persistent``, or picked by timing under ``auto``; one product
-    only, so not the gated dX):
-    a program per SM loops over the experts' tiles, its tile loop flattened with the K loop
-    (docs/KERNELS.md).
+    only, so not the gated dX): a program per SM loops over the experts' tiles, its tile loop
+    flattened with the K loop (docs/KERNELS.md).
 
-``_act_kernel`` (``BLAZEC_GEMM1=split``, or picked by timing under ``auto``): GEMM 1 in three launches. Two
-    ``_rows_gemm_kernel`` launches with A_GATHER write g = x[tok] Wg^T (+bg) and u = x Wu^T (+bu)
+``_act_kernel`` (``BLAZEC_GEMM1=split``, or picked by timing under ``auto``): GEMM 1 in three
+    launches. Two ``_rows_gemm_kernel`` launches with A_GATHER write g = x[tok] Wg^T (+bg) and u = x Wu^T (+bu)
     into preact's two halves (each reads the gathered x rows again: S*d*b more traffic), then
     this elementwise pass computes h = a(g)[*u][*w] from them, the operations of GEMM 1's
     epilogue in the same order, and zeroes the dropped pairs' preact rows. The aim is the one
