@@ -183,7 +183,7 @@ def _rows_gemm(o: "_Operands", a1: Tensor, s_a: int, w: WeightOperand, wt: bool,
         key = (N, KD, o.rows_class, o.E, wt, gather, scale, direct, bias is not None, w.table, b.table if bias else 0,
                w.strides[1:], s_a, out.stride(), str(a1.dtype), str(c_dt), str(out.dtype), o.prec, str(out.device))
         # k == 1 writes kept tokens' rows into a zeroed y; other launches write every row they define
-        mode = pick_fastest("rows_gemm", key, {"tiles": lambda: run(False), "persistent": lambda: run(True)},
+        mode = pick_fastest("row GEMM path", key, {"tiles": lambda: run(False), "persistent": lambda: run(True)},
                             "tiles", [(out, 0.0 if direct else float("nan"))])
     run(mode == "persistent")
 
@@ -251,7 +251,7 @@ def _gemm1(o: "_Operands", pre: Tensor, h: Tensor, store_pre: bool, store_h: boo
                o.wu.table, o.bg.table, o.bu.table, o.wg.strides[1:], o.wu.strides[1:], o.x.stride(),
                store_pre, store_h, hidden, tuple(run), str(o.x.device))
         outs = [(t, float("nan")) for t, stored in ((pre, store_pre), (h, store_h)) if stored]
-        mode = pick_fastest("gemm1", key, run, "fused", outs)
+        mode = pick_fastest("GEMM 1 path", key, run, "fused", outs)
     run[mode if mode in run else "fused"]()
 
 

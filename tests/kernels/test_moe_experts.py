@@ -726,7 +726,7 @@ def test_auto_launch_paths_agree(monkeypatch, kw, gemm1, rows) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*did not compute the bits|.* failed for")
         check(case)
-    assert sorted(offered["gemm1"]) == gemm1 and sorted(offered["rows_gemm"]) == rows, offered
+    assert sorted(offered["GEMM 1 path"]) == gemm1 and sorted(offered["row GEMM path"]) == rows, offered
     # the launcher then runs what was picked
     ran = {"wide": lambda n: n == "_gemm1_kernel+wide", "persistent": lambda n: n.endswith("+persistent"),
            "split": lambda n: n.startswith("_rows_gemm_kernel+gather")}
