@@ -14,7 +14,10 @@ not in this process; its numbers stay the reference for those.
   [T, E] probabilities, which every row keeps, fit in the slack at the GPU shapes;
 - recompute act: blazec-loop-recompute keeps < 0.1 GiB after forward;
 - recompute time: blazec-loop-recompute <= 1.3x blazec-loop's time;
-- peak: blazec-loop's peak <= the lowest baseline peak (GPU only: CPU runs measure no peak);
+- peak: blazec-loop's peak <= the lowest baseline peak (GPU only: CPU runs measure no peak).
+  BASELINES.md says "at or below the best row's", and calls the fastest row the best in its
+  speed target; the lowest peak is the stricter reading, and the line also gives the fastest
+  baseline row's peak where that row is another;
 - agreement: blazec-loop's output, dL/dx and weight-gradient errors against the eager loop stay within a sanity
   bound for the dtype (a fast row with wrong numbers meets nothing; the exact numerical
   contract is what the kernel tests check).
@@ -80,7 +83,10 @@ def check(rows: Sequence, shape: str, T: int, I: int, E: int, k: int, elem_bytes
     peaks = [r for r in base if r.peak_gib is not None]
     if blaze and blaze.peak_gib is not None and peaks:
         low = min(peaks, key=lambda r: r.peak_gib)
-        out.append(Target("peak", blaze.peak_gib, low.peak_gib, " GiB", f"lowest baseline peak: {low.impl}"))
+        fastest = min(peaks, key=lambda r: r.ms)
+        also = (f"; the fastest baseline row, {fastest.impl}, peaked at {fastest.peak_gib:.4g} GiB"
+                if fastest is not low else "")
+        out.append(Target("peak", blaze.peak_gib, low.peak_gib, " GiB", f"lowest baseline peak: {low.impl}{also}"))
     if blaze and blaze.err_out is not None and blaze.err_dx is not None:
         errs = [blaze.err_out, blaze.err_dx] + ([blaze.err_dw] if getattr(blaze, "err_dw", None) is not None else [])
         out.append(Target("agreement", max(errs), ERR_BOUND.get(elem_bytes), "",
