@@ -8,7 +8,7 @@
 # (output, dL/dx and the weight gradients) check the kernels against the loop reference again
 # at the real shapes, and each blazec row's first, autotuning step against a later one.
 # A dry run of the whole flow on a machine without a GPU (small CPU shapes, interpreter):
-#   OUT=/tmp/gco WARM_SHAPE=64,32,48,8,2 SHAPES="64,32,48,8,2:120" XDIST="-n 2" bash scripts/gpu_check.sh
+#   OUT=/tmp/gco WARM_SHAPE=64,32,48,8,2 WARM_SMALL=64,32,48,8,2 SHAPES="64,32,48,8,2:120" XDIST="-n 2" bash scripts/gpu_check.sh
 set -uo pipefail
 export PYTHONUNBUFFERED=1  # a step stopped by its timeout still leaves what it printed
 OUT=${OUT:-gpu_out}
@@ -17,6 +17,12 @@ WARM_SHAPE=${WARM_SHAPE:-olmoe-like}
 # blazec-loop's first step compiles every launch path its auto modes time (BLAZEC_GEMM1,
 # BLAZEC_ROWS), one after another; the rows that force one path compile theirs in parallel.
 WARM_IMPLS=${WARM_IMPLS:-blazec-loop blazec-loop-recompute blazec-loop-split-gemm1 blazec-loop-wide-gemm1 blazec-loop-persistent-rows sort-grouped-mm-compile}
+# The Triton kernels compiled for 64 experts (olmoe-like) are not those for 8 (mixtral-like):
+# G_PAD, a constexpr, follows E. The other constexprs and the integer arguments' divisibility
+# by 16 do not depend on the sizes, so a small step with 8 experts and k = 2 compiles what
+# mixtral-like's runs, every launch path included, without mixtral-like's memory or time.
+WARM_SMALL=${WARM_SMALL-1024,512,1024,8,2}
+WARM_SMALL_IMPLS=${WARM_SMALL_IMPLS:-blazec-loop blazec-loop-recompute}
 WARM_S=${WARM_S:-150}
 TESTS_S=${TESTS_S:-150}  # 140 s ran 446 of 464 tests on the H100 (2026-11-26), 120 s ~90 (2026-11-27)
 NEW_TESTS=${NEW_TESTS:-auto_launch or pick_fastest or wide_gemm1 or persistent or split_gemm1 or split_dh or autotuner or recompute_backward or grouped_mm}
@@ -55,6 +61,12 @@ for impl in $WARM_IMPLS; do
   timeout "$WARM_S" python3 -m blazec.bench --shape "$WARM_SHAPE" --dtype bf16 --impl "$impl" --warmup 0 --iters 1 \
     > "$TMP/warm_$impl.txt" 2>&1 &
 done
+if [ -n "$WARM_SMALL" ]; then
+  for impl in $WARM_SMALL_IMPLS; do
+    timeout "$WARM_S" python3 -m blazec.bench --shape "$WARM_SMALL" --dtype bf16 --impl "$impl" --warmup 0 --iters 1 \
+      > "$TMP/warm_small_$impl.txt" 2>&1 &
+  done
+fi
 # The tests of the newest code paths first (NEW_TESTS, a -k expression), then all of them.
 timeout "$NEW_TESTS_S" python3 -m pytest -q $XDIST tests/kernels -p no:cacheprovider -k "$NEW_TESTS" \
   --ignore=tests/kernels/test_aot_compile.py > "$OUT/tests_new.log" 2>&1
