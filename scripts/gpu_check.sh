@@ -17,11 +17,13 @@ WARM_SHAPE=${WARM_SHAPE:-olmoe-like}
 # blazec-loop's first step compiles every launch path its auto modes time (BLAZEC_GEMM1,
 # BLAZEC_ROWS), one after another; the rows that force one path compile theirs in parallel.
 WARM_IMPLS=${WARM_IMPLS:-blazec-loop blazec-loop-recompute blazec-loop-split-gemm1 blazec-loop-wide-gemm1 blazec-loop-persistent-rows sort-grouped-mm-compile}
-# The Triton kernels compiled for 64 experts (olmoe-like) are not those for 8 (mixtral-like):
-# G_PAD, a constexpr, follows E. The other constexprs and the integer arguments' divisibility
-# by 16 do not depend on the sizes, so a small step with 8 experts and k = 2 compiles what
-# mixtral-like's runs, every launch path included, without mixtral-like's memory or time.
-WARM_SMALL=${WARM_SMALL-1024,512,1024,8,2}
+# The Triton kernels compiled for olmoe-like are not those mixtral-like runs: some constexprs
+# follow E (G_PAD), S = T*k (the route kernels' blocks) and I (the d(routing weight) partial
+# count). This shape keeps mixtral-like's E, k, T and I, and so every constexpr and the
+# integer arguments' divisibility by 16, with d = 512 instead of 4096: it compiles blazec's
+# Triton kernels for mixtral-like, every launch path included, in less memory and time.
+# (Inductor's kernels for the rest of the graph are compiled per size: not warmed here.)
+WARM_SMALL=${WARM_SMALL-8192,512,14336,8,2}
 WARM_SMALL_IMPLS=${WARM_SMALL_IMPLS:-blazec-loop blazec-loop-recompute}
 WARM_S=${WARM_S:-150}
 TESTS_S=${TESTS_S:-150}  # 140 s ran 446 of 464 tests on the H100 (2026-11-26), 120 s ~90 (2026-11-27)
