@@ -404,20 +404,21 @@ def pick_fastest(name: str, key: tuple, candidates: dict[str, Callable[[], None]
         return next(iter(candidates))
     cache = IMPL_CHOICES.setdefault(name, {})
     hit = cache.get(key)
-    if hit is None and outputs and not timeable(outputs[0][0]):
+    if hit is not None:
+        return hit
+    if outputs and not timeable(outputs[0][0]):
         return default
-    if hit is None and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return default  # timing synchronizes, which a CUDA graph capture cannot; not cached
-    if hit is None:
-        from triton.testing import do_bench
+    from triton.testing import do_bench
 
-        if outputs:
-            candidates = _agreeing(name, key, candidates, default, outputs)
-        if len(candidates) == 1:  # the others computed other bits
-            hit = cache[key] = default
-        else:
-            times = {c: do_bench(fn, warmup=5, rep=20) for c, fn in candidates.items()}
-            hit = cache[key] = min(times, key=times.get)
+    if outputs:
+        candidates = _agreeing(name, key, candidates, default, outputs)
+    if len(candidates) == 1:  # the others computed other bits
+        hit = cache[key] = default
+    else:
+        times = {c: do_bench(fn, warmup=5, rep=20) for c, fn in candidates.items()}
+        hit = cache[key] = min(times, key=times.get)
     return hit
 
 

@@ -643,9 +643,8 @@ def _dw_gate_up(o: _Operands, dgu: Tensor, w_gate, w_up, b_gate, b_up, gm: bool)
         return dwg, dwu, dbg, dbu
     # fp32 without tf32 runs its dots on the FMA units from registers, where two accumulators
     # spill heavily (12.5 KB of stack per thread at 128x128, aot_compile --regs): single only.
-    # Timing needs a GPU (on CPU tensors the launchers run only in the host benchmarks).
     fma = o.xdt == torch.float32 and o.prec == "ieee"
-    candidates = {"single": single} if fma or not x.is_cuda else run
+    candidates = {"single": single} if fma else run
     key = (I, o.d, o.rows_class, str(o.xdt), o.prec, o.has_bg, o.has_bu, str(x.device))
     outs = [(t[0], float("nan")) for t in (dwg, dwu, dbg, dbu) if t]
     run[pick_fastest("wgrad gate+up", key, candidates, "single", outs)]()

@@ -33,8 +33,8 @@ n_in = 2I (gated) or I, b = bytes per element of x.
     flattened with the K loop (docs/KERNELS.md).
 
 ``_act_kernel`` (``BLAZEC_GEMM1=split``, or picked by timing under ``auto``): GEMM 1 in three
-    launches. Two ``_rows_gemm_kernel`` launches with A_GATHER write g = x[tok] Wg^T (+bg) and u = x Wu^T (+bu)
-    into preact's two halves (each reads the gathered x rows again: S*d*b more traffic), then
+    launches. Two ``_rows_gemm_kernel`` launches with A_GATHER write g = x[tok] Wg^T (+bg) and
+    u = x Wu^T (+bu) into preact's two halves (each reads the gathered x rows again: S*d*b more traffic), then
     this elementwise pass computes h = a(g)[*u][*w] from them, the operations of GEMM 1's
     epilogue in the same order, and zeroes the dropped pairs' preact rows. The aim is the one
     the split dh path met: the GEMM tiles no longer hold the tensor cores idle through their

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -224,10 +224,10 @@ def check(case: Case, tol: Optional[dict] = None) -> None:
 _FLAGS = (("A_GATHER", "+gather"), ("GU_WIDE", "+wide"), ("TWO", "+two"), ("PERSISTENT", "+persistent"))
 
 
-def spy_launches(monkeypatch) -> list[str]:
+def spy_launches(monkeypatch, on_launch: Optional[Callable[[str, dict], None]] = None) -> list[str]:
     """The kernels the expert launchers launch from now on, by name, with a suffix for each of
     these flags that is set: "+gather" (A_GATHER), "+wide" (GU_WIDE), "+two" (TWO), "+persistent"
-    (PERSISTENT)."""
+    (PERSISTENT). ``on_launch(kernel name, its arguments)`` also sees each launch."""
     from blazec.kernels import moe_experts
 
     launched: list[str] = []
@@ -236,6 +236,8 @@ def spy_launches(monkeypatch) -> list[str]:
     def spy(kernel, tuned, grid, args, fixed):
         name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
         launched.append(name + "".join(suffix for flag, suffix in _FLAGS if args.get(flag)))
+        if on_launch is not None:
+            on_launch(name, args)
         return real_launch(kernel, tuned, grid, args, fixed)
 
     monkeypatch.setattr(moe_experts, "launch", spy)

@@ -696,35 +696,28 @@ def test_auto_launch_paths_agree(monkeypatch, kw, gemm1, rows) -> None:
     monkeypatch.delenv("BLAZEC_ROWS", raising=False)
     case = make_case(**kw, seed=46)
     offered: dict[str, set] = {}
-    launched = spy_launches(monkeypatch)
     picks: list[tuple[str, int]] = []  # (pick, launches before the launcher runs it)
+    writing: list[int] = []  # the storages the launches write
+
+    def record(name, args):
+        writing.extend(args[a].untyped_storage().data_ptr() for a in _WRITES.get(name, ()))
+
+    launched = spy_launches(monkeypatch, record)
 
     def pick(name, key, cands, default, outputs=None):
+        outer = writing[:]  # a pick inside a candidate (split GEMM 1's row GEMMs) nests
+        writing.clear()
         kept = _common._agreeing(name, key, cands, default, outputs)
         assert sorted(kept) == sorted(cands), (name, key)
+        # every buffer the candidates' launches wrote is among the outputs the check compares
+        assert set(writing) <= {t.untyped_storage().data_ptr() for t, _ in outputs}, (name, key)
+        writing[:0] = outer
         offered.setdefault(name, set()).update(cands)
         choice = max(kept, key=lambda c: c != default)  # a non-default one where there is one
         picks.append((choice, len(launched)))
         return choice
 
-    # Every buffer a candidate's launches write must be among the outputs the check compares.
-    real_launch, writing = moe_experts.launch, []
-
-    def launch(kernel, tuned, grid, args, fixed):
-        name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
-        writing.extend(args[a].untyped_storage().data_ptr() for a in _WRITES.get(name, ()))
-        return real_launch(kernel, tuned, grid, args, fixed)
-
-    def checked_pick(name, key, cands, default, outputs=None):
-        outer = writing[:]  # a pick inside a candidate (split GEMM 1's row GEMMs) nests
-        writing.clear()
-        choice = pick(name, key, cands, default, outputs)
-        assert set(writing) <= {t.untyped_storage().data_ptr() for t, _ in outputs}, (name, key)
-        writing[:0] = outer
-        return choice
-
-    monkeypatch.setattr(moe_experts, "launch", launch)
-    monkeypatch.setattr(moe_experts, "pick_fastest", checked_pick)
+    monkeypatch.setattr(moe_experts, "pick_fastest", pick)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*did not compute the bits|.* failed for")
         check(case)
