@@ -13,14 +13,16 @@ The protocol of ../shared/BASELINES.md, in one process, on the same weights and 
   for that row only), to compare the two on the same card in the same run
 - ``blazec-loop-split-dh`` / ``blazec-loop-fused-dh``: ``blazec-loop`` with ``BLAZEC_DH=split``
   or ``fused`` for that row (the backward's dh step, docs/KERNELS.md)
-- ``blazec-loop-fused-tiles``: ``blazec-loop`` with ``BLAZEC_GEMM1=fused`` and
-  ``BLAZEC_ROWS=tiles`` (GEMM 1's two-dot kernel, a program per row-GEMM tile), forced:
-  ``blazec-loop`` picks these launch paths by timing, and this row is what it ran before that
-- ``blazec-loop-split-gemm1`` / ``blazec-loop-wide-gemm1`` / ``blazec-loop-persistent-rows``:
-  ``blazec-loop-fused-tiles`` with one path changed: ``BLAZEC_GEMM1=split`` (GEMM 1 as two row
-  GEMMs and an elementwise activation pass), ``BLAZEC_GEMM1=wide`` (one interleaved gate|up
-  weight tile per K step) or ``BLAZEC_ROWS=persistent`` (the single-product row GEMMs as
-  persistent kernels)
+- ``blazec-loop-fused-tiles``: ``blazec-loop`` with ``BLAZEC_GEMM1=fused``,
+  ``BLAZEC_ROWS=tiles`` and ``BLAZEC_DX=two`` (GEMM 1's two-dot kernel, a program per row-GEMM
+  tile, the gated dX's two K loops), forced: ``blazec-loop`` picks these launch paths by
+  timing, and this row is what it ran before that
+- ``blazec-loop-split-gemm1`` / ``blazec-loop-wide-gemm1`` / ``blazec-loop-persistent-rows`` /
+  ``blazec-loop-cat-dx``: ``blazec-loop-fused-tiles`` with one path changed:
+  ``BLAZEC_GEMM1=split`` (GEMM 1 as two row GEMMs and an elementwise activation pass),
+  ``BLAZEC_GEMM1=wide`` (one interleaved gate|up weight tile per K step),
+  ``BLAZEC_ROWS=persistent`` (the single-product row GEMMs as persistent kernels) or
+  ``BLAZEC_DX=cat`` (the gated dX GEMM as one K loop over dg | du)
 - ``blazec-ops`` / ``blazec-ops-recompute``: ``blazec.ops.moe_route`` + ``moe_experts`` called
   directly on stacked weights
 - ``dense-equivalent``: not a MoE, the ceiling: one dense SwiGLU MLP (cuBLAS GEMMs) on T*k rows,
@@ -88,6 +90,7 @@ IMPLS = (
     "blazec-loop-split-gemm1",
     "blazec-loop-wide-gemm1",
     "blazec-loop-persistent-rows",
+    "blazec-loop-cat-dx",
     "blazec-loop-fused-tiles",
     "blazec-ops",
     "blazec-ops-recompute",
@@ -100,11 +103,12 @@ ROW_ENV = {
     "blazec-loop-triton-wgrad": {"BLAZEC_WGRAD": "triton"},
     "blazec-loop-split-dh": {"BLAZEC_DH": "split"},
     "blazec-loop-fused-dh": {"BLAZEC_DH": "fused"},
-    # each the former fixed defaults (fused, tiles) with one path changed
-    "blazec-loop-split-gemm1": {"BLAZEC_GEMM1": "split", "BLAZEC_ROWS": "tiles"},
-    "blazec-loop-wide-gemm1": {"BLAZEC_GEMM1": "wide", "BLAZEC_ROWS": "tiles"},
-    "blazec-loop-persistent-rows": {"BLAZEC_GEMM1": "fused", "BLAZEC_ROWS": "persistent"},
-    "blazec-loop-fused-tiles": {"BLAZEC_GEMM1": "fused", "BLAZEC_ROWS": "tiles"},
+    # each the former fixed defaults (fused, tiles, two) with one path changed
+    "blazec-loop-split-gemm1": {"BLAZEC_GEMM1": "split", "BLAZEC_ROWS": "tiles", "BLAZEC_DX": "two"},
+    "blazec-loop-wide-gemm1": {"BLAZEC_GEMM1": "wide", "BLAZEC_ROWS": "tiles", "BLAZEC_DX": "two"},
+    "blazec-loop-persistent-rows": {"BLAZEC_GEMM1": "fused", "BLAZEC_ROWS": "persistent", "BLAZEC_DX": "two"},
+    "blazec-loop-cat-dx": {"BLAZEC_GEMM1": "fused", "BLAZEC_ROWS": "tiles", "BLAZEC_DX": "cat"},
+    "blazec-loop-fused-tiles": {"BLAZEC_GEMM1": "fused", "BLAZEC_ROWS": "tiles", "BLAZEC_DX": "two"},
 }
 GiB = 1024**3
 
@@ -520,11 +524,12 @@ def _kernel_note(dev: torch.device, impl: str) -> str:
     from blazec.kernels import moe_experts, wgrad_grouped_mm
 
     taken = " + ".join(sorted(wgrad_grouped_mm.TAKEN)) or "-"
-    gemm1, rows = moe_experts.gemm1_mode(), moe_experts.rows_mode()
+    gemm1, rows, dx = moe_experts.gemm1_mode(), moe_experts.rows_mode(), moe_experts.dx_mode()
     return (f"Triton kernels, weight gradients: {taken}"
             + (", fused dh" if moe_experts.dh_mode() == "fused" else "")
             + (f", GEMM 1 {gemm1} (forced)" if gemm1 != "auto" else "")
-            + (f", row GEMMs {rows} (forced)" if rows != "auto" else ""))
+            + (f", row GEMMs {rows} (forced)" if rows != "auto" else "")
+            + (f", dX {dx} (forced)" if dx != "auto" else ""))
 
 
 def _autotune_choices() -> dict:

@@ -20,6 +20,7 @@ Backward:
        or _dh_kernel:      both in one kernel (BLAZEC_DH=fused; "output" mode with a down bias;
                            a grad_y whose dtype is not x's)
     2. _rows_gemm_kernel:  [dx rows: S x d]  (k == 1: dx directly)          dg Wg + du Wu
+       (a K loop per product, or one over both: BLAZEC_DX, by default timed, ``dx_mode``)
     3. _combine_kernel:    dx [T, d];  _dtw_kernel: d_topk_weights [T, k]
     4. dWg, dWu, dWd:      torch._grouped_mm on sorted row copies of x and gy (Hopper, bf16, no
                            bias; wgrad_grouped_mm), else _wgrad_kernel x 3 (+ the bias
@@ -167,25 +168,48 @@ def _rows_gemm(o: "_Operands", a1: Tensor, s_a: int, w: WeightOperand, wt: bool,
         stride_out=out.stride(0),
         TWO=two is not None, HAS_BIAS=bias is not None, SCALE=scale, DIRECT=direct, A_GATHER=gather,
         B1_TAB=w.table, B2_TAB=w2.table if two else 0, BIAS_TAB=b.table if bias else 0, C_DT=_tl(c_dt),
-        PERSISTENT=False, PREC=o.prec, G_PAD=o.G_PAD, NUM_PROGS=1,
+        CAT=False, PERSISTENT=False, PREC=o.prec, G_PAD=o.G_PAD, NUM_PROGS=1,
     )
 
-    def run(persistent: bool) -> None:
+    def run(persistent: bool, cat: bool = False) -> None:
+        a = {**args, "TWO": False, "CAT": True} if cat else args
         if not persistent:
-            launch(gg._rows_gemm_kernel, gg.rows_gemm_tuned, o.m_grid(N), args, INTERPRET_CONFIG)
+            launch(gg._rows_gemm_kernel, gg.rows_gemm_tuned, o.m_grid(N), a, INTERPRET_CONFIG)
             return
         progs = _num_programs(out.device)
         launch(gg._rows_gemm_kernel, gg.rows_gemm_tuned, lambda META: (progs,),
-               {**args, "PERSISTENT": True, "NUM_PROGS": progs}, INTERPRET_CONFIG)
+               {**a, "PERSISTENT": True, "NUM_PROGS": progs}, INTERPRET_CONFIG)
 
-    mode = rows_mode() if two is None else "tiles"  # a gated dX's two loops: tiles
-    if mode == "auto":
+    rows = rows_mode()
+    if two is None:
+        site = "row GEMM path"
+        paths = {p: (lambda p=p: run(p == "persistent")) for p in ("tiles", "persistent") if rows in ("auto", p)}
+    else:
+        site = "dX path"
+        paths = _two_paths(o, KD, rows, run)
+    choice = next(iter(paths))  # the default: the first path offered
+    if len(paths) > 1:
         key = (N, KD, o.rows_class, o.E, wt, gather, scale, direct, bias is not None, w.table, b.table if bias else 0,
-               w.strides[1:], s_a, out.stride(), str(a1.dtype), str(c_dt), str(out.dtype), o.prec, str(out.device))
+               w.strides[1:], s_a, out.stride(), str(a1.dtype), str(c_dt), str(out.dtype), o.prec, tuple(paths),
+               str(out.device))
         # k == 1 writes kept tokens' rows into a zeroed y; other launches write every row they define
-        mode = pick_fastest("row GEMM path", key, {"tiles": lambda: run(False), "persistent": lambda: run(True)},
-                            "tiles", [(out, 0.0 if direct else float("nan"))])
-    run(mode == "persistent")
+        choice = pick_fastest(site, key, paths, choice, [(out, 0.0 if direct else float("nan"))])
+    paths[choice]()
+
+
+def _two_paths(o: "_Operands", KD: int, rows: str, run: Callable) -> dict[str, Callable]:
+    """The launch paths of a gated dX (``dg Wg + du Wu``), default first: ``two`` (TWO: a K loop
+    per product, a program per tile), and where ``_cat_ok``, ``cat`` (CAT: one K loop over
+    both) as tiles or persistent, as ``BLAZEC_DX`` and ``BLAZEC_ROWS`` allow."""
+    mode = dx_mode()
+    paths = {"two": lambda: run(False)} if mode in ("auto", "two") else {}
+    # auto offers cat only where it can add the K steps as two does (the same bits)
+    if mode in ("auto", "cat") and _cat_ok(o) and (mode == "cat" or KD % CAT_K_MULTIPLE == 0):
+        if rows in ("auto", "tiles"):
+            paths["cat"] = lambda: run(False, cat=True)
+        if rows in ("auto", "persistent"):
+            paths["cat-persistent"] = lambda: run(True, cat=True)
+    return paths or {"two": lambda: run(False)}
 
 
 ROWS_MODES = ("auto", "tiles", "persistent")
@@ -195,8 +219,8 @@ INTERPRET_PROGRAMS = 3
 
 def rows_mode() -> str:
     """``BLAZEC_ROWS``: how ``_rows_gemm_kernel`` launches where it has one product (forward
-    down GEMM, split dh GEMM, split GEMM 1, a plain activation's dX; a gated dX GEMM's two loops
-    always launch ``tiles``): ``tiles`` (a program per output tile), ``persistent`` (a program
+    down GEMM, split dh GEMM, split GEMM 1, a plain activation's dX, and a gated dX run CAT; its
+    two-loop TWO launch is always ``tiles``): ``tiles`` (a program per output tile), ``persistent`` (a program
     per SM looping over the tiles, PERSISTENT) or ``auto`` (default: the faster of the two by
     timing, once per launch site and shape class on a GPU with autotuning on, among those that
     compute the same bits as ``tiles``; ``tiles`` elsewhere); docs/KERNELS.md. Anything else is
@@ -216,6 +240,23 @@ def _num_programs(device: torch.device) -> int:
     if n is None:
         n = _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
     return n
+
+
+DX_MODES = ("auto", "two", "cat")
+# auto offers CAT where the reduction dim I is a multiple of every K step the row GEMM may run
+# with, so that no K step straddles dg and du (the summation order of TWO's two loops)
+CAT_K_MULTIPLE = INTERPRET_CONFIG["BLOCK_K"] if INTERPRET else max(c.kwargs["BLOCK_K"] for c in gg.ROWS_CONFIGS)
+
+
+def dx_mode() -> str:
+    """``BLAZEC_DX``: how a gated activation's dX GEMM (dx rows = dg Wg + du Wu) launches:
+    ``two`` (TWO: one K loop per product, a program per tile), ``cat`` (CAT: one K loop over
+    the joined [dg | du] and [Wg; Wu], a program per tile or persistent as ``BLAZEC_ROWS``
+    says, where ``_cat_ok``) or ``auto`` (default: the fastest of those that apply by timing,
+    once per shape class on a GPU with autotuning on, among those that compute the same bits as
+    ``two``; ``two`` elsewhere). A forced ``cat`` that does not apply runs ``two``;
+    docs/KERNELS.md. Anything else is an error."""
+    return env_choice("BLAZEC_DX", DX_MODES, "auto")
 
 
 GEMM1_MODES = ("auto", "fused", "split", "wide")
@@ -294,6 +335,14 @@ def _wide_ok(o: "_Operands") -> bool:
     el = o.x.element_size()
     return (o.gated and o.wg.strides[1:] == o.wu.strides[1:] and o.wg.strides[2] == 1
             and _aligned16(o.wg, el) and _aligned16(o.wu, el))
+
+
+def _cat_ok(o: "_Operands") -> bool:
+    """Whether the gated dX can run CAT: what ``_wide_ok`` asks of Wg and Wu (the same strides,
+    contiguous along d, both 16-byte aligned per expert: the kernel tells the compiler that Wu's
+    rows lie a multiple of 16 bytes from Wg's), B being W itself there. dg and du are the two
+    halves of one row-major buffer, so A's second half always follows its first."""
+    return _wide_ok(o)
 
 
 def _gemm1_split(o: "_Operands", pre: Tensor, h: Tensor, store_h: bool, hidden: bool) -> None:

@@ -288,6 +288,7 @@ def _rows_gemm_kernel(
     A_GATHER: tl.constexpr,
     B1_TAB: tl.constexpr, B2_TAB: tl.constexpr, BIAS_TAB: tl.constexpr,
     C_DT: tl.constexpr,  # dtype the reference holds the row result in (rounding point)
+    CAT: tl.constexpr,  # not TWO: the two products as one K loop over 2*KD (see _rows_tile)
     PERSISTENT: tl.constexpr,  # not TWO: NUM_PROGS programs loop over the tiles (see below)
     PREC: tl.constexpr, G_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -308,7 +309,7 @@ def _rows_gemm_kernel(
             _rows_tile(a1_ptr, a2_ptr, b1_ptr, b1_tab, b2_ptr, b2_tab, bias_ptr, bias_tab, tw_ptr, pairs_ptr,
                        out_ptr, N, KD, K, s_a1, s_a2, s_b1e, s_b1k, s_b1n, s_b2e, s_b2k, s_b2n,
                        s_biase, s_biasn, stride_out, grp, row0, row_end, pid_n,
-                       TWO, HAS_BIAS, SCALE, DIRECT, A_GATHER, B1_TAB, B2_TAB, BIAS_TAB, C_DT, PREC,
+                       TWO, HAS_BIAS, SCALE, DIRECT, A_GATHER, B1_TAB, B2_TAB, BIAS_TAB, C_DT, CAT, PREC,
                        BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         num_m = cdiv(P, BLOCK_M) + E + 1
@@ -319,7 +320,7 @@ def _rows_gemm_kernel(
         _rows_tile(a1_ptr, a2_ptr, b1_ptr, b1_tab, b2_ptr, b2_tab, bias_ptr, bias_tab, tw_ptr, pairs_ptr,
                    out_ptr, N, KD, K, s_a1, s_a2, s_b1e, s_b1k, s_b1n, s_b2e, s_b2k, s_b2n,
                    s_biase, s_biasn, stride_out, grp, row0, row_end, pid_n,
-                   TWO, HAS_BIAS, SCALE, DIRECT, A_GATHER, B1_TAB, B2_TAB, BIAS_TAB, C_DT, PREC,
+                   TWO, HAS_BIAS, SCALE, DIRECT, A_GATHER, B1_TAB, B2_TAB, BIAS_TAB, C_DT, CAT, PREC,
                    BLOCK_M, BLOCK_N, BLOCK_K)
 
 
@@ -329,10 +330,17 @@ def _rows_tile(a1_ptr, a2_ptr, b1_ptr, b1_tab, b2_ptr, b2_tab, bias_ptr, bias_ta
                s_biase, s_biasn, stride_out, grp, row0, row_end, pid_n,
                TWO: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE: tl.constexpr, DIRECT: tl.constexpr,
                A_GATHER: tl.constexpr, B1_TAB: tl.constexpr, B2_TAB: tl.constexpr, BIAS_TAB: tl.constexpr,
-               C_DT: tl.constexpr, PREC: tl.constexpr,
+               C_DT: tl.constexpr, CAT: tl.constexpr, PREC: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One [BLOCK_M, BLOCK_N] tile of ``_rows_gemm_kernel``: rows [row0, row_end) of expert
-    ``grp`` (< E), columns of tile ``pid_n``."""
+    ``grp`` (< E), columns of tile ``pid_n``.
+
+    CAT (a gated dX, ``BLAZEC_DX=cat``): a1 B1 + a2 B2 as one product over K = 2*KD, where a2's
+    columns follow a1's in the same rows (dg | du of one buffer) and B2 has B1's strides: the
+    launcher checks both (``_cat_ok``). Row kk of the joined B is B1's row kk below KD and B2's
+    row kk - KD above it, addressed from B1's base, so a K step may straddle the two. Where KD
+    is a multiple of BLOCK_K the loop adds the same K steps, in the same order, as TWO's two
+    loops (the same bits); it has one pipeline instead of two, and it can run PERSISTENT."""
     adt = a1_ptr.dtype.element_ty
     rows = row0 + tl.arange(0, BLOCK_M)
     rmask = rows < row_end
@@ -353,13 +361,29 @@ def _rows_tile(a1_ptr, a2_ptr, b1_ptr, b1_tab, b2_ptr, b2_tab, bias_ptr, bias_ta
         b2_base = expert_ptr(b2_ptr, b2_tab, grp, s_b2e, B2_TAB)
         b2_ptrs = b2_base + rk[:, None] * s_b2k + cols[None, :] * s_b2n
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, KD, BLOCK_K):
-        kmask = (k0 + rk) < KD
-        a = tl.load(a1_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(b1_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
-        acc = mma(a, b, acc, PREC)
-        a1_ptrs += BLOCK_K
-        b1_ptrs += BLOCK_K * s_b1k
+    if CAT:
+        # B2's row r lies `jump` elements past B1's row KD + r. The launcher checks that both
+        # bases are 16-byte aligned (as GU_WIDE's), so their distance keeps the loads' alignment.
+        EL: tl.constexpr = b1_ptr.dtype.element_ty.primitive_bitwidth // 8
+        b2_base = expert_ptr(b2_ptr, b2_tab, grp, s_b2e, B2_TAB)
+        jump = tl.multiple_of((b2_base.to(tl.int64) - b1_base.to(tl.int64)) // EL, 16 // EL) - KD * s_b1k
+        b_cols = b1_base + cols[None, :] * s_b1n
+        for k0 in range(0, 2 * KD, BLOCK_K):
+            kk = k0 + rk
+            kmask = kk < 2 * KD
+            a = tl.load(a1_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+            b_rows = kk.to(tl.int64) * s_b1k + (kk >= KD).to(tl.int64) * jump
+            b = tl.load(b_cols + b_rows[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
+            acc = mma(a, b, acc, PREC)
+            a1_ptrs += BLOCK_K
+    else:
+        for k0 in range(0, KD, BLOCK_K):
+            kmask = (k0 + rk) < KD
+            a = tl.load(a1_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+            b = tl.load(b1_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
+            acc = mma(a, b, acc, PREC)
+            a1_ptrs += BLOCK_K
+            b1_ptrs += BLOCK_K * s_b1k
     if TWO:
         # A second loop, not a second dot in the first: two chained wgmmas on one accumulator
         # in one loop made every iteration wait for both to finish (warp_group_dot_wait

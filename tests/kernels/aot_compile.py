@@ -385,9 +385,10 @@ def main(argv=None) -> int:
             # and, with the fused dh kept, the opt-in paths, each a forward and a backward: the
             # split GEMM 1 (the gathered row GEMMs and _act_kernel), GEMM 1's interleaved
             # gate|up tile (GU_WIDE), and the persistent row GEMMs (with the split GEMM 1, so
-            # that each single-product row GEMM runs persistent)
-            for env in ({"BLAZEC_GEMM1": "split"}, {"BLAZEC_GEMM1": "wide"},
-                        {"BLAZEC_GEMM1": "split", "BLAZEC_ROWS": "persistent"}):
+            # that each single-product row GEMM runs persistent), with the gated dX's one K
+            # loop (CAT) as tiles and persistent
+            for env in ({"BLAZEC_GEMM1": "split"}, {"BLAZEC_GEMM1": "wide", "BLAZEC_DX": "cat"},
+                        {"BLAZEC_GEMM1": "split", "BLAZEC_ROWS": "persistent", "BLAZEC_DX": "cat"}):
                 os.environ.update(env)
                 y, preact = moe_experts.moe_experts_fwd(x, tw, *route, *ws, act, wp, rec, None)
                 moe_experts.moe_experts_bwd(torch.randn_like(y), x, tw, *route, *ws, preact, act, wp, rec)
@@ -397,6 +398,7 @@ def main(argv=None) -> int:
             os.environ.pop("BLAZEC_DH", None)
             os.environ.pop("BLAZEC_GEMM1", None)
             os.environ.pop("BLAZEC_ROWS", None)
+            os.environ.pop("BLAZEC_DX", None)
 
     target = GPUTarget("cuda", args.arch, 32)
     seen, variants = set(), []

@@ -674,26 +674,29 @@ _WRITES = {"_gemm1_kernel": ("pre_ptr", "h_ptr"), "_rows_gemm_kernel": ("out_ptr
            "_wgrad_kernel": ("dw_ptr", "db_ptr", "dw2_ptr", "db2_ptr")}
 
 
-@pytest.mark.parametrize("kw, gemm1, rows", [
-    # stacked, aligned, gated: GEMM 1 has all three candidates; k = 3 down GEMM into row buffers
-    (dict(activation="swiglu", ids_kind="empty_experts", dtype=torch.bfloat16, T=20, k=3, E=6, d=24),
-     ["fused", "split", "wide"], ["persistent", "tiles"]),
-    # k = 1 with dropped pairs: the down GEMM writes tokens' rows of a zeroed y directly
-    (dict(activation="gelu", k=1, capacity=2, T=12, E=5), ["fused", "split"], ["persistent", "tiles"]),
+@pytest.mark.parametrize("kw, gemm1, rows, dx", [
+    # stacked, aligned, gated: GEMM 1 has all three candidates; k = 3 down GEMM into row
+    # buffers; I a multiple of the K step: the dX GEMM may run CAT
+    (dict(activation="swiglu", ids_kind="empty_experts", dtype=torch.bfloat16, T=20, k=3, E=6, d=24, I=32),
+     ["fused", "split", "wide"], ["persistent", "tiles"], ["cat", "cat-persistent", "two"]),
+    # k = 1 with dropped pairs: the down GEMM writes tokens' rows of a zeroed y directly; one
+    # product in dX, a row GEMM path
+    (dict(activation="gelu", k=1, capacity=2, T=12, E=5), ["fused", "split"], ["persistent", "tiles"], None),
     # recompute: the forward's GEMM 1 stores no preact, the backward's only preact (no split:
-    # it would leave the dropped pairs' rows unwritten, where the kernel writes zeros)
+    # it would leave the dropped pairs' rows unwritten, where the kernel writes zeros); I = 19:
+    # CAT would straddle dg and du in a K step (other sums), so auto does not offer it
     (dict(activation="swiglu", layout="list", bias="list", recompute=True, capacity=5, E=5, d=24),
-     ["fused", "wide"], ["persistent", "tiles"]),
+     ["fused", "wide"], ["persistent", "tiles"], None),
 ], ids=["bf16-empty-experts", "k1-dropped-gelu", "list-bias-recompute"])
-def test_auto_launch_paths_agree(monkeypatch, kw, gemm1, rows) -> None:
-    """BLAZEC_GEMM1 / BLAZEC_ROWS unset ("auto"): at each launch site the launcher offers the
-    paths that apply, and every one of them passes ``_agreeing``'s bit-for-bit check against the
-    default (the check a GPU runs before timing them), under the interpreter. Then the
-    non-default paths, picked, match the reference."""
+def test_auto_launch_paths_agree(monkeypatch, kw, gemm1, rows, dx) -> None:
+    """BLAZEC_GEMM1 / BLAZEC_ROWS / BLAZEC_DX unset ("auto"): at each launch site the launcher
+    offers the paths that apply, and every one of them passes ``_agreeing``'s bit-for-bit check
+    against the default (the check a GPU runs before timing them), under the interpreter. Then
+    the non-default paths, picked, match the reference."""
     from blazec.kernels import _common, moe_experts
 
-    monkeypatch.delenv("BLAZEC_GEMM1", raising=False)
-    monkeypatch.delenv("BLAZEC_ROWS", raising=False)
+    for var in ("BLAZEC_GEMM1", "BLAZEC_ROWS", "BLAZEC_DX"):
+        monkeypatch.delenv(var, raising=False)
     case = make_case(**kw, seed=46)
     offered: dict[str, set] = {}
     picks: list[tuple[str, int]] = []  # (pick, launches before the launcher runs it)
@@ -722,13 +725,14 @@ def test_auto_launch_paths_agree(monkeypatch, kw, gemm1, rows) -> None:
         warnings.filterwarnings("error", message=".*did not compute the bits|.* failed for")
         check(case)
     assert sorted(offered["GEMM 1 path"]) == gemm1 and sorted(offered["row GEMM path"]) == rows, offered
+    assert sorted(offered.get("dX path", ())) == (dx or []), offered
     # the launcher then runs what was picked
     ran = {"wide": lambda n: n == "_gemm1_kernel+wide", "persistent": lambda n: n.endswith("+persistent"),
-           "split": lambda n: n.startswith("_rows_gemm_kernel+gather")}
+           "split": lambda n: n.startswith("_rows_gemm_kernel+gather"), "cat": lambda n: n == "_rows_gemm_kernel+cat"}
     for choice, at in picks:
         if choice in ran:
             assert ran[choice](launched[at]), (choice, launched[at:at + 3])
-    assert {c for c, _ in picks} >= {"persistent", gemm1[-1]}, picks
+    assert {c for c, _ in picks} >= {"persistent", gemm1[-1], *(["cat"] if dx else [])}, picks
 
 
 @pytest.mark.parametrize("recompute,dh", [(False, "fused"), (True, "fused"), (False, "split")])
@@ -927,6 +931,53 @@ def test_wide_gemm1_equals_fused(monkeypatch, kw, wide) -> None:
     _assert_same(wide_out, fused, **(TOL[case.x.dtype] if ON_GPU else dict(rtol=0, atol=0)))
 
 
+@pytest.mark.parametrize("kw, cat", [
+    (dict(activation="swiglu", ids_kind="empty_experts", dtype=torch.bfloat16, d=24, I=32), True),
+    (dict(activation="geglu", bias="list", layout="list", capacity=5), True),  # I = 19: K steps straddle
+    # gate and up sliced from one [E, 2I, d] parameter: Wu's rows continue Wg's (no jump)
+    (dict(activation="swiglu", bias="stacked", layout="fused", weight_pos="hidden", recompute=True, d=24, I=16), True),
+    (dict(activation="geglu_tanh", T=1, k=1, noncontig=True, d=24, I=48), True),  # dx rows straight to tokens
+    (dict(activation="gelu", bias="stacked", d=24), False),  # one product
+    (dict(activation="swiglu", d=21), False),  # stacked, 19*21 elements per expert: unaligned
+    (dict(activation="swiglu", layout="list_unaligned"), False),
+    (dict(activation="swiglu", layout="list_t"), False),  # contiguous along I, not d
+    (dict(activation="swiglu", layout="up_strided", d=24), False),  # aligned, Wu's strides differ
+], ids=["bf16-empty-experts", "list-bias-dropped-straddle", "fused-hidden-recompute", "k1-T1-noncontig",
+        "gelu", "stacked-unaligned", "list-unaligned", "list_t", "up-strides"])
+@pytest.mark.parametrize("rows", ["tiles", "persistent"])
+def test_cat_dx_equals_two(monkeypatch, kw, cat, rows) -> None:
+    """BLAZEC_DX=cat: a gated dX GEMM as one K loop over [dg | du] and [Wg; Wu] (CAT), as a
+    program per tile or persistent (BLAZEC_ROWS), where Wg and Wu have the same strides,
+    contiguous along d, 16-byte aligned per expert; elsewhere (and for one product) the
+    launcher keeps its TWO launch or its single product. Checked against the reference, and
+    equal to the two-loop launch: bit for bit under the interpreter where I is a multiple of
+    the K step (the same K steps in the same order), within the dtype's tolerance where a K
+    step straddles dg and du or on a GPU."""
+    from blazec.kernels._common import INTERPRET_CONFIG
+
+    up_strided = kw.get("layout") == "up_strided"
+    case = make_case(E=5, seed=47, **{**kw, "layout": "stacked" if up_strided else kw.get("layout", "stacked")})
+    if up_strided:  # Wu stored [E, d, I] and passed transposed: the same values, other strides
+        (wu,) = case.w["w_up"]
+        case.w["w_up"] = [wu.transpose(1, 2).contiguous().transpose(1, 2)]
+    launched = spy_launches(monkeypatch)
+    monkeypatch.setenv("BLAZEC_ROWS", rows)
+    monkeypatch.setenv("BLAZEC_DX", "cat")
+    check(case)
+    dx = [n for n in launched if n.startswith("_rows_gemm_kernel") and ("+cat" in n or "+two" in n)]
+    if not cat:
+        assert not any("+cat" in n for n in launched), launched
+        return
+    assert dx == ["_rows_gemm_kernel+cat" + ("+persistent" if rows == "persistent" else "")], launched
+    got = _fwd_bwd(case)
+    monkeypatch.setenv("BLAZEC_DX", "two")
+    launched.clear()
+    two = _fwd_bwd(case)
+    assert any(n.endswith("+two") for n in launched) and not any("+cat" in n for n in launched), launched
+    same_steps = case.w["w_gate"][0].shape[-2] % INTERPRET_CONFIG["BLOCK_K"] == 0  # I
+    _assert_same(got, two, **(TOL[case.x.dtype] if ON_GPU or not same_steps else dict(rtol=0, atol=0)))
+
+
 @pytest.mark.parametrize("kw, split", [
     (dict(activation="swiglu", ids_kind="empty_experts", dtype=torch.bfloat16, T=20, k=3, E=6), False),
     (dict(activation="swiglu", ids_kind="empty_experts", dtype=torch.bfloat16, T=20, k=3, E=6), True),
@@ -967,6 +1018,7 @@ def test_persistent_rows_gemm_equals_tiles(monkeypatch, kw, split) -> None:
     ("dh_mode", "BLAZEC_DH", "split", ("fused", "split"), "fast"),
     ("gemm1_mode", "BLAZEC_GEMM1", "auto", ("auto", "fused", "split", "wide"), "tiled"),
     ("rows_mode", "BLAZEC_ROWS", "auto", ("auto", "tiles", "persistent"), "persistant"),
+    ("dx_mode", "BLAZEC_DX", "auto", ("auto", "two", "cat"), "concat"),
 ])
 def test_path_switches_are_checked(monkeypatch, fn, var, default, choices, bad) -> None:
     """Each launch-path switch: its default when unset, each choice as given, and an error that
