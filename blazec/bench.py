@@ -34,8 +34,9 @@ on GPU), TFLOP/s of the three expert GEMMs (3*T*k*2*d*3*I FLOPs per step), peak 
 weights and inputs, memory still held after forward (excluding the output), and the max abs
 error of the output, of dL/dx and of the weight gradients (router and the three expert
 weights, the largest of the four) against the eager loop, each relative to the largest value.
-On CPU, "act" is the bytes autograd saves for backward (saved-tensor hooks) and "peak" is not
-measured; CPU timings are not the GPU claim. The GPU shapes (olmoe-like, mixtral-like) need
+On CUDA each row's line also gives the median host time to issue a step (its kernels queued):
+near the step's time, the GPU waited for the host. On CPU, "act" is the bytes autograd saves
+for backward (saved-tensor hooks) and "peak" is not measured; CPU timings are not the GPU claim. The GPU shapes (olmoe-like, mixtral-like) need
 CUDA.
 
 The first step of each row (compiling, and autotuning each kernel key that no earlier row of
@@ -254,20 +255,26 @@ def _step(model, x):
     return out
 
 
-def _time(model, x, dev, warmup: int, iters: int) -> float:
+def _time(model, x, dev, warmup: int, iters: int) -> tuple[float, float]:
+    """Median step time, and the median host time the step took to issue (from the start event
+    until ``_step`` returned, its kernels queued): on CUDA, a host time close to the step's
+    says the GPU waited for the host, one well below it that the step was GPU-bound (the
+    profiled step's idle gaps say where; this says whether, without the profiler's own cost)."""
     for _ in range(warmup):
         model.zero_grad(set_to_none=True)
         x.grad = None
         _step(model, x)
     _sync(dev)
-    times = []
+    times, host = [], []
     for _ in range(iters):
         model.zero_grad(set_to_none=True)
         x.grad = None
         if dev.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
+            t0 = time.perf_counter()
             _step(model, x)
+            host.append((time.perf_counter() - t0) * 1e3)
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))
@@ -275,7 +282,8 @@ def _time(model, x, dev, warmup: int, iters: int) -> float:
             t0 = time.perf_counter()
             _step(model, x)
             times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+            host.append(times[-1])
+    return statistics.median(times), statistics.median(host)
 
 
 @dataclass
@@ -609,7 +617,7 @@ def run(args: argparse.Namespace, stream=None) -> int:
                 peak, act, res = _memory(model, x, dev)
                 first_diff = _max_diff(first, res)
                 del first
-                row.ms = _time(model, x, dev, args.warmup, args.iters)
+                row.ms, host_ms = _time(model, x, dev, args.warmup, args.iters)
                 row.tflops = flops / (row.ms * 1e-3) / 1e12
                 row.peak_gib, row.act_gib = peak, act
                 if impl == "eager-loop":
@@ -623,6 +631,7 @@ def run(args: argparse.Namespace, stream=None) -> int:
                 del res
                 row.extra = facts()
                 row.extra["first_step_diff"] = first_diff
+                row.extra["host_ms"] = host_ms
                 if args.profile:
                     try:  # a profiler failure costs the profile, not the row's measurements
                         row.extra["profile"] = _profile(model, x, dev, args.profile)
@@ -650,7 +659,9 @@ def run(args: argparse.Namespace, stream=None) -> int:
         # As each row ends, so that a run stopped part-way (a timeout) still has its rows.
         first = "" if first_diff is None else ("; first step: bitwise equal to a later one" if first_diff == 0
                                                  else f"; first step differs by {first_diff:.1e}")
-        say(f"    {impl}: {_fmt(row.ms, '.2f')} ms, peak {_fmt(row.peak_gib, '.3f')} GiB, "
+        host = row.extra.get("host_ms") if on_cuda else None  # on CPU the step is host time
+        say(f"    {impl}: {_fmt(row.ms, '.2f')} ms" + (f" (host {host:.2f} ms)" if host is not None else "")
+            + f", peak {_fmt(row.peak_gib, '.3f')} GiB, "
             f"act {_fmt(row.act_gib, '.3g')} GiB, err {_fmt(row.err_out, '.1e')} / {_fmt(row.err_dx, '.1e')}"
             f" / {_fmt(row.err_dw, '.1e')}" + first + (f"; {row.note}" if row.note else ""))
         torch._dynamo.reset()
@@ -673,7 +684,8 @@ def run(args: argparse.Namespace, stream=None) -> int:
     say(f"ms: median of {args.iters} forward+backward steps after {args.warmup} warm-ups; TFLOP/s: "
         f"{flops / 1e9:.3g} GFLOP of expert GEMMs per step; % dense: of the dense-equivalent row's "
         f"TFLOP/s; err: max abs error / max abs value, vs eager-loop (dW: the largest of the router's "
-        f"and the three expert weights').")
+        f"and the three expert weights')." + (" host (in each row's line): median time the host took to "
+        f"issue a step; near the step's ms, the GPU waited for the host." if on_cuda else ""))
     for r in rows:
         if r.extra.get("profile_error"):
             say(f"profile {r.impl}: failed: {r.extra['profile_error']}")

@@ -57,6 +57,8 @@ def test_cpu_small_shape_table_and_json(tmp_path) -> None:
     assert set(rows) == {"eager-loop", "sort-grouped-mm", "blazec-ops", "blazec-ops-recompute"}
     for r in rows.values():
         assert r["ms"] > 0 and not r["note"].startswith("failed"), r
+        # the host's time to issue a step (on CPU the step itself: the same median)
+        assert r["extra"]["host_ms"] == r["ms"], r
         # dW maps each row's weight layout (stacked, transposed, gate|up concatenated) onto the
         # loop's: a swapped or untransposed weight would show here
         assert r["err_out"] < 1e-5 and r["err_dx"] < 1e-5 and r["err_dw"] < 1e-5, r
