@@ -8,6 +8,11 @@ The protocol of ../shared/BASELINES.md, in one process, on the same weights and 
   and under ``torch.compile``
 - ``blazec-loop`` / ``blazec-loop-recompute``: the eager-loop model under
   ``torch.compile(backend="blaze")`` (default options, and ``moe_recompute="recompute_gemm1"``)
+- ``sort-grouped-mm-compile-cudagraphs`` / ``blazec-loop-cudagraphs``: ``sort-grouped-mm-compile``
+  and ``blazec-loop`` with ``mode="reduce-overhead"`` (Inductor's CUDA graph trees: each step
+  replays recorded kernels, so the host's per-step launch cost leaves the step's time; on CPU
+  the mode compiles as the default does). The pair measures what each path costs with the
+  host out of the way, like against like
 - ``blazec-loop-grouped-mm-wgrad`` / ``blazec-loop-triton-wgrad``: ``blazec-loop`` with its
   weight gradients forced to torch's grouped GEMM or to the Triton kernel (``BLAZEC_WGRAD`` set
   for that row only), to compare the two on the same card in the same run
@@ -84,6 +89,8 @@ IMPLS = (
     "sort-grouped-mm-compile",
     "blazec-loop",
     "blazec-loop-recompute",
+    "sort-grouped-mm-compile-cudagraphs",
+    "blazec-loop-cudagraphs",
     "blazec-loop-grouped-mm-wgrad",
     "blazec-loop-triton-wgrad",
     "blazec-loop-split-dh",
@@ -463,14 +470,16 @@ def _build(impl: str, loop: LoopMoE, x: torch.Tensor) -> tuple[nn.Module, Callab
         return loop, dict
     if impl == "sort-grouped-mm":
         return SortedMoE(loop), dict
-    if impl == "sort-grouped-mm-compile":
-        return torch.compile(SortedMoE(loop)), dict
+    graphs = {"mode": "reduce-overhead"} if impl.endswith("-cudagraphs") else {}
+    if impl.startswith("sort-grouped-mm-compile"):
+        return torch.compile(SortedMoE(loop), **graphs), dict
     if impl.startswith("blazec-loop"):
         import blazec.backend  # noqa: F401  (registers the backend)
         from blazec import report
 
-        opts = {"moe_recompute": "recompute_gemm1"} if impl.endswith("recompute") else {}
-        compiled = torch.compile(copy.deepcopy(loop), backend="blaze", options=opts)
+        # (torch.compile takes options= or mode=, not both)
+        opts = {"options": {"moe_recompute": "recompute_gemm1"}} if impl.endswith("recompute") else graphs
+        compiled = torch.compile(copy.deepcopy(loop), backend="blaze", **opts)
         records: list = []
 
         class _Wrapped(nn.Module):  # keeps the blaze reports of the first (compiling) call

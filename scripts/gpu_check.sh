@@ -17,6 +17,7 @@ WARM_SHAPE=${WARM_SHAPE:-olmoe-like}
 # blazec-loop's first step compiles every launch path its auto modes time (BLAZEC_GEMM1,
 # BLAZEC_ROWS, BLAZEC_DX), one after another; the rows that force one path compile theirs in parallel.
 WARM_IMPLS=${WARM_IMPLS:-blazec-loop blazec-loop-recompute blazec-loop-split-gemm1 blazec-loop-wide-gemm1 blazec-loop-persistent-rows blazec-loop-cat-dx sort-grouped-mm-compile}
+# (the cudagraphs rows share blazec-loop's and sort-grouped-mm-compile's Triton kernels)
 # The Triton kernels compiled for olmoe-like are not those mixtral-like runs: some constexprs
 # follow E (G_PAD), S = T*k (the route kernels' blocks) and I (the d(routing weight) partial
 # count). This shape keeps mixtral-like's E, k, T and I, and so every constexpr and the
@@ -37,10 +38,12 @@ SHAPES=${SHAPES:-olmoe-like:150 mixtral-like:150}
 # (fused, tiles, two), and blazec-loop-split-gemm1, blazec-loop-wide-gemm1,
 # blazec-loop-persistent-rows and blazec-loop-cat-dx force those with one path changed, in the
 # same process, on the same warm card. They run last, after dense-equivalent (the "% dense"
-# denominator), so that a bench stopped by its timeout has lost only them: each row prints
-# its line when it ends. blazec-loop-fused-dh and blazec-loop-triton-wgrad were measured in
+# denominator) and the two mode="reduce-overhead" rows (the compiled baseline and blazec-loop
+# replaying CUDA graphs: each step's time without the host's launch cost, and whether blazec
+# runs under CUDA graph trees at all), so that a bench stopped by its timeout has lost only
+# them: each row prints its line when it ends. blazec-loop-fused-dh and blazec-loop-triton-wgrad were measured in
 # both 2026-11-27 runs (slower than the defaults) and are left out to make room.
-IMPLS=${IMPLS---impl eager-loop --impl sort-grouped-mm --impl sort-grouped-mm-compile --impl blazec-loop --impl blazec-loop-recompute --impl dense-equivalent --impl blazec-loop-fused-tiles --impl blazec-loop-split-gemm1 --impl blazec-loop-wide-gemm1 --impl blazec-loop-persistent-rows --impl blazec-loop-cat-dx}
+IMPLS=${IMPLS---impl eager-loop --impl sort-grouped-mm --impl sort-grouped-mm-compile --impl blazec-loop --impl blazec-loop-recompute --impl dense-equivalent --impl sort-grouped-mm-compile-cudagraphs --impl blazec-loop-cudagraphs --impl blazec-loop-fused-tiles --impl blazec-loop-split-gemm1 --impl blazec-loop-wide-gemm1 --impl blazec-loop-persistent-rows --impl blazec-loop-cat-dx}
 # Step 3 (off by default since the bench has that row): blazec-loop with BLAZEC_WGRAD=grouped_mm
 # in a process of its own, profiled.
 WGRAD_SHAPES=${WGRAD_SHAPES-}
@@ -86,10 +89,40 @@ for f in "$TMP"/warm_*.txt; do echo "== $f"; cat "$f"; done > "$OUT/warm.txt"
 echo "cache warm-up and tests: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/versions.txt"
 # 2. The protocol at both shapes, alone on the GPU, kernels on (the default on CUDA), with a
 # profiled step per row (per-launch kernel times, GPU busy time).
+# The SM clock, power and throttle reasons are sampled every 500 ms during each bench: a step
+# time above its kernels' sum can be a lower clock under the power limit, not the host.
 for shape in $SHAPES; do
+  SMI=""
+  REASONS=""  # the field's name before and after the drivers renamed it
+  for f in clocks_event_reasons.active clocks_throttle_reasons.active; do
+    nvidia-smi --query-gpu="$f" --format=csv,noheader > /dev/null 2>&1 && { REASONS=$f; break; }
+  done
+  if [ -n "$REASONS" ]; then
+    nvidia-smi --query-gpu="clocks.sm,power.draw,$REASONS" --format=csv,noheader,nounits \
+      -lms 500 > "$TMP/smi_${shape%:*}.csv" 2>&1 & SMI=$!
+  fi
   timeout "${shape#*:}" python3 -m blazec.bench --shape "${shape%:*}" --dtype bf16 --profile $IMPLS \
     --json "$OUT/bench_${shape%:*}.json" > "$OUT/bench_${shape%:*}.txt" 2>&1
   echo "bench ${shape%:*} rc=$?"; grep -v "^  running" "$OUT/bench_${shape%:*}.txt" | tail -80
+  if [ -n "$SMI" ]; then
+    kill "$SMI" 2>/dev/null; wait "$SMI" 2>/dev/null
+    python3 - "$TMP/smi_${shape%:*}.csv" "${shape%:*}" <<'PY' | tee -a "$OUT/versions.txt"
+import collections, statistics, sys
+rows = [l.split(",") for l in open(sys.argv[1]) if l.count(",") == 2]
+try:
+    clk = [float(r[0]) for r in rows]; pw = [float(r[1]) for r in rows]
+except ValueError:
+    clk = []
+if not clk:
+    print(f"nvidia-smi during {sys.argv[2]}: no readable samples"); raise SystemExit
+busy = [i for i, p in enumerate(pw) if p > 200]  # samples with the GPU under load
+reasons = collections.Counter(rows[i][2].strip() for i in busy)
+sel = [clk[i] for i in busy] or clk
+print(f"nvidia-smi during {sys.argv[2]}: {len(rows)} samples, {len(busy)} above 200 W; SM clock under load "
+      f"min {min(sel):.0f} / median {statistics.median(sel):.0f} / max {max(sel):.0f} MHz; power max {max(pw):.0f} W; "
+      f"throttle reasons under load: {dict(reasons.most_common(4))}")
+PY
+  fi
 done
 # 3. blazec on the loop model with the weight gradients through torch's grouped GEMM on sorted
 # row copies (kernels/wgrad_grouped_mm.py), profiled, so that its per-launch times show.

@@ -259,3 +259,17 @@ def test_peak_memory_measures_the_kernel_path_with_launches_stubbed() -> None:
     rows = T * k * d * 2 / 1024**3
     assert gm["act_gib"] == res[False]["act_gib"], (gm, res)
     assert res[False]["peak_gib"] < gm["peak_gib"] <= res[False]["peak_gib"] + rows + 0.01 * MiB, (gm, res)
+
+
+def test_cudagraph_rows_run_and_are_compared_with_each_other(tmp_path) -> None:
+    """The mode="reduce-overhead" rows (on CPU compiled as the default mode: no CUDA graphs)
+    compute what the loop does, and the targets compare them with each other."""
+    rc, text, data = _run_small(tmp_path, "--impl", "sort-grouped-mm-compile-cudagraphs",
+                                "--impl", "blazec-loop-cudagraphs")
+    assert rc == 0
+    rows = {r["impl"]: r for r in data["rows"]}
+    for r in rows.values():
+        assert r["ms"] > 0 and not r["note"].startswith("failed"), r
+        assert r["err_out"] < 1e-5 and r["err_dx"] < 1e-5 and r["err_dw"] < 1e-5, r
+    assert rows["blazec-loop-cudagraphs"]["extra"]["rewrites"] == 1
+    assert "time, graphs" in text and "best baseline sort-grouped-mm-compile-cudagraphs" in text
