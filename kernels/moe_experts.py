@@ -34,6 +34,7 @@ tensors do not share strides.
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Callable, Optional, Sequence
 
@@ -244,8 +245,10 @@ def _num_programs(device: torch.device) -> int:
 
 DX_MODES = ("auto", "two", "cat")
 # auto offers CAT where the reduction dim I is a multiple of every K step the row GEMM may run
-# with, so that no K step straddles dg and du (the summation order of TWO's two loops)
-CAT_K_MULTIPLE = INTERPRET_CONFIG["BLOCK_K"] if INTERPRET else max(c.kwargs["BLOCK_K"] for c in gg.ROWS_CONFIGS)
+# with, so that no K step straddles dg and du (the summation order of TWO's two loops); the
+# shared-memory pruner only ever halves a config's K step, which keeps it a divisor
+CAT_K_MULTIPLE = (INTERPRET_CONFIG["BLOCK_K"] if INTERPRET
+                  else math.lcm(*(c.kwargs["BLOCK_K"] for c in gg.ROWS_CONFIGS)))
 
 
 def dx_mode() -> str:

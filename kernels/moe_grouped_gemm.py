@@ -26,11 +26,13 @@ n_in = 2I (gated) or I, b = bytes per element of x.
     permutation of tokens, so no buffer at all).
     FLOPs 2*S*I*d.  Bytes: S*I*b + E*d*I*b + S*d*b_c (+ the combine: S*d*b_c + T*d*b_out).
     Backward dX: dx_pair = dg Wg + du Wu, the two products accumulated in one tile, one K
-    loop after the other (two dots on one accumulator in one loop serialize Hopper's MMAs).
+    loop after the other (TWO; two dots on one accumulator in one loop serialize Hopper's
+    MMAs), or one K loop over the joined [dg | du] and [Wg; Wu] (CAT, ``BLAZEC_DX=cat``, or
+    picked by timing under ``auto``).
     FLOPs 2*S*n_in*d.  Bytes: S*n_in*b + E*n_in*d*b + S*d*b (buffer, k > 1) -> combine.
-    PERSISTENT (``BLAZEC_ROWS=persistent``, or picked by timing under ``auto``; one product
-    only, so not the gated dX): a program per SM loops over the experts' tiles, its tile loop
-    flattened with the K loop (docs/KERNELS.md).
+    PERSISTENT (``BLAZEC_ROWS=persistent``, or picked by timing under ``auto``; one K loop, so
+    not TWO): a program per SM loops over the experts' tiles, its tile loop flattened with the
+    K loop (docs/KERNELS.md).
 
 ``_act_kernel`` (``BLAZEC_GEMM1=split``, or picked by timing under ``auto``): GEMM 1 in three
     launches. Two ``_rows_gemm_kernel`` launches with A_GATHER write g = x[tok] Wg^T (+bg) and
@@ -273,7 +275,7 @@ def _rows_gemm_kernel(
     #          A_GATHER: [T, KD], row t(s) = sorted_pairs[s] // K for sorted row s (grad_y)
     a2_ptr,  # [P, KD] second A (du backward), TWO only
     b1_ptr, b1_tab,  # expert matrix, stacked base or pointer table; B[kk, n] at kk*s_b1k + n*s_b1n
-    b2_ptr, b2_tab,  # second expert matrix (TWO only)
+    b2_ptr, b2_tab,  # second expert matrix (TWO and CAT; s_b2e too, CAT reads its base only)
     bias_ptr, bias_tab,  # [E, N] stacked / table of [N] (HAS_BIAS only)
     tw_ptr,  # [T*K] routing weights, contiguous (SCALE only)
     pairs_ptr,  # [P] int64 sorted_pairs
@@ -366,7 +368,8 @@ def _rows_tile(a1_ptr, a2_ptr, b1_ptr, b1_tab, b2_ptr, b2_tab, bias_ptr, bias_ta
         # bases are 16-byte aligned (as GU_WIDE's), so their distance keeps the loads' alignment.
         EL: tl.constexpr = b1_ptr.dtype.element_ty.primitive_bitwidth // 8
         b2_base = expert_ptr(b2_ptr, b2_tab, grp, s_b2e, B2_TAB)
-        jump = tl.multiple_of((b2_base.to(tl.int64) - b1_base.to(tl.int64)) // EL, 16 // EL) - KD * s_b1k
+        jump = (tl.multiple_of((b2_base.to(tl.int64) - b1_base.to(tl.int64)) // EL, 16 // EL)
+                - tl.cast(KD, tl.int64) * s_b1k)  # int64: I times a row stride may pass 2^31
         b_cols = b1_base + cols[None, :] * s_b1n
         for k0 in range(0, 2 * KD, BLOCK_K):
             kk = k0 + rk

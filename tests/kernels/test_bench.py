@@ -273,3 +273,16 @@ def test_cudagraph_rows_run_and_are_compared_with_each_other(tmp_path) -> None:
         assert r["err_out"] < 1e-5 and r["err_dx"] < 1e-5 and r["err_dw"] < 1e-5, r
     assert rows["blazec-loop-cudagraphs"]["extra"]["rewrites"] == 1
     assert "time, graphs" in text and "best baseline sort-grouped-mm-compile-cudagraphs" in text
+
+
+def test_step_results_are_copies() -> None:
+    """A step's kept results must not alias the step's own buffers: under CUDA graph trees (the
+    -cudagraphs rows) the next replay reuses them, and the first step's results are compared
+    with a later step's."""
+    torch.manual_seed(0)
+    loop = bench.LoopMoE(8, 12, 4, 2)
+    x = torch.randn(6, 8, requires_grad=True)
+    out = bench._step(loop, x)
+    res = bench._result(loop, x, out)
+    assert res.out.data_ptr() != out.data_ptr() and torch.equal(res.out, out)
+    assert res.dx.data_ptr() != x.grad.data_ptr()  # (the weight gradients are stacked: new tensors)
