@@ -687,7 +687,10 @@ _WRITES = {"_gemm1_kernel": ("pre_ptr", "h_ptr"), "_rows_gemm_kernel": ("out_ptr
     # CAT would straddle dg and du in a K step (other sums), so auto does not offer it
     (dict(activation="swiglu", layout="list", bias="list", recompute=True, capacity=5, E=5, d=24),
      ["fused", "wide"], ["persistent", "tiles"], None),
-], ids=["bf16-empty-experts", "k1-dropped-gelu", "list-bias-recompute"])
+    # dropped pairs with CAT offered: the dX rows of the dropped tail stay unwritten on every path
+    (dict(activation="geglu", layout="list", capacity=4, E=5, d=24, I=32, k=3),
+     ["fused", "split", "wide"], ["persistent", "tiles"], ["cat", "cat-persistent", "two"]),
+], ids=["bf16-empty-experts", "k1-dropped-gelu", "list-bias-recompute", "list-dropped-cat"])
 def test_auto_launch_paths_agree(monkeypatch, kw, gemm1, rows, dx) -> None:
     """BLAZEC_GEMM1 / BLAZEC_ROWS / BLAZEC_DX unset ("auto"): at each launch site the launcher
     offers the paths that apply, and every one of them passes ``_agreeing``'s bit-for-bit check
