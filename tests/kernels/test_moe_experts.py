@@ -889,6 +889,17 @@ def test_split_gemm1_equals_fused(monkeypatch, kw) -> None:
     _assert_same(split, fused, **(TOL[case.x.dtype] if ON_GPU else dict(rtol=0, atol=0)))
 
 
+def _gate_up_case(kw: dict, seed: int):
+    """A case for the gate|up launch paths (GU_WIDE, CAT), five experts; layout "up_strided":
+    stacked, with Wu stored [E, d, I] and passed transposed (the same values, other strides)."""
+    up_strided = kw.get("layout") == "up_strided"
+    case = make_case(E=5, seed=seed, **{**kw, "layout": "stacked" if up_strided else kw.get("layout", "stacked")})
+    if up_strided:
+        (wu,) = case.w["w_up"]
+        case.w["w_up"] = [wu.transpose(1, 2).contiguous().transpose(1, 2)]
+    return case
+
+
 @pytest.mark.parametrize("kw, wide", [
     (dict(activation="swiglu", ids_kind="empty_experts", dtype=torch.bfloat16, d=24), True),
     (dict(activation="geglu", bias="list", layout="list", capacity=5), True),  # odd d and I
@@ -912,11 +923,7 @@ def test_wide_gemm1_equals_fused(monkeypatch, kw, wide) -> None:
     interpreter; on a GPU within the dtype's tolerance)."""
     from blazec.kernels import moe_experts
 
-    up_strided = kw.get("layout") == "up_strided"
-    case = make_case(E=5, seed=44, **{**kw, "layout": "stacked" if up_strided else kw.get("layout", "stacked")})
-    if up_strided:  # Wu stored [E, d, I] and passed transposed: the same values, other strides
-        (wu,) = case.w["w_up"]
-        case.w["w_up"] = [wu.transpose(1, 2).contiguous().transpose(1, 2)]
+    case = _gate_up_case(kw, seed=44)
     launched = spy_launches(monkeypatch)
     monkeypatch.setenv("BLAZEC_GEMM1", "wide")
     if not wide:  # the launcher refuses: its forward runs the two-dot kernel (tested as the default)
@@ -958,11 +965,7 @@ def test_cat_dx_equals_two(monkeypatch, kw, cat, rows) -> None:
     step straddles dg and du or on a GPU."""
     from blazec.kernels._common import INTERPRET_CONFIG
 
-    up_strided = kw.get("layout") == "up_strided"
-    case = make_case(E=5, seed=47, **{**kw, "layout": "stacked" if up_strided else kw.get("layout", "stacked")})
-    if up_strided:  # Wu stored [E, d, I] and passed transposed: the same values, other strides
-        (wu,) = case.w["w_up"]
-        case.w["w_up"] = [wu.transpose(1, 2).contiguous().transpose(1, 2)]
+    case = _gate_up_case(kw, seed=47)
     launched = spy_launches(monkeypatch)
     monkeypatch.setenv("BLAZEC_ROWS", rows)
     monkeypatch.setenv("BLAZEC_DX", "cat")
