@@ -23,10 +23,11 @@ The protocol of ../shared/BASELINES.md, in one process, on the same weights and 
   ``BLAZEC_ROWS=tiles`` and ``BLAZEC_DX=two`` (GEMM 1's two-dot kernel, a program per row-GEMM
   tile, the gated dX's two K loops), forced: ``blazec-loop`` picks these launch paths by
   timing, and this row is what it ran before that
-- ``blazec-loop-split-gemm1`` / ``blazec-loop-wide-gemm1`` / ``blazec-loop-persistent-rows`` /
-  ``blazec-loop-cat-dx``: ``blazec-loop-fused-tiles`` with one path changed:
-  ``BLAZEC_GEMM1=split`` (GEMM 1 as two row GEMMs and an elementwise activation pass),
-  ``BLAZEC_GEMM1=wide`` (one interleaved gate|up weight tile per K step),
+- ``blazec-loop-split-gemm1`` / ``blazec-loop-wide-gemm1`` / ``blazec-loop-tma-gemm1`` /
+  ``blazec-loop-persistent-rows`` / ``blazec-loop-cat-dx``: ``blazec-loop-fused-tiles`` with one
+  path changed: ``BLAZEC_GEMM1=split`` (GEMM 1 as two row GEMMs and an elementwise activation
+  pass), ``BLAZEC_GEMM1=wide`` (one interleaved gate|up weight tile per K step),
+  ``BLAZEC_GEMM1=tma`` (GEMM 1's weight tiles through tensor descriptors: TMA on Hopper),
   ``BLAZEC_ROWS=persistent`` (the single-product row GEMMs as persistent kernels) or
   ``BLAZEC_DX=cat`` (the gated dX GEMM as one K loop over dg | du)
 - ``blazec-ops`` / ``blazec-ops-recompute``: ``blazec.ops.moe_route`` + ``moe_experts`` called
@@ -99,6 +100,7 @@ IMPLS = (
     "blazec-loop-fused-dh",
     "blazec-loop-split-gemm1",
     "blazec-loop-wide-gemm1",
+    "blazec-loop-tma-gemm1",
     "blazec-loop-persistent-rows",
     "blazec-loop-cat-dx",
     "blazec-loop-fused-tiles",
@@ -116,6 +118,7 @@ ROW_ENV = {
     # each the former fixed defaults (fused, tiles, two) with one path changed
     "blazec-loop-split-gemm1": {"BLAZEC_GEMM1": "split", "BLAZEC_ROWS": "tiles", "BLAZEC_DX": "two"},
     "blazec-loop-wide-gemm1": {"BLAZEC_GEMM1": "wide", "BLAZEC_ROWS": "tiles", "BLAZEC_DX": "two"},
+    "blazec-loop-tma-gemm1": {"BLAZEC_GEMM1": "tma", "BLAZEC_ROWS": "tiles", "BLAZEC_DX": "two"},
     "blazec-loop-persistent-rows": {"BLAZEC_GEMM1": "fused", "BLAZEC_ROWS": "persistent", "BLAZEC_DX": "two"},
     "blazec-loop-cat-dx": {"BLAZEC_GEMM1": "fused", "BLAZEC_ROWS": "tiles", "BLAZEC_DX": "cat"},
     "blazec-loop-fused-tiles": {"BLAZEC_GEMM1": "fused", "BLAZEC_ROWS": "tiles", "BLAZEC_DX": "two"},

@@ -262,7 +262,7 @@ def dx_mode() -> str:
     return env_choice("BLAZEC_DX", DX_MODES, "auto")
 
 
-GEMM1_MODES = ("auto", "fused", "split", "wide")
+GEMM1_MODES = ("auto", "fused", "split", "wide", "tma")
 
 
 def gemm1_mode() -> str:
@@ -270,10 +270,11 @@ def gemm1_mode() -> str:
     ``split`` (two row GEMMs into preact's halves, then ``_act_kernel``, where preact is
     stored), ``wide`` (``_gemm1_kernel`` with one interleaved gate|up B tile per K step,
     GU_WIDE, where ``_wide_ok``: gated, both weights 16-byte aligned, with the same strides,
-    contiguous along d) or ``auto`` (default: the fastest of those that apply, by timing once
-    per shape class on a GPU with autotuning on, among those that compute the same bits as
-    ``fused``; ``fused`` elsewhere). A forced ``split`` or ``wide`` that does not apply runs
-    ``fused``; docs/KERNELS.md. Anything else is an error."""
+    contiguous along d), ``tma`` (``_gemm1_kernel``'s two dots with the weight tiles through
+    tensor descriptors, B_DESC, where ``_desc_ok``) or ``auto`` (default: the fastest of those
+    that apply, by timing once per shape class on a GPU with autotuning on, among those that
+    compute the same bits as ``fused``; ``fused`` elsewhere). A forced ``split``, ``wide`` or
+    ``tma`` that does not apply runs ``fused``; docs/KERNELS.md. Anything else is an error."""
     return env_choice("BLAZEC_GEMM1", GEMM1_MODES, "auto")
 
 
@@ -285,6 +286,8 @@ def _gemm1(o: "_Operands", pre: Tensor, h: Tensor, store_pre: bool, store_h: boo
     run = {"fused": lambda: _gemm1_launch(o, pre, h, store_pre, store_h, hidden, wide=False)}
     if mode in ("auto", "wide") and _wide_ok(o):
         run["wide"] = lambda: _gemm1_launch(o, pre, h, store_pre, store_h, hidden, wide=True)
+    if mode in ("auto", "tma") and _desc_ok(o):
+        run["tma"] = lambda: _gemm1_launch(o, pre, h, store_pre, store_h, hidden, wide=False, desc=True)
     # Timed only where it writes what _gemm1_kernel writes: in recompute mode's backward
     # (preact alone) it leaves the dropped pairs' rows unwritten, which the kernel zeroes.
     if (mode == "split" and store_pre) or (mode == "auto" and store_pre and store_h):
@@ -300,9 +303,11 @@ def _gemm1(o: "_Operands", pre: Tensor, h: Tensor, store_pre: bool, store_h: boo
 
 
 def _gemm1_launch(o: "_Operands", pre: Tensor, h: Tensor, store_pre: bool, store_h: bool, hidden: bool,
-                  wide: bool) -> None:
-    """One ``_gemm1_kernel`` launch (GU_WIDE with ``wide``)."""
+                  wide: bool, desc: bool = False) -> None:
+    """One ``_gemm1_kernel`` launch (GU_WIDE with ``wide``, B_DESC with ``desc``)."""
     x = o.x
+    if desc and x.is_cuda and not INTERPRET:
+        descriptor_scratch()
     launch(gg._gemm1_kernel, gg.gemm1_tuned, o.m_grid(o.I), dict(
         x_ptr=x, tw_ptr=o.tw, pairs_ptr=o.sp, offs_ptr=o.eo,
         wg_ptr=o.wg.ptr, wg_tab=o.wg.tab, wu_ptr=o.wu.ptr, wu_tab=o.wu.tab,
@@ -316,7 +321,7 @@ def _gemm1_launch(o: "_Operands", pre: Tensor, h: Tensor, store_pre: bool, store
         stride_pre=o.n_in, stride_h=o.I,
         ACT=o.act, GATED=o.gated, HAS_BG=o.has_bg, HAS_BU=o.has_bu, HIDDEN=hidden and store_h,
         STORE_PRE=store_pre, STORE_H=store_h, WG_TAB=o.wg.table, WU_TAB=o.wu.table, BG_TAB=o.bg.table,
-        BU_TAB=o.bu.table, GU_WIDE=wide,
+        BU_TAB=o.bu.table, GU_WIDE=wide, B_DESC=desc,
         PREC=o.prec, G_PAD=o.G_PAD,
     ), INTERPRET_CONFIG)
 
@@ -338,6 +343,36 @@ def _wide_ok(o: "_Operands") -> bool:
     el = o.x.element_size()
     return (o.gated and o.wg.strides[1:] == o.wu.strides[1:] and o.wg.strides[2] == 1
             and _aligned16(o.wg, el) and _aligned16(o.wu, el))
+
+
+def _desc_ok(o: "_Operands") -> bool:
+    """Whether GEMM 1 can read its weights through tensor descriptors (B_DESC): Wg (and, gated,
+    Wu) contiguous along d, with row strides that are multiples of 16 bytes and every expert's
+    matrix 16-byte aligned: what a descriptor of an [I, d] matrix asks of its base and strides
+    (Hopper's TMA faults on anything else); and dots on the tensor cores (not fp32 without
+    tf32)."""
+    el = o.x.element_size()
+    ws = (o.wg, o.wu) if o.gated else (o.wg,)
+    if o.xdt == torch.float32 and o.prec == "ieee":
+        return False  # fp32 dots on the FMA units read B from registers: it spilled 7.8 KB per thread
+    return all(w.strides[2] == 1 and (w.strides[1] * el) % 16 == 0 and _aligned16(w, el) for w in ws)
+
+
+def descriptor_scratch() -> None:
+    """Tensor descriptors made inside a kernel need global scratch memory on Hopper, which
+    Triton asks of the allocator set with ``triton.set_allocator`` (per thread: the autograd
+    engine runs the backward on its own). Where none is set, give it torch's caching allocator
+    on the launch's stream; an allocator the caller set is kept."""
+    from triton.runtime import _allocation
+
+    current = getattr(_allocation, "_allocator", None)
+    if current is None or not isinstance(current.get(), _allocation.NullAllocator):
+        return
+    triton.set_allocator(_scratch)
+
+
+def _scratch(size: int, alignment: int, stream) -> Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def _cat_ok(o: "_Operands") -> bool:

@@ -158,6 +158,7 @@ def _gemm1_kernel(
     HIDDEN: tl.constexpr, STORE_PRE: tl.constexpr, STORE_H: tl.constexpr,
     WG_TAB: tl.constexpr, WU_TAB: tl.constexpr, BG_TAB: tl.constexpr, BU_TAB: tl.constexpr,
     GU_WIDE: tl.constexpr,  # GATED: one [BLOCK_K, 2*BLOCK_N] B tile, gate and up interleaved
+    B_DESC: tl.constexpr,  # not GU_WIDE: weight tiles through tensor descriptors (TMA on Hopper)
     PREC: tl.constexpr, G_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -217,6 +218,27 @@ def _gemm1_kernel(
             b_ptrs += BLOCK_K * s_wgi
             a_ptrs += BLOCK_K * stride_xd
         acc_g, acc_u = tl.split(tl.reshape(acc, [BLOCK_M, BLOCK_N, 2]))
+    elif B_DESC:
+        # Each expert's [I, D] weight as a tensor descriptor made in the program (its base is
+        # this expert's): on Hopper the tiles arrive by TMA, one bulk copy per tile instead of
+        # a 16-byte copy per thread and row, with no per-thread pointers. Tiles past I or D
+        # read as zeros, as the masked loads' `other`. The launcher sets B_DESC only where
+        # both weights are contiguous along D, their row strides multiples of 16 bytes and
+        # every expert's base 16-byte aligned (what a descriptor needs).
+        n0 = pid_n * BLOCK_N
+        dg = tl.make_tensor_descriptor(wg_base, shape=[I, D], strides=[s_wgo, 1], block_shape=[BLOCK_N, BLOCK_K])
+        acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if GATED:
+            du = tl.make_tensor_descriptor(wu_base, shape=[I, D], strides=[s_wuo, 1],
+                                           block_shape=[BLOCK_N, BLOCK_K])
+            acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            kmask = (k0 + rk) < D
+            a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+            acc_g = mma(a, dg.load([n0, k0]).T, acc_g, PREC)
+            if GATED:
+                acc_u = mma(a, du.load([n0, k0]).T, acc_u, PREC)
+            a_ptrs += BLOCK_K * stride_xd
     else:
         bg_ptrs = wg_base + cols[None, :] * s_wgo + rk[:, None] * s_wgi  # B[kk, n] = Wg[n, kk]
         acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)

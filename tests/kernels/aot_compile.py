@@ -386,8 +386,9 @@ def main(argv=None) -> int:
             # split GEMM 1 (the gathered row GEMMs and _act_kernel), GEMM 1's interleaved
             # gate|up tile (GU_WIDE), and the persistent row GEMMs (with the split GEMM 1, so
             # that each single-product row GEMM runs persistent), with the gated dX's one K
-            # loop (CAT) as tiles and persistent
-            for env in ({"BLAZEC_GEMM1": "split"}, {"BLAZEC_GEMM1": "wide", "BLAZEC_DX": "cat"},
+            # loop (CAT) as tiles and persistent, and GEMM 1's weights through tensor
+            # descriptors (B_DESC)
+            for env in ({"BLAZEC_GEMM1": "split"}, {"BLAZEC_GEMM1": "wide", "BLAZEC_DX": "cat"}, {"BLAZEC_GEMM1": "tma"},
                         {"BLAZEC_GEMM1": "split", "BLAZEC_ROWS": "persistent", "BLAZEC_DX": "cat"}):
                 os.environ.update(env)
                 y, preact = moe_experts.moe_experts_fwd(x, tw, *route, *ws, act, wp, rec, None)

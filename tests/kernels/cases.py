@@ -221,13 +221,14 @@ def check(case: Case, tol: Optional[dict] = None) -> None:
 
 
 # The launch flags spy_launches appends to a kernel's name.
-_FLAGS = (("A_GATHER", "+gather"), ("GU_WIDE", "+wide"), ("TWO", "+two"), ("CAT", "+cat"), ("PERSISTENT", "+persistent"))
+_FLAGS = (("A_GATHER", "+gather"), ("GU_WIDE", "+wide"), ("TWO", "+two"), ("CAT", "+cat"), ("B_DESC", "+desc"),
+          ("PERSISTENT", "+persistent"))
 
 
 def spy_launches(monkeypatch, on_launch: Optional[Callable[[str, dict], None]] = None) -> list[str]:
     """The kernels the expert launchers launch from now on, by name, with a suffix for each of
     these flags that is set: "+gather" (A_GATHER), "+wide" (GU_WIDE), "+two" (TWO), "+cat" (CAT),
-    "+persistent" (PERSISTENT). ``on_launch(kernel name, its arguments)`` also sees each launch."""
+    "+desc" (B_DESC), "+persistent" (PERSISTENT). ``on_launch(kernel name, its arguments)`` also sees each launch."""
     from blazec.kernels import moe_experts
 
     launched: list[str] = []

@@ -678,7 +678,7 @@ _WRITES = {"_gemm1_kernel": ("pre_ptr", "h_ptr"), "_rows_gemm_kernel": ("out_ptr
     # stacked, aligned, gated: GEMM 1 has all three candidates; k = 3 down GEMM into row
     # buffers; I a multiple of the K step: the dX GEMM may run CAT
     (dict(activation="swiglu", ids_kind="empty_experts", dtype=torch.bfloat16, T=20, k=3, E=6, d=24, I=32),
-     ["fused", "split", "wide"], ["persistent", "tiles"], ["cat", "cat-persistent", "two"]),
+     ["fused", "split", "tma", "wide"], ["persistent", "tiles"], ["cat", "cat-persistent", "two"]),
     # k = 1 with dropped pairs: the down GEMM writes tokens' rows of a zeroed y directly; one
     # product in dX, a row GEMM path
     (dict(activation="gelu", k=1, capacity=2, T=12, E=5), ["fused", "split"], ["persistent", "tiles"], None),
@@ -730,7 +730,8 @@ def test_auto_launch_paths_agree(monkeypatch, kw, gemm1, rows, dx) -> None:
     assert sorted(offered["GEMM 1 path"]) == gemm1 and sorted(offered["row GEMM path"]) == rows, offered
     assert sorted(offered.get("dX path", ())) == (dx or []), offered
     # the launcher then runs what was picked
-    ran = {"wide": lambda n: n == "_gemm1_kernel+wide", "persistent": lambda n: n.endswith("+persistent"),
+    ran = {"wide": lambda n: n == "_gemm1_kernel+wide", "tma": lambda n: n == "_gemm1_kernel+desc",
+           "persistent": lambda n: n.endswith("+persistent"),
            "split": lambda n: n.startswith("_rows_gemm_kernel+gather"), "cat": lambda n: n == "_rows_gemm_kernel+cat"}
     for choice, at in picks:
         if choice in ran:
@@ -941,6 +942,75 @@ def test_wide_gemm1_equals_fused(monkeypatch, kw, wide) -> None:
     _assert_same(wide_out, fused, **(TOL[case.x.dtype] if ON_GPU else dict(rtol=0, atol=0)))
 
 
+@pytest.mark.parametrize("kw, desc", [
+    (dict(activation="swiglu", ids_kind="empty_experts", dtype=torch.bfloat16, d=24), True),
+    (dict(activation="geglu", bias="list", layout="list", capacity=5, dtype=torch.float16, d=24), True),  # odd I
+    # gate and up sliced from one [E, 2I, d] parameter; recompute: the backward's GEMM 1 too
+    (dict(activation="swiglu", bias="stacked", layout="fused", weight_pos="hidden", recompute=True, d=24,
+          dtype=torch.bfloat16), True),
+    (dict(activation="gelu", bias="stacked", d=24, dtype=torch.bfloat16), True),  # one weight
+    (dict(activation="geglu_tanh", T=1, k=1, noncontig=True, d=24, dtype=torch.bfloat16), True),
+    (dict(activation="swiglu", d=24), False),  # fp32 without tf32: dots on the FMA units
+    (dict(activation="swiglu", d=20, dtype=torch.bfloat16), False),  # 40-byte rows
+    (dict(activation="swiglu", layout="list_unaligned", d=24, dtype=torch.bfloat16), False),
+    (dict(activation="swiglu", layout="list_t", d=24, dtype=torch.bfloat16), False),  # contiguous along I
+], ids=["bf16-empty-experts", "fp16-list-bias-dropped", "fused-hidden-recompute", "gelu", "T1-noncontig",
+        "fp32-ieee", "rows-40-bytes", "list-unaligned", "list_t"])
+def test_tma_gemm1_equals_fused(monkeypatch, kw, desc) -> None:
+    """BLAZEC_GEMM1=tma: _gemm1_kernel's two dots with Wg and Wu read through tensor
+    descriptors made per program (B_DESC: TMA copies on Hopper), in both directions, where the
+    weights are contiguous along d with 16-byte rows and 16-byte aligned experts, and the dots
+    run on tensor cores; elsewhere the pointer loads. Checked against the reference, and equal
+    to the pointer-load kernel bit for bit under the interpreter (the same tiles: zeros past I
+    and d either way); on a GPU within the dtype's tolerance."""
+    from blazec.kernels import moe_experts
+
+    case = _gate_up_case(kw, seed=48)
+    launched = spy_launches(monkeypatch)
+    monkeypatch.setenv("BLAZEC_GEMM1", "tma")
+    if not desc:  # the launcher refuses: its forward runs the pointer-load kernel
+        moe_experts.moe_experts_fwd(*case.fwd_args())
+        assert "_gemm1_kernel" in launched and not any(n.endswith("+desc") for n in launched), launched
+        return
+    check(case)
+    gemm1 = [n for n in launched if n.startswith("_gemm1_kernel")]
+    assert gemm1 and all(n == "_gemm1_kernel+desc" for n in gemm1), launched
+    assert len(gemm1) == (2 if case.recompute else 1), launched
+    desc_out = _fwd_bwd(case)
+    monkeypatch.setenv("BLAZEC_GEMM1", "fused")
+    launched.clear()
+    fused = _fwd_bwd(case)
+    assert not any(n.endswith("+desc") for n in launched), launched
+    _assert_same(desc_out, fused, **(TOL[case.x.dtype] if ON_GPU else dict(rtol=0, atol=0)))
+
+
+def test_descriptor_scratch_sets_an_allocator_only_where_none_is_set() -> None:
+    """B_DESC kernels need Triton's allocator for their descriptors' scratch memory: set where
+    the context has none (each thread starts with none: the autograd engine's included), a
+    caller's kept."""
+    import contextvars
+
+    import triton
+    from triton.runtime import _allocation
+
+    from blazec.kernels import moe_experts
+
+    def fresh():
+        assert isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
+        moe_experts.descriptor_scratch()
+        return _allocation._allocator.get()
+
+    assert contextvars.Context().run(fresh) is moe_experts._scratch
+
+    def theirs():
+        mine = lambda size, alignment, stream: None  # noqa: E731
+        triton.set_allocator(mine)
+        moe_experts.descriptor_scratch()
+        return _allocation._allocator.get() is mine
+
+    assert contextvars.Context().run(theirs)
+
+
 @pytest.mark.parametrize("kw, cat", [
     (dict(activation="swiglu", ids_kind="empty_experts", dtype=torch.bfloat16, d=24, I=32), True),
     (dict(activation="geglu", bias="list", layout="list", capacity=5), True),  # I = 19: K steps straddle
@@ -1022,7 +1092,7 @@ def test_persistent_rows_gemm_equals_tiles(monkeypatch, kw, split) -> None:
 
 @pytest.mark.parametrize("fn, var, default, choices, bad", [
     ("dh_mode", "BLAZEC_DH", "split", ("fused", "split"), "fast"),
-    ("gemm1_mode", "BLAZEC_GEMM1", "auto", ("auto", "fused", "split", "wide"), "tiled"),
+    ("gemm1_mode", "BLAZEC_GEMM1", "auto", ("auto", "fused", "split", "wide", "tma"), "tiled"),
     ("rows_mode", "BLAZEC_ROWS", "auto", ("auto", "tiles", "persistent"), "persistant"),
     ("dx_mode", "BLAZEC_DX", "auto", ("auto", "two", "cat"), "concat"),
 ])
