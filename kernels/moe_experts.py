@@ -7,7 +7,8 @@ ops keep validating their arguments; these functions assume validated inputs.
 
 Forward (S = T*k pairs; buffers in brackets are freed when the call returns):
     1. _gemm1_kernel:      h [S, I], preact [S, n_in] (unless recompute)   gather+GEMM+act
-       (gate and up as two dots, or as one interleaved wide dot, GU_WIDE; or, where preact is
+       (gate and up as two dots, their weights by pointers or by tensor descriptors, B_DESC, or
+       as one interleaved wide dot, GU_WIDE; or, where preact is
        stored, _rows_gemm_kernel x 2 with A_GATHER into preact's halves, then _act_kernel for
        h: BLAZEC_GEMM1, by default the fastest by timing, ``gemm1_mode``)
     2. _rows_gemm_kernel:  [c: S x d]  (k == 1: y directly)                 GEMM+bias+*w

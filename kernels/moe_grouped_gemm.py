@@ -16,6 +16,8 @@ n_in = 2I (gated) or I, b = bytes per element of x.
     mode the backward runs it again with preact only (STORE_H off), into the dg | du buffer.
     GU_WIDE (``BLAZEC_GEMM1=wide``, or picked by timing under ``auto``): gate and up weights in
     one interleaved B tile, one dot per K step (docs/KERNELS.md, "GEMM 1 with one wide dot").
+    B_DESC (``BLAZEC_GEMM1=tma``, or picked by timing): the two dots' weight tiles through
+    tensor descriptors, TMA copies on Hopper (docs/KERNELS.md).
     FLOPs 2*S*d*n_in.  Bytes: S*d*b gathered x reads (L2 absorbs the k-fold reuse only
     partly; the floor is T*d*b) + E*n_in*d*b weights + S*I*b (h) [+ S*n_in*b (preact)].
 
