@@ -348,7 +348,7 @@ def _wide_ok(o: "_Operands") -> bool:
 
 def _desc_ok(o: "_Operands") -> bool:
     """Whether GEMM 1 can read its weights through tensor descriptors (B_DESC): Wg (and, gated,
-    Wu) contiguous along d, with row strides that are multiples of 16 bytes and every expert's
+    Wu) contiguous along d, with row strides of at least d that are multiples of 16 bytes and every expert's
     matrix 16-byte aligned: what a descriptor of an [I, d] matrix asks of its base and strides
     (Hopper's TMA faults on anything else); and dots on the tensor cores (not fp32 without
     tf32)."""
@@ -356,24 +356,39 @@ def _desc_ok(o: "_Operands") -> bool:
     ws = (o.wg, o.wu) if o.gated else (o.wg,)
     if o.xdt == torch.float32 and o.prec == "ieee":
         return False  # fp32 dots on the FMA units read B from registers: it spilled 7.8 KB per thread
-    return all(w.strides[2] == 1 and (w.strides[1] * el) % 16 == 0 and _aligned16(w, el) for w in ws)
+    # rows at least d apart (a tensor map's rows do not overlap: no expanded or as_strided rows)
+    return all(w.strides[2] == 1 and w.strides[1] >= o.d and (w.strides[1] * el) % 16 == 0
+               and _aligned16(w, el) for w in ws)
 
 
 def descriptor_scratch() -> None:
     """Tensor descriptors made inside a kernel need global scratch memory on Hopper, which
     Triton asks of the allocator set with ``triton.set_allocator`` (per thread: the autograd
     engine runs the backward on its own). Where none is set, give it torch's caching allocator
-    on the launch's stream; an allocator the caller set is kept."""
+    (``_scratch``), which then stays set in that thread for any Triton kernel that asks; an
+    allocator the caller set is kept. Should a Triton release move the allocator, this warns
+    once and sets nothing: a forced ``tma`` then fails at its launch, and ``auto`` drops it."""
     from triton.runtime import _allocation
 
     current = getattr(_allocation, "_allocator", None)
-    if current is None or not isinstance(current.get(), _allocation.NullAllocator):
+    if current is None or not hasattr(_allocation, "NullAllocator"):
+        if "allocator" not in _WARNED:
+            _WARNED.add("allocator")
+            warnings.warn("blazec kernels: this Triton has no triton.runtime._allocation._allocator; "
+                          "GEMM 1's tensor-descriptor path (BLAZEC_GEMM1=tma) gets no scratch allocator",
+                          stacklevel=3)
         return
-    triton.set_allocator(_scratch)
+    if isinstance(current.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
 
 
 def _scratch(size: int, alignment: int, stream) -> Tensor:
-    return torch.empty(size, dtype=torch.int8, device="cuda")
+    """``size`` bytes at a multiple of ``alignment`` on the current CUDA device and stream (the
+    ones Triton launches on), from torch's caching allocator, freed in stream order once the
+    launch has returned."""
+    buf = torch.empty(size + alignment, dtype=torch.int8, device="cuda")
+    off = -buf.data_ptr() % alignment
+    return buf[off:off + size]
 
 
 def _cat_ok(o: "_Operands") -> bool:

@@ -204,8 +204,10 @@ def _in_loops(ttgir: str, pattern: str, in_ifs: Optional[bool] = None) -> int:
 
 
 def loop_tile_loads(ttgir: str) -> int:
-    """Synchronous loads of a 2-D tile (``tt.load`` of ``tensor<AxBx!tt.ptr...>``) in loops."""
-    return _in_loops(ttgir, r"= tt\.load [^\n]*: tensor<\d+x\d+x!tt\.ptr")
+    """Synchronous loads of a 2-D tile (``tt.load`` of ``tensor<AxBx!tt.ptr...>``, or a
+    tensor descriptor's ``tt.descriptor_load``, which the pipeliner turns into TMA copies) in
+    loops."""
+    return _in_loops(ttgir, r"= tt\.load [^\n]*: tensor<\d+x\d+x!tt\.ptr|= tt\.descriptor_load ")
 
 
 _COPY_DRAIN = r"ttg\.async_wait [^\n]*\{num = 0 : i32\}"

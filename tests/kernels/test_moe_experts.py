@@ -950,38 +950,61 @@ def test_wide_gemm1_equals_fused(monkeypatch, kw, wide) -> None:
           dtype=torch.bfloat16), True),
     (dict(activation="gelu", bias="stacked", d=24, dtype=torch.bfloat16), True),  # one weight
     (dict(activation="geglu_tanh", T=1, k=1, noncontig=True, d=24, dtype=torch.bfloat16), True),
+    # rows 32 elements apart, d = 24 of them the weight's and the rest NaN: a descriptor's d
+    # must end each row where the matrix does
+    (dict(activation="swiglu", d=24, dtype=torch.bfloat16, padded=8), True),
+    (dict(activation="swiglu", bias="stacked", d=24, tf32=True), True),  # fp32 dots as tf32
     (dict(activation="swiglu", d=24), False),  # fp32 without tf32: dots on the FMA units
     (dict(activation="swiglu", d=20, dtype=torch.bfloat16), False),  # 40-byte rows
     (dict(activation="swiglu", layout="list_unaligned", d=24, dtype=torch.bfloat16), False),
     (dict(activation="swiglu", layout="list_t", d=24, dtype=torch.bfloat16), False),  # contiguous along I
+    (dict(activation="swiglu", d=24, dtype=torch.bfloat16, padded=-1), False),  # Wg's rows expanded: stride 0
 ], ids=["bf16-empty-experts", "fp16-list-bias-dropped", "fused-hidden-recompute", "gelu", "T1-noncontig",
-        "fp32-ieee", "rows-40-bytes", "list-unaligned", "list_t"])
+        "padded-rows", "fp32-tf32", "fp32-ieee", "rows-40-bytes", "list-unaligned", "list_t", "expanded-rows"])
 def test_tma_gemm1_equals_fused(monkeypatch, kw, desc) -> None:
     """BLAZEC_GEMM1=tma: _gemm1_kernel's two dots with Wg and Wu read through tensor
     descriptors made per program (B_DESC: TMA copies on Hopper), in both directions, where the
-    weights are contiguous along d with 16-byte rows and 16-byte aligned experts, and the dots
-    run on tensor cores; elsewhere the pointer loads. Checked against the reference, and equal
-    to the pointer-load kernel bit for bit under the interpreter (the same tiles: zeros past I
-    and d either way); on a GPU within the dtype's tolerance."""
+    weights are contiguous along d with rows at least d apart, 16-byte rows and 16-byte aligned
+    experts, and the dots run on tensor cores; elsewhere the pointer loads. Checked against the
+    reference, and equal to the pointer-load kernel bit for bit under the interpreter (the same
+    tiles: zeros past I and d either way); on a GPU within the dtype's tolerance."""
     from blazec.kernels import moe_experts
 
+    kw = dict(kw)
+    padded, tf32 = kw.pop("padded", 0), kw.pop("tf32", False)
     case = _gate_up_case(kw, seed=48)
-    launched = spy_launches(monkeypatch)
-    monkeypatch.setenv("BLAZEC_GEMM1", "tma")
-    if not desc:  # the launcher refuses: its forward runs the pointer-load kernel
-        moe_experts.moe_experts_fwd(*case.fwd_args())
-        assert "_gemm1_kernel" in launched and not any(n.endswith("+desc") for n in launched), launched
-        return
-    check(case)
-    gemm1 = [n for n in launched if n.startswith("_gemm1_kernel")]
-    assert gemm1 and all(n == "_gemm1_kernel+desc" for n in gemm1), launched
-    assert len(gemm1) == (2 if case.recompute else 1), launched
-    desc_out = _fwd_bwd(case)
-    monkeypatch.setenv("BLAZEC_GEMM1", "fused")
-    launched.clear()
-    fused = _fwd_bwd(case)
-    assert not any(n.endswith("+desc") for n in launched), launched
-    _assert_same(desc_out, fused, **(TOL[case.x.dtype] if ON_GPU else dict(rtol=0, atol=0)))
+    for name in ("w_gate", "w_up") if padded else ():
+        (w,) = case.w[name]  # stacked
+        if padded > 0:  # the same values in rows `padded` elements longer, NaN past d
+            buf = torch.full((*w.shape[:2], w.shape[2] + padded), float("nan"), dtype=w.dtype, device=w.device)
+            buf[..., :w.shape[2]] = w
+            case.w[name] = [buf[..., :w.shape[2]]]
+        elif padded < 0 and name == "w_gate":  # every expert's rows one row, repeated
+            case.w[name] = [w[:, :1].expand(w.shape)]
+    if tf32:
+        old = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("high")
+    try:
+        launched = spy_launches(monkeypatch)
+        monkeypatch.setenv("BLAZEC_GEMM1", "tma")
+        if not desc:  # the launcher refuses: its forward runs the pointer-load kernel
+            moe_experts.moe_experts_fwd(*case.fwd_args())
+            assert "_gemm1_kernel" in launched and not any(n.endswith("+desc") for n in launched), launched
+            return
+        tol = dict(rtol=2e-2, atol=2e-2) if tf32 and ON_GPU else None  # tf32 against the fp32 reference
+        check(case, tol)
+        gemm1 = [n for n in launched if n.startswith("_gemm1_kernel")]
+        assert gemm1 and all(n == "_gemm1_kernel+desc" for n in gemm1), launched
+        assert len(gemm1) == (2 if case.recompute else 1), launched
+        desc_out = _fwd_bwd(case)
+        monkeypatch.setenv("BLAZEC_GEMM1", "fused")
+        launched.clear()
+        fused = _fwd_bwd(case)
+        assert not any(n.endswith("+desc") for n in launched), launched
+        _assert_same(desc_out, fused, **(tol or TOL[case.x.dtype] if ON_GPU else dict(rtol=0, atol=0)))
+    finally:
+        if tf32:
+            torch.set_float32_matmul_precision(old)
 
 
 def test_descriptor_scratch_sets_an_allocator_only_where_none_is_set() -> None:
