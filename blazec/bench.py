@@ -705,7 +705,7 @@ def run(args: argparse.Namespace, stream=None) -> int:
         f"{flops / 1e9:.3g} GFLOP of expert GEMMs per step; % dense: of the dense-equivalent row's "
         f"TFLOP/s; err: max abs error / max abs value, vs eager-loop (dW: the largest of the router's "
         f"and the three expert weights')." + (" host (in each row's line): median time the host took to "
-        f"issue a step; near the step's ms, the step was host-bound." if on_cuda else ""))
+        "issue a step; near the step's ms, the step was host-bound." if on_cuda else ""))
     for r in rows:
         if r.extra.get("profile_error"):
             say(f"profile {r.impl}: failed: {r.extra['profile_error']}")
