@@ -225,8 +225,9 @@ def _gemm1_kernel(
         # this expert's): on Hopper the tiles arrive by TMA, one bulk copy per tile instead of
         # a 16-byte copy per thread and row, with no per-thread pointers. Tiles past I or D
         # read as zeros, as the masked loads' `other`. The launcher sets B_DESC only where
-        # both weights are contiguous along D, their row strides multiples of 16 bytes and
-        # every expert's base 16-byte aligned (what a descriptor needs).
+        # both weights are contiguous along D, their rows at least D apart with strides that
+        # are multiples of 16 bytes, and every expert's base 16-byte aligned (what a
+        # descriptor needs).
         n0 = pid_n * BLOCK_N
         dg = tl.make_tensor_descriptor(wg_base, shape=[I, D], strides=[s_wgo, 1], block_shape=[BLOCK_N, BLOCK_K])
         acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
