@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ import triton.language as tl
 from torch import Tensor
 
 from blazec.ops.reference import is_stacked, stacked_grad_shape
+
+log = logging.getLogger("blazec")
 
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # A global constexpr, readable inside @triton.jit functions.
@@ -419,6 +422,9 @@ def pick_fastest(name: str, key: tuple, candidates: dict[str, Callable[[], None]
     else:
         times = {c: do_bench(fn, warmup=5, rep=20) for c, fn in candidates.items()}
         hit = cache[key] = min(times, key=times.get)
+        # one line per launch site and shape class, at its first call (TORCH_LOGS="blazec")
+        log.info("blazec kernels: %s: %s (%s)", name, hit,
+                 ", ".join(f"{c} {t:.3f} ms" for c, t in sorted(times.items(), key=lambda ct: ct[1])))
     return hit
 
 

@@ -631,8 +631,23 @@ def test_pick_fastest_takes_only_candidates_that_agree(monkeypatch) -> None:
     assert _common.pick_fastest("t", (0,), cands, "ref", [(out, float("nan"))]) == "ref"
     assert timed == [] and acc.sum() == 0  # CPU outputs
     monkeypatch.setattr(_common, "timeable", lambda t: True)
-    with pytest.warns(UserWarning) as caught:
-        pick = _common.pick_fastest("t", (1,), cands, "ref", [(out, float("nan")), (acc, 0.0)])
+    import logging
+
+    logged: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: logged.append(record.getMessage())
+    blazec_log = logging.getLogger("blazec")
+    level = blazec_log.level
+    blazec_log.setLevel(logging.INFO)  # (setLevel, not the attribute: it clears isEnabledFor's cache)
+    blazec_log.addHandler(handler)
+    try:
+        with pytest.warns(UserWarning) as caught:
+            pick = _common.pick_fastest("t", (1,), cands, "ref", [(out, float("nan")), (acc, 0.0)])
+    finally:
+        blazec_log.removeHandler(handler)
+        blazec_log.setLevel(level)
+    # the pick and its timings, one line in the blazec log (TORCH_LOGS="blazec")
+    assert logged == ["blazec kernels: t: same (same 2.000 ms, ref 3.000 ms)"]
     messages = [str(w.message) for w in caught]
     assert any("'fails' failed" in m and "out of resources" in m for m in messages), messages
     assert any("did not compute the bits of 'ref'" in m for m in messages), messages
