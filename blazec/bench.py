@@ -43,9 +43,11 @@ error of the output, of dL/dx and of the weight gradients (router and the three 
 weights, the largest of the four) against the eager loop, each relative to the largest value.
 On CUDA each row's line also gives the median host time to issue a step (its kernels queued):
 near the step's time, the step was host-bound (the GPU waited for the host, or the host for
-the GPU where the step syncs, as the eager loop's torch.where does). On CPU, "act" is the bytes autograd saves
-for backward (saved-tensor hooks) and "peak" is not measured; CPU timings are not the GPU claim. The GPU shapes (olmoe-like, mixtral-like) need
-CUDA.
+the GPU where the step syncs, as the eager loop's torch.where does). The -cudagraphs rows
+report no peak or act on CUDA: their graphs' memory pool is held from the recording step on,
+so the counters cannot split it. On CPU, "act" is the bytes autograd saves for backward
+(saved-tensor hooks) and "peak" is not measured; CPU timings are not the GPU claim. The GPU
+shapes (olmoe-like, mixtral-like) need CUDA.
 
 The first step of each row (compiling, and autotuning each kernel key that no earlier row of
 the process has tuned) is not timed, but its results are kept and compared with a later
@@ -272,8 +274,9 @@ def _step(model, x):
 def _time(model, x, dev, warmup: int, iters: int) -> tuple[float, float]:
     """Median step time, and the median host time the step took to issue (from the start event
     until ``_step`` returned, its kernels queued): on CUDA, a host time close to the step's
-    says the GPU waited for the host, one well below it that the step was GPU-bound (the
-    profiled step's idle gaps say where; this says whether, without the profiler's own cost)."""
+    says the step was host-bound (the GPU waited for the host, or a sync made the host wait),
+    one well below it that it was GPU-bound (the profiled step's idle gaps say where; this says
+    whether, without the profiler's own cost)."""
     for _ in range(warmup):
         model.zero_grad(set_to_none=True)
         x.grad = None
@@ -639,7 +642,8 @@ def run(args: argparse.Namespace, stream=None) -> int:
                 del first
                 row.ms, host_ms = _time(model, x, dev, args.warmup, args.iters)
                 row.tflops = flops / (row.ms * 1e-3) / 1e12
-                row.peak_gib, row.act_gib = peak, act
+                graph_pool = on_cuda and impl.endswith("-cudagraphs")  # held from recording on
+                row.peak_gib, row.act_gib = (None, None) if graph_pool else (peak, act)
                 if impl == "eager-loop":
                     ref = res
                 elif ref is None and impl != DENSE:  # the reference row was not requested: run it untimed
@@ -660,6 +664,8 @@ def run(args: argparse.Namespace, stream=None) -> int:
                 notes = [_kernel_note(dev, impl)]
             if impl == DENSE:
                 notes.append("ceiling: dense GEMMs on T*k rows, same FLOPs")
+            if on_cuda and impl.endswith("-cudagraphs"):
+                notes.append("CUDA graphs: no peak / act (the graphs' pool)")
             if "rewrites" in row.extra:
                 n = row.extra["rewrites"]
                 notes.append(f"{n} MoE rewrite(s)" if n else "blaze rewrote nothing!")
