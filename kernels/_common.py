@@ -385,6 +385,26 @@ def _agreeing(name: str, key: tuple, candidates: dict[str, Callable[[], None]], 
     return keep
 
 
+# The names of the launch paths the timed choices offer (``pick_fastest``'s candidates at its
+# call sites in moe_experts.py), which ``BLAZEC_AUTO_EXCLUDE`` may name.
+AUTO_PATHS = ("fused", "wide", "tma", "split", "tiles", "persistent", "two", "cat", "cat-persistent",
+              "single", "dual")
+
+
+def auto_excluded() -> frozenset:
+    """``BLAZEC_AUTO_EXCLUDE``: launch paths the timed choices must not run, comma-separated
+    (for instance ``tma,cat-persistent``), for a path that fails on a card where the check
+    cannot catch it (a fault that ends the process); a site's default always stays. A name that
+    is not a path is an error that lists them."""
+    value = os.environ.get("BLAZEC_AUTO_EXCLUDE", "").strip()
+    names = frozenset(n.strip() for n in value.split(",") if n.strip())
+    unknown = sorted(names - set(AUTO_PATHS))
+    if unknown:
+        raise ValueError(f"BLAZEC_AUTO_EXCLUDE names no launch path: {', '.join(map(repr, unknown))}; "
+                         f"the paths: {', '.join(AUTO_PATHS)}")
+    return names
+
+
 def timeable(t: Tensor) -> bool:
     """Whether launches writing ``t`` can be timed: a CUDA tensor (CPU tensors reach the
     launchers only in the host benchmarks, whose launches are stubbed)."""
@@ -399,10 +419,15 @@ def pick_fastest(name: str, key: tuple, candidates: dict[str, Callable[[], None]
     autotune inside its first run), then that one from the cache; ``default`` under the
     interpreter, with ``BLAZEC_AUTOTUNE=0``, for CPU ``outputs``, and for an uncached key during
     a CUDA graph capture. With ``outputs`` ((buffer, fill value) pairs: what the candidates
-    write), only candidates that compute the default's bits take part (``_agreeing``). The
-    caller runs the returned candidate itself."""
+    write), only candidates that compute the default's bits take part (``_agreeing``); those
+    that ``BLAZEC_AUTO_EXCLUDE`` names never do (``auto_excluded``). The caller runs the returned
+    candidate itself."""
+    excluded = auto_excluded() & set(candidates) - {default}  # (read first: a bad value errs anywhere)
     if INTERPRET or not autotune_enabled():
         return default
+    if excluded:
+        candidates = {c: fn for c, fn in candidates.items() if c not in excluded}
+        key = (*key, "excluded", *sorted(excluded))
     if len(candidates) == 1:
         return next(iter(candidates))
     cache = IMPL_CHOICES.setdefault(name, {})

@@ -8,7 +8,8 @@
 # (output, dL/dx and the weight gradients) check the kernels against the loop reference again
 # at the real shapes, and each blazec row's first, autotuning step against a later one.
 # A dry run of the whole flow on a machine without a GPU (small CPU shapes, interpreter):
-#   OUT=/tmp/gco WARM_SHAPE=64,32,48,8,2 WARM_SMALL=64,32,48,8,2 SHAPES="64,32,48,8,2:120" XDIST="-n 2" bash scripts/gpu_check.sh
+#   OUT=/tmp/gco WARM_SHAPE=64,32,48,8,2 WARM_SMALL=64,32,48,8,2 SHAPES="64,32,48,8,2:120" XDIST="-n 2" SMOKE_PATHS="" bash scripts/gpu_check.sh
+# (SMOKE_PATHS="": without a GPU every path's smoke run fails, which would drop their rows)
 set -uo pipefail
 export PYTHONUNBUFFERED=1  # a step stopped by its timeout still leaves what it printed
 OUT=${OUT:-gpu_out}
@@ -65,6 +66,16 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,temperature.gpu
 # the interpreter; BLAZEC_AUTOTUNE=0, first configs), on pytest-xdist workers sharing the
 # cache. The AOT test is a CPU-side check and already runs in CI.
 t0=$(date +%s)
+# Each timed launch path once, forced, on a small problem in a process of its own
+# (scripts/path_smoke.py): one that does not exit 0 there (a fault ends a process, which the
+# timed choice's own check cannot catch) is left out of the bench below, from blazec-loop's
+# timed choices (BLAZEC_AUTO_EXCLUDE) and as a forced row. First configs only (no autotuning):
+# a crash check, not a timing.
+SMOKE_PATHS=${SMOKE_PATHS-tma cat cat-persistent wide split persistent}
+for p in $SMOKE_PATHS; do
+  ( BLAZEC_AUTOTUNE=0 timeout 140 python3 scripts/path_smoke.py "$p" > "$TMP/smoke_$p.txt" 2>&1
+    echo $? > "$TMP/smoke_$p.rc" ) &
+done
 for impl in $WARM_IMPLS; do
   timeout "$WARM_S" python3 -m blazec.bench --shape "$WARM_SHAPE" --dtype bf16 --impl "$impl" --warmup 0 --iters 1 \
     > "$TMP/warm_$impl.txt" 2>&1 &
@@ -87,7 +98,23 @@ timeout -s INT -k 15 "$left" python3 -m pytest -q -x $XDIST tests/kernels tests/
 echo "tests rc=$? in $(( $(date +%s) - t0 )) s" | tee -a "$OUT/versions.txt"
 tail -5 "$OUT/tests.log"
 wait
-for f in "$TMP"/warm_*.txt; do echo "== $f"; cat "$f"; done > "$OUT/warm.txt"
+for f in "$TMP"/warm_*.txt "$TMP"/smoke_*.txt; do [ -e "$f" ] && { echo "== $f"; cat "$f"; }; done > "$OUT/warm.txt"
+EXCLUDE=""
+declare -A ROW_OF=([tma]=blazec-loop-tma-gemm1 [wide]=blazec-loop-wide-gemm1 [split]=blazec-loop-split-gemm1
+                   [persistent]=blazec-loop-persistent-rows [cat]=blazec-loop-cat-dx)
+for p in $SMOKE_PATHS; do
+  rc=$(cat "$TMP/smoke_$p.rc" 2>/dev/null || echo missing)
+  echo "path_smoke $p: rc=$rc; $(tail -1 "$TMP/smoke_$p.txt" 2>/dev/null)" | tee -a "$OUT/versions.txt"
+  if [ "$rc" != 0 ]; then
+    EXCLUDE="$EXCLUDE${EXCLUDE:+,}$p"
+    row=${ROW_OF[$p]:-}
+    [ -n "$row" ] && IMPLS=${IMPLS//--impl $row/}
+  fi
+done
+if [ -n "$EXCLUDE" ]; then
+  export BLAZEC_AUTO_EXCLUDE=$EXCLUDE
+  echo "left out of the bench: $EXCLUDE (BLAZEC_AUTO_EXCLUDE, and their forced rows)" | tee -a "$OUT/versions.txt"
+fi
 echo "cache warm-up and tests: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/versions.txt"
 # 2. The protocol at both shapes, alone on the GPU, kernels on (the default on CUDA), with a
 # profiled step per row (per-launch kernel times, GPU busy time).

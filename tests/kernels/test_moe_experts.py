@@ -662,6 +662,36 @@ def test_pick_fastest_takes_only_candidates_that_agree(monkeypatch) -> None:
     assert timed == ["ref", "same"]  # one candidate left: nothing to time
 
 
+def test_auto_exclude_keeps_named_paths_out_of_the_timed_choice(monkeypatch) -> None:
+    """BLAZEC_AUTO_EXCLUDE: the named paths are never run or timed (a site's default always
+    stays), the choice is cached apart from one without the exclusion, and a name that is no
+    launch path is an error that lists them."""
+    import triton.testing
+
+    from blazec.kernels import _common
+
+    monkeypatch.setattr(_common, "INTERPRET", False)
+    monkeypatch.setattr(_common, "IMPL_CHOICES", {})
+    monkeypatch.delenv("BLAZEC_AUTOTUNE", raising=False)
+    ran: list[str] = []
+    cands = {c: (lambda c=c: ran.append(c)) for c in ("fused", "wide", "tma")}
+    speed = {"fused": 3.0, "wide": 2.0, "tma": 1.0}
+
+    def do_bench(fn, warmup, rep):
+        fn()
+        return speed[ran[-1]]
+
+    monkeypatch.setattr(triton.testing, "do_bench", do_bench)
+    monkeypatch.setenv("BLAZEC_AUTO_EXCLUDE", "tma, fused")  # the default stays
+    assert _common.pick_fastest("GEMM 1 path", (1,), cands, "fused") == "wide"
+    assert ran == ["fused", "wide"]
+    monkeypatch.setenv("BLAZEC_AUTO_EXCLUDE", "")
+    assert _common.pick_fastest("GEMM 1 path", (1,), cands, "fused") == "tma"  # not the cached pick
+    monkeypatch.setenv("BLAZEC_AUTO_EXCLUDE", "tma,wdie")
+    with pytest.raises(ValueError, match="BLAZEC_AUTO_EXCLUDE names no launch path: 'wdie'.*cat-persistent"):
+        _common.pick_fastest("GEMM 1 path", (1,), cands, "fused")
+
+
 def test_bits_checksum() -> None:
     """Equal for equal bits; different for a changed element, swapped rows or columns, -0.0
     against 0.0, swapped experts of a stacked tensor; over a strided view as over its copy, and
@@ -734,6 +764,7 @@ def test_auto_launch_paths_agree(monkeypatch, kw, gemm1, rows, dx) -> None:
         assert set(writing) <= {t.untyped_storage().data_ptr() for t, _ in outputs}, (name, key)
         writing[:0] = outer
         offered.setdefault(name, set()).update(cands)
+        assert set(cands) <= set(_common.AUTO_PATHS), cands  # what BLAZEC_AUTO_EXCLUDE may name
         choice = max(kept, key=lambda c: c != default)  # a non-default one where there is one
         picks.append((choice, len(launched)))
         return choice
