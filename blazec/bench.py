@@ -561,6 +561,13 @@ def _kernel_note(dev: torch.device, impl: str) -> str:
             + (f", dX {dx} (forced)" if dx != "auto" else ""))
 
 
+def _graph_skips() -> int:
+    """How many times Inductor has declined CUDA graphs in this process (it only logs why)."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"].get("cudagraph_skips", 0)
+
+
 def _autotune_choices() -> dict:
     """The Triton configs the kernels' autotuners picked in this run (empty if none ran)."""
     try:
@@ -623,74 +630,82 @@ def run(args: argparse.Namespace, stream=None) -> int:
 
     rows: list[Row] = []
     ref: Optional[StepResult] = None
-    for impl in impls:
-        row = Row(impl)
-        say(f"  running {impl} ...")
-        first_diff = None
-        try:
-            with _row_env(impl):
-                _clear_paths_taken()
-                model, facts = _build(impl, loop, x)
-                model.zero_grad(set_to_none=True)
-                x.grad = None
-                # compiles and autotunes where needed, outside the measurements
-                first = _result(model, x, _step(model, x))
-                if impl.endswith("-cudagraphs"):  # the step that records the graphs: the
-                    _step(model, x)  # memory step below then measures a replay, as timed
-                peak, act, res = _memory(model, x, dev)
-                first_diff = _max_diff(first, res)
-                del first
-                row.ms, host_ms = _time(model, x, dev, args.warmup, args.iters)
-                row.tflops = flops / (row.ms * 1e-3) / 1e12
-                graph_pool = on_cuda and impl.endswith("-cudagraphs")  # held from recording on
-                row.peak_gib, row.act_gib = (None, None) if graph_pool else (peak, act)
-                if impl == "eager-loop":
-                    ref = res
-                elif ref is None and impl != DENSE:  # the reference row was not requested: run it untimed
-                    ref = _memory(loop, x, dev)[2]
-                if impl != DENSE:
-                    row.err_out = _rel_err(res.out, ref.out)
-                    row.err_dx = _rel_err(res.dx, ref.dx)
-                    row.err_dw = _dw_err(res.dw, ref.dw)
-                del res
-                row.extra = facts()
-                row.extra["first_step_diff"] = first_diff
-                row.extra["host_ms"] = host_ms
-                if args.profile:
-                    try:  # a profiler failure costs the profile, not the row's measurements
-                        row.extra["profile"] = _profile(model, x, dev, args.profile)
-                    except Exception as e:  # noqa: BLE001
-                        row.extra["profile_error"] = f"{type(e).__name__}: {str(e).strip()[:160]}"
-                notes = [_kernel_note(dev, impl)]
-            if impl == DENSE:
-                notes.append("ceiling: dense GEMMs on T*k rows, same FLOPs")
-            if on_cuda and impl.endswith("-cudagraphs"):
-                notes.append("CUDA graphs: no peak / act (the graphs' pool)")
-            if "rewrites" in row.extra:
-                n = row.extra["rewrites"]
-                notes.append(f"{n} MoE rewrite(s)" if n else "blaze rewrote nothing!")
-            if impl.startswith("blazec") and first_diff:  # deterministic kernels: must be 0
-                notes.append(f"FIRST STEP DIFFERS from a later one by {first_diff:.2e}")
-            row.note = "; ".join(n for n in notes if n)
-        except torch.cuda.OutOfMemoryError as e:
-            row.note = f"OOM ({str(e).splitlines()[0][:80]})"
-        except Exception as e:  # noqa: BLE001 - a failing row is a result, like in BASELINES.md
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            row.note = f"failed: {type(e).__name__}: {msg[:120]}"
-        finally:
-            model = None  # free this row's weights before the next row builds its own
-            if on_cuda:
-                torch.cuda.empty_cache()
-        rows.append(row)
-        # As each row ends, so that a run stopped part-way (a timeout) still has its rows.
-        first = "" if first_diff is None else ("; first step: bitwise equal to a later one" if first_diff == 0
-                                                 else f"; first step differs by {first_diff:.1e}")
-        host = row.extra.get("host_ms") if on_cuda else None  # on CPU the step is host time
-        say(f"    {impl}: {_fmt(row.ms, '.2f')} ms" + (f" (host {host:.2f} ms)" if host is not None else "")
-            + f", peak {_fmt(row.peak_gib, '.3f')} GiB, "
-            f"act {_fmt(row.act_gib, '.3g')} GiB, err {_fmt(row.err_out, '.1e')} / {_fmt(row.err_dx, '.1e')}"
-            f" / {_fmt(row.err_dw, '.1e')}" + first + (f"; {row.note}" if row.note else ""))
-        torch._dynamo.reset()
+    try:  # SIGINT (the GPU script's timeout) stops the rows; what ran is still reported
+        for impl in impls:
+            row = Row(impl)
+            say(f"  running {impl} ...")
+            first_diff = None
+            skips = _graph_skips()
+            try:
+                with _row_env(impl):
+                    _clear_paths_taken()
+                    model, facts = _build(impl, loop, x)
+                    model.zero_grad(set_to_none=True)
+                    x.grad = None
+                    # compiles and autotunes where needed, outside the measurements
+                    first = _result(model, x, _step(model, x))
+                    if impl.endswith("-cudagraphs"):  # the step that records the graphs: the
+                        _step(model, x)  # memory step below then measures a replay, as timed
+                    peak, act, res = _memory(model, x, dev)
+                    first_diff = _max_diff(first, res)
+                    del first
+                    row.ms, host_ms = _time(model, x, dev, args.warmup, args.iters)
+                    row.tflops = flops / (row.ms * 1e-3) / 1e12
+                    graph_pool = on_cuda and impl.endswith("-cudagraphs")  # held from recording on
+                    row.peak_gib, row.act_gib = (None, None) if graph_pool else (peak, act)
+                    if impl == "eager-loop":
+                        ref = res
+                    elif ref is None and impl != DENSE:  # the reference row was not requested: run it untimed
+                        ref = _memory(loop, x, dev)[2]
+                    if impl != DENSE:
+                        row.err_out = _rel_err(res.out, ref.out)
+                        row.err_dx = _rel_err(res.dx, ref.dx)
+                        row.err_dw = _dw_err(res.dw, ref.dw)
+                    del res
+                    row.extra = facts()
+                    row.extra["first_step_diff"] = first_diff
+                    row.extra["host_ms"] = host_ms
+                    if args.profile:
+                        try:  # a profiler failure costs the profile, not the row's measurements
+                            row.extra["profile"] = _profile(model, x, dev, args.profile)
+                        except Exception as e:  # noqa: BLE001
+                            row.extra["profile_error"] = f"{type(e).__name__}: {str(e).strip()[:160]}"
+                    notes = [_kernel_note(dev, impl)]
+                if impl == DENSE:
+                    notes.append("ceiling: dense GEMMs on T*k rows, same FLOPs")
+                if on_cuda and impl.endswith("-cudagraphs"):
+                    notes.append("CUDA graphs: no peak / act (the graphs' pool)" if _graph_skips() == skips
+                                 else "CUDA GRAPHS SKIPPED (Inductor's log says why): not a graph row")
+                if "rewrites" in row.extra:
+                    n = row.extra["rewrites"]
+                    notes.append(f"{n} MoE rewrite(s)" if n else "blaze rewrote nothing!")
+                if impl.startswith("blazec") and first_diff:  # deterministic kernels: must be 0
+                    notes.append(f"FIRST STEP DIFFERS from a later one by {first_diff:.2e}")
+                row.note = "; ".join(n for n in notes if n)
+            except torch.cuda.OutOfMemoryError as e:
+                row.note = f"OOM ({str(e).splitlines()[0][:80]})"
+            except Exception as e:  # noqa: BLE001 - a failing row is a result, like in BASELINES.md
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                row.note = f"failed: {type(e).__name__}: {msg[:120]}"
+            finally:
+                model = None  # free this row's weights before the next row builds its own
+                if on_cuda:
+                    torch.cuda.empty_cache()
+            rows.append(row)
+            # As each row ends, so that a run stopped part-way (a timeout) still has its rows.
+            first = "" if first_diff is None else ("; first step: bitwise equal to a later one" if first_diff == 0
+                                                     else f"; first step differs by {first_diff:.1e}")
+            host = row.extra.get("host_ms") if on_cuda else None  # on CPU the step is host time
+            say(f"    {impl}: {_fmt(row.ms, '.2f')} ms" + (f" (host {host:.2f} ms)" if host is not None else "")
+                + f", peak {_fmt(row.peak_gib, '.3f')} GiB, "
+                f"act {_fmt(row.act_gib, '.3g')} GiB, err {_fmt(row.err_out, '.1e')} / {_fmt(row.err_dx, '.1e')}"
+                f" / {_fmt(row.err_dw, '.1e')}" + first + (f"; {row.note}" if row.note else ""))
+            try:  # a row that failed may leave compiled state that will not reset
+                torch._dynamo.reset()
+            except Exception as e:  # noqa: BLE001
+                say(f"    (torch._dynamo.reset() failed after {impl}: {type(e).__name__}: {str(e)[:120]})")
+    except KeyboardInterrupt:
+        say(f"  interrupted after {len(rows)} of {len(impls)} rows; the table and targets below are theirs")
 
     dense = next((r.tflops for r in rows if r.impl == DENSE and r.tflops), None)
     for r in rows:

@@ -41,3 +41,19 @@ def test_layer_runs_and_repeats(monkeypatch, stacked) -> None:
     assert len(a) == (6 if stacked else 3 + 3 * 8)
     assert all(torch.equal(s, t) for s, t in zip(a, b))  # the same inputs each run
     assert all(t.abs().sum() > 0 for t in a)
+
+
+def test_a_nan_is_a_disagreement(monkeypatch, capsys) -> None:
+    """A path whose results hold NaN must not pass (max() would drop a NaN difference)."""
+    mod = _module()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    calls: list[dict] = []
+
+    def run(env, stacked, device="cuda"):
+        calls.append(env)
+        nan = env.get("BLAZEC_GEMM1") == "tma"
+        return [torch.tensor([float("nan") if nan else 1.0, 2.0])]
+
+    monkeypatch.setattr(mod, "run", run)
+    assert mod.main(["tma"]) == 1 and "DISAGREES" in capsys.readouterr().out
+    assert mod.main(["cat"]) == 0 and "agrees" in capsys.readouterr().out

@@ -286,3 +286,20 @@ def test_step_results_are_copies() -> None:
     res = bench._result(loop, x, out)
     assert res.out.data_ptr() != out.data_ptr() and torch.equal(res.out, out)
     assert res.dx.data_ptr() != x.grad.data_ptr()  # (the weight gradients are stacked: new tensors)
+
+
+def test_an_interrupt_stops_the_rows_and_reports_those_that_ran(tmp_path, monkeypatch) -> None:
+    """SIGINT (the GPU script's timeout) during a row: the rows that ended are still in the
+    table, the targets and the JSON."""
+    real = bench._build
+
+    def build(impl, loop, x):
+        if impl == "blazec-ops":
+            raise KeyboardInterrupt
+        return real(impl, loop, x)
+
+    monkeypatch.setattr(bench, "_build", build)
+    rc, text, data = _run_small(tmp_path, "--impl", "eager-loop", "--impl", "blazec-ops", "--impl", "sort-grouped-mm")
+    assert rc == 0
+    assert "interrupted after 1 of 3 rows" in text and "| eager-loop |" in text
+    assert [r["impl"] for r in data["rows"]] == ["eager-loop"]
