@@ -3,7 +3,8 @@
 # the compile caches warm up, then the BASELINES.md protocol at both shapes, alone on the GPU.
 # Writes everything under $OUT (default ./gpu_out): at most 8 files, as the tool returns.
 #   run: bash scripts/gpu_check.sh        (the image already has torch and triton)
-# At most ~7.5 minutes (the timeouts below: 150 + 2 x 150 s) of a 15-minute device session,
+# About 8 minutes (the timeouts below: 150 + 2 x 150 s, their kill grace periods, and 90 s for
+# each path whose smoke run must be retried) of a 15-minute device session,
 # whose start counts too, so that a second, shorter run fits after it; the bench's error columns
 # (output, dL/dx and the weight gradients) check the kernels against the loop reference again
 # at the real shapes, and each blazec row's first, autotuning step against a later one.
