@@ -396,7 +396,13 @@ def auto_excluded() -> frozenset:
     (for instance ``tma,cat-persistent``), for a path that fails on a card where the check
     cannot catch it (a fault that ends the process); a site's default always stays. A name that
     is not a path is an error that lists them."""
-    value = os.environ.get("BLAZEC_AUTO_EXCLUDE", "").strip()
+    return _parse_auto_exclude(os.environ.get("BLAZEC_AUTO_EXCLUDE", ""))
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_auto_exclude(value: str) -> frozenset:
+    """``auto_excluded``'s parse, cached by the variable's value (it runs at every timed choice,
+    on the host path; a bad value raises again at each call, since errors are not cached)."""
     names = frozenset(n.strip() for n in value.split(",") if n.strip())
     unknown = sorted(names - set(AUTO_PATHS))
     if unknown:

@@ -252,13 +252,21 @@ def test_peak_memory_measures_the_kernel_path_with_launches_stubbed() -> None:
     # The grouped_mm weight gradients (the default on Hopper in bf16) add their sorted row
     # copies (S x d) to the peak.
     r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "peak_memory.py"), "--shape",
-                        f"{T},{d},{I},{E},{k}", "--json", "--wgrad", "grouped_mm"],
+                        f"{T},{d},{I},{E},{k}", "--json", "--wgrad", "grouped_mm", "--trace", "1"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     gm = json.loads(r.stdout.strip().splitlines()[-1])
     rows = T * k * d * 2 / 1024**3
     assert gm["act_gib"] == res[False]["act_gib"], (gm, res)
     assert res[False]["peak_gib"] < gm["peak_gib"] <= res[False]["peak_gib"] + rows + 0.01 * MiB, (gm, res)
+    # --trace: the step's allocations of at least 1 MiB in order; the peak's lines carry the
+    # peak's total, and it is reached in the blaze backward, allocating a weight gradient
+    peak_lines = [ln for ln in gm["trace"] if ln.endswith("<- peak")]
+    assert peak_lines and all(f"total {gm['peak_gib'] * 1024:9.1f} MiB" in ln for ln in peak_lines), gm["trace"]
+    assert all("blazec::moe_experts_backward" in ln for ln in peak_lines), peak_lines
+    sizes = [float(ln.split()[0]) for ln in gm["trace"] if not ln.endswith("<- peak")]
+    assert all(abs(v) >= 1 for v in sizes), gm["trace"]  # (a peak's line shows at any size)
+    assert E * I * d * 2 / 2**20 in map(abs, sizes + [float(ln.split()[0]) for ln in peak_lines]), gm["trace"]
 
 
 def test_cudagraph_rows_run_and_are_compared_with_each_other(tmp_path) -> None:
