@@ -725,3 +725,9 @@ def set_experts_flag(layer: MoeLayer, recompute: bool) -> None:
                 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
                 u.meta["tensor_meta"] = _extract_tensor_metadata(new_pre)
+    # Inductor lowers a custom op with its inputs constrained to the strides recorded at
+    # trace time (meta "eager_input_vals"): those of the backward's preact and flag change too
+    for n in (fwd, *layer.bwds):
+        if "eager_input_vals" in n.meta:
+            n.meta["eager_input_vals"] = torch.fx.node.map_aggregate(
+                (n.args, n.kwargs), lambda a: a.meta.get("val") if isinstance(a, torch.fx.Node) else a)

@@ -331,3 +331,16 @@ def test_checkpoint_regions_replay_rng_within_budget():
         assert recomputed.count("native_dropout.default") == 1, recomputed
         assert_same((out, grads), ref, exact=False)
     assert plan.status == "infeasible" and plan.min_feasible_bytes == plan.saved_bytes
+
+
+@pytest.mark.parametrize("budget", [0.6, 0.0])
+def test_budget_under_inductor_matches_eager(budget):
+    """A budget that switches a MoE layer to recompute GEMM 1 under the default final stage
+    (Inductor lowers the blaze ops with their inputs constrained to the strides recorded at
+    trace time, "eager_input_vals", which the switch must update too: the backward's lowering
+    failed on the preact's [0] before)."""
+    model, inputs = make_moe()
+    ref = eager(clone_model(model), inputs)
+    out, grads, _, plans, _ = run(clone_model(model), inputs, {"memory_budget": budget, "final_stage": "inductor"})
+    assert any(m.choice == "recompute_gemm1" for p in plans for m in p.moe), [p.lines() for p in plans]
+    assert_same((out, grads), ref, exact=False)
