@@ -55,7 +55,7 @@ class DenseGateMatch:
 def _gate_column(node: object) -> tuple[Node, int] | None:
     """``gate[:, e:e+1]`` / ``gate[:, e, None]`` / ``gate[:, e].unsqueeze(-1)`` -> (gate, e)."""
     unsq = False
-    if is_method(node, "unsqueeze") and node.args[1] in (-1, 1):
+    if is_method(node, "unsqueeze") and arg(node, 1, "dim") in (-1, 1):
         node, unsq = node.args[0], True
     if not is_getitem(node) or not isinstance(node.args[1], tuple):
         return None
@@ -86,8 +86,15 @@ def _scatter_gate(gate: Node) -> tuple[Node, Node, int]:
         raise NoMatch("the dense gate is not a [T, E] scatter along dim 1")
     if not isinstance(src, Node):
         raise NoMatch("the dense gate scatters a constant, not per-token routing weights")
+    if gate.kwargs.get("reduce") is not None or len(gate.args) > 4:
+        raise NoMatch("the dense gate scatter uses a reduce mode, not a plain scatter of the weights")
     if not (is_getitem(ids) and ids.args[1] == 1 and (is_fn(ids.args[0], torch.topk) or is_method(ids.args[0], "topk"))):
         raise NoMatch("cannot prove the gate's expert ids are distinct within a row (they do not come from topk)")
+    tk = ids.args[0]
+    scores, tdim = shape(arg(tk, 0, "input")), arg(tk, 2, "dim", -1)
+    if scores is None or len(scores) != 2 or tdim not in (-1, 1):
+        raise NoMatch(f"the gate's expert ids come from topk over dim {tdim} of a {len(scores or ())}-D tensor, "
+                      "not over the experts (the last dim of [T, E] scores): they may repeat within a row")
     if not same_shape(ids, src):
         raise NoMatch(f"gate ids {shape(ids)} and weights {shape(src)} differ in shape")
     return ids, src, int(gshape[1])
@@ -104,6 +111,12 @@ def match_dense_gate(final: Node) -> DenseGateMatch:
             acc, term = term, acc
         terms.append(term)
         if isinstance(acc, Node) and is_fn(acc, *ZEROS_FNS) or is_method(acc, "new_zeros"):
+            # With ``out += term`` every link is the base tensor: another reader of it (an alias)
+            # would see the partial sums of the in-place adds the rewrite leaves behind.
+            others = [u.name for u in acc.users if u is not node]
+            if others:
+                raise NoMatch(f"the accumulator ({acc.name}) of the expert outputs is also read by "
+                              f"{', '.join(others)} (an alias of an in-place sum, or another use)")
             base_zeros = acc
             break
         if isinstance(acc, Node) and len(acc.users) != 1:

@@ -36,6 +36,7 @@ from blazec.passes.moe_gshard_form import match_gshard
 from blazec.passes.moe_ep import emit_moe_ep, expert_parameters
 from blazec.passes.moe_loop_form import match_loop
 from blazec.passes.moe_pair_gather_form import match_pair_gather
+from blazec.passes.moe_site_checks import autocast_reason, check_no_mutation, op_rejection
 from blazec.passes.moe_sort_form import match_sorted, match_sorted_unpermute
 from blazec.report import Match, NearMiss, PassReport
 
@@ -78,11 +79,24 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
                 "ranks; this layer is rewritten single-process (every rank runs all its experts)"))
         return emit_moe(graph, before, ids, weights, x, experts, out_dtype, recompute, capacity, priority)
 
+    autocast = autocast_reason(graph)
+
+    def site_checks(finals, m, ids, weights, accumulation):
+        """NoMatch when a matched site fails a check of passes/moe_site_checks.py."""
+        if autocast:
+            raise NoMatch(autocast)
+        inputs = [ids, weights, m.x, *_expert_bases(m.experts)]
+        check_no_mutation(graph, finals, inputs, accumulation)
+        why = op_rejection(ids, weights, m.x, m.experts, dtype(finals[-1]))
+        if why:
+            raise NoMatch(why)
+
     for acc, index_adds in _accumulators(graph):
         where = f"{module_path(index_adds[0])} ({where_loc(index_adds[0])})"
         sorted_form = _sorted_index(index_adds[0])
         try:
             m = match_sorted(acc, index_adds) if sorted_form else match_loop(acc, index_adds)
+            site_checks(index_adds, m, m.ids, m.weights, set(index_adds))
         except NoMatch as e:
             rep.near_misses.append(NearMiss("sort_grouped" if sorted_form else "static_loop", where, str(e)))
             continue
@@ -113,8 +127,16 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
                     rep.near_misses.append(NearMiss(form, where, str(e)))
                 continue
             capacity, priority = getattr(m, "capacity", -1), getattr(m, "priority", "token")
+            existing = set(graph.nodes)
             with graph.inserting_before(final):
                 ids, weights = m.routing(graph)
+            try:
+                site_checks([final], m, ids, weights, _dense_links(final) if form == "dense_gate" else set())
+            except NoMatch as e:
+                for n in reversed([n for n in graph.nodes if n not in existing]):  # the routing nodes
+                    graph.erase_node(n)
+                rep.near_misses.append(NearMiss(form, where, str(e)))
+                continue
             y = emit(final, ids, weights, m.x, m.experts, dtype(final), where, capacity, priority)
             final.replace_all_uses_with(y)
             graph.erase_node(final)
@@ -128,6 +150,25 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
 
         register_expert_params(ep_params, ep_unmapped)
     return rep
+
+
+def _expert_bases(experts: dict) -> list[Node]:
+    """The parameter nodes the experts' weights and biases come from."""
+    return [r.base for mlp in experts.values()
+            for r in (mlp.gate, mlp.up, mlp.down, mlp.b_gate, mlp.b_up, mlp.b_down) if r is not None]
+
+
+def _dense_links(final: Node) -> set[Node]:
+    """The ``acc + gate[:, e:e+1] * expert_e(x)`` links of a dense-gate chain (``+=`` ones are
+    in-place sums the op reproduces)."""
+    links, stack = set(), [final]
+    while stack:
+        n = stack.pop()
+        if n in links or not (is_fn(n, *DENSE_ADD) and any(_is_term(a) for a in n.args[:2])):
+            continue
+        links.add(n)
+        stack.extend(a for a in n.args[:2] if isinstance(a, Node))
+    return links
 
 
 def _inter(mlp) -> int:

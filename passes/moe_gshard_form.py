@@ -95,7 +95,7 @@ def _idx(node: object, index: tuple) -> Node | None:
 
 def _terms(node: object) -> list:
     """The summands of an add tree; a literal 0 (Python's ``sum()`` start value) is dropped."""
-    if is_fn(node, *ADD) and len(node.args) == 2:
+    if is_fn(node, *ADD) and len(node.args) == 2 and not node.kwargs:  # no alpha
         return _terms(node.args[0]) + _terms(node.args[1])
     return [] if isinstance(node, (int, float)) and node == 0 else [node]
 
@@ -122,7 +122,8 @@ def _kept(km: object) -> tuple[Node, Node, int] | None:
 def _locations(loc: object, m: Node, earlier: list[Node], kept_earlier: list[Node]) -> bool:
     """L == cumsum(M, 0) - 1 (+ sum(M_i, 0, keepdim=True) for each earlier choice i)."""
     terms = _terms(loc)
-    base = [t for t in terms if is_fn(t, *SUB) and t.args[1] == 1 and is_fn(t.args[0], torch.cumsum)]
+    base = [t for t in terms if is_fn(t, *SUB) and len(t.args) == 2 and not t.kwargs and t.args[1] == 1
+            and is_fn(t.args[0], torch.cumsum)]
     if len(base) != 1:
         return False
     cs = base[0].args[0]
@@ -131,7 +132,8 @@ def _locations(loc: object, m: Node, earlier: list[Node], kept_earlier: list[Nod
     offsets = [t for t in terms if t is not base[0]]
     counted = []
     for t in offsets:
-        if not (is_fn(t, torch.sum) or is_method(t, "sum")) or arg(t, 1, "dim") != 0 or not t.kwargs.get("keepdim"):
+        if not (is_fn(t, torch.sum) or is_method(t, "sum")) or arg(t, 1, "dim") != 0 \
+                or arg(t, 2, "keepdim", False) is not True:
             return False
         counted.append(t.args[0])
     if len(counted) != len(earlier):
@@ -175,6 +177,7 @@ def match_gshard(out: Node) -> GShardMatch:
         if C2 != C:
             raise NoMatch(f"capacity {C2} in the drop test differs from one_hot's {C}")
         sl = (is_fn(s, torch.sum) or is_method(s, "sum")) and arg(s, 1, "dim") == 1 and \
+            arg(s, 2, "keepdim", False) is False and \
             _pair(s.args[0], lambda n: n if n is loc else None, lambda n: n if n is km else None)
         if not sl:
             raise NoMatch("a choice's position is not sum(locations * kept_mask, 1)")
@@ -221,9 +224,11 @@ def match_gshard(out: Node) -> GShardMatch:
 
 
 def _bmm_bias(node: object, inp: object, what: str) -> tuple[WeightRef, WeightRef | None]:
-    """``bmm(inp, W) [+ b]`` with W [E, in, out] and b [E, 1, out] or [E, out]."""
+    """``bmm(inp, W) [+ b]`` with W [E, in, out] and b [E, 1, out]."""
     bias = None
     if is_fn(node, *ADD):
+        if len(node.args) != 2 or node.kwargs:
+            raise NoMatch(f"the {what} bias is added with extra arguments (alpha)")
         node, bias = node.args[0], node.args[1]
     if not (is_fn(node, torch.bmm) and node.args[0] is inp):
         raise NoMatch(f"the {what} projection is not bmm(expert buffer, W) [+ b]")
@@ -233,11 +238,16 @@ def _bmm_bias(node: object, inp: object, what: str) -> tuple[WeightRef, WeightRe
     wref = WeightRef(W, 0, transposed=True)
     bref = None
     if bias is not None:
-        bs = shape(bias)
-        if not (isinstance(bias, Node) and bias.op in ("placeholder", "get_attr") and bs is not None
-                and len(bs) in (2, 3) and (len(bs) == 2 or bs[1] == 1)):
-            raise NoMatch(f"the {what} bias is not an [E, 1, out] or [E, out] parameter")
-        bref = WeightRef(bias, 0, squeeze=1 if len(bs) == 3 else None)
+        # Added to the [E, C, out] buffer, only [E, 1, out] is per expert: [E, out] broadcasts
+        # over the capacity axis (per slot), [out] or [1, 1, out] is shared by all experts.
+        bs, ws = shape(bias), shape(W)
+        if not (isinstance(bias, Node) and bias.op in ("placeholder", "get_attr")):
+            raise NoMatch(f"the {what} bias is not a parameter")
+        if bs is None or len(bs) != 3 or str(bs[0]) != str(ws[0]) or bs[1] != 1 or str(bs[2]) != str(ws[2]):
+            raise NoMatch(f"the {what} bias has shape {list(bs or ())}: only a per-expert [E, 1, out] = "
+                          f"{[ws[0], 1, ws[2]]} bias is matched (it broadcasts over the capacity axis otherwise, "
+                          "or is shared by all experts)")
+        bref = WeightRef(bias, 0, squeeze=1)
     return wref, bref
 
 

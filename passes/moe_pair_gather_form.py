@@ -53,15 +53,17 @@ def _bmm(node: object, xs: list, flat: list) -> Node:
 
 
 def match_pair_gather(final: Node) -> FinalMatch:
-    if not (is_method(final, "sum") and arg(final, 1, "dim") in (1, -2)) or final.kwargs.get("keepdim", False):
+    if not (is_method(final, "sum") and arg(final, 1, "dim") in (1, -2)):
         raise NoMatch("not a sum over the slot dimension")
+    if arg(final, 2, "keepdim", False) is not False:
+        raise NoMatch("the slot sum keeps the slot dimension (keepdim=True): its result is [T, 1, d], not [T, d]")
     prod = final.args[0]
     if not is_mul(prod):
         raise NoMatch("the slot sum is not over expert outputs times routing weights")
     a, b = prod.args[0], prod.args[1]
-    if is_method(b, "unsqueeze") and b.args[1] == -1:
+    if is_method(b, "unsqueeze") and arg(b, 1, "dim") == -1:
         yv, w = a, b.args[0]
-    elif is_method(a, "unsqueeze") and a.args[1] == -1:
+    elif is_method(a, "unsqueeze") and arg(a, 1, "dim") == -1:
         yv, w = b, a.args[0]
     else:
         raise NoMatch("the routing weights are not broadcast with unsqueeze(-1)")
@@ -91,10 +93,10 @@ def match_pair_gather(final: Node) -> FinalMatch:
     else:
         raise NoMatch("hidden is not act(bmm) or act(bmm) * bmm")
     xs0 = xs[0]
-    ri = xs0.args[0] if is_method(xs0, "unsqueeze") and xs0.args[1] == 1 else None
-    if not (is_method(ri, "repeat_interleave") and isinstance(ri.args[1], int) and arg(ri, 2, "dim") == 0):
+    ri = xs0.args[0] if is_method(xs0, "unsqueeze") and arg(xs0, 1, "dim") == 1 else None
+    if not (is_method(ri, "repeat_interleave") and isinstance(arg(ri, 1, "repeats"), int) and arg(ri, 2, "dim") == 0):
         raise NoMatch("the pair rows are not x.repeat_interleave(k, dim=0).unsqueeze(1)")
-    x, k = ri.args[0], ri.args[1]
+    x, k = ri.args[0], arg(ri, 1, "repeats")
     ids = flat[0].args[0] if is_method(flat[0], "reshape", "view", "flatten") else None
     if ids is None or (is_method(flat[0], "reshape", "view") and tuple(flat[0].args[1:]) not in ((-1,), ((-1,),))):
         raise NoMatch("the weight gather index is not ids.reshape(-1)")

@@ -64,16 +64,21 @@ def _perm_of(tok: Node) -> tuple[Node, Node, int]:
     else:
         raise NoMatch("the index_add_ index is not sorted-pair-order // k")
     if is_fn(perm, torch.argsort) or is_method(perm, "argsort"):
-        flat = perm.args[0]
+        srt = perm
     elif is_getitem(perm) and perm.args[1] == 1 and (is_fn(perm.args[0], torch.sort) or is_method(perm.args[0], "sort")):
-        flat = perm.args[0].args[0]
+        srt = perm.args[0]
     else:
         raise NoMatch("the pair order is not argsort/sort of the flattened expert ids")
-    if arg(perm if not is_getitem(perm) else perm.args[0], 1, "dim", -1) not in (-1, 0):
-        raise NoMatch("the expert ids are sorted along an unexpected dimension")
-    if perm.kwargs.get("descending", False):
-        raise NoMatch("the expert ids are sorted in descending order")
-    return perm, flat, k
+    _check_ascending(srt, "the expert ids")
+    return perm, srt.args[0], k
+
+
+def _check_ascending(srt: Node, what: str) -> None:
+    """``argsort``/``sort`` of a 1-D tensor, ascending (dim and descending by position or keyword)."""
+    if arg(srt, 1, "dim", -1) not in (-1, 0):
+        raise NoMatch(f"{what} are sorted along an unexpected dimension")
+    if arg(srt, 2, "descending", False) is not False:
+        raise NoMatch(f"{what} are sorted in descending order (or the order is not a constant)")
 
 
 def _counts_ok(counts: Node, flat: Node, E: int) -> bool:
@@ -262,7 +267,7 @@ def _combine_args(ia: Node) -> tuple[Node, Node]:
             inner = index.args[0]
             if is_method(inner, "reshape", "view") and tuple(inner.args[1:]) in ((-1, 1), ((-1, 1),)):
                 return inner.args[0], src
-            if is_method(inner, "unsqueeze") and inner.args[1] in (-1, 1):
+            if is_method(inner, "unsqueeze") and arg(inner, 1, "dim") in (-1, 1):
                 return inner.args[0], src
         raise NoMatch("the scatter_add index is not the token index broadcast over the rows' columns")
     raise NoMatch("the combine is neither index_add_ nor scatter_add")
@@ -278,7 +283,7 @@ def _same_tok(node: object, perm: Node, k: int) -> bool:
 
 def _weight_gather(node: object, perm: Node) -> Node | None:
     """``w.reshape(-1)[perm, None]`` or ``w.reshape(-1)[perm].unsqueeze(-1)`` -> w."""
-    if is_method(node, "unsqueeze") and node.args[1] in (-1, 1):
+    if is_method(node, "unsqueeze") and arg(node, 1, "dim") in (-1, 1):
         node = node.args[0]
         if is_getitem(node) and node.args[1] is perm:
             return _flat_of(node.args[0])
@@ -297,14 +302,16 @@ def match_sorted_unpermute(final: Node) -> FinalMatch:
 
     Row p of ``y`` is pair p (token p // k, slot p % k), so this is the same weighted sum.
     """
-    if not (is_method(final, "sum") and arg(final, 1, "dim") in (1, -2)) or final.kwargs.get("keepdim", False):
+    if not (is_method(final, "sum") and arg(final, 1, "dim") in (1, -2)):
         raise NoMatch("not a sum over the slot dimension")
+    if arg(final, 2, "keepdim", False) is not False:
+        raise NoMatch("the slot sum keeps the slot dimension (keepdim=True): its result is [T, 1, d], not [T, d]")
     prod = final.args[0]
     if not is_mul(prod):
         raise NoMatch("the slot sum is not over expert outputs times routing weights")
     yv = w = None
     for a, b in ((prod.args[0], prod.args[1]), (prod.args[1], prod.args[0])):
-        if is_method(b, "unsqueeze") and b.args[1] == -1:
+        if is_method(b, "unsqueeze") and arg(b, 1, "dim") == -1:
             yv, w = a, b.args[0]
             break
     if yv is None or not is_method(yv, "view", "reshape"):
@@ -315,9 +322,11 @@ def match_sorted_unpermute(final: Node) -> FinalMatch:
     inv = unperm.args[1]
     if not (is_fn(inv, torch.argsort) or is_method(inv, "argsort")):
         raise NoMatch("the inverse permutation is not argsort(perm)")
+    _check_ascending(inv, "the sorted positions (the inverse permutation)")
     perm = inv.args[0]
     if not (is_fn(perm, torch.argsort) or is_method(perm, "argsort")):
         raise NoMatch("the pair order is not argsort of the flattened expert ids")
+    _check_ascending(perm, "the expert ids")
     flat = perm.args[0]
     ids = _flat_of(flat)
     k = int(shape(ids)[1]) if ids is not None and len(shape(ids) or ()) == 2 else None

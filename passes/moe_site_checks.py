@@ -1,0 +1,257 @@
+"""Checks every matched MoE site passes before the dispatch pass rewrites it.
+
+The form matchers (moe_*_form.py) prove that a site computes what the blaze ops compute,
+reading the graph's data flow. Three things the data flow alone does not show are checked here,
+for every form alike; a site that fails one is left alone and reported as a near miss:
+
+- **In-place mutation.** The blaze op reads ids, weights, x and the expert weights where the
+  dispatch ended (its placement), while the dispatch read them where its nodes were. A tensor
+  mutated in place in between (``w.mul_``, ``mask[:, 1] = 0``, ``gate.div_``, ``x += ...``) would
+  be read after the change by the op and before it by the code it replaces. Refused: a mutation,
+  before the placement, of a tensor one of the site's own nodes made (a mask, a gate), or of a
+  tensor (through any view of it) that one of the site's nodes read before the mutation.
+- **Autocast.** Under ``torch.autocast`` the expert GEMMs of the naive code run in the autocast
+  dtype, while the blaze ops compute in the dtype of their inputs.
+- **The op's argument checks.** The matchers accept what the code computes; the op accepts
+  experts of one shape. Experts with different hidden sizes, or a weight that only broadcasts
+  (a width-1 projection, a stacked parameter with more experts than the router picks from),
+  are refused here with the op's own message rather than failing the compile.
+"""
+
+from __future__ import annotations
+
+import builtins
+import operator
+from typing import Iterable, Optional
+
+import torch
+import torch.fx
+
+from blazec.passes._fx import NoMatch, is_fn, val, where_loc
+
+Node = torch.fx.Node
+
+# Methods and functions whose result may share memory with their first argument.
+_VIEW_METHODS = {
+    "view", "view_as", "reshape", "reshape_as", "permute", "transpose", "t", "unsqueeze", "squeeze",
+    "expand", "expand_as", "flatten", "unflatten", "narrow", "select", "split", "chunk", "unbind",
+    "tensor_split", "as_strided", "detach", "contiguous", "to", "float", "half", "bfloat16", "double",
+    "type", "type_as", "movedim", "moveaxis", "swapaxes", "swapdims", "diagonal", "unfold", "__getitem__",
+    "real", "imag", "view_as_real", "view_as_complex", "squeeze_", "unsqueeze_",
+}
+_VIEW_FNS = {
+    torch.reshape, torch.permute, torch.transpose, torch.t, torch.unsqueeze, torch.squeeze, torch.flatten,
+    torch.narrow, torch.select, torch.split, torch.chunk, torch.unbind, torch.tensor_split, torch.movedim,
+    torch.moveaxis, torch.swapaxes, torch.swapdims, torch.diagonal, torch.detach, torch.as_strided,
+    torch.view_as_real, torch.view_as_complex, torch.unflatten, operator.getitem, builtins.getattr,
+}
+_INPLACE_OPERATORS = {
+    operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+    operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift,
+    operator.irshift, operator.imatmul,
+}
+
+
+def _is_tensor(n: object) -> bool:
+    return isinstance(n, Node) and isinstance(val(n), torch.Tensor)
+
+
+def mutated(n: Node) -> Optional[Node]:
+    """The tensor node ``n`` writes in place, or None: ``t.op_()``, ``t[i] = v``, ``t += v``,
+    ``torch.op_(t)``, ``f(t, inplace=True)``, ``f(..., out=t)``."""
+    if n.op == "call_method":
+        name = n.target
+        hit = name.endswith("_") and not name.startswith("__") and name not in ("squeeze_", "unsqueeze_")
+    elif n.op == "call_function":
+        name = getattr(n.target, "__name__", "")
+        hit = n.target in _INPLACE_OPERATORS or (name.endswith("_") and not name.startswith("_")) \
+            or n.kwargs.get("inplace") is True
+        out = n.kwargs.get("out")
+        if _is_tensor(out):
+            return out
+    else:
+        return None
+    target = n.args[0] if n.args else None
+    return target if hit and _is_tensor(target) else None
+
+
+def root(n: Node, cache: dict) -> Node:
+    """The node whose memory ``n`` may be a view of (through view-like ops and in-place ops,
+    which return their argument); ``n`` itself when it is a fresh tensor."""
+    hit = cache.get(n)
+    if hit is not None:
+        return hit
+    r, seen = n, set()
+    while r not in seen:
+        seen.add(r)
+        src = r.args[0] if r.args else None
+        if not _is_tensor(src):
+            break
+        if (r.op == "call_method" and r.target in _VIEW_METHODS) or \
+                (r.op == "call_function" and r.target in _VIEW_FNS) or mutated(r) is src:
+            r = src
+        else:
+            break
+    cache[n] = r
+    return r
+
+
+def _ancestors(nodes: Iterable[Node]) -> set[Node]:
+    out, stack = set(), [n for n in nodes if isinstance(n, Node)]
+    while stack:
+        n = stack.pop()
+        for a in n.all_input_nodes:
+            if a not in out:
+                out.add(a)
+                stack.append(a)
+    return out
+
+
+def check_no_mutation(graph: torch.fx.Graph, finals: list[Node], inputs: list[Node],
+                      accumulation: set[Node]) -> None:
+    """NoMatch when a tensor the site reads is written in place between its reads and the
+    placement ``finals[-1]`` (module docstring). ``finals``: the nodes the op replaces;
+    ``inputs``: what the op reads (ids, weights, x, the expert weights); ``accumulation``: the
+    site's own in-place sums, which the op reproduces."""
+    pos = {n: i for i, n in enumerate(graph.nodes)}
+    place = pos[finals[-1]]
+    feeds_inputs = _ancestors(inputs) | {n for n in inputs if isinstance(n, Node)}
+    site = (_ancestors(finals) | set(finals)) - feeds_inputs  # the nodes the rewrite replaces
+    cache: dict = {}
+    made = {root(n, cache) for n in site if _is_tensor(n)}
+    first_read: dict[Node, int] = {}  # root -> position of the site's first read of it
+    for n in site:
+        for a in n.all_input_nodes:
+            if _is_tensor(a):
+                r = root(a, cache)
+                first_read[r] = min(first_read.get(r, place), pos[n])
+    dispatch = _ancestors(finals) | set(finals)  # with the nodes that also feed the inputs
+    # what the op reads: its inputs, and for the [T, k] stacks the pass builds (GShard's
+    # per-choice ids and weights), what they stack
+    read = [a for n in inputs if isinstance(n, Node)
+            for a in ([n, *n.args[0]] if is_fn(n, torch.stack) and isinstance(n.args[0], (list, tuple)) else [n])]
+    input_roots = {root(n, cache) for n in read if _is_tensor(n)}
+    for n in graph.nodes:
+        i = pos[n]
+        if i >= place:
+            break
+        t = mutated(n)
+        if t is None or n in accumulation:
+            continue
+        r = root(t, cache)
+        if (r in made and r not in feeds_inputs) or first_read.get(r, place) < i or \
+                _read_across(n, r, dispatch, input_roots, pos, cache):
+            raise NoMatch(
+                f"{_describe(n)} ({where_loc(n)}) writes in place a tensor the dispatch reads "
+                f"({r.name}) before its end; the blaze op would read it after the write. Left alone")
+
+
+def _read_across(n: Node, r: Node, dispatch: set[Node], input_roots: set[Node], pos: dict, cache: dict) -> bool:
+    """Whether the dispatch reads ``r`` both before the write ``n`` (in a node that does not
+    feed ``n``: ``w /= w.sum()`` reads w to write it) and after it, or before it and again
+    through the op's inputs (the op reads those at the placement). This covers the nodes that
+    feed both the proof and the op's inputs (GShard's masks feed its weights)."""
+    feeds_n = _ancestors([n])
+    before = after = False
+    for m in dispatch:
+        if m is n or not any(_is_tensor(a) and root(a, cache) is r for a in m.all_input_nodes):
+            continue
+        if pos[m] < pos[n] and m not in feeds_n:
+            before = True
+        elif pos[m] > pos[n]:
+            after = True
+    return before and (after or r in input_roots)
+
+
+def _describe(n: Node) -> str:
+    if n.op == "call_method":
+        return f"the in-place {n.target}"
+    name = getattr(n.target, "__name__", str(n.target))
+    return {"setitem": "an item assignment", "iadd": "a +=", "isub": "a -=", "imul": "a *=",
+            "itruediv": "a /="}.get(name, f"the in-place {name}")
+
+
+def autocast_reason(graph: torch.fx.Graph) -> Optional[str]:
+    """Why the graph runs under autocast (the ambient state Dynamo guards on, or an autocast
+    region inside the compiled code), or None."""
+    for device in ("cuda", "cpu"):
+        try:
+            on = torch.is_autocast_enabled(device)
+        except (TypeError, RuntimeError):  # a torch without the device argument, or no such device
+            on = False
+        if on:
+            return (f"torch.autocast is enabled for {device}: the naive expert GEMMs run in "
+                    f"{torch.get_autocast_dtype(device)}, the blaze ops in their inputs' dtype. Left alone")
+    for n in graph.nodes:
+        if n.op == "call_function" and "autocast" in getattr(n.target, "__name__", "").lower():
+            return (f"an autocast region in the compiled code ({where_loc(n)}): the naive expert "
+                    f"GEMMs run in the autocast dtype, the blaze ops in their inputs' dtype. Left alone")
+    return None
+
+
+def op_rejection(ids: Node, weights: Node, x: Node, experts: dict, out_dtype) -> Optional[str]:
+    """``blazec::moe_experts``'s own argument check's error for this site's arguments, run on
+    the nodes' example values (shapes only), or None when it accepts them or there are no
+    example values to run it on."""
+    vx, vi, vw = _fake(x), _fake(ids), _fake(weights)
+    mode = getattr(vx, "fake_mode", None)
+    if mode is None or vi is None or vw is None:
+        return None
+    from blazec.ops.experts import check_experts_args
+
+    E, first = len(experts), experts[0]
+    # no autograd: the compile may run under the caller's saved-tensor hooks
+    with torch.no_grad(), mode:
+        lists = {a: _fake_list([getattr(experts[e], a) for e in range(E)])
+                 for a in ("gate", "up", "down", "b_gate", "b_up", "b_down")}
+        if any(v is None for vs in lists.values() for v in vs):
+            return None
+        P = vi.numel()  # moe_route's outputs: [T*k] pair orders, [E+1] offsets
+        pairs, offsets = vx.new_empty((P,), dtype=torch.int64), vx.new_empty((E + 1,), dtype=torch.int64)
+        try:
+            check_experts_args(vx, vw, pairs, offsets, pairs, lists["gate"], lists["up"], lists["down"],
+                               lists["b_gate"], lists["b_up"], lists["b_down"], first.activation,
+                               "hidden" if first.weight_in_hidden is not None else "output", out_dtype)
+        except ValueError as e:
+            return f"the blaze op rejects this site's experts: {e}. Left alone"
+    return None
+
+
+def _fake_list(refs: list) -> list:
+    """The op's list argument as example values, as ``moe_expert_mlp.weight_list`` builds it."""
+    if refs[0] is None:
+        return []
+    if refs[0].index is not None:  # stacked: one view of the whole parameter
+        return [_fake_view(refs[0], stacked=True)]
+    return [_fake_view(r, stacked=False) for r in refs]
+
+
+def _fake_view(ref, stacked: bool):
+    v = val(ref.base)
+    if not isinstance(v, torch.Tensor):
+        return None
+    nd = v.dim()
+    if ref.squeeze is not None:
+        v = v.squeeze(ref.squeeze)
+        nd -= 1
+    if ref.transposed:
+        v = v.transpose(-1, -2)
+    if ref.rows is not None:
+        a, b = ref.rows
+        v = v.narrow(-1 if nd - (1 if stacked else 0) == 1 else -2, a, b - a)
+    return v
+
+
+def _fake(n: object):
+    """A node's example value; for a ``torch.stack`` of nodes the pass inserted, their stack."""
+    v = val(n)
+    if v is not None or not isinstance(n, Node):
+        return v
+    if is_fn(n, torch.stack) and isinstance(n.args[0], (list, tuple)):
+        parts = [val(a) for a in n.args[0]]
+        if parts and all(isinstance(p, torch.Tensor) for p in parts):
+            mode = getattr(parts[0], "fake_mode", None)
+            if mode is not None:
+                with mode:
+                    return torch.stack(parts, dim=n.kwargs.get("dim", 0))
+    return None

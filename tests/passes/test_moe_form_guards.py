@@ -1,0 +1,232 @@
+"""Guards of the dense-gate, sort, pair-gather and GShard matchers: code that only looks like the
+form (an aliased in-place sum, topk over tokens, a slot sum with keepdim, a descending sort, a
+bias that broadcasts per slot or is shared) is left alone with a reason, and the correct
+spellings next to them are still rewritten with eager's numbers."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from blazec import report
+from tests.passes.test_moe_forms import assert_rewritten, compile_and_compare, matches, near_misses
+
+
+def assert_left_alone(rec, reason):
+    assert not matches(rec)
+    assert "torch.ops.blazec" not in rec.blaze_graph
+    reasons = [n.reason for n in near_misses(rec)]
+    assert any(reason in r for r in reasons), reasons
+
+
+# ---------------------------------------------------------------------------------------
+# Dense gate
+
+
+class DenseGate(nn.Module):
+    """``variant``: "plain", "iadd" (``out += term``), "iadd_alias" (``+=`` and the base returned
+    through an alias), "topk_dim0", "topk_default" (``topk(k)``), "topk_dim1", "scatter_multiply"."""
+
+    def __init__(self, variant, d=8, inter=12, E=4, k=2):
+        super().__init__()
+        self.v, self.k = variant, k
+        self.router = nn.Linear(d, E)
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(d, inter), nn.ReLU(), nn.Linear(inter, d))
+                                     for _ in range(E))
+
+    def forward(self, x):
+        probs = F.softmax(self.router(x), dim=-1)
+        if self.v == "topk_dim0":
+            w, i = probs.topk(self.k, dim=0)
+        elif self.v == "topk_default":
+            w, i = probs.topk(self.k)
+        elif self.v == "topk_dim1":
+            w, i = torch.topk(probs, self.k, 1)
+        else:
+            w, i = probs.topk(self.k, dim=-1)
+        if self.v == "scatter_multiply":  # zeros * w: an all-zero gate
+            gate = torch.zeros_like(probs).scatter(1, i, w, reduce="multiply")
+        else:
+            gate = torch.zeros_like(probs).scatter(1, i, w)
+        out = torch.zeros_like(x)
+        alias = out
+        for e, expert in enumerate(self.experts):
+            if self.v.startswith("iadd"):
+                out += gate[:, e:e + 1] * expert(x)
+            else:
+                out = out + gate[:, e:e + 1] * expert(x)
+        return alias * 1.0 if self.v == "iadd_alias" else out
+
+
+def test_dense_gate_aliased_inplace_sum_is_left_alone():
+    rec = compile_and_compare(DenseGate("iadd_alias"), (torch.randn(12, 8),))
+    assert_left_alone(rec, "of the expert outputs is also read by")
+
+
+def test_dense_gate_topk_over_tokens_is_left_alone():
+    # topk over dim 0 with k == T: ids [T, E] that repeat within a row; scatter keeps the last
+    rec = compile_and_compare(DenseGate("topk_dim0", E=8, k=4), (torch.randn(4, 8),))
+    assert_left_alone(rec, "come from topk over dim 0")
+
+
+@pytest.mark.filterwarnings("ignore:The reduce argument of torch.scatter")
+def test_dense_gate_scatter_with_reduce_is_left_alone():
+    # scatter with reduce has no derivative: compared in inference
+    model, x = DenseGate("scatter_multiply"), torch.randn(12, 8)
+    with torch.no_grad(), report.capture() as records:
+        ref = model(x)
+        got = torch.compile(model, backend="blaze", options={"final_stage": "eager"})(x)
+    torch.testing.assert_close(got, ref)
+    (rec,) = records
+    assert_left_alone(rec, "the dense gate scatter uses a reduce mode")
+
+
+@pytest.mark.parametrize("variant", ["iadd", "topk_default", "topk_dim1"])
+def test_dense_gate_accepted_spellings_rewritten(variant):
+    rec = compile_and_compare(DenseGate(variant), (torch.randn(12, 8),))
+    # the pass erases only the last ``+=``; the earlier in-place links (and the gate they read) stay
+    allow = (".scatter(",) if variant == "iadd" else ()
+    assert_rewritten(rec, "dense_gate", allow=allow, E=4, k=2, activation="relu")
+
+
+# ---------------------------------------------------------------------------------------
+# Sort + split loop, combined by index_add_ or by inverse permutation
+
+
+class Sorted(nn.Module):
+    """``variant`` picks the sort, the inverse permutation and the slot sum's spelling."""
+
+    def __init__(self, variant, d=8, inter=12, E=4, k=2):
+        super().__init__()
+        self.v, self.E, self.k = variant, E, k
+        self.router = nn.Linear(d, E, bias=False)
+        self.w_up = nn.Parameter(torch.randn(E, d, inter) * d**-0.5)
+        self.w_down = nn.Parameter(torch.randn(E, inter, d) * inter**-0.5)
+
+    def forward(self, x):
+        T, d = x.shape
+        w, ids = torch.topk(F.softmax(self.router(x), dim=-1), self.k, dim=-1)
+        flat = ids.reshape(-1)
+        if self.v == "argsort_desc_positional":
+            perm = torch.argsort(flat, -1, True)
+        elif self.v == "sort_desc":
+            perm = torch.sort(flat, descending=True)[1]
+        else:
+            perm = torch.argsort(flat)
+        counts = torch.histc(flat.float(), bins=self.E, min=0, max=self.E - 1).long()
+        rows = x[perm // self.k]
+        y = torch.cat([F.relu(c @ self.w_up[e]) @ self.w_down[e] for e, c in enumerate(rows.split(counts.tolist()))])
+        if self.v in ("argsort_desc_positional", "sort_desc"):
+            y = y * w.reshape(-1)[perm, None]
+            return torch.zeros_like(x).index_add_(0, perm // self.k, y)
+        inv = torch.argsort(perm, descending=True) if self.v == "inverse_desc" else torch.argsort(perm)
+        s = y[inv].view(T, self.k, d) * w.unsqueeze(-1)
+        if self.v == "keepdim_positional":
+            return s.sum(1, True)
+        if self.v == "keepdim_false_positional":
+            return s.sum(1, False)
+        return s.sum(dim=1)
+
+
+@pytest.mark.parametrize("variant, reason", [
+    ("keepdim_positional", "keeps the slot dimension (keepdim=True)"),
+    ("inverse_desc", "the sorted positions (the inverse permutation) are sorted in descending order"),
+    ("argsort_desc_positional", "the expert ids are sorted in descending order"),
+    ("sort_desc", "the expert ids are sorted in descending order"),
+])
+def test_sorted_lookalikes_are_left_alone(variant, reason):
+    rec = compile_and_compare(Sorted(variant), (torch.randn(13, 8),))
+    assert_left_alone(rec, reason)
+
+
+def test_sorted_unpermute_positional_keepdim_false_rewritten():
+    rec = compile_and_compare(Sorted("keepdim_false_positional"), (torch.randn(13, 8),))
+    assert_rewritten(rec, "sort_grouped", E=4, k=2, activation="relu")
+
+
+# ---------------------------------------------------------------------------------------
+# Per-pair weight gather + bmm
+
+
+class PairGather(nn.Module):
+    def __init__(self, keepdim, d=8, inter=12, E=4, k=2):
+        super().__init__()
+        self.k, self.keepdim = k, keepdim
+        self.router = nn.Linear(d, E, bias=False)
+        self.w1 = nn.Parameter(torch.randn(E, d, inter) * d**-0.5)
+        self.w2 = nn.Parameter(torch.randn(E, inter, d) * inter**-0.5)
+
+    def forward(self, x):
+        T, d = x.shape
+        w, ids = torch.topk(F.softmax(self.router(x), dim=-1), self.k, dim=-1)
+        flat = ids.reshape(-1)
+        xs = x.repeat_interleave(self.k, dim=0).unsqueeze(1)
+        y = torch.bmm(F.gelu(torch.bmm(xs, self.w1[flat])), self.w2[flat]).squeeze(1)
+        return (y.view(T, self.k, d) * w.unsqueeze(-1)).sum(1, self.keepdim)  # keepdim by position
+
+
+def test_pair_gather_positional_keepdim_is_left_alone():
+    rec = compile_and_compare(PairGather(True), (torch.randn(11, 8),))
+    assert_left_alone(rec, "keeps the slot dimension (keepdim=True)")
+
+
+def test_pair_gather_positional_keepdim_false_rewritten():
+    rec = compile_and_compare(PairGather(False), (torch.randn(11, 8),))
+    assert_rewritten(rec, "pair_weight_gather", E=4, k=2, activation="gelu")
+
+
+# ---------------------------------------------------------------------------------------
+# GShard top-2
+
+
+class GShard(nn.Module):
+    def __init__(self, b_in_shape, b_out_shape, d=8, inter=12, E=4, positional_keepdim=False):
+        super().__init__()
+        self.E, self.positional = E, positional_keepdim
+        self.wg = nn.Linear(d, E, bias=False)
+        self.w_in = nn.Parameter(torch.randn(E, d, inter) * d**-0.5)
+        self.b_in = nn.Parameter(torch.randn(*b_in_shape) * 0.3)
+        self.w_out = nn.Parameter(torch.randn(E, inter, d) * inter**-0.5)
+        self.b_out = nn.Parameter(torch.randn(*b_out_shape) * 0.3)
+
+    def forward(self, x):
+        T, E = x.shape[0], self.E
+        C = math.ceil(2 * T / E)
+        gates = F.softmax(self.wg(x), dim=1)
+        idx1 = torch.argmax(gates, dim=1)
+        mask1 = F.one_hot(idx1, E)
+        idx2 = torch.argmax(gates.masked_fill(mask1.bool(), float("-inf")), dim=1)
+        mask2 = F.one_hot(idx2, E)
+        loc1 = torch.cumsum(mask1, dim=0) - 1
+        count1 = torch.sum(mask1, 0, True) if self.positional else torch.sum(mask1, dim=0, keepdim=True)
+        loc2 = torch.cumsum(mask2, dim=0) - 1 + count1
+        mask1 = mask1 * torch.lt(loc1, C)
+        mask2 = mask2 * torch.lt(loc2, C)
+        l1, l2 = torch.sum(loc1 * mask1, dim=1), torch.sum(loc2 * mask2, dim=1)
+        g1, g2 = (gates * mask1).sum(dim=1), (gates * mask2).sum(dim=1)
+        den = torch.clamp(g1 + g2, min=torch.finfo(gates.dtype).eps)
+        g1, g2 = g1 / den, g2 / den
+        combine = (g1[:, None] * mask1)[:, :, None] * F.one_hot(l1, C)[:, None, :] \
+            + (g2[:, None] * mask2)[:, :, None] * F.one_hot(l2, C)[:, None, :]
+        ein = torch.einsum("tec,td->ecd", combine.bool().to(x.dtype), x)
+        eo = torch.bmm(F.relu(torch.bmm(ein, self.w_in) + self.b_in), self.w_out) + self.b_out
+        return torch.einsum("tec,ecd->td", combine.to(x.dtype), eo)
+
+
+@pytest.mark.parametrize("b_in, b_out, T, shown", [
+    ((4, 12), (4, 8), 8, "[4, 8]"),  # C = ceil(2 * 8 / 4) = 4 = E: [E, out] is added per slot
+    ((1, 1, 12), (1, 1, 8), 12, "[1, 1, 8]"),  # shared by all experts
+    ((12,), (8,), 12, "[8]"),
+])
+def test_gshard_bias_not_per_expert_is_left_alone(b_in, b_out, T, shown):
+    rec = compile_and_compare(GShard(b_in, b_out), (torch.randn(T, 8),))
+    assert_left_alone(rec, f"the down bias has shape {shown}: only a per-expert [E, 1, out]")
+
+
+@pytest.mark.parametrize("positional_keepdim", [False, True])
+def test_gshard_per_expert_bias_rewritten(positional_keepdim):
+    model = GShard((4, 1, 12), (4, 1, 8), positional_keepdim=positional_keepdim)
+    rec = compile_and_compare(model, (torch.randn(8, 8),))
+    assert_rewritten(rec, "gshard_top2", E=4, k=2, capacity=4, activation="relu", bias=True)

@@ -1,0 +1,136 @@
+"""The checks every matched MoE site passes before the rewrite (passes/moe_site_checks.py): an
+in-place write between the dispatch's reads and its end, autocast, and experts the blaze op
+would reject each leave the site alone with a reason, and eager's numbers; the same loop
+without them, and in-place writes the rewrite does not reorder, are still rewritten."""
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from blazec import report
+from tests.passes.test_moe_forms import assert_rewritten, compile_and_compare, matches, near_misses
+
+
+class Expert(nn.Module):
+    def __init__(self, d, inter, up_width=None):
+        super().__init__()
+        self.w1 = nn.Linear(d, inter, bias=False)
+        self.w3 = nn.Linear(d, inter if up_width is None else up_width, bias=False)
+        self.w2 = nn.Linear(inter, d, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Loop(nn.Module):
+    """The static loop (one_hot mask, torch.where, index_add_) with one ``variant``:
+    "plain"; in-place writes the rewrite would reorder: "w_mid" (routing weights scaled after
+    expert 1), "ids_after_mask", "x_mid", "mask_setitem", "acc_mid"; writes it does not reorder:
+    "renorm_inplace" (``w /= w.sum()`` before the dispatch reads w, accumulator made first),
+    "x_after" (x scaled after the dispatch ended); "autocast" (experts under torch.autocast);
+    experts the op rejects: "inter_differs", "up_width1"."""
+
+    def __init__(self, variant, d=16, inter=12, E=4, k=2):
+        super().__init__()
+        self.v, self.E, self.k = variant, E, k
+        self.gate = nn.Linear(d, E, bias=False)
+        self.experts = nn.ModuleList(
+            Expert(d, inter + 4 * (variant == "inter_differs" and e == 1), 1 if variant == "up_width1" else None)
+            for e in range(E))
+
+    def forward(self, x):
+        x = x * 1.0  # a tensor of the graph's own, so that in-place writes to it are legal
+        acc = torch.zeros_like(x)
+        probs = F.softmax(self.gate(x), dim=-1)
+        w, ids = torch.topk(probs, self.k, dim=-1)
+        if self.v == "renorm_inplace":
+            w /= w.sum(dim=-1, keepdim=True)
+        else:
+            w = w / w.sum(dim=-1, keepdim=True)
+        mask = F.one_hot(ids, self.E).permute(2, 1, 0)
+        if self.v == "ids_after_mask":
+            ids.copy_(ids.flip(-1))
+        if self.v == "mask_setitem":
+            mask[:, 1] = 0
+        for e in range(self.E):
+            slot, tok = torch.where(mask[e])
+            if self.v == "autocast":
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    y = self.experts[e](x[tok])
+                y = y.float() * w[tok, slot, None]
+            else:
+                y = self.experts[e](x[tok]) * w[tok, slot, None]
+            acc.index_add_(0, tok, y.to(acc.dtype))
+            if e == 1 and self.v == "w_mid":
+                w.mul_(0.5)
+            if e == 1 and self.v == "x_mid":
+                x.mul_(2.0)
+            if e == 1 and self.v == "acc_mid":
+                acc.mul_(2.0)
+        out = acc + 0.0
+        if self.v == "x_after":
+            x.mul_(3.0)
+            out = out + x
+        return out
+
+
+def _compare(variant, **kw):
+    torch.manual_seed(0)
+    return compile_and_compare(Loop(variant, **kw), (torch.randn(24, 16),))
+
+
+def _forward(variant, ctx=contextlib.nullcontext):
+    """Compiled against eager, forward only (eager's autograd refuses most of these writes);
+    returns (matches, near-miss reasons)."""
+    torch.manual_seed(0)
+    model, x = Loop(variant), torch.randn(24, 16)
+    with torch.no_grad(), ctx():
+        ref = model(x)
+        with report.capture() as recs:
+            got = torch.compile(model, backend="blaze", options={"final_stage": "eager"})(x)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
+    return [m for r in recs for m in matches(r)], [n.reason for r in recs for n in near_misses(r)]
+
+
+def test_loop_rewritten_with_a_write_before_the_dispatch_reads() -> None:
+    assert_rewritten(_compare("plain"), "static_loop_modulelist")
+    assert_rewritten(_compare("renorm_inplace"), "static_loop_modulelist")
+
+
+def test_loop_rewritten_with_a_write_after_the_dispatch() -> None:
+    found, reasons = _forward("x_after")
+    assert [m.form for m in found] == ["static_loop_modulelist"], reasons
+
+
+@pytest.mark.parametrize("variant, written", [
+    ("w_mid", "in-place mul_"), ("ids_after_mask", "in-place copy_"), ("x_mid", "in-place mul_"),
+    ("mask_setitem", "item assignment"),
+])
+def test_loop_left_alone_when_a_read_tensor_is_written_in_place(variant, written) -> None:
+    found, reasons = _forward(variant)
+    assert not found
+    assert any(written in r and "writes in place a tensor the dispatch reads" in r for r in reasons), reasons
+
+
+def test_loop_left_alone_under_autocast() -> None:
+    """An autocast region in the compiled code, and autocast around the call (Dynamo traces
+    under the ambient state and guards on it)."""
+    found, reasons = _forward("autocast")
+    assert not found and any("autocast region" in r for r in reasons), reasons
+    found, reasons = _forward("plain", lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    assert not found
+    assert any("torch.autocast is enabled for cpu" in r and "bfloat16" in r for r in reasons), reasons
+
+
+@pytest.mark.parametrize("variant, words", [
+    ("inter_differs", "w_gate[1] must have shape [out, in] = [12, 16], got [16, 16]"),
+    ("up_width1", "w_up[0] must have shape [out, in] = [12, 16], got [1, 16]"),
+])
+def test_experts_the_op_rejects_are_left_alone(variant, words) -> None:
+    rec = _compare(variant)
+    assert not matches(rec)
+    reasons = [n.reason for n in near_misses(rec)]
+    assert any("the blaze op rejects this site's experts" in r and words in r for r in reasons), reasons
