@@ -132,6 +132,24 @@ class BenchError(ValueError):
     """A user error of ``blazec bench`` (printed as one line)."""
 
 
+def _check_writable(path: str) -> None:
+    """--json's file must be writable before the rows run (minutes on a GPU), not after."""
+    import os
+
+    if os.path.isdir(path):
+        raise BenchError(f"--json {path}: is a directory; give a file path")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise BenchError(f"--json {path}: the directory {parent} does not exist")
+    existed = os.path.exists(path)
+    try:
+        open(path, "a").close()  # what the write will need; an existing file is left as it was
+    except OSError as e:
+        raise BenchError(f"--json {path}: cannot write it ({e.strerror})") from None
+    if not existed:
+        os.remove(path)
+
+
 # ----------------------------------------------------------------------------------------------
 # The models, written the way users write them
 # ----------------------------------------------------------------------------------------------
@@ -594,6 +612,8 @@ def run(args: argparse.Namespace, stream=None) -> int:
             raise BenchError("--iters must be >= 1 and --warmup >= 0")
         if args.profile is not None and args.profile < 1:
             raise BenchError(f"--profile N needs N >= 1 (or no N, for 8), got {args.profile}")
+        if args.json:
+            _check_writable(args.json)
     except BenchError as e:
         print(f"blazec bench: error: {e}", file=sys.stderr)
         return 2

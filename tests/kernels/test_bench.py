@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 
@@ -311,3 +312,15 @@ def test_an_interrupt_stops_the_rows_and_reports_those_that_ran(tmp_path, monkey
     assert rc == 0
     assert "interrupted after 1 of 3 rows" in text and "| eager-loop |" in text
     assert [r["impl"] for r in data["rows"]] == ["eager-loop"]
+
+
+@pytest.mark.parametrize("where, words", [("dir", "is a directory"), ("missing/x.json", "does not exist")])
+def test_bad_json_path_is_an_error_before_any_row_runs(tmp_path, where, words) -> None:
+    """--json's path is checked before the rows run (minutes on a GPU), with exit 2."""
+    from blazec import bench
+
+    path = tmp_path if where == "dir" else tmp_path / where
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = bench.main(["--json", str(path)])
+    assert rc == 2 and f"--json {path}: " in err.getvalue() and words in err.getvalue(), err.getvalue()
