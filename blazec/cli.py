@@ -106,6 +106,25 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     return (FactoryError, BlazeOptionError, ValueError, FileNotFoundError)
 
 
+def _traced_model_error(err: BaseException) -> str | None:
+    """For an op of the user's model that failed while Dynamo traced it on the example inputs
+    (a shape mismatch, a wrong dtype), the op's own error; None for anything else."""
+    from torch._dynamo.exc import TorchRuntimeError
+
+    from blazec.dump import traced_op_error
+
+    if not isinstance(err, TorchRuntimeError):
+        return None
+    cause = err.__cause__
+    if cause is not None and str(cause).strip():
+        op_error = f"{type(cause).__name__}: {str(cause).strip().splitlines()[0]}"
+    else:  # torch 2.13 keeps the op's error in the message: "... got RuntimeError('...')"
+        op_error = traced_op_error(str(err))
+    if op_error is None:
+        return None
+    return f"the model failed on its example inputs while Dynamo traced it: {op_error}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -121,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         err = inner if inner is not None else e
         kind = "error" if isinstance(err, _user_error_types()) else f"internal error ({type(err).__name__})"
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        traced = _traced_model_error(err)
+        if traced is not None:
+            kind, msg = "error", traced
         hint = "" if kind == "error" else " (set BLAZEC_TRACEBACK=1 for the traceback)"
         print(f"blazec {args.command}: {kind}: {msg}{hint}", file=sys.stderr)
         return 2

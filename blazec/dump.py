@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Iterator
@@ -27,7 +30,7 @@ RULE = "=" * 30
 def _loss(out: Any) -> torch.Tensor:
     leaves = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
     if not leaves:
-        raise RuntimeError("the model's output does not require grad; use --eval to dump inference")
+        raise ValueError("the model's output does not require grad; use --eval to dump inference")
     return sum(t.float().pow(2).mean() for t in leaves)
 
 
@@ -47,6 +50,17 @@ def _record_output_code() -> Iterator[None]:
 
     with mock.patch.object(PyCodeCache, "write", classmethod(write)):
         yield
+
+
+@contextlib.contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    log = logging.getLogger(logger)
+    old = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(old)
 
 
 def compile_and_capture(
@@ -70,6 +84,10 @@ def compile_and_capture(
         for p in patches:
             stack.enter_context(p)
         stack.enter_context(_record_output_code())
+        if os.environ.get("BLAZEC_TRACEBACK") != "1":
+            # an op of the model that fails on its inputs while Dynamo traces it: torch logs the
+            # fake-tensor traceback at ERROR; the CLI prints the error in one line instead
+            stack.enter_context(_quiet("torch._subclasses.fake_tensor"))
         records = stack.enter_context(report.capture())
         compiled = torch.compile(model, backend="blaze", options=options or {}, dynamic=dynamic, fullgraph=fullgraph)
         if train:
@@ -167,6 +185,8 @@ def run(spec: str, *, train: bool = True, passes: list[str] | None = None, out: 
     if ep_chunks is not None:
         options["ep_chunks"] = ep_chunks
     BlazeConfig.from_options(options)  # a bad --pass fails here, before the model is loaded
+    if out and Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out {out}: exists and is not a directory")  # before the compile, not after
     if not isinstance(expert_parallel, int) or not 1 <= expert_parallel <= 64:
         raise ValueError(f"--expert-parallel must be a number of ranks in [1, 64], got {expert_parallel!r}")
     model, inputs = load_factory(spec)
@@ -210,7 +230,26 @@ def _capture_rank0(spec: str, world: int, kwargs: dict[str, Any]) -> list[report
         try:
             spawn_gloo(_rank_main, world, spec, kwargs, result, threads=max(1, torch.get_num_threads() // world))
         except mp.ProcessRaisedException as e:
-            last = str(e).strip().splitlines()[-1]
-            raise RuntimeError(f"an expert-parallel rank failed: {last}") from None
+            # the model's own failure is the user's error; anything else is blazec's or torch's
+            kind = ValueError if traced_op_error(str(e)) is not None else RuntimeError
+            raise kind(f"an expert-parallel rank failed: {_last_error_line(str(e))}") from None
         with open(result, "rb") as f:
             return pickle.load(f)
+
+
+def traced_op_error(message: str) -> str | None:
+    """From Dynamo's "failed to run FX node with fake tensors ... got RuntimeError('...')", the
+    op's error as "RuntimeError: ..."; None when the message has none."""
+    m = re.search(r"got (\w+)\((['\"])(.*?)\2\)", message, re.S)
+    return f"{m.group(1)}: {m.group(3)}" if m else None
+
+
+def _last_error_line(remote_traceback: str) -> str:
+    """The exception line of a rank's traceback ("Type: message"), not Dynamo's trailing hints;
+    for an op of the model that failed while Dynamo traced it, that op's error."""
+    op_error = traced_op_error(remote_traceback)
+    if op_error is not None:
+        return f"the model failed on its example inputs while Dynamo traced it: {op_error}"
+    lines = [l.strip() for l in remote_traceback.strip().splitlines() if l.strip()]
+    errors = [l for l in lines if re.match(r"^[\w.]+(Error|Exception|Failed|Interrupt|Exit)\b.*:", l)]
+    return errors[-1] if errors else (lines[-1] if lines else "no message")

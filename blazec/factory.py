@@ -22,13 +22,20 @@ class FactoryError(Exception):
 DEFAULT_FACTORY = "make"
 
 
+SPEC_FORM = "path/to/file.py[:function]"
+
+
 def parse_spec(spec: str) -> tuple[Path, str]:
+    if not spec.strip():
+        raise FactoryError(f"empty model spec; expected {SPEC_FORM}")
     path, sep, name = spec.rpartition(":")
-    if not sep or not path.endswith(".py"):
-        # no ":factory" part (a Windows drive letter is not a factory either)
+    if not sep or Path(spec).is_file() or len(path) == 1:
+        # no ":function" part (a file whose name has a colon, or a Windows drive letter)
         path, name = spec, DEFAULT_FACTORY
+    elif ":" in path and not Path(path).exists():
+        raise FactoryError(f"invalid model spec {spec!r}: more than one ':'; expected {SPEC_FORM}")
     if not name.isidentifier():
-        raise FactoryError(f"invalid factory name {name!r} in {spec!r}; expected path/to/file.py:function")
+        raise FactoryError(f"invalid factory name {name!r} in {spec!r}; expected {SPEC_FORM}")
     return Path(path), name
 
 
@@ -47,6 +54,9 @@ def load_factory(spec: str) -> tuple[torch.nn.Module, tuple[Any, ...]]:
     try:
         sys.modules[module_name] = module
         file_spec.loader.exec_module(module)
+    except SystemExit as e:  # sys.exit() at import would end blazec with the file's status, silently
+        sys.modules.pop(module_name, None)
+        raise FactoryError(f"could not load {path}: it called sys.exit({e.code!r}) on import") from None
     except Exception as e:  # noqa: BLE001 - any import failure is the user's file, reported in one line
         sys.modules.pop(module_name, None)
         raise FactoryError(f"could not load {path}: {type(e).__name__}: {e}") from e
@@ -62,6 +72,8 @@ def load_factory(spec: str) -> tuple[torch.nn.Module, tuple[Any, ...]]:
         raise FactoryError(f"{path}:{name} is not callable")
     try:
         result = fn()
+    except SystemExit as e:
+        raise FactoryError(f"factory {path}:{name} called sys.exit({e.code!r})") from None
     except Exception as e:  # noqa: BLE001
         raise FactoryError(f"factory {path}:{name} raised {type(e).__name__}: {e}") from e
     return check_factory_result(result, f"{path}:{name}")

@@ -75,6 +75,14 @@ def test_dump_out_dir_eval_and_pass_subset(tmp_path, capsys):
         ("def make():\n    return 'm', ()\n", "{f}:make", "returned a model of type str"),
         ("import torch\ndef make():\n    return torch.nn.Linear(2, 2), 5\n", "{f}:make", "returned example_inputs of type int"),
         ("def make(:\n", "{f}:make", "could not load {f}: SyntaxError"),
+        ("import sys\nsys.exit(3)\n", "{f}:make", "could not load {f}: it called sys.exit(3) on import"),
+        ("import sys\ndef make():\n    sys.exit(4)\n", "{f}:make", "factory {f}:make called sys.exit(4)"),
+        ("import torch\ndef make():\n    return torch.nn.Linear(4, 4), (torch.randn(3, 5),)\n", "{f}:make",
+         "the model failed on its example inputs while Dynamo traced it: RuntimeError: "),
+        ("import torch\ndef make():\n    return torch.nn.Linear(4, 4).requires_grad_(False), (torch.randn(3, 4),)\n",
+         "{f}:make", "the model's output does not require grad; use --eval"),
+        ("def make():\n    return 1\n", "{f}:make:extra", "invalid model spec '{f}:make:extra': more than one ':'"),
+        (None, "", "empty model spec; expected path/to/file.py[:function]"),
     ],
 )
 def test_dump_bad_input_one_line_error(tmp_path, capsys, write, spec, message):
@@ -129,3 +137,13 @@ def test_dump_expert_parallel_shows_the_dispatch_and_the_schedule(capsys):
 def test_dump_expert_parallel_bad_numbers(capsys, argv, message):
     rc, _, err = _dump(capsys, str(EXAMPLES / "moe_loop_stacked.py"), *argv)
     assert rc == 2 and err.strip() == f"blazec dump: error: {message}", err
+
+
+def test_dump_out_is_checked_before_the_compile(tmp_path, capsys):
+    """--out naming an existing file is an error before the model is compiled (the dump was
+    lost after the whole compile before)."""
+    f = tmp_path / "afile"
+    f.write_text("x")
+    rc, _, err = _dump(capsys, str(EXAMPLES / "moe_loop_modulelist.py"), "--out", str(f))
+    assert rc == 2 and f"blazec dump: error: --out {f}: exists and is not a directory" in err
+    assert f.read_text() == "x"
