@@ -38,7 +38,10 @@ from blazec.partition import partition_joint
 
 log = logging.getLogger("blazec")
 
-if os.environ.get("BLAZEC_CAPTURE_DYNAMIC", "1") != "0":
+_CAPTURE = os.environ.get("BLAZEC_CAPTURE_DYNAMIC", "1").strip()
+if _CAPTURE not in ("0", "1"):
+    raise ValueError(f"BLAZEC_CAPTURE_DYNAMIC must be 0 or 1 (default 1), got {_CAPTURE!r}")
+if _CAPTURE == "1":
     torch._dynamo.config.capture_dynamic_output_shape_ops = True
     torch._dynamo.config.capture_scalar_outputs = True
 

@@ -5,6 +5,7 @@ outputs and gradients, in training and inference, with fullgraph and dynamic sha
 """
 
 import copy
+import os
 
 import pytest
 import torch
@@ -185,3 +186,20 @@ def test_mode_is_accepted():
     x = torch.randn(3, 12)
     out = torch.compile(model, backend="blaze", mode="max-autotune-no-cudagraphs")(x)
     torch.testing.assert_close(out, model(x), atol=1e-6, rtol=1e-5)
+
+
+def test_capture_dynamic_switch_takes_only_0_or_1() -> None:
+    """BLAZEC_CAPTURE_DYNAMIC: 0 leaves Dynamo's capture settings alone, anything but 0 or 1 is
+    an error naming the variable (``false`` or ``off`` left the capture on before)."""
+    import subprocess
+    import sys
+
+    code = ("import torch, blazec.backend; "
+            "print(torch._dynamo.config.capture_dynamic_output_shape_ops)")
+    for value, want in (("0", "False"), ("1", "True")):
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "BLAZEC_CAPTURE_DYNAMIC": value})
+        assert r.returncode == 0 and r.stdout.strip().endswith(want), (value, r.stdout, r.stderr)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "BLAZEC_CAPTURE_DYNAMIC": "false"})
+    assert r.returncode != 0 and "BLAZEC_CAPTURE_DYNAMIC must be 0 or 1 (default 1), got 'false'" in r.stderr
