@@ -137,9 +137,15 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
                     graph.erase_node(n)
                 rep.near_misses.append(NearMiss(form, where, str(e)))
                 continue
+            links = _dense_links(final) - {final} if form == "dense_gate" else set()
             y = emit(final, ids, weights, m.x, m.experts, dtype(final), where, capacity, priority)
             final.replace_all_uses_with(y)
             graph.erase_node(final)
+            # the chain's in-place links (``out += term``): nothing else reads them (the matcher
+            # checks), but _remove_dead keeps in-place nodes, and with them the experts they sum
+            for n in sorted(links, key=lambda n: -list(graph.nodes).index(n)):
+                if not n.users:
+                    graph.erase_node(n)
             name = f"gshard_top{m.top_k}" if form == "gshard_capacity" else form
             rep.matches.append(_describe_match(name, where, m.experts, m.x, m.top_k, recompute,
                                                capacity if capacity >= 0 else None, ep=ep, chunks=chunks))
