@@ -47,7 +47,10 @@ the GPU where the step syncs, as the eager loop's torch.where does). The -cudagr
 report no peak or act on CUDA: their graphs' memory pool is held from the recording step on,
 so the counters cannot split it. On CPU, "act" is the bytes autograd saves for backward
 (saved-tensor hooks) and "peak" is not measured; CPU timings are not the GPU claim. The GPU
-shapes (olmoe-like, mixtral-like) need CUDA.
+shapes (olmoe-like, mixtral-like) need CUDA. On CPU the rows of ``CPU_SAME_AS`` (each differs
+from another row only by a GPU launch path, so there it runs that row's code) are left out
+unless ``--impl`` names them. Before any row runs, a shape with more than ``MAX_EXPERTS``
+experts, or whose estimated bytes (``bytes_needed``) exceed the device's memory, is an error.
 
 The first step of each row (compiling, and autotuning each kernel key that no earlier row of
 the process has tuned) is not timed, but its results are kept and compared with a later
@@ -125,6 +128,18 @@ ROW_ENV = {
     "blazec-loop-cat-dx": {"BLAZEC_GEMM1": "fused", "BLAZEC_ROWS": "tiles", "BLAZEC_DX": "cat"},
     "blazec-loop-fused-tiles": {"BLAZEC_GEMM1": "fused", "BLAZEC_ROWS": "tiles", "BLAZEC_DX": "two"},
 }
+# On CPU these rows run the same code as the row named: they differ from it only by a GPU launch
+# path (a Triton kernel choice, BLAZEC_* above, or CUDA graphs), which does not exist there. The
+# CPU run leaves them out unless --impl names them.
+CPU_SAME_AS = {
+    **{impl: "blazec-loop" for impl in ROW_ENV},
+    "sort-grouped-mm-compile-cudagraphs": "sort-grouped-mm-compile",
+    "blazec-loop-cudagraphs": "blazec-loop",
+}
+# The loop model builds one module per expert (three Linears), and Dynamo unrolls its loop once
+# per expert into each compiled row's graph (about 20 s to compile E=256 on a 2-core CPU, growing
+# with E). MoE layers in use have a few hundred experts (DeepSeek-V3: 256); this leaves room.
+MAX_EXPERTS = 4096
 GiB = 1024**3
 
 
@@ -467,7 +482,50 @@ def parse_shape(text: Optional[str], on_cuda: bool) -> tuple[str, tuple[int, int
     T, d, I, E, k = vals
     if k > E:
         raise BenchError(f"--shape: top-k ({k}) cannot exceed the number of experts ({E})")
+    if E > MAX_EXPERTS:
+        raise BenchError(f"--shape: E={E} experts is more than the bench takes ({MAX_EXPERTS}): the loop model "
+                         f"builds one module per expert and each compiled row unrolls one loop iteration per "
+                         f"expert, so its build and compile time grow with E")
     return "custom", vals  # type: ignore[return-value]
+
+
+def bytes_needed(T: int, d: int, I: int, E: int, k: int, elem: int, impls: list[str]) -> int:
+    """An estimate, a lower bound, of the bytes a bench run holds at once: the loop model's
+    weights and, for the row that needs most, either their gradients (eager-loop) or a copy of
+    its own with the copy's gradients (every other MoE row; dense-equivalent copies one
+    expert); plus what every row's step makes: x, the output and dL/dx ([T, d] each), the
+    activated hidden of the T*k pairs ([T*k, I]) and the router's fp32 [T, E] probabilities.
+    Gathered row copies, the rows' results kept for the comparisons and allocator slack come on
+    top."""
+    weights = E * (3 * d * I + d) * elem
+    per_row = {impl: 2 * weights if impl == "eager-loop"
+               else weights + 2 * 3 * d * I * elem if impl == DENSE
+               else 3 * weights for impl in impls}
+    acts = (3 * T * d + T * k * I) * elem + T * E * 4
+    return max(per_row.values(), default=weights) + acts
+
+
+def device_memory(dev: torch.device) -> Optional[int]:
+    """The device's memory in bytes: the GPU's total, or the machine's physical memory (None
+    where the platform does not say)."""
+    if dev.type == "cuda":
+        return torch.cuda.get_device_properties(dev).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf, or no such name (not Linux/macOS)
+        return None
+
+
+def _check_memory(T: int, d: int, I: int, E: int, k: int, dtype: torch.dtype, impls: list[str],
+                  dev: torch.device) -> None:
+    need, have = bytes_needed(T, d, I, E, k, dtype.itemsize, impls), device_memory(dev)
+    if have is not None and need > have:
+        where = (f"the GPU's memory ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda"
+                 else "this machine's physical memory")
+        raise BenchError(f"--shape T={T} d={d} I={I} E={E} k={k}: the bench needs at least {need / GiB:,.1f} GiB "
+                         f"in {str(dtype).replace('torch.', '')} (an estimate: weights, a row's weight copy and "
+                         f"gradients, one step's activations), more than {where}, {have / GiB:,.1f} GiB; "
+                         f"pass a smaller shape")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -612,17 +670,22 @@ def run(args: argparse.Namespace, stream=None) -> int:
             raise BenchError("--iters must be >= 1 and --warmup >= 0")
         if args.profile is not None and args.profile < 1:
             raise BenchError(f"--profile N needs N >= 1 (or no N, for 8), got {args.profile}")
+        dev = torch.device("cuda" if on_cuda else "cpu")
+        if args.impl:
+            impls, left_out = list(dict.fromkeys(args.impl)), []
+        else:
+            left_out = [] if on_cuda else [i for i in IMPLS if i in CPU_SAME_AS]
+            impls = [i for i in IMPLS if i not in left_out]
+        _check_memory(T, d, I, E, k, dtype, impls, dev)
         if args.json:
             _check_writable(args.json)
     except BenchError as e:
         print(f"blazec bench: error: {e}", file=sys.stderr)
         return 2
 
-    dev = torch.device("cuda" if on_cuda else "cpu")
     # The kernels are the default on CUDA; BLAZEC_KERNELS=0 measures the reference ops instead
     # (the rows' notes say which ran).
     os.environ.setdefault("BLAZEC_KERNELS", "1")
-    impls = list(dict.fromkeys(args.impl or IMPLS))
     flops = 3 * T * k * 2 * d * 3 * I
     card = torch.cuda.get_device_name(dev) if on_cuda else "CPU"
     try:
@@ -635,13 +698,17 @@ def run(args: argparse.Namespace, stream=None) -> int:
         "shape": name, "T": T, "d": d, "I": I, "E": E, "k": k, "dtype": str(dtype).replace("torch.", ""),
         "device": card, "torch": torch.__version__, "triton": triton_version,
         "date": datetime.date.today().isoformat(), "warmup": args.warmup, "iters": args.iters,
-        "gflop_per_step": flops / 1e9,
+        "gflop_per_step": flops / 1e9, "rows_left_out": left_out,
     }
     say(f"blazec bench: MoE SwiGLU layer with router, T={T} d={d} I={I} E={E} k={k}, {meta['dtype']}, "
         f"forward + backward; {card}, torch {torch.__version__}, triton {triton_version}, {meta['date']}")
     if not on_cuda:
         say("NOTE: running on CPU at a small shape. CPU timings are not the GPU claim "
             "(see ../shared/BASELINES.md and docs/BENCHMARKS.md); 'act' is bytes saved for backward.")
+    if left_out:
+        say(f"NOTE: left out on CPU: {', '.join(left_out)}: each differs from another row only by a GPU "
+            f"launch path (a Triton kernel choice or CUDA graphs), so here it runs that row's code "
+            f"(--impl NAME runs one anyway).")
 
     torch.manual_seed(args.seed)
     with torch.device(dev):
@@ -693,6 +760,8 @@ def run(args: argparse.Namespace, stream=None) -> int:
                     notes = [_kernel_note(dev, impl)]
                 if impl == DENSE:
                     notes.append("ceiling: dense GEMMs on T*k rows, same FLOPs")
+                if not on_cuda and impl in CPU_SAME_AS:
+                    notes.append(f"same code as {CPU_SAME_AS[impl]} on CPU (its launch path exists only on GPU)")
                 if on_cuda and impl.endswith("-cudagraphs"):
                     notes.append("CUDA graphs: no peak / act (the graphs' pool)" if _graph_skips() == skips
                                  else "CUDA GRAPHS SKIPPED (Inductor's log says why): not a graph row")

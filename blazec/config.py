@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -44,7 +45,10 @@ class BlazeConfig:
             ``"save_preact"`` (default) saves the first expert GEMM's output and recomputes
             only the activation; ``"recompute_gemm1"`` recomputes that GEMM from ``x`` too.
         inductor_config: extra Inductor config patches, merged over blaze's own
-            (for example ``{"max_autotune": True}``).
+            (for example ``{"max_autotune": True}``, ``{"triton.cudagraphs": False}``). Each key
+            must name an Inductor setting, and its value fit the type of the setting's current
+            value (an int is no bool; a float setting takes an int; a setting that is None takes
+            anything).
         memory_budget: how much activation memory the forward may keep for backward; the
             checkpoint solver (``blazec.passes.checkpoint``) then picks the cheapest set of
             tensors to save and recomputes the rest. ``None`` (default) keeps PyTorch's
@@ -67,7 +71,7 @@ class BlazeConfig:
             where it is not stays single-process and is reported as a near miss).
         ep_chunks: token chunks each expert-parallel MoE layer is split into and pipelined
             over, so chunk i+1's dispatch and chunk i-1's combine overlap chunk i's experts.
-            An int in [1, 64]; default 2.
+            An int in [1, 64]; default 2. Setting it without ``expert_parallel`` is an error.
         comm_order: how ``comm_overlap`` orders collectives that are ready at the same point:
             ``"priority"`` (default) puts first the one whose result is needed first;
             ``"program"`` keeps the traced order. Both are deterministic, so every rank
@@ -122,6 +126,12 @@ class BlazeConfig:
         for key, value in options.items():
             kw[key] = _VALIDATORS[key](key, value)
         kw["mode"] = _mode(mode)
+        if "ep_chunks" in kw and kw.get("expert_parallel") is None:
+            raise BlazeOptionError(
+                f"ep_chunks is set but expert_parallel is not: ep_chunks={kw['ep_chunks']} splits only "
+                f"expert-parallel MoE layers into chunks; set expert_parallel ('world' or a ProcessGroup; "
+                f"blazec dump: --expert-parallel N with N > 1) or leave ep_chunks out"
+            )
         cfg = cls(**kw)
         cfg.check_pass_names()
         return cfg
@@ -182,15 +192,68 @@ def _choice(choices: tuple[str, ...]):
     return check
 
 
+# Set by the backend itself on every Inductor compile (backend.inductor_config_patches): a
+# patch of these would be overwritten, so it is refused.
+_BLAZE_OWNED_INDUCTOR_KEYS = ("custom_partitioner_fn", "post_grad_custom_post_pass")
+
+
 def _inductor_config(key: str, value: Any) -> dict[str, Any]:
     import torch._inductor.config as inductor_config
 
     if not isinstance(value, Mapping):
         raise BlazeOptionError(f"option {key!r} must be a dict of Inductor config patches")
-    bad = [k for k in value if not isinstance(k, str) or not hasattr(inductor_config, k.split(".")[0])]
+    bad = []
+    for name in value:
+        try:  # the lookup Inductor's config.patch does; dotted names reach nested settings
+            if not isinstance(name, str):
+                raise AttributeError(name)
+            inductor_config.__getattr__(name)
+        except AttributeError:
+            bad.append(name)
     if bad:
-        raise BlazeOptionError(f"option {key!r}: unknown Inductor config key(s) {bad!r}")
+        raise BlazeOptionError(
+            f"option {key!r}: unknown Inductor config key(s) {bad!r} (nested settings take dotted "
+            f"names, e.g. 'triton.cudagraphs')"
+        )
+    for name, v in value.items():
+        if name in _BLAZE_OWNED_INDUCTOR_KEYS:
+            raise BlazeOptionError(
+                f"option {key!r}: {name!r} is set by the blaze backend itself and cannot be patched"
+            )
+        expected = _inductor_type_error(inductor_config, name, v)
+        if expected:
+            raise BlazeOptionError(
+                f"option {key!r}: {name!r} takes {expected}, got {v!r} ({type(v).__name__})"
+            )
     return dict(value)
+
+
+def _inductor_type_error(inductor_config: Any, name: str, value: Any) -> str | None:
+    """What type the setting takes where ``value`` does not fit its current value's type, else None.
+
+    bool takes a bool; int an int (not a bool); float an int or a float; str a str; a container
+    the same container type. A setting whose current value is None takes anything, and None is
+    taken where the setting's declared type is Optional."""
+    current = inductor_config.__getattr__(name)
+    if current is None:
+        return None
+    if value is None:
+        entry = getattr(inductor_config, "_config", {}).get(name)
+        if type(None) in typing.get_args(getattr(entry, "value_type", None)):
+            return None
+    if isinstance(current, bool):
+        ok, expected = isinstance(value, bool), "a bool"
+    elif isinstance(current, int):
+        ok, expected = isinstance(value, int) and not isinstance(value, bool), "an int"
+    elif isinstance(current, float):
+        ok, expected = isinstance(value, (int, float)) and not isinstance(value, bool), "a float"
+    elif isinstance(current, (str, list, tuple, dict, set, frozenset)):
+        kind = type(current) if not isinstance(current, str) else str
+        ok, expected = isinstance(value, kind), f"a {kind.__name__}"
+    else:
+        return None
+    shown = repr(current) if len(repr(current)) <= 60 else repr(current)[:57] + "..."
+    return None if ok else f"{expected} (its current value is {shown})"
 
 
 _BYTE_UNITS = {

@@ -184,7 +184,12 @@ def run(spec: str, *, train: bool = True, passes: list[str] | None = None, out: 
         options["passes"] = passes
     if ep_chunks is not None:
         options["ep_chunks"] = ep_chunks
-    BlazeConfig.from_options(options)  # a bad --pass fails here, before the model is loaded
+    check = dict(options)
+    if isinstance(expert_parallel, int) and expert_parallel > 1:  # the ranks add expert_parallel="world"
+        from blazec.expert_parallel import EPGroup
+
+        check["expert_parallel"] = EPGroup("world", 0, expert_parallel, "gloo")  # stands in for it here
+    BlazeConfig.from_options(check)  # a bad --pass or --ep-chunks fails here, before the model is loaded
     if out and Path(out).exists() and not Path(out).is_dir():
         raise ValueError(f"--out {out}: exists and is not a directory")  # before the compile, not after
     if not isinstance(expert_parallel, int) or not 1 <= expert_parallel <= 64:

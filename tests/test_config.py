@@ -59,3 +59,80 @@ def test_fingerprint_changes_with_options():
     b = BlazeConfig.from_options({"moe_recompute": "recompute_gemm1"})
     assert a.fingerprint() != b.fingerprint()
     assert a.fingerprint() == BlazeConfig.from_options({}).fingerprint()
+
+
+@pytest.mark.parametrize(
+    "patch, message",
+    [
+        ({"max_autotune": "yes"}, "option 'inductor_config': 'max_autotune' takes a bool (its current value is "),
+        ({"triton.cudagraphs": 1}, "'triton.cudagraphs' takes a bool"),
+        ({"compile_threads": True}, "'compile_threads' takes an int"),
+        ({"cpu_gpu_bw": "fast"}, "'cpu_gpu_bw' takes a float"),
+        ({"max_autotune_gemm_backends": ["ATEN"]}, "'max_autotune_gemm_backends' takes a str"),
+        ({"triton.no_such": 1}, "unknown Inductor config key(s) ['triton.no_such']"),
+        ({"triton": {"cudagraphs": True}}, "unknown Inductor config key(s) ['triton']"),
+        ({"patch": 1}, "unknown Inductor config key(s) ['patch']"),
+        ({"custom_partitioner_fn": None}, "'custom_partitioner_fn' is set by the blaze backend itself"),
+    ],
+)
+def test_inductor_config_keys_and_value_types_are_checked(patch, message):
+    """Each inductor_config key must name an Inductor setting (dotted names reach nested ones),
+    and its value fit the setting's type; a str for a bool setting was accepted, and an unknown
+    nested key failed inside Inductor with an AttributeError."""
+    with pytest.raises(BlazeOptionError) as e:
+        BlazeConfig.from_options({"inductor_config": patch})
+    assert message in str(e.value)
+    if "takes" in message:
+        (name, value), = patch.items()
+        assert f"got {value!r} ({type(value).__name__})" in str(e.value)
+
+
+def test_inductor_config_values_that_fit():
+    patch = {"max_autotune": True, "triton.cudagraphs": False, "compile_threads": 1, "cpu_gpu_bw": 20,
+             "max_autotune_gemm_backends": "ATEN", "cpp.simdlen": 8}  # a float setting takes an int; None: any
+    assert dict(BlazeConfig.from_options({"inductor_config": patch}).inductor_config) == patch
+
+
+def test_unknown_nested_inductor_key_through_torch_compile_is_an_option_error():
+    m = torch.nn.Linear(3, 3)
+    with pytest.raises(Exception) as e:
+        torch.compile(m, backend="blaze", options={"inductor_config": {"triton.no_such": 1}})(torch.randn(2, 3))
+    inner = getattr(e.value, "inner_exception", e.value)
+    assert isinstance(inner, BlazeOptionError) and "'triton.no_such'" in str(inner)
+
+
+def test_ep_chunks_without_expert_parallel_is_an_error():
+    """ep_chunks only splits expert-parallel layers: without expert_parallel it was accepted and
+    ignored."""
+    for options in ({"ep_chunks": 4}, {"ep_chunks": 2, "expert_parallel": None}):
+        with pytest.raises(BlazeOptionError, match="ep_chunks is set but expert_parallel is not: ep_chunks="):
+            BlazeConfig.from_options(options)
+    with pytest.raises(BlazeOptionError, match=r"'ep_chunks' must be an int in \[1, 64\], got 0"):
+        BlazeConfig.from_options({"ep_chunks": 0})  # a bad value is still named as such
+
+
+def test_ep_chunks_with_expert_parallel():
+    import torch.distributed as dist
+
+    from blazec.expert_parallel import EPGroup
+
+    group = EPGroup("world", 0, 2, "gloo")
+    cfg = BlazeConfig.from_options({"expert_parallel": group, "ep_chunks": 4})
+    assert cfg.ep_chunks == 4 and cfg.expert_parallel == group
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        cfg = BlazeConfig.from_options({"expert_parallel": "world", "ep_chunks": 3})
+        assert cfg.ep_chunks == 3 and cfg.expert_parallel.world == 1
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dump_ep_chunks_without_expert_parallel_is_one_error_line(capsys):
+    from blazec import cli
+    from tests.helpers import REPO
+
+    example = str(REPO / "examples" / "moe_loop_stacked.py")
+    for argv in ([], ["--expert-parallel", "1"]):
+        assert cli.main(["dump", example, "--ep-chunks", "3", *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("blazec dump: error: ep_chunks is set but expert_parallel is not")

@@ -324,3 +324,77 @@ def test_bad_json_path_is_an_error_before_any_row_runs(tmp_path, where, words) -
     with contextlib.redirect_stderr(err):
         rc = bench.main(["--json", str(path)])
     assert rc == 2 and f"--json {path}: " in err.getvalue() and words in err.getvalue(), err.getvalue()
+
+
+def test_too_many_experts_is_an_error_before_any_row(capsys) -> None:
+    """The loop model builds one module per expert: --shape 4,8,8,100000000,2 hung building them."""
+    assert bench.run(_args("--device", "cpu", "--shape", "4,8,8,4097,2", "--impl", "eager-loop",
+                           "--iters", "1", "--warmup", "0")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("blazec bench: error: --shape: E=4097 experts is more than "
+                                               "the bench takes (4096)"), err
+
+
+def test_a_shape_beyond_the_devices_memory_is_an_error_before_any_row(capsys) -> None:
+    """A shape whose estimated bytes exceed the machine's memory failed as an internal error
+    (an allocation) after the work before it."""
+    assert bench.run(_args("--device", "cpu", "--shape", "100000000000,64,64,4,2")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("blazec bench: error: --shape T=100000000000 d=64 I=64 E=4 k=2: "
+                                               "the bench needs at least "), err
+    assert "(an estimate: " in err[0] and "more than this machine's physical memory" in err[0]
+
+
+def test_the_memory_estimate_passes_the_gpu_shapes_on_an_80_gb_card() -> None:
+    """The estimate is a lower bound; the GPU shapes, with every row in bf16, must pass on an 80 GB
+    card with room (they ran on an H100)."""
+    need = {name: bench.bytes_needed(*shape, 2, list(bench.IMPLS)) for name, shape in bench.SHAPES.items()}
+    assert need == {"olmoe-like": 2890661888, "mixtral-like": 9127264256}, need  # 2.7 and 8.5 GiB
+    assert max(need.values()) < 0.15 * 80e9
+    # a row holding its own weight copy needs the loop's weights, the copy and its gradients
+    T, d, I, E, k = 8, 4, 6, 2, 1
+    acts = (3 * T * d + T * k * I) * 4 + T * E * 4
+    w = E * (3 * d * I + d) * 4
+    assert bench.bytes_needed(T, d, I, E, k, 4, ["eager-loop"]) == 2 * w + acts
+    assert bench.bytes_needed(T, d, I, E, k, 4, ["eager-loop", "blazec-ops"]) == 3 * w + acts
+
+
+CPU_DEFAULT_ROWS = ["eager-loop", "sort-grouped-mm", "sort-grouped-mm-compile", "blazec-loop", "blazec-loop-recompute",
+                    "blazec-ops", "blazec-ops-recompute", "dense-equivalent"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU behaviour")
+def test_cpu_default_rows_leave_out_the_gpu_launch_path_variants(tmp_path, monkeypatch) -> None:
+    """On CPU the rows that differ from another only by a GPU launch path (BLAZEC_* kernel
+    choices, CUDA graphs) ran that row's code under their own names; the default rows leave them
+    out, and one line says which and why."""
+    def build(impl, loop, x):  # each row fails at once: the row set is what is checked
+        raise RuntimeError("not built")
+
+    monkeypatch.setattr(bench, "_build", build)
+    out = io.StringIO()
+    path = tmp_path / "bench.json"
+    rc = bench.run(_args("--device", "cpu", "--shape", "32,16,24,4,2", "--iters", "1", "--warmup", "0",
+                         "--json", str(path)), stream=out)
+    data = json.loads(path.read_text())
+    assert rc == 0 and [r["impl"] for r in data["rows"]] == CPU_DEFAULT_ROWS
+    left = [i for i in bench.IMPLS if i not in CPU_DEFAULT_ROWS]
+    assert data["meta"]["rows_left_out"] == left and len(left) == 12
+    line = next(ln for ln in out.getvalue().splitlines() if ln.startswith("NOTE: left out on CPU: "))
+    assert line.startswith(f"NOTE: left out on CPU: {', '.join(left)}: each differs from another row only by a "
+                           "GPU launch path"), line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU behaviour")
+def test_a_gpu_launch_path_row_named_on_cpu_says_whose_code_it_runs(tmp_path, monkeypatch) -> None:
+    real = bench._build
+    monkeypatch.setattr(bench, "_build", lambda impl, loop, x: real("blazec-ops", loop, x))  # cheap: the note is checked
+    rc, text, data = _run_small(tmp_path, "--impl", "blazec-loop-cat-dx", "--impl", "blazec-loop-cudagraphs",
+                                "--impl", "sort-grouped-mm-compile-cudagraphs", "--impl", "blazec-ops")
+    assert rc == 0 and "left out on CPU" not in text and data["meta"]["rows_left_out"] == []
+    notes = {r["impl"]: r["note"] for r in data["rows"]}
+    assert "same code as blazec-loop on CPU (its launch path exists only on GPU)" in notes["blazec-loop-cat-dx"]
+    assert "same code as blazec-loop on CPU" in notes["blazec-loop-cudagraphs"]
+    assert "same code as sort-grouped-mm-compile on CPU" in notes["sort-grouped-mm-compile-cudagraphs"]
+    assert "same code as" not in notes["blazec-ops"]
+    assert "    blazec-loop-cat-dx: " in text and "same code as blazec-loop on CPU" in text
