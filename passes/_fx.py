@@ -16,6 +16,8 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
+from blazec.ops.reference import accumulate_dtype
+
 Node = torch.fx.Node
 
 
@@ -92,16 +94,93 @@ def is_getitem(node: Any) -> bool:
     return is_fn(node, operator.getitem)
 
 
-def strip_casts(node: Any) -> tuple[Any, list[Node]]:
-    """Follow ``.to(dtype)``, ``.type_as``, ``.float()`` style casts down to their input."""
+CASTS = ("to", "float", "half", "bfloat16", "double", "type_as", "contiguous")
+
+# Float dtypes each dtype converts to exactly: every value of the key is a value of these.
+_EXACT_WIDER = {
+    torch.float16: (torch.float32, torch.float64),
+    torch.bfloat16: (torch.float32, torch.float64),
+    torch.float32: (torch.float64,),
+}
+
+
+def is_cast(node: Any) -> bool:
+    """A ``.to(dtype)``, ``.type_as``, ``.float()`` style cast or ``.contiguous()``."""
+    return is_method(node, *CASTS) and _cast_only(node)
+
+
+def exact_cast(node: Node) -> bool:
+    """A cast that cannot change a value, by the dtypes of the example values.
+
+    ``.contiguous()``; the same dtype; an exact float widening (fp16/bf16 -> fp32/fp64, fp32 ->
+    fp64); a bool input (0 and 1 are exact in every dtype). Casts of integer tensors (ids,
+    counts, offsets) to a non-bool dtype are index data the matchers check structurally; a float
+    value that reaches one went through a float-to-integer cast first, which is not exact.
+    An unknown dtype is not exact.
+    """
+    if node.target == "contiguous":
+        return True
+    src, dst = dtype(node.args[0]), dtype(node)
+    if src is None or dst is None:
+        return False
+    if src == dst or dst in _EXACT_WIDER.get(src, ()) or src == torch.bool:
+        return True
+    return not src.is_floating_point and not src.is_complex and dst != torch.bool
+
+
+def strip_casts(node: Any, exact: bool = True) -> tuple[Any, list[Node]]:
+    """Follow casts down to their input, outermost first in the returned list.
+
+    By default only casts that cannot change a value (:func:`exact_cast`): a matcher that
+    ignores a cast must not change the numbers. ``exact=False`` follows every dtype cast, for
+    code that only reads the graph's structure (reports).
+    """
     casts = []
-    while isinstance(node, Node) and (
-        is_method(node, "to", "float", "half", "bfloat16", "double", "type_as", "contiguous")
-        and _cast_only(node)
-    ):
+    while is_cast(node) and (not exact or exact_cast(node)):
         casts.append(node)
         node = node.args[0]
     return node, casts
+
+
+def check_no_rounding(node: Any, what: str) -> None:
+    """Raise NoMatch naming ``node`` if it is a cast that strip_casts kept (one that can round)."""
+    if not is_cast(node):
+        return
+    dt = dtype(node)
+    to = f"a cast to {dt}" if dt is not None else "a cast of unknown dtype"
+    raise NoMatch(f"{to} {what} ({where_loc(node)}) rounds values the blaze op would not round; left alone")
+
+
+def check_combine_dtypes(what: str, out: torch.dtype | None, contrib: Node, y: Node, x: Node, w: Node,
+                         contrib_casts: list[Node], y_casts: list[Node]) -> None:
+    """Raise NoMatch unless eager's arithmetic, with the exact casts ignored, runs in the op's dtypes.
+
+    ``y`` is an expert's output (its down projection), ``contrib`` the product of ``y`` and the
+    routing weight ``w`` (``y`` itself when the weight scales the hidden state), ``out`` the dtype
+    eager sums the contributions in; ``y_casts`` and ``contrib_casts`` are the exact casts ignored
+    after ``y`` and after ``contrib`` (as strip_casts lists them). The op multiplies ``y`` by
+    ``w`` in their promoted dtype, sums in ``accumulate_dtype`` and casts the sum to ``out``. A widening cast before the multiply, or one that makes eager sum in
+    a dtype other than the contribution's or the op's, would change the numbers.
+    """
+    xd, wd, yd, cd = dtype(x), dtype(w), dtype(y), dtype(contrib)
+    if None in (xd, wd, yd, cd, out):
+        raise NoMatch(f"{what}: unknown dtypes around its contribution")
+    # y is in x's dtype but under autocast, which moe_site_checks refuses with its own reason
+    if contrib is not y and cd != torch.promote_types(yd, wd):
+        c = _first_widening(y_casts) or contrib
+        raise NoMatch(f"{what}: its output is cast to {cd} ({where_loc(c)}) before the routing-weight multiply, "
+                      f"which then runs in {cd} where the blaze op multiplies in {torch.promote_types(yd, wd)}; "
+                      "left alone")
+    acc = accumulate_dtype(xd, wd)
+    if out not in (cd, acc):
+        c = _first_widening(contrib_casts) or contrib
+        raise NoMatch(f"{what}: its contribution is cast from {cd} to {out} ({where_loc(c)}) and summed in {out}, "
+                      f"where the blaze op sums in {acc}; left alone")
+
+
+def _first_widening(casts: list[Node]) -> Node | None:
+    """The innermost cast of a strip_casts list that changes the dtype."""
+    return next((c for c in reversed(casts) if dtype(c) != dtype(c.args[0])), None)
 
 
 def _cast_only(node: Node) -> bool:

@@ -24,7 +24,10 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from blazec.passes._fx import NoMatch, arg, is_fn, is_getitem, is_method, same_shape, shape, strip_casts
+from blazec.passes._fx import (
+    NoMatch, arg, check_combine_dtypes, check_no_rounding, dtype, is_fn, is_getitem, is_method, same_shape, shape,
+    strip_casts,
+)
 from blazec.passes.moe_expert_mlp import ExpertMLP, check_consistent, parse_expert
 from blazec.passes.moe_loop_form import ZEROS_FNS, _check_dtypes
 
@@ -127,7 +130,8 @@ def match_dense_gate(final: Node) -> DenseGateMatch:
     experts: dict[int, ExpertMLP] = {}
     gate = x = None
     for term in reversed(terms):
-        term, _ = strip_casts(term)
+        term, term_casts = strip_casts(term)
+        check_no_rounding(term, "on a term of the expert sum")
         if not (is_fn(term, operator.mul, torch.mul) or is_method(term, "mul")):
             raise NoMatch(f"{getattr(term, 'name', term)} is not gate[:, e] * expert_e(x)")
         a, b = term.args[0], term.args[1]
@@ -142,13 +146,15 @@ def match_dense_gate(final: Node) -> DenseGateMatch:
             raise NoMatch(f"expert {e} is weighted by a different gate tensor")
         if e in experts:
             raise NoMatch(f"expert {e} is added twice")
-        mlp_out, _ = strip_casts(mlp_out)
+        mlp_out, y_casts = strip_casts(mlp_out)
+        check_no_rounding(mlp_out, f"on expert {e}'s output")
         rows = _rows_of(mlp_out)
         if x is None:
             x = rows
         elif rows is not x:
             raise NoMatch(f"expert {e} reads a different input than expert 0")
         experts[e] = parse_expert(mlp_out, x, e, lambda n: False)
+        check_combine_dtypes(f"expert {e}", dtype(final), term, mlp_out, x, g, term_casts, y_casts)
     ids, weights, E = _scatter_gate(gate)
     missing = sorted(set(range(E)) - set(experts))
     if missing:
@@ -164,7 +170,7 @@ def match_dense_gate(final: Node) -> DenseGateMatch:
 def _is_term(node: object) -> bool:
     if not isinstance(node, Node):
         return False
-    n, _ = strip_casts(node)
+    n, _ = strip_casts(node, exact=False)  # which adds are terms; match_dense_gate checks the casts
     return (is_fn(n, operator.mul, torch.mul) or is_method(n, "mul")) and any(
         _gate_column(a) is not None for a in n.args[:2])
 

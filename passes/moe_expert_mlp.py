@@ -26,6 +26,9 @@ from blazec.passes._fx import (
     MATMUL,
     NoMatch,
     arg,
+    check_no_rounding,
+    dtype,
+    is_cast,
     is_fn,
     is_getitem,
     is_linear,
@@ -187,6 +190,11 @@ def parse_expert(out: Node, rows: Node, expert: int, is_routing_weight) -> Exper
     weight_in_hidden = None
     h, casts = strip_casts(h)
     nodes.update(casts)
+    rounding = None  # a cast that strip_casts kept: it can round
+    if is_cast(h):
+        rounding = h
+        h, casts = strip_casts(h.args[0])
+        nodes.update(casts)
     if is_mul(h):
         a, b = h.args[0], h.args[1]
         for w, other in ((a, b), (b, a)):
@@ -194,6 +202,10 @@ def parse_expert(out: Node, rows: Node, expert: int, is_routing_weight) -> Exper
                 nodes.update({h, w})
                 weight_in_hidden, h = w, other
                 break
+    if rounding is not None:  # the op rounds w * h to h's dtype (x's), once; no other rounding
+        if weight_in_hidden is None or dtype(h) is None or dtype(rounding) != dtype(h):
+            check_no_rounding(rounding, f"inside the expert computation of expert {expert}")
+        nodes.add(rounding)
 
     act = _activation(h)
     if act is not None:  # non-gated: h = act(g)

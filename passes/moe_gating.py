@@ -96,7 +96,7 @@ def classify(ids: object, weights: object) -> str:
     if isinstance(ids, Node) and is_fn(ids, torch.stack):
         if all(is_fn(i, torch.argmax) for i in ids.args[0]):
             return "argmax_capacity"
-    w, _ = strip_casts(weights)
+    w, _ = strip_casts(weights, exact=False)
     tk_ids = _topk(ids)
     if tk_ids is None:
         return "other"
@@ -113,7 +113,7 @@ def classify(ids: object, weights: object) -> str:
         if tk_w is tk_ids:
             return "softmax_topk"
     if is_fn(w, *SOFTMAX) or is_method(w, "softmax"):
-        src = _topk(strip_casts(w.args[0])[0])
+        src = _topk(strip_casts(w.args[0], exact=False)[0])
         if src is tk_ids:
             return "topk_softmax"
     return "other"

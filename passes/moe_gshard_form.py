@@ -35,7 +35,8 @@ import torch.fx
 import torch.nn.functional as F
 
 from blazec.passes._fx import (
-    NoMatch, arg, follow_first_args, is_fn, is_getitem, is_method, is_mul, same_shape, shape, strip_casts,
+    NoMatch, arg, check_no_rounding, follow_first_args, is_fn, is_getitem, is_method, is_mul, same_shape, shape,
+    strip_casts,
 )
 from blazec.passes.moe_expert_mlp import GATED, ExpertMLP, WeightRef, _activation
 from blazec.passes.moe_loop_form import _check_dtypes
@@ -154,6 +155,7 @@ def match_gshard(out: Node) -> GShardMatch:
         raise NoMatch("not a combine einsum('tec,ecd->td')")
     combine, expert_out = _operands(out)
     combine, _ = strip_casts(combine)
+    check_no_rounding(combine, "on the combine tensor")
 
     # combine = sum_j G_j[:, :, None] * one_hot(S_j, C)[:, None, :]
     choices = []

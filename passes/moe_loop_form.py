@@ -28,7 +28,10 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from blazec.passes._fx import NoMatch, arg, dtype, is_fn, is_getitem, is_method, same_shape, shape, strip_casts
+from blazec.passes._fx import (
+    NoMatch, arg, check_combine_dtypes, check_no_rounding, dtype, is_fn, is_getitem, is_method, same_shape, shape,
+    strip_casts,
+)
 from blazec.passes.moe_expert_mlp import ExpertMLP, check_consistent, parse_expert
 
 Node = torch.fx.Node
@@ -185,6 +188,7 @@ def match_loop(acc: Node, index_adds: list[Node]) -> LoopMatch:
             raise NoMatch(f"expert {site.expert} is accumulated twice")
 
         contrib, casts = strip_casts(source)
+        check_no_rounding(contrib, f"on expert {site.expert}'s contribution")
         region.update(casts)
         rw_of = lambda n, s=site: _is_routing_weight(n, s) is not None  # noqa: E731
         mlp_out, w_node = None, None
@@ -203,6 +207,7 @@ def match_loop(acc: Node, index_adds: list[Node]) -> LoopMatch:
                     raise NoMatch(f"expert {site.expert}: output is scaled by {f.name}, which is not the routing "
                                   "weight w[token, slot] at the (token, slot) pairs its mask selected")
         mlp_out, casts2 = strip_casts(mlp_out)
+        check_no_rounding(mlp_out, f"on expert {site.expert}'s output")
         region.update(casts2)
 
         rows = _find_rows(mlp_out)
@@ -216,6 +221,7 @@ def match_loop(acc: Node, index_adds: list[Node]) -> LoopMatch:
             w_node = _is_routing_weight(mlp.weight_in_hidden, site)
         if w_node is None:
             raise NoMatch(f"expert {site.expert}: output is not scaled by the routing weight w[token, slot]")
+        check_combine_dtypes(f"expert {site.expert}", dtype(acc), contrib, mlp_out, x_e, w_node, casts, casts2)
         if x is None:
             x, weights = x_e, w_node
         elif x_e is not x:

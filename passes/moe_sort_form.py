@@ -27,7 +27,8 @@ import torch
 import torch.fx
 
 from blazec.passes._fx import (
-    NoMatch, arg, follow_first_args, is_fn, is_getitem, is_method, is_mul, same_shape, shape, strip_casts,
+    NoMatch, arg, check_combine_dtypes, check_no_rounding, dtype, follow_first_args, is_fn, is_getitem, is_method,
+    is_mul, same_shape, shape, strip_casts,
 )
 from blazec.passes.moe_expert_mlp import GATED, ExpertMLP, FinalMatch, WeightRef, _activation, check_consistent, parse_expert
 from blazec.passes.moe_loop_form import ZEROS_FNS, _check_acc_reads, _check_dtypes
@@ -108,7 +109,8 @@ def match_sorted(acc: Node, index_adds: list[Node]) -> SortMatch:
     if ids is None or len(shape(ids) or ()) != 2 or int(shape(ids)[1]) != k:
         raise NoMatch(f"the sorted ids are not ids[T, {k}].reshape(-1)")
 
-    src, _ = strip_casts(source)
+    src, src_casts = strip_casts(source)
+    check_no_rounding(src, "on the combined rows")
     if not is_mul(src):
         raise NoMatch("the combined rows are not scaled by the routing weights")
     weights = y_rows = None
@@ -120,6 +122,8 @@ def match_sorted(acc: Node, index_adds: list[Node]) -> SortMatch:
     if weights is None:
         raise NoMatch("the rows are not scaled by w.reshape(-1)[perm, None] for the same sort order")
     experts, x = sorted_experts(y_rows, perm, k, flat)
+    y, y_casts = strip_casts(y_rows)
+    check_combine_dtypes("the sorted experts", dtype(acc), src, y, x, weights, src_casts, y_casts)
     xs = shape(x)
     if xs is None or len(xs) != 2 or str(xs[0]) != str(shape(ids)[0]) or not same_shape(acc, xs):
         raise NoMatch(f"x {xs}, ids {shape(ids)} and the accumulator {shape(acc)} do not agree on [T, d]")
@@ -153,6 +157,7 @@ def _grouped(node: object, inp: object, offs: list) -> Node:
 def sorted_experts(y_rows: Node, perm: Node, k: int, flat: Node) -> tuple[dict[int, ExpertMLP], Node]:
     """The experts and ``x`` behind expert outputs in sorted-pair order (grouped_mm or split loop)."""
     y, _ = strip_casts(y_rows)
+    check_no_rounding(y, "on the expert outputs")
     return _grouped_experts(y, perm, k, flat) if is_fn(y, GROUPED_MM) else _split_experts(y, perm, k, flat)
 
 
@@ -219,6 +224,9 @@ def _split_experts(y_rows: Node, perm: Node, k: int, flat: Node) -> tuple[dict[i
     split = x = None
     for e, out in enumerate(outs):
         out, _ = strip_casts(out)
+        check_no_rounding(out, f"on expert {e}'s output")
+        if dtype(out) != dtype(outs[e]):
+            raise NoMatch(f"expert {e}'s output is cast to {dtype(outs[e])} before the routing-weight multiply")
         chunk = follow_first_args(out, _is_split_chunk)
         if not (is_getitem(chunk) and chunk.args[1] == e):
             raise NoMatch(f"output {e} of the concatenation does not come from split chunk {e}")
@@ -316,7 +324,8 @@ def match_sorted_unpermute(final: Node) -> FinalMatch:
             break
     if yv is None or not is_method(yv, "view", "reshape"):
         raise NoMatch("expert outputs are not viewed as [T, k, d] and weighted by w.unsqueeze(-1)")
-    unperm = strip_casts(yv.args[0])[0]
+    unperm, y_casts = strip_casts(yv.args[0])
+    check_no_rounding(unperm, "on the expert outputs")
     if not (is_getitem(unperm) and isinstance(unperm.args[1], Node)):
         raise NoMatch("expert outputs are not put back in pair order with y_rows[argsort(perm)]")
     inv = unperm.args[1]
@@ -333,6 +342,8 @@ def match_sorted_unpermute(final: Node) -> FinalMatch:
     if k is None:
         raise NoMatch("the sorted ids are not ids[T, k].reshape(-1)")
     experts, x = sorted_experts(unperm.args[0], perm, k, flat)
+    y, more = strip_casts(unperm.args[0])
+    check_combine_dtypes("the sorted experts", dtype(final), prod, y, x, w, [], y_casts + more)
     T = shape(x)[0]
     want = (str(T), str(k))
     if any(tuple(map(str, (shape(n) or ())[:2])) != want for n in (ids, w, yv)):
