@@ -129,23 +129,31 @@ def _is_routing_weight(node: object, site: WhereSite) -> Node | None:
         if len(idx) != 3 or idx[2] is not None:
             return None
         idx = idx[:2]
-    if len(idx) != 2 or idx[0] not in toks or idx[1] not in slots:
+    if len(idx) != 2 or not _among(idx[0], toks) or not _among(idx[1], slots):
         return None
     return node.args[0]
 
 
+def _among(v: object, nodes) -> bool:
+    """``v`` is one of ``nodes``, by identity: an index may be a slice or a tuple holding one,
+    which Python 3.11 cannot hash."""
+    return any(v is n for n in nodes)
+
+
 def _rows_source(rows: Node, site: WhereSite) -> Node:
-    """``x`` for rows = ``x[tok]`` / ``x[None, tok].reshape(-1, d)`` / ``index_select(x, 0, tok)``."""
+    """``x`` for rows = ``x[tok]`` / ``x[None, tok].reshape(-1, d)`` / ``index_select(x, 0, tok)``
+    / ``x.index_select(0, tok)``."""
     toks = _outputs(site.node, site.token_pos)
     r = rows
     if is_method(r, "reshape", "view") and len(shape(r) or ()) == 2:
         inner = r.args[0]
         if is_getitem(inner) and isinstance(inner.args[1], tuple) and len(inner.args[1]) == 2 \
-                and inner.args[1][0] is None and inner.args[1][1] in toks:
+                and inner.args[1][0] is None and _among(inner.args[1][1], toks):
             return inner.args[0]
-    if is_getitem(r) and r.args[1] in toks:
+    if is_getitem(r) and _among(r.args[1], toks):
         return r.args[0]
-    if is_fn(r, torch.index_select) and r.args[1] == 0 and r.args[2] in toks:
+    if (is_fn(r, torch.index_select) or is_method(r, "index_select")) and arg(r, 1, "dim") in (0, -2) \
+            and _among(arg(r, 2, "index"), toks) and len(shape(r.args[0]) or ()) == 2:
         return r.args[0]
     raise NoMatch(f"expert {site.expert}: input rows are not x[tokens] for the tokens routed to it")
 
@@ -273,14 +281,22 @@ def weights_are_float(node: Node) -> bool:
     return dt is not None and dt.is_floating_point
 
 
+def _tensor_index(index: object) -> bool:
+    """Whether a getitem index holds a tensor (a gather of rows), not only slices and ints."""
+    parts = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(p, Node) for p in parts)
+
+
 def _find_rows(mlp_out: Node) -> Node | None:
     """The expert's input: walk first arguments down to the gathered rows."""
     seen = 0
     node = mlp_out
     while isinstance(node, Node) and seen < 12:
-        if is_getitem(node) and not is_method(node.args[0], "chunk") and not is_fn(node.args[0], torch.chunk):
+        if is_getitem(node) and not is_method(node.args[0], "chunk") and not is_fn(node.args[0], torch.chunk) \
+                and _tensor_index(node.args[1]):
             return node
-        if is_fn(node, torch.index_select) or (is_method(node, "reshape", "view") and is_getitem(node.args[0])):
+        if is_fn(node, torch.index_select) or is_method(node, "index_select") or \
+                (is_method(node, "reshape", "view") and is_getitem(node.args[0])):
             return node
         nxt = node.args[0] if node.args else None
         if is_fn(node, operator.mul, torch.mul) or is_method(node, "mul"):

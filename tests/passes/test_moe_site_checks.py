@@ -61,6 +61,11 @@ class Loop(nn.Module):
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     y = self.experts[e](x[tok])
                 y = y.float() * w[tok, slot, None]
+            elif self.v == "index_select_method":
+                y = self.experts[e](x.index_select(0, tok)) * w[tok, slot, None]
+            elif self.v == "interleaved":  # gpt-oss style gate | up columns interleaved
+                gu = torch.cat([self.experts[e].w1(x[tok]), self.experts[e].w3(x[tok])], dim=-1)
+                y = self.experts[e].w2(F.silu(gu[..., ::2]) * gu[..., 1::2]) * w[tok, slot, None]
             else:
                 y = self.experts[e](x[tok]) * w[tok, slot, None]
             acc.index_add_(0, tok, y.to(acc.dtype))
@@ -134,3 +139,17 @@ def test_experts_the_op_rejects_are_left_alone(variant, words) -> None:
     assert not matches(rec)
     reasons = [n.reason for n in near_misses(rec)]
     assert any("the blaze op rejects this site's experts" in r and words in r for r in reasons), reasons
+
+
+def test_rows_by_the_index_select_method_are_rewritten() -> None:
+    assert_rewritten(_compare("index_select_method"), "static_loop_modulelist")
+
+
+def test_a_sliced_expert_hidden_is_not_taken_for_the_gathered_rows() -> None:
+    """A basic-slicing getitem inside the expert (``gu[..., ::2]``) is not the rows gather; the
+    pass failed with TypeError (unhashable slice) on Python 3.11 before."""
+    rec = _compare("interleaved")
+    assert not matches(rec)
+    reasons = [n.reason for n in near_misses(rec)]
+    assert reasons and not any("pass raised" in r for r in reasons), reasons
+    assert any(r.startswith("expert 0: ") for r in reasons), reasons
