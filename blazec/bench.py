@@ -464,6 +464,11 @@ def _fmt(v: Optional[float], spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _gib(v: Optional[float], spec: str) -> str:
+    """A size with its unit, or "-" alone where the row measured none."""
+    return "-" if v is None else f"{format(v, spec)} GiB"
+
+
 def parse_shape(text: Optional[str], on_cuda: bool) -> tuple[str, tuple[int, int, int, int, int]]:
     if text is None:
         return ("olmoe-like", SHAPES["olmoe-like"]) if on_cuda else ("cpu-small", CPU_DEFAULT_SHAPE)
@@ -786,8 +791,8 @@ def run(args: argparse.Namespace, stream=None) -> int:
                                                      else f"; first step differs by {first_diff:.1e}")
             host = row.extra.get("host_ms") if on_cuda else None  # on CPU the step is host time
             say(f"    {impl}: {_fmt(row.ms, '.2f')} ms" + (f" (host {host:.2f} ms)" if host is not None else "")
-                + f", peak {_fmt(row.peak_gib, '.3f')} GiB, "
-                f"act {_fmt(row.act_gib, '.3g')} GiB, err {_fmt(row.err_out, '.1e')} / {_fmt(row.err_dx, '.1e')}"
+                + f", peak {_gib(row.peak_gib, '.3f')}, "
+                f"act {_gib(row.act_gib, '.3g')}, err {_fmt(row.err_out, '.1e')} / {_fmt(row.err_dx, '.1e')}"
                 f" / {_fmt(row.err_dw, '.1e')}" + first + (f"; {row.note}" if row.note else ""))
             try:  # a row that failed may leave compiled state that will not reset
                 torch._dynamo.reset()

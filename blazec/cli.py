@@ -79,7 +79,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="blazec", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="blazec", description=__doc__.splitlines()[0].replace("``", ""))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     d = sub.add_parser("dump", help="compile a model with blaze and print every graph, report and partition")
     _dump_args(d)

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 from unittest import mock
@@ -195,6 +196,10 @@ def run(spec: str, *, train: bool = True, passes: list[str] | None = None, out: 
     if not isinstance(expert_parallel, int) or not 1 <= expert_parallel <= 64:
         raise ValueError(f"--expert-parallel must be a number of ranks in [1, 64], got {expert_parallel!r}")
     model, inputs = load_factory(spec)
+    if sys.stderr.isatty():  # the compile takes seconds to minutes; a pipe or a test gets only the result
+        step = "one training step" if train else "one inference call"
+        where = f" on {expert_parallel} gloo ranks" if expert_parallel > 1 else ""
+        print(f"blazec dump: compiling {spec} with blaze and running {step}{where}...", file=sys.stderr, flush=True)
     if expert_parallel > 1:
         records = _capture_rank0(spec, expert_parallel, dict(train=train, options=options, dynamic=dynamic,
                                                                 fullgraph=fullgraph))
