@@ -28,7 +28,7 @@ import torch
 import torch.fx
 
 import blazec.ops  # noqa: F401 - registers torch.ops.blazec.*
-from blazec.passes._fx import NoMatch, dtype, is_fn, is_method, module_path, shape, where_loc
+from blazec.passes._fx import LINEAR, NoMatch, dtype, is_fn, is_method, module_path, shape, where_loc
 from blazec.passes.moe_dense_gate_form import ADD as DENSE_ADD
 from blazec.passes.moe_dense_gate_form import _is_term, match_dense_gate
 from blazec.passes.moe_expert_mlp import weight_list
@@ -111,6 +111,15 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
             form = "static_loop_" + ("stacked" if m.experts[0].gate.index is not None else "modulelist")
         rep.matches.append(_describe_match(form, where, m.experts, m.x, m.top_k, recompute, ep=ep, chunks=chunks))
 
+    by_acc: dict[Node, list[Node]] = {}
+    for n in _indexed_iadds(graph):  # recognized, not matched: say what to write instead
+        by_acc.setdefault(n.args[0], []).append(n)
+    for acc, sets in by_acc.items():
+        rep.near_misses.append(NearMiss(
+            "static_loop", f"{module_path(sets[0])} ({where_loc(sets[0])})",
+            f"{acc.name}[idx] += ... ({len(sets)} index_put(s) of a gathered sum) is not matched; write "
+            f"{acc.name}.index_add_(0, idx, ...) for the same sum, which blazec rewrites"))
+
     # Forms whose result is one node (a sum or an einsum) that the blaze op replaces.
     for form, candidates, match, report_misses in (
         ("dense_gate", _dense_gate_sums, match_dense_gate, lambda n: True),
@@ -162,6 +171,23 @@ def _expert_bases(experts: dict) -> list[Node]:
     """The parameter nodes the experts' weights and biases come from."""
     return [r.base for mlp in experts.values()
             for r in (mlp.gate, mlp.up, mlp.down, mlp.b_gate, mlp.b_up, mlp.b_down) if r is not None]
+
+
+def _indexed_iadds(graph: torch.fx.Graph) -> list[Node]:
+    """``acc[idx] += v`` (Mistral's reference MoE): ``acc[idx] = acc[idx] + v`` as a setitem of an
+    add that reads the same rows, where the added value runs a linear (an expert)."""
+    out = []
+    for n in graph.nodes:
+        if not (is_fn(n, operator.setitem) and len(n.args) == 3 and isinstance(n.args[0], Node)):
+            continue
+        acc, idx, v = n.args
+        if not (is_fn(v, operator.iadd, operator.add, torch.add) or is_method(v, "add", "add_")):
+            continue
+        reads = [a for a in v.args[:2] if is_fn(a, operator.getitem) and a.args[0] is acc and a.args[1] is idx]
+        others = [a for a in v.args[:2] if a not in reads]
+        if reads and others and any(is_fn(u, *LINEAR) for u in _upstream(others[0], 12)):
+            out.append(n)
+    return out
 
 
 def _dense_links(final: Node) -> set[Node]:

@@ -68,7 +68,10 @@ class Loop(nn.Module):
                 y = self.experts[e].w2(F.silu(gu[..., ::2]) * gu[..., 1::2]) * w[tok, slot, None]
             else:
                 y = self.experts[e](x[tok]) * w[tok, slot, None]
-            acc.index_add_(0, tok, y.to(acc.dtype))
+            if self.v == "index_put_iadd":  # Mistral's reference code
+                acc[tok] += y
+            else:
+                acc.index_add_(0, tok, y.to(acc.dtype))
             if e == 1 and self.v == "w_mid":
                 w.mul_(0.5)
             if e == 1 and self.v == "x_mid":
@@ -153,3 +156,13 @@ def test_a_sliced_expert_hidden_is_not_taken_for_the_gathered_rows() -> None:
     reasons = [n.reason for n in near_misses(rec)]
     assert reasons and not any("pass raised" in r for r in reasons), reasons
     assert any(r.startswith("expert 0: ") for r in reasons), reasons
+
+
+def test_an_indexed_iadd_accumulator_is_named_with_its_fix() -> None:
+    """``acc[tok] += y`` (an index_put of a gathered sum) is not matched; the near miss says to
+    write index_add_, which the other tests show is rewritten."""
+    rec = _compare("index_put_iadd")
+    assert not matches(rec)
+    reasons = [n.reason for n in near_misses(rec)]
+    assert any("[idx] += ... (4 index_put(s) of a gathered sum) is not matched; write" in r
+               and ".index_add_(0, idx, ...)" in r for r in reasons), reasons
