@@ -45,6 +45,9 @@ _VIEW_FNS = {
     torch.moveaxis, torch.swapaxes, torch.swapdims, torch.diagonal, torch.detach, torch.as_strided,
     torch.view_as_real, torch.view_as_complex, torch.unflatten, operator.getitem, builtins.getattr,
 }
+_DATA_ATTR = getattr(torch._C._autograd, "_get_data_attr", None)  # how Dynamo traces ``t.data``
+if _DATA_ATTR is not None:
+    _VIEW_FNS.add(_DATA_ATTR)
 _INPLACE_OPERATORS = {
     operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
     operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift,
@@ -85,15 +88,22 @@ def root(n: Node, cache: dict) -> Node:
     while r not in seen:
         seen.add(r)
         src = r.args[0] if r.args else None
+        if r.op == "call_function" and r.target is operator.getitem and isinstance(src, Node) \
+                and isinstance(val(src), (tuple, list)) and _is_view(src) and src.args and _is_tensor(src.args[0]):
+            r = src.args[0]  # a piece of chunk / split / unbind: a view of their input
+            continue
         if not _is_tensor(src):
             break
-        if (r.op == "call_method" and r.target in _VIEW_METHODS) or \
-                (r.op == "call_function" and r.target in _VIEW_FNS) or mutated(r) is src:
+        if _is_view(r) or mutated(r) is src:
             r = src
         else:
             break
     cache[n] = r
     return r
+
+
+def _is_view(n: Node) -> bool:
+    return (n.op == "call_method" and n.target in _VIEW_METHODS) or (n.op == "call_function" and n.target in _VIEW_FNS)
 
 
 def _ancestors(nodes: Iterable[Node]) -> set[Node]:

@@ -78,6 +78,10 @@ class Loop(nn.Module):
                 x.mul_(2.0)
             if e == 1 and self.v == "acc_mid":
                 acc.mul_(2.0)
+            if e == 1 and self.v == "x_data_mid":  # Dynamo: torch._C._autograd._get_data_attr
+                x.data.mul_(2.0)
+            if e == 1 and self.v == "w_chunk_mid":  # a piece of a tuple-valued view op
+                w.chunk(2, 1)[1].zero_()
         out = acc + 0.0
         if self.v == "x_after":
             x.mul_(3.0)
@@ -115,7 +119,7 @@ def test_loop_rewritten_with_a_write_after_the_dispatch() -> None:
 
 @pytest.mark.parametrize("variant, written", [
     ("w_mid", "in-place mul_"), ("ids_after_mask", "in-place copy_"), ("x_mid", "in-place mul_"),
-    ("mask_setitem", "item assignment"),
+    ("mask_setitem", "item assignment"), ("x_data_mid", "in-place mul_"), ("w_chunk_mid", "in-place zero_"),
 ])
 def test_loop_left_alone_when_a_read_tensor_is_written_in_place(variant, written) -> None:
     found, reasons = _forward(variant)
