@@ -106,6 +106,16 @@ def _is_view(n: Node) -> bool:
     return (n.op == "call_method" and n.target in _VIEW_METHODS) or (n.op == "call_function" and n.target in _VIEW_FNS)
 
 
+def _descendants(nodes: Iterable[Node]) -> set[Node]:
+    out, stack = set(), list(nodes)
+    while stack:
+        for u in stack.pop().users:
+            if u not in out:
+                out.add(u)
+                stack.append(u)
+    return out
+
+
 def _ancestors(nodes: Iterable[Node]) -> set[Node]:
     out, stack = set(), [n for n in nodes if isinstance(n, Node)]
     while stack:
@@ -121,12 +131,14 @@ def check_no_mutation(graph: torch.fx.Graph, finals: list[Node], inputs: list[No
                       accumulation: set[Node]) -> None:
     """NoMatch when a tensor the site reads is written in place between its reads and the
     placement ``finals[-1]`` (module docstring). ``finals``: the nodes the op replaces;
-    ``inputs``: what the op reads (ids, weights, x, the expert weights); ``accumulation``: the
-    site's own in-place sums, which the op reproduces."""
+    ``inputs``: what the op reads, ids first (ids, weights, x, the expert weights);
+    ``accumulation``: the site's own in-place sums, which the op reproduces."""
     pos = {n: i for i, n in enumerate(graph.nodes)}
     place = pos[finals[-1]]
     feeds_inputs = _ancestors(inputs) | {n for n in inputs if isinstance(n, Node)}
-    site = (_ancestors(finals) | set(finals)) - feeds_inputs  # the nodes the rewrite replaces
+    # the nodes the rewrite replaces; a tensor they read that the op does not take (it derives
+    # it from ids, as GShard's masks) must not be written before the placement at all
+    site = (_ancestors(finals) | set(finals)) - feeds_inputs
     cache: dict = {}
     made = {root(n, cache) for n in site if _is_tensor(n)}
     first_read: dict[Node, int] = {}  # root -> position of the site's first read of it
@@ -141,6 +153,12 @@ def check_no_mutation(graph: torch.fx.Graph, finals: list[Node], inputs: list[No
     read = [a for n in inputs if isinstance(n, Node)
             for a in ([n, *n.args[0]] if is_fn(n, torch.stack) and isinstance(n.args[0], (list, tuple)) else [n])]
     input_roots = {root(n, cache) for n in read if _is_tensor(n)}
+    # The op derives from ids everything the code computes from them (masks, positions, kept
+    # pairs): a write to any of those before the placement breaks the matcher's proof, even one
+    # made before anything reads it (GShard's one_hot masks feed its weights and its drops).
+    ids_nodes = [a for a in ([inputs[0], *inputs[0].args[0]] if is_fn(inputs[0], torch.stack) else [inputs[0]])
+                 if isinstance(a, Node)]
+    from_ids = {root(m, cache) for m in _descendants(ids_nodes) & dispatch if _is_tensor(m)} - input_roots
     for n in graph.nodes:
         i = pos[n]
         if i >= place:
@@ -149,28 +167,21 @@ def check_no_mutation(graph: torch.fx.Graph, finals: list[Node], inputs: list[No
         if t is None or n in accumulation:
             continue
         r = root(t, cache)
-        if (r in made and r not in feeds_inputs) or first_read.get(r, place) < i or \
-                _read_across(n, r, dispatch, input_roots, pos, cache):
+        if (r in made and r not in feeds_inputs) or r in from_ids or first_read.get(r, place) < i or \
+                (r in first_read and r not in input_roots) or \
+                (r in input_roots and _read_before(n, r, dispatch, pos, cache)):
             raise NoMatch(
                 f"{_describe(n)} ({where_loc(n)}) writes in place a tensor the dispatch reads "
                 f"({r.name}) before its end; the blaze op would read it after the write. Left alone")
 
 
-def _read_across(n: Node, r: Node, dispatch: set[Node], input_roots: set[Node], pos: dict, cache: dict) -> bool:
-    """Whether the dispatch reads ``r`` both before the write ``n`` (in a node that does not
-    feed ``n``: ``w /= w.sum()`` reads w to write it) and after it, or before it and again
-    through the op's inputs (the op reads those at the placement). This covers the nodes that
-    feed both the proof and the op's inputs (GShard's masks feed its weights)."""
+def _read_before(n: Node, r: Node, dispatch: set[Node], pos: dict, cache: dict) -> bool:
+    """Whether a node of the dispatch reads ``r``, which the op reads at the placement, before the
+    write ``n`` and without feeding it (``w /= w.sum()`` reads w to write it): a node that feeds
+    both the proof and the op's inputs, as GShard's masks feed its weights."""
     feeds_n = _ancestors([n])
-    before = after = False
-    for m in dispatch:
-        if m is n or not any(_is_tensor(a) and root(a, cache) is r for a in m.all_input_nodes):
-            continue
-        if pos[m] < pos[n] and m not in feeds_n:
-            before = True
-        elif pos[m] > pos[n]:
-            after = True
-    return before and (after or r in input_roots)
+    return any(pos[m] < pos[n] and m is not n and m not in feeds_n
+               and any(_is_tensor(a) and root(a, cache) is r for a in m.all_input_nodes) for m in dispatch)
 
 
 def _describe(n: Node) -> str:
