@@ -8,8 +8,10 @@ for every form alike; a site that fails one is left alone and reported as a near
   dispatch ended (its placement), while the dispatch read them where its nodes were. A tensor
   mutated in place in between (``w.mul_``, ``mask[:, 1] = 0``, ``gate.div_``, ``x += ...``) would
   be read after the change by the op and before it by the code it replaces. Refused: a mutation,
-  before the placement, of a tensor one of the site's own nodes made (a mask, a gate), or of a
-  tensor (through any view of it) that one of the site's nodes read before the mutation.
+  before the placement, of a tensor one of the site's own nodes made (a mask, a gate) or that
+  the code derives from ids (the op derives it from ids itself), of a tensor (through any view
+  of it, ``.data`` included) that one of the site's nodes read before the mutation, or of an op
+  input that a node feeding the proof read before it.
 - **Autocast.** Under ``torch.autocast`` the expert GEMMs of the naive code run in the autocast
   dtype, while the blaze ops compute in the dtype of their inputs.
 - **The op's argument checks.** The matchers accept what the code computes; the op accepts
