@@ -122,7 +122,24 @@ def _param_ref(w: object, expert: int, what: str) -> WeightRef:
             if idx != expert:
                 raise NoMatch(f"expert {expert} uses {what} slice [{idx}] of a stacked parameter, not [{expert}]")
             return WeightRef(w.args[0], idx)
-    raise NoMatch(f"expert {expert}: {what} is not a parameter or a stacked parameter indexed by the expert")
+    raise NoMatch(f"expert {expert}: {what} is {_spelled(w)}, not a parameter or a stacked parameter "
+                  f"indexed by the expert (P or P[e], as the linear or matmul reads it)")
+
+
+def _spelled(w: object) -> str:
+    """A short description of a graph value, for near-miss reasons: ``transpose(getitem(w2))``."""
+    if not isinstance(w, Node):
+        return repr(w)
+    parts, n = [], w
+    for _ in range(4):
+        if n.op in ("placeholder", "get_attr"):
+            parts.append(n.name)
+            break
+        parts.append(n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target)))
+        n = n.args[0] if n.args and isinstance(n.args[0], Node) else None
+        if n is None:
+            break
+    return "(".join(parts) + ")" * (len(parts) - 1)
 
 
 def _proj(node: Node, rows: Node, expert: int, nodes: set[Node], what: str) -> tuple[WeightRef, WeightRef | None]:

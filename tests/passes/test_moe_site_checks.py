@@ -216,3 +216,32 @@ def test_gshard_left_alone_when_a_tensor_derived_from_ids_is_written(write) -> N
     assert not [m for r in recs for m in matches(r)]
     reasons = [n.reason for r in recs for n in near_misses(r)]
     assert any("writes in place a tensor the dispatch reads" in r for r in reasons), reasons
+
+
+def test_an_unrecognized_weight_spelling_is_named_in_the_reason() -> None:
+    """A weight the matcher does not take (here ``P[e].t()`` inside F.linear) is named as the
+    graph spells it, not only "not a parameter"."""
+
+    class Stacked(nn.Module):
+        def __init__(self, d=16, inter=12, E=4, k=2):
+            super().__init__()
+            self.E, self.k = E, k
+            self.gate = nn.Linear(d, E, bias=False)
+            self.w1 = nn.Parameter(torch.randn(E, d, inter) * d**-0.5)  # [in, out] per expert
+            self.w2 = nn.Parameter(torch.randn(E, d, inter) * inter**-0.5)
+
+        def forward(self, x):
+            w, ids = torch.topk(F.softmax(self.gate(x), dim=-1), self.k, dim=-1)
+            acc = torch.zeros_like(x)
+            for e in range(self.E):
+                tok, slot = torch.where(ids == e)
+                h = F.relu(F.linear(x[tok], self.w1[e].t()))
+                acc.index_add_(0, tok, F.linear(h, self.w2[e]) * w[tok, slot, None])
+            return acc
+
+    torch.manual_seed(0)
+    rec = compile_and_compare(Stacked(), (torch.randn(24, 16),))
+    assert not matches(rec)
+    reasons = [n.reason for n in near_misses(rec)]
+    assert any("expert 0: gate weight is t(getitem(" in r and "not a parameter or a stacked parameter" in r
+               for r in reasons), reasons
