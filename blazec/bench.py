@@ -149,8 +149,6 @@ class BenchError(ValueError):
 
 def _check_writable(path: str) -> None:
     """--json's file must be writable before the rows run (minutes on a GPU), not after."""
-    import os
-
     if os.path.isdir(path):
         raise BenchError(f"--json {path}: is a directory; give a file path")
     parent = os.path.dirname(os.path.abspath(path))

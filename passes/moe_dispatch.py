@@ -31,7 +31,7 @@ import blazec.ops  # noqa: F401 - registers torch.ops.blazec.*
 from blazec.passes._fx import LINEAR, NoMatch, dtype, is_fn, is_method, module_path, shape, where_loc
 from blazec.passes.moe_dense_gate_form import ADD as DENSE_ADD
 from blazec.passes.moe_dense_gate_form import _is_term, match_dense_gate
-from blazec.passes.moe_expert_mlp import weight_list
+from blazec.passes.moe_expert_mlp import REF_NAMES, weight_list
 from blazec.passes.moe_gshard_form import match_gshard
 from blazec.passes.moe_ep import emit_moe_ep, expert_parameters
 from blazec.passes.moe_loop_form import match_loop
@@ -139,20 +139,20 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
             existing = set(graph.nodes)
             with graph.inserting_before(final):
                 ids, weights = m.routing(graph)
+            links = _dense_links(final) if form == "dense_gate" else set()
             try:
-                site_checks([final], m, ids, weights, _dense_links(final) if form == "dense_gate" else set())
+                site_checks([final], m, ids, weights, links)
             except NoMatch as e:
                 for n in reversed([n for n in graph.nodes if n not in existing]):  # the routing nodes
                     graph.erase_node(n)
                 rep.near_misses.append(NearMiss(form, where, str(e)))
                 continue
-            links = _dense_links(final) - {final} if form == "dense_gate" else set()
             y = emit(final, ids, weights, m.x, m.experts, dtype(final), where, capacity, priority)
             final.replace_all_uses_with(y)
             graph.erase_node(final)
             # the chain's in-place links (``out += term``): nothing else reads them (the matcher
             # checks), but _remove_dead keeps in-place nodes, and with them the experts they sum
-            for n in sorted(links, key=lambda n: -list(graph.nodes).index(n)):
+            for n in reversed([n for n in graph.nodes if n in links]):
                 if not n.users:
                     graph.erase_node(n)
             name = f"gshard_top{m.top_k}" if form == "gshard_capacity" else form
@@ -169,8 +169,7 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
 
 def _expert_bases(experts: dict) -> list[Node]:
     """The parameter nodes the experts' weights and biases come from."""
-    return [r.base for mlp in experts.values()
-            for r in (mlp.gate, mlp.up, mlp.down, mlp.b_gate, mlp.b_up, mlp.b_down) if r is not None]
+    return [r.base for mlp in experts.values() for r in mlp.refs() if r is not None]
 
 
 def _indexed_iadds(graph: torch.fx.Graph) -> list[Node]:
@@ -277,7 +276,7 @@ def emit_moe(graph: torch.fx.Graph, before: Node, ids: Node, weights: Node, x: N
     """Insert ``moe_route`` + ``moe_experts`` before ``before``; return the node of ``y``."""
     E = len(experts)
     first = experts[0]
-    refs = {a: [getattr(experts[e], a) for e in range(E)] for a in ("gate", "up", "down", "b_gate", "b_up", "b_down")}
+    refs = dict(zip(REF_NAMES, map(list, zip(*(experts[e].refs() for e in range(E))))))
     existing = set(graph.nodes)
     with graph.inserting_before(before):
         route = graph.call_function(torch.ops.blazec.moe_route.default, (ids, E, capacity, priority))

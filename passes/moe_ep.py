@@ -32,7 +32,7 @@ import torch.fx
 
 from blazec.expert_parallel import (EPGroup, ep_exchange_counts, ep_plan, ep_return, ep_rows, ep_send, ep_sum,
                                     kept_pairs, local_route)
-from blazec.passes.moe_expert_mlp import weight_list
+from blazec.passes.moe_expert_mlp import REF_NAMES, weight_list
 
 Node = torch.fx.Node
 
@@ -45,8 +45,7 @@ def expert_parameters(gm: torch.fx.GraphModule, experts: dict) -> list[torch.Ten
     """
     out = []
     for e in range(len(experts)):
-        for a in ("gate", "up", "down", "b_gate", "b_up", "b_down"):
-            ref = getattr(experts[e], a)
+        for ref in experts[e].refs():
             if ref is None:
                 continue
             node = ref.base
@@ -69,7 +68,7 @@ def expert_parameters(gm: torch.fx.GraphModule, experts: dict) -> list[torch.Ten
 def local_weight_lists(graph: torch.fx.Graph, experts: dict, lo: int, n_local: int) -> dict[str, list[Node]]:
     """The op's weight-list arguments restricted to experts ``[lo, lo + n_local)``."""
     out = {}
-    for a in ("gate", "up", "down", "b_gate", "b_up", "b_down"):
+    for a in REF_NAMES:
         refs = [getattr(experts[e], a) for e in range(len(experts))]
         if refs[0] is not None and refs[0].index is not None:  # stacked: a row range of the parameter
             out[a] = [graph.call_function(torch.narrow, (v, 0, lo, n_local))

@@ -36,6 +36,7 @@ from blazec.passes._fx import (
     is_mul,
     shape,
     strip_casts,
+    val,
 )
 
 Node = torch.fx.Node
@@ -69,11 +70,18 @@ class ExpertMLP:
     weight_in_hidden: Node | None = None  # the routing-weight factor, when it scales h before down
     nodes: set[Node] = field(default_factory=set)
 
+    def refs(self) -> tuple[WeightRef | None, ...]:
+        """The weights and biases, in the order of ``REF_NAMES`` (the op's list arguments)."""
+        return tuple(getattr(self, a) for a in REF_NAMES)
+
     def signature(self) -> tuple:
-        refs = (self.gate, self.up, self.down, self.b_gate, self.b_up, self.b_down)
         return (self.activation, self.weight_in_hidden is not None) + tuple(
-            None if r is None else r.layout() for r in refs
+            None if r is None else r.layout() for r in self.refs()
         )
+
+
+# The op's six weight and bias lists, in its argument order.
+REF_NAMES = ("gate", "up", "down", "b_gate", "b_up", "b_down")
 
 
 @dataclass
@@ -253,29 +261,42 @@ def weight_list(graph: torch.fx.Graph, refs: list[WeightRef | None], expert_coun
 
     ``'`` applies the ref's transform as a view: transpose to [out, in], then the row slice.
     """
+    return _views(refs, lambda r, stacked: _transform(
+        r, r.base, len(shape(r.base) or ()), stacked, lambda fn, *a: graph.call_function(fn, a)))
+
+
+def weight_values(refs: list[WeightRef | None]) -> list | None:
+    """The op's list argument as ``weight_list`` builds it, made of the parameters' example
+    values instead of graph nodes; None where a parameter has no example value."""
+    def one(r: WeightRef, stacked: bool):
+        v = val(r.base)
+        return _transform(r, v, v.dim(), stacked, lambda fn, *a: fn(*a)) if isinstance(v, torch.Tensor) else None
+
+    out = _views(refs, one)
+    return None if any(v is None for v in out) else out
+
+
+def _views(refs: list[WeightRef | None], one) -> list:
     if refs[0] is None:
         return []
-    first = refs[0]
-    if first.index is not None:  # stacked: one 3-D (or 2-D bias) view of the whole parameter
-        return [_view(graph, first.base, first, stacked=True)]
-    return [_view(graph, r.base, r, stacked=False) for r in refs]
+    if refs[0].index is not None:  # stacked: one 3-D (or 2-D bias) view of the whole parameter
+        return [one(refs[0], True)]
+    return [one(r, False) for r in refs]
 
 
-def _view(graph: torch.fx.Graph, base: Node, ref: WeightRef, stacked: bool) -> Node:
-    node = base
-    nd = len(shape(base) or ())
+def _transform(ref: WeightRef, t, nd: int, stacked: bool, call):
+    """``ref``'s view of ``t`` (a node or a tensor of ``nd`` dims), each step made by ``call(fn, *args)``."""
     if ref.squeeze is not None:
-        node = graph.call_function(torch.squeeze, (node, ref.squeeze))
+        t = call(torch.squeeze, t, ref.squeeze)
         nd -= 1
     if ref.transposed:
-        node = graph.call_function(torch.transpose, (node, -1, -2))
+        t = call(torch.transpose, t, -1, -2)
     if ref.rows is not None:
         a, b = ref.rows
         # weights: rows are dim -2 ([.., out, in]); biases: dim -1 ([.., out])
         is_bias = nd - (1 if stacked else 0) == 1
-        dim = -1 if is_bias else -2
-        node = graph.call_function(torch.narrow, (node, dim, a, b - a))
-    return node
+        t = call(torch.narrow, t, -1 if is_bias else -2, a, b - a)
+    return t
 
 
 def check_consistent(experts: dict[int, ExpertMLP]) -> None:

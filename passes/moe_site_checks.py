@@ -138,9 +138,10 @@ def check_no_mutation(graph: torch.fx.Graph, finals: list[Node], inputs: list[No
     pos = {n: i for i, n in enumerate(graph.nodes)}
     place = pos[finals[-1]]
     feeds_inputs = _ancestors(inputs) | {n for n in inputs if isinstance(n, Node)}
+    dispatch = _ancestors(finals) | set(finals)  # with the nodes that also feed the inputs
     # the nodes the rewrite replaces; a tensor they read that the op does not take (it derives
     # it from ids, as GShard's masks) must not be written before the placement at all
-    site = (_ancestors(finals) | set(finals)) - feeds_inputs
+    site = dispatch - feeds_inputs
     cache: dict = {}
     made = {root(n, cache) for n in site if _is_tensor(n)}
     first_read: dict[Node, int] = {}  # root -> position of the site's first read of it
@@ -149,7 +150,6 @@ def check_no_mutation(graph: torch.fx.Graph, finals: list[Node], inputs: list[No
             if _is_tensor(a):
                 r = root(a, cache)
                 first_read[r] = min(first_read.get(r, place), pos[n])
-    dispatch = _ancestors(finals) | set(finals)  # with the nodes that also feed the inputs
     # what the op reads: its inputs, and for the [T, k] stacks the pass builds (GShard's
     # per-choice ids and weights), what they stack
     read = [a for n in inputs if isinstance(n, Node)
@@ -221,48 +221,22 @@ def op_rejection(ids: Node, weights: Node, x: Node, experts: dict, out_dtype) ->
     if mode is None or vi is None or vw is None:
         return None
     from blazec.ops.experts import check_experts_args
+    from blazec.passes.moe_expert_mlp import weight_values
 
     E, first = len(experts), experts[0]
     # no autograd: the compile may run under the caller's saved-tensor hooks
     with torch.no_grad(), mode:
-        lists = {a: _fake_list([getattr(experts[e], a) for e in range(E)])
-                 for a in ("gate", "up", "down", "b_gate", "b_up", "b_down")}
-        if any(v is None for vs in lists.values() for v in vs):
+        lists = [weight_values(list(refs)) for refs in zip(*(experts[e].refs() for e in range(E)))]
+        if any(v is None for v in lists):
             return None
         P = vi.numel()  # moe_route's outputs: [T*k] pair orders, [E+1] offsets
         pairs, offsets = vx.new_empty((P,), dtype=torch.int64), vx.new_empty((E + 1,), dtype=torch.int64)
         try:
-            check_experts_args(vx, vw, pairs, offsets, pairs, lists["gate"], lists["up"], lists["down"],
-                               lists["b_gate"], lists["b_up"], lists["b_down"], first.activation,
+            check_experts_args(vx, vw, pairs, offsets, pairs, *lists, first.activation,
                                "hidden" if first.weight_in_hidden is not None else "output", out_dtype)
         except ValueError as e:
             return f"the blaze op rejects this site's experts: {e}. Left alone"
     return None
-
-
-def _fake_list(refs: list) -> list:
-    """The op's list argument as example values, as ``moe_expert_mlp.weight_list`` builds it."""
-    if refs[0] is None:
-        return []
-    if refs[0].index is not None:  # stacked: one view of the whole parameter
-        return [_fake_view(refs[0], stacked=True)]
-    return [_fake_view(r, stacked=False) for r in refs]
-
-
-def _fake_view(ref, stacked: bool):
-    v = val(ref.base)
-    if not isinstance(v, torch.Tensor):
-        return None
-    nd = v.dim()
-    if ref.squeeze is not None:
-        v = v.squeeze(ref.squeeze)
-        nd -= 1
-    if ref.transposed:
-        v = v.transpose(-1, -2)
-    if ref.rows is not None:
-        a, b = ref.rows
-        v = v.narrow(-1 if nd - (1 if stacked else 0) == 1 else -2, a, b - a)
-    return v
 
 
 def _fake(n: object):
