@@ -181,9 +181,12 @@ def test_pair_gather_positional_keepdim_false_rewritten():
 
 
 class GShard(nn.Module):
-    def __init__(self, b_in_shape, b_out_shape, d=8, inter=12, E=4, positional_keepdim=False):
+    """``write``: an in-place write for tests/passes/test_moe_site_checks.py: "mask_early" (the
+    first-choice mask right after it is made) or "ids_late" (the first-choice ids at the end)."""
+
+    def __init__(self, b_in_shape, b_out_shape, d=8, inter=12, E=4, positional_keepdim=False, write=None):
         super().__init__()
-        self.E, self.positional = E, positional_keepdim
+        self.E, self.positional, self.write = E, positional_keepdim, write
         self.wg = nn.Linear(d, E, bias=False)
         self.w_in = nn.Parameter(torch.randn(E, d, inter) * d**-0.5)
         self.b_in = nn.Parameter(torch.randn(*b_in_shape) * 0.3)
@@ -196,6 +199,8 @@ class GShard(nn.Module):
         gates = F.softmax(self.wg(x), dim=1)
         idx1 = torch.argmax(gates, dim=1)
         mask1 = F.one_hot(idx1, E)
+        if self.write == "mask_early":
+            mask1[:, 0] = 0
         idx2 = torch.argmax(gates.masked_fill(mask1.bool(), float("-inf")), dim=1)
         mask2 = F.one_hot(idx2, E)
         loc1 = torch.cumsum(mask1, dim=0) - 1
@@ -211,6 +216,8 @@ class GShard(nn.Module):
             + (g2[:, None] * mask2)[:, :, None] * F.one_hot(l2, C)[:, None, :]
         ein = torch.einsum("tec,td->ecd", combine.bool().to(x.dtype), x)
         eo = torch.bmm(F.relu(torch.bmm(ein, self.w_in) + self.b_in), self.w_out) + self.b_out
+        if self.write == "ids_late":
+            idx1.zero_()
         return torch.einsum("tec,ecd->td", combine.to(x.dtype), eo)
 
 

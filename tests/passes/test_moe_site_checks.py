@@ -4,7 +4,6 @@ would reject each leave the site alone with a reason, and eager's numbers; the s
 without them, and in-place writes the rewrite does not reorder, are still rewritten."""
 
 import contextlib
-import math
 
 import pytest
 import torch
@@ -179,35 +178,8 @@ def test_gshard_left_alone_when_a_tensor_derived_from_ids_is_written(write) -> N
     ids, even before anything reads it, or to ids after the masks, leaves the site alone."""
     from tests.passes.test_moe_form_guards import GShard
 
-    class Written(GShard):
-        def forward(self, x):
-            T, E = x.shape[0], self.E
-            C = math.ceil(2 * T / E)
-            gates = F.softmax(self.wg(x), dim=1)
-            idx1 = torch.argmax(gates, dim=1)
-            mask1 = F.one_hot(idx1, E)
-            if write == "mask_early":
-                mask1[:, 0] = 0
-            idx2 = torch.argmax(gates.masked_fill(mask1.bool(), float("-inf")), dim=1)
-            mask2 = F.one_hot(idx2, E)
-            loc1 = torch.cumsum(mask1, dim=0) - 1
-            loc2 = torch.cumsum(mask2, dim=0) - 1 + torch.sum(mask1, dim=0, keepdim=True)
-            mask1 = mask1 * torch.lt(loc1, C)
-            mask2 = mask2 * torch.lt(loc2, C)
-            l1, l2 = torch.sum(loc1 * mask1, dim=1), torch.sum(loc2 * mask2, dim=1)
-            g1, g2 = (gates * mask1).sum(dim=1), (gates * mask2).sum(dim=1)
-            den = torch.clamp(g1 + g2, min=torch.finfo(gates.dtype).eps)
-            g1, g2 = g1 / den, g2 / den
-            combine = (g1[:, None] * mask1)[:, :, None] * F.one_hot(l1, C)[:, None, :] \
-                + (g2[:, None] * mask2)[:, :, None] * F.one_hot(l2, C)[:, None, :]
-            ein = torch.einsum("tec,td->ecd", combine.bool().to(x.dtype), x)
-            eo = torch.bmm(F.relu(torch.bmm(ein, self.w_in) + self.b_in), self.w_out) + self.b_out
-            if write == "ids_late":
-                idx1.zero_()
-            return torch.einsum("tec,ecd->td", combine.to(x.dtype), eo)
-
     torch.manual_seed(0)
-    model, x = Written((4, 1, 12), (4, 1, 8)), torch.randn(24, 8)
+    model, x = GShard((4, 1, 12), (4, 1, 8), write=write), torch.randn(24, 8)
     with torch.no_grad():
         ref = model(x)
         with report.capture() as recs:
