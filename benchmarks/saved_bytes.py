@@ -54,6 +54,7 @@ def main(argv=None):
         ("static loop, ModuleList", "moe_loop_modulelist", dict(d=d, inter=I, num_experts=E, top_k=k), T),
         ("static loop, stacked", "moe_loop_stacked", dict(d=d, inter=I, num_experts=E, top_k=k), T),
         ("sort + split loop", "moe_sort_grouped_mm", dict(d=d, inter=I, num_experts=E, top_k=k), T),
+        ("DeepSeek repeat + assign", "moe_deepseek_train", dict(d=d, inter=I, num_experts=E, top_k=k), T),
         ("dense top-k gate", "moe_dense_gate", dict(d=d, inter=I, num_experts=E, top_k=k), T),
         ("GShard top-2, cf=1", "moe_gshard_top2", dict(d=d, inter=I, num_experts=E), T),
         ("per-pair weight gather", "moe_pair_gather_bmm", dict(d=d, inter=I, num_experts=E, top_k=k), T // 16),

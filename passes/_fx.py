@@ -94,6 +94,22 @@ def is_getitem(node: Any) -> bool:
     return is_fn(node, operator.getitem)
 
 
+def slot_sum_product(final: Any, what: str = "slot") -> Node:
+    """The product ``p`` of ``p.sum(dim=1)`` / ``torch.sum(p, 1)`` over a [T, k, d] tensor, in
+    its own dtype and without keepdim; NoMatch naming what differs otherwise."""
+    if not ((is_method(final, "sum") or is_fn(final, torch.sum)) and arg(final, 1, "dim") in (1, -2)):
+        raise NoMatch(f"not a sum over the {what} dimension")
+    if arg(final, 2, "keepdim", False) is not False:
+        raise NoMatch(f"the {what} sum keeps the {what} dimension (keepdim=True): its result is [T, 1, d], "
+                      "not [T, d]")
+    if final.kwargs.get("dtype") is not None:
+        raise NoMatch(f"the {what} sum runs in {final.kwargs['dtype']}, not in its terms' dtype as the blaze op's")
+    prod = final.args[0]
+    if not is_mul(prod):
+        raise NoMatch(f"the {what} sum is not over expert outputs times routing weights")
+    return prod
+
+
 CASTS = ("to", "float", "half", "bfloat16", "double", "type_as", "contiguous")
 
 # Float dtypes each dtype converts to exactly: every value of the key is a value of these.

@@ -8,6 +8,10 @@ The form, as Dynamo sees it::
     for e in range(E):
         out = out + gate[:, e:e+1] * expert_e(x)     # or gate[:, e, None], gate[:, e].unsqueeze(-1)
 
+or, as one reduction (``match_dense_stack``)::
+
+    out = (torch.stack([expert_e(x) for e in range(E)], dim=1) * gate.unsqueeze(-1)).sum(dim=1)
+
 Since ``gate[t, e]`` is zero unless ``e`` is one of token t's top-k experts, and the top-k
 ids of a row are distinct, ``out[t] = sum_j w[t, j] * expert_{ids[t, j]}(x[t])``: exactly
 ``moe_experts(x, w, route(ids))``. The gradients agree too: the zero entries of the gate
@@ -26,7 +30,7 @@ import torch.fx
 
 from blazec.passes._fx import (
     NoMatch, arg, check_combine_dtypes, check_no_rounding, dtype, is_fn, is_getitem, is_method, same_shape, shape,
-    strip_casts,
+    slot_sum_product, strip_casts,
 )
 from blazec.passes.moe_expert_mlp import ExpertMLP, check_consistent, parse_expert
 from blazec.passes.moe_loop_form import ZEROS_FNS, _check_dtypes
@@ -196,3 +200,61 @@ def _is_expert_internal(node: object) -> bool:
     return isinstance(node, Node) and (
         _activation(node) is not None or is_fn(node, operator.mul, torch.mul) or is_method(node, "mul", "chunk")
         or is_getitem(node) and is_method(node.args[0], "chunk"))
+
+
+def _gate_broadcast(node: object) -> Node | None:
+    """``gate.unsqueeze(-1)`` / ``gate.unsqueeze(2)`` / ``gate[:, :, None]`` / ``gate[..., None]`` -> gate."""
+    if is_method(node, "unsqueeze") and arg(node, 1, "dim") in (-1, 2):
+        return node.args[0]
+    if is_getitem(node) and isinstance(node.args[1], tuple):
+        idx = node.args[1]
+        full = slice(None, None, None)
+        if idx in ((full, full, None), (Ellipsis, None)):
+            return node.args[0]
+    return None
+
+
+def stacked_outputs(final: Node) -> Node | None:
+    """For ``(torch.stack(outs, dim=1) * gate[..., None]).sum(1)``, the stack node, else None."""
+    prod = final.args[0] if final.args else None
+    if not (is_fn(prod, operator.mul, torch.mul) or is_method(prod, "mul")):
+        return None
+    for a in prod.args[:2]:
+        if is_fn(a, torch.stack) and arg(a, 1, "dim", 0) in (1, -2) and isinstance(a.args[0], (list, tuple)):
+            return a
+    return None
+
+
+def match_dense_stack(final: Node) -> DenseGateMatch:
+    """``final`` is ``(torch.stack([expert_e(x) for e], dim=1) * gate.unsqueeze(-1)).sum(dim=1)``
+    with the dense top-k gate of the chain form: the same sum, spelled as one reduction."""
+    prod = slot_sum_product(final, "expert")
+    stack = stacked_outputs(final)
+    if stack is None:
+        raise NoMatch("the expert sum is not over torch.stack(expert outputs, dim=1) times a gate")
+    other = prod.args[1] if prod.args[0] is stack else prod.args[0]
+    gate = _gate_broadcast(other)
+    if gate is None:
+        raise NoMatch("the stacked expert outputs are not weighted by gate.unsqueeze(-1) of a [T, E] gate")
+    ids, weights, E = _scatter_gate(gate)
+    outs = list(stack.args[0])
+    if len(outs) != E:
+        raise NoMatch(f"{len(outs)} expert outputs are stacked against a gate over {E} experts")
+    experts: dict[int, ExpertMLP] = {}
+    x = None
+    for e, out in enumerate(outs):
+        mlp_out, y_casts = strip_casts(out)
+        check_no_rounding(mlp_out, f"on expert {e}'s output")
+        rows = _rows_of(mlp_out)
+        if x is None:
+            x = rows
+        elif rows is not x:
+            raise NoMatch(f"expert {e} reads a different input than expert 0")
+        experts[e] = parse_expert(mlp_out, x, e, lambda n: False)
+        check_combine_dtypes(f"expert {e}", dtype(final), prod, mlp_out, x, gate, [], y_casts)
+    xs = shape(x)
+    if xs is None or len(xs) != 2 or str(xs[0]) != str(shape(ids)[0]) or not same_shape(final, xs):
+        raise NoMatch(f"x {xs}, gate ids {shape(ids)} and the output {shape(final)} do not agree on [T, d]")
+    check_consistent(experts)
+    _check_dtypes(x, experts)
+    return DenseGateMatch(final, ids, weights, x, E, int(shape(ids)[1]), experts, None)

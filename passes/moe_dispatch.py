@@ -14,7 +14,8 @@ including the runtime asserts on its data-dependent sizes, so no data-dependent 
 Forms matched today: the static loop over experts, with ModuleList experts or 3-D stacked
 parameters (passes/moe_loop_form.py); all experts on all tokens weighted by a dense top-k gate
 (passes/moe_dense_gate_form.py); the per-pair weight gather with bmm
-(passes/moe_pair_gather_form.py); the sort-based grouped form with a per-expert loop over
+(passes/moe_pair_gather_form.py); DeepSeekMoE's repeated rows with masked assignment
+(passes/moe_repeat_form.py); the sort-based grouped form with a per-expert loop over
 split rows or torch._grouped_mm (passes/moe_sort_form.py); and GShard/Switch one-hot capacity dispatch, top-1 and
 top-2 (passes/moe_gshard_form.py), which becomes ``moe_route`` with the capacity and the
 slot-major drop order.
@@ -30,12 +31,13 @@ import torch.fx
 import blazec.ops  # noqa: F401 - registers torch.ops.blazec.*
 from blazec.passes._fx import LINEAR, NoMatch, dtype, is_fn, is_method, module_path, shape, where_loc
 from blazec.passes.moe_dense_gate_form import ADD as DENSE_ADD
-from blazec.passes.moe_dense_gate_form import _is_term, match_dense_gate
+from blazec.passes.moe_dense_gate_form import _is_term, match_dense_gate, match_dense_stack, stacked_outputs
 from blazec.passes.moe_expert_mlp import REF_NAMES, weight_list
 from blazec.passes.moe_gshard_form import match_gshard
 from blazec.passes.moe_ep import emit_moe_ep, expert_parameters
 from blazec.passes.moe_loop_form import match_loop
 from blazec.passes.moe_pair_gather_form import match_pair_gather
+from blazec.passes.moe_repeat_form import match_repeat_assign, repeat_buffer
 from blazec.passes.moe_site_checks import autocast_reason, check_no_mutation, op_rejection
 from blazec.passes.moe_sort_form import match_sorted, match_sorted_unpermute
 from blazec.report import Match, NearMiss, PassReport
@@ -125,6 +127,8 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
         ("dense_gate", _dense_gate_sums, match_dense_gate, lambda n: True),
         ("pair_weight_gather", _slot_sums, match_pair_gather, _has_param_gather),
         ("sort_grouped", _slot_sums, match_sorted_unpermute, _has_argsort),
+        ("dense_gate_stack", _slot_sums, match_dense_stack, lambda n: stacked_outputs(n) is not None),
+        ("repeat_assign", _slot_sums, match_repeat_assign, lambda n: repeat_buffer(n) is not None),
         ("gshard_capacity", _combine_einsums, match_gshard, lambda n: True),
     ):
         for final in candidates(graph):
@@ -139,7 +143,9 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
             existing = set(graph.nodes)
             with graph.inserting_before(final):
                 ids, weights = m.routing(graph)
-            links = _dense_links(final) if form == "dense_gate" else set()
+            # in-place nodes of the site that die with it: a dense-gate chain's ``out += term``
+            # links, the masked assignments into a repeat form's buffer
+            links = _dense_links(final) if form == "dense_gate" else getattr(m, "writes", set())
             try:
                 site_checks([final], m, ids, weights, links)
             except NoMatch as e:
@@ -150,8 +156,8 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
             y = emit(final, ids, weights, m.x, m.experts, dtype(final), where, capacity, priority)
             final.replace_all_uses_with(y)
             graph.erase_node(final)
-            # the chain's in-place links (``out += term``): nothing else reads them (the matcher
-            # checks), but _remove_dead keeps in-place nodes, and with them the experts they sum
+            # the in-place links: nothing else reads them (the matchers check), but _remove_dead
+            # keeps in-place nodes, and with them the experts they compute
             for n in reversed([n for n in graph.nodes if n in links]):
                 if not n.users:
                     graph.erase_node(n)
@@ -231,7 +237,8 @@ def _combine_einsums(graph: torch.fx.Graph) -> list[Node]:
 
 
 def _slot_sums(graph: torch.fx.Graph) -> list[Node]:
-    return [n for n in graph.nodes if is_method(n, "sum") and len(shape(n.args[0]) or ()) == 3]
+    return [n for n in graph.nodes if (is_method(n, "sum") or is_fn(n, torch.sum)) and n.args
+            and len(shape(n.args[0]) or ()) == 3]
 
 
 def _has_argsort(final: Node) -> bool:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from blazec.passes._fx import NoMatch, arg, is_fn, is_getitem, is_method, is_mul, shape
+from blazec.passes._fx import NoMatch, arg, is_fn, is_getitem, is_method, is_mul, shape, slot_sum_product
 from blazec.passes.moe_expert_mlp import GATED, ExpertMLP, FinalMatch, WeightRef, _activation
 from blazec.passes.moe_loop_form import _check_dtypes
 
@@ -53,13 +53,7 @@ def _bmm(node: object, xs: list, flat: list) -> Node:
 
 
 def match_pair_gather(final: Node) -> FinalMatch:
-    if not (is_method(final, "sum") and arg(final, 1, "dim") in (1, -2)):
-        raise NoMatch("not a sum over the slot dimension")
-    if arg(final, 2, "keepdim", False) is not False:
-        raise NoMatch("the slot sum keeps the slot dimension (keepdim=True): its result is [T, 1, d], not [T, d]")
-    prod = final.args[0]
-    if not is_mul(prod):
-        raise NoMatch("the slot sum is not over expert outputs times routing weights")
+    prod = slot_sum_product(final)
     a, b = prod.args[0], prod.args[1]
     if is_method(b, "unsqueeze") and arg(b, 1, "dim") == -1:
         yv, w = a, b.args[0]

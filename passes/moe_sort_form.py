@@ -28,7 +28,7 @@ import torch.fx
 
 from blazec.passes._fx import (
     NoMatch, arg, check_combine_dtypes, check_no_rounding, dtype, follow_first_args, is_fn, is_getitem, is_method,
-    is_mul, same_shape, shape, strip_casts,
+    is_mul, same_shape, shape, slot_sum_product, strip_casts,
 )
 from blazec.passes.moe_expert_mlp import GATED, ExpertMLP, FinalMatch, WeightRef, _activation, check_consistent, parse_expert
 from blazec.passes.moe_loop_form import ZEROS_FNS, _check_acc_reads, _check_dtypes
@@ -310,13 +310,7 @@ def match_sorted_unpermute(final: Node) -> FinalMatch:
 
     Row p of ``y`` is pair p (token p // k, slot p % k), so this is the same weighted sum.
     """
-    if not (is_method(final, "sum") and arg(final, 1, "dim") in (1, -2)):
-        raise NoMatch("not a sum over the slot dimension")
-    if arg(final, 2, "keepdim", False) is not False:
-        raise NoMatch("the slot sum keeps the slot dimension (keepdim=True): its result is [T, 1, d], not [T, d]")
-    prod = final.args[0]
-    if not is_mul(prod):
-        raise NoMatch("the slot sum is not over expert outputs times routing weights")
+    prod = slot_sum_product(final)
     yv = w = None
     for a, b in ((prod.args[0], prod.args[1]), (prod.args[1], prod.args[0])):
         if is_method(b, "unsqueeze") and arg(b, 1, "dim") == -1:

@@ -64,6 +64,7 @@ def assert_rewritten(rec, form, allow=(), **details):
 
 EXPECTED_FORMS = {
     "moe_deepseek_gate.py": "static_loop_modulelist",
+    "moe_deepseek_train.py": "repeat_assign",
     "moe_dense_gate.py": "dense_gate",
     "moe_gshard_top2.py": "gshard_top2",
     "moe_loop_modulelist.py": "static_loop_modulelist",
@@ -270,6 +271,7 @@ def test_sorted_with_weights_in_the_wrong_order_is_left_alone():
 
 EXPECTED_ROUTERS = {
     "moe_deepseek_gate.py": "sigmoid_bias_group_topk",
+    "moe_deepseek_train.py": "softmax_topk_renorm",
     "moe_dense_gate.py": "softmax_topk",
     "moe_gshard_top2.py": "argmax_capacity",
     "moe_loop_modulelist.py": "softmax_topk_renorm",

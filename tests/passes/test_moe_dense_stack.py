@@ -1,0 +1,68 @@
+"""The dense-gate form spelled as one reduction: every expert on every token, the outputs
+stacked on dim 1, weighted by a [T, E] top-k scatter gate and summed. Rewritten with eager's
+numbers; a soft (dense softmax) gate, a sum in another dtype, or a gate that does not line up
+with the stack is left alone with a reason."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tests.passes.test_moe_forms import assert_rewritten, compile_and_compare, matches, near_misses
+
+
+class DenseStack(nn.Module):
+    """``variant``: "plain", "index" (``gate[..., None]``), "torch_sum", "reversed" (the stack
+    lists the experts last to first, the gate flipped to match), "reversed_list" (the same
+without the flip), "soft" (a softmax gate, no top-k), "sum_f64",
+    "short" (one expert left out of the stack)."""
+
+    def __init__(self, variant="plain", d=10, inter=14, E=5, k=2):
+        super().__init__()
+        self.v, self.k = variant, k
+        self.router = nn.Linear(d, E, bias=False)
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(d, inter), nn.GELU(), nn.Linear(inter, d))
+                                     for _ in range(E))
+
+    def forward(self, x):
+        probs = F.softmax(self.router(x), dim=-1)
+        if self.v == "soft":
+            gate = probs
+        else:
+            w, ids = probs.topk(self.k, dim=-1)
+            gate = torch.zeros_like(probs).scatter(1, ids, w / w.sum(-1, keepdim=True))
+        experts = list(self.experts)
+        if self.v == "reversed":
+            experts, gate = experts[::-1], gate.flip(1)
+        if self.v == "reversed_list":  # gate column e weighs the module at stack position e
+            experts = experts[::-1]
+        if self.v == "short":
+            experts = experts[:-1]
+            gate = gate[:, :-1]
+        outs = torch.stack([e(x) for e in experts], dim=1)
+        g = gate[..., None] if self.v == "index" else gate.unsqueeze(-1)
+        if self.v == "torch_sum":
+            return torch.sum(outs * g, dim=1)
+        if self.v == "sum_f64":
+            return (outs * g).sum(dim=1, dtype=torch.float64).float()
+        return (outs * g).sum(dim=1)
+
+
+@pytest.mark.parametrize("variant", ["plain", "index", "torch_sum", "reversed_list"])
+def test_dense_stack_rewritten(variant):
+    rec = compile_and_compare(DenseStack(variant), (torch.randn(11, 10),))
+    assert_rewritten(rec, "dense_gate_stack", E=5, k=2, activation="gelu", bias=True)
+    assert "torch.stack" not in rec.blaze_graph.split("def forward", 1)[1]
+
+
+@pytest.mark.parametrize("variant, reason", [
+    ("soft", "not built with scatter"),
+    ("sum_f64", "the expert sum runs in torch.float64"),
+    ("reversed", "not built with scatter"),  # the flipped gate is no longer the scatter
+    ("short", "not built with scatter"),  # nor is a slice of it
+])
+def test_dense_stack_lookalikes_are_left_alone(variant, reason):
+    rec = compile_and_compare(DenseStack(variant), (torch.randn(11, 10),))
+    assert not matches(rec)
+    reasons = [n.reason for n in near_misses(rec) if n.form == "dense_gate_stack"]
+    assert any(reason in r for r in reasons), reasons

@@ -1,0 +1,103 @@
+"""DeepSeekMoE's training-path dispatch (repeated rows, masked assignment, weighted slot sum):
+rewritten with eager's numbers in its spellings, and code that only looks like it (a row order
+that is not repeat_interleave, a missing or repeated expert, ids not provably in range, a
+buffer read or written elsewhere) left alone with a reason."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tests.passes.test_moe_forms import assert_rewritten, compile_and_compare, matches, near_misses
+
+
+class Expert(nn.Module):
+    def __init__(self, d, inter, bias):
+        super().__init__()
+        self.gate_proj = nn.Linear(d, inter, bias=bias)
+        self.up_proj = nn.Linear(d, inter, bias=bias)
+        self.down_proj = nn.Linear(inter, d, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class RepeatAssign(nn.Module):
+    """``variant`` names one change to the form; "plain" is DeepSeek's code."""
+
+    def __init__(self, variant="plain", d=12, inter=10, E=5, k=2, bias=False, ids_input=False):
+        super().__init__()
+        self.v, self.k, self.E, self.ids_input = variant, k, E, ids_input
+        self.router = nn.Linear(d, E, bias=False)
+        self.experts = nn.ModuleList(Expert(d, inter, bias) for _ in range(E))
+
+    def forward(self, x, ids=None):
+        w, topk_ids = torch.topk(F.softmax(self.router(x).float(), dim=-1), self.k, dim=-1)
+        if self.ids_input:
+            topk_ids = ids
+        flat = topk_ids.view(-1) if self.v != "flatten" else topk_ids.flatten()
+        xr = x.repeat(self.k, 1) if self.v == "repeat" else x.repeat_interleave(self.k, dim=0)
+        y = torch.zeros_like(xr) if self.v in ("zeros", "flatten", "missing", "peek") else torch.empty_like(xr)
+        experts = range(self.E - 1) if self.v == "missing" else range(self.E)
+        peek = None
+        for i in experts:
+            if self.v == "mask_node":
+                mask = flat.eq(i)
+                y[mask] = self.experts[i](xr[mask])
+            else:
+                y[flat == i] = self.experts[i](xr[flat == i])
+            if self.v == "twice" and i == 0:
+                y[flat == i] = self.experts[i](xr[flat == i])
+            if self.v == "peek" and i == 1:
+                peek = y.sum()
+        if self.v == "scaled":
+            y.mul_(2.0)
+        out = (y.view(*w.shape, -1) * w.unsqueeze(-1)).sum(dim=1).to(x.dtype)
+        return out if peek is None else out + peek
+
+
+@pytest.mark.parametrize("variant", ["plain", "zeros", "flatten", "mask_node"])
+def test_repeat_assign_rewritten(variant):
+    rec = compile_and_compare(RepeatAssign(variant), (torch.randn(13, 12),))
+    assert_rewritten(rec, "repeat_assign", E=5, k=2, activation="swiglu")
+    assert "repeat_interleave" not in rec.blaze_graph.split("def forward", 1)[1]
+
+
+@pytest.mark.parametrize("k, T", [(1, 7), (3, 7), (2, 1)])
+def test_repeat_assign_top_k_and_bias(k, T):
+    """T=1: most experts get no rows (an empty mask selects nothing)."""
+    rec = compile_and_compare(RepeatAssign(k=k, E=4, bias=True), (torch.randn(T, 12),))
+    assert_rewritten(rec, "repeat_assign", E=4, k=k, bias=True)
+
+
+def test_repeat_assign_bf16_matches_eager_rounding():
+    """bf16 rows and buffer, fp32 routing weights: the products and the sum run in fp32, then
+    the result is cast to bf16, in eager and in the op alike."""
+    torch.manual_seed(0)
+    model = RepeatAssign().to(torch.bfloat16)
+    rec = compile_and_compare(model, (torch.randn(16, 12, dtype=torch.bfloat16),), atol=2e-2, rtol=2e-2)
+    assert_rewritten(rec, "repeat_assign", dtype="bfloat16")
+
+
+@pytest.mark.parametrize("variant, reason", [
+    ("repeat", "not x.repeat_interleave(k, dim=0)"),
+    ("missing", "missing expert(s) [4]"),
+    ("twice", "expert 0's rows are assigned twice"),
+    ("peek", "is also read by"),
+    ("scaled", "is also read by"),
+])
+def test_repeat_assign_lookalikes_are_left_alone(variant, reason):
+    rec = compile_and_compare(RepeatAssign(variant), (torch.randn(13, 12),))
+    assert not matches(rec)
+    reasons = [n.reason for n in near_misses(rec) if n.form == "repeat_assign"]
+    assert any(reason in r for r in reasons), reasons
+
+
+def test_repeat_assign_ids_from_an_input_are_left_alone():
+    """Ids that are not topk indices over E scores may hold an expert the loop never assigns,
+    whose rows would keep the buffer's contents: nothing proves them in range."""
+    x = torch.randn(13, 12)
+    ids = torch.randint(0, 5, (13, 2))
+    rec = compile_and_compare(RepeatAssign(ids_input=True), (x, ids))
+    assert not matches(rec)
+    assert any("cannot prove the routing ids lie in [0, E)" in n.reason for n in near_misses(rec))
