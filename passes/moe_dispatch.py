@@ -164,6 +164,14 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
             name = f"gshard_top{m.top_k}" if form == "gshard_capacity" else form
             rep.matches.append(_describe_match(name, where, m.experts, m.x, m.top_k, recompute,
                                                capacity if capacity >= 0 else None, ep=ep, chunks=chunks))
+    for buf, sets in _masked_assigns(graph, set(by_acc)).items():  # recognized, not matched: say so
+        rep.near_misses.append(NearMiss(
+            "masked_assign", f"{module_path(sets[0])} ({where_loc(sets[0])})",
+            f"{len(sets)} assignment(s) of expert outputs into {buf.name}[mask] are not a form blazec rewrites. "
+            "The masked-assignment form it rewrites is DeepSeekMoE's: a fresh empty_like(xr) buffer of "
+            "xr = x.repeat_interleave(k, dim=0), y[ids.view(-1) == e] = expert_e(xr[ids.view(-1) == e]), read only "
+            "by (y.view(T, k, d) * w.unsqueeze(-1)).sum(1); otherwise write acc.index_add_(0, tokens, "
+            "expert_e(x[tokens]) * w[tokens, slots, None]) into zeros"))
     if rep.matches:
         _remove_dead(graph)
     if ep_params or ep_unmapped:
@@ -192,6 +200,23 @@ def _indexed_iadds(graph: torch.fx.Graph) -> list[Node]:
         others = [a for a in v.args[:2] if a not in reads]
         if reads and others and any(is_fn(u, *LINEAR) for u in _upstream(others[0], 12)):
             out.append(n)
+    return out
+
+
+def _masked_assigns(graph: torch.fx.Graph, skip: set[Node]) -> dict[Node, list[Node]]:
+    """``buf[index] = v`` nodes left in the graph whose index is a tensor and whose value runs a
+    linear (an expert's output), by buffer; buffers in ``skip`` (already reported) and buffers a
+    repeat-form slot sum reads (its matcher reported why it failed) are left out."""
+    reported = {repeat_buffer(f) for f in _slot_sums(graph)} | skip
+    out: dict[Node, list[Node]] = {}
+    for n in graph.nodes:
+        if not (is_fn(n, operator.setitem) and len(n.args) == 3 and isinstance(n.args[0], Node)):
+            continue
+        buf, idx, v = n.args
+        if buf in reported or not isinstance(idx, Node) or not isinstance(v, Node):
+            continue
+        if any(is_fn(u, *LINEAR) for u in [v, *_upstream(v, 12)]):
+            out.setdefault(buf, []).append(n)
     return out
 
 

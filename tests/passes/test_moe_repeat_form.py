@@ -101,3 +101,35 @@ def test_repeat_assign_ids_from_an_input_are_left_alone():
     rec = compile_and_compare(RepeatAssign(ids_input=True), (x, ids))
     assert not matches(rec)
     assert any("cannot prove the routing ids lie in [0, E)" in n.reason for n in near_misses(rec))
+
+
+class SwitchAssign(nn.Module):
+    """Switch Transformers' dispatch (top-1, capacity mask): expert outputs assigned into a
+    clone of the input, so a dropped token passes through. Not a form the op expresses."""
+
+    def __init__(self, d=12, inter=10, E=4):
+        super().__init__()
+        self.router = nn.Linear(d, E, bias=False)
+        self.experts = nn.ModuleList(Expert(d, inter, False) for _ in range(E))
+
+    def forward(self, x):
+        probs = F.softmax(self.router(x), dim=-1)
+        p, idx = probs.max(dim=-1)
+        mask = F.one_hot(idx, probs.shape[-1]).bool()
+        mask = mask & (torch.cumsum(mask.long(), dim=0) <= 3)  # capacity 3 per expert
+        nxt = x.clone()
+        for e, expert in enumerate(self.experts):
+            nxt[mask[:, e]] = expert(x[mask[:, e]])
+        return p.unsqueeze(-1) * nxt
+
+
+def test_switch_masked_assignment_is_reported():
+    rec = compile_and_compare(SwitchAssign(), (torch.randn(13, 12),))
+    assert not matches(rec)
+    (miss,) = [n for n in near_misses(rec) if n.form == "masked_assign"]
+    assert "4 assignment(s) of expert outputs into" in miss.reason and "DeepSeekMoE's" in miss.reason
+
+
+def test_repeat_form_near_miss_is_not_reported_twice():
+    rec = compile_and_compare(RepeatAssign("repeat"), (torch.randn(13, 12),))
+    assert [n.form for n in near_misses(rec)] == ["repeat_assign"]
