@@ -35,7 +35,7 @@ from blazec.passes.moe_dense_gate_form import _is_term, match_dense_gate, match_
 from blazec.passes.moe_expert_mlp import REF_NAMES, weight_list
 from blazec.passes.moe_gshard_form import match_gshard
 from blazec.passes.moe_ep import emit_moe_ep, expert_parameters
-from blazec.passes.moe_loop_form import match_loop
+from blazec.passes.moe_loop_form import _tensor_index, match_loop
 from blazec.passes.moe_pair_gather_form import match_pair_gather
 from blazec.passes.moe_repeat_form import match_repeat_assign, repeat_buffer
 from blazec.passes.moe_site_checks import autocast_reason, check_no_mutation, op_rejection
@@ -205,7 +205,7 @@ def _indexed_iadds(graph: torch.fx.Graph) -> list[Node]:
 
 def _masked_assigns(graph: torch.fx.Graph, skip: set[Node]) -> dict[Node, list[Node]]:
     """``buf[index] = v`` nodes left in the graph whose index is a tensor and whose value runs a
-    linear (an expert's output), by buffer; buffers in ``skip`` (already reported) and buffers a
+    linear on gathered rows (an expert's output), by buffer; buffers in ``skip`` (already reported) and buffers a
     repeat-form slot sum reads (its matcher reported why it failed) are left out."""
     reported = {repeat_buffer(f) for f in _slot_sums(graph)} | skip
     out: dict[Node, list[Node]] = {}
@@ -215,7 +215,9 @@ def _masked_assigns(graph: torch.fx.Graph, skip: set[Node]) -> dict[Node, list[N
         buf, idx, v = n.args
         if buf in reported or not isinstance(idx, Node) or not isinstance(v, Node):
             continue
-        if any(is_fn(u, *LINEAR) for u in [v, *_upstream(v, 12)]):
+        if any(is_fn(u, *LINEAR) and any(is_fn(r, operator.getitem) and _tensor_index(r.args[1])
+                                          for r in _upstream(u, 6))
+               for u in [v, *_upstream(v, 12)]):
             out.setdefault(buf, []).append(n)
     return out
 

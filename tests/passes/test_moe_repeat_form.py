@@ -133,3 +133,22 @@ def test_switch_masked_assignment_is_reported():
 def test_repeat_form_near_miss_is_not_reported_twice():
     rec = compile_and_compare(RepeatAssign("repeat"), (torch.randn(13, 12),))
     assert [n.form for n in near_misses(rec)] == ["repeat_assign"]
+
+
+class MaskedLinear(nn.Module):
+    """Not an MoE: rows of one linear's output written under a mask."""
+
+    def __init__(self, d=12):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, x):
+        out = torch.zeros_like(x)
+        mask = x[:, 0] > 0
+        out[mask] = self.lin(x)[mask]
+        return out
+
+
+def test_masked_assignment_without_experts_is_not_reported():
+    rec = compile_and_compare(MaskedLinear(), (torch.randn(13, 12),))
+    assert not matches(rec) and not near_misses(rec)
