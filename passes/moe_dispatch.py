@@ -97,7 +97,7 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
         where = f"{module_path(index_adds[0])} ({where_loc(index_adds[0])})"
         sorted_form = _sorted_index(index_adds[0])
         try:
-            m = match_sorted(acc, index_adds) if sorted_form else match_loop(acc, index_adds)
+            m = _match(match_sorted if sorted_form else match_loop, acc, index_adds)
             site_checks(index_adds, m, m.ids, m.weights, set(index_adds))
         except NoMatch as e:
             rep.near_misses.append(NearMiss("sort_grouped" if sorted_form else "static_loop", where, str(e)))
@@ -134,7 +134,7 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
         for final in candidates(graph):
             where = f"{module_path(final)} ({where_loc(final)})"
             try:
-                m = match(final)
+                m = _match(match, final)
             except NoMatch as e:
                 if report_misses(final):
                     rep.near_misses.append(NearMiss(form, where, str(e)))
@@ -147,7 +147,9 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
             # links, the masked assignments into a repeat form's buffer
             links = _dense_links(final) if form == "dense_gate" else getattr(m, "writes", set())
             try:
-                site_checks([final], m, ids, weights, links)
+                # the links (a repeat form's masked assignments are not ancestors of the sum)
+                # are part of the site: what they read is what the op must read unchanged
+                site_checks([n for n in graph.nodes if n in links] + [final], m, ids, weights, links)
             except NoMatch as e:
                 for n in reversed([n for n in graph.nodes if n not in existing]):  # the routing nodes
                     graph.erase_node(n)
@@ -179,6 +181,15 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
 
         register_expert_params(ep_params, ep_unmapped)
     return rep
+
+
+def _match(matcher, *site):
+    """``matcher(*site)``; a matcher that fails to read an unusual spelling (an argument passed by
+    keyword where it expects a position) leaves this site alone, not the whole graph's."""
+    try:
+        return matcher(*site)
+    except (IndexError, KeyError, TypeError, AttributeError, ValueError) as e:
+        raise NoMatch(f"the matcher could not read this site ({type(e).__name__}: {e}); left alone") from e
 
 
 def _expert_bases(experts: dict) -> list[Node]:

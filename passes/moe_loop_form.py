@@ -92,7 +92,7 @@ def _where_site(where: Node) -> WhereSite:
             raise NoMatch(f"one_hot mask permuted with {dims}; the expert axis must come first")
         token_pos, slot_pos = dims[1:].index(0), dims[1:].index(1)
     elif is_fn(mask, operator.eq, torch.eq) or is_method(mask, "eq"):
-        ids, e = mask.args[0], mask.args[1]
+        ids, e = mask.args[0], arg(mask, 1, "other")
         if not isinstance(e, int):
             ids, e = e, ids
         if not isinstance(e, int):

@@ -65,7 +65,7 @@ def _expert_mask(mask: object, flat: Node | None) -> tuple[Node, int]:
     """(flat ids, e) for ``flat == e`` / ``flat.eq(e)``."""
     if not (is_fn(mask, operator.eq, torch.eq) or is_method(mask, "eq")):
         raise NoMatch("a row mask is not flat_ids == e")
-    a, b = mask.args[0], mask.args[1]
+    a, b = mask.args[0], arg(mask, 1, "other")
     if not isinstance(b, int):
         a, b = b, a
     if not isinstance(b, int) or not isinstance(a, Node) or isinstance(b, bool):

@@ -10,8 +10,9 @@ for every form alike; a site that fails one is left alone and reported as a near
   be read after the change by the op and before it by the code it replaces. Refused: a mutation,
   before the placement, of a tensor one of the site's own nodes made (a mask, a gate) or that
   the code derives from ids (the op derives it from ids itself), of a tensor (through any view
-  of it, ``.data`` included) that one of the site's nodes read before the mutation, or of an op
-  input that a node feeding the proof read before it.
+  of it, ``.data`` included) that one of the site's nodes read before the mutation, of an op
+  input that a node feeding the proof read before it, or of the routing ids at all (the
+  matchers prove them in range and distinct within a row from the topk that made them).
 - **Autocast.** Under ``torch.autocast`` the expert GEMMs of the naive code run in the autocast
   dtype, while the blaze ops compute in the dtype of their inputs.
 - **The op's argument checks.** The matchers accept what the code computes; the op accepts
@@ -161,6 +162,10 @@ def check_no_mutation(graph: torch.fx.Graph, finals: list[Node], inputs: list[No
     ids_nodes = [a for a in ([inputs[0], *inputs[0].args[0]] if is_fn(inputs[0], torch.stack) else [inputs[0]])
                  if isinstance(a, Node)]
     from_ids = {root(m, cache) for m in _descendants(ids_nodes) & dispatch if _is_tensor(m)} - input_roots
+    # The matchers prove facts about the ids from where they come from (topk indices lie in
+    # [0, E) and are distinct within a row): a write to them anywhere before the placement,
+    # even one both the code and the op would see, can break that proof.
+    ids_roots = {root(a, cache) for a in ids_nodes if _is_tensor(a)}
     for n in graph.nodes:
         i = pos[n]
         if i >= place:
@@ -169,6 +174,11 @@ def check_no_mutation(graph: torch.fx.Graph, finals: list[Node], inputs: list[No
         if t is None or n in accumulation:
             continue
         r = root(t, cache)
+        if r in ids_roots:
+            raise NoMatch(
+                f"{_describe(n)} ({where_loc(n)}) writes in place the routing ids ({r.name}) before the dispatch's "
+                "end; the matcher proved them in range (and distinct within a row) from the op that made them, "
+                "which no longer holds. Left alone")
         if (r in made and r not in feeds_inputs) or r in from_ids or first_read.get(r, place) < i or \
                 (r in first_read and r not in input_roots) or \
                 (r in input_roots and _read_before(n, r, dispatch, pos, cache)):

@@ -15,7 +15,7 @@ class DenseStack(nn.Module):
     """``variant``: "plain", "index" (``gate[..., None]``), "torch_sum", "reversed" (the stack
     lists the experts last to first, the gate flipped to match), "reversed_list" (the same
 without the flip), "soft" (a softmax gate, no top-k), "sum_f64",
-    "short" (one expert left out of the stack)."""
+    "short" (one expert left out of the stack), "ids_dup" (a topk slot overwritten in place)."""
 
     def __init__(self, variant="plain", d=10, inter=14, E=5, k=2):
         super().__init__()
@@ -30,6 +30,9 @@ without the flip), "soft" (a softmax gate, no top-k), "sum_f64",
             gate = probs
         else:
             w, ids = probs.topk(self.k, dim=-1)
+            if self.v == "ids_dup":  # scatter keeps one of two equal ids, the op would sum both
+                ids = probs.detach().topk(self.k, dim=-1)[1]
+                ids[:, 1] = ids[:, 0]
             gate = torch.zeros_like(probs).scatter(1, ids, w / w.sum(-1, keepdim=True))
         experts = list(self.experts)
         if self.v == "reversed":
@@ -60,6 +63,7 @@ def test_dense_stack_rewritten(variant):
     ("sum_f64", "the expert sum runs in torch.float64"),
     ("reversed", "not built with scatter"),  # the flipped gate is no longer the scatter
     ("short", "not built with scatter"),  # nor is a slice of it
+    ("ids_dup", "writes in place the routing ids"),
 ])
 def test_dense_stack_lookalikes_are_left_alone(variant, reason):
     rec = compile_and_compare(DenseStack(variant), (torch.randn(11, 10),))

@@ -27,7 +27,7 @@ def assert_left_alone(rec, reason):
 
 class DenseGate(nn.Module):
     """``variant``: "plain", "iadd" (``out += term``), "iadd_alias" (``+=`` and the base returned
-    through an alias), "topk_dim0", "topk_default" (``topk(k)``), "topk_dim1", "scatter_multiply"."""
+    through an alias), "topk_dim0", "topk_default" (``topk(k)``), "topk_dim1", "scatter_multiply", "ids_dup"."""
 
     def __init__(self, variant, d=8, inter=12, E=4, k=2):
         super().__init__()
@@ -46,6 +46,9 @@ class DenseGate(nn.Module):
             w, i = torch.topk(probs, self.k, 1)
         else:
             w, i = probs.topk(self.k, dim=-1)
+        if self.v == "ids_dup":  # two equal ids in a row: scatter keeps one weight, the op would sum both
+            i = probs.detach().topk(self.k, dim=-1)[1]
+            i[:, 1] = i[:, 0]
         if self.v == "scatter_multiply":  # zeros * w: an all-zero gate
             gate = torch.zeros_like(probs).scatter(1, i, w, reduce="multiply")
         else:
@@ -63,6 +66,11 @@ class DenseGate(nn.Module):
 def test_dense_gate_aliased_inplace_sum_is_left_alone():
     rec = compile_and_compare(DenseGate("iadd_alias"), (torch.randn(12, 8),))
     assert_left_alone(rec, "of the expert outputs is also read by")
+
+
+def test_dense_gate_ids_written_in_place_are_left_alone():
+    rec = compile_and_compare(DenseGate("ids_dup"), (torch.randn(12, 8),))
+    assert_left_alone(rec, "writes in place the routing ids")
 
 
 def test_dense_gate_topk_over_tokens_is_left_alone():

@@ -32,17 +32,22 @@ class RepeatAssign(nn.Module):
         self.experts = nn.ModuleList(Expert(d, inter, bias) for _ in range(E))
 
     def forward(self, x, ids=None):
-        w, topk_ids = torch.topk(F.softmax(self.router(x).float(), dim=-1), self.k, dim=-1)
+        probs = F.softmax(self.router(x).float(), dim=-1)
+        w, topk_ids = torch.topk(probs, self.k, dim=-1)
         if self.ids_input:
             topk_ids = ids
+        if self.v.startswith("ids_"):  # ids that topk's backward does not save, to write in place
+            topk_ids = torch.topk(probs.detach(), self.k, dim=-1)[1]
+        if self.v == "ids_before":
+            topk_ids[:, 1] = topk_ids[:, 0]
         flat = topk_ids.view(-1) if self.v != "flatten" else topk_ids.flatten()
         xr = x.repeat(self.k, 1) if self.v == "repeat" else x.repeat_interleave(self.k, dim=0)
-        y = torch.zeros_like(xr) if self.v in ("zeros", "flatten", "missing", "peek") else torch.empty_like(xr)
+        y = torch.zeros_like(xr) if self.v in ("zeros", "flatten", "missing", "peek", "xr_between") else torch.empty_like(xr)
         experts = range(self.E - 1) if self.v == "missing" else range(self.E)
         peek = None
         for i in experts:
-            if self.v == "mask_node":
-                mask = flat.eq(i)
+            if self.v in ("mask_node", "eq_kwarg"):
+                mask = flat.eq(i) if self.v == "mask_node" else torch.eq(flat, other=i)
                 y[mask] = self.experts[i](xr[mask])
             else:
                 y[flat == i] = self.experts[i](xr[flat == i])
@@ -50,13 +55,17 @@ class RepeatAssign(nn.Module):
                 y[flat == i] = self.experts[i](xr[flat == i])
             if self.v == "peek" and i == 1:
                 peek = y.sum()
+            if self.v == "xr_between" and i == 1:
+                xr.mul_(2.0)
         if self.v == "scaled":
             y.mul_(2.0)
+        if self.v == "ids_after":  # the masks read the ids before this write, the op after it
+            topk_ids[:, 0] = 0
         out = (y.view(*w.shape, -1) * w.unsqueeze(-1)).sum(dim=1).to(x.dtype)
         return out if peek is None else out + peek
 
 
-@pytest.mark.parametrize("variant", ["plain", "zeros", "flatten", "mask_node"])
+@pytest.mark.parametrize("variant", ["plain", "zeros", "flatten", "mask_node", "eq_kwarg"])
 def test_repeat_assign_rewritten(variant):
     rec = compile_and_compare(RepeatAssign(variant), (torch.randn(13, 12),))
     assert_rewritten(rec, "repeat_assign", E=5, k=2, activation="swiglu")
@@ -85,6 +94,11 @@ def test_repeat_assign_bf16_matches_eager_rounding():
     ("twice", "expert 0's rows are assigned twice"),
     ("peek", "is also read by"),
     ("scaled", "is also read by"),
+    # in-place writes after the site's reads (the masked assignments are part of the site)
+    ("ids_after", "writes in place the routing ids"),
+    ("xr_between", "writes in place a tensor the dispatch reads (xr)"),
+    # and before them: the ids are then no longer provably topk indices
+    ("ids_before", "writes in place the routing ids"),
 ])
 def test_repeat_assign_lookalikes_are_left_alone(variant, reason):
     rec = compile_and_compare(RepeatAssign(variant), (torch.randn(13, 12),))
