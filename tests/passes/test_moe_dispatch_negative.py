@@ -270,6 +270,7 @@ LEFT_ALONE = {
     "moe_pair_gather_bmm.py": "pair_weight_gather",
     "moe_sort_grouped_mm.py": "sort_grouped",
     "moe_dense_gate.py": "dense_gate",
+    "moe_deepseek_train.py": "repeat_assign",
 }
 
 
