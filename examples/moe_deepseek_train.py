@@ -25,12 +25,12 @@ class MLP(nn.Module):
 
 
 class DeepSeekTrainMoE(nn.Module):
-    def __init__(self, d=32, inter=24, num_experts=8, top_k=2):
+    def __init__(self, d=32, inter=24, num_experts=8, top_k=2, shared=True):
         super().__init__()
         self.top_k = top_k
         self.gate_weight = nn.Parameter(torch.randn(num_experts, d) * d**-0.5)
         self.experts = nn.ModuleList(MLP(d, inter) for _ in range(num_experts))
-        self.shared_experts = MLP(d, 2 * inter)
+        self.shared_experts = MLP(d, 2 * inter) if shared else None
 
     def forward(self, hidden_states):
         identity, orig_shape = hidden_states, hidden_states.shape
@@ -45,13 +45,13 @@ class DeepSeekTrainMoE(nn.Module):
             y[flat_topk_idx == i] = expert(hidden_states[flat_topk_idx == i])
         y = (y.view(*topk_weight.shape, -1) * topk_weight.unsqueeze(-1)).sum(dim=1)
         y = y.to(hidden_states.dtype).view(*orig_shape)
-        return y + self.shared_experts(identity)
+        return y if self.shared_experts is None else y + self.shared_experts(identity)
 
 
-def make(batch=4, seq=16, d=32, inter=24, num_experts=8, top_k=2, seed=0):
+def make(batch=4, seq=16, d=32, inter=24, num_experts=8, top_k=2, shared=True, seed=0):
     """Factory for ``blazec dump``: returns (model, example_inputs)."""
     torch.manual_seed(seed)
-    return DeepSeekTrainMoE(d, inter, num_experts, top_k), (torch.randn(batch, seq, d),)
+    return DeepSeekTrainMoE(d, inter, num_experts, top_k, shared), (torch.randn(batch, seq, d),)
 
 
 if __name__ == "__main__":
