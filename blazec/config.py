@@ -48,7 +48,7 @@ class BlazeConfig:
             (for example ``{"max_autotune": True}``, ``{"triton.cudagraphs": False}``). Each key
             must name an Inductor setting, and its value fit the type of the setting's current
             value (an int is no bool; a float setting takes an int; a setting that is None takes
-            anything).
+            anything). An error with ``final_stage="eager"``, which runs no Inductor.
         memory_budget: how much activation memory the forward may keep for backward; the
             checkpoint solver (``blazec.passes.checkpoint``) then picks the cheapest set of
             tensors to save and recomputes the rest. ``None`` (default) keeps PyTorch's
@@ -132,6 +132,13 @@ class BlazeConfig:
                 f"expert-parallel MoE layers into chunks; set expert_parallel ('world' or a ProcessGroup; "
                 f"blazec dump: --expert-parallel N with N > 1) or leave ep_chunks out"
             )
+        if kw.get("inductor_config") and kw.get("final_stage") == "eager":
+            raise BlazeOptionError(
+                f"inductor_config is set but final_stage='eager' runs no Inductor: the patches "
+                f"{', '.join(map(repr, sorted(kw['inductor_config'])))} would be ignored; drop one of the two"
+            )
+        if kw["mode"] != "default" and kw.get("final_stage") == "eager":
+            raise BlazeOptionError(f"mode={kw['mode']!r} is set but final_stage='eager' runs no Inductor to take it")
         cfg = cls(**kw)
         cfg.check_pass_names()
         return cfg

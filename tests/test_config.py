@@ -14,11 +14,11 @@ def test_defaults():
 
 def test_valid_options():
     cfg = BlazeConfig.from_options(
-        {"final_stage": "eager", "passes": ["moe_dispatch"], "moe_recompute": "recompute_gemm1",
+        {"final_stage": "inductor", "passes": ["moe_dispatch"], "moe_recompute": "recompute_gemm1",
          "inductor_config": {"max_autotune": False}},
         mode="max-autotune-no-cudagraphs",
     )
-    assert cfg.final_stage == "eager" and cfg.passes == ("moe_dispatch",)
+    assert cfg.final_stage == "inductor" and cfg.passes == ("moe_dispatch",)
     assert cfg.moe_recompute == "recompute_gemm1" and cfg.mode == "max-autotune-no-cudagraphs"
     assert not BlazeConfig.from_options({"disable_passes": "moe_dispatch"}).pass_enabled("moe_dispatch")
     assert not BlazeConfig.from_options({"passes": []}).pass_enabled("moe_dispatch")
@@ -91,6 +91,15 @@ def test_inductor_config_values_that_fit():
     patch = {"max_autotune": True, "triton.cudagraphs": False, "compile_threads": 1, "cpu_gpu_bw": 20,
              "max_autotune_gemm_backends": "ATEN", "cpp.simdlen": 8}  # a float setting takes an int; None: any
     assert dict(BlazeConfig.from_options({"inductor_config": patch}).inductor_config) == patch
+
+
+def test_inductor_settings_with_the_eager_final_stage_are_an_error():
+    """final_stage='eager' runs no Inductor: its config patches and mode= would be ignored silently."""
+    with pytest.raises(BlazeOptionError, match="inductor_config is set but final_stage='eager'.*'max_autotune'"):
+        BlazeConfig.from_options({"final_stage": "eager", "inductor_config": {"max_autotune": True}})
+    with pytest.raises(BlazeOptionError, match="mode='max-autotune' is set but final_stage='eager'"):
+        BlazeConfig.from_options({"final_stage": "eager"}, mode="max-autotune")
+    assert BlazeConfig.from_options({"final_stage": "eager", "inductor_config": {}}).final_stage == "eager"
 
 
 def test_unknown_nested_inductor_key_through_torch_compile_is_an_option_error():
