@@ -50,7 +50,7 @@ so the counters cannot split it. On CPU, "act" is the bytes autograd saves for b
 shapes (olmoe-like, mixtral-like) need CUDA. On CPU the rows of ``CPU_SAME_AS`` (each differs
 from another row only by a GPU launch path, so there it runs that row's code) are left out
 unless ``--impl`` names them. Before any row runs, a shape with more than ``MAX_EXPERTS``
-experts, or whose estimated bytes (``bytes_needed``) exceed the device's memory, is an error.
+experts, with 2**31 or more (token, expert) pairs, or whose estimated bytes (``bytes_needed``) exceed the device's memory, is an error.
 
 The first step of each row (compiling, and autotuning each kernel key that no earlier row of
 the process has tuned) is not timed, but its results are kept and compared with a later
@@ -489,6 +489,9 @@ def parse_shape(text: Optional[str], on_cuda: bool) -> tuple[str, tuple[int, int
         raise BenchError(f"--shape: E={E} experts is more than the bench takes ({MAX_EXPERTS}): the loop model "
                          f"builds one module per expert and each compiled row unrolls one loop iteration per "
                          f"expert, so its build and compile time grow with E")
+    if T * k >= 2**31:
+        raise BenchError(f"--shape: T*k = {T * k} (token, expert) pairs do not fit the int32 group offsets "
+                         f"torch._grouped_mm takes (at most {2**31 - 1})")
     return "custom", vals  # type: ignore[return-value]
 
 

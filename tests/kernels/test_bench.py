@@ -42,6 +42,12 @@ def test_bad_arguments_are_one_line(argv, capsys) -> None:
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
+def test_more_pairs_than_int32_offsets_is_an_error(capsys) -> None:
+    assert bench.run(_args("--shape", f"{2**30},1,1,4,2", "--device", "cpu")) == 2
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert "T*k = 2147483648 (token, expert) pairs do not fit the int32 group offsets" in err
+
+
 def test_cpu_small_shape_table_and_json(tmp_path) -> None:
     rc, text, data = _run_small(tmp_path, "--impl", "eager-loop", "--impl", "sort-grouped-mm", "--impl", "blazec-ops",
                                 "--impl", "blazec-ops-recompute")
