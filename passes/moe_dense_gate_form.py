@@ -150,19 +150,30 @@ def match_dense_gate(final: Node) -> DenseGateMatch:
             raise NoMatch(f"expert {e} is weighted by a different gate tensor")
         if e in experts:
             raise NoMatch(f"expert {e} is added twice")
-        mlp_out, y_casts = strip_casts(mlp_out)
-        check_no_rounding(mlp_out, f"on expert {e}'s output")
-        rows = _rows_of(mlp_out)
-        if x is None:
-            x = rows
-        elif rows is not x:
-            raise NoMatch(f"expert {e} reads a different input than expert 0")
-        experts[e] = parse_expert(mlp_out, x, e, lambda n: False)
-        check_combine_dtypes(f"expert {e}", dtype(final), term, mlp_out, x, g, term_casts, y_casts)
+        x = _add_expert(experts, e, mlp_out, x, final, term, g, term_casts)
     ids, weights, E = _scatter_gate(gate)
     missing = sorted(set(range(E)) - set(experts))
     if missing:
         raise NoMatch(f"the sum does not cover every expert: missing expert(s) {missing}")
+    return _finish(final, ids, weights, x, E, experts, base_zeros)
+
+
+def _add_expert(experts: dict, e: int, out: Node, x: Node | None, final: Node, prod: Node, gate: Node,
+                prod_casts: list[Node]) -> Node:
+    """Parse expert ``e`` from its output ``out`` (weighted by ``gate`` in ``prod``) into
+    ``experts``; return the input every expert reads (``x``, or this one's for the first)."""
+    mlp_out, y_casts = strip_casts(out)
+    check_no_rounding(mlp_out, f"on expert {e}'s output")
+    rows = _rows_of(mlp_out)
+    if x is not None and rows is not x:
+        raise NoMatch(f"expert {e} reads a different input than expert 0")
+    experts[e] = parse_expert(mlp_out, rows, e, lambda n: False)
+    check_combine_dtypes(f"expert {e}", dtype(final), prod, mlp_out, rows, gate, prod_casts, y_casts)
+    return rows
+
+
+def _finish(final: Node, ids: Node, weights: Node, x: Node, E: int, experts: dict,
+            base_zeros: Node | None) -> DenseGateMatch:
     xs = shape(x)
     if xs is None or len(xs) != 2 or str(xs[0]) != str(shape(ids)[0]) or not same_shape(final, xs):
         raise NoMatch(f"x {xs}, gate ids {shape(ids)} and the output {shape(final)} do not agree on [T, d]")
@@ -243,18 +254,5 @@ def match_dense_stack(final: Node) -> DenseGateMatch:
     experts: dict[int, ExpertMLP] = {}
     x = None
     for e, out in enumerate(outs):
-        mlp_out, y_casts = strip_casts(out)
-        check_no_rounding(mlp_out, f"on expert {e}'s output")
-        rows = _rows_of(mlp_out)
-        if x is None:
-            x = rows
-        elif rows is not x:
-            raise NoMatch(f"expert {e} reads a different input than expert 0")
-        experts[e] = parse_expert(mlp_out, x, e, lambda n: False)
-        check_combine_dtypes(f"expert {e}", dtype(final), prod, mlp_out, x, gate, [], y_casts)
-    xs = shape(x)
-    if xs is None or len(xs) != 2 or str(xs[0]) != str(shape(ids)[0]) or not same_shape(final, xs):
-        raise NoMatch(f"x {xs}, gate ids {shape(ids)} and the output {shape(final)} do not agree on [T, d]")
-    check_consistent(experts)
-    _check_dtypes(x, experts)
-    return DenseGateMatch(final, ids, weights, x, E, int(shape(ids)[1]), experts, None)
+        x = _add_expert(experts, e, out, x, final, prod, gate, [])
+    return _finish(final, ids, weights, x, E, experts, None)
