@@ -62,6 +62,14 @@ def assert_rewritten(rec, form, allow=(), **details):
         assert not (line.strip().startswith(("dispatch", "combine", "expert_in"))), line
 
 
+def assert_left_alone(rec, reason, form=None):
+    """No match and no blaze op; a near miss (of ``form``, when given) gives ``reason``."""
+    assert not matches(rec)
+    assert "torch.ops.blazec" not in rec.blaze_graph
+    reasons = [n.reason for n in near_misses(rec) if form is None or n.form == form]
+    assert any(reason in r for r in reasons), reasons
+
+
 EXPECTED_FORMS = {
     "moe_deepseek_gate.py": "static_loop_modulelist",
     "moe_deepseek_train.py": "repeat_assign",
