@@ -155,6 +155,10 @@ def match_dense_gate(final: Node) -> DenseGateMatch:
     missing = sorted(set(range(E)) - set(experts))
     if missing:
         raise NoMatch(f"the sum does not cover every expert: missing expert(s) {missing}")
+    extra = sorted(set(experts) - set(range(E)))
+    if extra:
+        raise NoMatch(f"the sum weighs expert outputs by gate column(s) {extra} besides columns 0..{E - 1} "
+                      "(a negative column repeats one of them)")
     return _finish(final, ids, weights, x, E, experts, base_zeros)
 
 
@@ -231,7 +235,7 @@ def stacked_outputs(final: Node) -> Node | None:
     if not (is_fn(prod, operator.mul, torch.mul) or is_method(prod, "mul")):
         return None
     for a in prod.args[:2]:
-        if is_fn(a, torch.stack) and arg(a, 1, "dim", 0) in (1, -2) and isinstance(a.args[0], (list, tuple)):
+        if is_fn(a, torch.stack) and arg(a, 1, "dim", 0) in (1, -2) and isinstance(arg(a, 0, "tensors"), (list, tuple)):
             return a
     return None
 
@@ -248,7 +252,7 @@ def match_dense_stack(final: Node) -> DenseGateMatch:
     if gate is None:
         raise NoMatch("the stacked expert outputs are not weighted by gate.unsqueeze(-1) of a [T, E] gate")
     ids, weights, E = _scatter_gate(gate)
-    outs = list(stack.args[0])
+    outs = list(arg(stack, 0, "tensors"))
     if len(outs) != E:
         raise NoMatch(f"{len(outs)} expert outputs are stacked against a gate over {E} experts")
     experts: dict[int, ExpertMLP] = {}

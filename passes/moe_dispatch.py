@@ -29,7 +29,7 @@ import torch
 import torch.fx
 
 import blazec.ops  # noqa: F401 - registers torch.ops.blazec.*
-from blazec.passes._fx import LINEAR, NoMatch, dtype, is_fn, is_method, module_path, shape, where_loc
+from blazec.passes._fx import LINEAR, NoMatch, arg, dtype, is_fn, is_method, module_path, shape, where_loc
 from blazec.passes.moe_dense_gate_form import ADD as DENSE_ADD
 from blazec.passes.moe_dense_gate_form import _is_term, match_dense_gate, match_dense_stack, stacked_outputs
 from blazec.passes.moe_expert_mlp import REF_NAMES, weight_list
@@ -87,6 +87,8 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
         """NoMatch when a matched site fails a check of passes/moe_site_checks.py."""
         if autocast:
             raise NoMatch(autocast)
+        if shape(ids) is not None and len(shape(ids)) != 2:  # (GShard's, stacked by the pass, are [T, k])
+            raise NoMatch(f"the routing ids have shape {shape(ids)}; the blaze op routes [T, k] ids")
         inputs = [ids, weights, m.x, *_expert_bases(m.experts)]
         check_no_mutation(graph, finals, inputs, accumulation)
         why = op_rejection(ids, weights, m.x, m.experts, dtype(finals[-1]))
@@ -106,7 +108,8 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
         for ia in index_adds:  # x.index_add_(...) returns x: its users read the final sum too
             ia.replace_all_uses_with(y)
             graph.erase_node(ia)
-        m.acc.replace_all_uses_with(y)
+        if all(_inplace(ia) for ia in index_adds):  # an out-of-place scatter_add leaves acc zero
+            m.acc.replace_all_uses_with(y)
         if sorted_form:
             form = "sort_grouped"
         else:
@@ -123,6 +126,12 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
             f"{acc.name}.index_add_(0, idx, ...) for the same sum, which blazec rewrites"))
 
     # Forms whose result is one node (a sum or an einsum) that the blaze op replaces.
+    def reports(report_misses, final) -> bool:
+        try:
+            return bool(report_misses(final))
+        except (IndexError, KeyError, TypeError, AttributeError, ValueError):
+            return False
+
     for form, candidates, match, report_misses in (
         ("dense_gate", _dense_gate_sums, match_dense_gate, lambda n: True),
         ("pair_weight_gather", _slot_sums, match_pair_gather, _has_param_gather),
@@ -136,7 +145,7 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
             try:
                 m = _match(match, final)
             except NoMatch as e:
-                if report_misses(final):
+                if reports(report_misses, final):
                     rep.near_misses.append(NearMiss(form, where, str(e)))
                 continue
             capacity, priority = getattr(m, "capacity", -1), getattr(m, "priority", "token")
@@ -181,6 +190,10 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
 
         register_expert_params(ep_params, ep_unmapped)
     return rep
+
+
+def _inplace(combine: Node) -> bool:
+    return is_method(combine, "index_add_", "scatter_add_")
 
 
 def _match(matcher, *site):
@@ -311,8 +324,8 @@ def _accumulators(graph: torch.fx.Graph) -> list[tuple[Node, list[Node]]]:
     found: dict[Node, list[Node]] = {}
     for n in graph.nodes:
         if (is_method(n, "index_add_", "scatter_add", "scatter_add_") or is_fn(n, torch.scatter_add)) \
-                and isinstance(n.args[0], Node):
-            found.setdefault(n.args[0], []).append(n)
+                and isinstance(arg(n, 0, "input"), Node):
+            found.setdefault(arg(n, 0, "input"), []).append(n)
     return list(found.items())
 
 

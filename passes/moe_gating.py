@@ -22,7 +22,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from blazec.passes._fx import is_fn, is_getitem, is_method, strip_casts, where_loc
+from blazec.passes._fx import arg, is_fn, is_getitem, is_method, strip_casts, where_loc
 from blazec.report import PassReport
 
 Node = torch.fx.Node
@@ -100,7 +100,7 @@ def classify(ids: object, weights: object) -> str:
     tk_ids = _topk(ids)
     if tk_ids is None:
         return "other"
-    scores = tk_ids.args[0]
+    scores = arg(tk_ids, 0, "input")
     # selection on (sigmoid + bias), possibly group-masked; weights gathered from the sigmoid
     back = _back(scores)
     sig = [b for b in back if is_fn(b, torch.sigmoid) or is_method(b, "sigmoid")]

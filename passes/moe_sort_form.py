@@ -92,8 +92,8 @@ def _counts_ok(counts: Node, flat: Node, E: int) -> bool:
         bins, lo, hi = arg(c, 1, "bins"), arg(c, 2, "min"), arg(c, 3, "max")
         # integer v in [0, E-1] lands in bin floor(v * E / (E - 1)) = v: exact for E >= 2
         return src is flat and bins == E and lo == 0 and hi == E - 1 and E >= 2
-    if is_fn(c, torch.bincount):
-        return c.args[0] is flat and arg(c, 2, "minlength") == E
+    if is_fn(c, torch.bincount):  # weights would make the counts sums of weights
+        return arg(c, 0, "input") is flat and arg(c, 1, "weights") is None and arg(c, 2, "minlength") == E
     return False
 
 

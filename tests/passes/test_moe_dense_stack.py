@@ -12,7 +12,8 @@ from tests.passes.test_moe_forms import assert_left_alone, assert_rewritten, com
 
 
 class DenseStack(nn.Module):
-    """``variant``: "plain", "index" (``gate[..., None]``), "torch_sum", "reversed" (the stack
+    """``variant``: "plain", "index" (``gate[..., None]``), "torch_sum", "stack_kw"
+    (``torch.stack(tensors=...)``), "reversed" (the stack
     lists the experts last to first, the gate flipped to match), "reversed_list" (the same
 without the flip), "soft" (a softmax gate, no top-k), "sum_f64",
     "short" (one expert left out of the stack), "ids_dup" (a topk slot overwritten in place)."""
@@ -42,7 +43,8 @@ without the flip), "soft" (a softmax gate, no top-k), "sum_f64",
         if self.v == "short":
             experts = experts[:-1]
             gate = gate[:, :-1]
-        outs = torch.stack([e(x) for e in experts], dim=1)
+        outs = [e(x) for e in experts]
+        outs = torch.stack(tensors=outs, dim=1) if self.v == "stack_kw" else torch.stack(outs, dim=1)
         g = gate[..., None] if self.v == "index" else gate.unsqueeze(-1)
         if self.v == "torch_sum":
             return torch.sum(outs * g, dim=1)
@@ -51,7 +53,7 @@ without the flip), "soft" (a softmax gate, no top-k), "sum_f64",
         return (outs * g).sum(dim=1)
 
 
-@pytest.mark.parametrize("variant", ["plain", "index", "torch_sum", "reversed_list"])
+@pytest.mark.parametrize("variant", ["plain", "index", "torch_sum", "reversed_list", "stack_kw"])
 def test_dense_stack_rewritten(variant):
     rec = compile_and_compare(DenseStack(variant), (torch.randn(11, 10),))
     assert_rewritten(rec, "dense_gate_stack", E=5, k=2, activation="gelu", bias=True)

@@ -20,7 +20,8 @@ from tests.passes.test_moe_forms import assert_left_alone, assert_rewritten, com
 
 class DenseGate(nn.Module):
     """``variant``: "plain", "iadd" (``out += term``), "iadd_alias" (``+=`` and the base returned
-    through an alias), "topk_dim0", "topk_default" (``topk(k)``), "topk_dim1", "scatter_multiply", "ids_dup"."""
+    through an alias), "topk_dim0", "topk_default" (``topk(k)``), "topk_dim1", "scatter_multiply", "ids_dup", "extra_column" (the last expert added again as
+    gate column -1)."""
 
     def __init__(self, variant, d=8, inter=12, E=4, k=2):
         super().__init__()
@@ -53,12 +54,19 @@ class DenseGate(nn.Module):
                 out += gate[:, e:e + 1] * expert(x)
             else:
                 out = out + gate[:, e:e + 1] * expert(x)
+        if self.v == "extra_column":
+            out = out + gate[:, -1, None] * self.experts[-1](x)
         return alias * 1.0 if self.v == "iadd_alias" else out
 
 
 def test_dense_gate_aliased_inplace_sum_is_left_alone():
     rec = compile_and_compare(DenseGate("iadd_alias"), (torch.randn(12, 8),))
     assert_left_alone(rec, "of the expert outputs is also read by")
+
+
+def test_dense_gate_extra_negative_column_is_left_alone():
+    rec = compile_and_compare(DenseGate("extra_column"), (torch.randn(12, 8),))
+    assert_left_alone(rec, "gate column(s) [-1] besides columns 0..3")
 
 
 def test_dense_gate_ids_written_in_place_are_left_alone():
@@ -151,9 +159,9 @@ def test_sorted_unpermute_positional_keepdim_false_rewritten():
 
 
 class PairGather(nn.Module):
-    def __init__(self, keepdim, d=8, inter=12, E=4, k=2):
+    def __init__(self, keepdim, d=8, inter=12, E=4, k=2, ids_3d=False):
         super().__init__()
-        self.k, self.keepdim = k, keepdim
+        self.k, self.keepdim, self.ids_3d = k, keepdim, ids_3d
         self.router = nn.Linear(d, E, bias=False)
         self.w1 = nn.Parameter(torch.randn(E, d, inter) * d**-0.5)
         self.w2 = nn.Parameter(torch.randn(E, inter, d) * inter**-0.5)
@@ -161,10 +169,19 @@ class PairGather(nn.Module):
     def forward(self, x):
         T, d = x.shape
         w, ids = torch.topk(F.softmax(self.router(x), dim=-1), self.k, dim=-1)
+        if self.ids_3d:
+            ids = ids.unsqueeze(-1)  # [T, k, 1]: the same pairs once flattened
         flat = ids.reshape(-1)
         xs = x.repeat_interleave(self.k, dim=0).unsqueeze(1)
         y = torch.bmm(F.gelu(torch.bmm(xs, self.w1[flat])), self.w2[flat]).squeeze(1)
         return (y.view(T, self.k, d) * w.unsqueeze(-1)).sum(1, self.keepdim)  # keepdim by position
+
+
+def test_pair_gather_with_3d_ids_is_left_alone():
+    """[T, k, 1] ids flatten to the same pairs, but the op routes [T, k] ids: a near miss, not a
+    failed compile."""
+    rec = compile_and_compare(PairGather(False, ids_3d=True), (torch.randn(10, 8),))
+    assert_left_alone(rec, "the routing ids have shape (10, 2, 1)")
 
 
 def test_pair_gather_positional_keepdim_is_left_alone():

@@ -426,6 +426,28 @@ def test_sorted_scatter_add_rewritten():
     assert_rewritten(rec, "sort_grouped", E=5, k=2, activation="relu")
 
 
+class SortedScatterAddKeptBase(Sorted):
+    """The out-of-place scatter_add leaves its zeros base as it was, and the code reads it after
+    (``torch.scatter_add`` with keyword arguments)."""
+
+    def forward(self, x):
+        w, ids = torch.topk(F.softmax(self.router(x), dim=-1), self.k, dim=-1)
+        flat = ids.reshape(-1)
+        perm = torch.argsort(flat, stable=True)
+        tok = perm // self.k
+        counts = torch.histc(flat.float(), bins=self.E, min=0, max=self.E - 1).long()
+        outs = [F.relu(c @ self.w_up[e]) @ self.w_down[e] for e, c in enumerate(x[tok].split(counts.tolist()))]
+        y = torch.cat(outs) * w.reshape(-1)[perm].unsqueeze(-1)
+        base = torch.zeros_like(x)
+        out = torch.scatter_add(input=base, dim=0, index=tok.reshape(-1, 1).expand(-1, x.shape[1]), src=y)
+        return out + 2.0 * base
+
+
+def test_sorted_scatter_add_out_of_place_keeps_its_base():
+    rec = compile_and_compare(SortedScatterAddKeptBase(), (torch.randn(21, 12),))
+    assert_rewritten(rec, "sort_grouped", E=5, k=2)
+
+
 class SortedUnpermute(Sorted):
     """Combine by inverse permutation: rows back to pair order, view [T, k, d], weighted slot sum."""
 
