@@ -323,9 +323,12 @@ def _accumulators(graph: torch.fx.Graph) -> list[tuple[Node, list[Node]]]:
     """Tensors that ``index_add_`` (or ``scatter_add``) sums rows into, with those calls in graph order."""
     found: dict[Node, list[Node]] = {}
     for n in graph.nodes:
-        if (is_method(n, "index_add_", "scatter_add", "scatter_add_") or is_fn(n, torch.scatter_add)) \
-                and isinstance(arg(n, 0, "input"), Node):
-            found.setdefault(arg(n, 0, "input"), []).append(n)
+        if not ((is_method(n, "index_add_", "scatter_add", "scatter_add_") or is_fn(n, torch.scatter_add))
+                and isinstance(arg(n, 0, "input"), Node)):
+            continue
+        if not is_method(n, "index_add_") and arg(n, 1, "dim") not in (0, -2):
+            continue  # counts along another dim (DeepSeek's aux loss: ce.scatter_add_(1, ids, ones)), not rows
+        found.setdefault(arg(n, 0, "input"), []).append(n)
     return list(found.items())
 
 

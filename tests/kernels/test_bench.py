@@ -344,9 +344,9 @@ def test_too_many_experts_is_an_error_before_any_row(capsys) -> None:
 def test_a_shape_beyond_the_devices_memory_is_an_error_before_any_row(capsys) -> None:
     """A shape whose estimated bytes exceed the machine's memory failed as an internal error
     (an allocation) after the work before it."""
-    assert bench.run(_args("--device", "cpu", "--shape", "100000000000,64,64,4,2")) == 2
+    assert bench.run(_args("--device", "cpu", "--shape", "1000000000,64,64,4,2")) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("blazec bench: error: --shape T=100000000000 d=64 I=64 E=4 k=2: "
+    assert len(err) == 1 and err[0].startswith("blazec bench: error: --shape T=1000000000 d=64 I=64 E=4 k=2: "
                                                "the bench needs at least "), err
     assert "(an estimate: " in err[0] and "more than this machine's physical memory" in err[0]
 

@@ -62,6 +62,9 @@ class RepeatAssign(nn.Module):
         if self.v == "ids_after":  # the masks read the ids before this write, the op after it
             topk_ids[:, 0] = 0
         out = (y.view(*w.shape, -1) * w.unsqueeze(-1)).sum(dim=1).to(x.dtype)
+        if self.v == "aux":  # DeepSeek-V2's sequence aux loss counts picks with a scatter_add_ along dim 1
+            ce = torch.zeros(x.shape[0], self.E).scatter_add_(1, topk_ids, torch.ones_like(w))
+            out = out + 0.01 * (ce * probs).sum()
         return out if peek is None else out + peek
 
 
@@ -77,6 +80,12 @@ def test_repeat_assign_top_k_and_bias(k, T):
     """T=1: most experts get no rows (an empty mask selects nothing)."""
     rec = compile_and_compare(RepeatAssign(k=k, E=4, bias=True), (torch.randn(T, 12),))
     assert_rewritten(rec, "repeat_assign", E=4, k=k, bias=True)
+
+
+def test_aux_loss_counts_are_not_taken_for_a_dispatch():
+    rec = compile_and_compare(RepeatAssign("aux"), (torch.randn(13, 12),))
+    assert_rewritten(rec, "repeat_assign")
+    assert not near_misses(rec), [n.line() for n in near_misses(rec)]
 
 
 def test_repeat_assign_bf16_matches_eager_rounding():
