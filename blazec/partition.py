@@ -71,16 +71,25 @@ def partition_joint(gm: torch.fx.GraphModule, joint_inputs, config, **kwargs: An
 def saved_tensor_report(fw: torch.fx.GraphModule, num_fwd_outputs: int, partitioner: str) -> CheckpointPartitionReport:
     """List the tensors a partitioned forward graph saves for backward."""
     rep = CheckpointPartitionReport(partitioner=partitioner, num_fwd_nodes=len(fw.graph.nodes))
+    from blazec.passes.checkpoint_model import alias_root
+
     out = fw.graph.find_nodes(op="output")[0]
-    outputs = out.args[0]
-    for node in outputs[num_fwd_outputs:]:
-        if not isinstance(node, torch.fx.Node):
-            continue
-        val = node.meta.get("val")
-        if isinstance(val, torch.Tensor):
-            rep.saved.append(_saved(node, val))
-        else:
-            rep.saved_symints += 1
+    saved = [n for n in out.args[0][num_fwd_outputs:] if isinstance(n, torch.fx.Node)]
+    tensors = [n for n in saved if isinstance(n.meta.get("val"), torch.Tensor)]
+    rep.saved_symints = len(saved) - len(tensors)
+    # A view of an input, or of another saved tensor, keeps no storage of its own (the
+    # checkpoint plan counts it so too); the first saved tensor of a storage holds its bytes.
+    owner: dict[torch.fx.Node, torch.fx.Node] = {}
+    for node in sorted(tensors, key=lambda n: alias_root(n) is not n):  # bases before views
+        owner.setdefault(alias_root(node), node)
+    for node in tensors:
+        s = _saved(node, node.meta["val"])
+        root = alias_root(node)
+        if not s.is_input and root is not node:
+            base = root if root.op == "placeholder" else owner[root]
+            if base is not node:
+                s.view_of = f"input {base.name}" if base.op == "placeholder" else base.name
+        rep.saved.append(s)
     return rep
 
 

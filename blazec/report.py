@@ -76,6 +76,7 @@ class SavedTensor:
     bytes_expr: str  # the sympy expression, e.g. "4*s0*2048"
     is_input: bool  # a graph input (parameter or user input) kept alive, not a new buffer
     estimated: bool = False  # a dim is data-dependent (unbacked): bytes use a fallback hint
+    view_of: str = ""  # a view of this input or of this other saved tensor: no storage of its own
 
 
 @dataclass
@@ -92,8 +93,9 @@ class PartitionReport:
 
     @property
     def activation_bytes(self) -> int:
-        """Saved bytes that are new buffers (excluding inputs and parameters kept alive)."""
-        return sum(s.bytes for s in self.saved if not s.is_input)
+        """Saved bytes that are new buffers (excluding inputs and parameters kept alive, and
+        views of them or of another saved tensor)."""
+        return sum(s.bytes for s in self.saved if not s.is_input and not s.view_of)
 
     def lines(self) -> list[str]:
         out = [
@@ -102,7 +104,7 @@ class PartitionReport:
         ]
         w = max([len(s.name) for s in self.saved] + [4])
         for s in self.saved:
-            kind = "input" if s.is_input else "activation"
+            kind = "input" if s.is_input else f"view of {s.view_of}" if s.view_of else "activation"
             est = ", data-dependent size: bytes at a fallback hint" if s.estimated else ""
             out.append(
                 f"  {s.name:<{w}}  {s.dtype:<9} [{', '.join(s.shape)}]  {s.bytes:>12,d} B"
@@ -111,7 +113,7 @@ class PartitionReport:
         out.append(
             f"  total saved: {len(self.saved)} tensor(s), {self.total_bytes:,d} B "
             f"({self.activation_bytes:,d} B of activations, "
-            f"{self.total_bytes - self.activation_bytes:,d} B of inputs/parameters)"
+            f"{self.total_bytes - self.activation_bytes:,d} B of inputs/parameters and views)"
             + (f", plus {self.saved_symints} symbolic size(s)" if self.saved_symints else "")
         )
         return out
