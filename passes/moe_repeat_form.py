@@ -106,7 +106,7 @@ def match_repeat_assign(final: Node) -> RepeatMatch:
         flat, e = _expert_mask(mask, flat)
         if e in experts:
             raise NoMatch(f"expert {e}'s rows are assigned twice")
-        out, casts = strip_casts(value)
+        out, _ = strip_casts(value)
         check_no_rounding(out, f"on expert {e}'s output")
         rows = _find_rows(out)
         if rows is None or not is_getitem(rows):
@@ -122,7 +122,8 @@ def match_repeat_assign(final: Node) -> RepeatMatch:
             raise NoMatch(f"expert {e}'s output is {dtype(out)}, the buffer {dtype(buf)}")
         experts[e] = parse_expert(out, rows, e, lambda n: False)
 
-    if not (is_method(xr, "repeat_interleave") and isinstance(arg(xr, 1, "repeats"), int)
+    if not ((is_method(xr, "repeat_interleave") or is_fn(xr, torch.repeat_interleave))
+            and isinstance(arg(xr, 1, "repeats"), int)
             and arg(xr, 2, "dim") in (0, -2) and arg(xr, 3, "output_size") is None):
         raise NoMatch("the expert rows are not x.repeat_interleave(k, dim=0)")
     x, k = xr.args[0], arg(xr, 1, "repeats")

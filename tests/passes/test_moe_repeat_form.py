@@ -41,7 +41,12 @@ class RepeatAssign(nn.Module):
         if self.v == "ids_before":
             topk_ids[:, 1] = topk_ids[:, 0]
         flat = topk_ids.view(-1) if self.v != "flatten" else topk_ids.flatten()
-        xr = x.repeat(self.k, 1) if self.v == "repeat" else x.repeat_interleave(self.k, dim=0)
+        if self.v == "repeat":
+            xr = x.repeat(self.k, 1)
+        elif self.v == "torch_fn":
+            xr = torch.repeat_interleave(x, self.k, dim=0)
+        else:
+            xr = x.repeat_interleave(self.k, dim=0)
         y = torch.zeros_like(xr) if self.v in ("zeros", "flatten", "missing", "peek", "xr_between") else torch.empty_like(xr)
         experts = range(self.E - 1) if self.v == "missing" else range(self.E)
         peek = None
@@ -68,7 +73,7 @@ class RepeatAssign(nn.Module):
         return out if peek is None else out + peek
 
 
-@pytest.mark.parametrize("variant", ["plain", "zeros", "flatten", "mask_node", "eq_kwarg"])
+@pytest.mark.parametrize("variant", ["plain", "zeros", "flatten", "mask_node", "eq_kwarg", "torch_fn"])
 def test_repeat_assign_rewritten(variant):
     rec = compile_and_compare(RepeatAssign(variant), (torch.randn(13, 12),))
     assert_rewritten(rec, "repeat_assign", E=5, k=2, activation="swiglu")
