@@ -298,9 +298,11 @@ def _has_argsort(final: Node) -> bool:
 
 
 def _upstream(node: Node, depth: int) -> list[Node]:
-    out, frontier = [], [node]
+    """The nodes within ``depth`` input edges above ``node``, each once (a graph of diamonds,
+    residual adds or a cat of many inputs would otherwise repeat them exponentially)."""
+    out, seen, frontier = [], {node}, [node]
     for _ in range(depth):
-        frontier = [a for f in frontier for a in f.all_input_nodes]
+        frontier = [a for f in frontier for a in f.all_input_nodes if a not in seen and not seen.add(a)]
         out.extend(frontier)
     return out
 

@@ -25,3 +25,15 @@ def test_comparisons_match_as_call_function_or_dunder_call_method() -> None:
     assert not is_fn(g.call_method("eq", (ids, 3)), operator.eq)
     assert not is_fn(g.call_method("__add__", (ids, 3)), operator.add)
     assert not is_fn(ids, operator.eq) and not is_fn(3, operator.eq)
+
+
+def test_upstream_lists_each_node_once():
+    """A chain of diamonds (a residual stream) has 2**depth paths; each node is listed once."""
+    from blazec.passes.moe_dispatch import _upstream
+
+    g = torch.fx.Graph()
+    n = g.placeholder("x")
+    for _ in range(30):
+        n = g.call_function(torch.add, (g.call_function(torch.relu, (n,)), g.call_function(torch.sigmoid, (n,))))
+    up = _upstream(n, 12)
+    assert len(up) == len(set(up)) == 18  # 6 diamonds of 3 nodes
