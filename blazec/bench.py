@@ -50,7 +50,8 @@ so the counters cannot split it. On CPU, "act" is the bytes autograd saves for b
 shapes (olmoe-like, mixtral-like) need CUDA. On CPU the rows of ``CPU_SAME_AS`` (each differs
 from another row only by a GPU launch path, so there it runs that row's code) are left out
 unless ``--impl`` names them. Before any row runs, a shape with more than ``MAX_EXPERTS``
-experts, with 2**31 or more (token, expert) pairs, or whose estimated bytes (``bytes_needed``) exceed the device's memory, is an error.
+experts, with 2**31 or more (token, expert) pairs, or whose estimated bytes (``bytes_needed``)
+exceed the device's memory, is an error.
 
 The first step of each row (compiling, and autotuning each kernel key that no earlier row of
 the process has tuned) is not timed, but its results are kept and compared with a later

@@ -229,8 +229,9 @@ def _indexed_iadds(graph: torch.fx.Graph) -> list[Node]:
 
 def _masked_assigns(graph: torch.fx.Graph, skip: set[Node]) -> dict[Node, list[Node]]:
     """``buf[index] = v`` nodes left in the graph whose index is a tensor and whose value runs a
-    linear on gathered rows (an expert's output), by buffer; buffers in ``skip`` (already reported) and buffers a
-    repeat-form slot sum reads (its matcher reported why it failed) are left out."""
+    linear on gathered rows (an expert's output), by buffer. Buffers in ``skip`` (already
+    reported) and buffers a repeat-form slot sum reads (its matcher said why it failed) are
+    left out."""
     reported = {repeat_buffer(f) for f in _slot_sums(graph)} | skip
     out: dict[Node, list[Node]] = {}
     for n in graph.nodes:

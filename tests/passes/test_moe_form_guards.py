@@ -20,8 +20,8 @@ from tests.passes.test_moe_forms import assert_left_alone, assert_rewritten, com
 
 class DenseGate(nn.Module):
     """``variant``: "plain", "iadd" (``out += term``), "iadd_alias" (``+=`` and the base returned
-    through an alias), "topk_dim0", "topk_default" (``topk(k)``), "topk_dim1", "scatter_multiply", "ids_dup", "extra_column" (the last expert added again as
-    gate column -1)."""
+    through an alias), "topk_dim0", "topk_default" (``topk(k)``), "topk_dim1", "scatter_multiply",
+    "ids_dup", "extra_column" (the last expert added again as gate column -1)."""
 
     def __init__(self, variant, d=8, inter=12, E=4, k=2):
         super().__init__()

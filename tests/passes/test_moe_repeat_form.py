@@ -47,7 +47,8 @@ class RepeatAssign(nn.Module):
             xr = torch.repeat_interleave(x, self.k, dim=0)
         else:
             xr = x.repeat_interleave(self.k, dim=0)
-        y = torch.zeros_like(xr) if self.v in ("zeros", "flatten", "missing", "peek", "xr_between") else torch.empty_like(xr)
+        zeroed = ("zeros", "flatten", "missing", "peek", "xr_between")  # eager reads every row of these
+        y = torch.zeros_like(xr) if self.v in zeroed else torch.empty_like(xr)
         experts = range(self.E - 1) if self.v == "missing" else range(self.E)
         peek = None
         for i in experts:
