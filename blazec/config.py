@@ -110,7 +110,11 @@ class BlazeConfig:
         if options is None:
             options = {}
         if isinstance(options, BlazeConfig):
-            return options if mode is None else dataclasses.replace(options, mode=_mode(mode))
+            if mode is None:
+                return options
+            if mode != "default" and options.final_stage == "eager":
+                raise BlazeOptionError(f"mode={mode!r} is set but final_stage='eager' runs no Inductor to take it")
+            return dataclasses.replace(options, mode=_mode(mode))
         if not isinstance(options, Mapping):
             raise BlazeOptionError(
                 f"blaze options must be a dict, got {type(options).__name__}; "

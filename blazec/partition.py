@@ -77,8 +77,9 @@ def saved_tensor_report(fw: torch.fx.GraphModule, num_fwd_outputs: int, partitio
     saved = [n for n in out.args[0][num_fwd_outputs:] if isinstance(n, torch.fx.Node)]
     tensors = [n for n in saved if isinstance(n.meta.get("val"), torch.Tensor)]
     rep.saved_symints = len(saved) - len(tensors)
-    # A view of an input, or of another saved tensor, keeps no storage of its own (the
-    # checkpoint plan counts it so too); the first saved tensor of a storage holds its bytes.
+    # Saved tensors are counted by storage, as the checkpoint plan counts them: a view of an
+    # input or a constant keeps nothing new; the views of one base keep the base's bytes once,
+    # counted on the base when it is saved, else on its first saved view.
     owner: dict[torch.fx.Node, torch.fx.Node] = {}
     for node in sorted(tensors, key=lambda n: alias_root(n) is not n):  # bases before views
         owner.setdefault(alias_root(node), node)
@@ -86,9 +87,13 @@ def saved_tensor_report(fw: torch.fx.GraphModule, num_fwd_outputs: int, partitio
         s = _saved(node, node.meta["val"])
         root = alias_root(node)
         if not s.is_input and root is not node:
-            base = root if root.op == "placeholder" else owner[root]
-            if base is not node:
-                s.view_of = f"input {base.name}" if base.op == "placeholder" else base.name
+            if root.op in ("placeholder", "get_attr"):
+                s.view_of = f"{'input' if root.op == 'placeholder' else 'constant'} {root.name}"
+            elif owner[root] is not node:
+                s.view_of = root.name
+            else:  # the first saved view of a base that is not saved: it keeps all of the base
+                base = _saved(root, root.meta["val"]) if isinstance(root.meta.get("val"), torch.Tensor) else s
+                s.bytes, s.bytes_expr, s.keeps = base.bytes, base.bytes_expr, root.name
         rep.saved.append(s)
     return rep
 

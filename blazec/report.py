@@ -76,7 +76,8 @@ class SavedTensor:
     bytes_expr: str  # the sympy expression, e.g. "4*s0*2048"
     is_input: bool  # a graph input (parameter or user input) kept alive, not a new buffer
     estimated: bool = False  # a dim is data-dependent (unbacked): bytes use a fallback hint
-    view_of: str = ""  # a view of this input or of this other saved tensor: no storage of its own
+    view_of: str = ""  # a view of this input, constant or saved tensor: no storage of its own
+    keeps: str = ""  # a view whose base is not saved: ``bytes`` are the base's, which it keeps alive
 
 
 @dataclass
@@ -104,7 +105,8 @@ class PartitionReport:
         ]
         w = max([len(s.name) for s in self.saved] + [4])
         for s in self.saved:
-            kind = "input" if s.is_input else f"view of {s.view_of}" if s.view_of else "activation"
+            kind = "input" if s.is_input else f"view of {s.view_of}" if s.view_of else \
+                f"view keeping all of {s.keeps}" if s.keeps else "activation"
             est = ", data-dependent size: bytes at a fallback hint" if s.estimated else ""
             out.append(
                 f"  {s.name:<{w}}  {s.dtype:<9} [{', '.join(s.shape)}]  {s.bytes:>12,d} B"

@@ -229,7 +229,8 @@ def _indexed_iadds(graph: torch.fx.Graph) -> list[Node]:
 
 def _masked_assigns(graph: torch.fx.Graph, skip: set[Node]) -> dict[Node, list[Node]]:
     """``buf[index] = v`` nodes left in the graph whose index is a tensor and whose value runs a
-    linear on gathered rows (an expert's output), by buffer. Buffers in ``skip`` (already
+    linear on gathered rows (an expert's output), by buffer, where a buffer has several (one
+    per expert). Buffers in ``skip`` (already
     reported) and buffers a repeat-form slot sum reads (its matcher said why it failed) are
     left out."""
     reported = {repeat_buffer(f) for f in _slot_sums(graph)} | skip
@@ -244,7 +245,7 @@ def _masked_assigns(graph: torch.fx.Graph, skip: set[Node]) -> dict[Node, list[N
                                           for r in _upstream(u, 6))
                for u in [v, *_upstream(v, 12)]):
             out.setdefault(buf, []).append(n)
-    return out
+    return {buf: sets for buf, sets in out.items() if len(sets) > 1}  # one masked linear is no MoE
 
 
 def _dense_links(final: Node) -> set[Node]:

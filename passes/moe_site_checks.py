@@ -12,7 +12,8 @@ for every form alike; a site that fails one is left alone and reported as a near
   the code derives from ids (the op derives it from ids itself), of a tensor (through any view
   of it, ``.data`` included) that one of the site's nodes read before the mutation, of an op
   input that a node feeding the proof read before it, or of the routing ids at all (the
-  matchers prove them in range and distinct within a row from the topk that made them).
+  matchers prove them in range, and distinct within a row, from the op that made them:
+  topk, one_hot, argmax).
 - **Autocast.** Under ``torch.autocast`` the expert GEMMs of the naive code run in the autocast
   dtype, while the blaze ops compute in the dtype of their inputs.
 - **The op's argument checks.** The matchers accept what the code computes; the op accepts

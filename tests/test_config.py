@@ -99,7 +99,10 @@ def test_inductor_settings_with_the_eager_final_stage_are_an_error():
         BlazeConfig.from_options({"final_stage": "eager", "inductor_config": {"max_autotune": True}})
     with pytest.raises(BlazeOptionError, match="mode='max-autotune' is set but final_stage='eager'"):
         BlazeConfig.from_options({"final_stage": "eager"}, mode="max-autotune")
-    assert BlazeConfig.from_options({"final_stage": "eager", "inductor_config": {}}).final_stage == "eager"
+    eager = BlazeConfig.from_options({"final_stage": "eager", "inductor_config": {}})
+    assert eager.final_stage == "eager"
+    with pytest.raises(BlazeOptionError, match="mode='reduce-overhead' is set but final_stage='eager'"):
+        BlazeConfig.from_options(eager, mode="reduce-overhead")
 
 
 def test_unknown_nested_inductor_key_through_torch_compile_is_an_option_error():

@@ -172,6 +172,7 @@ class MaskedLinear(nn.Module):
         out = torch.zeros_like(x)
         mask = x[:, 0] > 0
         out[mask] = self.lin(x)[mask]
+        out[~mask] = self.lin(x[~mask]) * 2.0  # a linear on gathered rows, but only one of them
         return out
 
 
