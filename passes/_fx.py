@@ -110,6 +110,43 @@ def slot_sum_product(final: Any, what: str = "slot") -> Node:
     return prod
 
 
+def eq_mask(node: Any) -> tuple[Node, int] | None:
+    """(ids, e) for a comparison with a constant expert index: ``ids == e``, ``e == ids``,
+    ``ids.eq(e)``, ``torch.eq(ids, other=e)``; None for another comparison or no comparison."""
+    if not (is_fn(node, operator.eq, torch.eq) or is_method(node, "eq")):
+        return None
+    a, b = node.args[0], arg(node, 1, "other")
+    if not isinstance(b, int) or isinstance(b, bool):
+        a, b = b, a
+    if not isinstance(b, int) or isinstance(b, bool) or not isinstance(a, Node):
+        return None
+    return a, b
+
+
+def last_dim_broadcast(node: Any) -> Node | None:
+    """``t`` for ``t.unsqueeze(-1)``, ``t.unsqueeze(2)``, ``t[..., None]`` or ``t[:, :, None]``
+    of a 2-D ``t`` (routing weights or a gate broadcast over d), else None."""
+    full = slice(None, None, None)
+    if is_method(node, "unsqueeze") and arg(node, 1, "dim") in (-1, 2):
+        src = node.args[0]
+    elif is_getitem(node) and isinstance(node.args[1], tuple) and node.args[1] in ((full, full, None),
+                                                                                  (Ellipsis, None)):
+        src = node.args[0]
+    else:
+        return None
+    return src if isinstance(src, Node) and len(shape(src) or ()) == 2 else None
+
+
+def weighted_rows(prod: Node) -> tuple[Any, Node] | None:
+    """(rows, w) for a product ``rows * w.unsqueeze(-1)`` (either order, any
+    :func:`last_dim_broadcast` spelling), else None."""
+    for a, b in ((prod.args[0], prod.args[1]), (prod.args[1], prod.args[0])):
+        w = last_dim_broadcast(b)
+        if w is not None:
+            return a, w
+    return None
+
+
 CASTS = ("to", "float", "half", "bfloat16", "double", "type_as", "contiguous")
 
 # Float dtypes each dtype converts to exactly: every value of the key is a value of these.

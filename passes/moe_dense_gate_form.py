@@ -29,8 +29,8 @@ import torch
 import torch.fx
 
 from blazec.passes._fx import (
-    NoMatch, arg, check_combine_dtypes, check_no_rounding, dtype, is_fn, is_getitem, is_method, same_shape, shape,
-    slot_sum_product, strip_casts,
+    NoMatch, arg, check_combine_dtypes, check_no_rounding, dtype, is_fn, is_getitem, is_method, is_mul,
+    last_dim_broadcast, same_shape, shape, slot_sum_product, strip_casts,
 )
 from blazec.passes.moe_expert_mlp import ExpertMLP, check_consistent, parse_expert
 from blazec.passes.moe_loop_form import ZEROS_FNS, _check_dtypes
@@ -48,7 +48,6 @@ class DenseGateMatch:
     num_experts: int
     top_k: int
     experts: dict[int, ExpertMLP]
-    base_zeros: Node | None
 
     @property
     def first(self) -> ExpertMLP:
@@ -111,7 +110,6 @@ def match_dense_gate(final: Node) -> DenseGateMatch:
     """``final`` is the last add of a chain ``acc + gate[:, e:e+1] * expert_e(x)``."""
     terms: list[Node] = []
     node = final
-    base_zeros = None
     while is_fn(node, *ADD) and len(node.args) == 2 and not node.kwargs:
         acc, term = node.args
         if _is_term(acc) and not _is_term(term):
@@ -124,7 +122,6 @@ def match_dense_gate(final: Node) -> DenseGateMatch:
             if others:
                 raise NoMatch(f"the accumulator ({acc.name}) of the expert outputs is also read by "
                               f"{', '.join(others)} (an alias of an in-place sum, or another use)")
-            base_zeros = acc
             break
         if isinstance(acc, Node) and len(acc.users) != 1:
             raise NoMatch(f"a partial sum ({acc.name}) of the expert outputs is used elsewhere")
@@ -159,7 +156,7 @@ def match_dense_gate(final: Node) -> DenseGateMatch:
     if extra:
         raise NoMatch(f"the sum weighs expert outputs by gate column(s) {extra} besides columns 0..{E - 1} "
                       "(a negative column repeats one of them)")
-    return _finish(final, ids, weights, x, E, experts, base_zeros)
+    return _finish(final, ids, weights, x, E, experts)
 
 
 def _add_expert(experts: dict, e: int, out: Node, x: Node | None, final: Node, prod: Node, gate: Node,
@@ -176,14 +173,13 @@ def _add_expert(experts: dict, e: int, out: Node, x: Node | None, final: Node, p
     return rows
 
 
-def _finish(final: Node, ids: Node, weights: Node, x: Node, E: int, experts: dict,
-            base_zeros: Node | None) -> DenseGateMatch:
+def _finish(final: Node, ids: Node, weights: Node, x: Node, E: int, experts: dict) -> DenseGateMatch:
     xs = shape(x)
     if xs is None or len(xs) != 2 or str(xs[0]) != str(shape(ids)[0]) or not same_shape(final, xs):
         raise NoMatch(f"x {xs}, gate ids {shape(ids)} and the output {shape(final)} do not agree on [T, d]")
     check_consistent(experts)
     _check_dtypes(x, experts)
-    return DenseGateMatch(final, ids, weights, x, E, int(shape(ids)[1]), experts, base_zeros)
+    return DenseGateMatch(final, ids, weights, x, E, int(shape(ids)[1]), experts)
 
 
 def _is_term(node: object) -> bool:
@@ -217,22 +213,10 @@ def _is_expert_internal(node: object) -> bool:
         or is_getitem(node) and is_method(node.args[0], "chunk"))
 
 
-def _gate_broadcast(node: object) -> Node | None:
-    """``gate.unsqueeze(-1)`` / ``gate.unsqueeze(2)`` / ``gate[:, :, None]`` / ``gate[..., None]`` -> gate."""
-    if is_method(node, "unsqueeze") and arg(node, 1, "dim") in (-1, 2):
-        return node.args[0]
-    if is_getitem(node) and isinstance(node.args[1], tuple):
-        idx = node.args[1]
-        full = slice(None, None, None)
-        if idx in ((full, full, None), (Ellipsis, None)):
-            return node.args[0]
-    return None
-
-
 def stacked_outputs(final: Node) -> Node | None:
     """For ``(torch.stack(outs, dim=1) * gate[..., None]).sum(1)``, the stack node, else None."""
     prod = final.args[0] if final.args else None
-    if not (is_fn(prod, operator.mul, torch.mul) or is_method(prod, "mul")):
+    if not is_mul(prod):
         return None
     for a in prod.args[:2]:
         if is_fn(a, torch.stack) and arg(a, 1, "dim", 0) in (1, -2) and isinstance(arg(a, 0, "tensors"), (list, tuple)):
@@ -247,8 +231,7 @@ def match_dense_stack(final: Node) -> DenseGateMatch:
     stack = stacked_outputs(final)
     if stack is None:
         raise NoMatch("the expert sum is not over torch.stack(expert outputs, dim=1) times a gate")
-    other = prod.args[1] if prod.args[0] is stack else prod.args[0]
-    gate = _gate_broadcast(other)
+    gate = last_dim_broadcast(prod.args[1] if prod.args[0] is stack else prod.args[0])
     if gate is None:
         raise NoMatch("the stacked expert outputs are not weighted by gate.unsqueeze(-1) of a [T, E] gate")
     ids, weights, E = _scatter_gate(gate)
@@ -259,4 +242,4 @@ def match_dense_stack(final: Node) -> DenseGateMatch:
     x = None
     for e, out in enumerate(outs):
         x = _add_expert(experts, e, out, x, final, prod, gate, [])
-    return _finish(final, ids, weights, x, E, experts, None)
+    return _finish(final, ids, weights, x, E, experts)

@@ -29,8 +29,8 @@ import torch.fx
 import torch.nn.functional as F
 
 from blazec.passes._fx import (
-    NoMatch, arg, check_combine_dtypes, check_no_rounding, dtype, is_fn, is_getitem, is_method, same_shape, shape,
-    strip_casts,
+    NoMatch, arg, check_combine_dtypes, check_no_rounding, dtype, eq_mask, is_fn, is_getitem, is_method, same_shape,
+    shape, strip_casts,
 )
 from blazec.passes.moe_expert_mlp import ExpertMLP, check_consistent, parse_expert
 
@@ -92,11 +92,9 @@ def _where_site(where: Node) -> WhereSite:
             raise NoMatch(f"one_hot mask permuted with {dims}; the expert axis must come first")
         token_pos, slot_pos = dims[1:].index(0), dims[1:].index(1)
     elif is_fn(mask, operator.eq, torch.eq) or is_method(mask, "eq"):
-        ids, e = mask.args[0], arg(mask, 1, "other")
-        if not isinstance(e, int):
-            ids, e = e, ids
-        if not isinstance(e, int):
+        if eq_mask(mask) is None:
             raise NoMatch("expert mask compares ids with a non-constant expert index")
+        ids, e = eq_mask(mask)
         E, token_pos, slot_pos = None, 0, 1
     else:
         raise NoMatch("expert mask is neither one_hot(ids).permute(...)[e] nor ids == e")

@@ -19,7 +19,9 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from blazec.passes._fx import NoMatch, arg, is_fn, is_getitem, is_method, is_mul, shape, slot_sum_product
+from blazec.passes._fx import (
+    NoMatch, arg, is_fn, is_getitem, is_method, is_mul, shape, slot_sum_product, weighted_rows,
+)
 from blazec.passes.moe_expert_mlp import GATED, ExpertMLP, FinalMatch, WeightRef, _activation
 from blazec.passes.moe_loop_form import _check_dtypes
 
@@ -53,14 +55,10 @@ def _bmm(node: object, xs: list, flat: list) -> Node:
 
 
 def match_pair_gather(final: Node) -> FinalMatch:
-    prod = slot_sum_product(final)
-    a, b = prod.args[0], prod.args[1]
-    if is_method(b, "unsqueeze") and arg(b, 1, "dim") == -1:
-        yv, w = a, b.args[0]
-    elif is_method(a, "unsqueeze") and arg(a, 1, "dim") == -1:
-        yv, w = b, a.args[0]
-    else:
+    pair = weighted_rows(slot_sum_product(final))
+    if pair is None:
         raise NoMatch("the routing weights are not broadcast with unsqueeze(-1)")
+    yv, w = pair
     if not is_method(yv, "view", "reshape"):
         raise NoMatch("expert outputs are not viewed as [T, k, d]")
     y = _squeeze1(yv.args[0])

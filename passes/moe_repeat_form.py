@@ -26,8 +26,8 @@ import torch
 import torch.fx
 
 from blazec.passes._fx import (
-    NoMatch, arg, check_no_rounding, dtype, is_fn, is_getitem, is_method, is_mul, same_shape, shape, slot_sum_product,
-    strip_casts, where_loc,
+    NoMatch, arg, check_no_rounding, dtype, eq_mask, is_fn, is_getitem, is_method, is_mul, same_shape, shape, slot_sum_product,
+    strip_casts, weighted_rows, where_loc,
 )
 from blazec.passes.moe_expert_mlp import FinalMatch, check_consistent, parse_expert
 from blazec.passes.moe_loop_form import _check_dtypes, _find_rows, _ids_bound
@@ -65,11 +65,9 @@ def _expert_mask(mask: object, flat: Node | None) -> tuple[Node, int]:
     """(flat ids, e) for ``flat == e`` / ``flat.eq(e)``."""
     if not (is_fn(mask, operator.eq, torch.eq) or is_method(mask, "eq")):
         raise NoMatch("a row mask is not flat_ids == e")
-    a, b = mask.args[0], arg(mask, 1, "other")
-    if not isinstance(b, int):
-        a, b = b, a
-    if not isinstance(b, int) or not isinstance(a, Node) or isinstance(b, bool):
+    if eq_mask(mask) is None:
         raise NoMatch("a row mask compares the ids with a non-constant expert index")
+    a, b = eq_mask(mask)
     if flat is not None and a is not flat:
         raise NoMatch(f"expert {b}: its rows are selected from a different ids tensor than expert 0's")
     return a, b
@@ -80,13 +78,10 @@ def match_repeat_assign(final: Node) -> RepeatMatch:
     prod = slot_sum_product(final)
     if len(prod.users) != 1:  # the buffer's writes die with the site: nothing else may read it
         raise NoMatch(f"the weighted rows {prod.name} are also read outside the slot sum")
-    a, b = prod.args[0], prod.args[1]
-    if is_method(b, "unsqueeze") and arg(b, 1, "dim") in (-1, 2):
-        yv, w = a, b.args[0]
-    elif is_method(a, "unsqueeze") and arg(a, 1, "dim") in (-1, 2):
-        yv, w = b, a.args[0]
-    else:
+    pair = weighted_rows(prod)
+    if pair is None:
         raise NoMatch("the routing weights are not broadcast with unsqueeze(-1)")
+    yv, w = pair
     if not is_method(yv, "view", "reshape") or len(yv.users) != 1:
         raise NoMatch("the assigned buffer is not viewed as [T, k, d] for the weighted sum alone")
     buf = yv.args[0]

@@ -28,7 +28,7 @@ import torch.fx
 
 from blazec.passes._fx import (
     NoMatch, arg, check_combine_dtypes, check_no_rounding, dtype, follow_first_args, is_fn, is_getitem, is_method,
-    is_mul, same_shape, shape, slot_sum_product, strip_casts,
+    is_mul, same_shape, shape, slot_sum_product, strip_casts, weighted_rows,
 )
 from blazec.passes.moe_expert_mlp import GATED, ExpertMLP, FinalMatch, WeightRef, _activation, check_consistent, parse_expert
 from blazec.passes.moe_loop_form import ZEROS_FNS, _check_acc_reads, _check_dtypes
@@ -311,11 +311,7 @@ def match_sorted_unpermute(final: Node) -> FinalMatch:
     Row p of ``y`` is pair p (token p // k, slot p % k), so this is the same weighted sum.
     """
     prod = slot_sum_product(final)
-    yv = w = None
-    for a, b in ((prod.args[0], prod.args[1]), (prod.args[1], prod.args[0])):
-        if is_method(b, "unsqueeze") and arg(b, 1, "dim") == -1:
-            yv, w = a, b.args[0]
-            break
+    yv, w = weighted_rows(prod) or (None, None)
     if yv is None or not is_method(yv, "view", "reshape"):
         raise NoMatch("expert outputs are not viewed as [T, k, d] and weighted by w.unsqueeze(-1)")
     unperm, y_casts = strip_casts(yv.args[0])
