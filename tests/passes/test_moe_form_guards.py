@@ -159,9 +159,9 @@ def test_sorted_unpermute_positional_keepdim_false_rewritten():
 
 
 class PairGather(nn.Module):
-    def __init__(self, keepdim, d=8, inter=12, E=4, k=2, ids_3d=False):
+    def __init__(self, keepdim, d=8, inter=12, E=4, k=2, ids_3d=False, w_index=False):
         super().__init__()
-        self.k, self.keepdim, self.ids_3d = k, keepdim, ids_3d
+        self.k, self.keepdim, self.ids_3d, self.w_index = k, keepdim, ids_3d, w_index
         self.router = nn.Linear(d, E, bias=False)
         self.w1 = nn.Parameter(torch.randn(E, d, inter) * d**-0.5)
         self.w2 = nn.Parameter(torch.randn(E, inter, d) * inter**-0.5)
@@ -174,7 +174,13 @@ class PairGather(nn.Module):
         flat = ids.reshape(-1)
         xs = x.repeat_interleave(self.k, dim=0).unsqueeze(1)
         y = torch.bmm(F.gelu(torch.bmm(xs, self.w1[flat])), self.w2[flat]).squeeze(1)
-        return (y.view(T, self.k, d) * w.unsqueeze(-1)).sum(1, self.keepdim)  # keepdim by position
+        wb = w[..., None] if self.w_index else w.unsqueeze(-1)
+        return (y.view(T, self.k, d) * wb).sum(1, self.keepdim)  # keepdim by position
+
+
+def test_pair_gather_weights_broadcast_by_indexing_rewritten():
+    rec = compile_and_compare(PairGather(False, w_index=True), (torch.randn(10, 8),))
+    assert_rewritten(rec, "pair_weight_gather")
 
 
 def test_pair_gather_with_3d_ids_is_left_alone():
