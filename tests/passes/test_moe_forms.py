@@ -418,7 +418,10 @@ class SortedScatterAdd(Sorted):
         counts = torch.histc(flat.float(), bins=self.E, min=0, max=self.E - 1).long()
         outs = [F.relu(c @ self.w_up[e]) @ self.w_down[e] for e, c in enumerate(x[tok].split(counts.tolist()))]
         y = torch.cat(outs) * w.reshape(-1)[perm].unsqueeze(-1)
-        return torch.zeros_like(x).scatter_add(0, tok.reshape(-1, 1).expand(-1, x.shape[1]), y)
+        return self.combine(x, tok.reshape(-1, 1).expand(-1, x.shape[1]), y)
+
+    def combine(self, x, index, y):
+        return torch.zeros_like(x).scatter_add(0, index, y)
 
 
 def test_sorted_scatter_add_rewritten():
@@ -426,21 +429,13 @@ def test_sorted_scatter_add_rewritten():
     assert_rewritten(rec, "sort_grouped", E=5, k=2, activation="relu")
 
 
-class SortedScatterAddKeptBase(Sorted):
+class SortedScatterAddKeptBase(SortedScatterAdd):
     """The out-of-place scatter_add leaves its zeros base as it was, and the code reads it after
     (``torch.scatter_add`` with keyword arguments)."""
 
-    def forward(self, x):
-        w, ids = torch.topk(F.softmax(self.router(x), dim=-1), self.k, dim=-1)
-        flat = ids.reshape(-1)
-        perm = torch.argsort(flat, stable=True)
-        tok = perm // self.k
-        counts = torch.histc(flat.float(), bins=self.E, min=0, max=self.E - 1).long()
-        outs = [F.relu(c @ self.w_up[e]) @ self.w_down[e] for e, c in enumerate(x[tok].split(counts.tolist()))]
-        y = torch.cat(outs) * w.reshape(-1)[perm].unsqueeze(-1)
+    def combine(self, x, index, y):
         base = torch.zeros_like(x)
-        out = torch.scatter_add(input=base, dim=0, index=tok.reshape(-1, 1).expand(-1, x.shape[1]), src=y)
-        return out + 2.0 * base
+        return torch.scatter_add(input=base, dim=0, index=index, src=y) + 2.0 * base
 
 
 def test_sorted_scatter_add_out_of_place_keeps_its_base():
