@@ -123,6 +123,7 @@ def test_dump_memory_budget_shows_the_plan(capsys):
     assert rc == 2 and "memory_budget" in err and err.startswith("blazec dump: error: ")
 
 
+@pytest.mark.xdist_group("gloo")  # spawns gloo ranks: one such test at a time (README, "Tests")
 def test_dump_expert_parallel_shows_the_dispatch_and_the_schedule(capsys):
     rc, out, err = _dump(capsys, str(EXAMPLES / "moe_loop_stacked.py"), "--final-stage", "eager",
                          "--expert-parallel", "2", "--ep-chunks", "3")

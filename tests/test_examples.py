@@ -22,6 +22,7 @@ def test_train_tiny_curves_agree(capsys):
     assert "max |eager - blaze| over 6 steps" in capsys.readouterr().out
 
 
+@pytest.mark.xdist_group("gloo")  # spawns gloo ranks: one such test at a time (README, "Tests")
 def test_expert_parallel_example_under_torchrun():
     """``torchrun --nproc-per-node 2 examples/expert_parallel.py`` trains like one process."""
     import re

@@ -11,6 +11,8 @@ from tests.distributed.ep_check import batches, check_ep, moe_matches, reports
 from tests.distributed.spawn import run_ranks
 from tests.helpers import EXAMPLE_FILES, load_example
 
+pytestmark = pytest.mark.xdist_group("gloo")  # spawns gloo ranks: one such test at a time (README, "Tests")
+
 
 # On 4 ranks, one form per way experts are held and dispatched (per-expert ModuleList, capacity
 # one-hot, sort and grouped GEMM): the expert-parallel rewrite after the MoE match does not

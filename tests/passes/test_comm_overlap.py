@@ -7,6 +7,7 @@ compiles a model with a user-written ``funcol.all_reduce`` with ``backend="blaze
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -299,5 +300,6 @@ def _rank_main(rank: int, world: int) -> None:
     assert not any(r.name == "comm_overlap" and not r.skipped for r in records[0].pass_reports)
 
 
+@pytest.mark.xdist_group("gloo")  # spawns gloo ranks: one such test at a time (README, "Tests")
 def test_two_rank_gloo_compile_matches_eager():
     run_ranks(_rank_main, 2, deadline=240)

@@ -16,6 +16,8 @@ from blazec.runtime.balance import BalancedBatchSampler, CostModel
 from blazec.runtime.grad_balance import GradBalancer
 from runtime_dist_util import run_gloo
 
+pytestmark = pytest.mark.xdist_group("gloo")  # spawns gloo ranks: one such test at a time (README, "Tests")
+
 # --- BalancedBatchSampler: shares disjoint, covering, deterministic ----------------------
 
 N, B, MICRO, SEED = 61, 16, 2, 11
