@@ -5,6 +5,8 @@ buffer read or written elsewhere) left alone with a reason."""
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -179,3 +181,20 @@ class MaskedLinear(nn.Module):
 def test_masked_assignment_without_experts_is_not_reported():
     rec = compile_and_compare(MaskedLinear(), (torch.randn(13, 12),))
     assert not matches(rec) and not near_misses(rec)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
+@given(T=st.integers(1, 24), E=st.integers(2, 12), k=st.integers(1, 4), bias=st.booleans(), skew=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_repeat_assign_property(T, E, k, bias, skew, seed):
+    """Random sizes, ragged and empty experts (``skew`` sends most rows to expert 0): the
+    rewrite gives eager's outputs and gradients."""
+    k = min(k, E)
+    torch._dynamo.reset()
+    torch.manual_seed(seed)
+    model = RepeatAssign(E=E, k=k, bias=bias)
+    if skew:
+        with torch.no_grad():
+            model.router.weight[0] += 3.0
+    rec = compile_and_compare(model, (torch.randn(T, 12) + (1.0 if skew else 0.0),), atol=5e-5, rtol=5e-4)
+    assert_rewritten(rec, "repeat_assign", E=E, k=k)
