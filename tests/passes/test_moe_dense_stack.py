@@ -5,6 +5,8 @@ with the stack is left alone with a reason."""
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -69,3 +71,13 @@ def test_dense_stack_rewritten(variant):
 ])
 def test_dense_stack_lookalikes_are_left_alone(variant, reason):
     assert_left_alone(compile_and_compare(DenseStack(variant), (torch.randn(11, 10),)), reason, "dense_gate_stack")
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@given(T=st.integers(1, 24), E=st.integers(2, 10), k=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_dense_stack_property(T, E, k, seed):
+    k = min(k, E)
+    torch._dynamo.reset()
+    torch.manual_seed(seed)
+    rec = compile_and_compare(DenseStack(E=E, k=k), (torch.randn(T, 10),), atol=5e-5, rtol=5e-4)
+    assert_rewritten(rec, "dense_gate_stack", E=E, k=k)
