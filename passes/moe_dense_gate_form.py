@@ -23,7 +23,7 @@ it.
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx
@@ -48,6 +48,7 @@ class DenseGateMatch:
     num_experts: int
     top_k: int
     experts: dict[int, ExpertMLP]
+    links: set[Node] = field(default_factory=set)  # the chain's adds (``out += term`` ones are in place)
 
     @property
     def first(self) -> ExpertMLP:
@@ -156,7 +157,22 @@ def match_dense_gate(final: Node) -> DenseGateMatch:
     if extra:
         raise NoMatch(f"the sum weighs expert outputs by gate column(s) {extra} besides columns 0..{E - 1} "
                       "(a negative column repeats one of them)")
-    return _finish(final, ids, weights, x, E, experts)
+    m = _finish(final, ids, weights, x, E, experts)
+    m.links = chain_links(final)
+    return m
+
+
+def chain_links(final: Node) -> set[Node]:
+    """The ``acc + gate[:, e:e+1] * expert_e(x)`` links of a dense-gate chain (``+=`` ones are
+    in-place sums the op reproduces)."""
+    links, stack = set(), [final]
+    while stack:
+        n = stack.pop()
+        if n in links or not (is_fn(n, *ADD) and any(_is_term(a) for a in n.args[:2])):
+            continue
+        links.add(n)
+        stack.extend(a for a in n.args[:2] if isinstance(a, Node))
+    return links
 
 
 def _add_expert(experts: dict, e: int, out: Node, x: Node | None, final: Node, prod: Node, gate: Node,
@@ -219,7 +235,8 @@ def stacked_outputs(final: Node) -> Node | None:
     if not is_mul(prod):
         return None
     for a in prod.args[:2]:
-        if is_fn(a, torch.stack) and arg(a, 1, "dim", 0) in (1, -2) and isinstance(arg(a, 0, "tensors"), (list, tuple)):
+        if is_fn(a, torch.stack) and arg(a, 1, "dim", 0) in (1, -2) \
+                and isinstance(arg(a, 0, "tensors"), (list, tuple)):
             return a
     return None
 

@@ -129,7 +129,7 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
     def reports(report_misses, final) -> bool:
         try:
             return bool(report_misses(final))
-        except (IndexError, KeyError, TypeError, AttributeError, ValueError):
+        except _UNREADABLE:
             return False
 
     for form, candidates, match, report_misses in (
@@ -154,7 +154,7 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
                 ids, weights = m.routing(graph)
             # in-place nodes of the site that die with it: a dense-gate chain's ``out += term``
             # links, the masked assignments into a repeat form's buffer
-            links = _dense_links(final) if form == "dense_gate" else getattr(m, "writes", set())
+            links = m.links
             try:
                 # the links (a repeat form's masked assignments are not ancestors of the sum)
                 # are part of the site: what they read is what the op must read unchanged
@@ -196,12 +196,16 @@ def _inplace(combine: Node) -> bool:
     return is_method(combine, "index_add_", "scatter_add_")
 
 
+# What a matcher raises when it cannot read an unusual spelling (an argument passed by keyword
+# where it expects a position): that site is left alone, not the whole graph.
+_UNREADABLE = (IndexError, KeyError, TypeError, AttributeError, ValueError)
+
+
 def _match(matcher, *site):
-    """``matcher(*site)``; a matcher that fails to read an unusual spelling (an argument passed by
-    keyword where it expects a position) leaves this site alone, not the whole graph's."""
+    """``matcher(*site)``, with an unreadable site turned into a NoMatch (see _UNREADABLE)."""
     try:
         return matcher(*site)
-    except (IndexError, KeyError, TypeError, AttributeError, ValueError) as e:
+    except _UNREADABLE as e:
         raise NoMatch(f"the matcher could not read this site ({type(e).__name__}: {e}); left alone") from e
 
 
@@ -210,13 +214,17 @@ def _expert_bases(experts: dict) -> list[Node]:
     return [r.base for mlp in experts.values() for r in mlp.refs() if r is not None]
 
 
+def _setitems(graph: torch.fx.Graph) -> list[Node]:
+    """``t[index] = value`` nodes of the graph."""
+    return [n for n in graph.nodes
+            if is_fn(n, operator.setitem) and len(n.args) == 3 and isinstance(n.args[0], Node)]
+
+
 def _indexed_iadds(graph: torch.fx.Graph) -> list[Node]:
     """``acc[idx] += v`` (Mistral's reference MoE): ``acc[idx] = acc[idx] + v`` as a setitem of an
     add that reads the same rows, where the added value runs a linear (an expert)."""
     out = []
-    for n in graph.nodes:
-        if not (is_fn(n, operator.setitem) and len(n.args) == 3 and isinstance(n.args[0], Node)):
-            continue
+    for n in _setitems(graph):
         acc, idx, v = n.args
         if not (is_fn(v, operator.iadd, operator.add, torch.add) or is_method(v, "add", "add_")):
             continue
@@ -230,14 +238,11 @@ def _indexed_iadds(graph: torch.fx.Graph) -> list[Node]:
 def _masked_assigns(graph: torch.fx.Graph, skip: set[Node]) -> dict[Node, list[Node]]:
     """``buf[index] = v`` nodes left in the graph whose index is a tensor and whose value runs a
     linear on gathered rows (an expert's output), by buffer, where a buffer has several (one
-    per expert). Buffers in ``skip`` (already
-    reported) and buffers a repeat-form slot sum reads (its matcher said why it failed) are
-    left out."""
+    per expert). Buffers in ``skip`` (already reported) and buffers a repeat-form slot sum
+    reads (its matcher said why it failed) are left out."""
     reported = {repeat_buffer(f) for f in _slot_sums(graph)} | skip
     out: dict[Node, list[Node]] = {}
-    for n in graph.nodes:
-        if not (is_fn(n, operator.setitem) and len(n.args) == 3 and isinstance(n.args[0], Node)):
-            continue
+    for n in _setitems(graph):
         buf, idx, v = n.args
         if buf in reported or not isinstance(idx, Node) or not isinstance(v, Node):
             continue
@@ -246,19 +251,6 @@ def _masked_assigns(graph: torch.fx.Graph, skip: set[Node]) -> dict[Node, list[N
                for u in [v, *_upstream(v, 12)]):
             out.setdefault(buf, []).append(n)
     return {buf: sets for buf, sets in out.items() if len(sets) > 1}  # one masked linear is no MoE
-
-
-def _dense_links(final: Node) -> set[Node]:
-    """The ``acc + gate[:, e:e+1] * expert_e(x)`` links of a dense-gate chain (``+=`` ones are
-    in-place sums the op reproduces)."""
-    links, stack = set(), [final]
-    while stack:
-        n = stack.pop()
-        if n in links or not (is_fn(n, *DENSE_ADD) and any(_is_term(a) for a in n.args[:2])):
-            continue
-        links.add(n)
-        stack.extend(a for a in n.args[:2] if isinstance(a, Node))
-    return links
 
 
 def _inter(mlp) -> int:

@@ -94,6 +94,7 @@ class FinalMatch:
     x: Node  # [T, d] expert input
     top_k: int
     experts: dict[int, "ExpertMLP"]
+    links: set[Node] = field(default_factory=set)  # the site's in-place nodes that die with it
 
     def routing(self, graph: torch.fx.Graph) -> tuple[Node, Node]:
         """(ids [T, k], weights [T, k]) as graph nodes."""

@@ -28,7 +28,7 @@ MLP on zeros in eager; their results are multiplied by 0, so blaze skips them.
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx
@@ -57,6 +57,7 @@ class GShardMatch:
     capacity: int
     experts: dict[int, ExpertMLP]
     priority: str = "slot"  # all first choices fill the buffers before any second choice
+    links: set[Node] = field(default_factory=set)  # no in-place nodes of its own
 
     @property
     def top_k(self) -> int:

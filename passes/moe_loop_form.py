@@ -92,9 +92,10 @@ def _where_site(where: Node) -> WhereSite:
             raise NoMatch(f"one_hot mask permuted with {dims}; the expert axis must come first")
         token_pos, slot_pos = dims[1:].index(0), dims[1:].index(1)
     elif is_fn(mask, operator.eq, torch.eq) or is_method(mask, "eq"):
-        if eq_mask(mask) is None:
+        found = eq_mask(mask)
+        if found is None:
             raise NoMatch("expert mask compares ids with a non-constant expert index")
-        ids, e = eq_mask(mask)
+        ids, e = found
         E, token_pos, slot_pos = None, 0, 1
     else:
         raise NoMatch("expert mask is neither one_hot(ids).permute(...)[e] nor ids == e")

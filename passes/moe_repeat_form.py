@@ -20,14 +20,13 @@ blaze op in "output" mode. The [S, d] copy of x and the [S, d] buffer are not bu
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
 
 import torch
 import torch.fx
 
 from blazec.passes._fx import (
-    NoMatch, arg, check_no_rounding, dtype, eq_mask, is_fn, is_getitem, is_method, is_mul, same_shape, shape, slot_sum_product,
-    strip_casts, weighted_rows, where_loc,
+    NoMatch, arg, check_no_rounding, dtype, eq_mask, is_fn, is_getitem, is_method, is_mul, same_shape, shape,
+    slot_sum_product, strip_casts, weighted_rows, where_loc,
 )
 from blazec.passes.moe_expert_mlp import FinalMatch, check_consistent, parse_expert
 from blazec.passes.moe_loop_form import _check_dtypes, _find_rows, _ids_bound
@@ -35,13 +34,6 @@ from blazec.passes.moe_loop_form import _check_dtypes, _find_rows, _ids_bound
 Node = torch.fx.Node
 
 _BUFFER_FNS = (torch.empty_like, torch.zeros_like)
-
-
-@dataclass
-class RepeatMatch(FinalMatch):
-    """A matched site plus the masked assignments into its buffer, which die with it."""
-
-    writes: set[Node] = field(default_factory=set)
 
 
 def assignments(buf: Node) -> list[Node]:
@@ -65,15 +57,16 @@ def _expert_mask(mask: object, flat: Node | None) -> tuple[Node, int]:
     """(flat ids, e) for ``flat == e`` / ``flat.eq(e)``."""
     if not (is_fn(mask, operator.eq, torch.eq) or is_method(mask, "eq")):
         raise NoMatch("a row mask is not flat_ids == e")
-    if eq_mask(mask) is None:
+    found = eq_mask(mask)
+    if found is None:
         raise NoMatch("a row mask compares the ids with a non-constant expert index")
-    a, b = eq_mask(mask)
+    a, b = found
     if flat is not None and a is not flat:
         raise NoMatch(f"expert {b}: its rows are selected from a different ids tensor than expert 0's")
     return a, b
 
 
-def match_repeat_assign(final: Node) -> RepeatMatch:
+def match_repeat_assign(final: Node) -> FinalMatch:
     """Match the form at the slot sum ``final``; raise NoMatch with the reason."""
     prod = slot_sum_product(final)
     if len(prod.users) != 1:  # the buffer's writes die with the site: nothing else may read it
@@ -106,9 +99,9 @@ def match_repeat_assign(final: Node) -> RepeatMatch:
         rows = _find_rows(out)
         if rows is None or not is_getitem(rows):
             raise NoMatch(f"expert {e}: could not find the masked input rows of the expert MLP")
-        if _expert_mask(rows.args[1], flat)[1] != e:
-            raise NoMatch(f"expert {e} reads the rows of expert {_expert_mask(rows.args[1], flat)[1]} "
-                          f"({where_loc(rows)})")
+        read = _expert_mask(rows.args[1], flat)[1]
+        if read != e:
+            raise NoMatch(f"expert {e} reads the rows of expert {read} ({where_loc(rows)})")
         if xr is None:
             xr = rows.args[0]
         elif rows.args[0] is not xr:
@@ -154,7 +147,7 @@ def match_repeat_assign(final: Node) -> RepeatMatch:
                       "missing expert would keep the buffer's initial contents)")
     check_consistent(experts)
     _check_dtypes(x, experts)
-    return RepeatMatch(final, ids, w, x, k, experts, set(writes))
+    return FinalMatch(final, ids, w, x, k, experts, links=set(writes))  # the writes die with the site
 
 
 def _check_buffer(buf: Node, xr: Node) -> None:
