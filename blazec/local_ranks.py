@@ -1,32 +1,31 @@
 """Run a function on W gloo ranks on this machine, one process each.
 
 Used by ``blazec dump --expert-parallel N``, ``benchmarks/ep_pipeline.py`` and the distributed
-tests: spawn the processes, give each a gloo process group on a free local port, call
-``fn(rank, world, *args)``, wait for every rank, tear the group down.
+tests: spawn the processes, give each a gloo process group, call ``fn(rank, world, *args)``,
+wait for every rank, tear the group down.
+
+The ranks meet through a file store in a fresh temporary directory, not a TCP port: a port
+found free by the parent can be taken by another process before rank 0 binds it, which
+fails (or hangs) a spawn when several run at once, as the test suite's workers do.
 """
 
 from __future__ import annotations
 
 import datetime
-import socket
+import os
+import tempfile
 import time
 from typing import Any, Callable
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank: int, world: int, port: int, threads: int | None, timeout_s: float,
+def _entry(rank: int, world: int, store: str, threads: int | None, timeout_s: float,
            fn: Callable[..., Any], args: tuple) -> None:
     import torch
     import torch.distributed as dist
 
     if threads is not None:
         torch.set_num_threads(threads)
-    dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}",
+    dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"file://{store}",
                             timeout=datetime.timedelta(seconds=timeout_s))
     try:
         fn(rank, world, *args)
@@ -45,7 +44,14 @@ def spawn_gloo(fn: Callable[..., Any], world: int, *args: Any, threads: int | No
     """
     import torch.multiprocessing as mp
 
-    return mp.spawn(_entry, args=(world, free_port(), threads, timeout_s, fn, args), nprocs=world, join=join)
+    tmp = tempfile.TemporaryDirectory(prefix="blazec-gloo-")
+    store = os.path.join(tmp.name, "store")
+    if join:
+        with tmp:
+            return mp.spawn(_entry, args=(world, store, threads, timeout_s, fn, args), nprocs=world, join=True)
+    ctx = mp.spawn(_entry, args=(world, store, threads, timeout_s, fn, args), nprocs=world, join=False)
+    ctx.blazec_store_dir = tmp  # removed when the context is collected
+    return ctx
 
 
 def join_within(ctx, seconds: float) -> bool:
