@@ -13,7 +13,9 @@ for every form alike; a site that fails one is left alone and reported as a near
   of it, ``.data`` included) that one of the site's nodes read before the mutation, of an op
   input that a node feeding the proof read before it, or of the routing ids at all (the
   matchers prove them in range, and distinct within a row, from the op that made them:
-  topk, one_hot, argmax).
+  topk, one_hot, argmax). After the placement, in a graph with a backward: a write to x or
+  the routing weights, which the op keeps for backward where the naive code kept gathered
+  copies.
 - **Autocast.** Under ``torch.autocast`` the expert GEMMs of the naive code run in the autocast
   dtype, while the blaze ops compute in the dtype of their inputs.
 - **The op's argument checks.** The matchers accept what the code computes; the op accepts
@@ -186,6 +188,32 @@ def check_no_mutation(graph: torch.fx.Graph, finals: list[Node], inputs: list[No
             raise NoMatch(
                 f"{_describe(n)} ({where_loc(n)}) writes in place a tensor the dispatch reads "
                 f"({r.name}) before its end; the blaze op would read it after the write. Left alone")
+    _check_kept_unchanged(graph, pos, finals[-1], inputs, cache)
+
+
+def _check_kept_unchanged(graph: torch.fx.Graph, pos: dict, place_node: Node, inputs: list[Node],
+                          cache: dict) -> None:
+    """NoMatch when x or the routing weights, which the blaze op keeps for backward, are written
+    in place after the placement in a graph that needs a backward (``w.data.mul_(2)``, or a
+    ``w.mul_`` under no_grad): the code the op replaces kept gathered copies (``x[tok]``,
+    ``w[tok, slot]``), so its gradients did not see the write, and the op's would (or autograd
+    would refuse the op's saved tensor). The expert weights are kept by the naive code's own
+    linears too, so a write to them reaches both alike."""
+    weights, x = inputs[1], inputs[2]
+    if not getattr(val(place_node), "requires_grad", True):
+        return  # no backward (no_grad, inference): the op reads them only at the placement
+    named = ((x, "the expert input"), (weights, "the routing weights"))
+    kept = {root(n, cache): what for n, what in named if _is_tensor(n)}
+    for n in graph.nodes:
+        if pos[n] <= pos[place_node]:
+            continue
+        t = mutated(n)
+        what = kept.get(root(t, cache)) if t is not None else None
+        if what is not None:
+            raise NoMatch(
+                f"{_describe(n)} ({where_loc(n)}) writes in place {what} ({t.name}) after the dispatch; the "
+                "blaze op keeps them for backward, where the code it replaces kept gathered copies, so the "
+                "gradients would differ. Left alone")
 
 
 def _read_before(n: Node, r: Node, dispatch: set[Node], pos: dict, cache: dict) -> bool:

@@ -30,7 +30,9 @@ class Loop(nn.Module):
     "plain"; in-place writes the rewrite would reorder: "w_mid" (routing weights scaled after
     expert 1), "ids_after_mask", "x_mid", "mask_setitem", "acc_mid"; writes it does not reorder:
     "renorm_inplace" (``w /= w.sum()`` before the dispatch reads w, accumulator made first),
-    "x_after" (x scaled after the dispatch ended); "autocast" (experts under torch.autocast);
+    "x_after" (x scaled after the dispatch ended, which matters only with a backward: the op keeps x
+    and w for it, the loop gathered copies): "x_data_after", "w_data_after", "w_nograd_after";
+    "autocast" (experts under torch.autocast);
     experts the op rejects: "inter_differs", "up_width1"."""
 
     def __init__(self, variant, d=16, inter=12, E=4, k=2):
@@ -86,6 +88,13 @@ class Loop(nn.Module):
         if self.v == "x_after":
             x.mul_(3.0)
             out = out + x
+        if self.v == "x_data_after":
+            x.data.mul_(3.0)
+        if self.v == "w_data_after":
+            w.data.mul_(2.0)
+        if self.v == "w_nograd_after":
+            with torch.no_grad():
+                w.mul_(0.5)
         return out
 
 
@@ -115,6 +124,18 @@ def test_loop_rewritten_with_a_write_before_the_dispatch_reads() -> None:
 def test_loop_rewritten_with_a_write_after_the_dispatch() -> None:
     found, reasons = _forward("x_after")
     assert [m.form for m in found] == ["static_loop_modulelist"], reasons
+
+
+@pytest.mark.parametrize("variant, what", [
+    ("x_data_after", "the expert input"), ("w_data_after", "the routing weights"), ("w_nograd_after", "the routing weights"),
+])
+def test_loop_left_alone_when_a_kept_input_is_written_after_the_dispatch(variant, what) -> None:
+    """The loop's backward reads the gathered x[tok] and w[tok, slot]; the op's would read x and
+    w after the write (wrong gradients through ``.data``, autograd's version error otherwise)."""
+    rec = _compare(variant)
+    assert not matches(rec)
+    (reason,) = [n.reason for n in near_misses(rec)]
+    assert f"writes in place {what}" in reason and "after the dispatch" in reason, reason
 
 
 READ = "writes in place a tensor the dispatch reads"
