@@ -9,7 +9,8 @@ for every form alike; a site that fails one is left alone and reported as a near
   mutated in place in between (``w.mul_``, ``mask[:, 1] = 0``, ``gate.div_``, ``x += ...``) would
   be read after the change by the op and before it by the code it replaces. Refused: a mutation,
   before the placement, of a tensor one of the site's own nodes made (a mask, a gate) or that
-  the code derives from ids (the op derives it from ids itself), of a tensor (through any view
+  the code derives from ids for the replaced nodes (the op derives it from ids itself; one that
+  feeds only the op's inputs, as gathered weights, is computed where it was), of a tensor (through any view
   of it, ``.data`` included) that one of the site's nodes read before the mutation, of an op
   input that a node feeding the proof read before it, or of the routing ids at all (the
   matchers prove them in range, and distinct within a row, from the op that made them:
@@ -112,13 +113,15 @@ def _is_view(n: Node) -> bool:
     return (n.op == "call_method" and n.target in _VIEW_METHODS) or (n.op == "call_function" and n.target in _VIEW_FNS)
 
 
-def _descendants(nodes: Iterable[Node]) -> set[Node]:
+def _descendants(nodes: Iterable[Node], stop: frozenset | set = frozenset()) -> set[Node]:
+    """The nodes computed from ``nodes``; with ``stop``, not through those (they are included)."""
     out, stack = set(), list(nodes)
     while stack:
         for u in stack.pop().users:
             if u not in out:
                 out.add(u)
-                stack.append(u)
+                if u not in stop:
+                    stack.append(u)
     return out
 
 
@@ -164,7 +167,15 @@ def check_no_mutation(graph: torch.fx.Graph, finals: list[Node], inputs: list[No
     # made before anything reads it (GShard's one_hot masks feed its weights and its drops).
     ids_nodes = [a for a in ([inputs[0], *inputs[0].args[0]] if is_fn(inputs[0], torch.stack) else [inputs[0]])
                  if isinstance(a, Node)]
+    # Only those that reach the replaced nodes: a tensor computed from ids that feeds nothing but
+    # the op's inputs (DeepSeek-V3's ``w = scores.gather(1, ids); w /= w.sum()``, then ``w * s``)
+    # is computed, and written, where it was, for the op as for the code.
     from_ids = {root(m, cache) for m in _descendants(ids_nodes) & dispatch if _is_tensor(m)} - input_roots
+    aliases: dict[Node, list[Node]] = {}
+    for m in dispatch:
+        if _is_tensor(m):
+            aliases.setdefault(root(m, cache), []).append(m)
+    from_ids = {r for r in from_ids if _descendants(aliases.get(r, [r]), stop=set(read)) & site}
     # The matchers prove facts about the ids from where they come from (topk indices lie in
     # [0, E) and are distinct within a row): a write to them anywhere before the placement,
     # even one both the code and the op would see, can break that proof.

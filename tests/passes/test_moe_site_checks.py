@@ -243,3 +243,34 @@ def test_an_unrecognized_weight_spelling_is_named_in_the_reason() -> None:
     reasons = [n.reason for n in near_misses(rec)]
     assert any("expert 0: gate weight is t(getitem(" in r and "not a parameter or a stacked parameter" in r
                for r in reasons), reasons
+
+
+class GatherRenorm(nn.Module):
+    """DeepSeek-V3's router: weights gathered from the scores by the topk ids and renormalized
+    in place (``w /= w.sum()``), then scaled into a fresh tensor the loop reads."""
+
+    def __init__(self, d=16, inter=12, E=4, k=2):
+        super().__init__()
+        self.E, self.k = E, k
+        self.gate = nn.Linear(d, E, bias=False)
+        self.experts = nn.ModuleList(Expert(d, inter) for _ in range(E))
+
+    def forward(self, x):
+        scores = self.gate(x).sigmoid()
+        ids = torch.topk(scores, self.k, dim=-1)[1]
+        w = scores.gather(1, ids)
+        w /= w.sum(dim=-1, keepdim=True) + 1e-20
+        w = w * 2.5
+        out = torch.zeros_like(x)
+        mask = F.one_hot(ids, self.E).permute(2, 0, 1)
+        for e in range(self.E):
+            tok, slot = torch.where(mask[e])
+            out.index_add_(0, tok, self.experts[e](x[tok]) * w[tok, slot].unsqueeze(-1))
+        return out
+
+
+def test_a_write_to_a_tensor_from_ids_that_only_feeds_the_weights_is_not_refused() -> None:
+    """The gathered weights are derived from ids, but the op takes what is computed from them,
+    where the code computed it; only tensors from ids that the replaced nodes read are guarded."""
+    torch.manual_seed(0)
+    assert_rewritten(compile_and_compare(GatherRenorm(), (torch.randn(24, 16),)), "static_loop_modulelist")
