@@ -39,7 +39,7 @@ from blazec.passes.moe_loop_form import _tensor_index, match_loop
 from blazec.passes.moe_pair_gather_form import match_pair_gather
 from blazec.passes.moe_repeat_form import match_repeat_assign, repeat_buffer
 from blazec.passes.moe_site_checks import autocast_reason, check_no_mutation, op_rejection
-from blazec.passes.moe_sort_form import match_sorted, match_sorted_unpermute
+from blazec.passes.moe_sort_form import _token_of, match_sorted, match_sorted_unpermute
 from blazec.report import Match, NearMiss, PassReport
 
 Node = torch.fx.Node
@@ -263,7 +263,7 @@ def _sorted_index(combine: Node) -> bool:
     index = combine.args[2] if len(combine.args) > 2 else combine.kwargs.get("index")
     while is_method(index, "expand", "reshape", "view", "unsqueeze"):
         index = index.args[0]
-    return is_fn(index, operator.floordiv, torch.div) or not is_method(combine, "index_add_")
+    return _token_of(index) is not None or not is_method(combine, "index_add_")
 
 
 def _dense_gate_sums(graph: torch.fx.Graph) -> list[Node]:
@@ -316,13 +316,16 @@ def _has_param_gather(final: Node) -> bool:
 
 
 def _accumulators(graph: torch.fx.Graph) -> list[tuple[Node, list[Node]]]:
-    """Tensors that ``index_add_`` (or ``scatter_add``) sums rows into, with those calls in graph order."""
+    """Tensors that ``index_add_`` (or ``index_add``, ``scatter_add``) sums rows into, with those
+    calls in graph order."""
     found: dict[Node, list[Node]] = {}
     for n in graph.nodes:
-        if not ((is_method(n, "index_add_", "scatter_add", "scatter_add_") or is_fn(n, torch.scatter_add))
+        if not ((is_method(n, "index_add_", "index_add", "scatter_add", "scatter_add_")
+                 or is_fn(n, torch.scatter_add, torch.index_add))
                 and isinstance(arg(n, 0, "input"), Node)):
             continue
-        if not is_method(n, "index_add_") and arg(n, 1, "dim") not in (0, -2):
+        if not is_method(n, "index_add_", "index_add") and not is_fn(n, torch.index_add) \
+                and arg(n, 1, "dim") not in (0, -2):
             continue  # counts along another dim (DeepSeek's aux loss: ce.scatter_add_(1, ids, ones)), not rows
         found.setdefault(arg(n, 0, "input"), []).append(n)
     return list(found.items())

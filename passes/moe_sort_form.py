@@ -28,10 +28,10 @@ import torch.fx
 
 from blazec.passes._fx import (
     NoMatch, arg, check_combine_dtypes, check_no_rounding, dtype, follow_first_args, is_fn, is_getitem, is_method,
-    is_mul, same_shape, shape, slot_sum_product, strip_casts, weighted_rows,
+    LINEAR, is_mul, same_shape, shape, slot_sum_product, strip_casts, weighted_rows,
 )
 from blazec.passes.moe_expert_mlp import GATED, ExpertMLP, FinalMatch, WeightRef, _activation, check_consistent, parse_expert
-from blazec.passes.moe_loop_form import ZEROS_FNS, _check_acc_reads, _check_dtypes
+from blazec.passes.moe_loop_form import ZEROS_FNS, _check_acc_reads, _check_dtypes, _ids_bound
 
 Node = torch.fx.Node
 
@@ -56,14 +56,27 @@ def _flat_of(node: object) -> Node | None:
     return None
 
 
+def _token_of(tok: object) -> tuple[Node, int] | None:
+    """(perm, k) for ``perm // k``, ``torch.floor_divide(perm, k)`` or ``perm.div(k,
+    rounding_mode="floor" | "trunc")`` (GraniteMoE, JetMoE) with a constant k, else None. Pair
+    positions are >= 0, where truncation and flooring agree."""
+    if is_fn(tok, operator.floordiv, torch.floor_divide) or is_method(tok, "floor_divide"):
+        pass
+    elif is_fn(tok, torch.div) or is_method(tok, "div"):
+        if arg(tok, 2, "rounding_mode") not in ("floor", "trunc"):
+            return None
+    else:
+        return None
+    perm, k = tok.args[0], arg(tok, 1, "other")
+    return (perm, k) if isinstance(perm, Node) and isinstance(k, int) and not isinstance(k, bool) and k > 0 else None
+
+
 def _perm_of(tok: Node) -> tuple[Node, Node, int]:
     """tok = perm // k with perm = argsort(flat) -> (perm, flat, k)."""
-    if is_fn(tok, operator.floordiv) and isinstance(tok.args[1], int):
-        perm, k = tok.args
-    elif is_fn(tok, torch.div) and tok.kwargs.get("rounding_mode") == "floor" and isinstance(tok.args[1], int):
-        perm, k = tok.args
-    else:
+    found = _token_of(tok)
+    if found is None:
         raise NoMatch("the index_add_ index is not sorted-pair-order // k")
+    perm, k = found
     if is_fn(perm, torch.argsort) or is_method(perm, "argsort"):
         srt = perm
     elif is_getitem(perm) and perm.args[1] == 1 and (is_fn(perm.args[0], torch.sort) or is_method(perm.args[0], "sort")):
@@ -91,10 +104,40 @@ def _counts_ok(counts: Node, flat: Node, E: int) -> bool:
         src, _ = strip_casts(c.args[0])
         bins, lo, hi = arg(c, 1, "bins"), arg(c, 2, "min"), arg(c, 3, "max")
         # integer v in [0, E-1] lands in bin floor(v * E / (E - 1)) = v: exact for E >= 2
-        return src is flat and bins == E and lo == 0 and hi == E - 1 and E >= 2
+        return _same_flat(src, flat) and bins == E and lo == 0 and hi == E - 1 and E >= 2
     if is_fn(c, torch.bincount):  # weights would make the counts sums of weights
-        return arg(c, 0, "input") is flat and arg(c, 1, "weights") is None and arg(c, 2, "minlength") == E
-    return False
+        return _same_flat(arg(c, 0, "input"), flat) and arg(c, 1, "weights") is None and arg(c, 2, "minlength") == E
+    return _one_hot_counts(c, flat, E)
+
+
+def _same_flat(a: object, flat: Node) -> bool:
+    """``a`` is ``flat``, or another ``reshape(-1)`` / ``flatten()`` of the same ids."""
+    return a is flat or (_flat_of(a) is not None and _flat_of(a) is _flat_of(flat))
+
+
+def _one_hot_counts(c: Node, flat: Node, E: int) -> bool:
+    """``zeros(T, E).scatter(1, ids, 1).long().sum(0)`` (GraniteMoE, JetMoE): each pair sets
+    its own entry of its token's row, since topk ids are distinct within a row and lie in
+    [0, E), so column e sums to the count of id e. The integer cast comes before the sum."""
+    if not (is_method(c, "sum") and arg(c, 1, "dim") in (0, -2, (0,), [0]) and not arg(c, 2, "keepdim", False)
+            and "dtype" not in c.kwargs):
+        return False
+    g = c.args[0]
+    if not (is_method(g, "long", "int") or (is_method(g, "to") and g.args[1:] in ((torch.int64,), (torch.int32,)))):
+        return False
+    g = g.args[0]
+    if not ((is_method(g, "scatter") or is_fn(g, torch.scatter)) and arg(g, 1, "dim") in (1, -1)
+            and arg(g, 3, "value", arg(g, 3, "src")) == 1 and "reduce" not in g.kwargs):
+        return False
+    base, ids = g.args[0], arg(g, 2, "index")
+    if ids is not _flat_of(flat) or not (is_fn(base, *ZEROS_FNS) or is_method(base, "new_zeros")):
+        return False
+    if tuple(map(str, shape(base) or ())) != tuple(map(str, (shape(ids)[0], E))):
+        return False
+    try:
+        return _ids_bound(ids) == E
+    except NoMatch:
+        return False
 
 
 def match_sorted(acc: Node, index_adds: list[Node]) -> SortMatch:
@@ -138,34 +181,77 @@ def match_sorted(acc: Node, index_adds: list[Node]) -> SortMatch:
 GROUPED_MM = getattr(torch, "_grouped_mm", None)
 
 
-def _grouped(node: object, inp: object, offs: list) -> Node:
-    """``_grouped_mm(inp, W, offs=O)`` with W a 3-D parameter and one ``O`` for every call -> W."""
-    if not is_fn(node, GROUPED_MM) or node.args[0] is not inp:
-        raise NoMatch("a projection is not torch._grouped_mm of the sorted rows")
-    if arg(node, 3, "bias") is not None or arg(node, 4, "out_dtype") is not None:
-        raise NoMatch("torch._grouped_mm with bias or out_dtype is not matched")
-    o = arg(node, 2, "offs")
-    if offs and o is not offs[0]:
-        raise NoMatch("the grouped GEMMs use different group offsets")
-    offs.append(o)
-    W = node.args[1]
+def _grouped(node: object, groups: list) -> tuple[Node, Node, bool]:
+    """(rows, W, transposed) of a GEMM over rows in sorted-pair order, group e by W[e]:
+
+    - ``torch._grouped_mm(rows, W, offs=O)``: ``rows @ W[e]`` (transposed);
+    - ``torch.cat([F.linear(c, W[e]) for e, c in enumerate(rows.split(sizes))])``: GraniteMoE's
+      and JetMoE's ``ParallelExperts``.
+
+    W is a 3-D parameter. ``groups`` collects each GEMM's ``O`` or ``sizes``; all must be the same
+    (the caller proves the first are the per-expert counts)."""
+    if is_fn(node, GROUPED_MM):
+        if arg(node, 3, "bias") is not None or arg(node, 4, "out_dtype") is not None:
+            raise NoMatch("torch._grouped_mm with bias or out_dtype is not matched")
+        rows, W, group, transposed = node.args[0], node.args[1], ("offs", arg(node, 2, "offs")), True
+    elif is_fn(node, torch.cat) and arg(node, 1, "dim", 0) in (0, -2):
+        rows, W, sizes = _split_linears(node)
+        group, transposed = ("sizes", tuple(sizes)), False
+    else:
+        raise NoMatch("a projection is neither torch._grouped_mm of the sorted rows nor a concatenation of "
+                      "per-expert linears of their split")
+    if groups and group != groups[0]:
+        raise NoMatch("the grouped GEMMs use different group offsets or split sizes")
+    groups.append(group)
     if not (isinstance(W, Node) and W.op in ("placeholder", "get_attr") and len(shape(W) or ()) == 3):
         raise NoMatch("a grouped GEMM weight is not a 3-D parameter")
-    return W
+    return rows, W, transposed
+
+
+def _split_linears(cat: Node) -> tuple[Node, Node, list]:
+    """(rows, W, sizes) for ``torch.cat([F.linear(c, W[e]) for e, c in enumerate(rows.split(sizes))])``."""
+    split = W = None
+    for e, part in enumerate(cat.args[0]):
+        if not (is_fn(part, *LINEAR) and arg(part, 2, "bias") is None):
+            raise NoMatch(f"part {e} of a concatenated projection is not a linear without bias")
+        chunk, w = part.args[0], arg(part, 1, "weight")
+        if not (_is_split_chunk(chunk) and chunk.args[1] == e) or (split is not None and chunk.args[0] is not split):
+            raise NoMatch(f"part {e} of a concatenated projection does not read chunk {e} of one split")
+        if not (is_getitem(w) and w.args[1] == e and (W is None or w.args[0] is W)):
+            raise NoMatch(f"part {e} of a concatenated projection does not use W[{e}] of one stacked weight")
+        split, W = chunk.args[0], w.args[0]
+    if split is None:
+        raise NoMatch("an empty concatenation")
+    sizes = arg(split, 1, "split_size_or_sections", arg(split, 1, "split_size"))
+    if not isinstance(sizes, (list, tuple)) or len(sizes) != len(cat.args[0]):
+        raise NoMatch("the split sizes are not one count per expert")
+    return split.args[0], W, list(sizes)
 
 
 def sorted_experts(y_rows: Node, perm: Node, k: int, flat: Node) -> tuple[dict[int, ExpertMLP], Node]:
     """The experts and ``x`` behind expert outputs in sorted-pair order (grouped_mm or split loop)."""
     y, _ = strip_casts(y_rows)
     check_no_rounding(y, "on the expert outputs")
-    return _grouped_experts(y, perm, k, flat) if is_fn(y, GROUPED_MM) else _split_experts(y, perm, k, flat)
+    grouped = is_fn(y, GROUPED_MM) or _splits_hidden(y, perm, k)
+    return _grouped_experts(y, perm, k, flat) if grouped else _split_experts(y, perm, k, flat)
+
+
+def _splits_hidden(y: Node, perm: Node, k: int) -> bool:
+    """Whether ``y`` concatenates per-expert down projections of a split of the experts' hidden
+    (``ParallelExperts``), not per-expert MLPs of a split of ``x[perm // k]``."""
+    if not (is_fn(y, torch.cat) and y.args[0] and is_fn(y.args[0][0], *LINEAR)):
+        return False
+    chunk = y.args[0][0].args[0]
+    if not _is_split_chunk(chunk):
+        return False
+    rows = chunk.args[0].args[0]
+    return not (is_getitem(rows) and _same_tok(rows.args[1], perm, k))
 
 
 def _grouped_experts(out: Node, perm: Node, k: int, flat: Node) -> tuple[dict[int, ExpertMLP], Node]:
     """y_rows = _grouped_mm(act(g) [* u], W_down, offs) with g, u grouped GEMMs of x[perm // k]."""
-    offs: list = []
-    h = out.args[0]
-    down = _grouped(out, h, offs)
+    groups: list = []
+    h, down, down_t = _grouped(out, groups)
     act = _activation(h)
     chunk_of = {}
     if act is not None:
@@ -192,23 +278,30 @@ def _grouped_experts(out: Node, perm: Node, k: int, flat: Node) -> tuple[dict[in
             width = int(shape(mm)[-1])
             chunk_of[role] = (0, width // 2) if node.args[1] == 0 else (width // 2, width)
             node = mm
-        if rows is None:
-            rows = node.args[0] if is_fn(node, GROUPED_MM) else None
-        refs[role] = _grouped(node, rows, offs)
+        r, W, t = _grouped(node, groups)
+        if rows is not None and r is not rows:
+            raise NoMatch("the gate and up projections read different rows")
+        rows, refs[role] = r, (W, t)
     if not (is_getitem(rows) and _same_tok(rows.args[1], perm, k)):
         raise NoMatch("the grouped GEMM rows are not x[perm // k]")
     x = rows.args[0]
     E = int(shape(down)[0])
-    offsets, _ = strip_casts(offs[0])
-    if not (is_fn(offsets, torch.cumsum) and arg(offsets, 1, "dim") == 0 and _counts_ok(offsets.args[0], flat, E)):
-        raise NoMatch("cannot prove the group offsets are the cumulative per-expert counts of the sorted ids")
+    kind, group = groups[0]
+    if kind == "offs":
+        offsets, _ = strip_casts(group)
+        if not (is_fn(offsets, torch.cumsum) and arg(offsets, 1, "dim") == 0 and _counts_ok(offsets.args[0], flat, E)):
+            raise NoMatch("cannot prove the group offsets are the cumulative per-expert counts of the sorted ids")
+    elif len(group) != E:
+        raise NoMatch(f"{len(group)} split sizes for {E} experts")
+    else:
+        _check_split_sizes(group, flat, E)
 
     def ref(role, e):
         if role not in refs:
             return None
-        return WeightRef(refs[role], e, transposed=True, rows=chunk_of.get(role))
+        return WeightRef(refs[role][0], e, transposed=refs[role][1], rows=chunk_of.get(role))
 
-    experts = {e: ExpertMLP(name, ref("gate", e), ref("up", e), WeightRef(down, e, transposed=True), None, None, None)
+    experts = {e: ExpertMLP(name, ref("gate", e), ref("up", e), WeightRef(down, e, transposed=down_t), None, None, None)
                for e in range(E)}
     return experts, x
 
@@ -243,6 +336,13 @@ def _split_experts(y_rows: Node, perm: Node, k: int, flat: Node) -> tuple[dict[i
     x = rows.args[0]
     if not isinstance(sizes, (list, tuple)) or len(sizes) != E:
         raise NoMatch("the split sizes are not one count per expert")
+    _check_split_sizes(sizes, flat, E)
+    return experts, x
+
+
+def _check_split_sizes(sizes, flat: Node, E: int) -> None:
+    """NoMatch unless ``sizes`` is ``counts.tolist()`` (``counts[e].item()`` each, as Dynamo
+    traces it) of the per-expert counts of the sorted ids."""
     counts = None
     for e, s in enumerate(sizes):
         c = s.args[0] if is_method(s, "item") else None
@@ -255,13 +355,12 @@ def _split_experts(y_rows: Node, perm: Node, k: int, flat: Node) -> tuple[dict[i
     if not _counts_ok(counts, flat, E):
         raise NoMatch("cannot prove the split sizes are the per-expert counts of the sorted ids "
                       "(expected histc(ids, bins=E, min=0, max=E-1) or bincount(ids, minlength=E))")
-    return experts, x
 
 
 def _combine_args(ia: Node) -> tuple[Node, Node]:
     """(token index, rows) of ``acc.index_add_(0, tok, rows)`` or of
     ``acc.scatter_add(0, tok.reshape(-1, 1).expand(-1, d), rows)`` (the same sum by token)."""
-    if is_method(ia, "index_add_", "index_add"):
+    if is_method(ia, "index_add_", "index_add") or is_fn(ia, torch.index_add):
         if arg(ia, 1, "dim") not in (0, -2) or ia.kwargs.get("alpha", 1) != 1 or len(ia.args) > 4:
             raise NoMatch("index_add_ is not along dim 0 with alpha 1")
         return arg(ia, 2, "index"), arg(ia, 3, "source")
@@ -286,12 +385,15 @@ def _is_split_chunk(node: Node) -> bool:
 
 
 def _same_tok(node: object, perm: Node, k: int) -> bool:
-    return is_fn(node, operator.floordiv) and node.args[0] is perm and node.args[1] == k
+    return _token_of(node) == (perm, k)
 
 
 def _weight_gather(node: object, perm: Node) -> Node | None:
-    """``w.reshape(-1)[perm, None]`` or ``w.reshape(-1)[perm].unsqueeze(-1)`` -> w."""
-    if is_method(node, "unsqueeze") and arg(node, 1, "dim") in (-1, 1):
+    """``w.reshape(-1)[perm, None]``, or ``w.reshape(-1)[perm]`` broadcast with ``.unsqueeze(-1)``,
+    ``[:, None]`` or ``[..., None]`` (GraniteMoE) -> w."""
+    full = slice(None, None, None)
+    if (is_method(node, "unsqueeze") and arg(node, 1, "dim") in (-1, 1)) or \
+            (is_getitem(node) and isinstance(node.args[1], tuple) and node.args[1] in ((full, None), (Ellipsis, None))):
         node = node.args[0]
         if is_getitem(node) and node.args[1] is perm:
             return _flat_of(node.args[0])
