@@ -9,8 +9,11 @@ coefficients from measured per-batch times by (non-negative) least squares.
 
 from __future__ import annotations
 
+import collections.abc
 import itertools
 import math
+import numbers
+import operator
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -30,6 +33,28 @@ def _as_float64(x: Sequence[float] | torch.Tensor, what: str) -> torch.Tensor:
         bad = int(torch.nonzero(~torch.isfinite(t) | (t < 0))[0, 0])
         raise ValueError(f"{what} must be finite and >= 0, got {what}[{bad}] = {t[bad].item()}")
     return t
+
+
+def _check_coefficient(name: str, v: object) -> float:
+    """A coefficient as a float: real numbers (Python or numpy) that are finite and >= 0."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"cost coefficient {name} must be a real number, got {v!r} ({type(v).__name__})")
+    f = float(v)
+    if not math.isfinite(f) or f < 0:
+        raise ValueError(f"cost coefficient {name} must be a finite number >= 0, got {v!r}")
+    return f
+
+
+def _check_d_model(d_model: object) -> int:
+    if isinstance(d_model, bool):
+        raise TypeError(f"d_model must be an int, got {d_model!r}")
+    try:
+        d = operator.index(d_model)
+    except TypeError:
+        raise TypeError(f"d_model must be an int, got {d_model!r} ({type(d_model).__name__})") from None
+    if d < 1:
+        raise ValueError(f"d_model must be >= 1, got {d}")
+    return d
 
 
 @dataclass
@@ -53,11 +78,10 @@ class CostModel:
     extra: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name, v in [("a", self.a), ("b", self.b), ("c", self.c), *self.extra.items()]:
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"cost coefficient {name} must be a finite number >= 0, got {v!r}")
-        self.a, self.b, self.c = float(self.a), float(self.b), float(self.c)
-        self.extra = {str(k): float(v) for k, v in self.extra.items()}
+        if not isinstance(self.extra, collections.abc.Mapping):
+            raise TypeError(f"extra must be a mapping of feature name to weight, got {self.extra!r}")
+        self.a, self.b, self.c = (_check_coefficient(k, getattr(self, k)) for k in "abc")
+        self.extra = {str(k): _check_coefficient(str(k), v) for k, v in self.extra.items()}
 
     # Presets -----------------------------------------------------------------------------
 
@@ -74,8 +98,7 @@ class CostModel:
         ``4*L^2*d`` (scores and weighted sum). Dividing by ``24*d^2`` gives ``a = 1`` and
         ``b = 1/(6*d)``; the backward is a constant multiple and does not change the ratio.
         """
-        if d_model < 1:
-            raise ValueError(f"d_model must be >= 1, got {d_model}")
+        d_model = _check_d_model(d_model)
         return cls(a=1.0, b=1.0 / (6.0 * d_model))
 
     @classmethod
@@ -86,7 +109,8 @@ class CostModel:
         ``unique_ids=`` to ``__call__`` when its weight is non-zero). Rough defaults: calibrate
         on your model.
         """
-        extra = {"unique_ids": unique_ids} if unique_ids else {}
+        d_model = _check_d_model(d_model)
+        extra = {"unique_ids": unique_ids} if _check_coefficient("unique_ids", unique_ids) else {}
         return cls(a=1.0, b=1.0 / (6.0 * d_model), c=per_sample, extra=extra)
 
     @classmethod
@@ -152,6 +176,12 @@ class CostModel:
             if f.shape != L.shape:
                 raise ValueError(f"feature {name!r} has {f.numel()} values, lengths has {L.numel()}")
             cost = cost + w * f
+        if not torch.isfinite(cost).all():
+            i = int(torch.nonzero(~torch.isfinite(cost))[0, 0])
+            raise ValueError(
+                f"the cost of sample {i} overflows float64 (lengths[{i}] = {L[i].item()}, model {self}): "
+                "rescale the lengths or the coefficients"
+            )
         return cost
 
     def __str__(self) -> str:

@@ -16,6 +16,7 @@ import gc
 import heapq
 import math
 import random
+import sys
 from typing import Sequence
 
 import torch
@@ -25,8 +26,11 @@ METHODS = ("kk", "lpt", "greedy", "sorted_rr", "random")
 CostsLike = Sequence[float] | torch.Tensor
 
 
-def as_cost_list(costs: CostsLike, what: str = "costs") -> list[float]:
-    """Validate ``costs`` (1-D, finite, non-negative) and return them as a list of floats."""
+def as_cost_list(costs: CostsLike, what: str = "costs", *, check_sum: bool = True) -> list[float]:
+    """Validate ``costs`` (1-D, finite, non-negative) and return them as a list of floats.
+
+    With ``check_sum`` their total must also fit in a float64 (see below).
+    """
     if isinstance(costs, torch.Tensor):
         if costs.dim() != 1:
             raise ValueError(f"{what} must be 1-D, got shape {tuple(costs.shape)}")
@@ -39,6 +43,14 @@ def as_cost_list(costs: CostsLike, what: str = "costs") -> list[float]:
     for i, c in enumerate(out):
         if not math.isfinite(c) or c < 0:
             raise ValueError(f"{what} must be finite and >= 0, got {what}[{i}] = {c}")
+    # Part loads are sums of costs: a total beyond float64 would make them inf (and the
+    # partitions' comparisons meaningless, math.fsum raise OverflowError). Costs are >= 0, so
+    # the plain sum is inf exactly when the running total leaves float64's range.
+    if check_sum and math.isinf(sum(out)):
+        raise ValueError(
+            f"{what} sum to more than the largest float64 ({sys.float_info.max:.4g}), so part sums "
+            f"would overflow; rescale them (only ratios matter), largest is {max(out):.4g}"
+        )
     return out
 
 

@@ -24,10 +24,12 @@ Example::
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Sequence
 
 from blazec.runtime._cost import CostModel, calibrate
-from blazec.runtime._partition import METHODS, part_costs, partition
+from blazec.runtime._partition import METHODS, as_cost_list, part_costs, partition
 from blazec.runtime._sampler import BalancedBatchSampler, partition_ranks
 
 __all__ = [
@@ -50,13 +52,12 @@ def bubble_fraction(rank_costs: Sequence[float]) -> float:
     ``sum = R * mean``; the rest of the ``R * max`` rank-time is bubble. 0 is perfect balance;
     ``1 - 1/R`` is one rank doing all the work. Defined as 0 when every cost is 0.
     """
-    c = [float(x) for x in rank_costs]
+    c = as_cost_list(rank_costs, "rank_costs", check_sum=False)
     if not c:
         raise ValueError("rank_costs must not be empty")
-    if min(c) < 0:
-        raise ValueError(f"rank costs must be >= 0, got {min(c)}")
     mx = max(c)
-    return 0.0 if mx == 0 else 1.0 - (sum(c) / len(c)) / mx
+    # Each ratio is <= 1, so the mean cannot overflow even when sum(c) would.
+    return 0.0 if mx == 0 else 1.0 - math.fsum(x / mx for x in c) / len(c)
 
 
 def bubble_reduction(bubble: float, baseline_bubble: float) -> float:
@@ -64,6 +65,9 @@ def bubble_reduction(bubble: float, baseline_bubble: float) -> float:
 
     Defined as 0 when the baseline has no bubble.
     """
-    if bubble < 0 or baseline_bubble < 0:
-        raise ValueError(f"bubble fractions must be >= 0, got {bubble} and {baseline_bubble}")
+    for name, v in (("bubble", bubble), ("baseline_bubble", baseline_bubble)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise TypeError(f"{name} must be a real number, got {v!r} ({type(v).__name__})")
+        if not math.isfinite(v) or v < 0:
+            raise ValueError(f"bubble fractions must be finite and >= 0, got {name} = {v}")
     return 0.0 if baseline_bubble == 0 else 1.0 - bubble / baseline_bubble

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -130,3 +131,37 @@ def test_calibrate_nonnegative_clamps_to_support():
 def test_calibrate_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         calibrate(**kwargs)
+
+
+def test_numpy_coefficients_and_d_model_are_accepted():
+    m = CostModel(a=np.float32(1.0), b=np.float64(0.5), c=np.int64(2), extra={"ids": np.float32(0.25)})
+    assert (m.a, m.b, m.c, m.extra) == (1.0, 0.5, 2.0, {"ids": 0.25})
+    assert all(type(v) is float for v in (m.a, m.b, m.c, *m.extra.values()))
+    assert CostModel.transformer(np.int64(512)) == CostModel.transformer(512)
+    assert CostModel.recsys(np.int32(128), unique_ids=np.float32(0.5)) == CostModel.recsys(128, unique_ids=0.5)
+
+
+@pytest.mark.parametrize(
+    "call, exc, match",
+    [
+        (lambda: CostModel(a=True), TypeError, r"cost coefficient a must be a real number, got True \(bool\)"),
+        (lambda: CostModel(b="1"), TypeError, r"cost coefficient b must be a real number, got '1' \(str\)"),
+        (lambda: CostModel(extra={"ids": None}), TypeError, "cost coefficient ids must be a real number"),
+        (lambda: CostModel(extra=[("ids", 1.0)]), TypeError, "extra must be a mapping"),
+        (lambda: CostModel(c=np.float32("nan")), ValueError, "cost coefficient c must be a finite number >= 0"),
+        (lambda: CostModel.transformer(0.5), TypeError, r"d_model must be an int, got 0.5 \(float\)"),
+        (lambda: CostModel.transformer("x"), TypeError, "d_model must be an int, got 'x'"),
+        (lambda: CostModel.recsys(0), ValueError, "d_model must be >= 1, got 0"),
+        (lambda: CostModel.recsys(unique_ids=-1.0), ValueError, "cost coefficient unique_ids must be a finite number >= 0"),
+    ],
+)
+def test_bad_coefficients_and_presets(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_cost_that_overflows_float64_is_an_error():
+    # 1e200 is a finite float64 length; its L^2 term is not.
+    with pytest.raises(ValueError, match=r"the cost of sample 1 overflows float64 \(lengths\[1\] = 1e\+200"):
+        CostModel.transformer()([1.0, 1e200])
+    assert CostModel.tokens()([1e200]).item() == 1e200

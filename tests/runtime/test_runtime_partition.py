@@ -182,6 +182,10 @@ def test_bubble_metrics():
         (lambda: partition_ranks([1.0], 1, 0), "micro_batches must be an int >= 1"),
         (lambda: bubble_fraction([]), "must not be empty"),
         (lambda: bubble_fraction([-1.0]), ">= 0"),
+        (lambda: bubble_fraction([1.0, float("nan")]), r"rank_costs must be finite and >= 0, got rank_costs\[1\] = nan"),
+        (lambda: bubble_fraction([1.0, float("inf")]), r"rank_costs\[1\] = inf"),
+        (lambda: bubble_reduction(float("nan"), 0.5), "bubble fractions must be finite and >= 0, got bubble = nan"),
+        (lambda: bubble_reduction(0.1, float("inf")), "got baseline_bubble = inf"),
     ],
 )
 def test_bad_input_errors(call, match):
@@ -197,3 +201,20 @@ def test_partition_ranks_never_leaves_a_micro_batch_empty(method):
     out = partition_ranks(costs, 4, 3, method)
     assert all(len(r) == 3 and all(r) for r in out)
     _check_exact_cover([mb for r in out for mb in r], 12)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("equal", [False, True])
+def test_costs_whose_sum_overflows_float64_are_rejected(method, equal):
+    # Each cost is finite but the part sums are not: a clear error, not OverflowError from fsum
+    # (equal-counts KK, part_costs) or parts compared by inf loads (the others).
+    with pytest.raises(ValueError, match=r"costs sum to more than the largest float64 .* rescale them"):
+        partition([1e308] * 4, 2, method, equal_counts=equal)
+    with pytest.raises(ValueError, match="costs sum to more than the largest float64"):
+        part_costs([1e308] * 4, [[0, 1, 2, 3]])
+    assert part_costs([1e307] * 4, [[0, 1], [2, 3]]) == [2e307, 2e307]
+
+
+def test_bubble_fraction_does_not_overflow():
+    assert bubble_fraction([1e308, 1e308]) == 0.0
+    assert bubble_fraction([1e308, 0.5e308]) == pytest.approx(0.25)

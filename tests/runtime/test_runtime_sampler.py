@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
+import warnings
+
+import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
-from blazec.runtime.balance import BalancedBatchSampler, CostModel, bubble_fraction
+from blazec.runtime.balance import METHODS, BalancedBatchSampler, CostModel, bubble_fraction
+from runtime_dist_util import run_gloo
 
 
 
@@ -125,6 +131,11 @@ def test_works_as_dataloader_batch_sampler():
         (dict(data_source=8, global_batch_size=4, lengths=[1] * 8, method="best"), "unknown partition method"),
         (dict(data_source=8, global_batch_size=4, cost_fn=float, world_size=2), "needs torch.distributed"),
         (dict(data_source=8, global_batch_size=4, cost_fn=float, features={"x": [1] * 8}), "features= needs lengths="),
+        (dict(data_source=8, global_batch_size=4, cost_fn=float, cost_model=CostModel.tokens()), "cost_model= needs lengths="),
+        (dict(data_source=3, global_batch_size=4, lengths=[1] * 3, world_size=2, micro_batches=2, drop_last=False),
+         r"dataset size 3 < world_size \* micro_batches = 4"),
+        (dict(data_source=4, global_batch_size=2, lengths=[1e200, 1.0, 2.0, 3.0]), r"cost of sample 0 overflows float64 \(lengths\[0\] = 1e\+200"),
+        (dict(data_source=2, global_batch_size=2, lengths=[1.0, float("nan")]), r"lengths must be finite and >= 0, got lengths\[1\] = nan"),
     ],
 )
 def test_bad_arguments(kwargs, match):
@@ -136,3 +147,131 @@ def test_bad_cost_fn_value():
     s = BalancedBatchSampler(8, 4, cost_fn=lambda i: -1.0)
     with pytest.raises(ValueError, match=r"cost_fn\(\d\) returned -1.0"):
         list(s)
+
+
+# --- argument types: rejected at construction, naming the argument ------------------------
+
+_L8 = [5, 1, 7, 3, 2, 9, 4, 4]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(global_batch_size=4.0), r"global_batch_size must be an int, got 4.0 \(float\)"),
+        (dict(global_batch_size="4"), r"global_batch_size must be an int, got '4' \(str\)"),
+        (dict(global_batch_size=True), r"global_batch_size must be an int, got True \(bool\)"),
+        (dict(world_size=2.0, rank=0), r"world_size must be an int, got 2.0"),
+        (dict(world_size=2, rank=1.0), r"rank must be an int, got 1.0"),
+        (dict(seed=0.5), r"seed must be an int, got 0.5"),
+        (dict(micro_batches=2.0), r"micro_batches must be an int, got 2.0"),
+        (dict(drop_last="no"), r"drop_last must be True or False, got 'no'"),
+        (dict(shuffle=1), r"shuffle must be True or False, got 1"),
+        (dict(data_source=8.0), r"data_source must be a dataset with len\(\) or its size \(an int\), got 8.0"),
+        (dict(lengths=None, cost_fn="len"), "cost_fn must be callable"),
+        (dict(cost_model="transformer"), "cost_model must be a CostModel"),
+    ],
+)
+def test_bad_argument_types(kwargs, match):
+    args = dict(data_source=8, global_batch_size=4, lengths=_L8) | kwargs
+    with pytest.raises(TypeError, match=match):
+        BalancedBatchSampler(**args)
+
+
+def test_numpy_integers_and_bools_are_accepted():
+    ref = BalancedBatchSampler(8, 4, lengths=_L8, rank=1, world_size=2, micro_batches=2, seed=3, drop_last=True)
+    got = BalancedBatchSampler(
+        np.int64(8), np.int32(4), lengths=np.array(_L8), rank=np.int64(1), world_size=np.int64(2),
+        micro_batches=np.int16(2), seed=np.uint8(3), drop_last=np.bool_(True),
+    )
+    assert list(got) == list(ref) and len(got) == len(ref)
+
+
+def test_any_int_seed_and_epoch_checked():
+    # torch's manual_seed only takes [-2**63, 2**64): seed + epoch is reduced mod 2**64.
+    assert list(BalancedBatchSampler(8, 4, lengths=_L8, seed=-1)) == list(BalancedBatchSampler(8, 4, lengths=_L8, seed=2**64 - 1))
+    assert len(list(BalancedBatchSampler(8, 4, lengths=_L8, seed=2**70))) == 2
+    with pytest.raises(TypeError, match="epoch must be an int, got 1.5"):
+        BalancedBatchSampler(8, 4, lengths=_L8).set_epoch(1.5)
+
+
+def test_lengths_are_read_as_float64():
+    # float32 would round 16777217 to 16777216 (and overflow above 3.4e38).
+    s = BalancedBatchSampler(2, 2, lengths=[16777217.0, 16777216.0], cost_model=CostModel.tokens(), world_size=2, shuffle=False)
+    list(s)
+    assert sorted(s.last_rank_costs) == [16777216.0, 16777217.0]
+    s = BalancedBatchSampler(2, 2, lengths=[1e300, 1e299], cost_model=CostModel.tokens(), world_size=2, shuffle=False)
+    list(s)
+    assert sorted(s.last_rank_costs) == [1e299, 1e300]
+
+
+def test_cost_fn_returning_a_non_number():
+    with pytest.raises(TypeError, match=r"cost_fn\(\d\) returned 'x'; it must return a number"):
+        list(BalancedBatchSampler(4, 2, cost_fn=lambda i: "x"))
+    with pytest.raises(TypeError, match=r"cost_fn\(\d\) returned None"):
+        list(BalancedBatchSampler(4, 2, cost_fn=lambda i: None))
+
+
+# --- drop_last=False: every rank yields len() batches, micro_batches per step, none empty ----
+
+
+def _epoch(world, n, B, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        samplers = [BalancedBatchSampler(n, B, rank=r, world_size=world, **kw) for r in range(world)]
+    return samplers, [list(s) for s in samplers]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("equal", [False, True])
+def test_drop_last_false_same_number_of_batches_on_every_rank(method, equal):
+    for n, world, micro in itertools.product(range(1, 11), (1, 2, 3), (1, 2, 3)):
+        wm = world * micro
+        for B in sorted({wm, wm + 1, n - 1, n, n + 2} - set(range(wm))):
+            L = [(7 * i) % 5 + 1 for i in range(n)]
+            kw = dict(lengths=L, micro_batches=micro, method=method, equal_counts=equal, drop_last=False, seed=n)
+            if n < wm:
+                with pytest.raises(ValueError, match="no step"):
+                    _epoch(world, n, B, **kw)
+                continue
+            samplers, yielded = _epoch(world, n, B, **kw)
+            steps = n // B + (n % B >= wm)
+            for s, got in zip(samplers, yielded):
+                assert len(got) == len(s) == steps * micro, (n, world, micro, B)
+                assert all(got), "no empty micro-batch"
+            seen = [i for got in yielded for mb in got for i in mb]
+            assert len(seen) == len(set(seen)) == min(n, steps * B)  # short last step: all of it
+
+
+def test_drop_last_false_keeps_a_short_last_step_that_fits():
+    # 10 = 2 * 4 + 2: the 2 left over fill world_size * micro_batches = 2 micro-batches.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, yielded = _epoch(2, 10, 4, lengths=list(range(1, 11)), drop_last=False)
+    assert [len(y) for y in yielded] == [3, 3]
+    assert sorted(i for y in yielded for mb in y for i in mb) == list(range(10))
+
+
+def test_drop_last_false_warns_about_a_dropped_remainder():
+    # 5 = 4 + 1: one sample cannot go to both ranks; it is dropped, with a warning.
+    with pytest.warns(UserWarning, match=r"the last 1 samples of each epoch .* world_size \* micro_batches = 2 and are dropped"):
+        s = BalancedBatchSampler(5, 4, lengths=[5, 1, 7, 3, 2], rank=1, world_size=2, drop_last=False)
+    assert len(s) == len(list(s)) == 1
+
+
+# --- cost_fn mode: an explicit rank= must be the process group's (every rank raises) --------
+
+
+def _rank_mismatch_worker(rank, world):
+    # Every process passes rank=0: without the check, both evaluate and keep rank 0's share.
+    with pytest.raises(ValueError, match=r"rank= disagrees with the process group: .* passed rank=\[0, 0\]"):
+        BalancedBatchSampler(8, 8, cost_fn=float, rank=0, world_size=world)
+    ok = BalancedBatchSampler(8, 8, cost_fn=float, rank=rank, world_size=world, shuffle=False)
+    mine = [i for mb in ok for i in mb]
+    everyone = [None] * world
+    dist.all_gather_object(everyone, mine)
+    assert sorted(i for m in everyone for i in m) == list(range(8))
+
+
+@pytest.mark.xdist_group("gloo")
+def test_cost_fn_rank_must_match_the_process_group():
+    run_gloo(_rank_mismatch_worker, 2)
