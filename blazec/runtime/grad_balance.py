@@ -21,6 +21,13 @@ one, so throughput stays close to plain summed-loss training. Usage::
     balancer.backward(losses, rep)
     optimizer.step()
 
+The heads must reach the shared bottom only through ``rep`` (``"rep"`` mode): ``backward``
+raises a ``ValueError`` when a head also reads a parameter of the bottom (tied weights), an
+intermediate of the bottom (a skip connection), or an output of the op that produced ``rep``
+that is not in ``rep`` (``a, b = shared(x).chunk(2)`` with only ``a`` passed), since the
+gradient through that path would escape the balancing, be counted twice or be lost.
+``mode="param"`` handles such graphs.
+
 Under DDP the per-task statistics (norms, Gram matrix) are all-reduced, so every rank uses the
 same weights and the result equals single-process training on the global batch (with losses
 that are means over the local batch, as DDP expects).
@@ -29,6 +36,7 @@ that are means over the local batch, as DDP expects).
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Sequence
 
 import torch
@@ -54,7 +62,11 @@ class GradBalancer:
       ``n_t = m_t / (1 - beta^k)`` after k updates), the target ``tau`` (the mean, max or min of
       the ``n_t``, or ``n_a`` of an anchor task index ``a``) and the relax factor ``r`` in [0, 1]:
       ``w_t = (1 - r) + r * tau / n_t``. ``r = 1`` gives every task the target magnitude,
-      ``r = 0`` is ``equal``. The EMA smooths the noise of per-batch norms.
+      ``r = 0`` is ``equal``. The EMA smooths the noise of per-batch norms. A task whose gradient
+      is zero this step (no labelled sample of it in the batch, say) has nothing to rescale: its
+      EMA is left as it is, it gets weight 1 and it is left out of the mean, max or min that
+      gives ``tau``. An anchor task keeps its EMA as the target; while it has none yet (no
+      non-zero gradient so far), every weight is 1.
     * ``"mgda"``: ``w = T * alpha`` with ``alpha`` the min-norm convex combination of the ``g_t``
       (MGDA-UB on the representation; see ``blazec.runtime._mgda``). The factor T makes equal
       alphas match ``equal``. With ``mgda_normalize="l2"`` (default) the min-norm problem is
@@ -62,10 +74,14 @@ class GradBalancer:
       Koltun do, and ``w_t = T alpha_t nbar / n_t`` with ``nbar`` the mean norm, so the
       combination keeps the overall gradient scale. Unnormalised MGDA (``"none"``) puts almost
       all the weight on the task with the smallest gradient when the tasks' scales differ.
+      Tasks with a zero gradient this step are left out of the min-norm problem (otherwise the
+      hull contains 0 and the step would vanish) and get weight 1, with either normalisation.
 
     Modes:
 
-    * ``"rep"`` (default): gradients w.r.t. ``rep``, as described in the module docstring.
+    * ``"rep"`` (default): gradients w.r.t. ``rep``, as described in the module docstring. The
+      heads must read the shared bottom only through the tensors passed as ``rep``, and those
+      must not depend on one another; a graph that breaks this raises a ``ValueError``.
     * ``"param"``: gradients w.r.t. the shared parameters, one full backward per task. It
       exists to measure what parameter-space balancing costs; it is single-process only, and
       since it backpropagates T times through one graph (``retain_graph=True``) it needs
@@ -97,23 +113,27 @@ class GradBalancer:
         distributed: bool | None = None,
         group: dist.ProcessGroup | None = None,
     ) -> None:
-        if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
+        if isinstance(num_tasks, bool) or not isinstance(num_tasks, numbers.Integral) or num_tasks < 1:
             raise ValueError(f"num_tasks must be an int >= 1, got {num_tasks!r}")
+        num_tasks = int(num_tasks)
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-        if not (isinstance(beta, (int, float)) and 0.0 <= beta < 1.0):
+        beta, relax = _real("beta", beta), _real("relax", relax)
+        if not 0.0 <= beta < 1.0:
             raise ValueError(f"beta must be in [0, 1), got {beta!r}")
-        if not (isinstance(relax, (int, float)) and 0.0 <= relax <= 1.0):
+        if not 0.0 <= relax <= 1.0:
             raise ValueError(f"relax must be in [0, 1], got {relax!r}")
-        if isinstance(target, bool) or not (target in TARGETS or (isinstance(target, int) and 0 <= target < num_tasks)):
+        is_index = isinstance(target, numbers.Integral) and not isinstance(target, bool)
+        if not ((isinstance(target, str) and target in TARGETS) or (is_index and 0 <= target < num_tasks)):
             raise ValueError(f"target must be one of {', '.join(TARGETS)} or a task index in [0, {num_tasks}), got {target!r}")
+        target = int(target) if is_index else target
         if mgda_normalize not in ("l2", "none"):
             raise ValueError(f"mgda_normalize must be 'l2' or 'none', got {mgda_normalize!r}")
         self.num_tasks, self.method, self.mode = num_tasks, method, mode
         self.mgda_normalize = mgda_normalize
-        self.beta, self.relax, self.target = float(beta), float(relax), target
+        self.beta, self.relax, self.target = beta, relax, target
         self.distributed, self.group = distributed, group
         self._ema: torch.Tensor | None = None  # EMA of per-task gradient norms
         self._count: torch.Tensor | None = None  # EMA updates per task (for bias correction)
@@ -135,8 +155,10 @@ class GradBalancer:
 
         Args:
             losses: one scalar loss per task.
-            rep: the shared representation (a tensor or a sequence of tensors) that the heads
-                consume; its gradient is what gets balanced in ``"rep"`` mode.
+            rep: the shared representation (a tensor or a non-empty sequence of distinct
+                tensors) that the heads consume; its gradient is what gets balanced in ``"rep"``
+                mode. In that mode it must hold every tensor the heads read from the shared
+                bottom, and none of them may be computed from another.
             scaler: a ``torch.amp.GradScaler``: the losses are scaled with it and the
                 statistics are taken on unscaled gradients, so a changing scale does not
                 disturb the EMA. Steps with inf/NaN gradients leave the EMA unchanged (the
@@ -156,10 +178,7 @@ class GradBalancer:
                 raise ValueError(f"losses[{t}] must be a scalar tensor, got {type(loss).__name__} {getattr(loss, 'shape', '')}")
             if not loss.requires_grad:
                 raise ValueError(f"losses[{t}] does not require grad (computed under no_grad or detached?)")
-        reps = [rep] if isinstance(rep, torch.Tensor) else list(rep)
-        for i, r in enumerate(reps):
-            if not isinstance(r, torch.Tensor) or not r.requires_grad:
-                raise ValueError(f"rep[{i}] must be a tensor that requires grad (the shared bottom's output)")
+        reps = _check_reps(rep)
         if scaler is not None:
             losses = [scaler.scale(loss) for loss in losses]
             inv_scale = 1.0 / scaler.get_scale()
@@ -185,7 +204,21 @@ class GradBalancer:
         return {"ema": self._ema, "count": self._count}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._ema, self._count = state["ema"], state["count"]
+        """Restore the EMA state saved by ``state_dict``."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict from GradBalancer.state_dict(), got {type(state).__name__}")
+        missing = [k for k in ("ema", "count") if k not in state]
+        if missing:
+            raise ValueError(f"state is missing {', '.join(map(repr, missing))}; expected a dict from GradBalancer.state_dict()")
+        ema, count = state["ema"], state["count"]
+        if ema is None and count is None:
+            self._ema = self._count = None
+            return
+        for key, v in (("ema", ema), ("count", count)):
+            if not isinstance(v, torch.Tensor) or v.shape != (self.num_tasks,):
+                got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+                raise ValueError(f"state[{key!r}] must be a tensor of shape ({self.num_tasks},) for {self.num_tasks} tasks, got {got}")
+        self._ema, self._count = ema, count
 
     # Modes ---------------------------------------------------------------------------------
 
@@ -193,19 +226,27 @@ class GradBalancer:
         head_leaves, retain = _head_graphs(losses, reps)
         heads: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (param, summed grad)
         grads = []
-        for t, loss in enumerate(losses):
-            # autograd.grad w.r.t. rep runs only the nodes between loss_t and rep (head t) and
-            # does not execute rep's own grad_fn, so the shared bottom is untouched. The head's
-            # graph is freed unless a later task still needs one of its nodes: Inductor's
-            # compiled backwards donate their buffers and refuse retain_graph=True.
-            leaves = head_leaves[t]
-            g = torch.autograd.grad(
-                loss, [*reps, *leaves], retain_graph=retain[t] or retain_graph, allow_unused=True, materialize_grads=True
-            )
-            grads.append(list(g[: len(reps)]))
-            for p, gp in zip(leaves, g[len(reps) :]):
-                prev = heads.get(id(p))
-                heads[id(p)] = (p, gp if prev is None else prev[1] + gp)
+        task = [0]  # the task whose head backward is running, for the guard's message
+        guard = _guard_bottom(reps, task)
+        try:
+            for t, loss in enumerate(losses):
+                # autograd.grad w.r.t. rep runs only the nodes between loss_t and rep (head t)
+                # and does not execute rep's own grad_fn, so the shared bottom is untouched
+                # (the guard fails the call otherwise). The head's graph is freed unless a later
+                # task still needs one of its nodes: Inductor's compiled backwards donate their
+                # buffers and refuse retain_graph=True.
+                task[0] = t
+                leaves = head_leaves[t]
+                g = torch.autograd.grad(
+                    loss, [*reps, *leaves], retain_graph=retain[t] or retain_graph, allow_unused=True, materialize_grads=True
+                )
+                grads.append(list(g[: len(reps)]))
+                for p, gp in zip(leaves, g[len(reps) :]):
+                    prev = heads.get(id(p))
+                    heads[id(p)] = (p, gp if prev is None else prev[1] + gp)
+        finally:
+            for handle in guard:
+                handle.remove()
         w = self._weights(grads, inv_scale)
         combined = [_combine(w, [g[i] for g in grads]) for i in range(len(reps))]
         # One engine call: rep seeded with the balanced combination runs the shared bottom
@@ -291,17 +332,21 @@ class GradBalancer:
         T = self.num_tasks
         if not all(math.isfinite(x) for row in gram for x in row):
             return [1.0] * T  # overflowed step (AMP): the scaler will skip it
-        if self.mgda_normalize == "none":
-            return [T * a for a in min_norm_weights(gram)]
         n = [math.sqrt(max(gram[i][i], 0.0)) for i in range(T)]
         live = [i for i in range(T) if n[i] > 0.0]
         if not live:
             return [1.0] * T
-        # Tasks with a zero gradient contribute nothing whatever their weight; solve on the rest.
+        # Tasks with a zero gradient contribute nothing whatever their weight; solve on the rest
+        # (kept in, a zero gradient makes the min-norm point 0 and the whole step vanish).
+        w = [1.0] * T
+        if self.mgda_normalize == "none":
+            alpha = min_norm_weights([[gram[i][j] for j in live] for i in live])
+            for a, i in zip(alpha, live):
+                w[i] = len(live) * a
+            return w
         unit = [[gram[i][j] / (n[i] * n[j]) for j in live] for i in live]
         alpha = min_norm_weights(unit)
         nbar = sum(n[i] for i in live) / len(live)
-        w = [1.0] * T
         for a, i in zip(alpha, live):
             w[i] = len(live) * a * nbar / n[i]
         return w
@@ -311,23 +356,70 @@ class GradBalancer:
             self._ema = torch.zeros_like(norms)
             self._count = torch.zeros_like(norms)
         self._ema, self._count = self._ema.to(norms), self._count.to(norms)
-        finite = torch.isfinite(norms)
-        # Without a GPU->host sync: tasks with a non-finite norm keep their EMA and count.
-        self._ema = torch.where(finite, self.beta * self._ema + (1 - self.beta) * norms.nan_to_num(0.0, 0.0, 0.0), self._ema)
-        self._count = torch.where(finite, self._count + 1, self._count)
+        # Without a GPU->host sync: tasks with a non-finite norm (an overflowed AMP step) or a
+        # zero one (no signal this step) keep their EMA and count.
+        update = torch.isfinite(norms) & (norms != 0)
+        self._ema = torch.where(update, self.beta * self._ema + (1 - self.beta) * norms.nan_to_num(0.0, 0.0, 0.0), self._ema)
+        self._count = torch.where(update, self._count + 1, self._count)
         corr = 1.0 - torch.pow(torch.full_like(self._count, self.beta), self._count)
         n = torch.where(self._count > 0, self._ema / corr.clamp_min(1e-30), torch.zeros_like(self._ema))
-        if self.target == "mean":
-            tau = n.mean()
-        elif self.target == "max":
-            tau = n.max()
-        elif self.target == "min":
-            tau = n.min()
-        else:
-            tau = n[self.target]
-        # A task with no gradient signal yet (n_t = 0) keeps weight 1: nothing to rescale.
-        ratio = torch.where(n > 0, tau / n.clamp_min(1e-30), torch.ones_like(n))
+        # A task with a zero gradient this step, or no signal yet (n_t = 0), keeps weight 1:
+        # nothing to rescale. It is not part of the target either. So every task keeps weight 1
+        # while there is no target.
+        live = (n > 0) & (norms != 0)
+        tau, has_tau = self._target(n, live)
+        ratio = torch.where(live & has_tau, tau / n.clamp_min(1e-30), torch.ones_like(n))
         return (1.0 - self.relax) + self.relax * ratio
+
+    def _target(self, n: torch.Tensor, live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``tau`` from the bias-corrected norms ``n`` and whether there is one.
+
+        ``"mean"``, ``"max"`` and ``"min"`` are taken over the ``live`` tasks (a magnitude
+        estimate and a non-zero gradient this step): a task that contributes nothing this step
+        must not pull the others' scale. An anchor task's estimate is the target as long as it
+        has one, even on a step where its own gradient is zero."""
+        if isinstance(self.target, int):
+            return n[self.target], n[self.target] > 0
+        if self.target == "mean":
+            tau = torch.where(live, n, torch.zeros_like(n)).sum() / live.sum().clamp_min(1)
+        elif self.target == "max":
+            tau = torch.where(live, n, torch.full_like(n, -math.inf)).max()
+        else:
+            tau = torch.where(live, n, torch.full_like(n, math.inf)).min()
+        return tau, live.any()
+
+
+def _real(name: str, value: Any) -> float:
+    """``value`` as a float if it is a real number (Python or NumPy), else a TypeError; bools
+    are refused, as ``relax=True`` is more likely a slip than ``1.0``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def _check_reps(rep: Any) -> list[torch.Tensor]:
+    """``rep`` as a non-empty list of distinct tensors that require grad."""
+    if isinstance(rep, torch.Tensor):
+        reps = [rep]
+    else:
+        try:
+            reps = list(rep)
+        except TypeError:
+            msg = f"rep must be a tensor or a sequence of tensors (the shared bottom's outputs), got {type(rep).__name__}"
+            raise TypeError(msg) from None
+    if not reps:
+        raise ValueError("rep is empty: pass the shared bottom's output tensor(s) that the heads read")
+    seen: dict[Any, int] = {}
+    for i, r in enumerate(reps):
+        if not isinstance(r, torch.Tensor):
+            raise TypeError(f"rep[{i}] must be a tensor, got {type(r).__name__}")
+        if not r.requires_grad:
+            raise ValueError(f"rep[{i}] must be a tensor that requires grad (the shared bottom's output)")
+        key = (r.grad_fn, r.output_nr) if r.grad_fn is not None else id(r)
+        if key in seen:
+            raise ValueError(f"rep[{i}] is the same tensor as rep[{seen[key]}]: pass each tensor once (its gradient would count twice)")
+        seen[key] = i
+    return reps
 
 
 def _combine(w: torch.Tensor, grads: list[torch.Tensor]) -> torch.Tensor:
@@ -338,12 +430,13 @@ def _combine(w: torch.Tensor, grads: list[torch.Tensor]) -> torch.Tensor:
     return out.to(grads[0].dtype)
 
 
-def _walk(roots: list, stop: set) -> tuple[list[torch.Tensor], set]:
+def _walk(roots: list, stop: set, edges: set | None = None) -> tuple[list[torch.Tensor], set, list]:
     """Walk the autograd graph from ``roots`` without passing through any node in ``stop``.
 
-    Returns the leaf tensors (AccumulateGrad variables) in first-visit order, each once, and
-    the set of nodes visited."""
-    seen, out, stack = set(), [], [r for r in roots if r is not None]
+    Returns the leaf tensors (AccumulateGrad variables) in first-visit order, each once, the set
+    of nodes visited and, when ``edges`` (allowed ``(node, input_nr)`` pairs into ``stop``) is
+    given, the edges into a ``stop`` node that are not in it, as ``(node, input_nr)``."""
+    seen, out, stray, stack = set(), [], [], [r for r in roots if r is not None]
     while stack:
         node = stack.pop()
         if node in seen or node in stop:
@@ -352,13 +445,67 @@ def _walk(roots: list, stop: set) -> tuple[list[torch.Tensor], set]:
         var = getattr(node, "variable", None)
         if isinstance(var, torch.Tensor):
             out.append(var)
-        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+        for nxt, nr in node.next_functions:
+            if nxt is None:
+                continue
+            if edges is not None and nxt in stop and (nxt, nr) not in edges:
+                stray.append((nxt, nr))
+            stack.append(nxt)
     uniq, ids = [], set()
     for v in out:
         if id(v) not in ids:
             ids.add(id(v))
             uniq.append(v)
-    return uniq, seen
+    return uniq, seen, stray
+
+
+def _guard_bottom(reps: list[torch.Tensor], task: list[int]) -> list:
+    """Pre-hooks on the nodes that produced ``rep`` that fail a head's backward which would run
+    them; the caller removes the returned handles.
+
+    ``autograd.grad(loss_t, [*reps, *head_leaves])`` runs a node only if one of its inputs lies
+    behind it, so a rep's node runs only when a head reaches the shared bottom other than
+    through ``rep``: a head leaf that the bottom also uses (tied weights, a shared parameter in
+    a loss), a head reading an intermediate of the bottom (a skip connection; every node
+    there leads to the bottom's parameters) or a rep computed from another rep. Running it
+    would free the bottom's graph, or with ``retain_graph=True`` count that task's gradient
+    behind rep a second time, unweighted. ``task[0]`` is the task running, for the message."""
+    handles, nodes = [], set()
+    for i, r in enumerate(reps):
+        node = r.grad_fn
+        if node is None or node in nodes:
+            continue
+        nodes.add(node)
+        name = node.name()  # not the node itself: a hook that holds its node keeps the graph alive
+
+        def hook(grad_outputs, i=i, name=name):
+            raise ValueError(
+                f"losses[{task[0]}] reaches the shared bottom other than through rep (its backward would run "
+                f"{name}, which produced rep[{i}]): a head reads a parameter of the shared bottom (tied "
+                "weights), an intermediate of the bottom (a skip connection), or one rep tensor is computed "
+                "from another. Pass as rep tensors that are the only way from the heads to the bottom and do "
+                "not depend on each other, or use mode='param', which balances the shared parameters' "
+                "gradients and handles such graphs"
+            )
+
+        handles.append(node.register_prehook(hook))
+    return handles
+
+
+def _sibling_hint(node: Any) -> str:
+    """The usual cause when ``rep`` and the heads' outputs come out of one node."""
+    name = node.name()
+    if "DDPSink" in name:
+        return (
+            ". DDP with find_unused_parameters=True or static_graph=True passes every output of the forward "
+            "through this one node, so rep mode needs both off"
+        )
+    if "CompiledFunction" in name:
+        return (
+            ". torch.compile of a module that computes both rep and the heads makes them outputs of one "
+            "compiled graph: compile the shared bottom and the heads separately"
+        )
+    return ""
 
 
 def _walk_leaves(roots: list, stop: set) -> list[torch.Tensor]:
@@ -381,10 +528,19 @@ def _head_graphs(losses: list[torch.Tensor], reps: list[torch.Tensor]) -> tuple[
     backward must keep the graph because a later task's loss shares one of its nodes (e.g. a
     common tower after rep). Leaf nodes hold no saved tensors and do not count."""
     stop = {r.grad_fn for r in reps if r.grad_fn is not None}
+    edges = {(r.grad_fn, r.output_nr) for r in reps if r.grad_fn is not None}
     rep_ids = {id(r) for r in reps}
     leaves, nodes = [], []
-    for loss in losses:
-        found, seen = _walk([loss.grad_fn], stop)
+    for t, loss in enumerate(losses):
+        found, seen, stray = _walk([loss.grad_fn], stop, edges)
+        if stray:
+            node, nr = stray[0]
+            i = next(i for i, r in enumerate(reps) if r.grad_fn is node)
+            raise ValueError(
+                f"losses[{t}] reads output {nr} of {node.name()}, the op that produced rep[{i}], but that output "
+                "is not in rep, so its gradient would be lost: pass every tensor the heads read from the shared "
+                f"bottom as rep (e.g. all the outputs of a chunk or split), or use mode='param'{_sibling_hint(node)}"
+            )
         leaves.append([v for v in found if id(v) not in rep_ids])
         nodes.append({n for n in seen if getattr(n, "variable", None) is None})
     retain = []

@@ -382,3 +382,321 @@ def test_shared_tower_after_rep_gets_the_plain_sum():
         torch.testing.assert_close(a, b)
     for a, b in zip(got_tower, ref_tower):
         torch.testing.assert_close(a, b)
+
+
+# --- heads that reach the shared bottom other than through rep ------------------------------
+
+
+def _tied_model():
+    torch.manual_seed(0)
+    emb = nn.Embedding(10, 4).double()  # the shared bottom
+    head = nn.Linear(4, 1).double()
+    ids = torch.tensor([1, 2, 3])
+
+    def forward():
+        rep = emb(ids).tanh()
+        # Task 1 reads the bottom's embedding table directly (tied output embedding).
+        return rep, [(head(rep) ** 2).mean(), (rep @ emb.weight.t()).logsumexp(-1).mean()]
+
+    return emb, head, forward
+
+
+@pytest.mark.parametrize("method", ["magnitude", "mgda"])
+@pytest.mark.parametrize("retain_graph", [False, True])
+def test_head_reading_a_shared_parameter_is_refused(method, retain_graph):
+    # Used to raise "backward through the graph a second time", or with retain_graph=True to
+    # count task 1's gradient behind rep a second time, unweighted.
+    emb, head, forward = _tied_model()
+    rep, losses = forward()
+    with pytest.raises(ValueError, match=r"losses\[1\] reaches the shared bottom other than through rep.*mode='param'"):
+        GradBalancer(2, method).backward(losses, rep, retain_graph=retain_graph)
+
+
+def test_tied_parameter_equal_and_param_mode_are_exact():
+    emb, head, forward = _tied_model()
+    rep, losses = forward()
+    GradBalancer(2, "equal").backward(losses, rep)
+    got = emb.weight.grad.clone()
+    emb.zero_grad()
+    sum(forward()[1]).backward()
+    torch.testing.assert_close(got, emb.weight.grad, rtol=0, atol=0)
+    emb.zero_grad()
+    rep, losses = forward()
+    w = GradBalancer(2, "mgda", mode="param").backward(losses, rep)
+    _, (l0, l1) = forward()
+    g0 = torch.autograd.grad(l0, emb.weight, retain_graph=True)[0]
+    g1 = torch.autograd.grad(l1, emb.weight)[0]
+    assert not torch.allclose(w, torch.ones_like(w))
+    torch.testing.assert_close(emb.weight.grad, w[0] * g0 + w[1] * g1)
+
+
+def _skip_model():
+    torch.manual_seed(0)
+    f1, f2 = nn.Linear(4, 3).double(), nn.Linear(3, 3).double()
+    h0, h1 = nn.Linear(3, 1).double(), nn.Linear(6, 1).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+
+    def forward():
+        h = f1(x).relu()
+        rep = f2(h)
+        # Head 1 also reads h, an intermediate of the shared bottom (skip connection).
+        return h, rep, [(h0(rep) ** 2).mean(), (h1(torch.cat([rep, h], 1)) ** 2).mean()]
+
+    return f1, forward
+
+
+@pytest.mark.parametrize("method", ["magnitude", "mgda"])
+def test_head_reading_an_intermediate_of_the_bottom_is_refused(method):
+    f1, forward = _skip_model()
+    h, rep, losses = forward()
+    with pytest.raises(ValueError, match=r"losses\[1\] reaches the shared bottom other than through rep"):
+        GradBalancer(2, method).backward(losses, rep)
+    # Passing the intermediate as a rep as well does not help: rep depends on it, and
+    # (silently, with retain_graph=True) the task gradients behind it were counted twice.
+    h, rep, losses = forward()
+    with pytest.raises(ValueError, match="one rep tensor is computed from another"):
+        GradBalancer(2, method).backward(losses, [rep, h], retain_graph=True)
+
+
+def test_skip_connection_param_mode_is_exact():
+    f1, forward = _skip_model()
+    h, rep, losses = forward()
+    w = GradBalancer(2, "magnitude", mode="param").backward(losses, rep)
+    _, _, (l0, l1) = forward()
+    g0 = torch.autograd.grad(l0, f1.weight, retain_graph=True)[0]
+    g1 = torch.autograd.grad(l1, f1.weight)[0]
+    torch.testing.assert_close(f1.weight.grad, w[0] * g0 + w[1] * g1)
+
+
+def _chunk_model():
+    torch.manual_seed(0)
+    shared = nn.Linear(4, 6).double()
+    h0, h1 = nn.Linear(3, 1).double(), nn.Linear(3, 1).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+
+    def forward():
+        a, b = shared(x).chunk(2, dim=1)  # a.grad_fn is b.grad_fn
+        return a, b, [(h0(a) ** 2).mean(), (h1(a + b) ** 2).mean() * 100]
+
+    return shared, nn.ModuleList([h0, h1]), forward
+
+
+def test_head_reading_a_sibling_output_of_rep_is_refused():
+    # Used to drop the gradient through b: the rows of shared.weight only b reaches got 0.
+    shared, heads, forward = _chunk_model()
+    a, b, losses = forward()
+    with pytest.raises(ValueError, match=r"losses\[1\] reads output 1 of SplitBackward0, the op that produced rep\[0\]"):
+        GradBalancer(2, "magnitude").backward(losses, a)
+    assert shared.weight.grad is None  # refused before any backward
+
+
+@pytest.mark.parametrize("method", ["magnitude", "mgda"])
+def test_all_outputs_of_a_multi_output_op_as_rep_match_reference(method):
+    shared, heads, forward = _chunk_model()
+    a, b, losses = forward()
+    w = GradBalancer(2, method).backward(losses, [a, b])
+    got_shared, got_heads = _grads(shared), _grads(heads)
+    # By hand: per-task gradients at (a, b), weighted and summed, then J^T through the bottom.
+    a, b, losses = forward()
+    g = [torch.autograd.grad(l, [a, b], retain_graph=True, allow_unused=True, materialize_grads=True) for l in losses]
+    flat = torch.stack([torch.cat([ga.reshape(-1), gb.reshape(-1)]) for ga, gb in g])
+    n = flat.norm(dim=1)
+    if method == "magnitude":
+        ref_w = n.mean() / n  # first step: the bias-corrected EMA is the norm itself
+    else:
+        alpha = _exact_min_norm(flat @ flat.T / (n[:, None] * n[None, :]))
+        ref_w = 2 * alpha * n.mean() / n
+    torch.testing.assert_close(w, ref_w)
+    ca, cb = (ref_w[0] * g[0][i] + ref_w[1] * g[1][i] for i in range(2))
+    ref_shared = torch.autograd.grad([a, b], list(shared.parameters()), [ca, cb], retain_graph=True)
+    ref_heads = torch.autograd.grad(sum(losses), list(heads.parameters()))
+    assert ref_shared[0][3:].abs().max() > 0.1  # rows only b reaches
+    for x, y in zip(got_shared, ref_shared):
+        torch.testing.assert_close(x, y)
+    for x, y in zip(got_heads, ref_heads):
+        torch.testing.assert_close(x, y)
+
+
+def test_ddp_find_unused_parameters_is_refused(tmp_path):
+    # DDP(find_unused_parameters=True) routes rep and the heads' outputs through one
+    # _DDPSinkBackward node; the bottom used to get a zero gradient. One gloo rank suffices.
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shared, self.heads = nn.Linear(3, 4), nn.ModuleList(nn.Linear(4, 1) for _ in range(2))
+
+        def forward(self, x):
+            rep = self.shared(x)
+            return rep, [h(rep) for h in self.heads]
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        net = DistributedDataParallel(Net(), find_unused_parameters=True)
+        rep, preds = net(torch.randn(5, 3))
+        with pytest.raises(ValueError, match="_DDPSinkBackward.*find_unused_parameters=True"):
+            GradBalancer(2, "magnitude").backward([(p**2).mean() for p in preds], rep)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_whole_model_compiled_as_one_graph_is_refused():
+    # rep and the heads' outputs come out of one CompiledFunctionBackward node; the bottom used
+    # to get a zero gradient. Compiling the bottom and the heads separately works (see
+    # test_torch_compile_on_model_parts).
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shared, self.heads = nn.Linear(3, 4), nn.ModuleList(nn.Linear(4, 1) for _ in range(2))
+
+        def forward(self, x):
+            rep = self.shared(x).tanh()
+            return rep, [h(rep) for h in self.heads]
+
+    torch.manual_seed(0)
+    rep, preds = torch.compile(Net(), backend="aot_eager")(torch.randn(5, 3))
+    with pytest.raises(ValueError, match="CompiledFunctionBackward.*compile the shared bottom and the heads separately"):
+        GradBalancer(2, "mgda").backward([(p**2).mean() for p in preds], rep)
+
+
+def test_same_tensor_twice_in_rep_is_refused():
+    # Used to seed the bottom with the balanced gradient twice.
+    shared = nn.Linear(2, 2)
+    rep = shared(torch.randn(3, 2))
+    with pytest.raises(ValueError, match=r"rep\[1\] is the same tensor as rep\[0\]"):
+        GradBalancer(2).backward([rep.sum(), rep.mean()], [rep, rep])
+
+
+def test_guard_hooks_are_removed():
+    # After a refused and after a normal backward, the bottom's node has no hook left: a later
+    # backward through it (here the final one of a retained graph) must not raise.
+    emb, head, forward = _tied_model()
+    rep, losses = forward()
+    with pytest.raises(ValueError):
+        GradBalancer(2, "magnitude").backward(losses, rep, retain_graph=True)
+    rep.sum().backward()
+    assert emb.weight.grad is not None
+
+
+# --- tasks with a zero gradient this step ----------------------------------------------
+
+
+def _zero_task_setup(seed=0):
+    torch.manual_seed(seed)
+    shared = nn.Linear(4, 3).double()
+    heads = [nn.Linear(3, 1).double() for _ in range(3)]
+    x = torch.randn(5, 4, dtype=torch.float64)
+    return shared, heads, x
+
+
+@pytest.mark.parametrize("target", ["mean", "max", "min", 1])
+def test_magnitude_zero_gradient_task_is_left_out(target):
+    # Task 1 has no signal this step (its loss is multiplied by 0). It used to count in tau:
+    # "mean" halved task 0's weight, "min" / anchor 1 zeroed it and the bottom got no update.
+    shared, heads, x = _zero_task_setup()
+    rep = shared(x)
+    losses = [(heads[0](rep) ** 2).mean(), (heads[1](rep) ** 2).mean() * 0.0]
+    bal = GradBalancer(2, "magnitude", target=target)
+    w = bal.backward(losses, rep)
+    assert w.tolist() == [1.0, 1.0]
+    assert bal.state_dict()["count"].tolist() == [1.0, 0.0]  # no EMA update from a zero norm
+    got = shared.weight.grad.clone()
+    shared.zero_grad()
+    (heads[0](shared(x)) ** 2).mean().backward()
+    torch.testing.assert_close(got, shared.weight.grad)
+
+
+@pytest.mark.parametrize("target", ["mean", "max", "min", 0, 2])
+def test_magnitude_zero_task_after_history_matches_reference(target):
+    # Step 1: three live tasks. Step 2: task 2 has a zero gradient; its EMA is kept, it gets
+    # weight 1 and is left out of mean/max/min, while as an anchor its EMA stays the target.
+    shared, heads, x = _zero_task_setup(1)
+    scales = [[1.0, 3.0, 10.0], [1.0, 3.0, 0.0]]
+    beta = 0.5
+    bal = GradBalancer(3, "magnitude", beta=beta, target=target)
+    ema, count = [0.0] * 3, [0] * 3
+    for step, sc in enumerate(scales):
+        shared.zero_grad()
+        rep = shared(x)
+        w = bal.backward([(h(rep) ** 2).mean() * s for h, s in zip(heads, sc)], rep)
+        got = shared.weight.grad.clone()
+        rep0 = shared(x).detach().requires_grad_(True)
+        g = [torch.autograd.grad((h(rep0) ** 2).mean() * s, rep0)[0] for h, s in zip(heads, sc)]
+        norms = [gi.norm().item() for gi in g]
+        live = [t for t in range(3) if norms[t] > 0]
+        for t in live:
+            ema[t] = beta * ema[t] + (1 - beta) * norms[t]
+            count[t] += 1
+        nh = [ema[t] / (1 - beta ** count[t]) if count[t] else 0.0 for t in range(3)]
+        if isinstance(target, int):
+            tau = nh[target]
+        else:
+            vals = [nh[t] for t in live]
+            tau = {"mean": sum(vals) / len(vals), "max": max(vals), "min": min(vals)}[target]
+        ref_w = [tau / nh[t] if t in live else 1.0 for t in range(3)]
+        assert w.tolist() == pytest.approx(ref_w, rel=1e-12)
+        combined = sum(ref_w[t] * g[t] for t in range(3))
+        ref = torch.autograd.grad(shared(x), shared.weight, combined)[0]
+        torch.testing.assert_close(got, ref)
+    assert ref_w[2] == 1.0 and ref_w[:2] != [1.0, 1.0]
+
+
+@pytest.mark.parametrize("normalize", ["l2", "none"])
+def test_mgda_zero_gradient_task_is_left_out(normalize):
+    # Unnormalised MGDA used to put all the weight on the zero task (the min-norm point of a
+    # hull that contains 0), so the bottom got no update.
+    shared, heads, x = _zero_task_setup()
+    rep = shared(x)
+    losses = [(heads[0](rep) ** 2).mean(), (heads[1](rep) ** 2).mean() * 0.0, (heads[2](rep) ** 2).mean()]
+    w = GradBalancer(3, "mgda", mgda_normalize=normalize).backward(losses, rep)
+    got = shared.weight.grad.clone()
+    rep0 = shared(x).detach().requires_grad_(True)
+    g = [torch.autograd.grad((heads[t](rep0) ** 2).mean(), rep0)[0] for t in (0, 2)]
+    flat = torch.stack([gi.reshape(-1) for gi in g])
+    n = flat.norm(dim=1)
+    if normalize == "none":
+        ref = 2 * _exact_min_norm(flat @ flat.T)
+    else:
+        ref = 2 * _exact_min_norm(flat @ flat.T / (n[:, None] * n[None, :])) * n.mean() / n
+    torch.testing.assert_close(w, torch.stack([ref[0], torch.tensor(1.0, dtype=ref.dtype), ref[1]]).to(w.dtype))
+    combined = ref[0] * g[0] + ref[1] * g[1]
+    torch.testing.assert_close(got, torch.autograd.grad(shared(x), shared.weight, combined)[0])
+
+
+# --- argument checking -----------------------------------------------------------------
+
+
+def test_bad_rep_and_state_arguments():
+    shared = nn.Linear(2, 2)
+    rep = shared(torch.randn(3, 2))
+    bal = GradBalancer(2)
+    with pytest.raises(ValueError, match="rep is empty"):
+        bal.backward([rep.sum(), rep.mean()], [])
+    with pytest.raises(TypeError, match="rep must be a tensor or a sequence of tensors.*got NoneType"):
+        bal.backward([rep.sum(), rep.mean()], None)
+    with pytest.raises(TypeError, match=r"rep\[1\] must be a tensor, got int"):
+        bal.backward([rep.sum(), rep.mean()], [rep, 1])
+    with pytest.raises(ValueError, match="state is missing 'ema', 'count'"):
+        bal.load_state_dict({})
+    with pytest.raises(TypeError, match="state must be a dict"):
+        bal.load_state_dict([1, 2])
+    with pytest.raises(ValueError, match=r"state\['ema'\] must be a tensor of shape \(2,\)"):
+        bal.load_state_dict({"ema": torch.zeros(3), "count": torch.zeros(3)})
+    bal.load_state_dict(GradBalancer(2).state_dict())  # the fresh state (None, None) loads
+    assert bal.state_dict() == {"ema": None, "count": None}
+
+
+def test_numpy_scalars_and_bools_in_the_constructor():
+    np = pytest.importorskip("numpy")
+    bal = GradBalancer(np.int64(2), beta=np.float32(0.5), relax=np.float64(0.25), target=np.int64(1))
+    assert (bal.num_tasks, bal.beta, bal.relax, bal.target) == (2, 0.5, 0.25, 1)
+    assert type(bal.num_tasks) is int and type(bal.beta) is float and type(bal.target) is int
+    with pytest.raises(TypeError, match="beta must be a real number, got str"):
+        GradBalancer(2, beta="0.9")
+    with pytest.raises(TypeError, match="relax must be a real number, got bool"):
+        GradBalancer(2, relax=True)
+    with pytest.raises(ValueError, match=r"beta must be in \[0, 1\), got nan"):
+        GradBalancer(2, beta=float("nan"))
