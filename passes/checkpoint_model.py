@@ -493,9 +493,60 @@ def _save_ban(node: torch.fx.Node) -> str:
     return "not a tensor (a tuple or list of outputs)"
 
 
+def mutated_inputs(joint_graph: torch.fx.Graph) -> set[torch.fx.Node] | None:
+    """The graph inputs the forward writes in place (a buffer's running statistic, an input
+    ``x.mul_(2)``), or None where the graph does not say.
+
+    AOTAutograd functionalizes such a write: the joint graph computes the new value and either
+    writes it back itself, with a ``copy_`` into the input at the end of the forward (buffers),
+    or returns it as a forward output that the runtime copies into the input after the forward
+    (the output node's descriptors name those: ``InputMutationAOTOutput``). Either way the
+    backward sees the input's new value, so nothing that reads the input may be recomputed
+    there, and neither the input nor a view of it may stand for its old value."""
+    out: set[torch.fx.Node] = set()
+    for node in joint_graph.nodes:
+        if node.op == "call_function" and _is_mutable(node):
+            for a in _written_args(node):
+                root = alias_root(a)
+                if root.op == "placeholder" and not _is_tangent(root):
+                    out.add(root)
+    outs = joint_graph.find_nodes(op="output")
+    descs = outs[0].meta.get("desc") if outs else None
+    if not isinstance(descs, (list, tuple)):
+        return None
+    by_desc = {}
+    for n in joint_graph.find_nodes(op="placeholder"):
+        d = n.meta.get("desc")
+        if d is not None:
+            by_desc[repr(d)] = n
+    for d in descs:
+        if type(d).__name__ == "InputMutationAOTOutput":
+            node = by_desc.get(repr(getattr(d, "mutated_input", None)))
+            if node is None:
+                return None  # a write to an input this graph cannot name
+            out.add(node)
+    return out
+
+
+def _written_args(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The graph values a mutable op writes (its schema's ``Tensor(a!)`` arguments)."""
+    out = []
+    for i, a in enumerate(node.target._schema.arguments):
+        if a.alias_info is not None and a.alias_info.is_write:
+            v = node.args[i] if i < len(node.args) else node.kwargs.get(a.name)
+            out.extend(x for x in (v if isinstance(v, (list, tuple)) else [v]) if isinstance(x, torch.fx.Node))
+    return out
+
+
 def build_problem(joint_graph: torch.fx.Graph, node_info: Any) -> Problem:
     """The checkpoint problem of a joint graph; ``node_info`` is torch's classification."""
     closure = tangents_closure(joint_graph)
+    mutated = mutated_inputs(joint_graph)
+    if mutated is None:  # no descriptors: assume any input may be written
+        mutated = set(joint_graph.find_nodes(op="placeholder")) - {n for n in joint_graph.nodes if _is_tangent(n)}
+        unnamed = True
+    else:
+        unnamed = False
     required_bw = set(getattr(node_info, "required_bw_nodes", ()))
     is_fw = node_info.is_required_fw
 
@@ -550,6 +601,12 @@ def build_problem(joint_graph: torch.fx.Graph, node_info: Any) -> Problem:
         v.no_save_reason = _save_ban(v.node)
         v.can_save = not v.no_save_reason
         val = v.node.meta.get("val")
+        if isinstance(val, torch.Tensor) and alias_root(v.node) in mutated and (not unnamed or v.kind == INPUT):
+            r = alias_root(v.node)
+            what = "input" if r is v.node else f"a view of input {r.name}, which"
+            v.can_save = False
+            v.no_save_reason = (f"{what} is written in place by the forward (the backward would read the new value)"
+                                if not unnamed else "graph input of a graph whose input mutations are not described")
         if isinstance(val, torch.Tensor):
             root = alias_root(v.node)
             if root.op == "placeholder":
