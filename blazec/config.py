@@ -8,6 +8,8 @@ Later features add a field here and nothing else in the plumbing.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import re
 import typing
 from dataclasses import dataclass, field
@@ -118,6 +120,12 @@ class BlazeConfig:
         if not isinstance(options, Mapping):
             raise BlazeOptionError(
                 f"blaze options must be a dict, got {type(options).__name__}; "
+                f"valid keys: {', '.join(cls.valid_keys())}"
+            )
+        not_str = [k for k in options if not isinstance(k, str)]
+        if not_str:
+            raise BlazeOptionError(
+                f"blaze option names must be strings, got {', '.join(map(repr, not_str))}; "
                 f"valid keys: {', '.join(cls.valid_keys())}"
             )
         unknown = sorted(set(options) - set(cls.valid_keys()))
@@ -284,8 +292,12 @@ def parse_memory_budget(key: str, value: Any) -> int | float | None:
     """``memory_budget``: None, absolute bytes (int), or a fraction in [0, 1] (float)."""
     if value is None:
         return None
-    if isinstance(value, bool):
+    if isinstance(value, bool) or type(value).__name__ in ("bool", "bool_"):
         raise BlazeOptionError(f"option {key!r} must not be a bool, got {value!r}; {_BUDGET_HELP}")
+    if isinstance(value, numbers.Integral):  # Python or numpy integers
+        value = int(value)
+    elif isinstance(value, numbers.Real):
+        value = float(value)
     if isinstance(value, int):
         if value < 0:
             raise BlazeOptionError(f"option {key!r}: bytes must be >= 0, got {value}; {_BUDGET_HELP}")
@@ -316,7 +328,10 @@ def parse_memory_budget(key: str, value: Any) -> int | float | None:
                 f"option {key!r}: unknown unit {unit!r} in {value!r}; units: "
                 f"B, KB, MB, GB, TB (powers of 1000), KiB, MiB, GiB, TiB (powers of 1024)"
             )
-        return int(round(float(number) * scale))
+        nbytes = float(number) * scale
+        if not math.isfinite(nbytes):
+            raise BlazeOptionError(f"option {key!r}: {value!r} is too large a number of bytes; {_BUDGET_HELP}")
+        return int(round(nbytes))
     raise BlazeOptionError(f"option {key!r} must be a number or a string, got {type(value).__name__}; {_BUDGET_HELP}")
 
 

@@ -127,7 +127,9 @@ class CheckpointPlan:
         if self.budget_spec is not None:
             extra.append(f"{self.solve_seconds:.2f} s")
         out = [f"checkpoint plan: solver {self.solver} ({', '.join(extra)})"]
-        if self.budget_spec is None:
+        if self.budget_spec is None and self.status in ("invalid", "error"):
+            out.append("  budget: set but NOT ENFORCED: PyTorch's partition, unchanged")
+        elif self.budget_spec is None:
             out.append("  budget: none (memory_budget not set): PyTorch's partition, unchanged")
         else:
             out.append(f"  budget: {self.budget_spec} = {self.budget_bytes:,d} B at the size hints")
@@ -436,6 +438,7 @@ class Session:
             log.warning("blaze memory_budget: %s", self.error)
             self.plan = describe(problem, default, default, solver="default (no valid plan)", status="invalid",
                                  budget=None, budget_spec=None)
+            self.plan.message = self.error
             return default_saved
         plan = res.plan
         cp = describe(problem, plan, default, solver=res.solver, status=res.status, budget=budget,

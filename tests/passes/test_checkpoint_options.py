@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import torch
 
 from blazec.config import BlazeConfig, BlazeOptionError
 
@@ -25,6 +27,8 @@ from blazec.config import BlazeConfig, BlazeOptionError
         ("64 KiB", 64 * 1024),
         ("1e9B", 10**9),
         ("3tb", 3 * 10**12),
+        (np.int64(5), 5),
+        (np.float32(0.5), 0.5),
     ],
 )
 def test_memory_budget_values(value, parsed):
@@ -44,7 +48,10 @@ def test_memory_budget_values(value, parsed):
         ("1.5", "must be within [0.0, 1.0]"),
         ("lots", "cannot parse 'lots'"),
         (True, "must not be a bool"),
+        (np.bool_(True), "must not be a bool"),
         ([1], "must be a number or a string"),
+        ("1e400B", "too large a number of bytes"),
+        ("1e400", "must be within [0.0, 1.0]"),
     ],
 )
 def test_bad_memory_budget_names_the_key(value, words):
@@ -80,3 +87,41 @@ def test_budget_changes_the_cache_key():
     c = BlazePartitioner(BlazeConfig.from_options({"memory_budget": "1GiB"}), None).uuid()
     d = BlazePartitioner(BlazeConfig.from_options({"memory_budget": 0.5, "checkpoint_solver": "heuristic"}), None).uuid()
     assert len({a, b, c, d}) == 4
+
+
+def test_option_names_that_are_not_strings_are_named():
+    with pytest.raises(BlazeOptionError, match="option names must be strings, got 1"):
+        BlazeConfig.from_options({1: "x", "bogus": 1})
+
+
+def test_a_budget_the_solver_cannot_apply_is_reported_as_not_enforced():
+    """A custom op without a cost model inside a checkpoint region: no plan exists, the default
+    partition is kept, and the report says the budget was set and not enforced."""
+    from blazec import report
+
+    @torch.library.custom_op("blazec_test::mysin", mutates_args=())
+    def mysin(x: torch.Tensor) -> torch.Tensor:
+        return x.sin()
+
+    mysin.register_fake(lambda x: torch.empty_like(x))
+    mysin.register_autograd(lambda ctx, g: g * ctx.saved_tensors[0].cos(),
+                            setup_context=lambda ctx, inputs, output: ctx.save_for_backward(inputs[0]))
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2 = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
+
+        def blk(self, x):
+            return mysin(mysin(self.l1(x)).tanh())
+
+        def forward(self, x):
+            return self.l2(torch.utils.checkpoint.checkpoint(self.blk, x, use_reentrant=False)).relu()
+
+    torch._dynamo.reset()
+    with report.capture() as recs:
+        torch.compile(M(), backend="blaze", options={"final_stage": "eager", "memory_budget": 0.0})(
+            torch.randn(8, 16, requires_grad=True)).sum().backward()
+    text = "\n".join(recs[0].partitions[0].lines())
+    assert "budget: set but NOT ENFORCED" in text and "memory_budget not set" not in text
+    assert "no valid checkpoint plan" in text
