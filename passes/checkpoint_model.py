@@ -249,6 +249,17 @@ def tensor_bytes_expr(val: torch.Tensor) -> sympy.Expr:
     return sympy.expand(n * val.element_size())
 
 
+def allocated_bytes_expr(val: torch.Tensor) -> sympy.Expr:
+    """Bytes of the storage a fresh tensor allocates: ``numel * itemsize`` for a dense one, and
+    its strides' span for one that is not (``aten.copy`` of a slice keeps the slice's strides,
+    and with them its parent's extent: an [8, 3] copy of a slice of [8, 32] allocates 1 KiB)."""
+    try:
+        nbytes = val.untyped_storage().nbytes()
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return tensor_bytes_expr(val)
+    return sympy.expand(sym_expr(nbytes))
+
+
 def _eval_int(expr: sympy.Expr, subs: dict) -> int:
     if isinstance(expr, (int, float)):
         return int(expr)
@@ -616,7 +627,7 @@ def build_problem(joint_graph: torch.fx.Graph, node_info: Any) -> Problem:
             else:
                 rv = root.meta.get("val")
                 rv = rv if isinstance(rv, torch.Tensor) else val
-                v.bytes_expr = tensor_bytes_expr(rv)
+                v.bytes_expr = allocated_bytes_expr(rv)
                 if root is not v.node:
                     v.bytes_note = f"view of {root.name}"
                     v.root = by_node.get(root)

@@ -401,3 +401,34 @@ def test_inputs_written_in_place_are_not_read_again_in_backward(make, n_inputs, 
             torch.testing.assert_close(a, b)
         for a, b in zip(got_model.buffers(), ref_model.buffers()):
             torch.testing.assert_close(a, b)
+
+
+class _StridedCopy(torch.nn.Module):
+    """An in-place write to a slice of a transposed view: AOT's ``aten.copy`` of the [8, 3]
+    slice keeps the slice's strides, so its output allocates its parent's 1 KiB extent."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = torch.nn.Linear(16, 256), torch.nn.Linear(256, 16)
+
+    def forward(self, x):
+        g = self.l1(x).tanh()
+        v = g.view(4, 2, 256).transpose(0, 1).reshape(8, 256)
+        v[:, :3] *= 2.0
+        return self.l2(v * g)
+
+
+@pytest.mark.parametrize("budget", ["3%", 0.2])
+def test_a_strided_copy_is_counted_at_the_storage_it_allocates(budget):
+    """The plan counted such a tensor at numel * itemsize (96 B) and said it fit a 737 B budget
+    while autograd kept 8,288 B."""
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    m = _StridedCopy()
+    x = torch.randn(8, 16, requires_grad=True)
+    with report.capture() as recs:
+        c = torch.compile(m, backend="blaze", options={"final_stage": "eager", "memory_budget": budget})
+        _, saved = saved_for_backward(lambda: c(x), model_tensors(m, (x,)))
+    plan = recs[0].partitions[0].checkpoint
+    assert plan.fits and plan.saved_bytes <= plan.budget_bytes
+    assert saved.activation_bytes <= plan.budget_bytes, (saved.activation_bytes, saved.largest)
