@@ -29,9 +29,10 @@ Ordering rules (why each exists):
 - **Side effects are barriers.** Neither a collective nor a wait crosses a node that mutates
   a tensor (``copy_``, in-place ops, out= ops, in-place collectives such as
   ``all_reduce_``), a node FX considers impure (asserts, prints, ...), or a random op
-  (``nondeterministic_seeded``). Those nodes never move, so their mutual order, and the
-  order of every read and write around them, is unchanged. In-place collectives are not
-  moved at all.
+  (``nondeterministic_seeded``), nor the wait of an in-place collective (its buffer is
+  written until then). Those nodes never move, so their mutual order, and the order of every
+  read and write around them, is unchanged. In-place collectives are not moved at all, nor
+  are their waits.
 - A wait also stays before any other user of its collective's output that came after it
   (``wait_tensor`` returns its input, so code may read the buffer directly once waited).
 
@@ -80,8 +81,14 @@ def _mutates(node: torch.fx.Node) -> bool:
 
 def _is_barrier(node: torch.fx.Node) -> bool:
     """A node that neither collectives nor waits may cross."""
-    if node.op != "call_function" or _is_wait(node):
+    if node.op != "call_function":
         return False
+    if _is_wait(node):
+        # the wait of an in-place collective: its buffer is being written until then
+        src = node.args[0] if node.args else None
+        if isinstance(src, torch.fx.Node) and src.target is operator.getitem and src.args:
+            src = src.args[0]
+        return isinstance(src, torch.fx.Node) and _is_collective(src) and _mutates(src)
     if _is_collective(node):
         return _mutates(node)  # in-place collective: pinned, and others do not cross it
     t = node.target

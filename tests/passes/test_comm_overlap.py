@@ -207,6 +207,26 @@ def test_side_effects_are_barriers():
     assert _before(order, "mm", "wait_tensor")
 
 
+def test_collective_does_not_rise_above_the_wait_of_an_in_place_collective():
+    """all_reduce_(buf) writes buf until its wait; a functional collective reading buf, with an
+    unrelated mutation between all_reduce_ and its wait, rose to that mutation, above the wait
+    (on 2 gloo ranks it then summed a half-reduced buffer: 1.2e7 where 2.4e7 was right)."""
+    aten = torch.ops.aten
+    for order in ("priority", "program"):
+        g = torch.fx.Graph()
+        buf, w, other = g.placeholder("buf"), g.placeholder("w"), g.placeholder("other")
+        ar_ = g.call_function(c10d.all_reduce_.default, (buf, "sum", GROUP))
+        g.call_function(aten.add_.Tensor, (other, 1.0))
+        wt = g.call_function(c10d.wait_tensor.default, (ar_,))
+        mm = g.call_function(aten.mm.default, (w, w))
+        c2 = g.call_function(c10d.all_reduce.default, (buf, "sum", GROUP))
+        w2 = g.call_function(c10d.wait_tensor.default, (c2,))
+        g.output(g.call_function(aten.add.Tensor, (w2, mm)))
+        schedule_comms(g, order)
+        names = [n.name for n in g.nodes]
+        assert names.index(c2.name) > names.index(wt.name), (order, names)
+
+
 def test_collective_does_not_rise_above_random_op():
     def f(x):
         r = torch.rand_like(x)
