@@ -206,13 +206,16 @@ def ep_sum(back: Tensor, x: Tensor, send_tok: Tensor) -> Tensor:
 # id -> tensor, weakly: a WeakSet would compare tensors with ==, and a dead tensor drops out
 _EXPERT_PARAMS: "weakref.WeakValueDictionary[int, Tensor]" = weakref.WeakValueDictionary()
 _UNMAPPED: list[str] = []  # layers whose expert weights could not be traced back to parameters
+_SINGLE: list[str] = []  # layers rewritten single-process: their experts do not split over the ranks
 
 
-def register_expert_params(tensors: list[Tensor], unmapped: list[str]) -> None:
-    """Called by the MoE rewrite (after the pass succeeded) for its expert-parallel layers."""
+def register_expert_params(tensors: list[Tensor], unmapped: list[str], single: list[str] = ()) -> None:
+    """Called by the MoE rewrite (after the pass succeeded) for its expert-parallel layers, and
+    with ``single`` for the layers it rewrote single-process under ``expert_parallel``."""
     for t in tensors:
         _EXPERT_PARAMS[id(t)] = t
     _UNMAPPED.extend(unmapped)
+    _SINGLE.extend(single)
 
 
 def is_expert_param(p: Tensor) -> bool:
@@ -227,14 +230,16 @@ def sync_grads(model: torch.nn.Module, group="world", average: bool = False) -> 
     brought every rank's contribution to the owning rank. Every other parameter (router, norms,
     attention, ...) is data-parallel; its gradient is all-reduced here, in one flat buffer.
     With ``average=True`` all gradients are divided by the group size, which matches a loss
-    averaged over ranks. Do not also wrap the model in DDP.
+    averaged over ranks. Do not also wrap the model in DDP. A layer whose experts do not split
+    evenly over the ranks runs single-process (every rank holds all its experts, a warning says
+    so when it is compiled): its expert weights are data-parallel too, and reduced here.
     """
     import torch.distributed as dist
 
     g = resolve_group(group)
     pg = dist.group.WORLD if group == "world" else group
     params = list(model.parameters())
-    if not any(is_expert_param(p) for p in params):
+    if not any(is_expert_param(p) for p in params) and not _SINGLE:
         raise ExpertParallelError(
             "sync_grads: no expert-parallel MoE layer of this model has been compiled yet (run a compiled "
             "forward with options={'expert_parallel': ...} first), so its experts cannot be told apart")

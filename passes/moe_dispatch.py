@@ -23,6 +23,7 @@ slot-major drop order.
 
 from __future__ import annotations
 
+import logging
 import operator
 
 import torch
@@ -61,6 +62,7 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
     chunks = getattr(ctx.config, "ep_chunks", 1)
     ep_params: list = []  # the expert weights of the expert-parallel layers, registered at the end
     ep_unmapped: list[str] = []
+    ep_single: list[str] = []  # layers rewritten single-process under expert_parallel
 
     def emit(before, ids, weights, x, experts, out_dtype, where, capacity=-1, priority="token"):
         if _sharded(ep, experts):
@@ -76,9 +78,11 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
                 ep_params.extend(params)
             return y
         if ep is not None and ep.world > 1:
-            rep.near_misses.append(NearMiss(
-                "expert_parallel", where, f"E={len(experts)} experts do not split evenly over {ep.world} "
-                "ranks; this layer is rewritten single-process (every rank runs all its experts)"))
+            why = (f"E={len(experts)} experts do not split evenly over {ep.world} ranks; this layer is rewritten "
+                   "single-process (every rank runs all its experts)")
+            rep.near_misses.append(NearMiss("expert_parallel", where, why))
+            logging.getLogger("blazec").warning("blaze expert_parallel: the MoE layer at %s: %s", where, why)
+            ep_single.append(where)
         return emit_moe(graph, before, ids, weights, x, experts, out_dtype, recompute, capacity, priority)
 
     autocast = autocast_reason(graph)
@@ -185,10 +189,10 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
             "expert_e(x[tokens]) * w[tokens, slots, None]) into zeros"))
     if rep.matches:
         _remove_dead(graph)
-    if ep_params or ep_unmapped:
+    if ep_params or ep_unmapped or ep_single:
         from blazec.expert_parallel import register_expert_params
 
-        register_expert_params(ep_params, ep_unmapped)
+        register_expert_params(ep_params, ep_unmapped, ep_single)
     return rep
 
 

@@ -60,9 +60,20 @@ def _skewed_loop(rank: int, world: int) -> None:
             unused = all(p.grad is None for p in expert.parameters())
             assert (used if e in local else unused), (e, rank)  # experts 6-7: zero grads on rank 3
 
-    # E=6 does not split over 4 ranks: that layer is rewritten single-process, and reported.
+    # E=6 does not split over 4 ranks: that layer is rewritten single-process, reported, and
+    # logged; sync_grads then reduces its expert gradients with the dense ones.
+    import logging
+
     model6, _ = mod.make(num_experts=6)
-    records = check_ep(rank, world, model6, batches(x0.shape, world), {"final_stage": "eager"})
+    logged: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())
+    logging.getLogger("blazec").addHandler(handler)
+    try:
+        records = check_ep(rank, world, model6, batches(x0.shape, world), {"final_stage": "eager"})
+    finally:
+        logging.getLogger("blazec").removeHandler(handler)
+    assert any("E=6 experts do not split evenly over 4 ranks" in m for m in logged), logged
     misses = [n for r in reports(records, "moe_dispatch") for n in r.near_misses]
     assert any("E=6 experts do not split evenly over 4 ranks" in n.reason for n in misses), misses
     assert "expert_parallel" not in moe_matches(records)[0].details
