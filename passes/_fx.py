@@ -27,8 +27,11 @@ class NoMatch(Exception):
 
 # torch 2.11's Dynamo records ``tensor == x`` as ``call_method("__eq__")`` where later versions
 # record ``call_function(operator.eq)``; the comparisons are matched under either spelling.
+# The method spelling of a function target, where Dynamo records ``t.f(...)`` as a call_method
+# with ``t`` first, as the function takes it: ``rows.matmul(W[e])`` is ``torch.matmul(rows, W[e])``.
 _DUNDER = {operator.eq: "__eq__", operator.ne: "__ne__", operator.lt: "__lt__", operator.le: "__le__",
-           operator.gt: "__gt__", operator.ge: "__ge__"}
+           operator.gt: "__gt__", operator.ge: "__ge__", torch.matmul: "matmul", torch.mm: "mm",
+           operator.matmul: "__matmul__"}
 
 
 def is_fn(node: Any, *targets: Any) -> bool:

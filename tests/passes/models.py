@@ -32,6 +32,7 @@ LAYOUTS = (
     "stacked_fused",  # 3-D gate_up [E, 2I, d], F.linear(rows, W[e]).chunk(2, dim=-1)
     "stacked_matmul",  # 3-D params [E, in, out], rows @ W[e]
     "stacked_matmul_fused",  # (rows @ Wgu[e]).chunk(2, dim=-1), Wgu [E, d, 2I]
+    "stacked_matmul_method",  # rows.matmul(W[e]) (DBRX's spelling)
 )
 MASKS = ("permute210", "permute201", "eq")
 SELECTS = ("where", "nonzero")
@@ -225,11 +226,12 @@ class LoopMoE(nn.Module):
             return self.experts[e](rows, hidden_scale)
         fused = "fused" in c.layout
         if "matmul" in c.layout:
-            gu = rows @ self.w_gate[e]
+            mm = (lambda a, b: a.matmul(b)) if "method" in c.layout else (lambda a, b: a @ b)
+            gu = mm(rows, self.w_gate[e])
             if fused:
                 g, u = gu.chunk(2, dim=-1)
             elif c.gated:
-                g, u = gu, rows @ self.w_up[e]
+                g, u = gu, mm(rows, self.w_up[e])
             else:
                 g = gu
         else:
@@ -245,7 +247,7 @@ class LoopMoE(nn.Module):
         if hidden_scale is not None:
             h = h * hidden_scale
         if "matmul" in c.layout:
-            return h @ self.w_down[e]
+            return h.matmul(self.w_down[e]) if "method" in c.layout else h @ self.w_down[e]
         return F.linear(h, self.w_down[e], self.b_down[e] if c.bias else None)
 
     def contribution(self, e, x, w, tok, slot):

@@ -63,6 +63,7 @@ POSITIVE = [  # together (see the next test) every value of every option, and so
       acc="zeros_like", num_experts=1, top_k=1),
     C(layout="stacked_linear", activation="silu", bias=True, rows="index_select", num_experts=3, top_k=3),
     C(activation="gelu_tanh", bias=True, weight_pos="hidden", mask="permute201", rows="none_reshape"),
+    C(layout="stacked_matmul_method", activation="geglu", mask="permute201", acc="new_zeros"),
 ]
 
 
