@@ -30,7 +30,9 @@ import torch
 import torch.fx
 
 import blazec.ops  # noqa: F401 - registers torch.ops.blazec.*
-from blazec.passes._fx import LINEAR, NoMatch, arg, dtype, is_fn, is_method, module_path, shape, where_loc
+from blazec.passes._fx import (
+    LINEAR, NoMatch, arg, combine_args, dtype, is_fn, is_getitem, is_method, module_path, shape, where_loc,
+)
 from blazec.passes.moe_dense_gate_form import ADD as DENSE_ADD
 from blazec.passes.moe_dense_gate_form import _is_term, match_dense_gate, match_dense_stack, stacked_outputs
 from blazec.passes.moe_expert_mlp import REF_NAMES, weight_list
@@ -263,11 +265,15 @@ def _inter(mlp) -> int:
 
 
 def _sorted_index(combine: Node) -> bool:
-    """Whether rows are summed by ``perm // k`` (the sorted form) rather than by where() tokens."""
-    index = combine.args[2] if len(combine.args) > 2 else combine.kwargs.get("index")
-    while is_method(index, "expand", "reshape", "view", "unsqueeze"):
-        index = index.args[0]
-    return _token_of(index) is not None or not is_method(combine, "index_add_")
+    """Whether rows are summed by ``perm // k`` (the sorted form) rather than by where() tokens
+    (the loop form; its index_add_ or scatter_add_ reads a where() output)."""
+    try:
+        index, _ = combine_args(combine)
+    except (NoMatch, *_UNREADABLE):
+        return not is_method(combine, "index_add_")
+    if _token_of(index) is not None:
+        return True
+    return not (is_getitem(index) and (is_fn(index.args[0], torch.where) or is_method(index.args[0], "nonzero")))
 
 
 def _dense_gate_sums(graph: torch.fx.Graph) -> list[Node]:
@@ -323,6 +329,7 @@ def _accumulators(graph: torch.fx.Graph) -> list[tuple[Node, list[Node]]]:
     """Tensors that ``index_add_`` (or ``index_add``, ``scatter_add``) sums rows into, with those
     calls in graph order."""
     found: dict[Node, list[Node]] = {}
+    chained: set[Node] = set()  # out-of-place sums: what sums into one of them continues its chain
     for n in graph.nodes:
         if not ((is_method(n, "index_add_", "index_add", "scatter_add", "scatter_add_")
                  or is_fn(n, torch.scatter_add, torch.index_add))
@@ -331,7 +338,12 @@ def _accumulators(graph: torch.fx.Graph) -> list[tuple[Node, list[Node]]]:
         if not is_method(n, "index_add_", "index_add") and not is_fn(n, torch.index_add) \
                 and arg(n, 1, "dim") not in (0, -2):
             continue  # counts along another dim (DeepSeek's aux loss: ce.scatter_add_(1, ids, ones)), not rows
-        found.setdefault(arg(n, 0, "input"), []).append(n)
+        acc = arg(n, 0, "input")
+        if not _inplace(n):
+            chained.add(n)
+        if acc in chained:
+            continue  # acc = acc.index_add(...) again: one site, reported at its first sum
+        found.setdefault(acc, []).append(n)
     return list(found.items())
 
 

@@ -29,7 +29,8 @@ import torch.fx
 import torch.nn.functional as F
 
 from blazec.passes._fx import (
-    NoMatch, arg, check_combine_dtypes, check_no_rounding, dtype, eq_mask, is_fn, is_getitem, is_method, same_shape,
+    NoMatch, arg, check_combine_dtypes, check_no_rounding, combine_args, dtype, eq_mask, is_fn, is_getitem, is_method,
+    same_shape,
     shape, strip_casts,
 )
 from blazec.passes.moe_expert_mlp import ExpertMLP, check_consistent, parse_expert
@@ -177,9 +178,9 @@ def match_loop(acc: Node, index_adds: list[Node]) -> LoopMatch:
     E_seen = None
     wheres, region = [], set(index_adds)
     for ia in index_adds:
-        dim, index, source = arg(ia, 1, "dim"), arg(ia, 2, "index"), arg(ia, 3, "source")
-        if dim not in (0, -2) or ia.kwargs.get("alpha", 1) != 1 or len(ia.args) > 4:
-            raise NoMatch("index_add_ is not along dim 0 with alpha 1")
+        index, source = combine_args(ia)  # index_add_, or scatter_add_ of the index broadcast over d
+        if not is_method(ia, "index_add_", "scatter_add_"):
+            raise NoMatch("the loop sums with an out-of-place index_add / scatter_add; use index_add_")
         if ia.users:
             raise NoMatch("the result of index_add_ is used directly")
         if not is_getitem(index):

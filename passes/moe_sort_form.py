@@ -27,7 +27,7 @@ import torch
 import torch.fx
 
 from blazec.passes._fx import (
-    NoMatch, arg, check_combine_dtypes, check_no_rounding, dtype, follow_first_args, is_fn, is_getitem, is_method,
+    NoMatch, arg, check_combine_dtypes, combine_args, check_no_rounding, dtype, follow_first_args, is_fn, is_getitem, is_method,
     LINEAR, is_mul, same_shape, shape, slot_sum_product, strip_casts, weighted_rows,
 )
 from blazec.passes.moe_expert_mlp import GATED, ExpertMLP, FinalMatch, WeightRef, _activation, check_consistent, parse_expert
@@ -146,7 +146,7 @@ def match_sorted(acc: Node, index_adds: list[Node]) -> SortMatch:
     (ia,) = index_adds
     if not (is_fn(acc, *ZEROS_FNS) or is_method(acc, "new_zeros")):
         raise NoMatch("the accumulator is not created with zeros/zeros_like/new_zeros")
-    tok, source = _combine_args(ia)
+    tok, source = combine_args(ia)
     perm, flat, k = _perm_of(tok)
     ids = _flat_of(flat)
     if ids is None or len(shape(ids) or ()) != 2 or int(shape(ids)[1]) != k:
@@ -355,29 +355,6 @@ def _check_split_sizes(sizes, flat: Node, E: int) -> None:
     if not _counts_ok(counts, flat, E):
         raise NoMatch("cannot prove the split sizes are the per-expert counts of the sorted ids "
                       "(expected histc(ids, bins=E, min=0, max=E-1) or bincount(ids, minlength=E))")
-
-
-def _combine_args(ia: Node) -> tuple[Node, Node]:
-    """(token index, rows) of ``acc.index_add_(0, tok, rows)`` or of
-    ``acc.scatter_add(0, tok.reshape(-1, 1).expand(-1, d), rows)`` (the same sum by token)."""
-    if is_method(ia, "index_add_", "index_add") or is_fn(ia, torch.index_add):
-        if arg(ia, 1, "dim") not in (0, -2) or ia.kwargs.get("alpha", 1) != 1 or len(ia.args) > 4:
-            raise NoMatch("index_add_ is not along dim 0 with alpha 1")
-        return arg(ia, 2, "index"), arg(ia, 3, "source")
-    if is_method(ia, "scatter_add_", "scatter_add") or is_fn(ia, torch.scatter_add):
-        if arg(ia, 1, "dim") not in (0, -2):
-            raise NoMatch("scatter_add is not along dim 0")
-        index, src = arg(ia, 2, "index"), arg(ia, 3, "src")
-        # Every row of src (S of them, as many as tokens in tok) lands in its token's row:
-        # the index must cover src's full width.
-        if is_method(index, "expand") and str((shape(index) or (None,))[-1]) == str((shape(src) or (0,))[-1]):
-            inner = index.args[0]
-            if is_method(inner, "reshape", "view") and tuple(inner.args[1:]) in ((-1, 1), ((-1, 1),)):
-                return inner.args[0], src
-            if is_method(inner, "unsqueeze") and arg(inner, 1, "dim") in (-1, 1):
-                return inner.args[0], src
-        raise NoMatch("the scatter_add index is not the token index broadcast over the rows' columns")
-    raise NoMatch("the combine is neither index_add_ nor scatter_add")
 
 
 def _is_split_chunk(node: Node) -> bool:

@@ -72,6 +72,10 @@ class Loop(nn.Module):
                 y = self.experts[e](x[tok]) * w[tok, slot, None]
             if self.v == "index_put_iadd":  # Mistral's reference code
                 acc[tok] += y
+            elif self.v == "scatter_add_":
+                acc.scatter_add_(0, tok[:, None].expand(-1, acc.shape[1]), y)
+            elif self.v == "index_add_chain":  # out of place: a new accumulator per expert
+                acc = acc.index_add(0, tok, y)
             else:
                 acc.index_add_(0, tok, y.to(acc.dtype))
             if e == 1 and self.v == "w_mid":
@@ -274,3 +278,14 @@ def test_a_write_to_a_tensor_from_ids_that_only_feeds_the_weights_is_not_refused
     where the code computed it; only tensors from ids that the replaced nodes read are guarded."""
     torch.manual_seed(0)
     assert_rewritten(compile_and_compare(GatherRenorm(), (torch.randn(24, 16),)), "static_loop_modulelist")
+
+
+def test_a_loop_summed_with_scatter_add_is_rewritten() -> None:
+    assert_rewritten(_compare("scatter_add_"), "static_loop_modulelist")
+
+
+def test_a_loop_summed_out_of_place_is_one_near_miss() -> None:
+    rec = _compare("index_add_chain")
+    assert not matches(rec)
+    reasons = [n.reason for n in near_misses(rec)]
+    assert len(reasons) == 1 and "out-of-place index_add" in reasons[0], reasons
