@@ -51,7 +51,9 @@ shapes (olmoe-like, mixtral-like) need CUDA. On CPU the rows of ``CPU_SAME_AS`` 
 from another row only by a GPU launch path, so there it runs that row's code) are left out
 unless ``--impl`` names them. Before any row runs, a shape with more than ``MAX_EXPERTS``
 experts, with 2**31 or more (token, expert) pairs, or whose estimated bytes (``bytes_needed``)
-exceed the device's memory, is an error.
+exceed the device's memory, is an error (exit status 2). A row that fails (an exception, or
+out of memory) is a row of the table with its error as the note; the run then ends with a
+one-line summary and exit status 1 (``EXIT_STATUS``).
 
 The first step of each row (compiling, and autotuning each kernel key that no earlier row of
 the process has tuned) is not timed, but its results are kept and compared with a later
@@ -540,7 +542,12 @@ def _check_memory(T: int, d: int, I: int, E: int, k: int, dtype: torch.dtype, im
 # ----------------------------------------------------------------------------------------------
 
 
+EXIT_STATUS = ("exit status: 0 when every row ran; 1 when any row failed (its note in the table says why; "
+               "the table, targets and --json are still written); 2 for bad arguments, before any row runs")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.epilog = EXIT_STATUS
     p.add_argument("--shape", default=None,
                    help="olmoe-like | mixtral-like (GPU) | T,d,I,E,k; default olmoe-like on CUDA, "
                         f"{','.join(map(str, CPU_DEFAULT_SHAPE))} on CPU")
@@ -723,6 +730,7 @@ def run(args: argparse.Namespace, stream=None) -> int:
     x = torch.randn(T, d, device=dev, dtype=dtype).requires_grad_()
 
     rows: list[Row] = []
+    failed: list[str] = []  # rows that raised (their notes say what): the exit status is 1
     ref: Optional[StepResult] = None
     try:  # SIGINT (the GPU script's timeout) stops the rows; what ran is still reported
         for impl in impls:
@@ -780,9 +788,11 @@ def run(args: argparse.Namespace, stream=None) -> int:
                 row.note = "; ".join(n for n in notes if n)
             except torch.cuda.OutOfMemoryError as e:
                 row.note = f"OOM ({str(e).splitlines()[0][:80]})"
+                failed.append(impl)
             except Exception as e:  # noqa: BLE001 - a failing row is a result, like in BASELINES.md
                 msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
                 row.note = f"failed: {type(e).__name__}: {msg[:120]}"
+                failed.append(impl)
             finally:
                 model = None  # free this row's weights before the next row builds its own
                 if on_cuda:
@@ -853,10 +863,15 @@ def run(args: argparse.Namespace, stream=None) -> int:
         for kernel, picks in meta["autotune"].items():
             for key, cfg in picks.items():
                 say(f"autotune {kernel} {key}: {cfg}")
+    meta["rows_failed"] = failed
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": [asdict(r) for r in rows]}, f, indent=2)
         say(f"wrote {args.json}")
+    if failed:  # the table above has each failed row's note
+        print(f"blazec bench: error: {len(failed)} of {len(rows)} row(s) failed: {', '.join(failed)} "
+              f"(each row's note in the table says why)", file=sys.stderr)
+        return 1
     return 0
 
 

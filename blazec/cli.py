@@ -1,8 +1,10 @@
 """The ``blazec`` command line: ``blazec dump | demo | bench | balance-sim``.
 
-Every user error (a missing file, a bad factory, a malformed option) prints one line,
-``blazec <cmd>: error: ...``, and exits with status 2. Set ``BLAZEC_TRACEBACK=1`` to see the
-full traceback instead.
+Every user error (a missing file, a bad factory, a malformed option, a model that fails on its
+own example inputs) prints one line, ``blazec <cmd>: error: ...``, and exits with status 2.
+Anything else is blazec's own failure, ``blazec <cmd>: internal error (Type): ...``, also
+status 2. ``blazec bench`` exits with status 1 when a row failed (the table is printed). Set
+``BLAZEC_TRACEBACK=1`` to see the full traceback instead.
 """
 
 from __future__ import annotations
@@ -69,11 +71,6 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from blazec import demo
 
-    for name in ("tokens", "d", "inter", "experts", "top_k", "steps"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.top_k > args.experts:
-        raise ValueError(f"--top-k ({args.top_k}) cannot exceed --experts ({args.experts})")
     demo.run(args.tokens, args.d, args.inter, args.experts, args.top_k, args.steps, args.final_stage)
     return 0
 
@@ -101,9 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
     from blazec.config import BlazeOptionError
+    from blazec.dump import ModelError
     from blazec.factory import FactoryError
 
-    return (FactoryError, BlazeOptionError, ValueError, FileNotFoundError)
+    return (FactoryError, BlazeOptionError, ModelError, ValueError, FileNotFoundError)
 
 
 def _traced_model_error(err: BaseException) -> str | None:

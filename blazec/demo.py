@@ -5,6 +5,11 @@ CPU, prints what blaze rewrote, and then eager and blaze side by side: max abs e
 output and of every gradient, median time per training step, and the bytes autograd saves
 for backward (measured with saved-tensor hooks, so the number is device-independent).
 Timings on CPU are informative only; the speed claims are GPU numbers in docs/BENCHMARKS.md.
+
+Before anything is built, sizes below 1, a top-k above the number of experts, more than
+``MAX_EXPERTS`` experts (as ``blazec bench``: Dynamo unrolls one loop iteration per expert, so
+the compile time grows with E), or an estimated footprint (:func:`bytes_needed`) above the
+machine's memory are an error (``ValueError``, one line from the CLI).
 """
 
 from __future__ import annotations
@@ -18,8 +23,41 @@ from typing import Any
 import torch
 
 from blazec import report
+from blazec.bench import GiB, MAX_EXPERTS, device_memory
 from blazec.demo_model import make_default
 from blazec.memory import model_tensors, saved_for_backward
+
+
+def bytes_needed(tokens: int, d: int, inter: int, num_experts: int, top_k: int) -> int:
+    """An estimate, a lower bound, of the bytes the demo holds at once (fp32): the block's
+    weights twice (the eager model and blaze's copy) with their gradients, and one step's
+    activations: x, the norm's output, the accumulator and the output ([T, d] each), the
+    router's logits and probabilities ([T, E]), the one-hot mask (int64 [T, k, E]), and the
+    gathered rows ([T*k, d]) with their gate, up and hidden ([T*k, I] each). What autograd
+    saves beyond these, the compiled model's buffers and allocator slack come on top."""
+    weights = (num_experts * (3 * d * inter + d) + d) * 4
+    acts = (4 * tokens * d + 2 * tokens * num_experts + tokens * top_k * (d + 3 * inter)) * 4
+    return 4 * weights + acts + tokens * top_k * num_experts * 8
+
+
+def check_sizes(tokens: int, d: int, inter: int, num_experts: int, top_k: int, steps: int) -> None:
+    """The demo's sizes, checked before anything is built; a ``ValueError`` names the flag."""
+    for flag, v in (("tokens", tokens), ("d", d), ("inter", inter), ("experts", num_experts),
+                    ("top-k", top_k), ("steps", steps)):
+        if v < 1:
+            raise ValueError(f"--{flag} must be >= 1, got {v}")
+    if top_k > num_experts:
+        raise ValueError(f"--top-k ({top_k}) cannot exceed --experts ({num_experts})")
+    if num_experts > MAX_EXPERTS:
+        raise ValueError(f"--experts {num_experts} is more than the demo takes ({MAX_EXPERTS}): the block builds "
+                         f"one module per expert and Dynamo unrolls one loop iteration per expert, so its build and "
+                         f"compile time grow with the number of experts")
+    need, have = bytes_needed(tokens, d, inter, num_experts, top_k), device_memory(torch.device("cpu"))
+    if have is not None and need > have:
+        raise ValueError(f"--tokens {tokens} --d {d} --inter {inter} --experts {num_experts} --top-k {top_k}: the "
+                         f"demo needs at least {need / GiB:,.1f} GiB (an estimate: two copies of the weights, their "
+                         f"gradients, one step's activations), more than this machine's physical memory, "
+                         f"{have / GiB:,.1f} GiB; pass smaller sizes")
 
 
 def _step(model, inputs) -> tuple[torch.Tensor, Any]:
@@ -46,6 +84,7 @@ def run(tokens: int = 1024, d: int = 128, inter: int = 256, num_experts: int = 8
     def say(msg: str) -> None:
         print(msg, file=stream, flush=True)
 
+    check_sizes(tokens, d, inter, num_experts, top_k, steps)
     model, inputs = make_default(tokens, d, inter, num_experts, top_k)
     blaze_model = copy.deepcopy(model)
     say(f"blazec demo: naive loop MoE block, T={tokens} tokens, d={d}, I={inter}, E={num_experts}, "

@@ -4,6 +4,10 @@ Sections per Dynamo graph: the Dynamo graph, each pass's report, the graph after
 passes, the forward/backward partition (saved tensors, bytes, total), the post-grad graphs,
 and where Inductor wrote its output code. ``--out DIR`` writes the same content as files
 named the way ``TORCH_COMPILE_DEBUG`` names them; ``--json`` prints one JSON document.
+
+Before compiling, the model runs the same step once eagerly (:func:`check_eager`): an error
+there, or one raised in the model file's own code under compile, is the model's
+(:class:`ModelError`, a user error naming the file), not blazec's.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import os
 import re
 import shutil
 import sys
+import tempfile
+import traceback
 from pathlib import Path
 from typing import Any, Iterator
 from unittest import mock
@@ -23,16 +29,117 @@ import torch
 
 from blazec import report
 from blazec.config import BlazeConfig
-from blazec.factory import load_factory
+from blazec.factory import load_factory, parse_spec
 
 RULE = "=" * 30
+
+
+class ModelError(Exception):
+    """The user's model failed on its example inputs: its own code, its weights or its inputs
+    (a wrong dtype, a shape, an exception it raises), not blazec. The CLI prints it as a user
+    error."""
+
+
+class _NoGradOutput(ValueError):
+    pass
 
 
 def _loss(out: Any) -> torch.Tensor:
     leaves = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
     if not leaves:
-        raise ValueError("the model's output does not require grad; use --eval to dump inference")
+        raise _NoGradOutput("the model's output does not require grad; use --eval to dump inference")
     return sum(t.float().pow(2).mean() for t in leaves)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
+def _in_file(frame: traceback.FrameSummary, path: Path) -> bool:
+    try:
+        return Path(frame.filename).resolve() == path.resolve()
+    except (OSError, ValueError):  # "<eval_with_key>.5" and the like
+        return False
+
+
+def _model_frame(err: BaseException, path: Path) -> str | None:
+    """Where in the model file ``err`` was raised ("file.py:12 in forward"): the innermost
+    frame of its traceback or, for an error Dynamo raised while it traced the model, of the
+    user code it was tracing, when that frame is in ``path``; the same for the exceptions it
+    was raised from (``__cause__``: Dynamo wraps the model's own). None when the error comes
+    from somewhere else (blazec, torch): then it is not the model's."""
+    from torch._dynamo.exc import InternalTorchDynamoError
+
+    seen: set[int] = set()
+    e: BaseException | None = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if getattr(e, "inner_exception", None) is not None:  # a backend failed: blazec's or Inductor's
+            return None
+        frames = traceback.extract_tb(e.__traceback__)[-1:]
+        if not isinstance(e, InternalTorchDynamoError):
+            frames += list(getattr(e, "real_stack", None) or [])[-1:]
+        for frame in frames:
+            if _in_file(frame, path):
+                return f"{Path(frame.filename).name}:{frame.lineno} in {frame.name}"
+        e = e.__cause__
+    return None
+
+
+def check_eager(model: torch.nn.Module, inputs: tuple[Any, ...], *, train: bool, where: str) -> None:
+    """Run the step the dump compiles (forward, and under ``train`` the loss's backward) once
+    eagerly, on copies of ``inputs``: an error there is the model's own (a wrong dtype, a shape,
+    an exception its code raises), raised as :class:`ModelError` naming ``where`` (the model
+    file), not as blazec's. The RNG state, the buffers and the gradients are restored after."""
+    model.train(train)
+    xs = torch.utils._pytree.tree_map(
+        lambda x: x.detach().clone().requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor) else x, inputs)
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    grads = [(p, p.grad) for p in model.parameters()]
+    tensors = [*model.parameters(), *model.buffers(), *(x for x in torch.utils._pytree.tree_leaves(inputs)
+                                                        if isinstance(x, torch.Tensor))]
+    cuda = sorted({t.device.index or 0 for t in tensors if t.is_cuda})  # whose RNG to restore besides the CPU's
+    try:
+        with torch.random.fork_rng(devices=cuda), torch.set_grad_enabled(train):
+            out = model(*xs)
+            if train:
+                _loss(out).backward()
+    except _NoGradOutput:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever the model's own code raises is its error
+        frame = _model_frame(e, Path(where))
+        at = f" at {frame}" if frame else ""
+        step = "forward and backward" if train else "forward"
+        raise ModelError(f"the model in {where} failed on its example inputs (its {step} run eagerly, before "
+                         f"compiling){at}: {_first_line(e)}") from e
+    finally:
+        with torch.no_grad():
+            for b, saved in buffers:
+                if b.shape == saved.shape:
+                    b.copy_(saved)
+                else:  # the model resized it
+                    b.set_(saved)
+        for p, g in grads:
+            p.grad = g
+
+
+def _compile_error(err: Exception, where: str, fullgraph: bool) -> ModelError | None:
+    """A compile failure raised in the model file's own code (after its eager step passed: code
+    that fails only under Dynamo, or a graph break under --fullgraph) as a :class:`ModelError`;
+    None for anything else (blazec's or torch's)."""
+    from torch._dynamo.exc import TorchRuntimeError, Unsupported
+
+    frame = _model_frame(err, Path(where))
+    if frame is None:
+        return None
+    what = _first_line(err)
+    if isinstance(err, TorchRuntimeError):  # an op of the model failed on Dynamo's fake tensors: that op's error
+        cause = err.__cause__
+        what = (_first_line(cause) if cause is not None and str(cause).strip()
+                else traced_op_error(str(err)) or what)
+    hint = " (--fullgraph allows no graph break)" if fullgraph and isinstance(err, Unsupported) else ""
+    return ModelError(f"the model in {where} failed under torch.compile at {frame}: {what}{hint}")
 
 
 @contextlib.contextmanager
@@ -191,28 +298,73 @@ def run(spec: str, *, train: bool = True, passes: list[str] | None = None, out: 
 
         check["expert_parallel"] = EPGroup("world", 0, expert_parallel, "gloo")  # stands in for it here
     BlazeConfig.from_options(check)  # a bad --pass or --ep-chunks fails here, before the model is loaded
-    if out and Path(out).exists() and not Path(out).is_dir():
-        raise ValueError(f"--out {out}: exists and is not a directory")  # before the compile, not after
+    if memory_budget is not None and not train:
+        raise ValueError("--memory-budget budgets the activations saved for backward, and --eval compiles an "
+                         "inference graph with no backward: nothing to budget; drop --memory-budget or --eval")
     if not isinstance(expert_parallel, int) or not 1 <= expert_parallel <= 64:
         raise ValueError(f"--expert-parallel must be a number of ranks in [1, 64], got {expert_parallel!r}")
-    model, inputs = load_factory(spec)
-    if sys.stderr.isatty():  # the compile takes seconds to minutes; a pipe or a test gets only the result
-        step = "one training step" if train else "one inference call"
-        where = f" on {expert_parallel} gloo ranks" if expert_parallel > 1 else ""
-        print(f"blazec dump: compiling {spec} with blaze and running {step}{where}...", file=sys.stderr, flush=True)
-    if expert_parallel > 1:
-        records = _capture_rank0(spec, expert_parallel, dict(train=train, options=options, dynamic=dynamic,
-                                                                fullgraph=fullgraph))
-    else:
-        records = compile_and_capture(model, inputs, train=train, options=options, dynamic=dynamic,
-                                      fullgraph=fullgraph)
-    text = format_records(records, train=train)
-    if expert_parallel > 1:
-        text = (f"expert parallel: rank 0 of {expert_parallel} gloo ranks on this machine; every rank ran the "
-                f"factory's inputs\n\n") + text
-    doc = to_json(records, spec, train)
-    files = write_dir(Path(out), records, text, doc) if out else []
+    created = _prepare_out(out) if out else None  # before the compile, not after
+    try:
+        model, inputs = load_factory(spec)
+        where = str(parse_spec(spec)[0])
+        check_eager(model, inputs, train=train, where=where)
+        if sys.stderr.isatty():  # the compile takes seconds to minutes; a pipe or a test gets only the result
+            step = "one training step" if train else "one inference call"
+            on = f" on {expert_parallel} gloo ranks" if expert_parallel > 1 else ""
+            print(f"blazec dump: compiling {spec} with blaze and running {step}{on}...", file=sys.stderr, flush=True)
+        try:
+            if expert_parallel > 1:
+                records = _capture_rank0(spec, expert_parallel, dict(train=train, options=options, dynamic=dynamic,
+                                                                        fullgraph=fullgraph))
+            else:
+                records = compile_and_capture(model, inputs, train=train, options=options, dynamic=dynamic,
+                                              fullgraph=fullgraph)
+        except Exception as e:
+            model_error = _compile_error(e, where, fullgraph)
+            if model_error is None:
+                raise
+            raise model_error from e
+        text = format_records(records, train=train)
+        if expert_parallel > 1:
+            text = (f"expert parallel: rank 0 of {expert_parallel} gloo ranks on this machine; every rank ran the "
+                    f"factory's inputs\n\n") + text
+        doc = to_json(records, spec, train)
+        files = write_dir(Path(out), records, text, doc) if out else []
+    except BaseException:
+        if created is not None:
+            _remove_empty(Path(out), created)
+        raise
     return (json.dumps(doc, indent=2) if as_json else text), files
+
+
+def _prepare_out(out: str) -> Path | None:
+    """Create --out's directory and check that a file can be written in it, before the compile
+    (seconds to minutes) rather than after; returns the outermost directory this created (None:
+    it existed), which :func:`_remove_empty` removes again if the dump fails."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a directory")
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        if missing:
+            _remove_empty(path, missing[-1])
+        raise ValueError(f"--out {out}: cannot create a directory there or write to it "
+                         f"({e.strerror or type(e).__name__})") from None
+    return missing[-1] if missing else None
+
+
+def _remove_empty(path: Path, top: Path) -> None:
+    """Remove ``path`` and its parents up to ``top`` that are (still) empty directories."""
+    for p in (path, *path.parents):
+        try:
+            p.rmdir()
+        except OSError:
+            return
+        if p == top:
+            return
 
 
 def _rank_main(rank: int, world: int, spec: str, kwargs: dict[str, Any], result: str) -> None:

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from blazec.cli import main
 from tests.helpers import EXAMPLE_FILES, EXAMPLES
@@ -66,6 +67,15 @@ def test_dump_out_dir_eval_and_pass_subset(tmp_path, capsys):
     assert f"wrote {len(list(p for p in out_dir.rglob('*') if p.is_file()))} file(s)" in err
 
 
+RAISES = """import torch
+class M(torch.nn.Module):
+    def forward(self, x):
+        raise {exc}
+def make():
+    return M(), (torch.randn(4, 8),)
+"""
+
+
 @pytest.mark.parametrize(
     "write, spec, message",
     [
@@ -78,8 +88,19 @@ def test_dump_out_dir_eval_and_pass_subset(tmp_path, capsys):
         ("def make(:\n", "{f}:make", "could not load {f}: SyntaxError"),
         ("import sys\nsys.exit(3)\n", "{f}:make", "could not load {f}: it called sys.exit(3) on import"),
         ("import sys\ndef make():\n    sys.exit(4)\n", "{f}:make", "factory {f}:make called sys.exit(4)"),
+        # the model's own errors, found by its eager step before the compile: user errors naming the file
         ("import torch\ndef make():\n    return torch.nn.Linear(4, 4), (torch.randn(3, 5),)\n", "{f}:make",
-         "the model failed on its example inputs while Dynamo traced it: RuntimeError: "),
+         "the model in {f} failed on its example inputs (its forward and backward run eagerly, before compiling): "
+         "RuntimeError: mat1 and mat2 shapes cannot be multiplied (3x5 and 4x4)"),
+        ("import torch\ndef make():\n    return torch.nn.Linear(8, 16), (torch.randn(4, 8, dtype=torch.float64),)\n",
+         "{f}:make", "the model in {f} failed on its example inputs (its forward and backward run eagerly, before "
+         "compiling): RuntimeError: mat1 and mat2 must have the same dtype, but got Double and Float"),
+        (RAISES.format(exc="RuntimeError('user model runtime error')"), "{f}",
+         "the model in {f} failed on its example inputs (its forward and backward run eagerly, before compiling) "
+         "at m.py:4 in forward: RuntimeError: user model runtime error"),
+        (RAISES.format(exc="KeyError('k')"), "{f}", "failed on its example inputs (its forward and backward run "
+         "eagerly, before compiling) at m.py:4 in forward: KeyError: 'k'"),
+        (RAISES.format(exc="ValueError('bad x')"), "{f}", "at m.py:4 in forward: ValueError: bad x"),
         ("import torch\ndef make():\n    return torch.nn.Linear(4, 4).requires_grad_(False), (torch.randn(3, 4),)\n",
          "{f}:make", "the model's output does not require grad; use --eval"),
         ("def make():\n    return 1\n", "{f}:make:extra", "invalid model spec '{f}:make:extra': more than one ':'"),
@@ -154,3 +175,103 @@ def test_dump_out_is_checked_before_the_compile(tmp_path, capsys):
     rc, _, err = _dump(capsys, str(EXAMPLES / "moe_loop_modulelist.py"), "--out", str(f))
     assert rc == 2 and f"blazec dump: error: --out {f}: exists and is not a directory" in err
     assert f.read_text() == "x"
+
+
+COMPILE_ONLY = """import torch
+class M(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = torch.nn.Linear(8, 8)
+    def forward(self, x):
+        y = self.l(x)
+        if torch.compiler.is_compiling():
+            y = y @ torch.randn(3, 3)
+        return y
+def make():
+    return M(), (torch.randn(4, 8),)
+"""
+BRANCH = """import torch
+class M(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = torch.nn.Linear(8, 8)
+    def forward(self, x):
+        y = self.l(x)
+        if y.sum() > 0:
+            return y * 2
+        return y
+def make():
+    return M(), (torch.randn(4, 8),)
+"""
+
+
+@pytest.mark.parametrize("write, argv, message", [
+    (COMPILE_ONLY, [], "failed under torch.compile at m.py:9 in forward: RuntimeError: a and b must have same "
+                       "reduction dim, but got [4, 8] X [3, 3]."),
+    (BRANCH, ["--fullgraph"], "failed under torch.compile at m.py:8 in forward: Unsupported: Data-dependent "
+                              "branching (--fullgraph allows no graph break)"),
+])
+def test_dump_model_errors_under_compile_are_user_errors(tmp_path, capsys, write, argv, message):
+    """The model's own code failing only under compile (its eager step passed) is the model's
+    error, named by its file and line, not an internal error of blazec."""
+    f = tmp_path / "m.py"
+    f.write_text(write)
+    rc, _, err = _dump(capsys, str(f), "--final-stage", "eager", *argv)
+    assert rc == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"blazec dump: error: the model in {f} ") and message in err, err
+
+
+def test_dump_a_blazec_failure_is_still_an_internal_error(capsys, monkeypatch):
+    """A failure inside blazec (here: a pass that raises) is not blamed on the model."""
+    import blazec.backend
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("blazec bug")
+
+    monkeypatch.setattr(blazec.backend, "passes_for", boom)
+    rc, _, err = _dump(capsys, str(EXAMPLES / "moe_loop_modulelist.py"), "--final-stage", "eager")
+    assert rc == 2 and err.startswith("blazec dump: internal error (RuntimeError): blazec bug"), err
+
+
+def test_dump_eager_check_leaves_the_model_and_rng_as_they_were():
+    from blazec.dump import check_eager
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Dropout(0.5))
+    x = torch.randn(6, 4)
+    x0 = x.clone()
+    stats = [b.clone() for b in model.buffers()]
+    rng = torch.get_rng_state()
+    check_eager(model, (x,), train=True, where="m.py")
+    assert all(torch.equal(a, b) for a, b in zip(stats, model.buffers()))
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(torch.get_rng_state(), rng) and torch.equal(x, x0)
+
+
+def test_dump_eval_with_a_memory_budget_is_an_error(capsys):
+    """--eval has no backward, so no partition to budget: the budget was silently ignored."""
+    rc, out, err = _dump(capsys, str(EXAMPLES / "moe_loop_modulelist.py"), "--eval", "--memory-budget", "0.5")
+    assert rc == 2 and out == "" and err.count("\n") == 1, err
+    assert err.startswith("blazec dump: error: --memory-budget ") and "--eval" in err
+
+
+def test_dump_out_that_cannot_be_created_is_an_error_before_the_compile(tmp_path, capsys):
+    """--out under a file (or /proc) failed after the whole compile, with an OSError that did not
+    name --out."""
+    f = tmp_path / "afile"
+    f.write_text("x")
+    bad = f / "sub"
+    spec = tmp_path / "m.py"
+    spec.write_text("raise SystemExit('the factory must not load')\n")
+    rc, _, err = _dump(capsys, str(spec), "--out", str(bad))
+    assert rc == 2 and err.startswith(f"blazec dump: error: --out {bad}: cannot create a directory there"), err
+    assert err.count("\n") == 1
+
+
+def test_dump_out_created_for_a_failed_dump_is_removed(tmp_path, capsys):
+    f = tmp_path / "m.py"
+    f.write_text(RAISES.format(exc="RuntimeError('no')"))
+    out = tmp_path / "new" / "dump"
+    rc, _, err = _dump(capsys, str(f), "--out", str(out))
+    assert rc == 2 and "RuntimeError: no" in err
+    assert not (tmp_path / "new").exists()

@@ -12,6 +12,7 @@ Run as ``python -m blazec.runtime.balance_sim --ranks 256 --per-rank 32 --length
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -173,9 +174,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
+# Bytes a simulated step holds per sample, at least: the lengths and costs as tensors and as
+# Python floats, and each method's partition (about 340 measured at 1M samples with kk).
+BYTES_PER_SAMPLE = 200
+
+
+def _check_memory(samples: int) -> None:
+    """--ranks x --per-rank samples per step must fit this machine's memory (a lower bound):
+    too many failed as an allocation error after the setup, or ran out of memory part-way."""
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # the platform does not say
+        return
+    if samples * BYTES_PER_SAMPLE > have:
+        raise ValueError(f"--ranks x --per-rank = {samples:,d} samples per step need at least "
+                         f"{samples * BYTES_PER_SAMPLE / 1024**3:,.1f} GiB (an estimate, {BYTES_PER_SAMPLE} B a "
+                         f"sample), more than this machine's physical memory, {have / 1024**3:,.1f} GiB")
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the simulation and print the table; returns the exit code (2 on bad input)."""
     try:
+        for flag, v in (("--ranks", args.ranks), ("--per-rank", args.per_rank), ("--steps", args.steps),
+                        ("--max-len", args.max_len)):
+            if v < 1:
+                raise ValueError(f"{flag} must be >= 1, got {v}")
+        _check_memory(args.ranks * args.per_rank)
         cost = CostModel.from_spec(args.cost)
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         unknown = [m for m in methods if m not in METHODS]
@@ -191,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
             equal_counts=args.equal_counts, progress=not args.no_progress,
         )
     except ValueError as e:
-        print(f"balance-sim: error: {e}", file=sys.stderr)
+        print(f"blazec balance-sim: error: {e}", file=sys.stderr)
         return 2
     print(
         f"balance-sim: {args.ranks} ranks x {args.per_rank} samples, lengths {args.lengths} "

@@ -383,7 +383,7 @@ def test_cpu_default_rows_leave_out_the_gpu_launch_path_variants(tmp_path, monke
     rc = bench.run(_args("--device", "cpu", "--shape", "32,16,24,4,2", "--iters", "1", "--warmup", "0",
                          "--json", str(path)), stream=out)
     data = json.loads(path.read_text())
-    assert rc == 0 and [r["impl"] for r in data["rows"]] == CPU_DEFAULT_ROWS
+    assert rc == 1 and [r["impl"] for r in data["rows"]] == CPU_DEFAULT_ROWS  # 1: every row failed
     left = [i for i in bench.IMPLS if i not in CPU_DEFAULT_ROWS]
     assert data["meta"]["rows_left_out"] == left and len(left) == 12
     line = next(ln for ln in out.getvalue().splitlines() if ln.startswith("NOTE: left out on CPU: "))
@@ -404,3 +404,40 @@ def test_a_gpu_launch_path_row_named_on_cpu_says_whose_code_it_runs(tmp_path, mo
     assert "same code as sort-grouped-mm-compile on CPU" in notes["sort-grouped-mm-compile-cudagraphs"]
     assert "same code as" not in notes["blazec-ops"]
     assert "    blazec-loop-cat-dx: " in text and "same code as blazec-loop on CPU" in text
+
+
+def test_a_failed_row_exits_1_with_a_summary_under_the_table(tmp_path, monkeypatch, capsys) -> None:
+    """Rows that fail are rows of the table (their notes say why), and the run exits 1 with one
+    line naming them; it exited 0 even when every row failed."""
+    real = bench._build
+
+    def build(impl, loop, x):
+        if impl == "blazec-ops":
+            raise RuntimeError("row broke")
+        return real(impl, loop, x)
+
+    monkeypatch.setattr(bench, "_build", build)
+    rc, text, data = _run_small(tmp_path, "--impl", "eager-loop", "--impl", "blazec-ops")
+    assert rc == 1
+    assert "| eager-loop |" in text and "failed: RuntimeError: row broke" in text
+    assert data["meta"]["rows_failed"] == ["blazec-ops"] and data["rows"][0]["ms"] > 0
+    assert capsys.readouterr().err.strip() == ("blazec bench: error: 1 of 2 row(s) failed: blazec-ops "
+                                               "(each row's note in the table says why)")
+    rc, _, data = _run_small(tmp_path, "--impl", "eager-loop")
+    assert rc == 0 and data["meta"]["rows_failed"] == []
+
+
+def test_every_row_failing_exits_nonzero_from_the_command_line() -> None:
+    """The reviewer's case: BLAZEC_CAPTURE_DYNAMIC=2 fails the blazec-loop row (read when the
+    backend is imported, so in a process of its own)."""
+    import os
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "blazec", "bench", "--device", "cpu", "--shape", "16,8,8,2,2",
+                        "--iters", "1", "--warmup", "0", "--impl", "blazec-loop"], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "BLAZEC_CAPTURE_DYNAMIC": "2"})
+    assert r.returncode == 1, (r.stdout[-2000:], r.stderr[-2000:])
+    assert "| blazec-loop |" in r.stdout and "failed: ValueError: BLAZEC_CAPTURE_DYNAMIC must be 0 or 1" in r.stdout
+    assert r.stderr.strip().splitlines()[-1] == ("blazec bench: error: 1 of 1 row(s) failed: blazec-loop (each "
+                                                 "row's note in the table says why)")

@@ -83,15 +83,27 @@ def test_cli_prints_table(capsys):
     [
         (["--lengths", "zipf:x"], "bad lengths spec 'zipf:x'"),
         (["--cost", "a=1,b"], "bad cost spec"),
-        (["--ranks", "0"], "ranks must be >= 1, got 0"),
+        (["--ranks", "0"], "--ranks must be >= 1, got 0"),
+        (["--per-rank", "-1"], "--per-rank must be >= 1, got -1"),
+        (["--steps", "0"], "--steps must be >= 1, got 0"),
         (["--methods", "kk,best"], "unknown method"),
-        (["--max-len", "0"], "max_len must be >= 1"),
+        (["--max-len", "0"], "--max-len must be >= 1, got 0"),
+        (["--ranks", "1000000000", "--per-rank", "1000000000"],
+         "--ranks x --per-rank = 1,000,000,000,000,000,000 samples per step need at least "),
     ],
 )
 def test_cli_errors_are_one_line(argv, match, capsys):
-    assert _run(argv + ["--no-progress", "--steps", "1"]) == 2
+    assert _run(["--no-progress", "--steps", "1"] + argv) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("balance-sim: error:") and match in err and "\n" not in err
+    assert err.startswith("blazec balance-sim: error: ") and match in err and "\n" not in err, err
+
+
+def test_blazec_balance_sim_errors_have_the_commands_prefix(capsys):
+    """README: every command's error is "blazec <command>: error: ..."; it was "balance-sim: error:"."""
+    from blazec.cli import main as blazec_main
+
+    assert blazec_main(["balance-sim", "--ranks", "0", "--no-progress"]) == 2
+    assert capsys.readouterr().err == "blazec balance-sim: error: --ranks must be >= 1, got 0\n"
 
 
 @pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")  # imported above
