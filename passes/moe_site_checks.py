@@ -99,14 +99,37 @@ def root(n: Node, cache: dict) -> Node:
                 and isinstance(val(src), (tuple, list)) and _is_view(src) and src.args and _is_tensor(src.args[0]):
             r = src.args[0]  # a piece of chunk / split / unbind: a view of their input
             continue
-        if not _is_tensor(src):
-            break
-        if _is_view(r) or mutated(r) is src:
+        if _is_tensor(src) and (_is_view(r) or mutated(r) is src):
             r = src
-        else:
+            continue
+        shared = _storage_source(r)  # a view op not in the lists (broadcast_to, ravel, positive, conj...)
+        if shared is None:
             break
+        r = shared
     cache[n] = r
     return r
+
+
+def _storage_id(n: object) -> Optional[int]:
+    v = val(n)
+    if not isinstance(v, torch.Tensor):
+        return None
+    try:
+        return v.untyped_storage()._cdata
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return None
+
+
+def _storage_source(n: Node) -> Optional[Node]:
+    """A tensor input of ``n`` (or of the tuple-valued op ``n`` is an item of) whose example value
+    shares ``n``'s storage: ``n`` is a view of it, whatever op made it."""
+    sid = _storage_id(n)
+    if sid is None:
+        return None
+    ins = list(n.all_input_nodes)
+    if n.op == "call_function" and n.target is operator.getitem and ins and isinstance(val(ins[0]), (tuple, list)):
+        ins = list(ins[0].all_input_nodes) + ins[1:]
+    return next((a for a in ins if _is_tensor(a) and _storage_id(a) == sid), None)
 
 
 def _is_view(n: Node) -> bool:

@@ -253,9 +253,9 @@ class GatherRenorm(nn.Module):
     """DeepSeek-V3's router: weights gathered from the scores by the topk ids and renormalized
     in place (``w /= w.sum()``), then scaled into a fresh tensor the loop reads."""
 
-    def __init__(self, d=16, inter=12, E=4, k=2):
+    def __init__(self, variant="plain", d=16, inter=12, E=4, k=2):
         super().__init__()
-        self.E, self.k = E, k
+        self.v, self.E, self.k = variant, E, k
         self.gate = nn.Linear(d, E, bias=False)
         self.experts = nn.ModuleList(Expert(d, inter) for _ in range(E))
 
@@ -264,12 +264,17 @@ class GatherRenorm(nn.Module):
         ids = torch.topk(scores, self.k, dim=-1)[1]
         w = scores.gather(1, ids)
         w /= w.sum(dim=-1, keepdim=True) + 1e-20
-        w = w * 2.5
+        # the loop reads a view of w by an op the view lists do not name: the storage shows it
+        wl = torch.broadcast_to(w, w.shape) if self.v.startswith("alias") else w * 2.5
         out = torch.zeros_like(x)
         mask = F.one_hot(ids, self.E).permute(2, 0, 1)
         for e in range(self.E):
             tok, slot = torch.where(mask[e])
-            out.index_add_(0, tok, self.experts[e](x[tok]) * w[tok, slot].unsqueeze(-1))
+            out.index_add_(0, tok, self.experts[e](x[tok]) * wl[tok, slot].unsqueeze(-1))
+            if e == 1 and self.v == "alias_mid":
+                w.mul_(3.0)
+        if self.v == "alias_after":
+            w.data.mul_(2.0)
         return out
 
 
@@ -289,3 +294,14 @@ def test_a_loop_summed_out_of_place_is_one_near_miss() -> None:
     assert not matches(rec)
     reasons = [n.reason for n in near_misses(rec)]
     assert len(reasons) == 1 and "out-of-place index_add" in reasons[0], reasons
+
+
+@pytest.mark.parametrize("variant, why", [("alias_mid", READ), ("alias_after", "after the dispatch")])
+def test_a_write_through_an_unlisted_view_of_the_weights_is_seen(variant, why) -> None:
+    """``torch.broadcast_to(w, ...)`` is a view of w that the op-name lists do not cover: a write
+    to w while or after the loop reads it must still refuse the site (it was rewritten, with an
+    output error of 0.33)."""
+    torch.manual_seed(0)
+    rec = compile_and_compare(GatherRenorm(variant), (torch.randn(24, 16),))
+    assert not matches(rec)
+    assert any(why in n.reason for n in near_misses(rec)), [n.reason for n in near_misses(rec)]
