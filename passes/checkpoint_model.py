@@ -539,6 +539,57 @@ def mutated_inputs(joint_graph: torch.fx.Graph) -> set[torch.fx.Node] | None:
     return out
 
 
+# Training-mode batch norms: (running mean, running var) argument positions, the position of
+# the ``training`` flag (None: always training) and the outputs that are the new statistics.
+# In training mode the normalized output and the saved batch statistics do not depend on the
+# running statistics, which the forward then overwrites with the new ones: recomputing the op
+# in backward for those outputs is sound, for the new statistics it is not.
+_BATCH_NORMS = {
+    "_native_batch_norm_legit_functional": ((3, 4), 5, (3, 4)),
+    "_batch_norm_with_update_functional": ((3, 4), None, (4, 5)),
+}
+
+
+def _batch_norm(node: torch.fx.Node) -> tuple | None:
+    t = node.target
+    if node.op != "call_function" or not isinstance(t, torch._ops.OpOverload) or t.namespace != "aten":
+        return None
+    spec = _BATCH_NORMS.get(t._schema.name.split("::")[-1])
+    if spec is None:
+        return None
+    training = True if spec[1] is None else (node.args[spec[1]] if len(node.args) > spec[1] else node.kwargs.get("training"))
+    return spec if training is True else None
+
+
+def _running_stats(node: torch.fx.Node) -> set[torch.fx.Node]:
+    """The running-statistic arguments a training-mode batch norm reads only to update them."""
+    spec = _batch_norm(node)
+    if spec is None:
+        return set()
+    return {node.args[i] for i in spec[0] if i < len(node.args) and isinstance(node.args[i], torch.fx.Node)}
+
+
+def _is_new_running_stat(node: torch.fx.Node) -> bool:
+    """``getitem(bn, i)`` for a new running statistic of a training-mode batch norm whose value
+    something may use: recomputed in backward it would come from the overwritten statistic.
+    The forward's write-back (``copy_``) and a training-mode ``native_batch_norm_backward``
+    (which takes the running statistics and ignores them) do not use it there."""
+    if node.op != "call_function" or node.target is not operator.getitem or not isinstance(node.args[0], torch.fx.Node):
+        return False
+    spec = _batch_norm(node.args[0])
+    if spec is None or node.args[1] not in spec[2]:
+        return False
+    for u in node.users:
+        name = u.target._schema.name.split("::")[-1] if isinstance(u.target, torch._ops.OpOverload) else ""
+        if name == "copy_" and u.args[1] is node:
+            continue
+        if name == "native_batch_norm_backward" and len(u.args) > 7 and u.args[7] is True \
+                and node not in (*u.args[:3], *u.args[5:7]):
+            continue
+        return True
+    return False
+
+
 def _written_args(node: torch.fx.Node) -> list[torch.fx.Node]:
     """The graph values a mutable op writes (its schema's ``Tensor(a!)`` arguments)."""
     out = []
@@ -605,10 +656,16 @@ def build_problem(joint_graph: torch.fx.Graph, node_info: Any) -> Problem:
         v = Vertex(index=len(vertices), node=node, kind=kind)
         by_node[node] = v.index
         vertices.append(v)
+    stale_ok: list[tuple[Vertex, torch.fx.Node]] = []  # (batch norm, running statistic it reads)
     for v in vertices:
-        v.inputs = [by_node[a] for a in v.node.all_input_nodes if a in by_node]
+        unread = _running_stats(v.node) & mutated  # read only for the new statistics
+        stale_ok += [(v, a) for a in unread if a in by_node]
+        v.inputs = [by_node[a] for a in v.node.all_input_nodes if a in by_node and a not in unread]
         v.no_recompute_reason = _recompute_ban(v.node)
         v.can_recompute = not v.no_recompute_reason
+        if not v.no_recompute_reason and _is_new_running_stat(v.node):
+            v.no_recompute_reason = "a new running statistic, computed from an input the forward writes in place"
+            v.can_recompute = False
         v.no_save_reason = _save_ban(v.node)
         v.can_save = not v.no_save_reason
         val = v.node.meta.get("val")
@@ -644,6 +701,18 @@ def build_problem(joint_graph: torch.fx.Graph, node_info: Any) -> Problem:
                 v.flops_expr, v.moved_expr = c.flops, c.moved
             except Exception:  # noqa: BLE001
                 pass
+    # A training-mode batch norm recomputed in backward reads its running statistics, which the
+    # forward has overwritten, without using their values: it may read them as they are then. A
+    # vertex of its own per statistic stands for that read (0 B, savable); the statistic's own
+    # vertex stays unsavable for everything else.
+    stale: dict[torch.fx.Node, Vertex] = {}
+    for bn, stat in stale_ok:
+        if stat not in stale:
+            stale[stat] = Vertex(index=len(vertices), node=stat, kind=INPUT, can_recompute=False,
+                                 no_recompute_reason="graph input",
+                                 bytes_note="running statistic a training-mode batch norm reads without using it")
+            vertices.append(stale[stat])
+        bn.inputs.append(stale[stat].index)
     direct_set = set(direct)
     for v in vertices:
         v.required = v.node in direct_set
