@@ -10,8 +10,9 @@ for every form alike; a site that fails one is left alone and reported as a near
   be read after the change by the op and before it by the code it replaces. Refused: a mutation,
   before the placement, of a tensor one of the site's own nodes made (a mask, a gate) or that
   the code derives from ids for the replaced nodes (the op derives it from ids itself; one that
-  feeds only the op's inputs, as gathered weights, is computed where it was), of a tensor (through any view
-  of it, ``.data`` included) that one of the site's nodes read before the mutation, of an op
+  feeds only the op's inputs, as gathered weights, is computed where it was), of a tensor
+  (through any view of it, ``.data`` included, or any op whose value shares its storage) that
+  one of the site's nodes read before the mutation, of an op
   input that a node feeding the proof read before it, or of the routing ids at all (the
   matchers prove them in range, and distinct within a row, from the op that made them:
   topk, one_hot, argmax). After the placement, in a graph with a backward: a write to x or
