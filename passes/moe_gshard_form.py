@@ -121,6 +121,12 @@ def _kept(km: object) -> tuple[Node, Node, int] | None:
     return m, loc, c
 
 
+def _symbolic_capacity(km: object) -> bool:
+    """Whether ``km`` is ``M * lt(L, C)`` with C a graph value (a symbolic size), not a constant."""
+    return _pair(km, lambda n: n if _one_hot(n) else None,
+                 lambda n: n if is_fn(n, torch.lt, operator.lt) and isinstance(n.args[1], Node) else None) is not None
+
+
 def _locations(loc: object, m: Node, earlier: list[Node], kept_earlier: list[Node]) -> bool:
     """L == cumsum(M, 0) - 1 (+ sum(M_i, 0, keepdim=True) for each earlier choice i)."""
     terms = _terms(loc)
@@ -174,6 +180,10 @@ def match_gshard(out: Node) -> GShardMatch:
             raise NoMatch("a choice's gate is not w[:, None] * kept_mask")
         w, km = gw
         kept = _kept(km)
+        if kept is None and _symbolic_capacity(km):
+            raise NoMatch("the capacity in a choice's drop test lt(locations, capacity) is a size computed at run "
+                          "time (dynamic shapes: T * capacity_factor / E is symbolic); blazec rewrites a constant "
+                          "capacity (compile with dynamic=False, or fix the capacity)")
         if kept is None:
             raise NoMatch("a choice's kept mask is not one_hot(idx, E) * lt(locations, capacity)")
         m, loc, C2 = kept

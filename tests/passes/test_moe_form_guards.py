@@ -260,3 +260,19 @@ def test_gshard_per_expert_bias_rewritten(positional_keepdim):
     model = GShard((4, 1, 12), (4, 1, 8), positional_keepdim=positional_keepdim)
     rec = compile_and_compare(model, (torch.randn(8, 8),))
     assert_rewritten(rec, "gshard_top2", E=4, k=2, capacity=4, activation="relu", bias=True)
+
+
+def test_gshard_with_a_symbolic_capacity_says_so() -> None:
+    """Under dynamic=True the capacity ceil(2 * cf * T / E) is a symbolic size: left alone with
+    that reason (it said the kept mask was not one_hot * lt(locations, capacity))."""
+    from tests.helpers import load_example
+
+    model, (x,) = load_example("moe_gshard_top2.py").make(batch=2, seq=8)
+    ref = model(x)
+    torch._dynamo.reset()
+    with report.capture() as recs:
+        got = torch.compile(model, backend="blaze", options={"final_stage": "eager"}, dynamic=True)(x)
+    torch.testing.assert_close(got, ref)
+    reasons = [n.reason for r in recs for p in r.pass_reports for n in p.near_misses]
+    assert any("is a size computed at run time" in r for r in reasons), reasons
+    assert not [m for r in recs for p in r.pass_reports for m in p.matches if m.form.startswith("gshard")]
