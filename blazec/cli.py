@@ -104,6 +104,13 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     return (FactoryError, BlazeOptionError, ModelError, ValueError, FileNotFoundError)
 
 
+def _backend_user_error_types() -> tuple[type[BaseException], ...]:
+    from blazec.config import BlazeOptionError
+    from blazec.expert_parallel import ExpertParallelError
+
+    return (BlazeOptionError, ExpertParallelError)
+
+
 def _traced_model_error(err: BaseException) -> str | None:
     """For an op of the user's model that failed while Dynamo traced it on the example inputs
     (a shape mismatch, a wrong dtype), the op's own error; None for anything else."""
@@ -136,7 +143,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         inner = getattr(e, "inner_exception", None)  # Dynamo wraps backend errors
         err = inner if inner is not None else e
-        kind = "error" if isinstance(err, _user_error_types()) else f"internal error ({type(err).__name__})"
+        # Inside the backend only blazec's own user-facing errors are the user's: a plain
+        # ValueError raised there (an op's argument check on a rewritten graph, say) is a bug.
+        user = _backend_user_error_types() if inner is not None else _user_error_types()
+        kind = "error" if isinstance(err, user) else f"internal error ({type(err).__name__})"
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         traced = _traced_model_error(err)
         if traced is not None:

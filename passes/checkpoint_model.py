@@ -562,11 +562,15 @@ def _batch_norm(node: torch.fx.Node) -> tuple | None:
 
 
 def _running_stats(node: torch.fx.Node) -> set[torch.fx.Node]:
-    """The running-statistic arguments a training-mode batch norm reads only to update them."""
+    """The running-statistic arguments a training-mode batch norm reads only to update them: not
+    one that (or a view of which) it also reads as another argument, its weight say."""
     spec = _batch_norm(node)
     if spec is None:
         return set()
-    return {node.args[i] for i in spec[0] if i < len(node.args) and isinstance(node.args[i], torch.fx.Node)}
+    stats = {node.args[i] for i in spec[0] if i < len(node.args) and isinstance(node.args[i], torch.fx.Node)}
+    others = [a for i, a in enumerate(node.args) if i not in spec[0]] + list(node.kwargs.values())
+    used = {alias_root(a) for a in torch.utils._pytree.tree_leaves(others) if isinstance(a, torch.fx.Node)}
+    return {a for a in stats if alias_root(a) not in used}
 
 
 def _is_new_running_stat(node: torch.fx.Node) -> bool:

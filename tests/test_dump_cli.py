@@ -233,6 +233,20 @@ def test_dump_a_blazec_failure_is_still_an_internal_error(capsys, monkeypatch):
     assert rc == 2 and err.startswith("blazec dump: internal error (RuntimeError): blazec bug"), err
 
 
+def test_dump_a_value_error_inside_the_backend_is_an_internal_error(capsys, monkeypatch):
+    """Inside the backend only blazec's own user-facing errors (bad options, expert-parallel
+    setup) are the user's; a plain ValueError there (an op's check on a rewritten graph) was
+    printed as the user's error, with no traceback hint."""
+    import blazec.backend
+
+    def boom(*args, **kwargs):
+        raise ValueError("partition bookkeeping went wrong")
+
+    monkeypatch.setattr(blazec.backend, "partition_joint", boom)
+    rc, _, err = _dump(capsys, str(EXAMPLES / "moe_loop_modulelist.py"), "--final-stage", "eager")
+    assert rc == 2 and err.startswith("blazec dump: internal error (ValueError): partition bookkeeping"), err
+
+
 def test_dump_eager_check_leaves_the_model_and_rng_as_they_were():
     from blazec.dump import check_eager
 
