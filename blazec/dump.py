@@ -13,6 +13,7 @@ there, or one raised in the model file's own code under compile, is the model's
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -57,10 +58,35 @@ def _first_line(err: BaseException) -> str:
 
 
 def _in_file(frame: traceback.FrameSummary, path: Path) -> bool:
+    """Whether ``frame`` runs the model's code: the model file, or a module it imports (its
+    layers in a file beside it, a model library such as transformers), not torch, triton,
+    blazec or Python's standard library."""
     try:
-        return Path(frame.filename).resolve() == path.resolve()
+        f = Path(frame.filename).resolve()
+        if f == path.resolve():
+            return True
     except (OSError, ValueError):  # "<eval_with_key>.5" and the like
         return False
+    if not f.is_file():
+        return False
+    return not any(f.is_relative_to(d) for d in _not_model_dirs())
+
+
+def _not_model_dirs() -> list[Path]:
+    """torch's, triton's, blazec's (with its passes and kernels) and the standard library's
+    directories, found without importing anything new."""
+    import importlib.util
+    import sysconfig
+
+    dirs = [Path(sysconfig.get_paths()["stdlib"])]
+    for name in ("torch", "triton", "blazec", "blazec.passes", "blazec.kernels"):
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is not None and spec.origin:
+            dirs.append(Path(spec.origin).parent)
+    return [d.resolve() for d in dirs]
 
 
 def _model_frame(err: BaseException, path: Path) -> str | None:
@@ -91,15 +117,29 @@ def check_eager(model: torch.nn.Module, inputs: tuple[Any, ...], *, train: bool,
     """Run the step the dump compiles (forward, and under ``train`` the loss's backward) once
     eagerly, on copies of ``inputs``: an error there is the model's own (a wrong dtype, a shape,
     an exception its code raises), raised as :class:`ModelError` naming ``where`` (the model
-    file), not as blazec's. The RNG state, the buffers and the gradients are restored after."""
+    file), not as blazec's.
+
+    It runs on a deep copy of the model and the inputs, so that whatever the step changes (a
+    counter, a parameter written under no_grad, a buffer registered or reassigned on the first
+    call, a cache object among the inputs) stays out of what the dump compiles; torch's, Python's
+    and numpy's random states are restored after. A model that cannot be deep-copied runs itself,
+    with its buffers and gradients restored after."""
+    import random
+
     model.train(train)
+    tensors = [*model.parameters(), *model.buffers(), *(x for x in torch.utils._pytree.tree_leaves(inputs)
+                                                        if isinstance(x, torch.Tensor))]
+    cuda = sorted({t.device.index or 0 for t in tensors if t.is_cuda})  # whose RNG to restore besides the CPU's
+    try:
+        model, inputs = copy.deepcopy((model, inputs))
+    except Exception:  # noqa: BLE001 - an object that refuses copying: run the model itself
+        pass
     xs = torch.utils._pytree.tree_map(
         lambda x: x.detach().clone().requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor) else x, inputs)
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     grads = [(p, p.grad) for p in model.parameters()]
-    tensors = [*model.parameters(), *model.buffers(), *(x for x in torch.utils._pytree.tree_leaves(inputs)
-                                                        if isinstance(x, torch.Tensor))]
-    cuda = sorted({t.device.index or 0 for t in tensors if t.is_cuda})  # whose RNG to restore besides the CPU's
+    py_state = random.getstate()
+    np_state = _numpy_state()
     try:
         with torch.random.fork_rng(devices=cuda), torch.set_grad_enabled(train):
             out = model(*xs)
@@ -122,6 +162,19 @@ def check_eager(model: torch.nn.Module, inputs: tuple[Any, ...], *, train: bool,
                     b.set_(saved)
         for p, g in grads:
             p.grad = g
+        random.setstate(py_state)
+        if np_state is not None:
+            import numpy
+
+            numpy.random.set_state(np_state)
+
+
+def _numpy_state():
+    try:
+        import numpy
+    except ImportError:
+        return None
+    return numpy.random.get_state()
 
 
 def _compile_error(err: Exception, where: str, fullgraph: bool) -> ModelError | None:

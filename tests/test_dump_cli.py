@@ -289,3 +289,41 @@ def test_dump_out_created_for_a_failed_dump_is_removed(tmp_path, capsys):
     rc, _, err = _dump(capsys, str(f), "--out", str(out))
     assert rc == 2 and "RuntimeError: no" in err
     assert not (tmp_path / "new").exists()
+
+
+def test_dump_a_compile_error_in_a_module_the_model_imports_is_the_models(tmp_path, capsys, monkeypatch):
+    """The model's layers may live in another file (a model library, a module beside it): an
+    error raised in their code is still the model's, not an internal error."""
+    (tmp_path / "layers_for_blazec_test.py").write_text(BRANCH.split("def make")[0].replace("class M", "class Block"))
+    (tmp_path / "model.py").write_text(
+        "import torch\nfrom layers_for_blazec_test import Block\n"
+        "def make():\n    return Block(), (torch.randn(4, 8),)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rc, _, err = _dump(capsys, str(tmp_path / "model.py"), "--fullgraph")
+    assert rc == 2 and "blazec dump: error: the model in" in err, err
+    assert "at layers_for_blazec_test.py:" in err and "Unsupported: Data-dependent" in err, err
+
+
+def test_dump_eager_check_leaves_no_side_effect_of_the_model():
+    """The eager step runs on a copy: a counter, a parameter written under no_grad and Python's
+    random state were left changed for the compile to see."""
+    import random
+
+    from blazec.dump import check_eager
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.calls = torch.nn.Linear(4, 4), 0
+
+        def forward(self, x):
+            self.calls += 1
+            with torch.no_grad():
+                self.lin.weight.mul_(2.0)
+            return self.lin(x) * random.random()
+
+    model, x = M(), torch.randn(3, 4)
+    w0, state = model.lin.weight.detach().clone(), random.getstate()
+    check_eager(model, (x,), train=True, where="m.py")
+    assert model.calls == 0 and torch.equal(model.lin.weight, w0) and model.lin.weight.grad is None
+    assert random.getstate() == state
