@@ -296,7 +296,8 @@ def _clean_module_path(path: str) -> str:
 def combine_args(ia: Node) -> tuple[Any, Any]:
     """(token index, rows) of ``acc.index_add_(0, tok, rows)`` or of
     ``acc.scatter_add(0, tok.reshape(-1, 1).expand(-1, d), rows)`` (the same sum by token; also
-    ``tok.unsqueeze(-1)`` or ``tok[:, None]``), in place or not."""
+    ``tok.unsqueeze(-1)``, ``tok[:, None]`` or ``tok[..., None]``, and ``.expand_as(rows)``), in
+    place or not."""
     if is_method(ia, "index_add_", "index_add") or is_fn(ia, torch.index_add):
         if arg(ia, 1, "dim") not in (0, -2) or ia.kwargs.get("alpha", 1) != 1 or len(ia.args) > 4:
             raise NoMatch("index_add_ is not along dim 0 with alpha 1")
@@ -307,13 +308,13 @@ def combine_args(ia: Node) -> tuple[Any, Any]:
         index, src = arg(ia, 2, "index"), arg(ia, 3, "src")
         # Every row of src (S of them, as many as tokens in tok) lands in its token's row:
         # the index must cover src's full width.
-        if is_method(index, "expand") and str((shape(index) or (None,))[-1]) == str((shape(src) or (0,))[-1]):
+        if is_method(index, "expand", "expand_as") and str((shape(index) or (None,))[-1]) == str((shape(src) or (0,))[-1]):
             inner = index.args[0]
             if is_method(inner, "reshape", "view") and tuple(inner.args[1:]) in ((-1, 1), ((-1, 1),)):
                 return inner.args[0], src
             if is_method(inner, "unsqueeze") and arg(inner, 1, "dim") in (-1, 1):
                 return inner.args[0], src
-            if is_getitem(inner) and inner.args[1] == (slice(None, None, None), None):
+            if is_getitem(inner) and inner.args[1] in ((slice(None, None, None), None), (Ellipsis, None)):
                 return inner.args[0], src
         raise NoMatch("the scatter_add index is not the token index broadcast over the rows' columns")
     raise NoMatch("the combine is neither index_add_ nor scatter_add")

@@ -269,8 +269,11 @@ def _sorted_index(combine: Node) -> bool:
     (the loop form; its index_add_ or scatter_add_ reads a where() output)."""
     try:
         index, _ = combine_args(combine)
-    except (NoMatch, *_UNREADABLE):
-        return not is_method(combine, "index_add_")
+    except (NoMatch, *_UNREADABLE):  # an index it cannot read: look through its broadcast
+        index = arg(combine, 2, "index")
+        while is_method(index, "expand", "expand_as", "reshape", "view", "unsqueeze") or \
+                (is_getitem(index) and isinstance(index.args[1], tuple) and index.args[1][-1:] == (None,)):
+            index = index.args[0]
     if _token_of(index) is not None:
         return True
     return not (is_getitem(index) and (is_fn(index.args[0], torch.where) or is_method(index.args[0], "nonzero")))

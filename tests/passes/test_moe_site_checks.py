@@ -74,6 +74,8 @@ class Loop(nn.Module):
                 acc[tok] += y
             elif self.v == "scatter_add_":
                 acc.scatter_add_(0, tok[:, None].expand(-1, acc.shape[1]), y)
+            elif self.v == "scatter_add_expand_as":
+                acc.scatter_add_(0, tok[..., None].expand_as(y), y)
             elif self.v == "index_add_chain":  # out of place: a new accumulator per expert
                 acc = acc.index_add(0, tok, y)
             else:
@@ -285,8 +287,9 @@ def test_a_write_to_a_tensor_from_ids_that_only_feeds_the_weights_is_not_refused
     assert_rewritten(compile_and_compare(GatherRenorm(), (torch.randn(24, 16),)), "static_loop_modulelist")
 
 
-def test_a_loop_summed_with_scatter_add_is_rewritten() -> None:
-    assert_rewritten(_compare("scatter_add_"), "static_loop_modulelist")
+@pytest.mark.parametrize("variant", ["scatter_add_", "scatter_add_expand_as"])
+def test_a_loop_summed_with_scatter_add_is_rewritten(variant) -> None:
+    assert_rewritten(_compare(variant), "static_loop_modulelist")
 
 
 def test_a_loop_summed_out_of_place_is_one_near_miss() -> None:
