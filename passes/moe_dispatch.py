@@ -189,6 +189,13 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
             "xr = x.repeat_interleave(k, dim=0), y[ids.view(-1) == e] = expert_e(xr[ids.view(-1) == e]), read only "
             "by (y.view(T, k, d) * w.unsqueeze(-1)).sum(1); otherwise write acc.index_add_(0, tokens, "
             "expert_e(x[tokens]) * w[tokens, slots, None]) into zeros"))
+    for bmm in _dense_repeat_bmms(graph):  # Llama 4's experts: recognized, not expressible
+        rep.near_misses.append(NearMiss(
+            "dense_bmm", f"{module_path(bmm)} ({where_loc(bmm)})",
+            "every expert runs on every token (bmm over x.repeat(E, 1) times per-row router scores), so the "
+            "scores scale each expert's input (Llama 4's experts; unpicked experts get a score of 0). The blaze "
+            "op scales an expert's output or its hidden activation, and a gated MLP of s * x is not s times one "
+            "of those, so this is left alone"))
     if rep.matches:
         _remove_dead(graph)
     if ep_params or ep_unmapped or ep_single:
@@ -196,6 +203,25 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
 
         register_expert_params(ep_params, ep_unmapped, ep_single)
     return rep
+
+
+def _dense_repeat_bmms(graph: torch.fx.Graph) -> list[Node]:
+    """``torch.bmm`` nodes whose batched input is ``(x.repeat(E, 1) * scores).view(E, -1, d)``
+    with ``scores`` one per row: every expert on every token, scaled on the way in."""
+    out = []
+    for n in graph.nodes:
+        if not (is_fn(n, torch.bmm) or is_method(n, "bmm")) or not n.args:
+            continue
+        h = n.args[0]
+        while is_method(h, "view", "reshape"):
+            h = h.args[0]
+        if not is_fn(h, operator.mul, torch.mul) and not is_method(h, "mul"):
+            continue
+        ops = [a for a in h.args[:2] if isinstance(a, Node)]
+        if any(is_method(a, "repeat") and len(shape(a.args[0]) or ()) == 2 for a in ops) and \
+                any(len(shape(a) or ()) == 2 and str(shape(a)[-1]) == "1" for a in ops):
+            out.append(n)
+    return out
 
 
 def _inplace(combine: Node) -> bool:

@@ -276,3 +276,32 @@ def test_gshard_with_a_symbolic_capacity_says_so() -> None:
     reasons = [n.reason for r in recs for p in r.pass_reports for n in p.near_misses]
     assert any("is a size computed at run time" in r for r in reasons), reasons
     assert not [m for r in recs for p in r.pass_reports for m in p.matches if m.form.startswith("gshard")]
+
+
+class _Llama4Moe(nn.Module):
+    """HF's Llama4TextMoe: sigmoid top-k scores scale every expert's input; bmm experts."""
+
+    def __init__(self, d=16, inter=12, E=4, k=1):
+        super().__init__()
+        self.d, self.E, self.k = d, E, k
+        self.router = nn.Linear(d, E, bias=False)
+        self.gate_up_proj = nn.Parameter(torch.randn(E, d, 2 * inter) * d**-0.5)
+        self.down_proj = nn.Parameter(torch.randn(E, inter, d) * inter**-0.5)
+
+    def forward(self, x):
+        x = x.reshape(-1, self.d)
+        logits = self.router(x)
+        top, idx = torch.topk(logits, self.k, dim=1)
+        scores = torch.full_like(logits, float("-inf")).scatter_(1, idx, top).transpose(0, 1).sigmoid()
+        routed_in = x.repeat(scores.shape[0], 1) * scores.reshape(-1, 1)
+        gate, up = torch.bmm(routed_in.view(self.E, -1, self.d), self.gate_up_proj).chunk(2, dim=-1)
+        out = torch.bmm(up * F.silu(gate), self.down_proj).view(-1, self.d)
+        return out.view(self.E, -1, self.d).sum(dim=0)
+
+
+def test_llama4_dense_experts_are_reported_not_rewritten() -> None:
+    """They were neither rewritten nor reported: the scores scale the experts' input, which the
+    op does not express."""
+    torch.manual_seed(0)
+    rec = compile_and_compare(_Llama4Moe(), (torch.randn(2, 5, 16),))
+    assert_left_alone(rec, "the scores scale each expert's input", form="dense_bmm")
