@@ -130,6 +130,14 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
             "static_loop", f"{module_path(sets[0])} ({where_loc(sets[0])})",
             f"{acc.name}[idx] += ... ({len(sets)} index_put(s) of a gathered sum) is not matched; write "
             f"{acc.name}.index_add_(0, idx, ...) for the same sum, which blazec rewrites"))
+    puts: dict[Node, list[Node]] = {}
+    for n in _accumulating_puts(graph):
+        puts.setdefault(n.args[0], []).append(n)
+    for acc, sets in puts.items():
+        rep.near_misses.append(NearMiss(
+            "static_loop", f"{module_path(sets[0])} ({where_loc(sets[0])})",
+            f"{acc.name}.index_put_((idx,), ..., accumulate=True) ({len(sets)} of expert outputs) is not matched; "
+            f"write {acc.name}.index_add_(0, idx, ...) for the same sum, which blazec rewrites"))
 
     # Forms whose result is one node (a sum or an einsum) that the blaze op replaces.
     def reports(report_misses, final) -> bool:
@@ -263,6 +271,23 @@ def _indexed_iadds(graph: torch.fx.Graph) -> list[Node]:
         reads = [a for a in v.args[:2] if is_fn(a, operator.getitem) and a.args[0] is acc and a.args[1] is idx]
         others = [a for a in v.args[:2] if a not in reads]
         if reads and others and any(is_fn(u, *LINEAR) for u in _upstream(others[0], 12)):
+            out.append(n)
+    return out
+
+
+def _accumulating_puts(graph: torch.fx.Graph) -> list[Node]:
+    """``acc.index_put_((idx,), v, accumulate=True)`` nodes whose value runs a linear on
+    gathered rows (an expert's output): index_add_ spelled another way."""
+    out = []
+    for n in graph.nodes:
+        if not (is_method(n, "index_put_", "index_put") or is_fn(n, torch.index_put_, torch.index_put)):
+            continue
+        if arg(n, 3, "accumulate", False) is not True or len(n.args) < 3 or not isinstance(n.args[2], Node):
+            continue
+        v = n.args[2]
+        if any(is_fn(u, *LINEAR) and any(is_fn(r, operator.getitem) and _tensor_index(r.args[1])
+                                          for r in _upstream(u, 6))
+               for u in [v, *_upstream(v, 12)]):
             out.append(n)
     return out
 

@@ -76,6 +76,8 @@ class Loop(nn.Module):
                 acc.scatter_add_(0, tok[:, None].expand(-1, acc.shape[1]), y)
             elif self.v == "scatter_add_expand_as":
                 acc.scatter_add_(0, tok[..., None].expand_as(y), y)
+            elif self.v == "index_put_accumulate":
+                acc.index_put_((tok,), y, accumulate=True)
             elif self.v == "index_add_chain":  # out of place: a new accumulator per expert
                 acc = acc.index_add(0, tok, y)
             else:
@@ -202,6 +204,15 @@ def test_an_indexed_iadd_accumulator_is_named_with_its_fix() -> None:
     reasons = [n.reason for n in near_misses(rec)]
     assert any("[idx] += ... (4 index_put(s) of a gathered sum) is not matched; write" in r
                and ".index_add_(0, idx, ...)" in r for r in reasons), reasons
+
+
+def test_an_accumulating_index_put_is_named_with_its_fix() -> None:
+    """``acc.index_put_((tok,), y, accumulate=True)`` was neither matched nor reported."""
+    rec = _compare("index_put_accumulate")
+    assert not matches(rec)
+    reasons = [n.reason for n in near_misses(rec)]
+    assert any("index_put_((idx,), ..., accumulate=True) (4 of expert outputs) is not matched; write" in r
+               for r in reasons), reasons
 
 
 @pytest.mark.parametrize("write, why", [("mask_early", READ), ("ids_late", IDS)])
