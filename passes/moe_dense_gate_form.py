@@ -260,3 +260,48 @@ def match_dense_stack(final: Node) -> DenseGateMatch:
     for e, out in enumerate(outs):
         x = _add_expert(experts, e, out, x, final, prod, gate, [])
     return _finish(final, ids, weights, x, E, experts)
+
+
+_EINSUMS = {"te,ted->td": (0, 1), "ted,te->td": (1, 0)}  # equation -> (gate operand, stack operand)
+
+
+def dense_einsums(graph: torch.fx.Graph) -> list[Node]:
+    """``torch.einsum("te,ted->td", gate, torch.stack(outs, dim=1))`` nodes (either operand order)."""
+    return [n for n in graph.nodes if is_fn(n, torch.einsum, torch.functional.einsum) and n.args
+            and isinstance(n.args[0], str) and n.args[0].replace(" ", "") in _EINSUMS]
+
+
+def einsum_stack(final: Node) -> Node | None:
+    """The stacked expert outputs a dense-gate einsum reads, else None (not this form)."""
+    ops = list(final.args[1:])
+    ops = list(ops[0]) if len(ops) == 1 and isinstance(ops[0], (list, tuple)) else ops
+    if len(ops) != 2:
+        return None
+    stack = ops[_EINSUMS[final.args[0].replace(" ", "")][1]]
+    if is_fn(stack, torch.stack) and arg(stack, 1, "dim", 0) in (1, -2) \
+            and isinstance(arg(stack, 0, "tensors"), (list, tuple)):
+        return stack
+    return None
+
+
+def match_dense_einsum(final: Node) -> DenseGateMatch:
+    """``final`` is ``torch.einsum("te,ted->td", gate, torch.stack([expert_e(x) for e], dim=1))``
+    with the dense top-k gate: ``sum_e gate[t, e] * expert_e(x)[t]``, the chain form's sum as one
+    contraction."""
+    stack = einsum_stack(final)
+    if stack is None:
+        raise NoMatch("the einsum does not contract a gate with torch.stack(expert outputs, dim=1)")
+    ops = list(final.args[1:])
+    ops = list(ops[0]) if len(ops) == 1 and isinstance(ops[0], (list, tuple)) else ops
+    gate = ops[_EINSUMS[final.args[0].replace(" ", "")][0]]
+    if not isinstance(gate, Node) or len(shape(gate) or ()) != 2:
+        raise NoMatch("the einsum's gate is not a [T, E] tensor")
+    ids, weights, E = _scatter_gate(gate)
+    outs = list(arg(stack, 0, "tensors"))
+    if len(outs) != E:
+        raise NoMatch(f"{len(outs)} expert outputs are stacked against a gate over {E} experts")
+    experts: dict[int, ExpertMLP] = {}
+    x = None
+    for e, out in enumerate(outs):
+        x = _add_expert(experts, e, out, x, final, final, gate, [])
+    return _finish(final, ids, weights, x, E, experts)

@@ -34,7 +34,9 @@ from blazec.passes._fx import (
     LINEAR, NoMatch, arg, combine_args, dtype, is_fn, is_getitem, is_method, module_path, shape, where_loc,
 )
 from blazec.passes.moe_dense_gate_form import ADD as DENSE_ADD
-from blazec.passes.moe_dense_gate_form import _is_term, match_dense_gate, match_dense_stack, stacked_outputs
+from blazec.passes.moe_dense_gate_form import (
+    _is_term, dense_einsums, einsum_stack, match_dense_einsum, match_dense_gate, match_dense_stack, stacked_outputs,
+)
 from blazec.passes.moe_expert_mlp import REF_NAMES, weight_list
 from blazec.passes.moe_gshard_form import match_gshard
 from blazec.passes.moe_ep import emit_moe_ep, expert_parameters
@@ -151,6 +153,7 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
         ("pair_weight_gather", _slot_sums, match_pair_gather, _has_param_gather),
         ("sort_grouped", _slot_sums, match_sorted_unpermute, _has_argsort),
         ("dense_gate_stack", _slot_sums, match_dense_stack, lambda n: stacked_outputs(n) is not None),
+        ("dense_gate_einsum", dense_einsums, match_dense_einsum, lambda n: einsum_stack(n) is not None),
         ("repeat_assign", _slot_sums, match_repeat_assign, lambda n: repeat_buffer(n) is not None),
         ("gshard_capacity", _combine_einsums, match_gshard, lambda n: True),
     ):

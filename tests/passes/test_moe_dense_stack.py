@@ -18,7 +18,9 @@ class DenseStack(nn.Module):
     (``torch.stack(tensors=...)``), "reversed" (the stack
     lists the experts last to first, the gate flipped to match), "reversed_list" (the same
 without the flip), "soft" (a softmax gate, no top-k), "sum_f64",
-    "short" (one expert left out of the stack), "ids_dup" (a topk slot overwritten in place)."""
+    "short" (one expert left out of the stack), "ids_dup" (a topk slot overwritten in place),
+    "einsum" / "einsum_swapped" (``einsum("te,ted->td", gate, stacked)``, or its operands swapped),
+    "einsum_soft" (the einsum with the softmax gate)."""
 
     def __init__(self, variant="plain", d=10, inter=14, E=5, k=2):
         super().__init__()
@@ -52,6 +54,10 @@ without the flip), "soft" (a softmax gate, no top-k), "sum_f64",
             return torch.sum(outs * g, dim=1)
         if self.v == "sum_f64":
             return (outs * g).sum(dim=1, dtype=torch.float64).float()
+        if self.v.startswith("einsum"):  # einsum, einsum_swapped, einsum_soft
+            if self.v == "einsum_swapped":
+                return torch.einsum("ted,te->td", outs, gate)
+            return torch.einsum("te,ted->td", probs if self.v == "einsum_soft" else gate, outs)
         return (outs * g).sum(dim=1)
 
 
@@ -60,6 +66,18 @@ def test_dense_stack_rewritten(variant):
     rec = compile_and_compare(DenseStack(variant), (torch.randn(11, 10),))
     assert_rewritten(rec, "dense_gate_stack", E=5, k=2, activation="gelu", bias=True)
     assert "torch.stack" not in rec.blaze_graph.split("def forward", 1)[1]
+
+
+@pytest.mark.parametrize("variant", ["einsum", "einsum_swapped"])
+def test_dense_einsum_rewritten(variant):
+    """The same sum as ``torch.einsum("te,ted->td", gate, stacked)`` (it was silent)."""
+    rec = compile_and_compare(DenseStack(variant), (torch.randn(11, 10),))
+    assert_rewritten(rec, "dense_gate_einsum", E=5, k=2, activation="gelu", bias=True)
+
+
+def test_dense_einsum_with_a_soft_gate_is_left_alone():
+    assert_left_alone(compile_and_compare(DenseStack("einsum_soft"), (torch.randn(11, 10),)),
+                      "not built with scatter", "dense_gate_einsum")
 
 
 @pytest.mark.parametrize("variant, reason", [
