@@ -131,13 +131,14 @@ def check_eager(model: torch.nn.Module, inputs: tuple[Any, ...], *, train: bool,
                                                         if isinstance(x, torch.Tensor))]
     cuda = sorted({t.device.index or 0 for t in tensors if t.is_cuda})  # whose RNG to restore besides the CPU's
     try:
-        model, inputs = copy.deepcopy((model, inputs))
+        model, xs = copy.deepcopy((model, inputs))
+        buffers, grads = [], []  # the copies' state is thrown away with them
     except Exception:  # noqa: BLE001 - an object that refuses copying: run the model itself
-        pass
-    xs = torch.utils._pytree.tree_map(
-        lambda x: x.detach().clone().requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor) else x, inputs)
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    grads = [(p, p.grad) for p in model.parameters()]
+        xs = torch.utils._pytree.tree_map(
+            lambda x: x.detach().clone().requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor) else x,
+            inputs)
+        buffers = [(b, b.detach().clone()) for b in model.buffers()]
+        grads = [(p, p.grad) for p in model.parameters()]
     py_state = random.getstate()
     np_state = _numpy_state()
     try:

@@ -308,7 +308,8 @@ def combine_args(ia: Node) -> tuple[Any, Any]:
         index, src = arg(ia, 2, "index"), arg(ia, 3, "src")
         # Every row of src (S of them, as many as tokens in tok) lands in its token's row:
         # the index must cover src's full width.
-        if is_method(index, "expand", "expand_as") and str((shape(index) or (None,))[-1]) == str((shape(src) or (0,))[-1]):
+        full_width = str((shape(index) or (None,))[-1]) == str((shape(src) or (0,))[-1])
+        if is_method(index, "expand", "expand_as") and full_width:
             inner = index.args[0]
             if is_method(inner, "reshape", "view") and tuple(inner.args[1:]) in ((-1, 1), ((-1, 1),)):
                 return inner.args[0], src
@@ -318,3 +319,16 @@ def combine_args(ia: Node) -> tuple[Any, Any]:
                 return inner.args[0], src
         raise NoMatch("the scatter_add index is not the token index broadcast over the rows' columns")
     raise NoMatch("the combine is neither index_add_ nor scatter_add")
+
+
+def einsum_equation(node: Any) -> str | None:
+    """The equation of a ``torch.einsum`` node, without spaces; None for any other node."""
+    if is_fn(node, torch.einsum, torch.functional.einsum) and node.args and isinstance(node.args[0], str):
+        return node.args[0].replace(" ", "")
+    return None
+
+
+def einsum_operands(node: Node) -> list:
+    """The operands of a ``torch.einsum`` node, passed one by one or as one list."""
+    ops = list(node.args[1:])
+    return list(ops[0]) if len(ops) == 1 and isinstance(ops[0], (list, tuple)) else ops

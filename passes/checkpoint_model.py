@@ -673,14 +673,14 @@ def build_problem(joint_graph: torch.fx.Graph, node_info: Any) -> Problem:
         v.no_save_reason = _save_ban(v.node)
         v.can_save = not v.no_save_reason
         val = v.node.meta.get("val")
-        if isinstance(val, torch.Tensor) and alias_root(v.node) in mutated and (not unnamed or v.kind == INPUT):
-            r = alias_root(v.node)
-            what = "input" if r is v.node else f"a view of input {r.name}, which"
-            v.can_save = False
-            v.no_save_reason = (f"{what} is written in place by the forward (the backward would read the new value)"
-                                if not unnamed else "graph input of a graph whose input mutations are not described")
         if isinstance(val, torch.Tensor):
             root = alias_root(v.node)
+            if root in mutated and (not unnamed or v.kind == INPUT):
+                what = "input" if root is v.node else f"a view of input {root.name}, which"
+                v.can_save = False
+                v.no_save_reason = (
+                    f"{what} is written in place by the forward (the backward would read the new value)"
+                    if not unnamed else "graph input of a graph whose input mutations are not described")
             if root.op == "placeholder":
                 v.bytes_note = f"alias of input {root.name}" if root is not v.node else "graph input"
             elif root.op == "get_attr":

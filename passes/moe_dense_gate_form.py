@@ -29,8 +29,8 @@ import torch
 import torch.fx
 
 from blazec.passes._fx import (
-    NoMatch, arg, check_combine_dtypes, check_no_rounding, dtype, is_fn, is_getitem, is_method, is_mul,
-    last_dim_broadcast, same_shape, shape, slot_sum_product, strip_casts,
+    NoMatch, arg, check_combine_dtypes, check_no_rounding, dtype, einsum_equation, einsum_operands, is_fn,
+    is_getitem, is_method, is_mul, last_dim_broadcast, same_shape, shape, slot_sum_product, strip_casts,
 )
 from blazec.passes.moe_expert_mlp import ExpertMLP, check_consistent, parse_expert
 from blazec.passes.moe_loop_form import ZEROS_FNS, _check_dtypes
@@ -229,16 +229,18 @@ def _is_expert_internal(node: object) -> bool:
         or is_getitem(node) and is_method(node.args[0], "chunk"))
 
 
+def _is_expert_stack(node: object) -> bool:
+    """``torch.stack(outs, dim=1)`` of a list of expert outputs."""
+    return is_fn(node, torch.stack) and arg(node, 1, "dim", 0) in (1, -2) \
+        and isinstance(arg(node, 0, "tensors"), (list, tuple))
+
+
 def stacked_outputs(final: Node) -> Node | None:
     """For ``(torch.stack(outs, dim=1) * gate[..., None]).sum(1)``, the stack node, else None."""
     prod = final.args[0] if final.args else None
     if not is_mul(prod):
         return None
-    for a in prod.args[:2]:
-        if is_fn(a, torch.stack) and arg(a, 1, "dim", 0) in (1, -2) \
-                and isinstance(arg(a, 0, "tensors"), (list, tuple)):
-            return a
-    return None
+    return next((a for a in prod.args[:2] if _is_expert_stack(a)), None)
 
 
 def match_dense_stack(final: Node) -> DenseGateMatch:
@@ -251,6 +253,12 @@ def match_dense_stack(final: Node) -> DenseGateMatch:
     gate = last_dim_broadcast(prod.args[1] if prod.args[0] is stack else prod.args[0])
     if gate is None:
         raise NoMatch("the stacked expert outputs are not weighted by gate.unsqueeze(-1) of a [T, E] gate")
+    return _match_stacked(final, prod, stack, gate)
+
+
+def _match_stacked(final: Node, prod: Node, stack: Node, gate: Node) -> DenseGateMatch:
+    """The match of ``final``, which sums ``stack``'s expert outputs weighted by the dense top-k
+    ``gate`` (their product, or the contraction itself, is ``prod``)."""
     ids, weights, E = _scatter_gate(gate)
     outs = list(arg(stack, 0, "tensors"))
     if len(outs) != E:
@@ -267,21 +275,22 @@ _EINSUMS = {"te,ted->td": (0, 1), "ted,te->td": (1, 0)}  # equation -> (gate ope
 
 def dense_einsums(graph: torch.fx.Graph) -> list[Node]:
     """``torch.einsum("te,ted->td", gate, torch.stack(outs, dim=1))`` nodes (either operand order)."""
-    return [n for n in graph.nodes if is_fn(n, torch.einsum, torch.functional.einsum) and n.args
-            and isinstance(n.args[0], str) and n.args[0].replace(" ", "") in _EINSUMS]
+    return [n for n in graph.nodes if einsum_equation(n) in _EINSUMS]
+
+
+def _einsum_gate_stack(final: Node) -> tuple[object, object] | None:
+    """(gate, stack) operands of a dense-gate einsum, else None."""
+    ops = einsum_operands(final)
+    if len(ops) != 2:
+        return None
+    g, st = _EINSUMS[einsum_equation(final)]
+    return ops[g], ops[st]
 
 
 def einsum_stack(final: Node) -> Node | None:
     """The stacked expert outputs a dense-gate einsum reads, else None (not this form)."""
-    ops = list(final.args[1:])
-    ops = list(ops[0]) if len(ops) == 1 and isinstance(ops[0], (list, tuple)) else ops
-    if len(ops) != 2:
-        return None
-    stack = ops[_EINSUMS[final.args[0].replace(" ", "")][1]]
-    if is_fn(stack, torch.stack) and arg(stack, 1, "dim", 0) in (1, -2) \
-            and isinstance(arg(stack, 0, "tensors"), (list, tuple)):
-        return stack
-    return None
+    pair = _einsum_gate_stack(final)
+    return pair[1] if pair is not None and _is_expert_stack(pair[1]) else None
 
 
 def match_dense_einsum(final: Node) -> DenseGateMatch:
@@ -291,17 +300,7 @@ def match_dense_einsum(final: Node) -> DenseGateMatch:
     stack = einsum_stack(final)
     if stack is None:
         raise NoMatch("the einsum does not contract a gate with torch.stack(expert outputs, dim=1)")
-    ops = list(final.args[1:])
-    ops = list(ops[0]) if len(ops) == 1 and isinstance(ops[0], (list, tuple)) else ops
-    gate = ops[_EINSUMS[final.args[0].replace(" ", "")][0]]
+    gate = _einsum_gate_stack(final)[0]
     if not isinstance(gate, Node) or len(shape(gate) or ()) != 2:
         raise NoMatch("the einsum's gate is not a [T, E] tensor")
-    ids, weights, E = _scatter_gate(gate)
-    outs = list(arg(stack, 0, "tensors"))
-    if len(outs) != E:
-        raise NoMatch(f"{len(outs)} expert outputs are stacked against a gate over {E} experts")
-    experts: dict[int, ExpertMLP] = {}
-    x = None
-    for e, out in enumerate(outs):
-        x = _add_expert(experts, e, out, x, final, final, gate, [])
-    return _finish(final, ids, weights, x, E, experts)
+    return _match_stacked(final, final, stack, gate)

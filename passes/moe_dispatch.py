@@ -31,7 +31,8 @@ import torch.fx
 
 import blazec.ops  # noqa: F401 - registers torch.ops.blazec.*
 from blazec.passes._fx import (
-    LINEAR, NoMatch, arg, combine_args, dtype, is_fn, is_getitem, is_method, module_path, shape, where_loc,
+    LINEAR, NoMatch, arg, combine_args, dtype, einsum_equation, is_fn, is_getitem, is_method, module_path, shape,
+    where_loc,
 )
 from blazec.passes.moe_dense_gate_form import ADD as DENSE_ADD
 from blazec.passes.moe_dense_gate_form import (
@@ -124,22 +125,11 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
             form = "static_loop_" + ("stacked" if m.experts[0].gate.index is not None else "modulelist")
         rep.matches.append(_describe_match(form, where, m.experts, m.x, m.top_k, recompute, ep=ep, chunks=chunks))
 
-    by_acc: dict[Node, list[Node]] = {}
-    for n in _indexed_iadds(graph):  # recognized, not matched: say what to write instead
-        by_acc.setdefault(n.args[0], []).append(n)
-    for acc, sets in by_acc.items():
-        rep.near_misses.append(NearMiss(
-            "static_loop", f"{module_path(sets[0])} ({where_loc(sets[0])})",
-            f"{acc.name}[idx] += ... ({len(sets)} index_put(s) of a gathered sum) is not matched; write "
-            f"{acc.name}.index_add_(0, idx, ...) for the same sum, which blazec rewrites"))
-    puts: dict[Node, list[Node]] = {}
-    for n in _accumulating_puts(graph):
-        puts.setdefault(n.args[0], []).append(n)
-    for acc, sets in puts.items():
-        rep.near_misses.append(NearMiss(
-            "static_loop", f"{module_path(sets[0])} ({where_loc(sets[0])})",
-            f"{acc.name}.index_put_((idx,), ..., accumulate=True) ({len(sets)} of expert outputs) is not matched; "
-            f"write {acc.name}.index_add_(0, idx, ...) for the same sum, which blazec rewrites"))
+    # index_add_ spelled another way: recognized, not matched; say what to write instead
+    by_acc = _index_add_spelled_otherwise(rep, _indexed_iadds(graph),
+                                          "{acc}[idx] += ... ({n} index_put(s) of a gathered sum)")
+    _index_add_spelled_otherwise(rep, _accumulating_puts(graph),
+                                 "{acc}.index_put_((idx,), ..., accumulate=True) ({n} of expert outputs)")
 
     # Forms whose result is one node (a sum or an einsum) that the blaze op replaces.
     def reports(report_misses, final) -> bool:
@@ -278,6 +268,21 @@ def _indexed_iadds(graph: torch.fx.Graph) -> list[Node]:
     return out
 
 
+def _index_add_spelled_otherwise(rep, nodes: list[Node], spelled: str) -> dict[Node, list[Node]]:
+    """Report each accumulator ``nodes`` sum into (their first argument) as a static_loop near
+    miss: ``spelled`` (with ``{acc}`` and ``{n}``) is not matched, write index_add_. Returns the
+    nodes by accumulator."""
+    found: dict[Node, list[Node]] = {}
+    for n in nodes:
+        found.setdefault(n.args[0], []).append(n)
+    for acc, sets in found.items():
+        rep.near_misses.append(NearMiss(
+            "static_loop", f"{module_path(sets[0])} ({where_loc(sets[0])})",
+            f"{spelled.format(acc=acc.name, n=len(sets))} is not matched; write "
+            f"{acc.name}.index_add_(0, idx, ...) for the same sum, which blazec rewrites"))
+    return found
+
+
 def _accumulating_puts(graph: torch.fx.Graph) -> list[Node]:
     """``acc.index_put_((idx,), v, accumulate=True)`` nodes whose value runs a linear on
     gathered rows (an expert's output): index_add_ spelled another way."""
@@ -287,12 +292,16 @@ def _accumulating_puts(graph: torch.fx.Graph) -> list[Node]:
             continue
         if arg(n, 3, "accumulate", False) is not True or len(n.args) < 3 or not isinstance(n.args[2], Node):
             continue
-        v = n.args[2]
-        if any(is_fn(u, *LINEAR) and any(is_fn(r, operator.getitem) and _tensor_index(r.args[1])
-                                          for r in _upstream(u, 6))
-               for u in [v, *_upstream(v, 12)]):
+        if _runs_expert(n.args[2]):
             out.append(n)
     return out
+
+
+def _runs_expert(v: Node) -> bool:
+    """Whether ``v`` runs a linear on gathered rows (an expert's output)."""
+    return any(is_fn(u, *LINEAR) and any(is_fn(r, operator.getitem) and _tensor_index(r.args[1])
+                                         for r in _upstream(u, 6))
+               for u in [v, *_upstream(v, 12)])
 
 
 def _masked_assigns(graph: torch.fx.Graph, skip: set[Node]) -> dict[Node, list[Node]]:
@@ -306,9 +315,7 @@ def _masked_assigns(graph: torch.fx.Graph, skip: set[Node]) -> dict[Node, list[N
         buf, idx, v = n.args
         if buf in reported or not isinstance(idx, Node) or not isinstance(v, Node):
             continue
-        if any(is_fn(u, *LINEAR) and any(is_fn(r, operator.getitem) and _tensor_index(r.args[1])
-                                          for r in _upstream(u, 6))
-               for u in [v, *_upstream(v, 12)]):
+        if _runs_expert(v):
             out.setdefault(buf, []).append(n)
     return {buf: sets for buf, sets in out.items() if len(sets) > 1}  # one masked linear is no MoE
 
@@ -344,8 +351,7 @@ def _dense_gate_sums(graph: torch.fx.Graph) -> list[Node]:
 
 
 def _combine_einsums(graph: torch.fx.Graph) -> list[Node]:
-    return [n for n in graph.nodes if is_fn(n, torch.einsum, torch.functional.einsum)
-            and isinstance(n.args[0], str) and n.args[0].replace(" ", "") == "tec,ecd->td"]
+    return [n for n in graph.nodes if einsum_equation(n) == "tec,ecd->td"]
 
 
 def _slot_sums(graph: torch.fx.Graph) -> list[Node]:

@@ -35,8 +35,8 @@ import torch.fx
 import torch.nn.functional as F
 
 from blazec.passes._fx import (
-    NoMatch, arg, check_no_rounding, follow_first_args, is_fn, is_getitem, is_method, is_mul, same_shape, shape,
-    strip_casts,
+    NoMatch, arg, check_no_rounding, einsum_equation, einsum_operands, follow_first_args, is_fn, is_getitem,
+    is_method, is_mul, same_shape, shape, strip_casts,
 )
 from blazec.passes.moe_expert_mlp import GATED, ExpertMLP, WeightRef, _activation
 from blazec.passes.moe_loop_form import _check_dtypes
@@ -67,16 +67,6 @@ class GShardMatch:
         """Stack the per-choice ids and weights into [T, k] (inserted at the graph's insert point)."""
         return (graph.call_function(torch.stack, (self.idx,), {"dim": 1}),
                 graph.call_function(torch.stack, (self.w,), {"dim": 1}))
-
-
-def _einsum(node: object, eq: str) -> bool:
-    return is_fn(node, torch.einsum, torch.functional.einsum) and isinstance(node.args[0], str) \
-        and node.args[0].replace(" ", "") == eq
-
-
-def _operands(node: Node) -> list:
-    ops = list(node.args[1:])
-    return list(ops[0]) if len(ops) == 1 and isinstance(ops[0], (list, tuple)) else ops
 
 
 def _pair(node: object, pred_a, pred_b) -> tuple | None:
@@ -158,9 +148,9 @@ def _locations(loc: object, m: Node, earlier: list[Node], kept_earlier: list[Nod
 
 
 def match_gshard(out: Node) -> GShardMatch:
-    if not _einsum(out, "tec,ecd->td"):
+    if not einsum_equation(out) == "tec,ecd->td":
         raise NoMatch("not a combine einsum('tec,ecd->td')")
-    combine, expert_out = _operands(out)
+    combine, expert_out = einsum_operands(out)
     combine, _ = strip_casts(combine)
     check_no_rounding(combine, "on the combine tensor")
 
@@ -218,10 +208,10 @@ def match_gshard(out: Node) -> GShardMatch:
         kept_earlier.append(km)
 
     # dispatch and the batched expert MLP
-    expert_in = follow_first_args(expert_out, lambda n: _einsum(n, "tec,td->ecd"))
-    if not _einsum(expert_in, "tec,td->ecd"):
+    expert_in = follow_first_args(expert_out, lambda n: einsum_equation(n) == "tec,td->ecd")
+    if not einsum_equation(expert_in) == "tec,td->ecd":
         raise NoMatch("expert inputs are not einsum('tec,td->ecd', dispatch, x)")
-    dispatch, x = _operands(expert_in)
+    dispatch, x = einsum_operands(expert_in)
     dispatch, _ = strip_casts(dispatch)
     if not (is_method(dispatch, "bool") and strip_casts(dispatch.args[0])[0] is combine):
         raise NoMatch("the dispatch tensor is not combine.bool(): cannot prove it marks the kept pairs")

@@ -327,3 +327,19 @@ def test_dump_eager_check_leaves_no_side_effect_of_the_model():
     check_eager(model, (x,), train=True, where="m.py")
     assert model.calls == 0 and torch.equal(model.lin.weight, w0) and model.lin.weight.grad is None
     assert random.getstate() == state
+
+
+def test_dump_eager_check_restores_a_model_that_cannot_be_copied():
+    """A model that refuses deep copying runs itself: its buffers and gradients are put back."""
+    from blazec.dump import check_eager
+
+    class M(torch.nn.Sequential):
+        def __deepcopy__(self, memo):
+            raise TypeError("not copyable")
+
+    torch.manual_seed(0)
+    model, x = M(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8)), torch.randn(6, 4)
+    stats = [b.clone() for b in model.buffers()]
+    check_eager(model, (x,), train=True, where="m.py")
+    assert all(torch.equal(a, b) for a, b in zip(model.buffers(), stats))
+    assert all(p.grad is None for p in model.parameters())
