@@ -13,11 +13,12 @@ import collections.abc
 import itertools
 import math
 import numbers
-import operator
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import torch
+
+from blazec.runtime._args import as_int
 
 _MAX_FIT_COLUMNS = 12  # the exact NNLS below enumerates 2**columns supports
 
@@ -46,12 +47,7 @@ def _check_coefficient(name: str, v: object) -> float:
 
 
 def _check_d_model(d_model: object) -> int:
-    if isinstance(d_model, bool):
-        raise TypeError(f"d_model must be an int, got {d_model!r}")
-    try:
-        d = operator.index(d_model)
-    except TypeError:
-        raise TypeError(f"d_model must be an int, got {d_model!r} ({type(d_model).__name__})") from None
+    d = as_int(d_model, "d_model")
     if d < 1:
         raise ValueError(f"d_model must be >= 1, got {d}")
     return d

@@ -11,7 +11,6 @@ a ``cost_fn`` evaluated on 1/world_size of the batch per rank and shared with on
 from __future__ import annotations
 
 import math
-import operator
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterator, Mapping, Sequence, Sized
@@ -20,25 +19,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from blazec.runtime._args import as_flag, as_int
 from blazec.runtime._cost import CostModel, _as_float64
 from blazec.runtime._partition import METHODS, as_cost_list, partition
-
-
-def _as_int(value: object, name: str) -> int:
-    """``value`` as a Python int: ints and numpy integers pass, bools and floats do not."""
-    if not isinstance(value, bool):
-        try:
-            return operator.index(value)
-        except TypeError:
-            pass
-    raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-
-
-def _as_flag(value: object, name: str) -> bool:
-    """``value`` as a bool: Python and numpy bools pass; 0, 1, strings and None do not."""
-    if isinstance(value, bool) or type(value).__name__ in ("bool", "bool_"):
-        return bool(value)
-    raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
 
 
 def partition_ranks(
@@ -151,12 +134,12 @@ class BalancedBatchSampler(Sampler[list[int]]):
             world_size = dist.get_world_size(group) if dist_on else 1
         if rank is None:
             rank = dist.get_rank(group) if dist_on else 0
-        world_size, rank = _as_int(world_size, "world_size"), _as_int(rank, "rank")
-        global_batch_size = _as_int(global_batch_size, "global_batch_size")
-        micro_batches = _as_int(micro_batches, "micro_batches")
-        seed = _as_int(seed, "seed")
-        equal_counts, shuffle = _as_flag(equal_counts, "equal_counts"), _as_flag(shuffle, "shuffle")
-        drop_last, prefetch = _as_flag(drop_last, "drop_last"), _as_flag(prefetch, "prefetch")
+        world_size, rank = as_int(world_size, "world_size"), as_int(rank, "rank")
+        global_batch_size = as_int(global_batch_size, "global_batch_size")
+        micro_batches = as_int(micro_batches, "micro_batches")
+        seed = as_int(seed, "seed")
+        equal_counts, shuffle = as_flag(equal_counts, "equal_counts"), as_flag(shuffle, "shuffle")
+        drop_last, prefetch = as_flag(drop_last, "drop_last"), as_flag(prefetch, "prefetch")
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
         if not 0 <= rank < world_size:
@@ -232,7 +215,7 @@ class BalancedBatchSampler(Sampler[list[int]]):
             n = len(data_source)  # type: ignore[arg-type]
         else:
             try:
-                n = _as_int(data_source, "data_source")
+                n = as_int(data_source, "data_source")
             except TypeError:
                 raise TypeError(
                     f"data_source must be a dataset with len() or its size (an int), got {data_source!r}"
@@ -296,7 +279,7 @@ class BalancedBatchSampler(Sampler[list[int]]):
 
     def set_epoch(self, epoch: int) -> None:
         """Use a different permutation each epoch (call on every rank, like DistributedSampler)."""
-        self.epoch = _as_int(epoch, "epoch")
+        self.epoch = as_int(epoch, "epoch")
 
     # Partitioning ----------------------------------------------------------------------------
 
