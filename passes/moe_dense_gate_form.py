@@ -8,6 +8,11 @@ The form, as Dynamo sees it::
     for e in range(E):
         out = out + gate[:, e:e+1] * expert_e(x)     # or gate[:, e, None], gate[:, e].unsqueeze(-1)
 
+or with each column spelled from the top-k ids and weights themselves (``MaskGate``)::
+
+    out = out + torch.where(ids == e, w, 0).sum(-1, keepdim=True) * expert_e(x)
+    out = out + ((ids == e) * w).sum(dim=-1).unsqueeze(-1) * expert_e(x)
+
 or, as one reduction (``match_dense_stack``)::
 
     out = (torch.stack([expert_e(x) for e in range(E)], dim=1) * gate.unsqueeze(-1)).sum(dim=1)
@@ -15,9 +20,11 @@ or, as one reduction (``match_dense_stack``)::
 Since ``gate[t, e]`` is zero unless ``e`` is one of token t's top-k experts, and the top-k
 ids of a row are distinct, ``out[t] = sum_j w[t, j] * expert_{ids[t, j]}(x[t])``: exactly
 ``moe_experts(x, w, route(ids))``. The gradients agree too: the zero entries of the gate
-come from ``zeros_like``, which carries no gradient. The one difference is for non-finite
-expert outputs: eager computes ``0 * inf = nan`` for an unselected expert, blaze never runs
-it.
+come from ``zeros_like``, which carries no gradient. A masked column is the same value:
+its sum over the k slots has one nonzero term at most (the ids of a row are distinct), and
+``w * False`` and ``where(False, w, 0)`` are zeros whose gradient is zero too. The one
+difference is for non-finite values: eager computes ``0 * inf = nan`` for an unselected expert,
+which blaze never runs (and, with ``(ids == e) * w``, for an infinite weight in another slot).
 """
 
 from __future__ import annotations
@@ -29,8 +36,8 @@ import torch
 import torch.fx
 
 from blazec.passes._fx import (
-    NoMatch, arg, check_combine_dtypes, check_no_rounding, dtype, einsum_equation, einsum_operands, is_fn,
-    is_getitem, is_method, is_mul, last_dim_broadcast, same_shape, shape, slot_sum_product, strip_casts,
+    NoMatch, arg, check_combine_dtypes, check_no_rounding, dtype, einsum_equation, eq_mask, einsum_operands, is_fn,
+    is_cast, is_getitem, is_method, is_mul, last_dim_broadcast, same_shape, shape, slot_sum_product, strip_casts,
 )
 from blazec.passes.moe_expert_mlp import ExpertMLP, check_consistent, parse_expert
 from blazec.passes.moe_loop_form import ZEROS_FNS, _check_dtypes
@@ -59,8 +66,23 @@ class DenseGateMatch:
         return self.ids, self.weights
 
 
-def _gate_column(node: object) -> tuple[Node, int] | None:
-    """``gate[:, e:e+1]`` / ``gate[:, e, None]`` / ``gate[:, e].unsqueeze(-1)`` -> (gate, e)."""
+@dataclass(frozen=True)
+class MaskGate:
+    """The dense gate spelled column by column from the top-k ``ids`` and ``weights``
+    themselves (see ``_mask_column``); ``column`` is one such column, for its dtype and place."""
+
+    ids: Node
+    weights: Node
+    column: Node = field(compare=False)
+
+
+def _gate_column(node: object) -> tuple[Node | MaskGate, int] | None:
+    """``gate[:, e:e+1]`` / ``gate[:, e, None]`` / ``gate[:, e].unsqueeze(-1)`` -> (gate, e), or
+    a masked column of the top-k weights (``_mask_column``) -> (MaskGate, e)."""
+    return _scatter_column(node) or _mask_column(node)
+
+
+def _scatter_column(node: object) -> tuple[Node, int] | None:
     unsq = False
     if is_method(node, "unsqueeze") and arg(node, 1, "dim") in (-1, 1):
         node, unsq = node.args[0], True
@@ -79,6 +101,92 @@ def _gate_column(node: object) -> tuple[Node, int] | None:
     return None
 
 
+def _mask_column(node: object) -> tuple[MaskGate, int] | None:
+    """``torch.where(ids == e, w, 0).sum(-1, keepdim=True)`` -> (MaskGate(ids, w), e).
+
+    The column is the sum over the k slots of ``w`` masked to the slots that picked expert e:
+    ``torch.where(ids == e, w, 0)`` (or ``zeros_like(w)``, or ``w.where(ids == e, 0)``), or
+    ``(ids == e) * w`` with the mask as it is or cast (``.to(w.dtype)``, ``.float()``), either
+    order. The sum keeps its dim, or its [T] result is broadcast by ``[:, None]``,
+    ``[..., None]`` or ``.unsqueeze(-1)``. This only recognizes the spelling;
+    ``_check_mask_gate`` proves the values."""
+    total, keep = node, True
+    if is_method(node, "unsqueeze") and arg(node, 1, "dim") in (-1, 1):
+        total, keep = node.args[0], False
+    elif is_getitem(node) and isinstance(node.args[1], tuple) and node.args[1] in (
+            (slice(None, None, None), None), (Ellipsis, None)):
+        total, keep = node.args[0], False
+    if not ((is_method(total, "sum") or is_fn(total, torch.sum)) and arg(total, 1, "dim") in (-1, 1)):
+        return None
+    if bool(arg(total, 2, "keepdim", False)) is not keep:
+        return None
+    masked = total.args[0]
+    if is_fn(masked, torch.where) or is_method(masked, "where"):
+        if is_fn(masked, torch.where):
+            cond, w, other = arg(masked, 0, "condition"), arg(masked, 1, "input"), arg(masked, 2, "other")
+        else:
+            w, cond, other = masked.args[0], arg(masked, 1, "condition"), arg(masked, 2, "other")
+        hit = eq_mask(cond)
+        zero = (isinstance(other, (int, float)) and not isinstance(other, bool) and other == 0) or (
+            is_fn(other, torch.zeros_like) and other.args and other.args[0] is w)
+        if hit is None or not zero or not isinstance(w, Node):
+            return None
+    elif is_mul(masked) and len(masked.args) == 2:
+        for m, w in (masked.args, masked.args[::-1]):
+            if is_cast(m) and isinstance(m.args[0], Node):
+                m = m.args[0]
+            hit = eq_mask(m)
+            if hit is not None and isinstance(w, Node):
+                break
+        else:
+            return None
+    else:
+        return None
+    ids, e = hit
+    return MaskGate(ids, w, total), e
+
+
+def _check_mask_column(gate: MaskGate) -> None:
+    """NoMatch unless this column of a masked gate is computed in the routing weights' dtype."""
+    w, col = gate.weights, gate.column
+    if col.kwargs.get("dtype") is not None:
+        raise NoMatch(f"the gate column {col.name} is summed in {col.kwargs['dtype']}, not in the routing weights' dtype")
+    if dtype(col) != dtype(w):
+        raise NoMatch(f"the gate column {col.name} is computed in {dtype(col)} (the mask is cast to it), but the "
+                      f"routing weights {w.name} are {dtype(w)}: the blaze op would weigh the experts in {dtype(w)}")
+
+
+def _check_mask_gate(gate: MaskGate) -> tuple[Node, Node, int]:
+    """(ids, w, E) for a masked gate whose values are the scatter gate's, else NoMatch."""
+    ids, w = gate.ids, gate.weights
+    if not same_shape(ids, w) or len(shape(ids) or ()) != 2:
+        raise NoMatch(f"the masked gate's ids {shape(ids)} and weights {shape(w)} are not both [T, k]")
+    return ids, w, _topk_experts(ids)
+
+
+def _gate_routing(gate: Node | MaskGate) -> tuple[Node, Node, int]:
+    """(ids, w, E) of a dense gate, either spelling."""
+    return _check_mask_gate(gate) if isinstance(gate, MaskGate) else _scatter_gate(gate)
+
+
+def _gate_dtype_node(gate: Node | MaskGate) -> Node:
+    """The node whose dtype the gate's columns have."""
+    return gate.weights if isinstance(gate, MaskGate) else gate
+
+
+def _topk_experts(ids: Node) -> int:
+    """E, for ids that are topk's indices over the experts (the last dim of [T, E] scores), so
+    distinct within a row and in [0, E); NoMatch otherwise."""
+    if not (is_getitem(ids) and ids.args[1] == 1 and (is_fn(ids.args[0], torch.topk) or is_method(ids.args[0], "topk"))):
+        raise NoMatch("cannot prove the gate's expert ids are distinct within a row (they do not come from topk)")
+    tk = ids.args[0]
+    scores, tdim = shape(arg(tk, 0, "input")), arg(tk, 2, "dim", -1)
+    if scores is None or len(scores) != 2 or tdim not in (-1, 1):
+        raise NoMatch(f"the gate's expert ids come from topk over dim {tdim} of a {len(scores or ())}-D tensor, "
+                      "not over the experts (the last dim of [T, E] scores): they may repeat within a row")
+    return int(scores[1])
+
+
 def _scatter_gate(gate: Node) -> tuple[Node, Node, int]:
     """gate = zeros_like(P).scatter(1, ids, w) -> (ids, w, E); ids must come from topk."""
     if not (is_method(gate, "scatter") or is_fn(gate, torch.scatter)):
@@ -95,13 +203,7 @@ def _scatter_gate(gate: Node) -> tuple[Node, Node, int]:
         raise NoMatch("the dense gate scatters a constant, not per-token routing weights")
     if gate.kwargs.get("reduce") is not None or len(gate.args) > 4:
         raise NoMatch("the dense gate scatter uses a reduce mode, not a plain scatter of the weights")
-    if not (is_getitem(ids) and ids.args[1] == 1 and (is_fn(ids.args[0], torch.topk) or is_method(ids.args[0], "topk"))):
-        raise NoMatch("cannot prove the gate's expert ids are distinct within a row (they do not come from topk)")
-    tk = ids.args[0]
-    scores, tdim = shape(arg(tk, 0, "input")), arg(tk, 2, "dim", -1)
-    if scores is None or len(scores) != 2 or tdim not in (-1, 1):
-        raise NoMatch(f"the gate's expert ids come from topk over dim {tdim} of a {len(scores or ())}-D tensor, "
-                      "not over the experts (the last dim of [T, E] scores): they may repeat within a row")
+    _topk_experts(ids)
     if not same_shape(ids, src):
         raise NoMatch(f"gate ids {shape(ids)} and weights {shape(src)} differ in shape")
     return ids, src, int(gshape[1])
@@ -144,12 +246,14 @@ def match_dense_gate(final: Node) -> DenseGateMatch:
         g, e = col
         if gate is None:
             gate = g
-        elif g is not gate:
+        elif g != gate:  # the same scatter node, or masks of the same ids and weights
             raise NoMatch(f"expert {e} is weighted by a different gate tensor")
         if e in experts:
             raise NoMatch(f"expert {e} is added twice")
-        x = _add_expert(experts, e, mlp_out, x, final, term, g, term_casts)
-    ids, weights, E = _scatter_gate(gate)
+        if isinstance(g, MaskGate):
+            _check_mask_column(g)
+        x = _add_expert(experts, e, mlp_out, x, final, term, _gate_dtype_node(g), term_casts)
+    ids, weights, E = _gate_routing(gate)
     missing = sorted(set(range(E)) - set(experts))
     if missing:
         raise NoMatch(f"the sum does not cover every expert: missing expert(s) {missing}")
