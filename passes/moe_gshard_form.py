@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from blazec.passes._fx import (
     NoMatch, arg, check_no_rounding, einsum_equation, einsum_operands, follow_first_args, is_fn, is_getitem,
@@ -98,10 +99,10 @@ def _one_hot(node: object) -> tuple[Node, int] | None:
     return None
 
 
-def _kept(km: object) -> tuple[Node, Node, int] | None:
-    """K = M * lt(L, C) -> (M, L, C)."""
+def _kept(km: object) -> tuple[Node, Node, int | Node] | None:
+    """K = M * lt(L, C) -> (M, L, C); C an int, or a symbolic size's node."""
     def lt(n):
-        if is_fn(n, torch.lt, operator.lt) and isinstance(n.args[1], int):
+        if is_fn(n, torch.lt, operator.lt) and isinstance(n.args[1], (int, Node)) and not isinstance(n.args[1], bool):
             return n.args[0], n.args[1]
         return None
     r = _pair(km, lambda n: n if _one_hot(n) else None, lt)
@@ -111,10 +112,20 @@ def _kept(km: object) -> tuple[Node, Node, int] | None:
     return m, loc, c
 
 
-def _symbolic_capacity(km: object) -> bool:
-    """Whether ``km`` is ``M * lt(L, C)`` with C a graph value (a symbolic size), not a constant."""
-    return _pair(km, lambda n: n if _one_hot(n) else None,
-                 lambda n: n if is_fn(n, torch.lt, operator.lt) and isinstance(n.args[1], Node) else None) is not None
+def _static_capacity(c: object, witness: object) -> object:
+    """``c`` as the int ``witness`` when it is a symbolic size that the shape environment proves
+    equal to it; else ``c`` unchanged.
+
+    With a symbolic T (a recompile for a second batch size, or ``dynamic=True``) the capacity
+    ``ceil(k * cf * T / E)`` is a SymInt, but ``one_hot(positions, capacity)`` makes Dynamo
+    guard it to the constant its output has as last dim (the graph is recompiled for another
+    capacity), so the graph's capacity is that constant."""
+    if not isinstance(c, Node) or not isinstance(witness, int) or isinstance(witness, bool):
+        return c
+    v = c.meta.get("example_value", c.meta.get("val"))
+    if isinstance(v, torch.SymInt) and statically_known_true(v == witness):
+        return witness
+    return c
 
 
 def _locations(loc: object, m: Node, earlier: list[Node], kept_earlier: list[Node]) -> bool:
@@ -165,18 +176,21 @@ def match_gshard(out: Node) -> GShardMatch:
         if oh is None:
             raise NoMatch("buffer positions are not one_hot(position, capacity)")
         s, C = oh
+        C = _static_capacity(C, (shape(loc_oh) or (None,))[-1])
         gw = _pair(g, lambda n: _idx(n, (S_, N_)), lambda n: n)
         if gw is None:
             raise NoMatch("a choice's gate is not w[:, None] * kept_mask")
         w, km = gw
         kept = _kept(km)
-        if kept is None and _symbolic_capacity(km):
-            raise NoMatch("the capacity in a choice's drop test lt(locations, capacity) is a size computed at run "
-                          "time (dynamic shapes: T * capacity_factor / E is symbolic); blazec rewrites a constant "
-                          "capacity (compile with dynamic=False, or fix the capacity)")
         if kept is None:
             raise NoMatch("a choice's kept mask is not one_hot(idx, E) * lt(locations, capacity)")
         m, loc, C2 = kept
+        C2 = _static_capacity(C2, C)
+        if isinstance(C2, Node) or isinstance(C, Node):
+            raise NoMatch("the capacity in a choice's drop test lt(locations, capacity) is a size computed at run "
+                          "time that the graph does not fix to a constant (dynamic shapes: T * capacity_factor / E "
+                          "is symbolic); blazec rewrites a constant capacity (compile with dynamic=False, or fix "
+                          "the capacity)")
         if C2 != C:
             raise NoMatch(f"capacity {C2} in the drop test differs from one_hot's {C}")
         sl = (is_fn(s, torch.sum) or is_method(s, "sum")) and arg(s, 1, "dim") == 1 and \

@@ -3,6 +3,7 @@ form (an aliased in-place sum, topk over tokens, a slot sum with keepdim, a desc
 bias that broadcasts per slot or is shared) is left alone with a reason, and the correct
 spellings next to them are still rewritten with eager's numbers."""
 
+import copy
 import math
 
 import pytest
@@ -11,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from blazec import report
+from tests.helpers import run_train
 from tests.passes.test_moe_forms import assert_left_alone, assert_rewritten, compile_and_compare
 
 
@@ -208,9 +210,10 @@ class GShard(nn.Module):
     """``write``: an in-place write for tests/passes/test_moe_site_checks.py: "mask_early" (the
     first-choice mask right after it is made) or "ids_late" (the first-choice ids at the end)."""
 
-    def __init__(self, b_in_shape, b_out_shape, d=8, inter=12, E=4, positional_keepdim=False, write=None):
+    def __init__(self, b_in_shape, b_out_shape, d=8, inter=12, E=4, positional_keepdim=False, write=None,
+                 drop_at_third=False):
         super().__init__()
-        self.E, self.positional, self.write = E, positional_keepdim, write
+        self.E, self.positional, self.write, self.third = E, positional_keepdim, write, drop_at_third
         self.wg = nn.Linear(d, E, bias=False)
         self.w_in = nn.Parameter(torch.randn(E, d, inter) * d**-0.5)
         self.b_in = nn.Parameter(torch.randn(*b_in_shape) * 0.3)
@@ -230,8 +233,9 @@ class GShard(nn.Module):
         loc1 = torch.cumsum(mask1, dim=0) - 1
         count1 = torch.sum(mask1, 0, True) if self.positional else torch.sum(mask1, dim=0, keepdim=True)
         loc2 = torch.cumsum(mask2, dim=0) - 1 + count1
-        mask1 = mask1 * torch.lt(loc1, C)
-        mask2 = mask2 * torch.lt(loc2, C)
+        drop = T // 3 if self.third else C  # T // 3: a drop test one_hot's capacity does not fix
+        mask1 = mask1 * torch.lt(loc1, drop)
+        mask2 = mask2 * torch.lt(loc2, drop)
         l1, l2 = torch.sum(loc1 * mask1, dim=1), torch.sum(loc2 * mask2, dim=1)
         g1, g2 = (gates * mask1).sum(dim=1), (gates * mask2).sum(dim=1)
         den = torch.clamp(g1 + g2, min=torch.finfo(gates.dtype).eps)
@@ -262,20 +266,63 @@ def test_gshard_per_expert_bias_rewritten(positional_keepdim):
     assert_rewritten(rec, "gshard_top2", E=4, k=2, capacity=4, activation="relu", bias=True)
 
 
-def test_gshard_with_a_symbolic_capacity_says_so() -> None:
-    """Under dynamic=True the capacity ceil(2 * cf * T / E) is a symbolic size: left alone with
-    that reason (it said the kept mask was not one_hot * lt(locations, capacity))."""
+def _train_compare(compiled, model, x):
+    ref, got = run_train(model, (x,)), run_train(compiled, (x,))
+    torch.testing.assert_close(got[0], ref[0], atol=2e-5, rtol=1e-4)
+    for n in ref[1]:
+        torch.testing.assert_close(got[1][n], ref[1][n], atol=2e-5, rtol=1e-4, msg=lambda m: f"grad {n}: {m}")
+    torch.testing.assert_close(got[2][0], ref[2][0], atol=2e-5, rtol=1e-4)
+
+
+def _gshard_capacities(recs) -> list:
+    return [m.details["capacity"] for r in recs for p in r.pass_reports for m in p.matches
+            if m.form.startswith("gshard")]
+
+
+@pytest.mark.parametrize("final_stage", ["eager", "inductor"])
+def test_gshard_under_dynamic_shapes_rewritten(final_stage) -> None:
+    """Under dynamic=True the capacity ceil(2 * cf * T / E) is a SymInt, but one_hot(positions,
+    capacity) makes Dynamo guard it to a constant: the site is rewritten with that capacity
+    and eager's numbers (it was left alone as "a size computed at run time")."""
     from tests.helpers import load_example
 
     model, (x,) = load_example("moe_gshard_top2.py").make(batch=2, seq=8)
-    ref = model(x)
     torch._dynamo.reset()
+    compiled = torch.compile(copy.deepcopy(model), backend="blaze", options={"final_stage": final_stage},
+                             dynamic=True)
     with report.capture() as recs:
-        got = torch.compile(model, backend="blaze", options={"final_stage": "eager"}, dynamic=True)(x)
-    torch.testing.assert_close(got, ref)
+        _train_compare(compiled, model, x)
+    assert _gshard_capacities(recs) == [4]  # ceil(2 * 1.0 * 16 / 8)
+
+
+def test_gshard_recompiled_for_a_second_batch_size_rewritten() -> None:
+    """A second batch size recompiles with T symbolic (automatic dynamic shapes): rewritten
+    with that graph's capacity, eager's numbers at both sizes."""
+    from tests.helpers import load_example
+
+    mod = load_example("moe_gshard_top2.py")
+    model, (x,) = mod.make(batch=2, seq=8)
+    _, (x3,) = mod.make(batch=3, seq=8)
+    torch._dynamo.reset()
+    compiled = torch.compile(copy.deepcopy(model), backend="blaze", options={"final_stage": "eager"})
+    with report.capture() as recs:
+        _train_compare(compiled, model, x)
+        _train_compare(compiled, model, x3)
+    assert _gshard_capacities(recs) == [4, 6]
+
+
+def test_gshard_with_a_symbolic_drop_test_says_so() -> None:
+    """A drop test lt(locations, T // 3) that one_hot's guarded capacity does not fix stays
+    symbolic under dynamic shapes: left alone with that reason, eager's numbers."""
+    model, x = GShard((4, 1, 12), (4, 1, 8), drop_at_third=True), torch.randn(12, 8)
+    torch._dynamo.reset()
+    compiled = torch.compile(copy.deepcopy(model), backend="blaze", options={"final_stage": "eager"},
+                             dynamic=True)
+    with report.capture() as recs:
+        _train_compare(compiled, model, x)
     reasons = [n.reason for r in recs for p in r.pass_reports for n in p.near_misses]
-    assert any("is a size computed at run time" in r for r in reasons), reasons
-    assert not [m for r in recs for p in r.pass_reports for m in p.matches if m.form.startswith("gshard")]
+    assert any("is a size computed at run time that the graph does not fix" in r for r in reasons), reasons
+    assert not _gshard_capacities(recs)
 
 
 class _Llama4Moe(nn.Module):
