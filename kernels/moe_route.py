@@ -57,7 +57,9 @@ def _route_count_kernel(
 ):
     b = tl.program_id(0)
     p, valid = _priority_pairs(b, T, K, P, SLOT, BLOCK)
-    ids = tl.load(ids_ptr + p, mask=valid, other=-1).to(tl.int32)
+    # -1 on padding lanes after the cast: as ``other`` it would wrap in an unsigned dtype (255
+    # for uint8, a valid expert once E > 255)
+    ids = tl.where(valid, tl.load(ids_ptr + p, mask=valid, other=0).to(tl.int32), -1)
     for e0 in range(0, E, E_CHUNK):
         ec = e0 + tl.arange(0, E_CHUNK)
         hit = (ids[:, None] == ec[None, :]).to(tl.int32)
@@ -106,7 +108,9 @@ def _route_scatter_kernel(
 ):
     b = tl.program_id(0)
     p, valid = _priority_pairs(b, T, K, P, SLOT, BLOCK)
-    ids = tl.load(ids_ptr + p, mask=valid, other=-1).to(tl.int32)
+    # -1 on padding lanes after the cast: as ``other`` it would wrap in an unsigned dtype (255
+    # for uint8, a valid expert once E > 255)
+    ids = tl.where(valid, tl.load(ids_ptr + p, mask=valid, other=0).to(tl.int32), -1)
     # Exclusive rank of each pair among same-expert pairs earlier in this block.
     rank = tl.zeros([BLOCK], dtype=tl.int32)
     for e0 in range(0, E, E_CHUNK):

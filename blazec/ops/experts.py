@@ -212,6 +212,8 @@ def check_experts_args(
     if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
         raise ValueError(f"moe_experts: unsupported out_dtype {out_dtype}; expected one of {FLOAT_DTYPES}")
     k = topk_weights.shape[1]
+    if k == 0:
+        raise ValueError("moe_experts: topk_weights has shape [T, 0]: every token needs k >= 1 routed experts")
     P = T * k
     for name, t in (("sorted_pairs", sorted_pairs), ("pair_pos", pair_pos)):
         if t.dim() != 1 or t.shape[0] != P:

@@ -55,6 +55,18 @@ def test_id_dtypes(dtype: torch.dtype) -> None:
     check(make_ids(19, 2, 5, "ragged", gen).to(dtype), 5, 4, "slot")
 
 
+@pytest.mark.parametrize("capacity", [-1, 2])
+@pytest.mark.parametrize("priority", ["token", "slot"])
+def test_uint8_ids_with_256_experts(capacity: int, priority: str) -> None:
+    """The last block's padding lanes must not count as an expert: loaded as ``other=-1`` they
+    wrapped to 255 in uint8, a real expert once E > 255 (expert_offsets[E] was 16 for 10 pairs,
+    and moe_experts then read past sorted_pairs)."""
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 256, (5, 2), generator=gen)
+    ids[0, 0] = 255  # expert 255 also has a real pair
+    check(ids.to(torch.uint8), 256, capacity, priority)
+
+
 def test_noncontiguous_ids() -> None:
     gen = torch.Generator().manual_seed(4)
     ids = make_ids(19, 4, 6, "uniform", gen)[:, ::2]

@@ -703,6 +703,9 @@ ERROR_CASES = {
     "x not 2-D": (dict(), _set(x=lambda a: a["x"][None]), r"x must be 2-D \[T, d\]"),
     "topk_weights T": (dict(), _set(topk_weights=lambda a: a["topk_weights"][:4]),
                        r"topk_weights must have shape \[T, k\] with T=5 \(from x\), got \[4, 2\]"),
+    "k = 0": (dict(), _set(topk_weights=lambda a: a["topk_weights"][:, :0],
+                           sorted_pairs=lambda a: a["sorted_pairs"][:0], pair_pos=lambda a: a["pair_pos"][:0]),
+              r"topk_weights has shape \[T, 0\]: every token needs k >= 1"),  # was an IndexError
     "sorted_pairs length": (dict(), _set(sorted_pairs=lambda a: a["sorted_pairs"][:9]),
                             r"sorted_pairs must have shape \[T\*k\] = \[10\] \(T=5, k=2\), got \[9\]"),
     "pair_pos length": (dict(), _set(pair_pos=lambda a: a["pair_pos"][:3]), "pair_pos must have shape"),
