@@ -2,7 +2,7 @@
 
 ``torch.compile(model, backend="blaze")`` finds naive MoE dispatch code in the
 Dynamo graph, rewrites it into index-based blaze ops, and compiles the result
-with Inductor. See README.md and DESIGN.md for the data flow.
+with Inductor. README.md ("Layout") and docs/ describe the data flow.
 """
 
 __version__ = "0.1.0"

@@ -1,6 +1,6 @@
 """``blazec bench``: one MoE SwiGLU layer with its router, forward + backward, side by side.
 
-The protocol of ../shared/BASELINES.md, in one process, on the same weights and inputs:
+The protocol of docs/BASELINES.md, in one process, on the same weights and inputs:
 
 - ``eager-loop``: the naive static loop over a ModuleList of experts (torch.where + index_add_)
 - ``sort-grouped-mm`` / ``sort-grouped-mm-compile``: argsort + gather + grouped GEMMs, written
@@ -718,7 +718,7 @@ def run(args: argparse.Namespace, stream=None) -> int:
         f"forward + backward; {card}, torch {torch.__version__}, triton {triton_version}, {meta['date']}")
     if not on_cuda:
         say("NOTE: running on CPU at a small shape. CPU timings are not the GPU claim "
-            "(see ../shared/BASELINES.md and docs/BENCHMARKS.md); 'act' is bytes saved for backward.")
+            "(see docs/BASELINES.md and docs/BENCHMARKS.md); 'act' is bytes saved for backward.")
     if left_out:
         say(f"NOTE: left out on CPU: {', '.join(left_out)}: each differs from another row only by a GPU "
             f"launch path (a Triton kernel choice or CUDA graphs), so here it runs that row's code "
@@ -851,7 +851,7 @@ def run(args: argparse.Namespace, stream=None) -> int:
                 say(bench_timeline.describe(prof["idle"]))
     targets = check_targets(rows, name, T, I, E, k, dtype.itemsize)
     if targets:
-        say("targets (BASELINES.md, 'What blazec must reach'; against the baseline rows of this run"
+        say("targets (docs/BASELINES.md, 'What blazec must reach'; against the baseline rows of this run"
             + ("; CPU: not the claim" if not on_cuda else "") + "):")
         for t in targets:
             say(t.line())

@@ -1,4 +1,4 @@
-"""The targets of ../shared/BASELINES.md ("What blazec must reach"), checked on one bench run.
+"""The targets of docs/BASELINES.md ("What blazec must reach"), checked on one bench run.
 
 ``blazec bench`` prints these under its table so that a run answers the question it is for.
 They compare rows of the *same* run: blazec on the loop model (``blazec-loop``, and

@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     from blazec import bench
     from blazec.runtime import balance_sim
 
-    b = sub.add_parser("bench", help="one MoE layer forward+backward: baselines vs blazec (BASELINES.md protocol)")
+    b = sub.add_parser("bench", help="one MoE layer forward+backward: baselines vs blazec (docs/BASELINES.md protocol)")
     bench.add_arguments(b)
     b.set_defaults(func=bench.run)
     s = sub.add_parser("balance-sim", help="simulate sample load balancing across ranks (bubble fractions)")
@@ -152,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
         if traced is not None:
             kind, msg = "error", traced
         hint = "" if kind == "error" else " (set BLAZEC_TRACEBACK=1 for the traceback)"
+        if type(err).__name__ == "GuardOnDataDependentSymNode":  # torch's tracer, not a blazec bug
+            kind, msg = "error", (
+                f"torch could not trace a data-dependent size of this model ({msg}); a known torch limitation "
+                "under the capture settings blazec turns on (README, BLAZEC_CAPTURE_DYNAMIC): "
+                "BLAZEC_CAPTURE_DYNAMIC=0 compiles the model, without the MoE rewrite")
         print(f"blazec {args.command}: {kind}: {msg}{hint}", file=sys.stderr)
         return 2
 

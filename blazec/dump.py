@@ -467,5 +467,10 @@ def _last_error_line(remote_traceback: str) -> str:
     if op_error is not None:
         return f"the model failed on its example inputs while Dynamo traced it: {op_error}"
     lines = [l.strip() for l in remote_traceback.strip().splitlines() if l.strip()]
-    errors = [l for l in lines if re.match(r"^[\w.]+(Error|Exception|Failed|Interrupt|Exit)\b.*:", l)]
-    return errors[-1] if errors else (lines[-1] if lines else "no message")
+    errors = [i for i, l in enumerate(lines) if re.match(r"^[\w.]+(Error|Exception|Failed|Interrupt|Exit)\b.*:", l)]
+    if not errors:
+        return lines[-1] if lines else "no message"
+    i = errors[-1]
+    if lines[i].endswith(":") and i + 1 < len(lines):  # "BackendCompilerFailed: ... raised:" and its cause
+        return f"{lines[i]} {lines[i + 1]}"
+    return lines[i]

@@ -21,5 +21,11 @@ def compare(factory, options=None):
         for p, q in zip(model.parameters(), ref_model.parameters())
         if p.grad is not None
     )
-    print(f"{factory.__module__}: output max abs err {(out - ref).abs().max().item():.3e}, "
+    name = factory.__module__
+    if name == "__main__":  # run as a script: name it by its file
+        import os
+        import sys
+
+        name = os.path.basename(sys.modules["__main__"].__file__ or name)
+    print(f"{name}: output max abs err {(out - ref).abs().max().item():.3e}, "
           f"max grad err {grad_err:.3e}")

@@ -58,9 +58,9 @@ def main(argv=None):
     blaze = train(compiled, batches, args.steps, "blaze")
 
     print(f"\n{'step':>4}  {'eager loss':>12}  {'blaze loss':>12}  {'abs diff':>9}")
-    for i in range(0, args.steps, max(1, args.steps // 10)):
+    shown = sorted(set(range(0, args.steps, max(1, args.steps // 10))) | {args.steps - 1})  # the last step once
+    for i in shown:
         print(f"{i:>4}  {eager[i]:>12.6f}  {blaze[i]:>12.6f}  {abs(eager[i] - blaze[i]):>9.2e}")
-    print(f"{args.steps - 1:>4}  {eager[-1]:>12.6f}  {blaze[-1]:>12.6f}  {abs(eager[-1] - blaze[-1]):>9.2e}")
     print(f"max |eager - blaze| over {args.steps} steps: {max(abs(a - b) for a, b in zip(eager, blaze)):.2e}")
     return eager, blaze
 

@@ -1,6 +1,6 @@
 """The MoE gating pass: name the router that feeds each rewritten MoE layer.
 
-Gating stays in plain torch ops (Inductor fuses them well; see DESIGN.md), so this pass
+Gating stays in plain torch ops (Inductor fuses them well), so this pass
 rewrites nothing. It runs after ``moe_dispatch`` and follows each ``blazec.moe_route``'s ids
 and each ``blazec.moe_experts``'s weights back to the router, and reports which of the
 common variants it is:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared GPU session for the device tool: install, kernel correctness on the GPU while
-# the compile caches warm up, then the BASELINES.md protocol at both shapes, alone on the GPU.
+# the compile caches warm up, then the docs/BASELINES.md protocol at both shapes, alone on the GPU.
 # Writes everything under $OUT (default ./gpu_out): at most 8 files, as the tool returns.
 #   run: bash scripts/gpu_check.sh        (the image already has torch and triton)
 # About 8 minutes (the timeouts below: 150 + 2 x 150 s, their kill grace periods, and 90 s for

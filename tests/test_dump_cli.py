@@ -247,6 +247,55 @@ def test_dump_a_value_error_inside_the_backend_is_an_internal_error(capsys, monk
     assert rc == 2 and err.startswith("blazec dump: internal error (ValueError): partition bookkeeping"), err
 
 
+TRANSPOSED_MATMUL = """import torch, torch.nn as nn, torch.nn.functional as F
+class M(nn.Module):
+    def __init__(self, d=16, inter=24, E=4, k=2):
+        super().__init__()
+        self.gate = nn.Linear(d, E, bias=False)
+        self.W = nn.Parameter(torch.randn(E, d, inter) * 0.1)
+        self.W2 = nn.Parameter(torch.randn(E, inter, d) * 0.1)
+        self.E, self.k = E, k
+    def forward(self, x):
+        w, ids = self.gate(x).softmax(-1).topk(self.k, -1)
+        out = torch.zeros_like(x)
+        mask = F.one_hot(ids, self.E).permute(2, 1, 0)
+        for e in range(self.E):
+            slot, tok = torch.where(mask[e])
+            h = F.relu(self.W[e].t().matmul(x[tok].t()).t())
+            out.index_add_(0, tok, self.W2[e].t().matmul(h.t()).t() * w[tok, slot, None])
+        return out
+def make():
+    torch.manual_seed(0)
+    return M(), (torch.randn(32, 16),)
+"""
+
+
+def test_dump_a_data_dependent_size_torch_cannot_trace_says_what_to_do(tmp_path, capsys):
+    """README's known torch limitation (AOTAutograd's GuardOnDataDependentSymNode on this
+    spelling) was printed as blazec's internal error; it now names the limitation and the
+    setting that compiles the model."""
+    f = tmp_path / "m.py"
+    f.write_text(TRANSPOSED_MATMUL)
+    rc, _, err = _dump(capsys, str(f), "--final-stage", "eager")
+    last = err.strip().splitlines()[-1]
+    assert rc == 2 and last.startswith("blazec dump: error: torch could not trace a data-dependent size"), err
+    assert "BLAZEC_CAPTURE_DYNAMIC=0 compiles the model" in last
+
+
+def test_a_rank_error_whose_detail_is_on_the_next_line_keeps_it():
+    """An expert-parallel rank's "BackendCompilerFailed: backend='blaze' raised:" has its cause
+    on the next line; the one-line error stopped at "raised:"."""
+    from blazec.dump import _last_error_line
+
+    tb = ("Traceback (most recent call last):\n  File \"x.py\", line 1, in f\n"
+          "torch._dynamo.exc.BackendCompilerFailed: backend='blaze' raised:\n"
+          "GuardOnDataDependentSymNode: Could not guard on data-dependent expression Eq(u3, 1)\n\n"
+          "Set TORCHDYNAMO_VERBOSE=1 for the internal stack trace\n")
+    assert _last_error_line(tb) == ("torch._dynamo.exc.BackendCompilerFailed: backend='blaze' raised: "
+                                    "GuardOnDataDependentSymNode: Could not guard on data-dependent expression Eq(u3, 1)")
+    assert _last_error_line("ValueError: bad\n") == "ValueError: bad"
+
+
 def test_dump_eager_check_leaves_the_model_and_rng_as_they_were():
     from blazec.dump import check_eager
 
