@@ -33,6 +33,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, CustomPartitioner
 
 from blazec import report as _report
 from blazec.config import BlazeConfig
+from blazec.passes._fx import copy_graph_module
 from blazec.passes.registry import PassContext, passes_for
 from blazec.partition import partition_joint
 
@@ -94,7 +95,7 @@ def run_pre_grad_passes(
         if not config.pass_enabled(spec.name):
             reports.append(_report.PassReport(spec.name, skipped="disabled by options"))
             continue
-        work = _copy_graph_module(gm)
+        work = copy_graph_module(gm)
         ctx = PassContext(config=config, example_inputs=list(example_inputs), stage="pre_grad")
         try:
             rep = spec.load()(work, ctx)
@@ -112,24 +113,6 @@ def run_pre_grad_passes(
         _report.log_pass_report(rep)
         reports.append(rep)
     return gm, reports
-
-
-def _copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    graph = torch.fx.Graph(owning_module=gm, tracer_cls=gm.graph._tracer_cls)
-    env: dict[torch.fx.Node, torch.fx.Node] = {}
-    out = graph.graph_copy(gm.graph, env, return_output_node=True)
-    # graph_copy returns the output node's argument when return_output_node is False;
-    # with True it returns (output value, output node) on recent torch, the node alone on older.
-    if isinstance(out, tuple):
-        out_val, out_node = out
-        graph.output(out_val, type_expr=getattr(out_node, "type", None))
-    else:
-        graph.output(out)
-    for old, new in env.items():
-        new.meta = dict(old.meta)
-    new = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
-    new.meta = dict(getattr(gm, "meta", {}))
-    return new
 
 
 # ---------------------------------------------------------------------------------------

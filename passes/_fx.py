@@ -332,3 +332,23 @@ def einsum_operands(node: Node) -> list:
     """The operands of a ``torch.einsum`` node, passed one by one or as one list."""
     ops = list(node.args[1:])
     return list(ops[0]) if len(ops) == 1 and isinstance(ops[0], (list, tuple)) else ops
+
+
+def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A new GraphModule with a copy of ``gm``'s graph (node meta copied); its parameters and
+    submodules are ``gm``'s own objects, so a pass edits the copy's graph only."""
+    graph = torch.fx.Graph(owning_module=gm, tracer_cls=gm.graph._tracer_cls)
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    out = graph.graph_copy(gm.graph, env, return_output_node=True)
+    # graph_copy returns the output node's argument when return_output_node is False;
+    # with True it returns (output value, output node) on recent torch, the node alone on older.
+    if isinstance(out, tuple):
+        out_val, out_node = out
+        graph.output(out_val, type_expr=getattr(out_node, "type", None))
+    else:
+        graph.output(out)
+    for old, new in env.items():
+        new.meta = dict(old.meta)
+    new = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    new.meta = dict(getattr(gm, "meta", {}))
+    return new

@@ -34,6 +34,7 @@ from blazec.passes._fx import (
     LINEAR, NoMatch, arg, combine_args, dtype, einsum_equation, is_fn, is_getitem, is_method, module_path, shape,
     where_loc,
 )
+from blazec.passes._fx import copy_graph_module
 from blazec.passes.moe_dense_gate_form import ADD as DENSE_ADD
 from blazec.passes.moe_dense_gate_form import (
     _is_term, dense_einsums, einsum_stack, match_dense_einsum, match_dense_gate, match_dense_stack, stacked_outputs,
@@ -199,11 +200,71 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
             "of those, so this is left alone"))
     if rep.matches:
         _remove_dead(graph)
+    ep_single.extend(_checkpointed_layers(gm, ctx, rep))
     if ep_params or ep_unmapped or ep_single:
         from blazec.expert_parallel import register_expert_params
 
         register_expert_params(ep_params, ep_unmapped, ep_single)
     return rep
+
+
+def _checkpoint_bodies(gm: torch.fx.GraphModule) -> dict[str, torch.fx.GraphModule]:
+    """The subgraphs of ``torch.utils.checkpoint`` regions, by attribute name: Dynamo traces a
+    checkpointed call into ``tag_activation_checkpoint(body, *operands)``, ``body`` a
+    GraphModule of ``gm`` whose placeholders are the region's inputs (its parameters too)."""
+    hop = getattr(torch.ops.higher_order, "tag_activation_checkpoint", None)
+    out: dict[str, torch.fx.GraphModule] = {}
+    for n in gm.graph.nodes:
+        if hop is None or n.op != "call_function" or n.target is not hop or not n.args:
+            continue
+        body = n.args[0]
+        if isinstance(body, Node) and body.op == "get_attr" and "." not in body.target:
+            mod = getattr(gm, body.target, None)
+            if isinstance(mod, torch.fx.GraphModule):
+                out[body.target] = mod
+    return out
+
+
+def _checkpointed_layers(gm: torch.fx.GraphModule, ctx, rep: PassReport) -> list[str]:
+    """Rewrite the MoE layers inside ``torch.utils.checkpoint`` regions of ``gm``, in copies of
+    their subgraphs (``gm``'s submodules are shared with the graph the pass was given).
+
+    A checkpointed region's forward runs again in the backward; AOTAutograd traces the body,
+    blaze ops included, and tags its nodes for recomputation, so the op's forward runs twice as
+    the naive code's would. Under expert parallelism a region is left alone: its all_to_alls
+    would run again in the backward: returns where such layers are (each rank runs all their
+    experts, so ``sync_grads`` reduces their gradients as dense ones)."""
+    ep = getattr(ctx.config, "expert_parallel", None)
+    left: list[str] = []
+    for name, body in _checkpoint_bodies(gm).items():
+        work = copy_graph_module(body)
+        sub = moe_dispatch_pass(work, ctx if ep is None or ep.world <= 1 else _without_ep(ctx))
+        if sub.matches and ep is not None and ep.world > 1:
+            for m in sub.matches:
+                rep.near_misses.append(NearMiss(
+                    "expert_parallel", m.where, "the MoE layer runs inside torch.utils.checkpoint, whose forward runs "
+                    "again in the backward: its expert-parallel all_to_alls would too, so it is left alone (every "
+                    "rank runs all its experts)"))
+                logging.getLogger("blazec").warning(
+                    "blaze expert_parallel: the MoE layer at %s runs inside torch.utils.checkpoint; left alone "
+                    "(every rank runs all its experts)", m.where)
+                left.append(m.where)
+            continue
+        rep.near_misses.extend(sub.near_misses)
+        if sub.matches:
+            rep.matches.extend(sub.matches)
+            work.graph.lint()
+            work.recompile()
+            setattr(gm, name, work)
+    return left
+
+
+def _without_ep(ctx):
+    """``ctx`` with expert parallelism off (to find a checkpointed layer without rewriting it
+    for expert parallelism)."""
+    import dataclasses
+
+    return dataclasses.replace(ctx, config=dataclasses.replace(ctx.config, expert_parallel=None))
 
 
 def _dense_repeat_bmms(graph: torch.fx.Graph) -> list[Node]:

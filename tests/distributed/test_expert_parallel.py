@@ -136,6 +136,24 @@ def _dynamic_batch(rank: int, world: int) -> None:
     assert len(records) == 1, f"{len(records)} compiles for 3 batch sizes"
 
 
+def _checkpointed(rank: int, world: int) -> None:
+    """A layer inside torch.utils.checkpoint is left alone under expert parallelism (its
+    all_to_alls would run again in the backward), with a near miss; eager's numbers."""
+    from tests.passes.test_moe_checkpointed import Block
+
+    torch.manual_seed(0)
+    model = Block()
+    records = check_ep(rank, world, model, batches((12, 16), world), {"final_stage": "eager"})
+    assert not moe_matches(records)
+    (dispatch,) = reports(records, "moe_dispatch")
+    assert [n.form for n in dispatch.near_misses] == ["expert_parallel"], dispatch.lines()
+    assert "inside torch.utils.checkpoint" in dispatch.near_misses[0].reason
+
+
+def test_checkpointed_layer_is_left_alone_on_2_ranks():
+    run_ranks(_checkpointed, 2)
+
+
 def test_inductor_pipelined_chunks_overlap_experts_on_2_ranks():
     run_ranks(_inductor_pipeline, 2)
 
