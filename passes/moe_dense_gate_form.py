@@ -101,6 +101,9 @@ def _scatter_column(node: object) -> tuple[Node, int] | None:
     return None
 
 
+_MASK_CASTS = ("long", "int", "short", "bool", "type")  # besides is_cast's, for a bool mask
+
+
 def _mask_column(node: object) -> tuple[MaskGate, int] | None:
     """``torch.where(ids == e, w, 0).sum(-1, keepdim=True)`` -> (MaskGate(ids, w), e).
 
@@ -133,8 +136,8 @@ def _mask_column(node: object) -> tuple[MaskGate, int] | None:
             return None
     elif is_mul(masked) and len(masked.args) == 2:
         for m, w in (masked.args, masked.args[::-1]):
-            if is_cast(m) and isinstance(m.args[0], Node):
-                m = m.args[0]
+            if (is_cast(m) or is_method(m, *_MASK_CASTS)) and m.args and isinstance(m.args[0], Node):
+                m = m.args[0]  # a cast of the bool mask: 0 and 1 in any dtype (the column's is checked)
             hit = eq_mask(m)
             if hit is not None and isinstance(w, Node):
                 break

@@ -112,14 +112,26 @@ def _kept(km: object) -> tuple[Node, Node, int | Node] | None:
     return m, loc, c
 
 
-def _static_capacity(c: object, witness: object) -> object:
-    """``c`` as the int ``witness`` when it is a symbolic size that the shape environment proves
-    equal to it; else ``c`` unchanged.
+def _one_hot_capacity(oh: Node, c: object) -> object:
+    """The capacity ``c`` that ``one_hot(positions, c)`` (the node ``oh``) reads, as an int
+    when it is one or when ``oh``'s last dim is one; else ``c`` unchanged.
 
     With a symbolic T (a recompile for a second batch size, or ``dynamic=True``) the capacity
-    ``ceil(k * cf * T / E)`` is a SymInt, but ``one_hot(positions, capacity)`` makes Dynamo
-    guard it to the constant its output has as last dim (the graph is recompiled for another
-    capacity), so the graph's capacity is that constant."""
+    ``ceil(k * cf * T / E)`` is a SymInt. one_hot's output size cannot stay symbolic in its
+    classes: tracing it makes Dynamo guard the SymInt to the constant that becomes its last
+    dim (the graph is recompiled for another capacity), so that constant is the graph's
+    capacity. (Under ``dynamic=True`` a float factor's guard is kept in terms of a symbol the
+    restarted trace has since fixed, so the shape environment may not prove the equality.)"""
+    witness = (shape(oh) or (None,))[-1]
+    if isinstance(c, Node) and isinstance(witness, int) and not isinstance(witness, bool) \
+            and isinstance(c.meta.get("example_value", c.meta.get("val")), torch.SymInt):
+        return witness
+    return c
+
+
+def _static_capacity(c: object, witness: object) -> object:
+    """``c`` as the int ``witness`` when it is a symbolic size that the shape environment proves
+    equal to it; else ``c`` unchanged."""
     if not isinstance(c, Node) or not isinstance(witness, int) or isinstance(witness, bool):
         return c
     v = c.meta.get("example_value", c.meta.get("val"))
@@ -175,8 +187,8 @@ def match_gshard(out: Node) -> GShardMatch:
         oh = _one_hot(loc_oh)
         if oh is None:
             raise NoMatch("buffer positions are not one_hot(position, capacity)")
-        s, C = oh
-        C = _static_capacity(C, (shape(loc_oh) or (None,))[-1])
+        s, c_node = oh
+        C = _one_hot_capacity(loc_oh, c_node)
         gw = _pair(g, lambda n: _idx(n, (S_, N_)), lambda n: n)
         if gw is None:
             raise NoMatch("a choice's gate is not w[:, None] * kept_mask")
@@ -185,8 +197,12 @@ def match_gshard(out: Node) -> GShardMatch:
         if kept is None:
             raise NoMatch("a choice's kept mask is not one_hot(idx, E) * lt(locations, capacity)")
         m, loc, C2 = kept
-        C2 = _static_capacity(C2, C)
-        if isinstance(C2, Node) or isinstance(C, Node):
+        C2 = C if C2 is c_node else _static_capacity(C2, C)  # the same size node as one_hot's, or proven equal
+        bad = next((c for c in (C2, C) if isinstance(c, Node)), None)
+        if isinstance(bad, Node) and isinstance(bad.meta.get("example_value", bad.meta.get("val")), torch.Tensor):
+            raise NoMatch(f"the capacity in a choice's drop test lt(locations, capacity) is a tensor ({bad.name}), "
+                          "not a size: blazec rewrites a constant capacity")
+        if bad is not None:
             raise NoMatch("the capacity in a choice's drop test lt(locations, capacity) is a size computed at run "
                           "time that the graph does not fix to a constant (dynamic shapes: T * capacity_factor / E "
                           "is symbolic); blazec rewrites a constant capacity (compile with dynamic=False, or fix "

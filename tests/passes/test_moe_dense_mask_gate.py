@@ -35,6 +35,10 @@ class MaskGate(nn.Module):
             return ((ids == e) * w).sum(dim=-1).unsqueeze(-1)
         if v == "mask_cast_rmul":
             return (w * (e == ids).to(w.dtype)).sum(-1)[..., None]
+        if v == "mask_long":  # an integer mask times float weights: the weights' dtype
+            return ((ids == e).long() * w).sum(-1, keepdim=True)
+        if v == "mask_type":
+            return (w * (ids == e).type(w.dtype)).sum(-1, keepdim=True)
         if v == "float_mask_bf16":  # the mask cast to fp32 widens a bf16 column
             return ((ids == e).float() * w).sum(-1, keepdim=True)
         if v == "sum_f64":
@@ -69,7 +73,7 @@ class MaskGate(nn.Module):
 
 
 @pytest.mark.parametrize("variant", ["where", "where_zeros_like", "tensor_where", "mask_mul", "mask_cast_rmul",
-                                     "iadd"])
+                                     "mask_long", "mask_type", "iadd"])
 def test_mask_gate_rewritten(variant):
     rec = compile_and_compare(MaskGate(variant), (torch.randn(12, 8),))
     assert_rewritten(rec, "dense_gate", E=4, k=2, activation="silu", bias=True)

@@ -211,9 +211,10 @@ class GShard(nn.Module):
     first-choice mask right after it is made) or "ids_late" (the first-choice ids at the end)."""
 
     def __init__(self, b_in_shape, b_out_shape, d=8, inter=12, E=4, positional_keepdim=False, write=None,
-                 drop_at_third=False):
+                 drop_at_third=False, tensor_capacity=False):
         super().__init__()
         self.E, self.positional, self.write, self.third = E, positional_keepdim, write, drop_at_third
+        self.tensor_capacity = tensor_capacity
         self.wg = nn.Linear(d, E, bias=False)
         self.w_in = nn.Parameter(torch.randn(E, d, inter) * d**-0.5)
         self.b_in = nn.Parameter(torch.randn(*b_in_shape) * 0.3)
@@ -234,6 +235,8 @@ class GShard(nn.Module):
         count1 = torch.sum(mask1, 0, True) if self.positional else torch.sum(mask1, dim=0, keepdim=True)
         loc2 = torch.cumsum(mask2, dim=0) - 1 + count1
         drop = T // 3 if self.third else C  # T // 3: a drop test one_hot's capacity does not fix
+        if self.tensor_capacity:
+            drop = torch.tensor(C)
         mask1 = mask1 * torch.lt(loc1, drop)
         mask2 = mask2 * torch.lt(loc2, drop)
         l1, l2 = torch.sum(loc1 * mask1, dim=1), torch.sum(loc2 * mask2, dim=1)
@@ -279,23 +282,37 @@ def _gshard_capacities(recs) -> list:
             if m.form.startswith("gshard")]
 
 
+def _count_route_calls(monkeypatch) -> list:
+    """The ops that run (blaze's implementations are looked up on every call)."""
+    import blazec.ops.route as route
+
+    calls, get_impl = [], route.get_impl
+    monkeypatch.setattr(route, "get_impl", lambda op, dev: (calls.append(op), get_impl(op, dev))[1])
+    return calls
+
+
 @pytest.mark.parametrize("final_stage", ["eager", "inductor"])
-def test_gshard_under_dynamic_shapes_rewritten(final_stage) -> None:
+def test_gshard_under_dynamic_shapes_rewritten(final_stage, monkeypatch) -> None:
     """Under dynamic=True the capacity ceil(2 * cf * T / E) is a SymInt, but one_hot(positions,
     capacity) makes Dynamo guard it to a constant: the site is rewritten with that capacity
-    and eager's numbers (it was left alone as "a size computed at run time")."""
+    and eager's numbers (it was left alone as "a size computed at run time"). Dynamo traces
+    twice here (the float capacity factor is a symbol, then fixed, and the second trace's
+    guard is in terms of that symbol): the graph that runs, the last, is rewritten and the
+    op runs."""
     from tests.helpers import load_example
 
     model, (x,) = load_example("moe_gshard_top2.py").make(batch=2, seq=8)
     torch._dynamo.reset()
     compiled = torch.compile(copy.deepcopy(model), backend="blaze", options={"final_stage": final_stage},
                              dynamic=True)
+    calls = _count_route_calls(monkeypatch)
     with report.capture() as recs:
         _train_compare(compiled, model, x)
-    assert _gshard_capacities(recs) == [4]  # ceil(2 * 1.0 * 16 / 8)
+    assert _gshard_capacities(recs[-1:]) == [4]  # ceil(2 * 1.0 * 16 / 8)
+    assert "moe_route" in calls
 
 
-def test_gshard_recompiled_for_a_second_batch_size_rewritten() -> None:
+def test_gshard_recompiled_for_a_second_batch_size_rewritten(monkeypatch) -> None:
     """A second batch size recompiles with T symbolic (automatic dynamic shapes): rewritten
     with that graph's capacity, eager's numbers at both sizes."""
     from tests.helpers import load_example
@@ -305,10 +322,18 @@ def test_gshard_recompiled_for_a_second_batch_size_rewritten() -> None:
     _, (x3,) = mod.make(batch=3, seq=8)
     torch._dynamo.reset()
     compiled = torch.compile(copy.deepcopy(model), backend="blaze", options={"final_stage": "eager"})
+    calls = _count_route_calls(monkeypatch)
     with report.capture() as recs:
         _train_compare(compiled, model, x)
         _train_compare(compiled, model, x3)
     assert _gshard_capacities(recs) == [4, 6]
+    assert calls.count("moe_route") == 2
+
+
+def test_gshard_with_a_tensor_capacity_says_so() -> None:
+    model, x = GShard((4, 1, 12), (4, 1, 8), tensor_capacity=True), torch.randn(12, 8)
+    rec = compile_and_compare(model, (x,))
+    assert_left_alone(rec, "lt(locations, capacity) is a tensor")
 
 
 def test_gshard_with_a_symbolic_drop_test_says_so() -> None:
