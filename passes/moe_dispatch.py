@@ -208,7 +208,7 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
     return rep
 
 
-def _checkpoint_bodies(gm: torch.fx.GraphModule) -> dict[str, torch.fx.GraphModule]:
+def checkpoint_bodies(gm: torch.fx.GraphModule) -> dict[str, torch.fx.GraphModule]:
     """The subgraphs of ``torch.utils.checkpoint`` regions, by attribute name: Dynamo traces a
     checkpointed call into ``tag_activation_checkpoint(body, *operands)``, ``body`` a
     GraphModule of ``gm`` whose placeholders are the region's inputs (its parameters too)."""
@@ -236,7 +236,7 @@ def _checkpointed_layers(gm: torch.fx.GraphModule, ctx, rep: PassReport) -> list
     experts, so ``sync_grads`` reduces their gradients as dense ones)."""
     ep = getattr(ctx.config, "expert_parallel", None)
     left: list[str] = []
-    for name, body in _checkpoint_bodies(gm).items():
+    for name, body in checkpoint_bodies(gm).items():
         work = copy_graph_module(body)
         sub = moe_dispatch_pass(work, ctx if ep is None or ep.world <= 1 else _without_ep(ctx))
         if sub.matches and ep is not None and ep.world > 1:

@@ -31,9 +31,14 @@ TOPK = (torch.topk,)
 
 
 def moe_gating_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
+    from blazec.passes.moe_dispatch import checkpoint_bodies
+
     rep = PassReport("moe_gating")
     seen: set[tuple[Node | None, Node | None]] = set()
-    for n in gm.graph.nodes:
+    graphs = [gm.graph]
+    for g in graphs:  # the layers in torch.utils.checkpoint regions are in their subgraphs
+        graphs.extend(b.graph for b in checkpoint_bodies(g.owning_module).values())
+    for n in (n for g in graphs for n in g.nodes):
         if n.op == "call_function" and n.target is torch.ops.blazec.moe_experts.default:
             ids, weights = routing_inputs(n)
             if (ids, weights) in seen:  # another token chunk of an expert-parallel layer

@@ -76,6 +76,8 @@ def test_checkpointed_moe_rewritten(options):
     (m,) = matches(rec)
     assert m.form == "static_loop_modulelist" and m.details["E"] == 4, m
     assert not near_misses(rec)
+    (gating,) = [r for r in rec.pass_reports if r.name == "moe_gating"]
+    assert [n.split(": ")[-1] for n in gating.notes] == ["softmax_topk"]  # it looks into the region too
 
 
 @pytest.mark.parametrize("reentrant, nested", [(True, False), (False, True)], ids=["reentrant", "nested"])
