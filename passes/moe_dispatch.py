@@ -208,46 +208,61 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
     return rep
 
 
-def checkpoint_bodies(gm: torch.fx.GraphModule) -> dict[str, torch.fx.GraphModule]:
-    """The subgraphs of ``torch.utils.checkpoint`` regions, by attribute name: Dynamo traces a
-    checkpointed call into ``tag_activation_checkpoint(body, *operands)``, ``body`` a
-    GraphModule of ``gm`` whose placeholders are the region's inputs (its parameters too)."""
-    hop = getattr(torch.ops.higher_order, "tag_activation_checkpoint", None)
-    out: dict[str, torch.fx.GraphModule] = {}
+# Higher-order ops whose first operand is a subgraph that runs the region's code as it is:
+# torch.utils.checkpoint regions, and torch.compiler.nested_compile_region (one subgraph that
+# every call of the region shares).
+REGION_HOPS = ("tag_activation_checkpoint", "invoke_subgraph")
+
+
+def checkpoint_bodies(gm: torch.fx.GraphModule) -> dict[str, tuple[torch.fx.GraphModule, str]]:
+    """The subgraphs of ``torch.utils.checkpoint`` regions (and of nested compile regions), by
+    attribute name: Dynamo traces a checkpointed call into ``tag_activation_checkpoint(body,
+    *operands)``, a nested compile region into ``invoke_subgraph(body, name, *operands)``,
+    ``body`` a GraphModule of ``gm`` whose placeholders are the region's inputs (its
+    parameters too). Values: (body, the op's name)."""
+    hops = {h for h in (getattr(torch.ops.higher_order, name, None) for name in REGION_HOPS) if h is not None}
+    out: dict[str, tuple[torch.fx.GraphModule, str]] = {}
     for n in gm.graph.nodes:
-        if hop is None or n.op != "call_function" or n.target is not hop or not n.args:
+        if n.op != "call_function" or n.target not in hops or not n.args:
             continue
         body = n.args[0]
         if isinstance(body, Node) and body.op == "get_attr" and "." not in body.target:
             mod = getattr(gm, body.target, None)
             if isinstance(mod, torch.fx.GraphModule):
-                out[body.target] = mod
+                out[body.target] = (mod, n.target.name())
     return out
 
 
+_EP_REGION_REASONS = {
+    "tag_activation_checkpoint": "runs inside torch.utils.checkpoint, whose forward runs again in the backward: its "
+                                 "expert-parallel all_to_alls would too",
+    "invoke_subgraph": "runs inside a nested compile region, one subgraph shared by its calls, whose expert weights "
+                       "are the subgraph's inputs: the expert-parallel rewrite shards the experts of a layer by their "
+                       "parameters",
+}
+
+
 def _checkpointed_layers(gm: torch.fx.GraphModule, ctx, rep: PassReport) -> list[str]:
-    """Rewrite the MoE layers inside ``torch.utils.checkpoint`` regions of ``gm``, in copies of
-    their subgraphs (``gm``'s submodules are shared with the graph the pass was given).
+    """Rewrite the MoE layers inside ``torch.utils.checkpoint`` regions (and nested compile
+    regions) of ``gm``, in copies of their subgraphs (``gm``'s submodules are shared with the
+    graph the pass was given).
 
     A checkpointed region's forward runs again in the backward; AOTAutograd traces the body,
     blaze ops included, and tags its nodes for recomputation, so the op's forward runs twice as
-    the naive code's would. Under expert parallelism a region is left alone: its all_to_alls
-    would run again in the backward: returns where such layers are (each rank runs all their
-    experts, so ``sync_grads`` reduces their gradients as dense ones)."""
+    the naive code's would. A nested compile region's subgraph serves every call of the region:
+    one rewrite covers them all. Under expert parallelism a region's layer is left alone
+    (``_EP_REGION_REASONS``): returns where such layers are (each rank runs all their experts,
+    so ``sync_grads`` reduces their gradients as dense ones)."""
     ep = getattr(ctx.config, "expert_parallel", None)
     left: list[str] = []
-    for name, body in checkpoint_bodies(gm).items():
+    for name, (body, hop) in checkpoint_bodies(gm).items():
         work = copy_graph_module(body)
         sub = moe_dispatch_pass(work, ctx if ep is None or ep.world <= 1 else _without_ep(ctx))
         if sub.matches and ep is not None and ep.world > 1:
+            why = f"the MoE layer {_EP_REGION_REASONS[hop]}, so it is left alone (every rank runs all its experts)"
             for m in sub.matches:
-                rep.near_misses.append(NearMiss(
-                    "expert_parallel", m.where, "the MoE layer runs inside torch.utils.checkpoint, whose forward runs "
-                    "again in the backward: its expert-parallel all_to_alls would too, so it is left alone (every "
-                    "rank runs all its experts)"))
-                logging.getLogger("blazec").warning(
-                    "blaze expert_parallel: the MoE layer at %s runs inside torch.utils.checkpoint; left alone "
-                    "(every rank runs all its experts)", m.where)
+                rep.near_misses.append(NearMiss("expert_parallel", m.where, why))
+                logging.getLogger("blazec").warning("blaze expert_parallel: the MoE layer at %s: %s", m.where, why)
                 left.append(m.where)
             continue
         rep.near_misses.extend(sub.near_misses)

@@ -37,7 +37,7 @@ def moe_gating_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
     seen: set[tuple[Node | None, Node | None]] = set()
     graphs = [gm.graph]
     for g in graphs:  # the layers in torch.utils.checkpoint regions are in their subgraphs
-        graphs.extend(b.graph for b in checkpoint_bodies(g.owning_module).values())
+        graphs.extend(b.graph for b, _ in checkpoint_bodies(g.owning_module).values())
     for n in (n for g in graphs for n in g.nodes):
         if n.op == "call_function" and n.target is torch.ops.blazec.moe_experts.default:
             ids, weights = routing_inputs(n)

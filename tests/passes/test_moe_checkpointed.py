@@ -1,6 +1,8 @@
-"""An MoE layer inside ``torch.utils.checkpoint``: Dynamo traces the region into a subgraph
-(``tag_activation_checkpoint``), which the MoE rewrite now also searches. It was skipped with
-nothing in the report. Rewritten with eager's numbers; the report names the layer."""
+"""An MoE layer inside ``torch.utils.checkpoint``, or inside a
+``torch.compiler.nested_compile_region``: Dynamo traces the region into a subgraph
+(``tag_activation_checkpoint``, ``invoke_subgraph``), which the MoE rewrite now also searches.
+It was skipped with nothing in the report. Rewritten with eager's numbers; the report names
+the layer."""
 
 import copy
 
@@ -110,3 +112,28 @@ def test_checkpointed_body_is_rewritten_in_a_copy():
     torch.compile(Block(), backend=backend)(torch.randn(8, 16))
     assert seen["rewrites"] == 1 and seen["ops"]  # the pass's graph module holds the rewritten copy
     assert seen["kept"]  # the subgraph module it was given is unchanged
+
+
+class Stack(nn.Module):
+    """Two layers whose block is a nested compile region: one subgraph serves both calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.moes = nn.ModuleList(MoE() for _ in range(2))
+
+    @torch.compiler.nested_compile_region
+    def block(self, moe, x):
+        return x + moe(x)
+
+    def forward(self, x):
+        for moe in self.moes:
+            x = self.block(moe, x)
+        return x
+
+
+@pytest.mark.skipif(not hasattr(torch.compiler, "nested_compile_region"), reason="torch without nested compile regions")
+@pytest.mark.parametrize("final_stage", ["eager", "inductor"])
+def test_nested_compile_region_moe_rewritten(final_stage):
+    rec = _compare(Stack().double(), torch.randn(16, 16, dtype=torch.float64), {"final_stage": final_stage})
+    assert "invoke_subgraph" in rec.dynamo_graph
+    assert [m.form for m in matches(rec)] == ["static_loop_modulelist"]  # one subgraph for both layers
