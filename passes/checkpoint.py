@@ -156,9 +156,12 @@ class CheckpointPlan:
         w = max([len(r.name) for r in self.recomputed] + [4])
         for r in self.recomputed:
             out.append(f"    {r.name:<{w}}  {r.op:<28} {r.flops:>14,d} FLOP  {fmt_time(r.cost_us)}")
+        recomputed = {r.name for r in self.recomputed}
         for m in self.moe:
             changed = "" if m.choice == m.was else f" (was {m.was})"
-            if m.choice == "save_preact":
+            if m.name in recomputed:  # a checkpoint region's layer: its forward runs again in backward
+                what = "the whole op is recomputed in backward, so its preact is made there; nothing of it is saved"
+            elif m.choice == "save_preact":
                 what = f"saves preact, {m.preact_bytes:,d} B = {m.preact_bytes_expr}"
             else:
                 what = (f"drops preact ({m.preact_bytes:,d} B = {m.preact_bytes_expr}); GEMM1 again in backward: "

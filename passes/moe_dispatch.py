@@ -60,13 +60,17 @@ ASSERT_TARGETS = {
 }
 
 
-def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
+def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx, outer_autocast: str | None = None) -> PassReport:
+    """The MoE rewrite of ``gm``. ``outer_autocast``: for the subgraph of a region, why the graph
+    that calls it runs under autocast (an autocast block around a checkpoint call is in that
+    graph, not in the region's)."""
     rep = PassReport("moe_dispatch")
     graph = gm.graph
     recompute = getattr(ctx.config, "moe_recompute", "save_preact") == "recompute_gemm1"
     ep = getattr(ctx.config, "expert_parallel", None)
     chunks = getattr(ctx.config, "ep_chunks", 1)
-    ep_params: list = []  # the expert weights of the expert-parallel layers, registered at the end
+    ep_params: list = []  # (node, tensor) of the expert-parallel layers' weights, registered at the end
+    ep_nodes: set[Node] = set()  # the nodes the expert-parallel emissions made
     ep_unmapped: list[str] = []
     ep_single: list[str] = []  # layers rewritten single-process under expert_parallel
 
@@ -77,6 +81,7 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
                 y = emit_moe_ep(graph, ids, weights, x, experts, out_dtype, recompute, capacity, priority,
                                 ep, chunks)
             _copy_source_meta(graph, before, existing)
+            ep_nodes.update(n for n in graph.nodes if n not in existing)
             params = expert_parameters(gm, experts)
             if params is None:
                 ep_unmapped.append(where)
@@ -91,7 +96,7 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
             ep_single.append(where)
         return emit_moe(graph, before, ids, weights, x, experts, out_dtype, recompute, capacity, priority)
 
-    autocast = autocast_reason(graph)
+    autocast = outer_autocast or autocast_reason(graph)
 
     def site_checks(finals, m, ids, weights, accumulation):
         """NoMatch when a matched site fails a check of passes/moe_site_checks.py."""
@@ -200,12 +205,31 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
             "of those, so this is left alone"))
     if rep.matches:
         _remove_dead(graph)
-    ep_single.extend(_checkpointed_layers(gm, ctx, rep))
+    ep_single.extend(_checkpointed_layers(gm, ctx, rep, autocast))
     if ep_params or ep_unmapped or ep_single:
         from blazec.expert_parallel import register_expert_params
 
-        register_expert_params(ep_params, ep_unmapped, ep_single)
+        register_expert_params(_owned_experts(ep_params, ep_nodes, rep), ep_unmapped, ep_single)
     return rep
+
+
+def _owned_experts(params: list[tuple[Node, torch.Tensor]], ep_nodes: set[Node], rep: PassReport) -> list:
+    """The expert weights that only expert-parallel layers read, which ``sync_grads`` leaves
+    alone (their owners hold every rank's contribution).
+
+    A weight also read elsewhere (the same experts called outside the layer, or passed into a
+    checkpoint region whose layer is left alone) gets a gradient on every rank there; it is
+    reduced as a dense one. That is exact: ranks that do not own it get nothing from the
+    expert-parallel layer, so the sum over ranks adds the owner's expert-parallel gradient
+    once to every rank's other contributions."""
+    owned, shared = [], []
+    for node, t in params:
+        (shared if any(u not in ep_nodes for u in node.users) else owned).append((node, t))
+    if shared:
+        names = sorted({n.name for n, _ in shared})
+        rep.notes.append(f"expert weights also read outside the expert-parallel layers ({', '.join(names[:4])}"
+                         f"{', ...' if len(names) > 4 else ''}): sync_grads reduces their gradients as dense ones")
+    return [t for _, t in owned]
 
 
 # Higher-order ops whose first operand is a subgraph that runs the region's code as it is:
@@ -242,7 +266,7 @@ _EP_REGION_REASONS = {
 }
 
 
-def _checkpointed_layers(gm: torch.fx.GraphModule, ctx, rep: PassReport) -> list[str]:
+def _checkpointed_layers(gm: torch.fx.GraphModule, ctx, rep: PassReport, autocast: str | None) -> list[str]:
     """Rewrite the MoE layers inside ``torch.utils.checkpoint`` regions (and nested compile
     regions) of ``gm``, in copies of their subgraphs (``gm``'s submodules are shared with the
     graph the pass was given).
@@ -257,7 +281,7 @@ def _checkpointed_layers(gm: torch.fx.GraphModule, ctx, rep: PassReport) -> list
     left: list[str] = []
     for name, (body, hop) in checkpoint_bodies(gm).items():
         work = copy_graph_module(body)
-        sub = moe_dispatch_pass(work, ctx if ep is None or ep.world <= 1 else _without_ep(ctx))
+        sub = moe_dispatch_pass(work, ctx if ep is None or ep.world <= 1 else _without_ep(ctx), autocast)
         if sub.matches and ep is not None and ep.world > 1:
             why = f"the MoE layer {_EP_REGION_REASONS[hop]}, so it is left alone (every rank runs all its experts)"
             for m in sub.matches:
@@ -265,7 +289,12 @@ def _checkpointed_layers(gm: torch.fx.GraphModule, ctx, rep: PassReport) -> list
                 logging.getLogger("blazec").warning("blaze expert_parallel: the MoE layer at %s: %s", m.where, why)
                 left.append(m.where)
             continue
-        rep.near_misses.extend(sub.near_misses)
+        for miss in sub.near_misses:
+            if "topk" in miss.reason:  # the ids may be a region input, topk's output outside it
+                miss = NearMiss(miss.form, miss.where, miss.reason + (
+                    " (the layer is inside a checkpoint or nested compile region, and the pass does not follow "
+                    "the region's inputs outside it: compute the routing inside the region)"))
+            rep.near_misses.append(miss)
         if sub.matches:
             rep.matches.extend(sub.matches)
             work.graph.lint()

@@ -37,8 +37,9 @@ from blazec.passes.moe_expert_mlp import REF_NAMES, weight_list
 Node = torch.fx.Node
 
 
-def expert_parameters(gm: torch.fx.GraphModule, experts: dict) -> list[torch.Tensor] | None:
-    """The real parameter tensors behind every expert's weights and biases (None if any is unknown).
+def expert_parameters(gm: torch.fx.GraphModule, experts: dict) -> list[tuple[Node, torch.Tensor]] | None:
+    """The real parameter tensors behind every expert's weights and biases, each with the graph
+    node that holds it (None if any is unknown).
 
     Dynamo lifts parameters to placeholders whose ``grapharg`` holds the tensor; FX graphs
     hold them as ``get_attr`` nodes of the module.
@@ -61,7 +62,7 @@ def expert_parameters(gm: torch.fx.GraphModule, experts: dict) -> list[torch.Ten
                     t = getattr(t, part, None)
             if not isinstance(t, torch.Tensor):
                 return None
-            out.append(t)
+            out.append((node, t))
     return out
 
 

@@ -150,8 +150,38 @@ def _checkpointed(rank: int, world: int) -> None:
     assert "inside torch.utils.checkpoint" in dispatch.near_misses[0].reason
 
 
+def _shared_with_a_region(rank: int, world: int) -> None:
+    """The same experts run expert-parallel outside a checkpoint region and unsharded inside
+    it: their weights get gradients on every rank, so sync_grads reduces them as dense ones
+    (it skipped them as experts: gradients off by up to 3.9, found in review)."""
+    import torch.utils.checkpoint as ckpt
+
+    from tests.passes.test_moe_checkpointed import MoE
+
+    class Shared(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.moe = MoE()
+
+        def forward(self, x):
+            h = x + self.moe(x)
+            return h + ckpt.checkpoint(self.moe, h, use_reentrant=False)
+
+    torch.manual_seed(0)
+    model = Shared()
+    records = check_ep(rank, world, model, batches((12, 16), world), {"final_stage": "eager"})
+    assert len(moe_matches(records)) == 1  # the layer outside the region
+    assert not any(is_expert_param(p) for p in model.parameters())
+    (dispatch,) = reports(records, "moe_dispatch")
+    assert any("sync_grads reduces their gradients as dense ones" in n for n in dispatch.notes), dispatch.lines()
+
+
 def test_checkpointed_layer_is_left_alone_on_2_ranks():
     run_ranks(_checkpointed, 2)
+
+
+def test_experts_shared_with_a_checkpoint_region_on_2_ranks():
+    run_ranks(_shared_with_a_region, 2)
 
 
 def test_inductor_pipelined_chunks_overlap_experts_on_2_ranks():

@@ -34,7 +34,7 @@ class MoE(nn.Module):
             slot, tok = torch.where(mask[e])
             rows = x[tok]
             y = self.w2[e](F.silu(self.w1[e](rows)) * self.w3[e](rows))
-            out.index_add_(0, tok, y * w[tok, slot, None])
+            out.index_add_(0, tok, (y * w[tok, slot, None]).to(out.dtype))  # (bf16 under autocast)
         return out
 
 
@@ -137,3 +137,66 @@ def test_nested_compile_region_moe_rewritten(final_stage):
     rec = _compare(Stack().double(), torch.randn(16, 16, dtype=torch.float64), {"final_stage": final_stage})
     assert "invoke_subgraph" in rec.dynamo_graph
     assert [m.form for m in matches(rec)] == ["static_loop_modulelist"]  # one subgraph for both layers
+
+
+class AutocastAround(nn.Module):
+    """torch.autocast entered around the checkpoint call: the region's graph has no autocast
+    node of its own, the graph that calls it has."""
+
+    def __init__(self):
+        super().__init__()
+        self.moe = MoE()
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = ckpt.checkpoint(self.moe, x, use_reentrant=False)
+        return x + y.float()
+
+
+def test_autocast_around_a_checkpointed_moe_is_left_alone():
+    """It was rewritten: the op ran in float32 where eager's expert GEMMs ran in bfloat16
+    (output off by 1.3e-3, found in review)."""
+    model, x = AutocastAround(), torch.randn(32, 16)
+    ref = run_train(copy.deepcopy(model), (x,))
+    torch._dynamo.reset()
+    with report.capture() as records:
+        got = run_train(torch.compile(model, backend="blaze", options={"final_stage": "eager"}), (x,))
+    torch.testing.assert_close(got[0], ref[0], atol=0, rtol=0)
+    (rec,) = records
+    assert not matches(rec)
+    assert any("an autocast region in the compiled code" in n.reason for n in near_misses(rec))
+
+
+class RoutedOutside(nn.Module):
+    """The routing outside the region, the dispatch inside it: the region's ids are an input."""
+
+    def __init__(self):
+        super().__init__()
+        self.moe = MoE()
+
+    def dispatch(self, x, w, ids):
+        out = torch.zeros_like(x)
+        for e in range(self.moe.E):
+            tok, slot = torch.where(ids == e)
+            rows = x[tok]
+            y = self.moe.w2[e](F.silu(self.moe.w1[e](rows)) * self.moe.w3[e](rows))
+            out.index_add_(0, tok, y * w[tok, slot, None])
+        return out
+
+    def forward(self, x):
+        w, ids = torch.topk(F.softmax(self.moe.gate(x), dim=1), self.moe.k, dim=-1)
+        return x + ckpt.checkpoint(self.dispatch, x, w, ids, use_reentrant=False)
+
+
+def test_ids_from_outside_the_region_say_so():
+    rec = _compare(RoutedOutside().double(), torch.randn(20, 16, dtype=torch.float64), {"final_stage": "eager"})
+    assert not matches(rec)
+    assert any("compute the routing inside the region" in n.reason for n in near_misses(rec)), near_misses(rec)
+
+
+def test_the_plan_says_a_checkpointed_layer_is_recomputed_whole():
+    """The partition report said "saves preact" for a layer whose whole forward the region
+    recomputes in backward (it saves nothing of it)."""
+    rec = _compare(Block().double(), torch.randn(16, 16, dtype=torch.float64), {"final_stage": "eager"})
+    text = "\n".join(line for p in rec.partitions for line in p.lines())
+    assert "MoE layer moe_experts: save_preact: the whole op is recomputed in backward" in text, text
