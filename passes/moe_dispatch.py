@@ -289,8 +289,10 @@ def _checkpointed_layers(gm: torch.fx.GraphModule, ctx, rep: PassReport, autocas
                 logging.getLogger("blazec").warning("blaze expert_parallel: the MoE layer at %s: %s", m.where, why)
                 left.append(m.where)
             continue
+        int_inputs = any(isinstance(v := n.meta.get("example_value", n.meta.get("val")), torch.Tensor)
+                         and not v.is_floating_point() for n in work.graph.find_nodes(op="placeholder"))
         for miss in sub.near_misses:
-            if "topk" in miss.reason:  # the ids may be a region input, topk's output outside it
+            if "topk" in miss.reason and int_inputs:  # ids that are a region input: topk's output outside it
                 miss = NearMiss(miss.form, miss.where, miss.reason + (
                     " (the layer is inside a checkpoint or nested compile region, and the pass does not follow "
                     "the region's inputs outside it: compute the routing inside the region)"))
