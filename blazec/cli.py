@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             kind, msg = "error", traced
         hint = "" if kind == "error" else " (set BLAZEC_TRACEBACK=1 for the traceback)"
         if type(err).__name__ == "GuardOnDataDependentSymNode":  # torch's tracer, not a blazec bug
+            hint = ""
             kind, msg = "error", (
                 f"torch could not trace a data-dependent size of this model ({msg}); a known torch limitation "
                 "under the capture settings blazec turns on (README, BLAZEC_CAPTURE_DYNAMIC): "

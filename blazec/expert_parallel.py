@@ -207,13 +207,27 @@ def ep_sum(back: Tensor, x: Tensor, send_tok: Tensor) -> Tensor:
 _EXPERT_PARAMS: "weakref.WeakValueDictionary[int, Tensor]" = weakref.WeakValueDictionary()
 _UNMAPPED: list[str] = []  # layers whose expert weights could not be traced back to parameters
 _SINGLE: list[str] = []  # layers rewritten single-process: their experts do not split over the ranks
+# Weights some compiled graph reads outside an expert-parallel layer: dense for every graph
+_DENSE: "weakref.WeakValueDictionary[int, Tensor]" = weakref.WeakValueDictionary()
 
 
-def register_expert_params(tensors: list[Tensor], unmapped: list[str], single: list[str] = ()) -> None:
+def register_expert_params(tensors: list[Tensor], unmapped: list[str], single: list[str] = (),
+                           dense: list[Tensor] = ()) -> None:
     """Called by the MoE rewrite (after the pass succeeded) for its expert-parallel layers, and
-    with ``single`` for the layers it rewrote single-process under ``expert_parallel``."""
+    with ``single`` for the layers it rewrote single-process under ``expert_parallel``.
+
+    ``dense``: weights that this graph reads outside an expert-parallel layer (every rank gets a
+    gradient for them there). They are dense from then on, for every compiled graph, even if an
+    earlier or later graph's layer owns them: all-reducing an owned weight's gradient is exact
+    (the ranks that do not own it contribute zeros, see ``sync_grads``), skipping a weight that
+    every rank has a gradient for is not."""
+    for t in dense:
+        _DENSE[id(t)] = t
+        if _EXPERT_PARAMS.get(id(t)) is t:
+            del _EXPERT_PARAMS[id(t)]
     for t in tensors:
-        _EXPERT_PARAMS[id(t)] = t
+        if _DENSE.get(id(t)) is not t:
+            _EXPERT_PARAMS[id(t)] = t
     _UNMAPPED.extend(unmapped)
     _SINGLE.extend(single)
 
@@ -247,7 +261,18 @@ def sync_grads(model: torch.nn.Module, group="world", average: bool = False) -> 
         raise ExpertParallelError(
             "sync_grads: the expert weights of " + ", ".join(_UNMAPPED) + " could not be traced back to "
             "parameters; reduce the gradients yourself")
-    dense = [p.grad for p in params if p.grad is not None and not is_expert_param(p)]
+    # The ranks agree on which of the rest have a gradient (an expert weight that another graph
+    # reads densely is dense here too, and the ranks that do not own it have none from its
+    # expert-parallel layer): one that has none here while another rank has one reduces zeros.
+    rest = [p for p in params if not is_expert_param(p)]
+    if rest:
+        has = torch.tensor([p.grad is not None for p in rest], dtype=torch.int32,
+                           device=next((p.grad.device for p in rest if p.grad is not None), rest[0].device))
+        dist.all_reduce(has, op=dist.ReduceOp.MAX, group=pg)
+        for p, h in zip(rest, has.tolist()):
+            if h and p.grad is None:
+                p.grad = torch.zeros_like(p)
+    dense = [p.grad for p in rest if p.grad is not None]
     if dense:
         flat = torch._utils._flatten_dense_tensors(dense)
         dist.all_reduce(flat, group=pg)

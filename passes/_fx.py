@@ -118,7 +118,7 @@ def eq_mask(node: Any) -> tuple[Node, int] | None:
     ``ids.eq(e)``, ``torch.eq(ids, other=e)``; None for another comparison or no comparison."""
     if not (is_fn(node, operator.eq, torch.eq) or is_method(node, "eq")):
         return None
-    a, b = node.args[0], arg(node, 1, "other")
+    a, b = arg(node, 0, "input"), arg(node, 1, "other")
     if not isinstance(b, int) or isinstance(b, bool):
         a, b = b, a
     if not isinstance(b, int) or isinstance(b, bool) or not isinstance(a, Node):

@@ -146,17 +146,18 @@ class CheckpointPlan:
         for t in bytes_saved:
             note = f"  {t.note}" if t.note else ""
             out.append(f"    {t.name:<{w}}  {t.dtype:<8} [{', '.join(t.shape)}]  {t.bytes:,d} B = {t.bytes_expr}{note}")
+        recomputed = {r.name for r in self.recomputed}  # a layer recomputed whole (its checkpoint region)
+        n_gemm1 = sum(m.choice == "recompute_gemm1" and m.name not in recomputed for m in self.moe)
         out.append(
             f"  recomputed in backward: {len(self.recomputed)} node(s)"
             + (f" (+{self.free_recomputed} free: views, getitems, sizes)" if self.free_recomputed else "")
-            + (f" and GEMM1 of {n_gemm1} MoE layer(s)" if (n_gemm1 := sum(m.choice == "recompute_gemm1" for m in self.moe)) else "")
+            + (f" and GEMM1 of {n_gemm1} MoE layer(s)" if n_gemm1 else "")
             + f", estimated {fmt_time(self.recompute_us)}, {self.recompute_flops:,d} FLOP"
             f" = {100 * self.overhead:.1f}% of the forward's estimated {fmt_time(self.forward_us)}"
         )
         w = max([len(r.name) for r in self.recomputed] + [4])
         for r in self.recomputed:
             out.append(f"    {r.name:<{w}}  {r.op:<28} {r.flops:>14,d} FLOP  {fmt_time(r.cost_us)}")
-        recomputed = {r.name for r in self.recomputed}
         for m in self.moe:
             changed = "" if m.choice == m.was else f" (was {m.was})"
             if m.name in recomputed:  # a checkpoint region's layer: its forward runs again in backward

@@ -123,7 +123,9 @@ def _mask_column(node: object) -> tuple[MaskGate, int] | None:
         return None
     if bool(arg(total, 2, "keepdim", False)) is not keep:
         return None
-    masked = total.args[0]
+    masked = arg(total, 0, "input")
+    if not isinstance(masked, Node):
+        return None
     if is_fn(masked, torch.where) or is_method(masked, "where"):
         if is_fn(masked, torch.where):
             cond, w, other = arg(masked, 0, "condition"), arg(masked, 1, "input"), arg(masked, 2, "other")
@@ -152,7 +154,7 @@ def _mask_column(node: object) -> tuple[MaskGate, int] | None:
 def _check_mask_column(gate: MaskGate) -> None:
     """NoMatch unless this column of a masked gate is computed in the routing weights' dtype."""
     w, col = gate.weights, gate.column
-    if col.kwargs.get("dtype") is not None:
+    if col.kwargs.get("dtype") not in (None, dtype(w)):
         raise NoMatch(f"the gate column {col.name} is summed in {col.kwargs['dtype']}, not in the routing weights' dtype")
     if dtype(col) != dtype(w):
         raise NoMatch(f"the gate column {col.name} is computed in {dtype(col)} (the mask is cast to it), but the "

@@ -205,15 +205,18 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx, outer_autocast: str | None 
             "of those, so this is left alone"))
     if rep.matches:
         _remove_dead(graph)
-    ep_single.extend(_checkpointed_layers(gm, ctx, rep, autocast))
+    region_single, region_inputs = _checkpointed_layers(gm, ctx, rep, autocast)
+    ep_single.extend(region_single)
     if ep_params or ep_unmapped or ep_single:
         from blazec.expert_parallel import register_expert_params
 
-        register_expert_params(_owned_experts(ep_params, ep_nodes, rep), ep_unmapped, ep_single)
+        owned, shared = _owned_experts(ep_params, ep_nodes, rep)
+        register_expert_params(owned, ep_unmapped, ep_single, dense=shared + region_inputs)
     return rep
 
 
-def _owned_experts(params: list[tuple[Node, torch.Tensor]], ep_nodes: set[Node], rep: PassReport) -> list:
+def _owned_experts(params: list[tuple[Node, torch.Tensor]], ep_nodes: set[Node],
+                   rep: PassReport) -> tuple[list, list]:
     """The expert weights that only expert-parallel layers read, which ``sync_grads`` leaves
     alone (their owners hold every rank's contribution).
 
@@ -221,7 +224,7 @@ def _owned_experts(params: list[tuple[Node, torch.Tensor]], ep_nodes: set[Node],
     checkpoint region whose layer is left alone) gets a gradient on every rank there; it is
     reduced as a dense one. That is exact: ranks that do not own it get nothing from the
     expert-parallel layer, so the sum over ranks adds the owner's expert-parallel gradient
-    once to every rank's other contributions."""
+    once to every rank's other contributions. Returns (owned, shared) tensors."""
     owned, shared = [], []
     for node, t in params:
         (shared if any(u not in ep_nodes for u in node.users) else owned).append((node, t))
@@ -229,7 +232,7 @@ def _owned_experts(params: list[tuple[Node, torch.Tensor]], ep_nodes: set[Node],
         names = sorted({n.name for n, _ in shared})
         rep.notes.append(f"expert weights also read outside the expert-parallel layers ({', '.join(names[:4])}"
                          f"{', ...' if len(names) > 4 else ''}): sync_grads reduces their gradients as dense ones")
-    return [t for _, t in owned]
+    return [t for _, t in owned], [t for _, t in shared]
 
 
 # Higher-order ops whose first operand is a subgraph that runs the region's code as it is:
@@ -266,7 +269,8 @@ _EP_REGION_REASONS = {
 }
 
 
-def _checkpointed_layers(gm: torch.fx.GraphModule, ctx, rep: PassReport, autocast: str | None) -> list[str]:
+def _checkpointed_layers(gm: torch.fx.GraphModule, ctx, rep: PassReport,
+                         autocast: str | None) -> tuple[list[str], list[torch.Tensor]]:
     """Rewrite the MoE layers inside ``torch.utils.checkpoint`` regions (and nested compile
     regions) of ``gm``, in copies of their subgraphs (``gm``'s submodules are shared with the
     graph the pass was given).
@@ -275,20 +279,16 @@ def _checkpointed_layers(gm: torch.fx.GraphModule, ctx, rep: PassReport, autocas
     blaze ops included, and tags its nodes for recomputation, so the op's forward runs twice as
     the naive code's would. A nested compile region's subgraph serves every call of the region:
     one rewrite covers them all. Under expert parallelism a region's layer is left alone
-    (``_EP_REGION_REASONS``): returns where such layers are (each rank runs all their experts,
-    so ``sync_grads`` reduces their gradients as dense ones)."""
+    (``_EP_REGION_REASONS``). Returns where such layers are and the tensors their regions take
+    (each rank runs all their experts, so ``sync_grads`` reduces their gradients as dense ones,
+    even where another graph's expert-parallel layer owns them)."""
     ep = getattr(ctx.config, "expert_parallel", None)
     left: list[str] = []
+    inputs: list[torch.Tensor] = []
     for name, (body, hop) in checkpoint_bodies(gm).items():
         work = copy_graph_module(body)
         sub = moe_dispatch_pass(work, ctx if ep is None or ep.world <= 1 else _without_ep(ctx), autocast)
-        if sub.matches and ep is not None and ep.world > 1:
-            why = f"the MoE layer {_EP_REGION_REASONS[hop]}, so it is left alone (every rank runs all its experts)"
-            for m in sub.matches:
-                rep.near_misses.append(NearMiss("expert_parallel", m.where, why))
-                logging.getLogger("blazec").warning("blaze expert_parallel: the MoE layer at %s: %s", m.where, why)
-                left.append(m.where)
-            continue
+        rep.notes.extend(sub.notes)
         int_inputs = any(isinstance(v := n.meta.get("example_value", n.meta.get("val")), torch.Tensor)
                          and not v.is_floating_point() for n in work.graph.find_nodes(op="placeholder"))
         for miss in sub.near_misses:
@@ -297,12 +297,34 @@ def _checkpointed_layers(gm: torch.fx.GraphModule, ctx, rep: PassReport, autocas
                     " (the layer is inside a checkpoint or nested compile region, and the pass does not follow "
                     "the region's inputs outside it: compute the routing inside the region)"))
             rep.near_misses.append(miss)
+        if sub.matches and ep is not None and ep.world > 1:
+            why = f"the MoE layer {_EP_REGION_REASONS[hop]}, so it is left alone (every rank runs all its experts)"
+            for m in sub.matches:
+                rep.near_misses.append(NearMiss("expert_parallel", m.where, why))
+                logging.getLogger("blazec").warning("blaze expert_parallel: the MoE layer at %s: %s", m.where, why)
+                left.append(m.where)
+            inputs.extend(_region_tensors(gm, name))
+            continue
         if sub.matches:
             rep.matches.extend(sub.matches)
             work.graph.lint()
             work.recompile()
             setattr(gm, name, work)
-    return left
+    return left, inputs
+
+
+def _region_tensors(gm: torch.fx.GraphModule, body: str) -> list[torch.Tensor]:
+    """The tensors (parameters among them) that Dynamo lifted and the calls of region ``body``
+    take as operands."""
+    out = []
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.args and getattr(n.args[0], "target", None) == body:
+            for a in n.args[1:]:
+                t = a.meta.get("grapharg") if isinstance(a, Node) and a.op == "placeholder" else None
+                t = getattr(t, "example", None)
+                if isinstance(t, torch.Tensor):
+                    out.append(t)
+    return out
 
 
 def _without_ep(ctx):

@@ -280,6 +280,7 @@ def test_dump_a_data_dependent_size_torch_cannot_trace_says_what_to_do(tmp_path,
     last = err.strip().splitlines()[-1]
     assert rc == 2 and last.startswith("blazec dump: error: torch could not trace a data-dependent size"), err
     assert "BLAZEC_CAPTURE_DYNAMIC=0 compiles the model" in last
+    assert "BLAZEC_TRACEBACK" not in last  # the hint is for internal errors
 
 
 def test_a_rank_error_whose_detail_is_on_the_next_line_keeps_it():

@@ -90,8 +90,9 @@ def test_checkpointed_moe_reentrant_or_nested_rewritten(reentrant, nested):
 
 
 def test_checkpointed_body_is_rewritten_in_a_copy():
-    """The pass edits a copy of the region's subgraph: the graph module it was given keeps the
-    naive loop (a failed pass leaves the graph as it was)."""
+    """The pass edits a copy of the region's subgraph and points the graph module it was given
+    at the copy: the subgraph module object it found there, which the caller's graph may share,
+    keeps the naive loop (a failed pass leaves the graph as it was)."""
     import blazec.backend  # noqa: F401 - its capture settings put the loop in one graph
     from blazec.config import BlazeConfig
     from blazec.passes.moe_dispatch import moe_dispatch_pass
@@ -200,3 +201,66 @@ def test_the_plan_says_a_checkpointed_layer_is_recomputed_whole():
     rec = _compare(Block().double(), torch.randn(16, 16, dtype=torch.float64), {"final_stage": "eager"})
     text = "\n".join(line for p in rec.partitions for line in p.lines())
     assert "MoE layer moe_experts: save_preact: the whole op is recomputed in backward" in text, text
+
+
+class ArgsortDense(nn.Module):
+    """A dense-gate layer whose ids come from argsort: a near miss (not provably distinct)."""
+
+    def __init__(self, d=16, inter=12, E=4, k=2):
+        super().__init__()
+        self.k = k
+        self.router = nn.Linear(d, E)
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(d, inter), nn.SiLU(), nn.Linear(inter, d))
+                                     for _ in range(E))
+
+    def forward(self, x):
+        probs = F.softmax(self.router(x), dim=-1)
+        ids = probs.argsort(dim=-1, descending=True)[:, :self.k]
+        w = probs.gather(1, ids)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            out = out + torch.where(ids == e, w, 0).sum(-1, keepdim=True) * expert(x)
+        return out
+
+
+class TwoInRegion(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = MoE(), ArgsortDense()
+
+    def inner(self, x):
+        return self.b(x + self.a(x))
+
+    def forward(self, x):
+        return ckpt.checkpoint(self.inner, x, use_reentrant=False)
+
+
+def test_a_regions_near_misses_are_kept_under_expert_parallel(monkeypatch):
+    """With expert_parallel (a 2-rank group faked: the pass only reads its size) the region's
+    matched layer is left alone, and the other layer's near miss is still reported (it was
+    dropped), without the routing hint: the region takes no ids."""
+    import dataclasses
+
+    import blazec.backend  # noqa: F401 - its capture settings put the loops in one graph
+    import blazec.expert_parallel as ep_mod
+    from blazec.config import BlazeConfig
+    from blazec.expert_parallel import EPGroup
+    from blazec.passes.moe_dispatch import moe_dispatch_pass
+    from blazec.passes.registry import PassContext
+
+    monkeypatch.setattr(ep_mod, "register_expert_params", lambda *a, **k: None)
+    config = dataclasses.replace(BlazeConfig.from_options({}, None), expert_parallel=EPGroup("fake", 0, 2, "gloo"))
+    seen = {}
+
+    def backend(gm, example_inputs):
+        seen["rep"] = moe_dispatch_pass(gm, PassContext(config=config))
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(TwoInRegion(), backend=backend)(torch.randn(12, 16))
+    rep = seen["rep"]
+    assert not rep.matches
+    forms = sorted(n.form for n in rep.near_misses)
+    assert forms == ["dense_gate", "expert_parallel"], rep.lines()
+    dense = next(n for n in rep.near_misses if n.form == "dense_gate")
+    assert "do not come from topk" in dense.reason and "inside the region" not in dense.reason

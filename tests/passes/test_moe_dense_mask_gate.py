@@ -25,7 +25,7 @@ class MaskGate(nn.Module):
 
     def column(self, ids, w, e):
         v = self.v
-        if v in ("where", "iadd", "bf16", "ids_dup", "k1", "missing"):
+        if v in ("where", "iadd", "bf16", "ids_dup", "k1", "missing", "not_topk"):
             return torch.where(ids == e, w, 0).sum(-1, keepdim=True)
         if v == "where_zeros_like":
             return torch.where(ids.eq(e), w, torch.zeros_like(w)).sum(dim=-1)[:, None]
@@ -39,6 +39,10 @@ class MaskGate(nn.Module):
             return ((ids == e).long() * w).sum(-1, keepdim=True)
         if v == "mask_type":
             return (w * (ids == e).type(w.dtype)).sum(-1, keepdim=True)
+        if v == "keywords":  # torch.sum(input=...) and torch.eq(input=...) (an IndexError ended the pass)
+            return torch.sum(input=torch.where(torch.eq(input=ids, other=e), w, 0), dim=-1, keepdim=True)
+        if v == "sum_dtype_same":
+            return torch.where(ids == e, w, 0).sum(-1, keepdim=True, dtype=w.dtype)
         if v == "float_mask_bf16":  # the mask cast to fp32 widens a bf16 column
             return ((ids == e).float() * w).sum(-1, keepdim=True)
         if v == "sum_f64":
@@ -52,10 +56,9 @@ class MaskGate(nn.Module):
         if self.v == "not_topk":  # the k best by argsort: a different op, ids not proven distinct
             ids = probs.argsort(dim=-1, descending=True)[:, :self.k]
             w = probs.gather(1, ids)
-            self.v = "where"
         else:
             w, ids = probs.topk(self.k, dim=-1)
-        if self.v == "ids_dup":  # two equal ids in a row: the mask counts both weights
+        if self.v == "ids_dup":  # two equal ids in a row, written in place: refused for the write
             ids = probs.detach().topk(self.k, dim=-1)[1]
             ids[:, 1] = ids[:, 0]
         w = w / w.sum(-1, keepdim=True)
@@ -73,7 +76,7 @@ class MaskGate(nn.Module):
 
 
 @pytest.mark.parametrize("variant", ["where", "where_zeros_like", "tensor_where", "mask_mul", "mask_cast_rmul",
-                                     "mask_long", "mask_type", "iadd"])
+                                     "mask_long", "mask_type", "keywords", "sum_dtype_same", "iadd"])
 def test_mask_gate_rewritten(variant):
     rec = compile_and_compare(MaskGate(variant), (torch.randn(12, 8),))
     assert_rewritten(rec, "dense_gate", E=4, k=2, activation="silu", bias=True)
