@@ -10,7 +10,7 @@ passed by position or keyword.
 from __future__ import annotations
 
 import operator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.fx
@@ -352,3 +352,33 @@ def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     new = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
     new.meta = dict(getattr(gm, "meta", {}))
     return new
+
+
+# Higher-order ops whose first operand is a subgraph that runs a region's code as it is:
+# torch.utils.checkpoint regions, and torch.compiler.nested_compile_region (one subgraph that
+# every call of the region shares).
+REGION_HOPS = ("tag_activation_checkpoint", "invoke_subgraph")
+
+
+class Region(NamedTuple):
+    body: torch.fx.GraphModule  # placeholders: the region's inputs (its parameters too)
+    kind: str  # the op's name, one of REGION_HOPS
+    calls: list  # the op's nodes in the calling graph: (body, *operands), (body, name, *operands)
+
+
+def regions(gm: torch.fx.GraphModule) -> dict[str, Region]:
+    """The checkpoint and nested compile regions ``gm`` calls, by the body's attribute name:
+    Dynamo traces a checkpointed call into ``tag_activation_checkpoint(body, *operands)`` and a
+    nested compile region into ``invoke_subgraph(body, name, *operands)``, ``body`` a
+    GraphModule of ``gm``."""
+    hops = {h for h in (getattr(torch.ops.higher_order, name, None) for name in REGION_HOPS) if h is not None}
+    out: dict[str, Region] = {}
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or n.target not in hops or not n.args:
+            continue
+        body = n.args[0]
+        if isinstance(body, Node) and body.op == "get_attr" and "." not in body.target:
+            mod = getattr(gm, body.target, None)
+            if isinstance(mod, torch.fx.GraphModule):
+                out.setdefault(body.target, Region(mod, n.target.name(), [])).calls.append(n)
+    return out

@@ -23,6 +23,7 @@ slot-major drop order.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import operator
 
@@ -31,10 +32,9 @@ import torch.fx
 
 import blazec.ops  # noqa: F401 - registers torch.ops.blazec.*
 from blazec.passes._fx import (
-    LINEAR, NoMatch, arg, combine_args, dtype, einsum_equation, is_fn, is_getitem, is_method, module_path, shape,
-    where_loc,
+    LINEAR, NoMatch, Region, arg, combine_args, copy_graph_module, dtype, einsum_equation, is_fn, is_getitem,
+    is_method, module_path, regions, shape, where_loc,
 )
-from blazec.passes._fx import copy_graph_module
 from blazec.passes.moe_dense_gate_form import ADD as DENSE_ADD
 from blazec.passes.moe_dense_gate_form import (
     _is_term, dense_einsums, einsum_stack, match_dense_einsum, match_dense_gate, match_dense_stack, stacked_outputs,
@@ -205,7 +205,7 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx, outer_autocast: str | None 
             "of those, so this is left alone"))
     if rep.matches:
         _remove_dead(graph)
-    region_single, region_inputs = _checkpointed_layers(gm, ctx, rep, autocast)
+    region_single, region_inputs = _region_layers(gm, ctx, rep, autocast)
     ep_single.extend(region_single)
     if ep_params or ep_unmapped or ep_single:
         from blazec.expert_parallel import register_expert_params
@@ -235,31 +235,6 @@ def _owned_experts(params: list[tuple[Node, torch.Tensor]], ep_nodes: set[Node],
     return [t for _, t in owned], [t for _, t in shared]
 
 
-# Higher-order ops whose first operand is a subgraph that runs the region's code as it is:
-# torch.utils.checkpoint regions, and torch.compiler.nested_compile_region (one subgraph that
-# every call of the region shares).
-REGION_HOPS = ("tag_activation_checkpoint", "invoke_subgraph")
-
-
-def checkpoint_bodies(gm: torch.fx.GraphModule) -> dict[str, tuple[torch.fx.GraphModule, str]]:
-    """The subgraphs of ``torch.utils.checkpoint`` regions (and of nested compile regions), by
-    attribute name: Dynamo traces a checkpointed call into ``tag_activation_checkpoint(body,
-    *operands)``, a nested compile region into ``invoke_subgraph(body, name, *operands)``,
-    ``body`` a GraphModule of ``gm`` whose placeholders are the region's inputs (its
-    parameters too). Values: (body, the op's name)."""
-    hops = {h for h in (getattr(torch.ops.higher_order, name, None) for name in REGION_HOPS) if h is not None}
-    out: dict[str, tuple[torch.fx.GraphModule, str]] = {}
-    for n in gm.graph.nodes:
-        if n.op != "call_function" or n.target not in hops or not n.args:
-            continue
-        body = n.args[0]
-        if isinstance(body, Node) and body.op == "get_attr" and "." not in body.target:
-            mod = getattr(gm, body.target, None)
-            if isinstance(mod, torch.fx.GraphModule):
-                out[body.target] = (mod, n.target.name())
-    return out
-
-
 _EP_REGION_REASONS = {
     "tag_activation_checkpoint": "runs inside torch.utils.checkpoint, whose forward runs again in the backward: its "
                                  "expert-parallel all_to_alls would too",
@@ -269,8 +244,8 @@ _EP_REGION_REASONS = {
 }
 
 
-def _checkpointed_layers(gm: torch.fx.GraphModule, ctx, rep: PassReport,
-                         autocast: str | None) -> tuple[list[str], list[torch.Tensor]]:
+def _region_layers(gm: torch.fx.GraphModule, ctx, rep: PassReport,
+                   autocast: str | None) -> tuple[list[str], list[torch.Tensor]]:
     """Rewrite the MoE layers inside ``torch.utils.checkpoint`` regions (and nested compile
     regions) of ``gm``, in copies of their subgraphs (``gm``'s submodules are shared with the
     graph the pass was given).
@@ -285,8 +260,8 @@ def _checkpointed_layers(gm: torch.fx.GraphModule, ctx, rep: PassReport,
     ep = getattr(ctx.config, "expert_parallel", None)
     left: list[str] = []
     inputs: list[torch.Tensor] = []
-    for name, (body, hop) in checkpoint_bodies(gm).items():
-        work = copy_graph_module(body)
+    for name, region in regions(gm).items():
+        work = copy_graph_module(region.body)
         sub = moe_dispatch_pass(work, ctx if ep is None or ep.world <= 1 else _without_ep(ctx), autocast)
         rep.notes.extend(sub.notes)
         int_inputs = any(isinstance(v := n.meta.get("example_value", n.meta.get("val")), torch.Tensor)
@@ -298,12 +273,13 @@ def _checkpointed_layers(gm: torch.fx.GraphModule, ctx, rep: PassReport,
                     "the region's inputs outside it: compute the routing inside the region)"))
             rep.near_misses.append(miss)
         if sub.matches and ep is not None and ep.world > 1:
-            why = f"the MoE layer {_EP_REGION_REASONS[hop]}, so it is left alone (every rank runs all its experts)"
+            why = (f"the MoE layer {_EP_REGION_REASONS[region.kind]}, so it is left alone (every rank runs all "
+                   "its experts)")
             for m in sub.matches:
                 rep.near_misses.append(NearMiss("expert_parallel", m.where, why))
                 logging.getLogger("blazec").warning("blaze expert_parallel: the MoE layer at %s: %s", m.where, why)
                 left.append(m.where)
-            inputs.extend(_region_tensors(gm, name))
+            inputs.extend(_region_tensors(region))
             continue
         if sub.matches:
             rep.matches.extend(sub.matches)
@@ -313,25 +289,22 @@ def _checkpointed_layers(gm: torch.fx.GraphModule, ctx, rep: PassReport,
     return left, inputs
 
 
-def _region_tensors(gm: torch.fx.GraphModule, body: str) -> list[torch.Tensor]:
-    """The tensors (parameters among them) that Dynamo lifted and the calls of region ``body``
-    take as operands."""
+def _region_tensors(region: Region) -> list[torch.Tensor]:
+    """The tensors (parameters among them) that Dynamo lifted and the region's calls take as
+    operands."""
     out = []
-    for n in gm.graph.nodes:
-        if n.op == "call_function" and n.args and getattr(n.args[0], "target", None) == body:
-            for a in n.args[1:]:
-                t = a.meta.get("grapharg") if isinstance(a, Node) and a.op == "placeholder" else None
-                t = getattr(t, "example", None)
-                if isinstance(t, torch.Tensor):
-                    out.append(t)
+    for call in region.calls:
+        for a in call.args[1:]:
+            t = a.meta.get("grapharg") if isinstance(a, Node) and a.op == "placeholder" else None
+            t = getattr(t, "example", None)
+            if isinstance(t, torch.Tensor):
+                out.append(t)
     return out
 
 
 def _without_ep(ctx):
-    """``ctx`` with expert parallelism off (to find a checkpointed layer without rewriting it
-    for expert parallelism)."""
-    import dataclasses
-
+    """``ctx`` with expert parallelism off (to find a region's layer without rewriting it for
+    expert parallelism)."""
     return dataclasses.replace(ctx, config=dataclasses.replace(ctx.config, expert_parallel=None))
 
 

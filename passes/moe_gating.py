@@ -22,7 +22,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from blazec.passes._fx import arg, is_fn, is_getitem, is_method, strip_casts, where_loc
+from blazec.passes._fx import arg, is_fn, is_getitem, is_method, regions, strip_casts, where_loc
 from blazec.report import PassReport
 
 Node = torch.fx.Node
@@ -31,13 +31,11 @@ TOPK = (torch.topk,)
 
 
 def moe_gating_pass(gm: torch.fx.GraphModule, ctx) -> PassReport:
-    from blazec.passes.moe_dispatch import checkpoint_bodies
-
     rep = PassReport("moe_gating")
     seen: set[tuple[Node | None, Node | None]] = set()
     graphs = [gm.graph]
-    for g in graphs:  # the layers in torch.utils.checkpoint regions are in their subgraphs
-        graphs.extend(b.graph for b, _ in checkpoint_bodies(g.owning_module).values())
+    for g in graphs:  # the layers in checkpoint and nested compile regions are in their subgraphs
+        graphs.extend(r.body.graph for r in regions(g.owning_module).values())
     for n in (n for g in graphs for n in g.nodes):
         if n.op == "call_function" and n.target is torch.ops.blazec.moe_experts.default:
             ids, weights = routing_inputs(n)

@@ -30,8 +30,7 @@ import torch.nn.functional as F
 
 from blazec.passes._fx import (
     NoMatch, arg, check_combine_dtypes, check_no_rounding, combine_args, dtype, eq_mask, is_fn, is_getitem, is_method,
-    same_shape,
-    shape, strip_casts,
+    same_shape, shape, strip_casts,
 )
 from blazec.passes.moe_expert_mlp import ExpertMLP, check_consistent, parse_expert
 
