@@ -4,10 +4,14 @@ Replaces ``blazec.ops.reference.moe_route`` on CUDA (same signature, same output
 No sort and no atomics: the T*k pairs are read in *priority order* (pair p = t*k + j for
 "token"; position q = j*T + t for "slot", GShard), cut into NB blocks of BLOCK positions, and
 
-1. ``_route_count_kernel`` (grid NB): counts[e, b] = pairs of expert e in block b.
+1. ``_route_count_kernel`` (grid NB): counts[e, b] = pairs of expert e in block b, and
+   counts[E, b] = ids of block b outside [0, E).
 2. ``_route_scan_kernel`` (grid 1): base[e, b] = exclusive prefix of counts[e, :] over blocks
    (a pair's rank among its expert's pairs that come earlier in priority order, up to its
-   block), totals, kept = min(total, capacity) and expert_offsets = exclusive cumsum of kept.
+   block), totals, kept = min(total, capacity) and expert_offsets = exclusive cumsum of kept;
+   ``ok`` = no id outside [0, E), which one ``torch._assert_async`` then checks (on the device,
+   without a host sync: the op's range check for this kernel, one launch where a check of its
+   own on the ids takes five).
 3. ``_route_scatter_kernel`` (grid NB): for each pair, rank = base[e, b] + its exclusive rank
    inside the block among pairs of the same expert (a one-hot cumsum, in expert chunks).
    A pair is kept iff rank < capacity, so capacity drops keep the original priority order.
@@ -32,6 +36,7 @@ import triton.language as tl
 from torch import Tensor
 
 from blazec.kernels._common import INTERPRET, csum, empty, next_pow2, rsum
+from blazec.ops.route import id_range_message
 
 
 @triton.jit
@@ -49,7 +54,7 @@ def _priority_pairs(b, T, K, P, SLOT: tl.constexpr, BLOCK: tl.constexpr):
 @triton.jit
 def _route_count_kernel(
     ids_ptr,  # [T*K] topk_ids, contiguous, any integer dtype (read)
-    counts_ptr,  # [E, NB] int32: pairs of expert e in priority block b (written)
+    counts_ptr,  # [E+1, NB] int32: pairs of expert e in priority block b; row E: bad ids (written)
     T, K, P, E, NB,
     SLOT: tl.constexpr,  # priority "slot" (GShard) instead of "token"
     BLOCK: tl.constexpr,  # priority positions per block
@@ -59,7 +64,11 @@ def _route_count_kernel(
     p, valid = _priority_pairs(b, T, K, P, SLOT, BLOCK)
     # -1 on padding lanes after the cast: as ``other`` it would wrap in an unsigned dtype (255
     # for uint8, a valid expert once E > 255)
-    ids = tl.where(valid, tl.load(ids_ptr + p, mask=valid, other=0).to(tl.int32), -1)
+    raw = tl.load(ids_ptr + p, mask=valid, other=0)
+    # compared before the cast, which would take an int64 id of 2**32 + 3 to expert 3
+    bad = valid & ((raw < 0) | (raw >= E))
+    tl.store(counts_ptr + E * NB + b, rsum(bad.to(tl.int32), 0))
+    ids = tl.where(valid, raw.to(tl.int32), -1)
     for e0 in range(0, E, E_CHUNK):
         ec = e0 + tl.arange(0, E_CHUNK)
         hit = (ids[:, None] == ec[None, :]).to(tl.int32)
@@ -68,9 +77,10 @@ def _route_count_kernel(
 
 @triton.jit
 def _route_scan_kernel(
-    counts_ptr,  # [E, NB] int32 per-block counts (read)
+    counts_ptr,  # [E+1, NB] int32 per-block counts, row E the bad ids (read)
     base_ptr,  # [E, NB] int32 exclusive prefix over blocks (written)
     offsets_ptr,  # [E+1] int64 expert_offsets of kept pairs (written)
+    ok_ptr,  # [1] bool: no id outside [0, E) (written)
     E, NB, capacity,  # capacity < 0 keeps every pair
     E_PAD: tl.constexpr,  # next power of two >= E
     B_CHUNK: tl.constexpr,  # blocks scanned per step
@@ -78,6 +88,7 @@ def _route_scan_kernel(
     e = tl.arange(0, E_PAD)
     emask = e < E
     run = tl.zeros([E_PAD], dtype=tl.int32)
+    nbad = tl.zeros([B_CHUNK], dtype=tl.int32)
     for b0 in range(0, NB, B_CHUNK):
         bb = b0 + tl.arange(0, B_CHUNK)
         m = emask[:, None] & (bb < NB)[None, :]
@@ -85,6 +96,8 @@ def _route_scan_kernel(
         incl = csum(c, 1)
         tl.store(base_ptr + e[:, None] * NB + bb[None, :], run[:, None] + incl - c, mask=m)
         run += rsum(c, 1)
+        nbad += tl.load(counts_ptr + E * NB + bb, mask=bb < NB, other=0)
+    tl.store(ok_ptr, rsum(nbad, 0) == 0)
     if capacity >= 0:
         kept = tl.where(run < capacity, run, capacity)
     else:
@@ -118,7 +131,8 @@ def _route_scatter_kernel(
         hit = (ids[:, None] == ec[None, :]).to(tl.int32)
         before = csum(hit, 0) - hit
         rank += rsum(before * hit, 1)
-    e_safe = tl.where(valid, ids, 0)
+    # an id outside [0, E) (the assert after the scan fails) reads in bounds all the same
+    e_safe = tl.where(valid & (ids >= 0) & (ids < E), ids, 0)
     rank += tl.load(base_ptr + e_safe * NB + b, mask=valid, other=0)
     if capacity >= 0:
         keep = valid & (rank < capacity)
@@ -137,7 +151,11 @@ def route_block(P: int) -> int:
 
 
 def moe_route(topk_ids: Tensor, num_experts: int, capacity: int, priority: str) -> tuple[Tensor, Tensor, Tensor]:
-    """Triton ``moe_route`` with the signature and outputs of ``reference.moe_route``."""
+    """Triton ``moe_route`` with the signature and outputs of ``reference.moe_route``.
+
+    It checks that the ids lie in [0, num_experts) itself, on the device (``torch._assert_async``
+    of the scan's flag: a ``RuntimeError`` on the CPU, a device-side assert on a GPU), so the op
+    skips its own check for it (``CHECKS_ID_RANGE``)."""
     T, K = topk_ids.shape
     P, E = T * K, int(num_experts)
     dev = topk_ids.device
@@ -155,9 +173,10 @@ def moe_route(topk_ids: Tensor, num_experts: int, capacity: int, priority: str) 
     B_CHUNK = max(1, min(next_pow2(NB), 4096 // E_PAD))
     slot = priority == "slot"
 
-    counts = empty((E, NB), torch.int32, dev)
+    counts = empty((E + 1, NB), torch.int32, dev)
     base = empty((E, NB), torch.int32, dev)
     offsets = empty((E + 1,), torch.int64, dev)
+    ok = empty((1,), torch.bool, dev)
     if capacity >= 0:
         sorted_pairs = torch.full((P,), -1, dtype=torch.int64, device=dev)
     else:
@@ -165,7 +184,11 @@ def moe_route(topk_ids: Tensor, num_experts: int, capacity: int, priority: str) 
     pair_pos = empty((P,), torch.int64, dev)
 
     _route_count_kernel[(NB,)](ids, counts, T, K, P, E, NB, SLOT=slot, BLOCK=BLOCK, E_CHUNK=E_CHUNK)
-    _route_scan_kernel[(1,)](counts, base, offsets, E, NB, capacity, E_PAD=E_PAD, B_CHUNK=B_CHUNK)
+    _route_scan_kernel[(1,)](counts, base, offsets, ok, E, NB, capacity, E_PAD=E_PAD, B_CHUNK=B_CHUNK)
+    torch._assert_async(ok, id_range_message(num_experts))
     _route_scatter_kernel[(NB,)](ids, base, offsets, sorted_pairs, pair_pos, T, K, P, E, NB, capacity,
                                  SLOT=slot, BLOCK=BLOCK, E_CHUNK=E_CHUNK)
     return sorted_pairs, offsets, pair_pos
+
+
+moe_route.CHECKS_ID_RANGE = True

@@ -50,14 +50,20 @@ def check_route_args(topk_ids: Tensor, num_experts: int, capacity: int, priority
         raise ValueError(f"moe_route: priority must be one of {PRIORITIES}, got {priority!r}")
 
 
+def id_range_message(num_experts: int) -> str:
+    return f"moe_route: topk_ids must lie in [0, num_experts={num_experts})"
+
+
 def _check_ids_in_range(topk_ids: Tensor, num_experts: int) -> None:
     # Data-dependent, so only in the real implementation; an out-of-range id would otherwise
     # corrupt the offsets silently. On the CPU it raises a ValueError with the values found. On
     # an accelerator it is a device-side assert with the same message: a host check would cost
-    # one sync per MoE layer (and per expert-parallel chunk) and break CUDA graphs.
+    # one sync per MoE layer (and per expert-parallel chunk) and break CUDA graphs. An
+    # implementation whose ``CHECKS_ID_RANGE`` is true checks on its own (the Triton kernels,
+    # in their count and scan launches).
     if topk_ids.numel() == 0:
         return
-    msg = f"moe_route: topk_ids must lie in [0, num_experts={num_experts})"
+    msg = id_range_message(num_experts)
     if topk_ids.device.type != "cpu":
         torch._assert_async(((topk_ids >= 0) & (topk_ids < num_experts)).all(), msg)
         return
@@ -71,8 +77,9 @@ def _moe_route_op(
     topk_ids: Tensor, num_experts: int, capacity: int = -1, priority: str = "token"
 ) -> tuple[Tensor, Tensor, Tensor]:
     check_route_args(topk_ids, num_experts, capacity, priority)
-    _check_ids_in_range(topk_ids, num_experts)
     impl = get_impl("moe_route", topk_ids.device.type)
+    if not getattr(impl, "CHECKS_ID_RANGE", False):
+        _check_ids_in_range(topk_ids, num_experts)
     return impl(topk_ids, num_experts, capacity, priority)
 
 

@@ -94,3 +94,52 @@ def test_deterministic() -> None:
 )
 def test_property(T, k, E, capacity, priority, kind, seed) -> None:
     check(make_ids(T, k, E, kind, torch.Generator().manual_seed(seed)), E, capacity, priority)
+
+
+# On a GPU a failed device-side assert ends the process's CUDA context, so these run under the
+# interpreter only (the CPU's _assert_async raises at once).
+interpreter_only = pytest.mark.skipif(KERNEL_DEVICE != "cpu", reason="a device-side assert ends the CUDA context")
+
+
+@interpreter_only
+@pytest.mark.parametrize("bad", [-1, 7, 2**32 + 3])
+def test_ids_out_of_range_fail_in_the_kernel(bad: int) -> None:
+    """The kernel checks the id range itself (row E of the counts, the scan's flag, one
+    ``_assert_async``); 2**32 + 3 would be expert 3 after the kernel's int32 cast."""
+    from blazec.kernels.moe_route import moe_route
+
+    ids = make_ids(40, 2, 7, "uniform", torch.Generator().manual_seed(6))
+    ids[37, 1] = bad  # in the last block
+    with pytest.raises(RuntimeError, match=r"topk_ids must lie in \[0, num_experts=7\)"):
+        moe_route(ids, 7, -1, "token")
+
+
+@interpreter_only
+def test_uint8_ids_past_num_experts_fail() -> None:
+    from blazec.kernels.moe_route import moe_route
+
+    ids = torch.tensor([[1, 0], [250, 3]], dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="topk_ids must lie in"):
+        moe_route(ids, 200, 2, "slot")
+
+
+@interpreter_only
+def test_op_leaves_the_range_check_to_the_kernel() -> None:
+    """Registered for a device, the kernel's own check replaces the op's (a ValueError on the
+    CPU, five launches on a GPU)."""
+    from blazec.kernels.moe_route import moe_route
+    from blazec.ops import register_impl
+    from blazec.ops.route import moe_route as op
+
+    ids = torch.tensor([[0, 5]])
+    with pytest.raises(ValueError, match=r"got values in \[0, 5\]"):
+        op(ids, 5)
+    register_impl("moe_route", "cpu", moe_route)
+    try:
+        with pytest.raises(RuntimeError, match=r"num_experts=5\)"):
+            op(ids, 5)
+        got = op(torch.tensor([[0, 4], [4, 2]]), 5)
+    finally:
+        register_impl("moe_route", "cpu", None)
+    want = ref.moe_route(torch.tensor([[0, 4], [4, 2]]), 5, -1, "token")
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
