@@ -45,7 +45,7 @@ from blazec.passes.moe_ep import emit_moe_ep, expert_parameters
 from blazec.passes.moe_loop_form import _tensor_index, match_loop
 from blazec.passes.moe_pair_gather_form import match_pair_gather
 from blazec.passes.moe_repeat_form import match_repeat_assign, repeat_buffer
-from blazec.passes.moe_site_checks import autocast_reason, check_no_mutation, op_rejection
+from blazec.passes.moe_site_checks import autocast_reason, check_grad_mode, check_no_mutation, op_rejection
 from blazec.passes.moe_sort_form import _token_of, match_sorted, match_sorted_unpermute
 from blazec.report import Match, NearMiss, PassReport
 
@@ -106,6 +106,7 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx, outer_autocast: str | None 
             raise NoMatch(f"the routing ids have shape {shape(ids)}; the blaze op routes [T, k] ids")
         inputs = [ids, weights, m.x, *_expert_bases(m.experts)]
         check_no_mutation(graph, finals, inputs, accumulation)
+        check_grad_mode(graph, finals, inputs)
         why = op_rejection(ids, weights, m.x, m.experts, dtype(finals[-1]))
         if why:
             raise NoMatch(why)

@@ -23,6 +23,14 @@ priority="slot")`` with ``ids = [idx1, idx2]``. Kept pairs get distinct buffer s
 weight 0 (not dispatched), contribute 0 in both. The weights ``w_j`` are used exactly as the
 code computed them, after any renormalization over kept pairs. Unused buffer slots run the
 MLP on zeros in eager; their results are multiplied by 0, so blaze skips them.
+
+One difference in the backward: a kept pair of weight exactly 0 is not dispatched, so eager's
+gradient of that weight is <dL/dout[t], expert_e(0)> where blaze's is <dL/dout[t],
+expert_e(x[t])>. The rewrite is therefore made only where that gradient provably goes nowhere:
+where the weights are built from softmax / sigmoid / exp outputs by products with non-negative
+masks, sums, and divisions by positive values (``_zero_weight_grad_vanishes``), every path
+from a weight's zero back to a parameter multiplies by an exact 0. A zero-initialized gate
+scale or a straight-through hard gate is left alone, with the reason.
 """
 
 from __future__ import annotations
@@ -36,8 +44,8 @@ import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from blazec.passes._fx import (
-    NoMatch, arg, check_no_rounding, einsum_equation, einsum_operands, follow_first_args, is_fn, is_getitem,
-    is_method, is_mul, same_shape, shape, strip_casts,
+    NoMatch, arg, check_no_rounding, dtype, einsum_equation, einsum_operands, exact_cast, follow_first_args, is_cast,
+    is_fn, is_getitem, is_method, is_mul, same_shape, shape, strip_casts,
 )
 from blazec.passes.moe_expert_mlp import GATED, ExpertMLP, WeightRef, _activation
 from blazec.passes.moe_loop_form import _check_dtypes
@@ -253,7 +261,134 @@ def match_gshard(out: Node) -> GShardMatch:
     if not isinstance(C, int) or C < 1:
         raise NoMatch(f"capacity {C} is not a positive constant")
     _check_dtypes(x, experts)
+    for w, *_ in choices:
+        if not _zero_weight_grad_vanishes(w):
+            raise NoMatch(f"a choice's weight ({w.name}) is not built from softmax / sigmoid / exp outputs, "
+                          "non-negative masks, sums and positive divisors, so it may be exactly 0 at a kept pair "
+                          "with a gradient that matters (a zero-initialized scale, a straight-through gate): "
+                          "combine.bool() then leaves the pair undispatched, and eager's gradient of that weight "
+                          "is expert_e(0)'s, which the blaze op does not compute")
     return GShardMatch(out, [_one_hot(ch[1])[0] for ch in choices], [ch[0] for ch in choices], x, C, experts)
+
+
+# --- the gradient of a zero weight ---------------------------------------------------------------
+
+_MUL = (operator.mul, torch.mul)
+_DIV = (operator.truediv, torch.div, torch.true_divide)
+_SOFT = (F.softmax, torch.softmax, torch.sigmoid, torch.exp, torch.special.expit)
+_SOFT_METHODS = ("softmax", "sigmoid", "exp")
+_CMP = (torch.lt, torch.le, torch.gt, torch.ge, torch.eq, torch.ne,
+        operator.lt, operator.le, operator.gt, operator.ge, operator.eq, operator.ne)
+_CMP_METHODS = ("lt", "le", "gt", "ge", "eq", "ne", "bool")
+# Ops that move or copy elements without arithmetic: a zero stays that element's zero.
+_MOVE = (operator.getitem, torch.reshape, torch.unsqueeze, torch.squeeze, torch.transpose, torch.permute,
+         torch.flatten, torch.gather, torch.index_select, torch.select, torch.narrow)
+_MOVE_METHODS = ("view", "reshape", "unsqueeze", "squeeze", "transpose", "permute", "flatten", "expand",
+                 "expand_as", "contiguous", "gather", "index_select", "select", "narrow", "t")
+_SUM_METHODS = ("sum", "mean")
+
+
+def _requires_grad(node: object) -> bool:
+    v = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, Node) else None
+    return bool(getattr(v, "requires_grad", False))
+
+
+def _widening(node: Node) -> bool:
+    """A dtype cast that keeps every value (the same float dtype, or an exact widening)."""
+    return is_cast(node) and exact_cast(node) and (dtype(node.args[0]) or torch.bool).is_floating_point
+
+
+def _nonneg(node: object, seen: dict) -> bool:
+    """Provably >= 0 everywhere: masks (one_hot, comparisons, their casts and products),
+    softmax-like outputs, sums and products of such, non-negative constants."""
+    if isinstance(node, (int, float)) and not isinstance(node, bool):
+        return node >= 0
+    if isinstance(node, bool):
+        return True
+    if not isinstance(node, Node):
+        return False
+    if node in seen:
+        return seen[node]
+    seen[node] = False  # cycles cannot occur; this only guards re-entry
+    d = dtype(node)
+    if d == torch.bool or is_fn(node, *ONE_HOT, *_CMP) or is_method(node, *_CMP_METHODS) \
+            or is_fn(node, *_SOFT) or is_method(node, *_SOFT_METHODS):
+        ok = True
+    elif is_cast(node) and d is not None and (d.is_floating_point or dtype(node.args[0]) == torch.bool):
+        ok = _nonneg(node.args[0], seen)
+    elif is_mul(node) or is_fn(node, *ADD) or is_method(node, "add"):
+        ok = len(node.args) == 2 and not node.kwargs and all(_nonneg(a, seen) for a in node.args)
+    elif is_fn(node, torch.sum, torch.mean, *_MOVE) or is_method(node, *_SUM_METHODS, *_MOVE_METHODS):
+        ok = _nonneg(node.args[0], seen)
+    else:
+        ok = False
+    seen[node] = ok
+    return ok
+
+
+def _positive(node: object, seen: dict) -> bool:
+    """Provably > 0: a positive constant, clamp(min=c > 0), or a positive plus a non-negative."""
+    if isinstance(node, (int, float)) and not isinstance(node, bool):
+        return node > 0
+    if is_fn(node, torch.clamp, torch.clamp_min) or is_method(node, "clamp", "clamp_min"):
+        lo = arg(node, 1, "min")
+        return isinstance(lo, (int, float)) and not isinstance(lo, bool) and lo > 0
+    if is_fn(node, *ADD) or is_method(node, "add"):
+        a = node.args
+        return len(a) == 2 and not node.kwargs and (
+            (_positive(a[0], seen) and _nonneg(a[1], seen)) or (_positive(a[1], seen) and _nonneg(a[0], seen)))
+    return False
+
+
+def _vanishes(node: object, seen: dict, vseen: dict) -> bool:
+    """Property Z of a node n: n >= 0, and wherever an element of n is 0, a change of the
+    gradient reaching that element changes no gradient upstream (it is multiplied by an exact 0
+    on every path).
+
+    Z holds for a tensor without a gradient that is >= 0; for softmax, sigmoid and exp outputs
+    (their backward multiplies by the output: softmax's dlogits = s * (g - <s, g>)); for a
+    product of Z factors (a zero element has a zero factor, whose gradient is killed by Z, and
+    the other factor's gradient is multiplied by that zero); for sums, einsums and adds of Z
+    terms (non-negative terms summing to 0 are all 0); for a Z numerator over a positive
+    denominator (the denominator's gradient is multiplied by the numerator's 0); and through
+    moves, views and exact widening casts. A product or quotient that underflows to 0 from
+    nonzero factors escapes the argument: the gradient that then differs from eager's is
+    scaled by the factor's tiny value (subnormal), below the rounding of the rest."""
+    if isinstance(node, (int, float)) and not isinstance(node, bool):
+        return node >= 0
+    if not isinstance(node, Node):
+        return False
+    if not _requires_grad(node):
+        return _nonneg(node, seen)
+    if node in vseen:
+        return vseen[node]
+    vseen[node] = False
+    a = node.args
+    if is_fn(node, *_SOFT) or is_method(node, *_SOFT_METHODS):
+        ok = True
+    elif is_mul(node) or is_fn(node, *ADD) or is_method(node, "add"):
+        ok = len(a) == 2 and not node.kwargs and all(_vanishes(x, seen, vseen) for x in a)
+    elif is_fn(node, *_DIV) or is_method(node, "div"):
+        ok = len(a) == 2 and not node.kwargs and _vanishes(a[0], seen, vseen) and _positive(a[1], seen)
+    elif is_fn(node, torch.sum, torch.mean, *_MOVE) or is_method(node, *_SUM_METHODS, *_MOVE_METHODS):
+        ok = _vanishes(a[0], seen, vseen)
+    elif is_fn(node, torch.einsum):
+        ok = all(_vanishes(x, seen, vseen) for x in einsum_operands(node))
+    elif is_getitem(node) and is_fn(a[0], torch.topk) and a[1] == 0:  # topk values
+        ok = _vanishes(a[0].args[0], seen, vseen)
+    elif is_cast(node):
+        ok = _widening(node) and _vanishes(a[0], seen, vseen)
+    else:
+        ok = False
+    vseen[node] = ok
+    return ok
+
+
+def _zero_weight_grad_vanishes(w: Node) -> bool:
+    """Whether eager's and blaze's gradients of a GShard weight that is exactly 0 at a kept
+    pair (see the module docstring) reach the parameters alike: w has no gradient, or Z holds
+    for it (``_vanishes``)."""
+    return not _requires_grad(w) or _vanishes(w, {}, {})
 
 
 def _bmm_bias(node: object, inp: object, what: str) -> tuple[WeightRef, WeightRef | None]:

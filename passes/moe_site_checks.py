@@ -20,6 +20,10 @@ for every form alike; a site that fails one is left alone and reported as a near
   copies.
 - **Autocast.** Under ``torch.autocast`` the expert GEMMs of the naive code run in the autocast
   dtype, while the blaze ops compute in the dtype of their inputs.
+- **Grad mode.** A ``torch.no_grad()`` (or ``enable_grad``) region inside the dispatch, as
+  around one expert to freeze it: Dynamo records it as ``_set_grad_enabled`` calls, and the
+  nodes inside it make no autograd graph. The blaze op is one autograd node at the placement,
+  so every node it replaces must run in the placement's grad mode.
 - **The op's argument checks.** The matchers accept what the code computes; the op accepts
   experts of one shape. Experts with different hidden sizes, or a weight that only broadcasts
   (a width-1 projection, a stacked parameter with more experts than the router picks from),
@@ -266,6 +270,44 @@ def _describe(n: Node) -> str:
     name = getattr(n.target, "__name__", str(n.target))
     return {"setitem": "an item assignment", "iadd": "a +=", "isub": "a -=", "imul": "a *=",
             "itruediv": "a /="}.get(name, f"the in-place {name}")
+
+
+def check_grad_mode(graph: torch.fx.Graph, finals: list[Node], inputs: list[Node]) -> None:
+    """NoMatch when a node the rewrite replaces (an ancestor of ``finals`` that does not feed the
+    op's ``inputs``) runs in another grad mode than the placement ``finals[-1]``. The graph
+    starts in the mode Dynamo traced it in (the pass runs in it: Dynamo restores it to compile)."""
+    enabled = torch.is_grad_enabled()
+    mode: dict[Node, bool] = {}
+    for n in graph.nodes:
+        if is_fn(n, torch._C._set_grad_enabled) and n.args and isinstance(n.args[0], bool):
+            enabled = n.args[0]
+        mode[n] = enabled
+    site = (_ancestors(finals) | set(finals)) - (_ancestors(inputs) | {n for n in inputs if isinstance(n, Node)})
+    place = mode[finals[-1]]
+    odd = [n for n in graph.nodes if n in site and mode[n] != place and _differentiable(n)]
+    if odd:
+        n = odd[0]
+        raise NoMatch(
+            f"{n.name} ({where_loc(n)}) runs with grad {'enabled' if mode[n] else 'disabled'} inside the dispatch, "
+            f"whose end runs with it {'enabled' if place else 'disabled'} (a torch.no_grad() or enable_grad() "
+            "region around part of the experts' code): the blaze op is one autograd node and cannot leave "
+            "part of the experts without gradients. Left alone")
+
+
+_FACTORIES = {torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like}
+_FACTORY_METHODS = {"new_zeros", "new_ones", "new_empty", "new_full", "zero_"}
+
+
+def _differentiable(n: Node) -> bool:
+    """Whether grad mode changes what ``n`` records: a float result computed from a float input
+    that requires grad (not index math, masks, or a fresh buffer such as the accumulator)."""
+    v = val(n)
+    if not (isinstance(v, torch.Tensor) and v.dtype.is_floating_point):
+        return False
+    if is_fn(n, *_FACTORIES) or (n.op == "call_method" and n.target in _FACTORY_METHODS):
+        return False
+    return any(isinstance(a := val(m), torch.Tensor) and a.dtype.is_floating_point and a.requires_grad
+               for m in n.all_input_nodes)
 
 
 def autocast_reason(graph: torch.fx.Graph) -> Optional[str]:

@@ -108,6 +108,7 @@ class GShard(nn.Module):
         self.w_out = nn.Parameter(torch.randn(E, inter, d) * inter**-0.5)
         self.b_in = nn.Parameter(torch.randn(E, 1, inter) * 0.1) if bias else None
         self.b_out = nn.Parameter(torch.randn(E, 1, d) * 0.1) if bias else None
+        self.scale = nn.Parameter(torch.zeros(())) if flaw == "zero_scale" else None
 
     def forward(self, x):
         T, E = x.shape[0], self.E
@@ -127,7 +128,16 @@ class GShard(nn.Module):
             locs.append(loc2)
         kept = [m * torch.lt(l, C) for m, l in zip(masks, locs)]
         pos = [torch.sum(l * k, dim=1) for l, k in zip(locs, kept)]
-        g = [(gates * k).sum(dim=1) for k in kept]
+        if self.flaw == "einsum_gate":  # DeepSpeed's spelling of the kept gate values
+            g = [torch.einsum("te,te->t", gates, k.to(gates.dtype)) for k in kept]
+        else:
+            g = [(gates * k).sum(dim=1) for k in kept]
+        if self.flaw == "zero_scale":  # a learnable gate scale initialized to 0: every weight is 0
+            g = [gi * self.scale for gi in g]
+        elif self.flaw == "straight_through":  # hard 0/1 gates with the soft gates' gradient
+            g = [(gi > 0.5).to(gi.dtype) + gi - gi.detach() for gi in g]
+        elif self.flaw == "const_scale":
+            g = [gi * 2.0 for gi in g]
         if self.top_k == 2:
             denom = torch.clamp(g[0] + g[1], min=torch.finfo(gates.dtype).eps)
             g = [gi / denom for gi in g]
@@ -141,7 +151,9 @@ class GShard(nn.Module):
         out = torch.bmm(h, self.w_out)
         if self.b_out is not None:
             out = out + self.b_out
-        return torch.einsum("tec,ecd->td", combine.to(x.dtype), out)
+        y = torch.einsum("tec,ecd->td", combine.to(x.dtype), out)
+        # a residual, so that the loss's gradient at y is not 0 where every weight is 0
+        return y + x if self.flaw in ("zero_scale", "straight_through") else y
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
@@ -164,9 +176,24 @@ def test_gshard_gelu_without_bias():
     assert_rewritten(rec, "gshard_top2", activation="gelu", bias=False)
 
 
+@pytest.mark.parametrize("flaw", ["einsum_gate", "const_scale"])
+def test_gshard_weights_whose_zeros_have_no_gradient(flaw):
+    """Softmax outputs times masks, an einsum of them, a positive constant: a weight that is 0 at a
+    kept pair is an underflowed softmax entry, whose gradient goes nowhere."""
+    model = GShard(top_k=2, capacity_factor=0.5, flaw=flaw)
+    rec = compile_and_compare(model, (torch.randn(31, 16),))
+    assert_rewritten(rec, "gshard_top2", allow=("einsum",) if flaw == "einsum_gate" else ())
+    code = [l for l in rec.blaze_graph.splitlines() if not l.strip().startswith("#")]
+    assert not any("tec," in l for l in code)  # the dispatch and combine einsums are gone
+
+
 @pytest.mark.parametrize("flaw, reason", [
     ("no_offset", "buffer positions are not cumsum(mask, 0) - 1 plus the counts of earlier choices"),
     ("all_dispatch", "the dispatch tensor is not combine.bool()"),
+    # A kept pair of weight exactly 0 is not dispatched, so eager's weight gradient there is
+    # expert_e(0)'s: these were rewritten with the scale's / router's gradients off by ~1.
+    ("zero_scale", "may be exactly 0 at a kept pair with a gradient that matters"),
+    ("straight_through", "may be exactly 0 at a kept pair with a gradient that matters"),
 ])
 def test_gshard_lookalikes_are_left_alone(flaw, reason):
     model = GShard(top_k=2, capacity_factor=0.5, flaw=flaw)

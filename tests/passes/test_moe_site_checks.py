@@ -33,6 +33,10 @@ class Loop(nn.Module):
     "x_after" (x scaled after the dispatch ended, which matters only with a backward: the op keeps x
     and w for it, the loop gathered copies): "x_data_after", "w_data_after", "w_nograd_after";
     "autocast" (experts under torch.autocast);
+    grad mode: "expert_nograd" (expert 1 frozen by running it under torch.no_grad()),
+    "rows_nograd" (every expert's gathered rows taken under no_grad), "ids_nograd" (the
+    token/slot indices found under no_grad: no float math, rewritten), "loop_nograd" (the whole
+    loop under no_grad, its accumulator made outside it: rewritten);
     experts the op rejects: "inter_differs", "up_width1"."""
 
     def __init__(self, variant, d=16, inter=12, E=4, k=2):
@@ -57,9 +61,25 @@ class Loop(nn.Module):
             ids.copy_(ids.flip(-1))
         if self.v == "mask_setitem":
             mask[:, 1] = 0
+        if self.v == "loop_nograd":
+            with torch.no_grad():
+                acc = self._loop_nograd(x, w, mask, acc)
+            return acc + x  # a gradient for the loss: the experts get none, in eager as in blaze
         for e in range(self.E):
-            slot, tok = torch.where(mask[e])
-            if self.v == "autocast":
+            if self.v == "ids_nograd":
+                with torch.no_grad():
+                    slot, tok = torch.where(mask[e])
+            else:
+                slot, tok = torch.where(mask[e])
+            if self.v == "expert_nograd" and e == 1:
+                with torch.no_grad():
+                    y = self.experts[e](x[tok])
+                y = y * w[tok, slot, None]
+            elif self.v == "rows_nograd":
+                with torch.no_grad():
+                    rows = x[tok]
+                y = self.experts[e](rows) * w[tok, slot, None]
+            elif self.v == "autocast":
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     y = self.experts[e](x[tok])
                 y = y.float() * w[tok, slot, None]
@@ -104,6 +124,13 @@ class Loop(nn.Module):
             with torch.no_grad():
                 w.mul_(0.5)
         return out
+
+
+    def _loop_nograd(self, x, w, mask, acc):
+        for e in range(self.E):
+            slot, tok = torch.where(mask[e])
+            acc.index_add_(0, tok, self.experts[e](x[tok]) * w[tok, slot, None])
+        return acc
 
 
 def _compare(variant, **kw):
@@ -159,6 +186,22 @@ def test_loop_left_alone_when_a_read_tensor_is_written_in_place(variant, written
     found, reasons = _forward(variant)
     assert not found
     assert any(written in r and why in r for r in reasons), reasons
+
+
+@pytest.mark.parametrize("variant", ["expert_nograd", "rows_nograd"])
+def test_loop_left_alone_when_part_of_it_runs_without_grad(variant) -> None:
+    """Eager leaves a no_grad expert's weights without gradients and sends no dx through rows
+    taken under no_grad; the rewrite, one autograd node, gave both (dx off by 0.24, the frozen
+    expert's weights trained)."""
+    rec = _compare(variant)
+    assert not matches(rec)
+    assert any("runs with grad disabled inside the dispatch" in n.reason for n in near_misses(rec)), \
+        [n.reason for n in near_misses(rec)]
+
+
+@pytest.mark.parametrize("variant", ["ids_nograd", "loop_nograd"])
+def test_loop_rewritten_when_grad_mode_changes_nothing_it_replaces(variant) -> None:
+    assert_rewritten(_compare(variant), "static_loop_modulelist")
 
 
 def test_loop_left_alone_under_autocast() -> None:
