@@ -388,6 +388,11 @@ def capture() -> Iterator[list[Captured]]:
         _captures.stack.pop()
 
 
+# The words of a violation where a saved value would be read after the forward wrote it
+# (checkpoint_model.build_problem): a plan with one computes wrong gradients.
+_STALE = "is written in place by the forward"
+
+
 class Session:
     """One partition: holds the config, and the plan once chosen."""
 
@@ -414,6 +419,24 @@ class Session:
             return default_saved
         for rec in getattr(_captures, "stack", []):
             rec.append(Captured(joint_graph, node_info, problem, list(default_saved), default, original))
+        stale = [v for v in default.violations if _STALE in v]
+        if budget_opt is None and stale:
+            # torch's partition saves an input the forward then writes in place and recomputes
+            # from it: its backward would read the new value (wrong gradients; torch's own
+            # backends do the same). The solver's plans never do; ask it for one at the
+            # default's bytes.
+            why = (f"the default partition is not used: {stale[0]}; blazec's solver chose the plan "
+                   "at the default partition's bytes instead")
+            log.warning("blaze checkpoint: %s", why)
+            try:
+                saved = self._solve(problem, default, default_saved, 1.0)
+            except Exception as e:  # noqa: BLE001
+                log.warning("blaze checkpoint: the solver failed too (%s: %s); the default partition is used",
+                            type(e).__name__, e)
+            else:
+                if self.plan is not None and self.plan.status != "invalid":
+                    self.plan.message = "; ".join(m for m in (why, self.plan.message) if m)
+                    return saved
         if budget_opt is None:
             torch_budget = args[2] if len(args) > 2 else kwargs.get("memory_budget", 1)
             label = "default (min-cut partition)" if torch_budget == 1 else (

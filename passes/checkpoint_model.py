@@ -403,7 +403,8 @@ def node_cost(node: torch.fx.Node) -> NodeCost:
         return NodeCost(zero, sympy.expand(moved))
     target = node.target
     packet = getattr(target, "overloadpacket", None)
-    if packet is not None and getattr(target, "namespace", None) == "aten":
+    if packet is not None and getattr(target, "namespace", None) in ("aten", "prims"):
+        # prims: what Inductor's decompositions leave (convert_element_type, ...): bytes only
         flops = zero
         try:
             from torch.utils.flop_counter import flop_registry
@@ -459,6 +460,12 @@ def _recompute_ban(node: torch.fx.Node) -> str:
     t = node.target
     if isinstance(t, torch._ops.HigherOrderOperator):
         return f"higher-order op {getattr(t, '__name__', t)}"
+    if isinstance(t, torch._ops.OpOverload) and t.namespace == "prims" and t.__name__.startswith("inductor_") \
+            and not _must_recompute_tag(node):
+        # inductor_random / _randint / _lookup_seed are not tagged as random; the values depend
+        # on Inductor's seed tensors (its own RNG functionalization), so they stay saved, except
+        # inside a checkpoint region, where torch replays them as it does the other random ops
+        return "Inductor's random-number op"
     if t is operator.getitem or isinstance(t, torch._ops.OpOverload) and t.namespace in ("aten", "prims", "blazec"):
         if isinstance(t, torch._ops.OpOverload) and t.namespace == "blazec" and _is_blaze(node, "moe_experts_backward"):
             return "backward op"

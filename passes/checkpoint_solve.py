@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass, field
 
 
-from blazec.passes.checkpoint_model import FWD, Problem
+from blazec.passes.checkpoint_model import FWD, INPUT, Problem
 
 # Relative weight of saved bytes against recompute cost in the objective's tie-break: the
 # recompute cost of a returned plan is within TIE_BREAK * (total candidate cost) of optimal.
@@ -88,7 +88,10 @@ def evaluate(problem: Problem, saved: set[int] | frozenset[int], z: set[int] | f
             violations.append(f"{v.name} cannot be saved ({v.no_save_reason})")
         if not v.can_recompute:
             violations.append(f"{v.name} is needed in backward but is not saved and cannot be recomputed ({v.no_recompute_reason})")
-            continue
+            if v.kind == INPUT:
+                continue
+            # walk on as if it were recomputed (torch's own plans do recompute ops this model
+            # has no cost for), so that a stale input read behind it is reported too
         recomputed.append(i)
         if v.kind == FWD:
             cost += v.cost
