@@ -45,7 +45,10 @@ from blazec.passes.moe_ep import emit_moe_ep, expert_parameters
 from blazec.passes.moe_loop_form import _tensor_index, match_loop
 from blazec.passes.moe_pair_gather_form import match_pair_gather
 from blazec.passes.moe_repeat_form import match_repeat_assign, repeat_buffer
-from blazec.passes.moe_site_checks import autocast_reason, check_grad_mode, check_no_mutation, op_rejection
+from blazec.passes.moe_site_checks import (
+    autocast_message, autocast_reason, autocast_regions, check_autocast, check_grad_mode, check_no_mutation,
+    op_rejection,
+)
 from blazec.passes.moe_sort_form import _token_of, match_sorted, match_sorted_unpermute
 from blazec.report import Match, NearMiss, PassReport
 
@@ -97,6 +100,7 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx, outer_autocast: str | None 
         return emit_moe(graph, before, ids, weights, x, experts, out_dtype, recompute, capacity, priority)
 
     autocast = outer_autocast or autocast_reason(graph)
+    autocast_in = autocast_regions(graph)
 
     def site_checks(finals, m, ids, weights, accumulation):
         """NoMatch when a matched site fails a check of passes/moe_site_checks.py."""
@@ -105,6 +109,7 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx, outer_autocast: str | None 
         if shape(ids) is not None and len(shape(ids)) != 2:  # (GShard's, stacked by the pass, are [T, k])
             raise NoMatch(f"the routing ids have shape {shape(ids)}; the blaze op routes [T, k] ids")
         inputs = [ids, weights, m.x, *_expert_bases(m.experts)]
+        check_autocast(autocast_in, finals, inputs)
         check_no_mutation(graph, finals, inputs, accumulation)
         check_grad_mode(graph, finals, inputs)
         why = op_rejection(ids, weights, m.x, m.experts, dtype(finals[-1]))
@@ -206,7 +211,7 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx, outer_autocast: str | None 
             "of those, so this is left alone"))
     if rep.matches:
         _remove_dead(graph)
-    region_single, region_inputs = _region_layers(gm, ctx, rep, autocast)
+    region_single, region_inputs = _region_layers(gm, ctx, rep, autocast, autocast_in)
     ep_single.extend(region_single)
     if ep_params or ep_unmapped or ep_single:
         from blazec.expert_parallel import register_expert_params
@@ -245,8 +250,8 @@ _EP_REGION_REASONS = {
 }
 
 
-def _region_layers(gm: torch.fx.GraphModule, ctx, rep: PassReport,
-                   autocast: str | None) -> tuple[list[str], list[torch.Tensor]]:
+def _region_layers(gm: torch.fx.GraphModule, ctx, rep: PassReport, autocast: str | None,
+                   autocast_in: dict[Node, Node]) -> tuple[list[str], list[torch.Tensor]]:
     """Rewrite the MoE layers inside ``torch.utils.checkpoint`` regions (and nested compile
     regions) of ``gm``, in copies of their subgraphs (``gm``'s submodules are shared with the
     graph the pass was given).
@@ -263,7 +268,10 @@ def _region_layers(gm: torch.fx.GraphModule, ctx, rep: PassReport,
     inputs: list[torch.Tensor] = []
     for name, region in regions(gm).items():
         work = copy_graph_module(region.body)
-        sub = moe_dispatch_pass(work, ctx if ep is None or ep.world <= 1 else _without_ep(ctx), autocast)
+        # an autocast block around a region's call is in this graph, not in the region's
+        around = next((autocast_in[c] for c in region.calls if c in autocast_in), None)
+        outer = autocast or (autocast_message(around) if around is not None else None)
+        sub = moe_dispatch_pass(work, ctx if ep is None or ep.world <= 1 else _without_ep(ctx), outer)
         rep.notes.extend(sub.notes)
         int_inputs = any(isinstance(v := n.meta.get("example_value", n.meta.get("val")), torch.Tensor)
                          and not v.is_floating_point() for n in work.graph.find_nodes(op="placeholder"))

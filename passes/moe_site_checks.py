@@ -311,8 +311,8 @@ def _differentiable(n: Node) -> bool:
 
 
 def autocast_reason(graph: torch.fx.Graph) -> Optional[str]:
-    """Why the graph runs under autocast (the ambient state Dynamo guards on, or an autocast
-    region inside the compiled code), or None."""
+    """Why the whole graph runs under autocast (the ambient state Dynamo traced it in and guards
+    on), or None. Autocast regions inside the graph are checked per site (``check_autocast``)."""
     for device in ("cuda", "cpu"):
         try:
             on = torch.is_autocast_enabled(device)
@@ -321,11 +321,44 @@ def autocast_reason(graph: torch.fx.Graph) -> Optional[str]:
         if on:
             return (f"torch.autocast is enabled for {device}: the naive expert GEMMs run in "
                     f"{torch.get_autocast_dtype(device)}, the blaze ops in their inputs' dtype. Left alone")
-    for n in graph.nodes:
-        if n.op == "call_function" and "autocast" in getattr(n.target, "__name__", "").lower():
-            return (f"an autocast region in the compiled code ({where_loc(n)}): the naive expert "
-                    f"GEMMs run in the autocast dtype, the blaze ops in their inputs' dtype. Left alone")
     return None
+
+
+def _autocast_fn(n: Node, name: str) -> bool:
+    return n.op == "call_function" and getattr(n.target, "__name__", "") == name
+
+
+def autocast_regions(graph: torch.fx.Graph) -> dict[Node, Node]:
+    """For each node inside an enabled autocast region of the graph, the region's
+    ``_enter_autocast`` node (the innermost region decides: ``enabled=False`` inside an enabled
+    one turns it off, as ERNIE's fp32 router does)."""
+    stack: list[Node] = []
+    out: dict[Node, Node] = {}
+    for n in graph.nodes:
+        if _autocast_fn(n, "_enter_autocast"):
+            stack.append(n)
+            continue
+        if _autocast_fn(n, "_exit_autocast"):
+            if stack:
+                stack.pop()
+            continue
+        if stack and bool(stack[-1].args[2] if len(stack[-1].args) > 2 else True):
+            out[n] = stack[-1]
+    return out
+
+
+def autocast_message(enter: Node) -> str:
+    return (f"an autocast region in the compiled code ({where_loc(enter)}) covers the dispatch: the naive expert "
+            f"GEMMs run in the autocast dtype, the blaze ops in their inputs' dtype. Left alone")
+
+
+def check_autocast(regions: dict[Node, Node], finals: list[Node], inputs: list[Node]) -> None:
+    """NoMatch when the placement or a node the rewrite replaces runs in an enabled autocast
+    region (``autocast_regions``); the ids, weights and x may come from one."""
+    site = (_ancestors(finals) | set(finals)) - (_ancestors(inputs) | {n for n in inputs if isinstance(n, Node)})
+    hit = next((regions[n] for n in [finals[-1], *site] if n in regions), None)
+    if hit is not None:
+        raise NoMatch(autocast_message(hit))
 
 
 def op_rejection(ids: Node, weights: Node, x: Node, experts: dict, out_dtype) -> Optional[str]:

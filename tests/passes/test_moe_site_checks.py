@@ -32,7 +32,8 @@ class Loop(nn.Module):
     "renorm_inplace" (``w /= w.sum()`` before the dispatch reads w, accumulator made first),
     "x_after" (x scaled after the dispatch ended, which matters only with a backward: the op keeps x
     and w for it, the loop gathered copies): "x_data_after", "w_data_after", "w_nograd_after";
-    "autocast" (experts under torch.autocast);
+    "autocast" (experts under torch.autocast); "router_autocast_off" (the router in an
+    ``autocast(enabled=False)`` block: rewritten);
     grad mode: "expert_nograd" (expert 1 frozen by running it under torch.no_grad()),
     "rows_nograd" (every expert's gathered rows taken under no_grad), "ids_nograd" (the
     token/slot indices found under no_grad: no float math, rewritten), "loop_nograd" (the whole
@@ -50,7 +51,11 @@ class Loop(nn.Module):
     def forward(self, x):
         x = x * 1.0  # a tensor of the graph's own, so that in-place writes to it are legal
         acc = torch.zeros_like(x)
-        probs = F.softmax(self.gate(x), dim=-1)
+        if self.v == "router_autocast_off":  # ERNIE 4.5 keeps its router in fp32 this way
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):
+                probs = F.softmax(self.gate(x), dim=-1)
+        else:
+            probs = F.softmax(self.gate(x), dim=-1)
         w, ids = torch.topk(probs, self.k, dim=-1)
         if self.v == "renorm_inplace":
             w /= w.sum(dim=-1, keepdim=True)
@@ -202,6 +207,12 @@ def test_loop_left_alone_when_part_of_it_runs_without_grad(variant) -> None:
 @pytest.mark.parametrize("variant", ["ids_nograd", "loop_nograd"])
 def test_loop_rewritten_when_grad_mode_changes_nothing_it_replaces(variant) -> None:
     assert_rewritten(_compare(variant), "static_loop_modulelist")
+
+
+def test_an_autocast_block_outside_the_dispatch_is_no_reason_to_refuse() -> None:
+    """Any autocast node in the graph refused every site ("the naive expert GEMMs run in the
+    autocast dtype"), ERNIE 4.5's fp32 router block among them."""
+    assert_rewritten(_compare("router_autocast_off"), "static_loop_modulelist")
 
 
 def test_loop_left_alone_under_autocast() -> None:
