@@ -321,10 +321,32 @@ def combine_args(ia: Node) -> tuple[Any, Any]:
     raise NoMatch("the combine is neither index_add_ nor scatter_add")
 
 
+def canonical_equation(eq: str) -> str:
+    """An einsum equation with its subscripts renamed in order of first appearance, spaces
+    dropped and the output made explicit: ``"sec,sm->ecm"`` (DeepSpeed's dispatch) and
+    ``"tec,td->ecd"`` are both ``"abc,ad->bcd"``. Einsum's meaning depends on which positions
+    share a subscript, not on the letters, so equal canonical forms compute the same thing."""
+    eq = eq.replace(" ", "")
+    if "->" not in eq:  # implicit output: the subscripts seen once, in alphabetical order
+        letters = [c for c in eq if c.isalpha()]
+        eq += "->" + ("..." if "..." in eq else "") + "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+    names: dict[str, str] = {}
+    out = []
+    for c in eq:
+        if c.isalpha():
+            if c not in names:
+                names[c] = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"[len(names)]
+            out.append(names[c])
+        else:
+            out.append(c)
+    return "".join(out)
+
+
 def einsum_equation(node: Any) -> str | None:
-    """The equation of a ``torch.einsum`` node, without spaces; None for any other node."""
+    """The canonical equation (``canonical_equation``) of a ``torch.einsum`` node; None for any
+    other node. Compare it with ``canonical_equation`` of the equation a form is written with."""
     if is_fn(node, torch.einsum, torch.functional.einsum) and node.args and isinstance(node.args[0], str):
-        return node.args[0].replace(" ", "")
+        return canonical_equation(node.args[0])
     return None
 
 

@@ -36,7 +36,7 @@ import torch
 import torch.fx
 
 from blazec.passes._fx import (
-    NoMatch, arg, check_combine_dtypes, check_no_rounding, dtype, einsum_equation, eq_mask, einsum_operands, is_fn,
+    NoMatch, arg, canonical_equation, check_combine_dtypes, check_no_rounding, dtype, einsum_equation, eq_mask, einsum_operands, is_fn,
     is_cast, is_getitem, is_method, is_mul, last_dim_broadcast, same_shape, shape, slot_sum_product, strip_casts,
 )
 from blazec.passes.moe_expert_mlp import ExpertMLP, check_consistent, parse_expert
@@ -379,7 +379,8 @@ def _match_stacked(final: Node, prod: Node, stack: Node, gate: Node) -> DenseGat
     return _finish(final, ids, weights, x, E, experts)
 
 
-_EINSUMS = {"te,ted->td": (0, 1), "ted,te->td": (1, 0)}  # equation -> (gate operand, stack operand)
+# equation -> (gate operand, stack operand), in canonical form (any subscript letters)
+_EINSUMS = {canonical_equation("te,ted->td"): (0, 1), canonical_equation("ted,te->td"): (1, 0)}
 
 
 def dense_einsums(graph: torch.fx.Graph) -> list[Node]:

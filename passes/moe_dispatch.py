@@ -40,7 +40,7 @@ from blazec.passes.moe_dense_gate_form import (
     _is_term, dense_einsums, einsum_stack, match_dense_einsum, match_dense_gate, match_dense_stack, stacked_outputs,
 )
 from blazec.passes.moe_expert_mlp import REF_NAMES, weight_list
-from blazec.passes.moe_gshard_form import match_gshard
+from blazec.passes.moe_gshard_form import COMBINE_EQ, match_gshard
 from blazec.passes.moe_ep import emit_moe_ep, expert_parameters
 from blazec.passes.moe_loop_form import _tensor_index, match_loop
 from blazec.passes.moe_pair_gather_form import match_pair_gather
@@ -462,7 +462,7 @@ def _dense_gate_sums(graph: torch.fx.Graph) -> list[Node]:
 
 
 def _combine_einsums(graph: torch.fx.Graph) -> list[Node]:
-    return [n for n in graph.nodes if einsum_equation(n) == "tec,ecd->td"]
+    return [n for n in graph.nodes if einsum_equation(n) == COMBINE_EQ]
 
 
 def _slot_sums(graph: torch.fx.Graph) -> list[Node]:

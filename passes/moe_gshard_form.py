@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from blazec.passes._fx import (
-    NoMatch, arg, check_no_rounding, dtype, einsum_equation, einsum_operands, exact_cast, follow_first_args, is_cast,
+    NoMatch, arg, canonical_equation, check_no_rounding, dtype, einsum_equation, einsum_operands, exact_cast, follow_first_args, is_cast,
     is_fn, is_getitem, is_method, is_mul, same_shape, shape, strip_casts,
 )
 from blazec.passes.moe_expert_mlp import GATED, ExpertMLP, WeightRef, _activation
@@ -55,6 +55,8 @@ ONE_HOT = (F.one_hot, torch._C._nn.one_hot)
 ADD = (operator.add, torch.add)
 SUB = (operator.sub, torch.sub)
 S_, N_ = slice(None, None, None), None
+# the combine and dispatch einsums, with any subscript letters (DeepSpeed: "sec,ecm->sm", "sec,sm->ecm")
+COMBINE_EQ, DISPATCH_EQ = canonical_equation("tec,ecd->td"), canonical_equation("tec,td->ecd")
 
 
 @dataclass
@@ -179,7 +181,7 @@ def _locations(loc: object, m: Node, earlier: list[Node], kept_earlier: list[Nod
 
 
 def match_gshard(out: Node) -> GShardMatch:
-    if not einsum_equation(out) == "tec,ecd->td":
+    if not einsum_equation(out) == COMBINE_EQ:
         raise NoMatch("not a combine einsum('tec,ecd->td')")
     combine, expert_out = einsum_operands(out)
     combine, _ = strip_casts(combine)
@@ -246,8 +248,8 @@ def match_gshard(out: Node) -> GShardMatch:
         kept_earlier.append(km)
 
     # dispatch and the batched expert MLP
-    expert_in = follow_first_args(expert_out, lambda n: einsum_equation(n) == "tec,td->ecd")
-    if not einsum_equation(expert_in) == "tec,td->ecd":
+    expert_in = follow_first_args(expert_out, lambda n: einsum_equation(n) == DISPATCH_EQ)
+    if not einsum_equation(expert_in) == DISPATCH_EQ:
         raise NoMatch("expert inputs are not einsum('tec,td->ecd', dispatch, x)")
     dispatch, x = einsum_operands(expert_in)
     dispatch, _ = strip_casts(dispatch)

@@ -20,6 +20,7 @@ class DenseStack(nn.Module):
 without the flip), "soft" (a softmax gate, no top-k), "sum_f64",
     "short" (one expert left out of the stack), "ids_dup" (a topk slot overwritten in place),
     "einsum" / "einsum_swapped" (``einsum("te,ted->td", gate, stacked)``, or its operands swapped),
+    "einsum_letters" (``einsum("s e, s e m -> s m", gate, stacked)``: other letters, spaces),
     "einsum_soft" (the einsum with the softmax gate)."""
 
     def __init__(self, variant="plain", d=10, inter=14, E=5, k=2):
@@ -57,6 +58,8 @@ without the flip), "soft" (a softmax gate, no top-k), "sum_f64",
         if self.v.startswith("einsum"):  # einsum, einsum_swapped, einsum_soft
             if self.v == "einsum_swapped":
                 return torch.einsum("ted,te->td", outs, gate)
+            if self.v == "einsum_letters":  # other subscripts, with spaces
+                return torch.einsum("s e, s e m -> s m", gate, outs)
             return torch.einsum("te,ted->td", probs if self.v == "einsum_soft" else gate, outs)
         return (outs * g).sum(dim=1)
 
@@ -68,7 +71,7 @@ def test_dense_stack_rewritten(variant):
     assert "torch.stack" not in rec.blaze_graph.split("def forward", 1)[1]
 
 
-@pytest.mark.parametrize("variant", ["einsum", "einsum_swapped"])
+@pytest.mark.parametrize("variant", ["einsum", "einsum_swapped", "einsum_letters"])
 def test_dense_einsum_rewritten(variant):
     """The same sum as ``torch.einsum("te,ted->td", gate, stacked)`` (it was silent)."""
     rec = compile_and_compare(DenseStack(variant), (torch.randn(11, 10),))

@@ -143,7 +143,10 @@ class GShard(nn.Module):
             g = [gi / denom for gi in g]
         combine = sum((gi[:, None] * km)[:, :, None] * F.one_hot(p, C)[:, None, :] for gi, km, p in zip(g, kept, pos))
         dispatch = (combine > -1).to(x.dtype) if self.flaw == "all_dispatch" else combine.bool().to(x.dtype)
-        expert_in = torch.einsum("tec,td->ecd", dispatch, x)
+        if self.flaw == "deepspeed_letters":  # DeepSpeed's top2gating / MOELayer subscripts
+            expert_in = torch.einsum("sec,sm->ecm", dispatch, x)
+        else:
+            expert_in = torch.einsum("tec,td->ecd", dispatch, x)
         h = torch.bmm(expert_in, self.w_in)
         if self.b_in is not None:
             h = h + self.b_in
@@ -151,7 +154,10 @@ class GShard(nn.Module):
         out = torch.bmm(h, self.w_out)
         if self.b_out is not None:
             out = out + self.b_out
-        y = torch.einsum("tec,ecd->td", combine.to(x.dtype), out)
+        if self.flaw == "deepspeed_letters":
+            y = torch.einsum("sec,ecm->sm", combine.to(x.dtype), out)
+        else:
+            y = torch.einsum("tec,ecd->td", combine.to(x.dtype), out)
         # a residual, so that the loss's gradient at y is not 0 where every weight is 0
         return y + x if self.flaw in ("zero_scale", "straight_through") else y
 
@@ -176,15 +182,16 @@ def test_gshard_gelu_without_bias():
     assert_rewritten(rec, "gshard_top2", activation="gelu", bias=False)
 
 
-@pytest.mark.parametrize("flaw", ["einsum_gate", "const_scale"])
+@pytest.mark.parametrize("flaw", ["einsum_gate", "const_scale", "deepspeed_letters"])
 def test_gshard_weights_whose_zeros_have_no_gradient(flaw):
     """Softmax outputs times masks, an einsum of them, a positive constant: a weight that is 0 at a
-    kept pair is an underflowed softmax entry, whose gradient goes nowhere."""
+    kept pair is an underflowed softmax entry, whose gradient goes nowhere. (And DeepSpeed's
+    einsum subscripts, "sec,sm->ecm" / "sec,ecm->sm", which were silent.)"""
     model = GShard(top_k=2, capacity_factor=0.5, flaw=flaw)
     rec = compile_and_compare(model, (torch.randn(31, 16),))
     assert_rewritten(rec, "gshard_top2", allow=("einsum",) if flaw == "einsum_gate" else ())
     code = [l for l in rec.blaze_graph.splitlines() if not l.strip().startswith("#")]
-    assert not any("tec," in l for l in code)  # the dispatch and combine einsums are gone
+    assert not any("tec," in l or "sec," in l for l in code)  # the dispatch and combine einsums are gone
 
 
 @pytest.mark.parametrize("flaw, reason", [
