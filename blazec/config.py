@@ -336,7 +336,8 @@ def parse_memory_budget(key: str, value: Any) -> int | float | None:
 
 
 def _positive_seconds(key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value <= 3600):
+    if isinstance(value, bool) or type(value).__name__ == "bool_" or not isinstance(value, numbers.Real) \
+            or not (0 < value <= 3600):
         raise BlazeOptionError(f"option {key!r} must be a number of seconds in (0, 3600], got {value!r}")
     return float(value)
 

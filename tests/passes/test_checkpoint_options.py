@@ -70,6 +70,15 @@ def test_bad_solver_options_name_the_key(key, value):
         BlazeConfig.from_options({key: value})
 
 
+def test_numpy_seconds_are_accepted():
+    """np.float64 was accepted and np.int64 refused."""
+    np = pytest.importorskip("numpy")
+    for v in (np.int64(2), np.float64(2.0), 2):
+        assert BlazeConfig.from_options({"checkpoint_time_limit": v}).checkpoint_time_limit == 2.0
+    with pytest.raises(BlazeOptionError, match="checkpoint_time_limit"):
+        BlazeConfig.from_options({"checkpoint_time_limit": np.bool_(True)})
+
+
 def test_defaults_and_docs():
     cfg = BlazeConfig.from_options({})
     assert cfg.memory_budget is None and cfg.checkpoint_solver == "auto" and cfg.checkpoint_time_limit == 5.0
