@@ -43,7 +43,9 @@ from blazec.passes.moe_expert_mlp import REF_NAMES, weight_list
 from blazec.passes.moe_gshard_form import COMBINE_EQ, match_gshard
 from blazec.passes.moe_ep import emit_moe_ep, expert_parameters
 from blazec.passes.moe_loop_form import _tensor_index, match_loop
-from blazec.passes.moe_pair_gather_form import match_pair_gather
+from blazec.passes.moe_pair_gather_form import (
+    has_einsum_param_gather, match_pair_gather, match_pair_gather_einsum, pair_einsums,
+)
 from blazec.passes.moe_repeat_form import match_repeat_assign, repeat_buffer
 from blazec.passes.moe_site_checks import (
     autocast_message, autocast_reason, autocast_regions, check_autocast, check_grad_mode, check_no_mutation,
@@ -153,6 +155,7 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx, outer_autocast: str | None 
     for form, candidates, match, report_misses in (
         ("dense_gate", _dense_gate_sums, match_dense_gate, lambda n: True),
         ("pair_weight_gather", _slot_sums, match_pair_gather, _has_param_gather),
+        ("pair_weight_gather", pair_einsums, match_pair_gather_einsum, has_einsum_param_gather),
         ("sort_grouped", _slot_sums, match_sorted_unpermute, _has_argsort),
         ("dense_gate_stack", _slot_sums, match_dense_stack, lambda n: stacked_outputs(n) is not None),
         ("dense_gate_einsum", dense_einsums, match_dense_einsum, lambda n: einsum_stack(n) is not None),

@@ -12,6 +12,15 @@ The form, as Dynamo sees it (S = T*k pairs, pair p = t*k + j)::
 Row p of every tensor belongs to token p // k and slot p % k, and its expert is
 ``ids[t, j]``, so ``out[t] = sum_j w[t, j] * expert_{ids[t, j]}(x[t])``: the blaze op with the
 stacked weights used as they are (transposed views), and no per-pair copy.
+
+The same form with einsums (gpt-fast's Mixtral, ``match_pair_gather_einsum``), weights gathered
+as ``[T, k, out, in]`` (or ``[T, k, in, out]``) by the ``[T, k]`` ids themselves::
+
+    h   = act(einsum("ti,taoi->tao", x, W1[ids])) [* einsum("ti,taoi->tao", x, W3[ids])]
+    y   = einsum("tao,taio->tai", h, W2[ids])                 # [T, k, d]
+    out = einsum("tai,ta->ti", y, w)
+
+(any subscript letters, either operand order).
 """
 
 from __future__ import annotations
@@ -20,7 +29,8 @@ import torch
 import torch.fx
 
 from blazec.passes._fx import (
-    NoMatch, arg, is_fn, is_getitem, is_method, is_mul, shape, slot_sum_product, weighted_rows,
+    NoMatch, arg, canonical_equation, einsum_equation, einsum_operands, is_fn, is_getitem, is_method, is_mul, shape,
+    slot_sum_product, weighted_rows,
 )
 from blazec.passes.moe_expert_mlp import GATED, ExpertMLP, FinalMatch, WeightRef, _activation
 from blazec.passes.moe_loop_form import _check_dtypes
@@ -38,7 +48,7 @@ def _gathered_param(node: object, flat: list) -> Node:
     """``P[flat]`` with P a 3-D parameter; the same ``flat`` for every gather."""
     if not (is_getitem(node) and isinstance(node.args[0], Node) and node.args[0].op in ("placeholder", "get_attr")
             and isinstance(node.args[1], Node) and len(shape(node.args[0]) or ()) == 3):
-        raise NoMatch("a bmm operand is not a per-pair gather P[ids] of a 3-D parameter")
+        raise NoMatch("a weight operand is not a per-pair gather P[ids] of a 3-D parameter")
     if flat and node.args[1] is not flat[0]:
         raise NoMatch("the weight gathers use different index tensors")
     flat.append(node.args[1])
@@ -107,3 +117,101 @@ def match_pair_gather(final: Node) -> FinalMatch:
     _check_dtypes(x, experts)
     return FinalMatch(final, ids, w, x, k, experts)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# The einsum spelling
+
+def _eqs(table: dict[str, tuple]) -> dict[str, tuple]:
+    return {canonical_equation(k): v for k, v in table.items()}
+
+
+# equation -> (operand of the experts' outputs, operand of the routing weights)
+_FINAL = _eqs({"tai,ta->ti": (0, 1), "ta,tai->ti": (1, 0)})
+# equation -> (rows operand, gathered weight operand, transposed: the weight is [in, out])
+_UP = _eqs({"ti,taoi->tao": (0, 1, False), "taoi,ti->tao": (1, 0, False),
+            "ti,taio->tao": (0, 1, True), "taio,ti->tao": (1, 0, True)})
+_DOWN = _eqs({"tao,taio->tai": (0, 1, False), "taio,tao->tai": (1, 0, False),
+              "tao,taoi->tai": (0, 1, True), "taoi,tao->tai": (1, 0, True)})
+
+
+def pair_einsums(graph: torch.fx.Graph) -> list[Node]:
+    """Candidate results of the einsum spelling: ``einsum("tai,ta->ti", y, w)`` nodes."""
+    return [n for n in graph.nodes if einsum_equation(n) in _FINAL]
+
+
+def has_einsum_param_gather(final: Node) -> bool:
+    """Whether the experts' outputs come from an einsum with a gathered 3-D parameter (so a
+    failed match is a near miss)."""
+    ops = einsum_operands(final)
+    y = ops[_FINAL[einsum_equation(final)][0]] if len(ops) == 2 else None
+    return einsum_equation(y) in _DOWN and any(
+        is_getitem(o) and isinstance(o.args[0], Node) and o.args[0].op in ("placeholder", "get_attr")
+        for o in einsum_operands(y))
+
+
+def _projection(node: object, table: dict, rows: list, flat: list, what: str) -> tuple[Node, bool]:
+    eq = einsum_equation(node)
+    if eq not in table:
+        raise NoMatch(f"the {what} projection is not an einsum of the rows with gathered weights "
+                      f"(einsum('ti,taoi->tao', x, W[ids]) or the like)")
+    ops = einsum_operands(node)
+    if len(ops) != 2:
+        raise NoMatch(f"the {what} einsum has {len(ops)} operands")
+    r, wi, transposed = table[eq]
+    if rows and ops[r] is not rows[0]:
+        raise NoMatch(f"the {what} einsum does not read the same rows as the others")
+    rows.append(ops[r])
+    return _gathered_param(ops[wi], flat), transposed
+
+
+def match_pair_gather_einsum(final: Node) -> FinalMatch:
+    ops = einsum_operands(final)
+    if len(ops) != 2:
+        raise NoMatch("the combine einsum does not take two operands")
+    iy, iw = _FINAL[einsum_equation(final)]
+    y, w = ops[iy], ops[iw]
+    flat: list = []
+    down, down_t = _projection(y, _DOWN, [], flat, "down")
+    h = einsum_operands(y)[_DOWN[einsum_equation(y)][0]]
+    xs: list = []
+    up = None
+    up_t = False
+    act = _activation(h) if isinstance(h, Node) else None
+    if act is not None:
+        name = act[0]
+        gate, gate_t = _projection(act[1], _UP, xs, flat, "gate")
+    elif is_mul(h):
+        name = None
+        for an, un in ((h.args[0], h.args[1]), (h.args[1], h.args[0])):
+            act = _activation(an) if isinstance(an, Node) else None
+            if act is not None and act[0] in GATED:
+                name = GATED[act[0]]
+                gate, gate_t = _projection(act[1], _UP, xs, flat, "gate")
+                up, up_t = _projection(un, _UP, xs, flat, "up")
+                break
+        if name is None:
+            raise NoMatch("hidden is a product without a supported gated activation")
+    else:
+        raise NoMatch("hidden is not act(einsum) or act(einsum) * einsum")
+    x, ids = xs[0], flat[0]
+    if len(shape(x) or ()) != 2 or len(shape(ids) or ()) != 2:
+        raise NoMatch(f"the rows {shape(x)} are not [T, d] or the gather index {shape(ids)} is not [T, k]")
+    T, k = shape(ids)
+    if not isinstance(k, int):
+        raise NoMatch(f"the number of experts per token {k} is not a constant")
+    want = (str(shape(x)[0]), str(k))  # symbolic sizes compare by expression, without guarding on them
+    if tuple(map(str, shape(ids))) != want or any(tuple(map(str, (shape(n) or ())[:2])) != want for n in (w, y)) \
+            or len(shape(w) or ()) != 2:
+        raise NoMatch(f"ids {shape(ids)}, weights {shape(w)} and the experts' outputs {shape(y)} disagree with "
+                      f"T={shape(x)[0]}, k={k}")
+    E = int(shape(gate)[0])
+    if any(int(shape(P)[0]) != E for P in (down, up) if P is not None):
+        raise NoMatch("the gathered weight tensors have different numbers of experts")
+    experts = {}
+    for e in range(E):
+        experts[e] = ExpertMLP(name, WeightRef(gate, e, transposed=gate_t),
+                               None if up is None else WeightRef(up, e, transposed=up_t),
+                               WeightRef(down, e, transposed=down_t), None, None, None)
+    _check_dtypes(x, experts)
+    return FinalMatch(final, ids, w, x, k, experts)

@@ -275,6 +275,55 @@ def test_pair_gather_rewritten(gated, act):
     assert_rewritten(rec, "pair_weight_gather", E=4, k=2, activation=act)
 
 
+class PairGatherEinsum(nn.Module):
+    """gpt-fast's Mixtral MOEFeedForward: W[ids] gathered per (token, slot), contracted with
+    einsums. ``layout``: "out_in" (gpt-fast's [E, I, d] / [E, d, I]) or "in_out"; ``swap``: the
+    operands of every einsum swapped; ``flaw``: "other_ids" (the down weights gathered by other
+    ids)."""
+
+    def __init__(self, d=12, inter=16, E=4, k=2, gated=True, layout="out_in", swap=False, flaw=None):
+        super().__init__()
+        self.k, self.gated, self.layout, self.swap, self.flaw = k, gated, layout, swap, flaw
+        self.gate = nn.Linear(d, E, bias=False)
+        io = (lambda i, o: (o, i)) if layout == "out_in" else (lambda i, o: (i, o))
+        self.w1 = nn.Parameter(torch.randn(E, *io(d, inter)) * d**-0.5)
+        self.w3 = nn.Parameter(torch.randn(E, *io(d, inter)) * d**-0.5)
+        self.w2 = nn.Parameter(torch.randn(E, *io(inter, d)) * inter**-0.5)
+
+    def _ein(self, a, b, eq_ab):
+        lhs, out = eq_ab.split("->")
+        sa, sb = lhs.split(",")
+        return torch.einsum(f"{sb},{sa}->{out}", b, a) if self.swap else torch.einsum(eq_ab, a, b)
+
+    def forward(self, x):
+        ew, ei = torch.topk(F.softmax(self.gate(x), dim=-1), self.k, dim=-1)
+        ew /= ew.sum(dim=-1, keepdim=True)
+        up_eq = "ti,taoi->tao" if self.layout == "out_in" else "ti,taio->tao"
+        down_eq = "tao,taio->tai" if self.layout == "out_in" else "tao,taoi->tai"
+        h = F.silu(self._ein(x, self.w1[ei], up_eq))
+        if self.gated:
+            h = h * self._ein(x, self.w3[ei], up_eq)
+        di = ei.flip(-1) if self.flaw == "other_ids" else ei
+        outs = self._ein(h, self.w2[di], down_eq)
+        return self._ein(outs, ew, "tai,ta->ti")
+
+
+@pytest.mark.parametrize("layout, swap, gated", [("out_in", False, True), ("in_out", False, True),
+                                                  ("out_in", True, True), ("in_out", True, False)])
+def test_pair_gather_einsum_rewritten(layout, swap, gated):
+    """The einsum spelling of the per-pair gather (it was silent: no rewrite, no near miss)."""
+    torch.manual_seed(1)
+    rec = compile_and_compare(PairGatherEinsum(layout=layout, swap=swap, gated=gated), (torch.randn(19, 12),))
+    assert_rewritten(rec, "pair_weight_gather", E=4, k=2, activation="swiglu" if gated else "silu")
+
+
+def test_pair_gather_einsum_with_other_ids_is_left_alone():
+    rec = compile_and_compare(PairGatherEinsum(flaw="other_ids"), (torch.randn(19, 12),))
+    assert not matches(rec)
+    assert any("the weight gathers use different index tensors" in n.reason for n in near_misses(rec)), \
+        [n.reason for n in near_misses(rec)]
+
+
 # ---------------------------------------------------------------------------------------
 # Sort + split loop
 
