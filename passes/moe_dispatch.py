@@ -48,7 +48,7 @@ from blazec.passes.moe_pair_gather_form import (
 )
 from blazec.passes.moe_repeat_form import match_repeat_assign, repeat_buffer
 from blazec.passes.moe_site_checks import (
-    autocast_message, autocast_reason, autocast_regions, check_autocast, check_grad_mode, check_no_mutation,
+    _ancestors, autocast_message, autocast_reason, autocast_regions, check_autocast, check_grad_mode, check_no_mutation,
     op_rejection,
 )
 from blazec.passes.moe_sort_form import _token_of, match_sorted, match_sorted_unpermute
@@ -205,6 +205,7 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx, outer_autocast: str | None 
             "xr = x.repeat_interleave(k, dim=0), y[ids.view(-1) == e] = expert_e(xr[ids.view(-1) == e]), read only "
             "by (y.view(T, k, d) * w.unsqueeze(-1)).sum(1); otherwise write acc.index_add_(0, tokens, "
             "expert_e(x[tokens]) * w[tokens, slots, None]) into zeros"))
+    rep.notes.extend(_expert_hit_notes(graph))
     for bmm in _dense_repeat_bmms(graph):  # Llama 4's experts: recognized, not expressible
         rep.near_misses.append(NearMiss(
             "dense_bmm", f"{module_path(bmm)} ({where_loc(bmm)})",
@@ -222,6 +223,24 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx, outer_autocast: str | None 
         owned, shared = _owned_experts(ep_params, ep_nodes, rep)
         register_expert_params(owned, ep_unmapped, ep_single, dense=shared + region_inputs)
     return rep
+
+
+def _expert_hit_notes(graph: torch.fx.Graph) -> list[str]:
+    """A graph that ends by returning ``nonzero`` of a count of one_hot(ids) to the code after
+    it: Hugging Face's ``expert_hit`` loop, whose iteration over that tensor Dynamo cannot trace
+    (a graph break), so the experts run in eager code the pass never sees. Say so, since the
+    graph itself holds no dispatch to report."""
+    outputs = set(graph.output_node().all_input_nodes)
+    notes = []
+    for n in graph.nodes:
+        if n in outputs and (is_method(n, "nonzero") or is_fn(n, torch.nonzero)) and any(
+                is_fn(a, torch.nn.functional.one_hot, torch._C._nn.one_hot) for a in _ancestors([n])):
+            notes.append(
+                f"{n.name} ({where_loc(n)}) is nonzero() of a count of one_hot(ids), returned for the code after this "
+                "graph: a loop over the experts that got tokens (Hugging Face's expert_hit) breaks the graph there, "
+                "so the experts run outside it and are not rewritten. Loop over range(num_experts) instead; an "
+                "expert without tokens adds nothing")
+    return notes
 
 
 def _owned_experts(params: list[tuple[Node, torch.Tensor]], ep_nodes: set[Node],

@@ -318,3 +318,30 @@ def test_other_examples_match_eager_and_report_their_form(name):
     assert all("left unchanged" in n.reason or n.form == "static_loop" for n in rep.near_misses)
     assert blaze_op_nodes(after) == []
     assert graph_signature(after) == graph_signature(before)
+
+
+class ExpertHitLoop(LoopMoE):
+    """Hugging Face's loop over the experts that got tokens: ``for e in expert_hit`` iterates a
+    tensor, which Dynamo cannot trace, so the experts run after a graph break."""
+
+    def forward(self, x):
+        w, ids = self.route(x)
+        acc = self.new_acc(x)
+        with torch.no_grad():
+            mask = torch.nn.functional.one_hot(ids, self.cfg.num_experts).permute(2, 1, 0)
+            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+        for e in hit:
+            slot, tok = torch.where(mask[e[0]])
+            acc.index_add_(0, tok, self.experts[e[0]](x[tok]) * w[tok, slot, None])
+        return acc
+
+
+def test_the_expert_hit_loop_gets_a_note():
+    """The graph before the break holds no dispatch, so the report said nothing at all."""
+    torch.manual_seed(0)
+    model, x = ExpertHitLoop(Cfg()), torch.randn(12, Cfg().d)
+    ref = train_step(copy.deepcopy(model), (x,))
+    got, records, _ = run_blaze(model, (x,), EAGER)
+    assert_training_close(got, ref)
+    notes = [n for rec in records for n in moe_report(rec).notes]
+    assert any("expert_hit" in n and "range(num_experts)" in n for n in notes), notes
