@@ -194,6 +194,9 @@ def _topk_experts(ids: Node) -> int:
 
 def _scatter_gate(gate: Node) -> tuple[Node, Node, int]:
     """gate = zeros_like(P).scatter(1, ids, w) -> (ids, w, E); ids must come from topk."""
+    if is_method(gate, "scatter_"):
+        raise NoMatch("the dense gate is built with the in-place scatter_ (gpt-oss's spelling); blazec rewrites "
+                      "the out-of-place zeros_like(p).scatter(1, topk ids, topk weights)")
     if not (is_method(gate, "scatter") or is_fn(gate, torch.scatter)):
         raise NoMatch("the dense gate is not built with scatter(dim=1, topk ids, topk weights)")
     base, dim, ids, src = gate.args[0], arg(gate, 1, "dim"), arg(gate, 2, "index"), arg(gate, 3, "src")

@@ -198,6 +198,14 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx, outer_autocast: str | None 
             rep.matches.append(_describe_match(name, where, m.experts, m.x, m.top_k, recompute,
                                                capacity if capacity >= 0 else None, ep=ep, chunks=chunks))
     for buf, sets in _masked_assigns(graph, set(by_acc)).items():  # recognized, not matched: say so
+        if is_method(buf, "clone") or is_fn(buf, torch.clone):
+            rep.near_misses.append(NearMiss(
+                "masked_assign", f"{module_path(sets[0])} ({where_loc(sets[0])})",
+                f"{len(sets)} assignment(s) of expert outputs into {buf.name}[mask], where {buf.name} is a copy of "
+                f"{getattr(buf.args[0], 'name', buf.args[0])}: a token no expert takes keeps its input (Switch "
+                "Transformers' dropped tokens pass through), while the blaze op gives such a token 0. Not a form "
+                "blazec rewrites; left alone"))
+            continue
         rep.near_misses.append(NearMiss(
             "masked_assign", f"{module_path(sets[0])} ({where_loc(sets[0])})",
             f"{len(sets)} assignment(s) of expert outputs into {buf.name}[mask] are not a form blazec rewrites. "

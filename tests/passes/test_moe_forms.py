@@ -226,7 +226,10 @@ class DenseGate(nn.Module):
         probs = F.softmax(self.router(x), dim=-1)
         if self.from_topk:
             w, i = probs.topk(self.k, dim=-1)
-            gate = torch.zeros_like(probs).scatter(1, i, w)
+            if self.spelling == "scatter_":  # gpt-oss
+                gate = torch.zeros_like(probs).scatter_(1, i, w)
+            else:
+                gate = torch.zeros_like(probs).scatter(1, i, w)
         else:
             gate = probs  # a soft mixture over all experts: not a sparse MoE
         out = torch.zeros_like(x)
@@ -240,6 +243,12 @@ class DenseGate(nn.Module):
 def test_dense_gate_rewritten(spelling):
     rec = compile_and_compare(DenseGate(spelling=spelling), (torch.randn(23, 12),))
     assert_rewritten(rec, "dense_gate", E=5, k=2, activation="gelu", bias=True)
+
+
+def test_an_in_place_scatter_gate_is_named():
+    rec = compile_and_compare(DenseGate(spelling="scatter_"), (torch.randn(9, 12),))
+    assert not matches(rec)
+    assert any("in-place scatter_" in n.reason for n in near_misses(rec)), [n.reason for n in near_misses(rec)]
 
 
 def test_soft_mixture_is_not_a_sparse_moe():

@@ -155,7 +155,9 @@ def test_switch_masked_assignment_is_reported():
     rec = compile_and_compare(SwitchAssign(), (torch.randn(13, 12),))
     assert not matches(rec)
     (miss,) = [n for n in near_misses(rec) if n.form == "masked_assign"]
-    assert "4 assignment(s) of expert outputs into" in miss.reason and "DeepSeekMoE's" in miss.reason
+    # the buffer is a copy of x: the advice to index_add_ into zeros would change the model
+    assert "4 assignment(s) of expert outputs into" in miss.reason and "is a copy of" in miss.reason
+    assert "pass through" in miss.reason and "index_add_" not in miss.reason
 
 
 def test_repeat_form_near_miss_is_not_reported_twice():
