@@ -275,8 +275,10 @@ def match_gshard(out: Node) -> GShardMatch:
 
 # --- the gradient of a zero weight ---------------------------------------------------------------
 
-_MUL = (operator.mul, torch.mul)
-_DIV = (operator.truediv, torch.div, torch.true_divide)
+# in place too (DeepSpeed renormalizes with ``gates1_s /= denom_s``): the node's value is the result
+_MUL = (operator.mul, torch.mul, operator.imul)
+_DIV = (operator.truediv, torch.div, torch.true_divide, operator.itruediv)
+_IADD = (operator.iadd,)
 _SOFT = (F.softmax, torch.softmax, torch.sigmoid, torch.exp, torch.special.expit)
 _SOFT_METHODS = ("softmax", "sigmoid", "exp")
 _CMP = (torch.lt, torch.le, torch.gt, torch.ge, torch.eq, torch.ne,
@@ -318,7 +320,7 @@ def _nonneg(node: object, seen: dict) -> bool:
         ok = True
     elif is_cast(node) and d is not None and (d.is_floating_point or dtype(node.args[0]) == torch.bool):
         ok = _nonneg(node.args[0], seen)
-    elif is_mul(node) or is_fn(node, *ADD) or is_method(node, "add"):
+    elif is_mul(node) or is_fn(node, *_MUL, *ADD, *_IADD) or is_method(node, "add", "mul_", "add_"):
         ok = len(node.args) == 2 and not node.kwargs and all(_nonneg(a, seen) for a in node.args)
     elif is_fn(node, torch.sum, torch.mean, *_MOVE) or is_method(node, *_SUM_METHODS, *_MOVE_METHODS):
         ok = _nonneg(node.args[0], seen)
@@ -332,10 +334,10 @@ def _positive(node: object, seen: dict) -> bool:
     """Provably > 0: a positive constant, clamp(min=c > 0), or a positive plus a non-negative."""
     if isinstance(node, (int, float)) and not isinstance(node, bool):
         return node > 0
-    if is_fn(node, torch.clamp, torch.clamp_min) or is_method(node, "clamp", "clamp_min"):
+    if is_fn(node, torch.clamp, torch.clamp_min) or is_method(node, "clamp", "clamp_min", "clamp_", "clamp_min_"):
         lo = arg(node, 1, "min")
         return isinstance(lo, (int, float)) and not isinstance(lo, bool) and lo > 0
-    if is_fn(node, *ADD) or is_method(node, "add"):
+    if is_fn(node, *ADD, *_IADD) or is_method(node, "add", "add_"):
         a = node.args
         return len(a) == 2 and not node.kwargs and (
             (_positive(a[0], seen) and _nonneg(a[1], seen)) or (_positive(a[1], seen) and _nonneg(a[0], seen)))
@@ -368,9 +370,9 @@ def _vanishes(node: object, seen: dict, vseen: dict) -> bool:
     a = node.args
     if is_fn(node, *_SOFT) or is_method(node, *_SOFT_METHODS):
         ok = True
-    elif is_mul(node) or is_fn(node, *ADD) or is_method(node, "add"):
+    elif is_mul(node) or is_fn(node, *_MUL, *ADD, *_IADD) or is_method(node, "add", "mul_", "add_"):
         ok = len(a) == 2 and not node.kwargs and all(_vanishes(x, seen, vseen) for x in a)
-    elif is_fn(node, *_DIV) or is_method(node, "div"):
+    elif is_fn(node, *_DIV) or is_method(node, "div", "div_"):
         ok = len(a) == 2 and not node.kwargs and _vanishes(a[0], seen, vseen) and _positive(a[1], seen)
     elif is_fn(node, torch.sum, torch.mean, *_MOVE) or is_method(node, *_SUM_METHODS, *_MOVE_METHODS):
         ok = _vanishes(a[0], seen, vseen)

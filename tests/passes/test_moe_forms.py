@@ -140,7 +140,11 @@ class GShard(nn.Module):
             g = [gi * 2.0 for gi in g]
         if self.top_k == 2:
             denom = torch.clamp(g[0] + g[1], min=torch.finfo(gates.dtype).eps)
-            g = [gi / denom for gi in g]
+            if self.flaw in ("einsum_gate", "deepspeed_letters"):  # DeepSpeed divides in place
+                for gi in g:
+                    gi /= denom
+            else:
+                g = [gi / denom for gi in g]
         combine = sum((gi[:, None] * km)[:, :, None] * F.one_hot(p, C)[:, None, :] for gi, km, p in zip(g, kept, pos))
         dispatch = (combine > -1).to(x.dtype) if self.flaw == "all_dispatch" else combine.bool().to(x.dtype)
         if self.flaw == "deepspeed_letters":  # DeepSpeed's top2gating / MOELayer subscripts
