@@ -664,17 +664,21 @@ def _dh_split(o: _Operands, grad_y: Tensor, bd_term: bool) -> bool:
 
 
 def _dh_fused_launch(o: _Operands, grad_y, preact, dgu, hs, part, ws, NT: int, bd_term: bool) -> None:
+    # grad_y wider than x: its rows go through a power-of-two scale into x's range, q stays fp32
+    # (reference.wide_grad, reference.row_scale)
+    gy_scale = reference.wide_grad(grad_y, o.xdt)
+    gys = reference.row_scale(grad_y) if gy_scale else part
     launch(gg._dh_kernel, gg.dh_tuned, o.m_grid(o.I), dict(
         gy_ptr=grad_y, tw_ptr=o.tw, pairs_ptr=o.sp, offs_ptr=o.eo,
         wd_ptr=o.wd.ptr, wd_tab=o.wd.tab, bd_ptr=o.bd.ptr, bd_tab=o.bd.tab,
-        pre_ptr=preact, dgu_ptr=dgu, hs_ptr=hs, part_ptr=part, ws_ptr=part if ws is None else ws,
+        pre_ptr=preact, dgu_ptr=dgu, hs_ptr=hs, part_ptr=part, ws_ptr=part if ws is None else ws, gys_ptr=gys,
         D=o.d, I=o.I, K=o.k, P=o.P, E=o.E, NT=NT, ROWS_CLASS=o.rows_class,
         stride_gyt=grad_y.stride(0), stride_gyd=grad_y.stride(1),
         s_wde=o.wd.strides[0], s_wdo=o.wd.strides[1], s_wdi=o.wd.strides[2],
         s_bde=o.bd.strides[0], s_bdo=o.bd.strides[1],
         stride_pre=o.n_in, stride_dgu=o.n_in, stride_hs=o.I,
         ACT=o.act, GATED=o.gated, BD_TERM=bd_term, WD_TAB=o.wd.table, BD_TAB=o.bd.table,
-        PREC=o.prec, G_PAD=o.G_PAD,
+        PREC=o.prec, G_PAD=o.G_PAD, GY_SCALE=gy_scale,
     ), INTERPRET_CONFIG)
 
 

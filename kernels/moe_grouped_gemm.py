@@ -459,6 +459,7 @@ def _dh_kernel(
     hs_ptr,  # [P, I] out: w*h in x dtype, the R operand of dWd (h when BD_TERM)
     part_ptr,  # [P, NT] fp32 out: partial d(routing weight) of each sorted row per N tile
     ws_ptr,  # [P] fp32 out (BD_TERM only): routing weight of each sorted row, for dWd's scaling
+    gys_ptr,  # [T] fp32 (GY_SCALE only): the power of two that brings row t of gy into x's range
     D, I, K, P, E, NT, ROWS_CLASS,
     stride_gyt, stride_gyd,
     s_wde, s_wdo, s_wdi, s_bde, s_bdo,
@@ -466,6 +467,7 @@ def _dh_kernel(
     ACT: tl.constexpr, GATED: tl.constexpr, BD_TERM: tl.constexpr,
     WD_TAB: tl.constexpr, BD_TAB: tl.constexpr,
     PREC: tl.constexpr, G_PAD: tl.constexpr,
+    GY_SCALE: tl.constexpr,  # gy wider than x: rows scaled into x's range, q kept in fp32
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     xdt = wd_ptr.dtype.element_ty
@@ -498,12 +500,17 @@ def _dh_kernel(
     if BD_TERM:
         bd_base = expert_ptr(bd_ptr, bd_tab, grp, s_bde, BD_TAB)
         gb = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if GY_SCALE:
+        gys = tl.load(gys_ptr + tok, mask=rmask, other=1.0)
     for k0 in range(0, D, BLOCK_K):
         kk = k0 + rk
         kmask = kk < D
         gyt = tl.load(gy_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
         wdt = tl.load(wd_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
-        acc_q = mma(cast(gyt, xdt), wdt, acc_q, PREC)
+        if GY_SCALE:
+            acc_q = mma(cast(gyt.to(tl.float32) * gys[:, None], xdt), wdt, acc_q, PREC)
+        else:
+            acc_q = mma(cast(gyt, xdt), wdt, acc_q, PREC)
         if BD_TERM:
             bdv = tl.load(bd_base + kk * s_bdo, mask=kmask, other=0.0).to(tl.float32)
             gb += rsum(gyt.to(tl.float32) * bdv[None, :], 1)
@@ -512,7 +519,10 @@ def _dh_kernel(
 
     pre_ptrs = pre_ptr + rows64[:, None] * stride_pre + cols[None, :]
     w = tl.load(tw_ptr + pair, mask=rmask, other=0.0).to(tl.float32)
-    q = rnd(acc_q, xdt)
+    if GY_SCALE:
+        q = acc_q / gys[:, None]
+    else:
+        q = rnd(acc_q, xdt)
 
     # Phase 1: h, this tile's share of d(routing weight) = <q, h> (+ <gy, bd> once, from the
     # first N tile), and the dWd operand w*h (h when BD_TERM).

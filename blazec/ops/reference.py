@@ -215,6 +215,21 @@ def moe_experts_fwd(
 # ----------------------------------------------------------------------------------------------
 
 
+def wide_grad(grad_y: Tensor, xdt: torch.dtype) -> bool:
+    """Whether the backward takes grad_y's rows through a per-row power-of-two scale into x's
+    16-bit dtype and keeps q = gy Wd in fp32 (see ``moe_experts_bwd``)."""
+    return xdt in (torch.float16, torch.bfloat16) and grad_y.dtype in (torch.float32, torch.float64)
+
+
+def row_scale(grad_y: Tensor) -> Tensor:
+    """[T] fp32 powers of two that bring each row's largest |value| into [0.5, 1); 1 for a row
+    of zeros or with a non-finite value. Multiplying by one is exact, dividing by it too."""
+    amax = grad_y.detach().abs().amax(dim=1).float() if grad_y.shape[1] else grad_y.new_zeros(grad_y.shape[0])
+    ok = torch.isfinite(amax) & (amax > 0)
+    _, e = torch.frexp(torch.where(ok, amax, torch.ones_like(amax)))
+    return torch.where(ok, torch.ldexp(torch.ones_like(amax), -e), torch.ones_like(amax)).float()
+
+
 def moe_experts_bwd(
     grad_y: Tensor,
     x: Tensor,
@@ -281,6 +296,8 @@ def moe_experts_bwd(
     c_dt = p_dt if weight_pos == "output" else xdt
     tw_flat = topk_weights.reshape(-1)
 
+    wide_gy = wide_grad(grad_y, xdt)
+    gy_scale = row_scale(grad_y) if wide_gy else None
     dx_buf = torch.zeros(P + 1, d, device=x.device, dtype=acc_dt)
     dw_buf = torch.zeros(P + 1, device=x.device, dtype=topk_weights.dtype)
 
@@ -317,8 +334,17 @@ def moe_experts_bwd(
         we = tw_flat.index_select(0, pairs).unsqueeze(1)
         gc = grad_y.index_select(0, tok).to(c_dt)
 
-        q = gc.to(xdt) @ wd  # [n, I]
-        dw = (q.to(p_dt) * h).sum(1)
+        if wide_gy:
+            # grad_y in a wider dtype than x (fp32 routing weights or sums on 16-bit x): its rows
+            # are scaled by a power of two into x's range for the GEMM and q is kept in fp32,
+            # so that a loss-scaled (or tiny) gradient neither overflows nor underflows where
+            # eager's, multiplied by the weight in the wide dtype, does not
+            gs = gy_scale.index_select(0, tok).unsqueeze(1)
+            q = ((grad_y.index_select(0, tok) * gs).to(xdt).float() @ wd.float()) / gs
+            dw = (q * h.float()).sum(1)
+        else:
+            q = gc.to(xdt) @ wd  # [n, I]
+            dw = (q.to(p_dt) * h).sum(1)
         if weight_pos == "output":
             if bd is not None:
                 dw = dw + (gc * bd).sum(1)

@@ -389,6 +389,9 @@ def main(argv=None) -> int:
             # the fused dh kernel (BLAZEC_DH=fused; split, the default, ran above)
             os.environ["BLAZEC_DH"] = "fused"
             moe_experts.moe_experts_bwd(torch.randn_like(y), x, tw, *route, *ws, preact, act, wp, rec)
+            if tw.dtype != x.dtype:  # a grad_y in the routing weights' wider dtype: its rows scaled (GY_SCALE)
+                moe_experts.moe_experts_bwd(torch.randn_like(y, dtype=tw.dtype), x, tw, *route, *ws, preact, act, wp,
+                                            rec)
             # and, with the fused dh kept, the opt-in paths, each a forward and a backward: the
             # split GEMM 1 (the gathered row GEMMs and _act_kernel), GEMM 1's interleaved
             # gate|up tile (GU_WIDE), and the persistent row GEMMs (with the split GEMM 1, so

@@ -86,6 +86,35 @@ def test_dtypes(kw: dict) -> None:
     check(make_case(T=16, seed=4, **kw))
 
 
+@pytest.mark.parametrize("scale", [3e4, 1e-7])
+@pytest.mark.parametrize("weight_pos", ["output", "hidden"])
+def test_a_wide_grad_keeps_its_range(scale: float, weight_pos: str) -> None:
+    """fp16 x with fp32 routing weights and sums: grad_y is fp32. Its rows were rounded to fp16
+    for the q GEMM, so a loss-scaled gradient past 65504 overflowed to inf / NaN and a tiny one
+    lost the routing weights' gradient (fp16 subnormals), where eager multiplies by the weight
+    in fp32 first and takes that gradient from grad_y in fp32. The rows now go through a
+    power-of-two scale, and q stays fp32."""
+    import dataclasses
+
+    case = make_case(T=16, seed=6, dtype=torch.float16, tw_dtype=torch.float32, out_dtype=torch.float32,
+                     bias="stacked", weight_pos=weight_pos)
+    case = dataclasses.replace(case, gy=case.gy * scale)
+    _, preact = ref.moe_experts_fwd(*case.fwd_args())
+    want = ref.moe_experts_bwd(*case.bwd_args(preact))
+    exact = ref.moe_experts_bwd(*dataclasses.replace(case, x=case.x.double(), tw=case.tw.double(), gy=case.gy.double(),
+                                                     w={n: [t.double() for t in v] for n, v in case.w.items()},
+                                                     out_dtype=torch.float64).bwd_args(preact.double()))[1]
+    from blazec.kernels.moe_experts import moe_experts_bwd, moe_experts_fwd
+
+    _, kpreact = moe_experts_fwd(*case.fwd_args())
+    got = moe_experts_bwd(*case.bwd_args(kpreact))
+    for d_tw in (want[1], got[1]):  # fp32, like eager's
+        assert torch.isfinite(d_tw).all()
+        torch.testing.assert_close(d_tw.double(), exact, rtol=2e-2, atol=2e-2 * exact.abs().max().item())
+    if scale < 1:  # past 65504 the fp16 expert gradients overflow, in eager too
+        check(case)
+
+
 def test_noncontiguous_x_and_grad() -> None:
     check(make_case(noncontig=True, bias="stacked", k=3, seed=5))
 
