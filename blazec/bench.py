@@ -680,6 +680,10 @@ def run(args: argparse.Namespace, stream=None) -> int:
         on_cuda = has_cuda and args.device != "cpu"
         name, (T, d, I, E, k) = parse_shape(args.shape, on_cuda)
         dtype = DTYPES[args.dtype or ("bf16" if on_cuda else "fp32")]
+        if not 0 <= args.seed < 2**63:
+            raise BenchError(f"--seed must be in [0, 2**63), got {args.seed}")
+        if args.json is not None and not args.json.strip():
+            raise BenchError("--json needs a file path, got an empty one")
         if args.iters < 1 or args.warmup < 0:
             raise BenchError("--iters must be >= 1 and --warmup >= 0")
         if args.profile is not None and args.profile < 1:
@@ -876,10 +880,10 @@ def run(args: argparse.Namespace, stream=None) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """Standalone entry (``python -m blazec.bench``) until the CLI wires ``blazec bench``."""
-    p = argparse.ArgumentParser(prog="blazec bench", description=__doc__.splitlines()[0])
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    """``python -m blazec.bench``: the same as ``blazec bench``, one-line errors included."""
+    from blazec.cli import main as cli_main
+
+    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

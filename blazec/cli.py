@@ -49,9 +49,16 @@ def _cmd_dump(args: argparse.Namespace) -> int:
             break
         except (TypeError, ValueError):
             continue
-    text, files = dump.run(args.model, train=args.train, passes=args.passes, out=args.out, as_json=args.json,
-                           final_stage=args.final_stage, dynamic=args.dynamic, fullgraph=args.fullgraph,
-                           memory_budget=budget, expert_parallel=args.expert_parallel, ep_chunks=args.ep_chunks)
+    if args.out is not None and not args.out.strip():
+        raise ValueError("--out needs a directory, got an empty path")
+    import contextlib
+
+    # Under --json stdout carries one JSON document: what the model prints goes to stderr.
+    quiet = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
+    with quiet:
+        text, files = dump.run(args.model, train=args.train, passes=args.passes, out=args.out, as_json=args.json,
+                               final_stage=args.final_stage, dynamic=args.dynamic, fullgraph=args.fullgraph,
+                               memory_budget=budget, expert_parallel=args.expert_parallel, ep_chunks=args.ep_chunks)
     print(text)
     if files:
         print(f"blazec dump: wrote {len(files)} file(s) under {args.out}", file=sys.stderr)

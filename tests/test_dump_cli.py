@@ -393,3 +393,29 @@ def test_dump_eager_check_restores_a_model_that_cannot_be_copied():
     check_eager(model, (x,), train=True, where="m.py")
     assert all(torch.equal(a, b) for a, b in zip(model.buffers(), stats))
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_json_stays_one_document_when_the_model_prints(tmp_path, capsys):
+    """What the model prints went to stdout ahead of the JSON document, which then did not parse."""
+    import json
+
+    f = tmp_path / "talky.py"
+    f.write_text("import torch\n\n"
+                 "class M(torch.nn.Module):\n"
+                 "    def __init__(self):\n"
+                 "        super().__init__()\n"
+                 "        self.lin = torch.nn.Linear(4, 4)\n\n"
+                 "    def forward(self, x):\n"
+                 "        print('hello from forward')\n"
+                 "        return self.lin(x).sin()\n\n"
+                 "def make():\n"
+                 "    return M(), (torch.randn(3, 4),)\n")
+    rc, out, err = _dump(capsys, str(f), "--final-stage", "eager", "--json")
+    assert rc == 0, err
+    json.loads(out)
+    assert "hello from forward" in err
+
+
+def test_empty_out_is_an_error(capsys):
+    rc, _, err = _dump(capsys, str(EXAMPLES / "moe_loop_modulelist.py"), "--out", "")
+    assert rc == 2 and "--out needs a directory" in err

@@ -199,9 +199,14 @@ def run(args: argparse.Namespace) -> int:
                         ("--max-len", args.max_len)):
             if v < 1:
                 raise ValueError(f"{flag} must be >= 1, got {v}")
+        if not 0 <= args.seed < 2**63:
+            raise ValueError(f"--seed must be in [0, 2**63), got {args.seed}")
         _check_memory(args.ranks * args.per_rank)
         cost = CostModel.from_spec(args.cost)
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        repeated = sorted({m for m in methods if methods.count(m) > 1})
+        if repeated:
+            raise ValueError(f"--methods lists {', '.join(repeated)} more than once")
         unknown = [m for m in methods if m not in METHODS]
         if unknown or not methods:
             raise ValueError(f"unknown method(s) {unknown or methods}; choose from {', '.join(METHODS)}")
@@ -227,9 +232,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="balance-sim", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    """``python -m blazec.runtime.balance_sim``: the same as ``blazec balance-sim``, one-line
+    errors included."""
+    import sys
+
+    from blazec.cli import main as cli_main
+
+    return cli_main(["balance-sim", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

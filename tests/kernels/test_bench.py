@@ -332,6 +332,18 @@ def test_bad_json_path_is_an_error_before_any_row_runs(tmp_path, where, words) -
     assert rc == 2 and f"--json {path}: " in err.getvalue() and words in err.getvalue(), err.getvalue()
 
 
+@pytest.mark.parametrize("argv, words", [(["--json", ""], "--json needs a file path"),
+                                         (["--seed", str(10**23)], "--seed must be in [0, 2**63)")])
+def test_module_entry_errors_are_one_line(argv, words, capsys) -> None:
+    """``python -m blazec.bench`` ran without the CLI's error handling (a traceback for an
+    overflowing --seed), and an empty --json ran every row and wrote nothing."""
+    from blazec import bench
+
+    assert bench.main(["--shape", "8,4,4,2,2", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("blazec bench: error: ") and words in err[0], err
+
+
 def test_too_many_experts_is_an_error_before_any_row(capsys) -> None:
     """The loop model builds one module per expert: --shape 4,8,8,100000000,2 hung building them."""
     assert bench.run(_args("--device", "cpu", "--shape", "4,8,8,4097,2", "--impl", "eager-loop",

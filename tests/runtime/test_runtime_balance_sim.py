@@ -98,6 +98,14 @@ def test_cli_errors_are_one_line(argv, match, capsys):
     assert err.startswith("blazec balance-sim: error: ") and match in err and "\n" not in err, err
 
 
+def test_repeated_methods_are_an_error(capsys):
+    """--methods kk,kk summed both runs into one row: 159.7% for kk's 79.9%."""
+    from blazec.cli import main as blazec_main
+
+    assert blazec_main(["balance-sim", "--methods", "kk,kk", "--steps", "1", "--no-progress"]) == 2
+    assert "--methods lists kk more than once" in capsys.readouterr().err
+
+
 def test_blazec_balance_sim_errors_have_the_commands_prefix(capsys):
     """README: every command's error is "blazec <command>: error: ..."; it was "balance-sim: error:"."""
     from blazec.cli import main as blazec_main
