@@ -38,6 +38,10 @@ def main() -> int:
     p.add_argument("--backend", choices=["gloo", "nccl"], default="gloo")
     p.add_argument("--final-stage", choices=["inductor", "eager"], default="eager")
     args = p.parse_args()
+    for flag, v, lo in (("--steps", args.steps, 1), ("--tokens", args.tokens, 1), ("--experts", args.experts, 2),
+                        ("--chunks", args.chunks, 1)):
+        if v < lo:
+            p.error(f"{flag} must be >= {lo}, got {v}")  # --experts: the model routes to its top 2
     if "RANK" not in os.environ:
         print("run me under torchrun, e.g. torchrun --nproc-per-node 2 examples/expert_parallel.py", file=sys.stderr)
         return 2

@@ -182,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("need --seeds >= 1 and --steps >= 50")
     if any(not -1.0 <= p <= 1.0 for p in args.correlations):
         ap.error("--correlations must lie in [-1, 1]")
+    if any(not (s > 0 and math.isfinite(s)) for s in args.scales):
+        ap.error(f"--scales must be positive and finite, got {args.scales[0]:g} {args.scales[1]:g}")
+    if args.ml_epochs < 1:
+        ap.error(f"--ml-epochs must be >= 1, got {args.ml_epochs}")
     torch.set_num_threads(1)  # tiny model: extra threads only add synchronisation
 
     total = len(args.correlations) * args.seeds * len(METHODS) * args.steps

@@ -43,6 +43,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--final-stage", choices=["inductor", "eager"], default="inductor")
     args = p.parse_args(argv)
+    if args.steps < 1:
+        p.error(f"--steps must be >= 1, got {args.steps}")
 
     torch.manual_seed(0)
     teacher = LoopMoE(d=32, inter=48, num_experts=8, top_k=2).requires_grad_(False)
