@@ -503,11 +503,12 @@ def bytes_needed(T: int, d: int, I: int, E: int, k: int, elem: int, impls: list[
     weights and, for the row that needs most, either their gradients (eager-loop) or a copy of
     its own with the copy's gradients (every other MoE row; dense-equivalent copies one
     expert); plus what every row's step makes: x, the output and dL/dx ([T, d] each), the
-    activated hidden of the T*k pairs ([T*k, I]) and the router's fp32 [T, E] probabilities.
+    activated hidden of the T*k pairs ([T*k, I]) and the router's fp32 [T, E] probabilities;
+    the eager loop's int64 [T, k, E] one_hot mask.
     Gathered row copies, the rows' results kept for the comparisons and allocator slack come on
     top."""
     weights = E * (3 * d * I + d) * elem
-    per_row = {impl: 2 * weights if impl == "eager-loop"
+    per_row = {impl: 2 * weights + T * k * E * 8 if impl == "eager-loop"  # + its int64 one_hot mask
                else weights + 2 * 3 * d * I * elem if impl == DENSE
                else 3 * weights for impl in impls}
     acts = (3 * T * d + T * k * I) * elem + T * E * 4
@@ -795,7 +796,7 @@ def run(args: argparse.Namespace, stream=None) -> int:
                 failed.append(impl)
             except Exception as e:  # noqa: BLE001 - a failing row is a result, like in BASELINES.md
                 msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                row.note = f"failed: {type(e).__name__}: {msg[:120]}"
+                row.note = f"failed: {type(e).__name__}: {msg if len(msg) <= 240 else msg[:237] + '...'}"
                 failed.append(impl)
             finally:
                 model = None  # free this row's weights before the next row builds its own
