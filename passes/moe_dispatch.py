@@ -598,7 +598,7 @@ def _describe_match(form: str, where: str, experts: dict, x: Node, top_k: int, r
                                       f"{chunks} chunk(s)")
     return Match(form, where, {
         "E": len(experts), "k": top_k, "d": int(shape(x)[1]), "I": _inter(first), "activation": first.activation,
-        "bias": first.b_gate is not None or first.b_down is not None,
+        "bias": any(b is not None for b in (first.b_gate, first.b_up, first.b_down)),
         "weight_pos": "hidden" if first.weight_in_hidden is not None else "output",
         "capacity": capacity, "dtype": str(dtype(x)).replace("torch.", ""),
         "recompute": "gemm1" if recompute else "activation only"} | details)
