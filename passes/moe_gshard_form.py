@@ -374,12 +374,12 @@ def _vanishes(node: object, seen: dict, vseen: dict) -> bool:
         ok = len(a) == 2 and not node.kwargs and all(_vanishes(x, seen, vseen) for x in a)
     elif is_fn(node, *_DIV) or is_method(node, "div", "div_"):
         ok = len(a) == 2 and not node.kwargs and _vanishes(a[0], seen, vseen) and _positive(a[1], seen)
+    elif is_getitem(node) and (is_fn(a[0], torch.topk) or is_method(a[0], "topk")) and a[1] == 0:  # topk values
+        ok = _vanishes(a[0].args[0], seen, vseen)
     elif is_fn(node, torch.sum, torch.mean, *_MOVE) or is_method(node, *_SUM_METHODS, *_MOVE_METHODS):
         ok = _vanishes(a[0], seen, vseen)
     elif is_fn(node, torch.einsum):
         ok = all(_vanishes(x, seen, vseen) for x in einsum_operands(node))
-    elif is_getitem(node) and is_fn(a[0], torch.topk) and a[1] == 0:  # topk values
-        ok = _vanishes(a[0].args[0], seen, vseen)
     elif is_cast(node):
         ok = _widening(node) and _vanishes(a[0], seen, vseen)
     else:
