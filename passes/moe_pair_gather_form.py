@@ -64,6 +64,22 @@ def _bmm(node: object, xs: list, flat: list) -> Node:
     return _gathered_param(node.args[1], flat)
 
 
+def _hidden(h: object, project, op: str) -> tuple[str, object, object]:
+    """(activation, gate projection, up projection or None) of the hidden ``act(P) [* P]``,
+    each projection as ``project(node, "gate" | "up")`` reads it (``op``: its name, for the
+    reasons)."""
+    act = _activation(h) if isinstance(h, Node) else None
+    if act is not None:
+        return act[0], project(act[1], "gate"), None
+    if is_mul(h):
+        for an, un in ((h.args[0], h.args[1]), (h.args[1], h.args[0])):
+            act = _activation(an) if isinstance(an, Node) else None
+            if act is not None and act[0] in GATED:
+                return GATED[act[0]], project(act[1], "gate"), project(un, "up")
+        raise NoMatch("hidden is a product without a supported gated activation")
+    raise NoMatch(f"hidden is not act({op}) or act({op}) * {op}")
+
+
 def match_pair_gather(final: Node) -> FinalMatch:
     pair = weighted_rows(slot_sum_product(final))
     if pair is None:
@@ -76,24 +92,7 @@ def match_pair_gather(final: Node) -> FinalMatch:
         raise NoMatch("expert outputs are not squeeze(1) of a bmm")
     xs, flat = [], []
     down = _bmm(y, [], flat)  # the second bmm reads h, not xs
-    h = y.args[0]
-    act = _activation(h)
-    up = None
-    if act is not None:
-        name, g = act[0], act[1]
-        gate = _bmm(g, xs, flat)
-    elif is_mul(h):
-        name = None
-        for an, un in ((h.args[0], h.args[1]), (h.args[1], h.args[0])):
-            act = _activation(an) if isinstance(an, Node) else None
-            if act is not None and act[0] in GATED:
-                name = GATED[act[0]]
-                gate, up = _bmm(act[1], xs, flat), _bmm(un, xs, flat)
-                break
-        if name is None:
-            raise NoMatch("hidden is a product without a supported gated activation")
-    else:
-        raise NoMatch("hidden is not act(bmm) or act(bmm) * bmm")
+    name, gate, up = _hidden(y.args[0], lambda n, what: _bmm(n, xs, flat), "bmm")
     xs0 = xs[0]
     ri = xs0.args[0] if is_method(xs0, "unsqueeze") and arg(xs0, 1, "dim") == 1 else None
     if not (is_method(ri, "repeat_interleave") and isinstance(arg(ri, 1, "repeats"), int) and arg(ri, 2, "dim") == 0):
@@ -175,25 +174,8 @@ def match_pair_gather_einsum(final: Node) -> FinalMatch:
     down, down_t = _projection(y, _DOWN, [], flat, "down")
     h = einsum_operands(y)[_DOWN[einsum_equation(y)][0]]
     xs: list = []
-    up = None
-    up_t = False
-    act = _activation(h) if isinstance(h, Node) else None
-    if act is not None:
-        name = act[0]
-        gate, gate_t = _projection(act[1], _UP, xs, flat, "gate")
-    elif is_mul(h):
-        name = None
-        for an, un in ((h.args[0], h.args[1]), (h.args[1], h.args[0])):
-            act = _activation(an) if isinstance(an, Node) else None
-            if act is not None and act[0] in GATED:
-                name = GATED[act[0]]
-                gate, gate_t = _projection(act[1], _UP, xs, flat, "gate")
-                up, up_t = _projection(un, _UP, xs, flat, "up")
-                break
-        if name is None:
-            raise NoMatch("hidden is a product without a supported gated activation")
-    else:
-        raise NoMatch("hidden is not act(einsum) or act(einsum) * einsum")
+    name, (gate, gate_t), up_proj = _hidden(h, lambda n, what: _projection(n, _UP, xs, flat, what), "einsum")
+    up, up_t = up_proj if up_proj is not None else (None, False)
     x, ids = xs[0], flat[0]
     if len(shape(x) or ()) != 2 or len(shape(ids) or ()) != 2:
         raise NoMatch(f"the rows {shape(x)} are not [T, d] or the gather index {shape(ids)} is not [T, k]")
