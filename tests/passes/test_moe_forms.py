@@ -198,6 +198,38 @@ def test_gshard_weights_whose_zeros_have_no_gradient(flaw):
     assert not any("tec," in l or "sec," in l for l in code)  # the dispatch and combine einsums are gone
 
 
+class Top1TopkOfSoftmax(nn.Module):
+    """Switch top-1 whose weight is taken with topk from the softmax (the topk values)."""
+
+    def __init__(self, d=16, inter=24, E=6):
+        super().__init__()
+        self.E = E
+        self.wg = nn.Linear(d, E, bias=False)
+        self.w_in = nn.Parameter(torch.randn(E, d, inter) * d**-0.5)
+        self.w_out = nn.Parameter(torch.randn(E, inter, d) * inter**-0.5)
+
+    def forward(self, x):
+        T, E = x.shape[0], self.E
+        C = math.ceil(T / E)
+        vals, idx = torch.topk(F.softmax(self.wg(x), dim=1), 1, dim=1)
+        g1 = vals[:, 0]
+        mask1 = F.one_hot(idx[:, 0], E)
+        loc1 = torch.cumsum(mask1, dim=0) - 1
+        mask1 = mask1 * torch.lt(loc1, C)
+        pos = torch.sum(loc1 * mask1, dim=1)
+        combine = (g1[:, None] * mask1)[:, :, None] * F.one_hot(pos, C)[:, None, :]
+        expert_in = torch.einsum("tec,td->ecd", combine.bool().to(x.dtype), x)
+        out = torch.bmm(F.relu(torch.bmm(expert_in, self.w_in)), self.w_out)
+        return torch.einsum("tec,ecd->td", combine, out)
+
+
+def test_gshard_weight_from_topk_values():
+    """The weight proof's topk branch sat behind the generic getitem, which did not reach it:
+    topk values of a softmax were refused."""
+    rec = compile_and_compare(Top1TopkOfSoftmax(), (torch.randn(29, 16),))
+    assert_rewritten(rec, "gshard_top1")
+
+
 @pytest.mark.parametrize("flaw, reason", [
     ("no_offset", "buffer positions are not cumsum(mask, 0) - 1 plus the counts of earlier choices"),
     ("all_dispatch", "the dispatch tensor is not combine.bool()"),
