@@ -42,6 +42,8 @@ def parse_spec(spec: str) -> tuple[Path, str]:
 def load_factory(spec: str) -> tuple[torch.nn.Module, tuple[Any, ...]]:
     """Import the file, call the factory, and check what it returned."""
     path, name = parse_spec(spec)
+    if path.is_dir():
+        raise FactoryError(f"model file {path} is a directory; give a .py file (path/to/file.py[:factory])")
     if not path.is_file():
         raise FactoryError(f"model file not found: {path}")
     if path.suffix != ".py":

@@ -105,6 +105,7 @@ def make():
          "{f}:make", "the model's output does not require grad; use --eval"),
         ("def make():\n    return 1\n", "{f}:make:extra", "invalid model spec '{f}:make:extra': more than one ':'"),
         (None, "", "empty model spec; expected path/to/file.py[:function]"),
+        (None, str(Path(__file__).parent), "is a directory; give a .py file"),  # it said "not found"
     ],
 )
 def test_dump_bad_input_one_line_error(tmp_path, capsys, write, spec, message):
