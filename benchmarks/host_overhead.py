@@ -30,9 +30,12 @@ def stub_launches() -> list:
     def stub(*args, **kwargs):
         launches.append(1)
 
-    class Kernel:  # kernel[grid](...)
+    class Kernel:  # kernel[grid](...) runs ``fn``
+        def __init__(self, fn=stub):
+            self.fn = fn
+
         def __getitem__(self, grid):
-            return stub
+            return self.fn
 
     kx.launch = stub
 
@@ -52,11 +55,7 @@ def stub_launches() -> list:
         launches.append(1)
         ok.fill_(True)
 
-    class Scan:
-        def __getitem__(self, grid):
-            return scan
-
-    kr._route_scan_kernel = Scan()
+    kr._route_scan_kernel = Kernel(scan)
     for op, fn in kx.cuda_impls().items():
         _registry.register_impl(op, "cpu", fn)
     return launches

@@ -49,8 +49,6 @@ def _cmd_dump(args: argparse.Namespace) -> int:
             break
         except (TypeError, ValueError):
             continue
-    if args.out is not None and not args.out.strip():
-        raise ValueError("--out needs a directory, got an empty path")
     import contextlib
 
     # Under --json stdout carries one JSON document: what the model prints goes to stderr.

@@ -355,6 +355,8 @@ def run(spec: str, *, train: bool = True, passes: list[str] | None = None, out: 
     if memory_budget is not None and not train:
         raise ValueError("--memory-budget budgets the activations saved for backward, and --eval compiles an "
                          "inference graph with no backward: nothing to budget; drop --memory-budget or --eval")
+    if out is not None and not str(out).strip():
+        raise ValueError("--out needs a directory, got an empty path")
     if not isinstance(expert_parallel, int) or not 1 <= expert_parallel <= 64:
         raise ValueError(f"--expert-parallel must be a number of ranks in [1, 64], got {expert_parallel!r}")
     created = _prepare_out(out) if out else None  # before the compile, not after

@@ -38,6 +38,7 @@ import torch.fx
 
 from blazec.passes.checkpoint_model import (
     FWD,
+    STALE_READ,
     Problem,
     build_problem,
     set_experts_flag,
@@ -388,11 +389,6 @@ def capture() -> Iterator[list[Captured]]:
         _captures.stack.pop()
 
 
-# The words of a violation where a saved value would be read after the forward wrote it
-# (checkpoint_model.build_problem): a plan with one computes wrong gradients.
-_STALE = "is written in place by the forward"
-
-
 class Session:
     """One partition: holds the config, and the plan once chosen."""
 
@@ -419,7 +415,8 @@ class Session:
             return default_saved
         for rec in getattr(_captures, "stack", []):
             rec.append(Captured(joint_graph, node_info, problem, list(default_saved), default, original))
-        stale = [v for v in default.violations if _STALE in v]
+        # a violation where a saved value would be read after the forward wrote it: wrong gradients
+        stale = [v for v in default.violations if STALE_READ in v]
         if budget_opt is None and stale:
             # torch's partition saves an input the forward then writes in place and recomputes
             # from it: its backward would read the new value (wrong gradients; torch's own

@@ -44,6 +44,10 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 INPUT, FWD, FREE = "input", "fwd", "free"
 
+# In the reason a vertex cannot be saved: an input the forward writes in place (a plan that saves
+# or recomputes from it reads the new value in backward; checkpoint.Session tells by these words)
+STALE_READ = "is written in place by the forward"
+
 # A roofline machine for turning FLOPs and bytes into seconds. The defaults are those of a
 # current datacenter accelerator (dense bf16 ~1e15 FLOP/s is optimistic for real kernels;
 # 2e14 is a sustained rate); only ratios matter to the solver.
@@ -686,7 +690,7 @@ def build_problem(joint_graph: torch.fx.Graph, node_info: Any) -> Problem:
                 what = "input" if root is v.node else f"a view of input {root.name}, which"
                 v.can_save = False
                 v.no_save_reason = (
-                    f"{what} is written in place by the forward (the backward would read the new value)"
+                    f"{what} {STALE_READ} (the backward would read the new value)"
                     if not unnamed else "graph input of a graph whose input mutations are not described")
             if root.op == "placeholder":
                 v.bytes_note = f"alias of input {root.name}" if root is not v.node else "graph input"

@@ -36,8 +36,9 @@ import torch
 import torch.fx
 
 from blazec.passes._fx import (
-    NoMatch, arg, canonical_equation, check_combine_dtypes, check_no_rounding, dtype, einsum_equation, eq_mask, einsum_operands, is_fn,
-    is_cast, is_getitem, is_method, is_mul, last_dim_broadcast, same_shape, shape, slot_sum_product, strip_casts,
+    NoMatch, arg, canonical_equation, check_combine_dtypes, check_no_rounding, dtype, einsum_equation, eq_mask,
+    einsum_operands, is_fn, is_cast, is_getitem, is_method, is_mul, last_dim_broadcast, same_shape, shape,
+    slot_sum_product, strip_casts,
 )
 from blazec.passes.moe_expert_mlp import ExpertMLP, check_consistent, parse_expert
 from blazec.passes.moe_loop_form import ZEROS_FNS, _check_dtypes

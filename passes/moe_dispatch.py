@@ -33,7 +33,7 @@ import torch.fx
 import blazec.ops  # noqa: F401 - registers torch.ops.blazec.*
 from blazec.passes._fx import (
     LINEAR, NoMatch, Region, arg, combine_args, copy_graph_module, dtype, einsum_equation, is_fn, is_getitem,
-    is_method, module_path, regions, shape, where_loc,
+    is_method, module_path, regions, shape, val, where_loc,
 )
 from blazec.passes.moe_dense_gate_form import ADD as DENSE_ADD
 from blazec.passes.moe_dense_gate_form import (
@@ -49,7 +49,7 @@ from blazec.passes.moe_pair_gather_form import (
 from blazec.passes.moe_repeat_form import match_repeat_assign, repeat_buffer
 from blazec.passes.moe_site_checks import (
     _ancestors, autocast_message, autocast_reason, autocast_regions, check_autocast, check_grad_mode, check_no_mutation,
-    op_rejection,
+    grad_modes, op_rejection, replaced_nodes,
 )
 from blazec.passes.moe_sort_form import _token_of, match_sorted, match_sorted_unpermute
 from blazec.report import Match, NearMiss, PassReport
@@ -103,6 +103,7 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx, outer_autocast: str | None 
 
     autocast = outer_autocast or autocast_reason(graph)
     autocast_in = autocast_regions(graph)
+    grad_mode = grad_modes(graph)
 
     def site_checks(finals, m, ids, weights, accumulation):
         """NoMatch when a matched site fails a check of passes/moe_site_checks.py."""
@@ -111,9 +112,10 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx, outer_autocast: str | None 
         if shape(ids) is not None and len(shape(ids)) != 2:  # (GShard's, stacked by the pass, are [T, k])
             raise NoMatch(f"the routing ids have shape {shape(ids)}; the blaze op routes [T, k] ids")
         inputs = [ids, weights, m.x, *_expert_bases(m.experts)]
-        check_autocast(autocast_in, finals, inputs)
+        site = replaced_nodes(finals, inputs)
+        check_autocast(autocast_in, finals, site)
         check_no_mutation(graph, finals, inputs, accumulation)
-        check_grad_mode(graph, finals, inputs)
+        check_grad_mode(grad_mode, finals, site)
         why = op_rejection(ids, weights, m.x, m.experts, dtype(finals[-1]))
         if why:
             raise NoMatch(why)
@@ -303,7 +305,7 @@ def _region_layers(gm: torch.fx.GraphModule, ctx, rep: PassReport, autocast: str
         outer = autocast or (autocast_message(around) if around is not None else None)
         sub = moe_dispatch_pass(work, ctx if ep is None or ep.world <= 1 else _without_ep(ctx), outer)
         rep.notes.extend(sub.notes)
-        int_inputs = any(isinstance(v := n.meta.get("example_value", n.meta.get("val")), torch.Tensor)
+        int_inputs = any(isinstance(v := val(n), torch.Tensor)
                          and not v.is_floating_point() for n in work.graph.find_nodes(op="placeholder"))
         for miss in sub.near_misses:
             if "topk" in miss.reason and int_inputs:  # ids that are a region input: topk's output outside it
@@ -638,7 +640,7 @@ def _guards_only_dead(assert_node: Node) -> bool:
 
 
 def _is_sym(n: Node) -> bool:
-    v = n.meta.get("example_value", n.meta.get("val"))
+    v = val(n)
     return isinstance(v, (torch.SymInt, torch.SymBool, torch.SymFloat)) or n.target is torch.ops.aten.sym_size.int
 
 

@@ -44,8 +44,8 @@ import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from blazec.passes._fx import (
-    NoMatch, arg, canonical_equation, check_no_rounding, dtype, einsum_equation, einsum_operands, exact_cast, follow_first_args, is_cast,
-    is_fn, is_getitem, is_method, is_mul, same_shape, shape, strip_casts,
+    NoMatch, arg, canonical_equation, check_no_rounding, dtype, einsum_equation, einsum_operands, exact_cast,
+    follow_first_args, is_cast, is_fn, is_getitem, is_method, is_mul, same_shape, shape, strip_casts, val,
 )
 from blazec.passes.moe_expert_mlp import GATED, ExpertMLP, WeightRef, _activation
 from blazec.passes.moe_loop_form import _check_dtypes
@@ -134,7 +134,7 @@ def _one_hot_capacity(oh: Node, c: object) -> object:
     restarted trace has since fixed, so the shape environment may not prove the equality.)"""
     witness = (shape(oh) or (None,))[-1]
     if isinstance(c, Node) and isinstance(witness, int) and not isinstance(witness, bool) \
-            and isinstance(c.meta.get("example_value", c.meta.get("val")), torch.SymInt):
+            and isinstance(val(c), torch.SymInt):
         return witness
     return c
 
@@ -144,7 +144,7 @@ def _static_capacity(c: object, witness: object) -> object:
     equal to it; else ``c`` unchanged."""
     if not isinstance(c, Node) or not isinstance(witness, int) or isinstance(witness, bool):
         return c
-    v = c.meta.get("example_value", c.meta.get("val"))
+    v = val(c)
     if isinstance(v, torch.SymInt) and statically_known_true(v == witness):
         return witness
     return c
@@ -209,7 +209,7 @@ def match_gshard(out: Node) -> GShardMatch:
         m, loc, C2 = kept
         C2 = C if C2 is c_node else _static_capacity(C2, C)  # the same size node as one_hot's, or proven equal
         bad = next((c for c in (C2, C) if isinstance(c, Node)), None)
-        if isinstance(bad, Node) and isinstance(bad.meta.get("example_value", bad.meta.get("val")), torch.Tensor):
+        if isinstance(bad, Node) and isinstance(val(bad), torch.Tensor):
             raise NoMatch(f"the capacity in a choice's drop test lt(locations, capacity) is a tensor ({bad.name}), "
                           "not a size: blazec rewrites a constant capacity")
         if bad is not None:
@@ -293,8 +293,7 @@ _SUM_METHODS = ("sum", "mean")
 
 
 def _requires_grad(node: object) -> bool:
-    v = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, Node) else None
-    return bool(getattr(v, "requires_grad", False))
+    return bool(getattr(val(node), "requires_grad", False))
 
 
 def _widening(node: Node) -> bool:

@@ -272,19 +272,30 @@ def _describe(n: Node) -> str:
             "itruediv": "a /="}.get(name, f"the in-place {name}")
 
 
-def check_grad_mode(graph: torch.fx.Graph, finals: list[Node], inputs: list[Node]) -> None:
-    """NoMatch when a node the rewrite replaces (an ancestor of ``finals`` that does not feed the
-    op's ``inputs``) runs in another grad mode than the placement ``finals[-1]``. The graph
-    starts in the mode Dynamo traced it in (the pass runs in it: Dynamo restores it to compile)."""
+def replaced_nodes(finals: list[Node], inputs: list[Node]) -> set[Node]:
+    """The nodes a rewrite replaces: ``finals`` and their ancestors that do not feed the op's
+    ``inputs`` (ids, weights, x and the expert weights are computed where they were)."""
+    return (_ancestors(finals) | set(finals)) - (_ancestors(inputs) | {n for n in inputs if isinstance(n, Node)})
+
+
+def grad_modes(graph: torch.fx.Graph) -> dict[Node, bool]:
+    """Whether grad is enabled at each node: the graph starts in the mode Dynamo traced it in
+    (the pass runs in it: Dynamo restores it to compile), and ``_set_grad_enabled`` calls (a
+    ``torch.no_grad()`` block in the code) change it."""
     enabled = torch.is_grad_enabled()
     mode: dict[Node, bool] = {}
     for n in graph.nodes:
         if is_fn(n, torch._C._set_grad_enabled) and n.args and isinstance(n.args[0], bool):
             enabled = n.args[0]
         mode[n] = enabled
-    site = (_ancestors(finals) | set(finals)) - (_ancestors(inputs) | {n for n in inputs if isinstance(n, Node)})
+    return mode
+
+
+def check_grad_mode(mode: dict[Node, bool], finals: list[Node], site: set[Node]) -> None:
+    """NoMatch when a node of ``site`` (``replaced_nodes``) runs in another grad mode
+    (``grad_modes``) than the placement ``finals[-1]``."""
     place = mode[finals[-1]]
-    odd = [n for n in graph.nodes if n in site and mode[n] != place and _differentiable(n)]
+    odd = [n for n in mode if n in site and mode[n] != place and _differentiable(n)]  # in graph order
     if odd:
         n = odd[0]
         raise NoMatch(
@@ -352,10 +363,9 @@ def autocast_message(enter: Node) -> str:
             f"GEMMs run in the autocast dtype, the blaze ops in their inputs' dtype. Left alone")
 
 
-def check_autocast(regions: dict[Node, Node], finals: list[Node], inputs: list[Node]) -> None:
-    """NoMatch when the placement or a node the rewrite replaces runs in an enabled autocast
-    region (``autocast_regions``); the ids, weights and x may come from one."""
-    site = (_ancestors(finals) | set(finals)) - (_ancestors(inputs) | {n for n in inputs if isinstance(n, Node)})
+def check_autocast(regions: dict[Node, Node], finals: list[Node], site: set[Node]) -> None:
+    """NoMatch when the placement ``finals[-1]`` or a node of ``site`` (``replaced_nodes``) runs
+    in an enabled autocast region (``autocast_regions``); the ids, weights and x may come from one."""
     hit = next((regions[n] for n in [finals[-1], *site] if n in regions), None)
     if hit is not None:
         raise NoMatch(autocast_message(hit))

@@ -460,7 +460,9 @@ def test_inputs_written_in_place_are_not_read_again_in_backward(make, n_inputs, 
         torch._dynamo.reset()
         got_model, got_args = clone_model(model), [a.clone() for a in args]
         x = got_args[0].requires_grad_()
-        options = {"final_stage": final_stage} if budget is None else {"final_stage": final_stage, "memory_budget": budget}
+        options = {"final_stage": final_stage}
+        if budget is not None:
+            options["memory_budget"] = budget
         with report.capture() as recs:
             torch.compile(got_model, backend="blaze", options=options)(*got_args).pow(2).sum().backward()
         plan = recs[0].partitions[0].checkpoint
