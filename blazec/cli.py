@@ -135,16 +135,29 @@ def _traced_model_error(err: BaseException) -> str | None:
     return f"the model failed on its example inputs while Dynamo traced it: {op_error}"
 
 
+def traceback_wanted() -> bool:
+    """``BLAZEC_TRACEBACK``: ``1`` shows the full traceback, ``0`` or unset the one-line error."""
+    value = os.environ.get("BLAZEC_TRACEBACK", "0").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"BLAZEC_TRACEBACK must be 0 or 1 (default 0), got {value!r}")
+    return value == "1"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        want_traceback = traceback_wanted()
+    except ValueError as e:
+        print(f"blazec {args.command}: error: {e}", file=sys.stderr)
+        return 2
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print(f"blazec {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - the CLI turns every failure into one line
-        if os.environ.get("BLAZEC_TRACEBACK") == "1":
+        if want_traceback:
             raise
         inner = getattr(e, "inner_exception", None)  # Dynamo wraps backend errors
         err = inner if inner is not None else e

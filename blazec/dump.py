@@ -16,7 +16,6 @@ import contextlib
 import copy
 import json
 import logging
-import os
 import re
 import shutil
 import sys
@@ -29,6 +28,7 @@ from unittest import mock
 import torch
 
 from blazec import report
+from blazec.cli import traceback_wanted
 from blazec.config import BlazeConfig
 from blazec.factory import load_factory, parse_spec
 
@@ -246,7 +246,7 @@ def compile_and_capture(
         for p in patches:
             stack.enter_context(p)
         stack.enter_context(_record_output_code())
-        if os.environ.get("BLAZEC_TRACEBACK") != "1":
+        if not traceback_wanted():
             # an op of the model that fails on its inputs while Dynamo traces it: torch logs the
             # fake-tensor traceback at ERROR; the CLI prints the error in one line instead
             stack.enter_context(_quiet("torch._subclasses.fake_tensor"))

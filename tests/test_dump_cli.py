@@ -234,6 +234,21 @@ def test_dump_a_blazec_failure_is_still_an_internal_error(capsys, monkeypatch):
     assert rc == 2 and err.startswith("blazec dump: internal error (RuntimeError): blazec bug"), err
 
 
+@pytest.mark.parametrize("value, raises", [("1", True), ("0", False), ("yes", None)])
+def test_traceback_setting_is_0_or_1(capsys, monkeypatch, value, raises):
+    """BLAZEC_TRACEBACK=1 re-raises; any value but 0 or 1 is an error (``yes`` was ignored)."""
+    monkeypatch.setenv("BLAZEC_TRACEBACK", value)
+    argv = ["dump", str(EXAMPLES / "no_such_file.py")]
+    if raises:
+        with pytest.raises(Exception, match="no_such_file"):
+            main(argv)
+        return
+    rc = main(argv)
+    err = capsys.readouterr().err
+    expected = "model file not found" if raises is False else "BLAZEC_TRACEBACK must be 0 or 1 (default 0), got 'yes'"
+    assert rc == 2 and expected in err, err
+
+
 def test_dump_a_value_error_inside_the_backend_is_an_internal_error(capsys, monkeypatch):
     """Inside the backend only blazec's own user-facing errors (bad options, expert-parallel
     setup) are the user's; a plain ValueError there (an op's check on a rewritten graph) was
