@@ -142,6 +142,15 @@ class BlazePartitioner(CustomPartitionerFn):
         return _uuid("partitioner", self.config)
 
 
+def partitioned_graph_kind(graph: torch.fx.Graph) -> str:
+    """Which of AOTAutograd's graphs this is, from its inputs' names: a backward graph takes
+    ``tangents_*``, a training forward ``primals_*``, an inference graph neither."""
+    names = [n.name for n in graph.find_nodes(op="placeholder")]
+    if any(n.startswith("tangents") for n in names):
+        return "backward"
+    return "forward" if any(n.startswith("primals") for n in names) else "inference"
+
+
 class BlazePostGradPass(CustomGraphPass):
     """``post_grad_custom_post_pass``: runs the registry's post-grad passes on each graph."""
 
@@ -158,6 +167,7 @@ class BlazePostGradPass(CustomGraphPass):
                 continue
             ctx = PassContext(config=self.config, stage="post_grad")
             rep = spec.load()(gm, ctx)
+            rep.graph = partitioned_graph_kind(graph)
             _report.log_pass_report(rep)
             if self.record is not None:
                 self.record.pass_reports.append(rep)

@@ -49,15 +49,17 @@ class PassReport:
     near_misses: list[NearMiss] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     skipped: str | None = None  # set when the pass was disabled, with why
+    graph: str = ""  # for a pass run on each partitioned graph: "forward", "backward" or "inference"
 
     @property
     def changed(self) -> bool:
         return bool(self.matches)
 
     def lines(self) -> list[str]:
+        label = f"{self.name}: {self.graph} graph" if self.graph else self.name
         if self.skipped:
-            return [f"[{self.name}] skipped: {self.skipped}"]
-        head = f"[{self.name}] {len(self.matches)} rewrite(s), {len(self.near_misses)} near miss(es)"
+            return [f"[{label}] skipped: {self.skipped}"]
+        head = f"[{label}] {len(self.matches)} rewrite(s), {len(self.near_misses)} near miss(es)"
         body = [m.line() for m in self.matches] + [n.line() for n in self.near_misses]
         return [head] + ["  " + b for b in body] + [f"  note: {n}" for n in self.notes]
 

@@ -48,6 +48,8 @@ def test_dump_text_sections_and_total(capsys):
     for section in SECTIONS:
         assert f"graph 0: {section}" in out, section
     assert "MATCH static_loop_modulelist" in out
+    # the post-grad pass runs once per partitioned graph, and its report says which
+    assert "[comm_overlap: forward graph]" in out and "[comm_overlap: backward graph]" in out
     total_line = next(l for l in out.splitlines() if "total saved:" in l)
     listed = sum(int(l.split(" B ")[0].split()[-1].replace(",", "")) for l in out.splitlines()
                  if l.startswith("  ") and (" input" in l or " activation" in l) and " B  (" in l)
