@@ -302,6 +302,10 @@ def to_json(records: list[report.GraphRecord], spec: str, train: bool) -> dict[s
 def write_dir(out: Path, records: list[report.GraphRecord], text: str, doc: dict[str, Any]) -> list[Path]:
     """Write the dump as files: ``OUT/model__{i}/...`` like ``torch_compile_debug``'s folders."""
     out.mkdir(parents=True, exist_ok=True)
+    if (out / "dump.json").is_file():  # a previous dump's graph folders: a graph it had and this one lacks stays stale
+        for old in out.iterdir():
+            if old.is_dir() and re.fullmatch(r"model__\d+", old.name):
+                shutil.rmtree(old)
     written = []
 
     def put(path: Path, content: str) -> None:

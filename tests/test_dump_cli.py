@@ -69,6 +69,30 @@ def test_dump_out_dir_eval_and_pass_subset(tmp_path, capsys):
     assert f"wrote {len(list(p for p in out_dir.rglob('*') if p.is_file()))} file(s)" in err
 
 
+def test_dump_out_reused_drops_the_previous_dumps_graph_folders(tmp_path, capsys):
+    """A second dump into the same --out kept the first one's model__N folders, which this
+    dump did not have; the user's own files there stay."""
+    out_dir = tmp_path / "dump"
+    (out_dir / "model__7").mkdir(parents=True)  # as a previous dump of a model with 8 graphs left it
+    (out_dir / "model__7" / "fx_graph_dynamo.py").write_text("stale")
+    (out_dir / "notes.txt").write_text("mine")
+    (out_dir / "dump.json").write_text("{}")
+    rc, _, err = _dump(capsys, str(EXAMPLES / "moe_loop_stacked.py"), "--eval", "--out", str(out_dir),
+                       "--final-stage", "eager", "--pass", "moe_dispatch")
+    assert rc == 0, err
+    assert not (out_dir / "model__7").exists() and (out_dir / "model__0").is_dir()
+    assert (out_dir / "notes.txt").read_text() == "mine"
+
+
+def test_dump_out_without_a_previous_dump_keeps_its_folders(tmp_path, capsys):
+    out_dir = tmp_path / "dump"
+    (out_dir / "model__7").mkdir(parents=True)  # not blazec's: no dump.json beside it
+    rc, _, err = _dump(capsys, str(EXAMPLES / "moe_loop_stacked.py"), "--eval", "--out", str(out_dir),
+                       "--final-stage", "eager", "--pass", "moe_dispatch")
+    assert rc == 0, err
+    assert (out_dir / "model__7").is_dir()
+
+
 RAISES = """import torch
 class M(torch.nn.Module):
     def forward(self, x):
