@@ -93,8 +93,10 @@ def run(tokens: int = 1024, d: int = 128, inter: int = 256, num_experts: int = 8
     say("[1/3] eager step ...")
     ref_out, ref_saved = _step(model, inputs)
 
+    slow = (f"; Dynamo traces the loop once for each of the {num_experts} experts, so it grows with E"
+            if num_experts > 64 else "")
     say(f"[2/3] compiling with torch.compile(backend='blaze', options={{'final_stage': '{final_stage}'}}) "
-        "(the first compile takes a while) ...")
+        f"(the first compile takes a while{slow}) ...")
     torch._dynamo.reset()
     compiled = torch.compile(blaze_model, backend="blaze", options={"final_stage": final_stage})
     t0 = time.perf_counter()
