@@ -642,7 +642,7 @@ def act_fwd(g, ACT: tl.constexpr):
         z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
         r = 0.5 * g * (1.0 + _tanh(z))
     else:
-        r = tl.where(g > 0, g, 0.0)
+        r = tl.where(g < 0, 0.0, g)  # F.relu: a NaN stays NaN
     return r
 
 
@@ -662,4 +662,15 @@ def act_grad(g, ACT: tl.constexpr):
         r = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * g * g)
     else:
         r = tl.where(g > 0, 1.0, 0.0)
+    return r
+
+
+@device_fn
+def act_bwd(dh, g, ACT: tl.constexpr):
+    """dh * a'(g) as eager's autograd computes it. For relu that is threshold_backward, a
+    select, not a product: 0 where g <= 0 even for a non-finite dh, and dh where g is NaN."""
+    if ACT == 3:
+        r = tl.where(g <= 0, 0.0, dh)
+    else:
+        r = dh * act_grad(g, ACT)
     return r

@@ -87,7 +87,7 @@ import triton
 import triton.language as tl
 
 from blazec.kernels._common import (
-    INTERPRET, INTERPRET_CONFIG, act_fwd, act_grad, cast, cdiv, device_fn, expert_ptr, gemm_config, mma,
+    INTERPRET, INTERPRET_CONFIG, act_bwd, act_fwd, cast, cdiv, device_fn, expert_ptr, gemm_config, mma,
     real_m_tiles, rnd, rsum, smem_pruner, swizzle, tile_of, variant_key,
 )
 
@@ -553,10 +553,10 @@ def _dh_kernel(
         dhu = rnd(dh * u, xdt)
         g = tl.load(pre_ptrs, mask=omask, other=0.0).to(tl.float32)
         tl.store(dgu_ptrs + I, cast(dh * rnd(act_fwd(g, ACT), xdt), xdt), mask=omask)
-        dg = dhu * act_grad(g, ACT)
+        dg = act_bwd(dhu, g, ACT)
     else:
         g = tl.load(pre_ptrs, mask=omask, other=0.0).to(tl.float32)
-        dg = dh * act_grad(g, ACT)
+        dg = act_bwd(dh, g, ACT)
     tl.store(dgu_ptrs, cast(dg, xdt), mask=omask)
 
 
@@ -603,9 +603,9 @@ def _dh_epilogue_kernel(
     dgu_ptrs = dgu_ptr + rows64[:, None] * stride_dgu + cols[None, :]
     if GATED:
         tl.store(dgu_ptrs + I, cast(dh * ag, xdt), mask=omask)
-        dg = rnd(dh * u, xdt) * act_grad(g, ACT)
+        dg = act_bwd(rnd(dh * u, xdt), g, ACT)
     else:
-        dg = dh * act_grad(g, ACT)
+        dg = act_bwd(dh, g, ACT)
     tl.store(dgu_ptrs, cast(dg, xdt), mask=omask)
 
 

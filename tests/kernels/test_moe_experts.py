@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from blazec.ops import ACTIVATIONS
 from blazec.ops import reference as ref
-from tests.kernels.cases import LAYOUTS, TOL, check, make_case, spy_launches
+from tests.kernels.cases import LAYOUTS, NAMES, TOL, _flat, _run, check, make_case, spy_launches
 from tests.kernels.conftest import ON_GPU
 
 
@@ -113,6 +113,37 @@ def test_a_wide_grad_keeps_its_range(scale: float, weight_pos: str) -> None:
         torch.testing.assert_close(d_tw.double(), exact, rtol=2e-2, atol=2e-2 * exact.abs().max().item())
     if scale < 1:  # past 65504 the fp16 expert gradients overflow, in eager too
         check(case)
+
+
+def _same_nan_and_close(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
+    nan_got, nan_want = torch.isnan(got), torch.isnan(want)
+    assert torch.equal(nan_got, nan_want), f"{name}: NaN at {int(nan_got.sum())} elements, the reference's at {int(nan_want.sum())}"
+    torch.testing.assert_close(got.masked_fill(nan_got, 0), want.masked_fill(nan_want, 0), **TOL[torch.float32],
+                               msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("dh", ["fused", "split"])
+@pytest.mark.parametrize("weight_pos", ["output", "hidden"])
+def test_relu_keeps_eagers_nan(monkeypatch, weight_pos: str, dh: str) -> None:
+    """relu was tl.where(g > 0, g, 0): a NaN pre-activation came out 0, so a NaN in x gave
+    finite outputs and gradients (an AMP GradScaler would not skip the step), and its
+    derivative was a product, so a non-finite grad_y row gave NaN at inactive units where
+    eager's threshold_backward selects 0. Found in review; now as the reference (= eager)."""
+    import dataclasses
+
+    from blazec.kernels.moe_experts import moe_experts_bwd, moe_experts_fwd
+
+    monkeypatch.setenv("BLAZEC_DH", dh)
+    case = make_case(T=8, activation="relu", weight_pos=weight_pos, bias="stacked", seed=7)
+    x, gy = case.x.clone(), case.gy.clone()
+    x[2, 0] = float("nan")
+    gy[5, 1] = float("inf")
+    case = dataclasses.replace(case, x=x, gy=gy)
+    got = _run(case, moe_experts_fwd, moe_experts_bwd)
+    want = _run(case, ref.moe_experts_fwd, ref.moe_experts_bwd)
+    assert torch.isnan(want[0][2]).all() and torch.isfinite(want[0][:2]).all()  # the case is what it says
+    for name, g, r in zip(NAMES, _flat(got), _flat(want)):
+        _same_nan_and_close(name, g, r)
 
 
 def test_noncontiguous_x_and_grad() -> None:
