@@ -25,6 +25,10 @@ class NoMatch(Exception):
     """Raised by matchers with the reason a site is not the pattern; becomes a near miss."""
 
 
+# Node meta key: on a ``moe_route`` whose ids the rewrite derived (GShard's second route), the
+# router's own ids node, which moe_gating's report follows back.
+ROUTER_IDS = "blazec_router_ids"
+
 # torch 2.11's Dynamo records ``tensor == x`` as ``call_method("__eq__")`` where later versions
 # record ``call_function(operator.eq)``; the comparisons are matched under either spelling.
 # The method spelling of a function target, where Dynamo records ``t.f(...)`` as a call_method

@@ -32,7 +32,7 @@ import torch.fx
 
 import blazec.ops  # noqa: F401 - registers torch.ops.blazec.*
 from blazec.passes._fx import (
-    LINEAR, NoMatch, Region, arg, combine_args, copy_graph_module, dtype, einsum_equation, is_fn, is_getitem,
+    LINEAR, ROUTER_IDS, NoMatch, Region, arg, combine_args, copy_graph_module, dtype, einsum_equation, is_fn, is_getitem,
     is_method, module_path, regions, shape, val, where_loc,
 )
 from blazec.passes.moe_dense_gate_form import ADD as DENSE_ADD
@@ -79,12 +79,13 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx, outer_autocast: str | None 
     ep_unmapped: list[str] = []
     ep_single: list[str] = []  # layers rewritten single-process under expert_parallel
 
-    def emit(before, ids, weights, x, experts, out_dtype, where, capacity=-1, priority="token"):
+    def emit(before, ids, weights, x, experts, out_dtype, where, capacity=-1, priority="token",
+             drop_zero_weights=False):
         if _sharded(ep, experts):
             existing = set(graph.nodes)
             with graph.inserting_before(before):
                 y = emit_moe_ep(graph, ids, weights, x, experts, out_dtype, recompute, capacity, priority,
-                                ep, chunks)
+                                ep, chunks, drop_zero_weights)
             _copy_source_meta(graph, before, existing)
             ep_nodes.update(n for n in graph.nodes if n not in existing)
             params = expert_parameters(gm, experts)
@@ -99,7 +100,8 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx, outer_autocast: str | None 
             rep.near_misses.append(NearMiss("expert_parallel", where, why))
             logging.getLogger("blazec").warning("blaze expert_parallel: the MoE layer at %s: %s", where, why)
             ep_single.append(where)
-        return emit_moe(graph, before, ids, weights, x, experts, out_dtype, recompute, capacity, priority)
+        return emit_moe(graph, before, ids, weights, x, experts, out_dtype, recompute, capacity, priority,
+                        drop_zero_weights)
 
     autocast = outer_autocast or autocast_reason(graph)
     autocast_in = autocast_regions(graph)
@@ -188,7 +190,8 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx, outer_autocast: str | None 
                     graph.erase_node(n)
                 rep.near_misses.append(NearMiss(form, where, str(e)))
                 continue
-            y = emit(final, ids, weights, m.x, m.experts, dtype(final), where, capacity, priority)
+            y = emit(final, ids, weights, m.x, m.experts, dtype(final), where, capacity, priority,
+                     getattr(m, "drop_zero_weights", False))
             final.replace_all_uses_with(y)
             graph.erase_node(final)
             # the in-place links: nothing else reads them (the matchers check), but _remove_dead
@@ -554,8 +557,12 @@ def _accumulators(graph: torch.fx.Graph) -> list[tuple[Node, list[Node]]]:
 
 
 def emit_moe(graph: torch.fx.Graph, before: Node, ids: Node, weights: Node, x: Node, experts: dict,
-             out_dtype: torch.dtype, recompute: bool, capacity: int = -1, priority: str = "token") -> Node:
-    """Insert ``moe_route`` + ``moe_experts`` before ``before``; return the node of ``y``."""
+             out_dtype: torch.dtype, recompute: bool, capacity: int = -1, priority: str = "token",
+             drop_zero_weights: bool = False) -> Node:
+    """Insert ``moe_route`` + ``moe_experts`` before ``before``; return the node of ``y``.
+
+    ``drop_zero_weights``: pairs of weight exactly 0 count toward ``capacity`` but are not
+    computed (see :func:`_route_without_zero_weights`)."""
     E = len(experts)
     first = experts[0]
     refs = dict(zip(REF_NAMES, map(list, zip(*(experts[e].refs() for e in range(E))))))
@@ -563,6 +570,8 @@ def emit_moe(graph: torch.fx.Graph, before: Node, ids: Node, weights: Node, x: N
     with graph.inserting_before(before):
         route = graph.call_function(torch.ops.blazec.moe_route.default, (ids, E, capacity, priority))
         sorted_pairs, offsets, pair_pos = (graph.call_function(operator.getitem, (route, i)) for i in range(3))
+        if drop_zero_weights:
+            sorted_pairs, offsets, pair_pos = _route_without_zero_weights(graph, ids, weights, pair_pos, E, priority)
         lists = {a: weight_list(graph, r, E) for a, r in refs.items()}
         out = graph.call_function(
             torch.ops.blazec.moe_experts.default,
@@ -574,6 +583,30 @@ def emit_moe(graph: torch.fx.Graph, before: Node, ids: Node, weights: Node, x: N
         y = graph.call_function(operator.getitem, (out, 0))
     _copy_source_meta(graph, before, existing)
     return y
+
+
+def _route_without_zero_weights(graph: torch.fx.Graph, ids: Node, weights: Node, pair_pos: Node, E: int,
+                                priority: str) -> tuple[Node, Node, Node]:
+    """The route of the kept pairs of nonzero weight, at the graph's insertion point.
+
+    GShard's ``combine.bool()`` dispatches no pair of weight exactly 0: its slot stays taken
+    (it counts toward the capacity) but the expert runs on a zero row there, so eager's output
+    and dL/dx get nothing from it even where ``expert_e(x[t])`` overflows, where the op's
+    ``0 * inf`` would be NaN. Such pairs go to a spare expert E in a second route, over the
+    same priority order, whose first E + 1 offsets and pair positions (-1 for them) read as
+    the first route's minus those pairs."""
+    call = graph.call_function
+    kept = call(torch.ops.aten.ge.Scalar, (pair_pos, 0))
+    nonzero = call(torch.ops.aten.ne.Scalar, (call(torch.ops.aten.reshape.default, (weights, [-1])), 0))
+    keep = call(torch.ops.aten.logical_and.default, (kept, nonzero))
+    flat_ids = call(torch.ops.aten.reshape.default, (ids, [-1]))
+    spare = graph.call_method("view_as", (call(torch.ops.aten.where.ScalarOther, (keep, flat_ids, E)), ids))
+    route = call(torch.ops.blazec.moe_route.default, (spare, E + 1, -1, priority))
+    route.meta[ROUTER_IDS] = ids  # the router's ids, for moe_gating's report
+    sorted_pairs, offsets, pos = (call(operator.getitem, (route, i)) for i in range(3))
+    offsets = call(torch.ops.aten.slice.Tensor, (offsets, 0, 0, E + 1))
+    pair_pos = call(torch.ops.aten.where.ScalarOther, (keep, pos, -1))
+    return sorted_pairs, offsets, pair_pos
 
 
 def _copy_source_meta(graph: torch.fx.Graph, before: Node, existing: set[Node]) -> None:

@@ -81,8 +81,11 @@ def local_weight_lists(graph: torch.fx.Graph, experts: dict, lo: int, n_local: i
 
 def emit_moe_ep(graph: torch.fx.Graph, ids: Node, weights: Node, x: Node, experts: dict,
                 out_dtype: torch.dtype, recompute: bool, capacity: int, priority: str,
-                group: EPGroup, chunks: int) -> Node:
-    """Insert the expert-parallel chain at the graph's insertion point; return the node of ``y``."""
+                group: EPGroup, chunks: int, drop_zero_weights: bool = False) -> Node:
+    """Insert the expert-parallel chain at the graph's insertion point; return the node of ``y``.
+
+    ``drop_zero_weights``: pairs of weight exactly 0 count toward ``capacity`` but are not sent
+    (GShard's form, see ``moe_dispatch._route_without_zero_weights``)."""
     E = len(experts)
     n_local = E // group.world
     first = experts[0]
@@ -92,6 +95,9 @@ def emit_moe_ep(graph: torch.fx.Graph, ids: Node, weights: Node, x: Node, expert
         return [call(operator.getitem, (node, i)) for i in range(n)]
 
     keep = call(kept_pairs, (ids, E, capacity, priority)) if capacity >= 0 else None
+    if drop_zero_weights:
+        nonzero = call(torch.ne, (weights, 0))
+        keep = nonzero if keep is None else call(torch.logical_and, (keep, nonzero))
     lists = local_weight_lists(graph, experts, group.rank * n_local, n_local)
     if chunks > 1:
         split = [items(call(torch.tensor_split, (t, chunks)), chunks) if t is not None else [None] * chunks

@@ -22,7 +22,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from blazec.passes._fx import arg, is_fn, is_getitem, is_method, regions, strip_casts, where_loc
+from blazec.passes._fx import ROUTER_IDS, arg, is_fn, is_getitem, is_method, regions, strip_casts, where_loc
 from blazec.report import PassReport
 
 Node = torch.fx.Node
@@ -55,7 +55,7 @@ def routing_inputs(experts: Node) -> tuple[Node | None, Node | None]:
     from blazec.expert_parallel import ep_rows, ep_send
 
     route = experts.args[2].args[0] if is_getitem(experts.args[2]) else None
-    ids = route.args[0] if isinstance(route, Node) else None
+    ids = route.meta.get(ROUTER_IDS, route.args[0]) if isinstance(route, Node) else None
     weights = experts.args[1]
     send = weights.args[0] if is_getitem(weights) else None
     if isinstance(send, Node) and send.target is ep_send:

@@ -19,14 +19,17 @@ expert in slot-major order (all first choices in token order, then all second ch
 K_j keeps exactly the first C pairs of each expert in that order: ``moe_route(ids, E, C,
 priority="slot")`` with ``ids = [idx1, idx2]``. Kept pairs get distinct buffer slots, so
 ``expert_in[e, c]`` is the row of the one token at that slot and
-``out[t] = sum_j w_j[t] * K_j[t, e] * expert_e(x[t])``. Dropped pairs, and kept pairs of
-weight 0 (not dispatched), contribute 0 in both. The weights ``w_j`` are used exactly as the
+``out[t] = sum_j w_j[t] * K_j[t, e] * expert_e(x[t])``. Dropped pairs contribute 0 in both.
+A kept pair of weight exactly 0 is not dispatched (its slot stays taken, on a zero row): the
+op computes it neither, since a second route leaves such pairs out after the capacity drop
+(``drop_zero_weights``), so an expert that overflows on that token gives no ``0 * inf`` =
+NaN, which eager does not have either. The weights ``w_j`` are used exactly as the
 code computed them, after any renormalization over kept pairs. Unused buffer slots run the
 MLP on zeros in eager; their results are multiplied by 0, so blaze skips them.
 
-One difference in the backward: a kept pair of weight exactly 0 is not dispatched, so eager's
-gradient of that weight is <dL/dout[t], expert_e(0)> where blaze's is <dL/dout[t],
-expert_e(x[t])>. The rewrite is therefore made only where that gradient provably goes nowhere:
+One difference in the backward: eager's gradient of a kept pair's weight 0 is
+<dL/dout[t], expert_e(0)> (its slot's output), where blaze's is 0 (the pair is not
+computed). The rewrite is therefore made only where that gradient provably goes nowhere:
 where the weights are built from softmax / sigmoid / exp outputs by products with non-negative
 masks, sums, and divisions by positive values (``_zero_weight_grad_vanishes``), every path
 from a weight's zero back to a parameter multiplies by an exact 0. A zero-initialized gate
@@ -68,6 +71,7 @@ class GShardMatch:
     capacity: int
     experts: dict[int, ExpertMLP]
     priority: str = "slot"  # all first choices fill the buffers before any second choice
+    drop_zero_weights: bool = True  # combine.bool() dispatches no pair of weight 0 (see the module docstring)
     links: set[Node] = field(default_factory=set)  # no in-place nodes of its own
 
     @property

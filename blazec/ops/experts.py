@@ -245,6 +245,9 @@ def check_experts_args(
 
     if len(w_gate) == 0:
         raise ValueError("moe_experts: w_gate is empty; it must hold the first-GEMM weights")
+    if w_gate[0].dim() not in (2, 3):
+        raise ValueError(f"moe_experts: w_gate must hold E 2-D [I, d] tensors or one 3-D [E, I, d] tensor; "
+                         f"w_gate[0] has shape {list(w_gate[0].shape)}")
     I = w_gate[0].shape[-2]
     gated = is_gated(activation)
     if gated and len(w_up) == 0:

@@ -138,6 +138,29 @@ def moe_route(
 # ----------------------------------------------------------------------------------------------
 
 
+def check_route_contents(sorted_pairs: Tensor, offs: list[int], pair_pos: Tensor) -> None:
+    """That the route tensors are one route, as ``moe_route`` builds it: offsets from 0, not
+    decreasing, to at most P kept pairs; the kept pairs are distinct pairs whose ``pair_pos``
+    is their place in that order; every other pair has ``pair_pos`` -1. A hand-built route
+    that is not one gave a wrong ``y`` or an IndexError deep in the loop. The reference runs
+    it (O(P), on the host sync it makes anyway); the CUDA kernels trust the route, as checking
+    it there would cost a sync per call."""
+    P = sorted_pairs.shape[0]
+    kept = offs[-1]
+    if offs[0] != 0 or any(b < a for a, b in zip(offs, offs[1:])) or kept > P:
+        raise ValueError(f"moe_experts: expert_offsets must start at 0, not decrease and end at <= T*k = {P} "
+                         f"(as moe_route returns them), got {offs}")
+    pairs = sorted_pairs[:kept]
+    if kept and (int(pairs.min()) < 0 or int(pairs.max()) >= P):
+        raise ValueError(f"moe_experts: sorted_pairs holds a pair outside [0, T*k = {P}) among its first {kept} "
+                         "(kept) entries; it must come from moe_route")
+    at = torch.full((P,), -1, dtype=torch.int64, device=pair_pos.device)
+    at[pairs] = torch.arange(kept, device=pair_pos.device)
+    if not torch.equal(pair_pos, at) or int((at >= 0).sum()) != kept:  # the second: a pair kept twice
+        raise ValueError("moe_experts: pair_pos does not match sorted_pairs and expert_offsets (each kept pair's "
+                         "place in sorted_pairs, -1 for the others); the three must come from one moe_route call")
+
+
 def moe_experts_fwd(
     x: Tensor,
     topk_weights: Tensor,
@@ -185,6 +208,7 @@ def moe_experts_fwd(
         preact = x.new_zeros(P, 2 * I if gated else I)
 
     offs = expert_offsets.tolist()  # one host sync: the per-expert loop bounds
+    check_route_contents(sorted_pairs, offs, pair_pos)
     for e in range(E):
         s0, s1 = offs[e], offs[e + 1]
         if s1 == s0:
@@ -314,6 +338,7 @@ def moe_experts_bwd(
         return grads[0][e] if grads else None
 
     offs = expert_offsets.tolist()
+    check_route_contents(sorted_pairs, offs, pair_pos)
     for e in range(E):
         s0, s1 = offs[e], offs[e + 1]
         if s1 == s0:

@@ -16,6 +16,8 @@ The outputs are integers, so the op has no autograd formula. The math is in
 ``reference.moe_route``; a device kernel can replace it through ``blazec.ops._registry``.
 """
 
+import operator
+
 import torch
 from torch import Tensor
 
@@ -42,8 +44,8 @@ def check_route_args(topk_ids: Tensor, num_experts: int, capacity: int, priority
         )
     if not _is_integer_dtype(topk_ids.dtype):
         raise ValueError(f"moe_route: topk_ids must have an integer dtype, got {topk_ids.dtype}")
-    if num_experts < 1:
-        raise ValueError(f"moe_route: num_experts must be >= 1, got {num_experts}")
+    if not 1 <= num_experts < 2**31:  # the route kernels count in int32
+        raise ValueError(f"moe_route: num_experts must be in [1, 2**31), got {num_experts}")
     if capacity < -1:
         raise ValueError(f"moe_route: capacity must be >= 0, or -1 for no limit; got {capacity}")
     if priority not in PRIORITIES:
@@ -96,6 +98,16 @@ def _moe_route_fake(
     )
 
 
+def _int(name: str, v: object) -> int:
+    """An integer argument (numpy ones too); the op's int schema would take True as 1."""
+    if not isinstance(v, bool):
+        try:
+            return operator.index(v)
+        except TypeError:
+            pass
+    raise TypeError(f"moe_route: {name} must be an int, got {v!r}")
+
+
 def moe_route(
     topk_ids: Tensor, num_experts: int, capacity: int = -1, priority: str = "token"
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -104,4 +116,5 @@ def moe_route(
     See the module docstring for the exact semantics. Thin wrapper over
     ``torch.ops.blazec.moe_route``.
     """
+    num_experts, capacity = _int("num_experts", num_experts), _int("capacity", capacity)
     return torch.ops.blazec.moe_route(topk_ids, num_experts, capacity, priority)

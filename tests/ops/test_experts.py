@@ -715,6 +715,19 @@ ERROR_CASES = {
     "weights vs E": (dict(layout="stacked"), _set(expert_offsets=lambda a: torch.tensor([0, 4, 10])),
                      r"w_gate\[0\] \(stacked\) must have shape \[E, out, in\] = \[2, 6, 4\]"),
     "empty w_gate": (dict(), _set(w_gate=[]), "w_gate is empty"),
+    "1-D w_gate": (dict(layout="stacked"), _set(w_gate=lambda a: [a["w_gate"][0].flatten()]),  # was an IndexError
+                   r"w_gate must hold E 2-D \[I, d\] tensors or one 3-D \[E, I, d\] tensor; w_gate\[0\] has shape \[72\]"),
+    # the route's contents (the reference checks them; each gave a wrong y or an IndexError)
+    "offsets decrease": (dict(), _set(expert_offsets=torch.tensor([0, 7, 3, 10])),
+                         r"expert_offsets must start at 0, not decrease and end at <= T\*k = 10 .*got \[0, 7, 3, 10\]"),
+    "offsets start below 0": (dict(), _set(expert_offsets=torch.tensor([-2, 3, 6, 10])), "must start at 0"),
+    "offsets past T*k": (dict(), _set(expert_offsets=torch.tensor([0, 3, 6, 12])), r"end at <= T\*k = 10"),
+    "pair out of range": (dict(), _set(sorted_pairs=lambda a: a["sorted_pairs"].clone().fill_(10)),
+                          r"sorted_pairs holds a pair outside \[0, T\*k = 10\)"),
+    "pair_pos not the route's": (dict(), _set(pair_pos=lambda a: a["pair_pos"].flip(0)),
+                                 "pair_pos does not match sorted_pairs and expert_offsets"),
+    "offsets not the route's": (dict(), _set(expert_offsets=torch.tensor([0, 0, 0, 9])),
+                                "pair_pos does not match sorted_pairs and expert_offsets"),
 }
 
 

@@ -159,7 +159,8 @@ def test_fake_shapes_are_static() -> None:
         ((torch.tensor([[True, False]]), 4), "integer dtype"),
         ((torch.tensor([0, 1]), 4), "must be 2-D"),
         ((torch.zeros(2, 1, 1, dtype=torch.int64), 4), "must be 2-D"),
-        ((torch.tensor([[0, 1]]), 0), "num_experts must be >= 1"),
+        ((torch.tensor([[0, 1]]), 0), r"num_experts must be in \[1, 2\*\*31\), got 0"),
+        ((torch.tensor([[0, 1]]), 2**62), r"num_experts must be in \[1, 2\*\*31\)"),  # was a storage overflow
         ((torch.tensor([[0, 1]]), 4, -2), "capacity"),
         ((torch.tensor([[0, 1]]), 4, -1, "expert"), "priority must be one of"),
     ],
@@ -167,3 +168,15 @@ def test_fake_shapes_are_static() -> None:
 def test_route_errors(args: tuple, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         moe_route(*args)
+
+
+def test_route_integer_arguments() -> None:
+    """num_experts=True was taken as 1 (and reported as "num_experts=1"); numpy ints are ints."""
+    import numpy as np
+
+    ids = torch.tensor([[0, 1]])
+    with pytest.raises(TypeError, match="num_experts must be an int, got True"):
+        moe_route(ids, True)
+    with pytest.raises(TypeError, match="capacity must be an int, got 1.5"):
+        moe_route(ids, 2, 1.5)
+    assert torch.equal(moe_route(ids, np.int64(2), np.int32(-1))[1], moe_route(ids, 2)[1])

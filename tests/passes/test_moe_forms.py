@@ -230,6 +230,27 @@ def test_gshard_weight_from_topk_values():
     assert_rewritten(rec, "gshard_top1")
 
 
+def test_gshard_kept_pair_of_weight_0_is_not_computed():
+    """A second choice whose softmax weight underflows to exactly 0 stays in its slot, but
+    combine.bool() does not dispatch it: eager runs expert 1 on a zero row there (finite),
+    where the op ran it on x[t], which overflows, and 0 * inf made the outputs, dL/dx and the
+    weight gradients NaN (found in review). Such pairs are now left out after the capacity drop."""
+    torch.manual_seed(3)
+    T, E = 12, 4
+    model = GShard(E=E, top_k=2, capacity_factor=4.0)
+    model.wg = nn.Linear(16, E)
+    with torch.no_grad():
+        model.wg.weight.zero_()
+        model.wg.bias.copy_(torch.tensor([0.0] + [-200.0] * (E - 1)))  # softmax [1, 0, 0, 0]: exp(-200) underflows
+        model.w_in[1] *= 1e20  # expert 1 on a real row: |out| ~ 1e40 = inf in float32
+        model.w_out[1] *= 1e20  # on the zero row: relu(b_in) @ w_out + b_out ~ 1e19, finite
+    x = torch.randn(T, 16)
+    ref = run_train(copy.deepcopy(model), (x,))
+    assert torch.isfinite(ref[0]).all() and all(torch.isfinite(g).all() for g in ref[1].values())
+    rec = compile_and_compare(model, (x,))
+    assert_rewritten(rec, "gshard_top2", capacity=math.ceil(2 * 4.0 * T / E))
+
+
 @pytest.mark.parametrize("flaw, reason", [
     ("no_offset", "buffer positions are not cumsum(mask, 0) - 1 plus the counts of earlier choices"),
     ("all_dispatch", "the dispatch tensor is not combine.bool()"),
