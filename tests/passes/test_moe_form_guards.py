@@ -327,7 +327,7 @@ def test_gshard_recompiled_for_a_second_batch_size_rewritten(monkeypatch) -> Non
         _train_compare(compiled, model, x)
         _train_compare(compiled, model, x3)
     assert _gshard_capacities(recs) == [4, 6]
-    assert calls.count("moe_route") == 2
+    assert calls.count("moe_route") == 4  # per step: the route, and the one without pairs of weight 0
 
 
 def test_gshard_with_a_tensor_capacity_says_so() -> None:
