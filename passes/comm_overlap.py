@@ -35,6 +35,11 @@ Ordering rules (why each exists):
   are their waits.
 - A wait also stays before any other user of its collective's output that came after it
   (``wait_tensor`` returns its input, so code may read the buffer directly once waited).
+- A wait goes before the first op that Inductor's reinplace pass, which runs after this one,
+  may turn into an in-place write to the collective's input (``index_put``, the view
+  scatters, the foreach ops, ``all_reduce``), moving up there when the traced code waits
+  later. Peers read the input until the wait; with ``backend="inductor"`` alone (torch
+  2.13.0, 2 gloo ranks, 2026-11-28) such a write after ``all_to_all_single(a)`` reached them.
 
 The pass is a pure function of the graph: it reads no process group and is unit-testable on
 graphs traced under ``FakeTensorMode``. The report has one entry per collective: a match
@@ -100,6 +105,32 @@ def _is_barrier(node: torch.fx.Node) -> bool:
         return node.is_impure()
     except Exception:  # pragma: no cover - defensive: unknown targets count as side-effecting
         return True
+
+
+# Functional ops that Inductor's reinplace pass (run after this pass) may turn into in-place
+# writes to their first argument: index_put, the view scatters, the foreach ops, all_reduce.
+_REINPLACEABLE = {"index_put", "_unsafe_index_put", "slice_scatter", "select_scatter", "diagonal_scatter",
+                  "as_strided_scatter", "all_reduce", "all_reduce_coalesced"}
+
+
+def _may_write_in_place(node: torch.fx.Node, bases: set[torch.fx.Node]) -> bool:
+    """Whether Inductor may make ``node`` write in place into the storage of one of ``bases``."""
+    t = node.target
+    if node.op != "call_function" or not isinstance(t, torch._ops.OpOverload) or not node.args:
+        return False
+    name = t.overloadpacket.__name__
+    if name not in _REINPLACEABLE and not name.startswith("_foreach_"):
+        return False
+    first = node.args[0]
+    return any(_base(a) in bases for a in (first if isinstance(first, (list, tuple)) else [first]))
+
+
+def _base(node: object) -> object:
+    """The tensor whose storage a chain of view ops of ``node`` reads."""
+    while (isinstance(node, torch.fx.Node) and node.op == "call_function" and node.args
+           and isinstance(node.target, torch._ops.OpOverload) and node.target.is_view):
+        node = node.args[0]
+    return node
 
 
 def _is_compute(node: torch.fx.Node) -> bool:
@@ -319,6 +350,22 @@ def schedule_comms(graph: torch.fx.Graph, order: str = "priority") -> PassReport
             nodes.pop(i)
             nodes.insert(hi - 1, w)
 
+    # 3. A wait goes before the first op Inductor may turn into an in-place write to its
+    #    collective's input (``index_put(a, ...)`` after ``all_to_all_single(a)`` becomes
+    #    ``index_put_`` on a's buffer, which peers may still be reading until the wait). Traced
+    #    code can have that order too: the wait is then moved up to that op.
+    for c in colls:
+        ws = sorted((u for o in outputs[c] for u in o.users if _is_wait(u)), key=nodes.index)
+        if not ws or _mutates(c):
+            continue
+        bases = {_base(a) for a in c.all_input_nodes}
+        lo, hi = nodes.index(c), nodes.index(ws[-1])
+        writer = next((nodes[k] for k in range(lo + 1, hi) if _may_write_in_place(nodes[k], bases)), None)
+        for w in ws if writer is not None else []:
+            if nodes.index(w) > nodes.index(writer):
+                nodes.remove(w)
+                nodes.insert(nodes.index(writer), w)
+
     # Apply the order to the graph.
     if nodes != list(graph.nodes):
         anchor = nodes[0]
@@ -328,7 +375,7 @@ def schedule_comms(graph: torch.fx.Graph, order: str = "priority") -> PassReport
             anchor = n
     graph.lint()
 
-    # 3. Report.
+    # 4. Report.
     first_use: dict[torch.fx.Node, int] = {}
     for c in colls:
         iss0, wait0 = before[c]

@@ -243,6 +243,44 @@ def test_collective_does_not_rise_above_random_op():
     assert order[order.index(rand2) - 1] == "wait_tensor"
 
 
+@pytest.mark.parametrize("write", ["index_put", "slice_scatter_of_view"])
+@pytest.mark.parametrize("traced_late", [False, True])
+def test_wait_stays_before_an_op_inductor_may_reinplace_into_the_input(write, traced_late):
+    """Inductor's reinplace pass (after this one) turns index_put(a, ...) into index_put_ on a's
+    buffer: with the wait of all_to_all_single(a) sunk below it, peers received the written
+    values (2 gloo ranks, found in review; plain backend="inductor" does the same when the
+    traced code waits late). The wait now comes before such an op, also when traced after it."""
+    aten = torch.ops.aten
+    g = torch.fx.Graph()
+    x, w, idx, v = (g.placeholder(n) for n in ("x", "w", "idx", "v"))
+    a = g.call_function(aten.mm.default, (x, w))
+    c = g.call_function(c10d.all_to_all_single.default, (a, [2, 2], [2, 2], GROUP))
+    wt = None if traced_late else g.call_function(c10d.wait_tensor.default, (c,))
+    if write == "index_put":
+        b = g.call_function(aten.index_put.default, (a, [idx], v))
+    else:  # a scatter into a view of a: Inductor canonicalizes it onto a
+        view = g.call_function(aten.slice.Tensor, (a, 0, 0, 2))
+        b = g.call_function(aten.slice_scatter.default, (view, v, 1, 0, 4))
+    h = g.call_function(aten.mm.default, (x, w))  # compute the wait could otherwise sink past
+    if traced_late:
+        wt = g.call_function(c10d.wait_tensor.default, (c,))
+    g.output((g.call_function(aten.add.Tensor, (wt, h)), b))
+    schedule_comms(g)
+    names = [n.name for n in g.nodes]
+    assert names.index(wt.name) < names.index(b.name), names
+    # without the write the wait sinks below the compute as before
+    g2 = torch.fx.Graph()
+    x, w = g2.placeholder("x"), g2.placeholder("w")
+    a = g2.call_function(aten.mm.default, (x, w))
+    c = g2.call_function(c10d.all_to_all_single.default, (a, [2, 2], [2, 2], GROUP))
+    wt = g2.call_function(c10d.wait_tensor.default, (c,))
+    h = g2.call_function(aten.mm.default, (x, w))
+    g2.output(g2.call_function(aten.add.Tensor, (wt, h)))
+    schedule_comms(g2)
+    names = [n.name for n in g2.nodes]
+    assert names.index(wt.name) > names.index(h.name), names
+
+
 def test_coalesced_collective_waits_through_getitem():
     def f(x, y, w):
         outs = c10d.all_gather_into_tensor_coalesced([x, y], 2, GROUP)
