@@ -200,6 +200,10 @@ def match_gshard(out: Node) -> GShardMatch:
         g, loc_oh = r
         oh = _one_hot(loc_oh)
         if oh is None:
+            if isinstance(loc_oh, Node) and loc_oh.op == "placeholder":  # computed before a graph break
+                raise NoMatch("the one_hot(position, capacity) buffer positions come from another graph: Dynamo "
+                              "broke the graph before them (a capacity computed from a batch size marked unbacked "
+                              "is data-dependent; leave the batch dim backed for this form)")
             raise NoMatch("buffer positions are not one_hot(position, capacity)")
         s, c_node = oh
         C = _one_hot_capacity(loc_oh, c_node)

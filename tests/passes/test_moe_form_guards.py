@@ -330,6 +330,23 @@ def test_gshard_recompiled_for_a_second_batch_size_rewritten(monkeypatch) -> Non
     assert calls.count("moe_route") == 4  # per step: the route, and the one without pairs of weight 0
 
 
+def test_gshard_with_an_unbacked_batch_says_why() -> None:
+    """With the batch dim unbacked the capacity is data-dependent: Dynamo breaks the graph at
+    one_hot(positions, C). The near miss said "buffer positions are not one_hot(position,
+    capacity)"; it now names the graph break and what to do."""
+    from tests.helpers import load_example
+
+    model, (x,) = load_example("moe_gshard_top2.py").make(batch=2, seq=8)
+    torch._dynamo.reset()
+    compiled = torch.compile(copy.deepcopy(model), backend="blaze", options={"final_stage": "eager"})
+    torch._dynamo.decorators.mark_unbacked(x, 0)
+    with report.capture() as recs:
+        out = compiled(x)
+    torch.testing.assert_close(out, model(x), atol=2e-5, rtol=1e-4)
+    reasons = [n.reason for r in recs for p in r.pass_reports for n in p.near_misses if n.form == "gshard_capacity"]
+    assert any("come from another graph: Dynamo broke the graph before them" in r for r in reasons), reasons
+
+
 def test_gshard_with_a_tensor_capacity_says_so() -> None:
     model, x = GShard((4, 1, 12), (4, 1, 8), tensor_capacity=True), torch.randn(12, 8)
     rec = compile_and_compare(model, (x,))
