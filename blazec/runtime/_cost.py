@@ -18,7 +18,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from blazec.runtime._args import as_int
+from blazec.runtime._args import as_flag, as_int
 
 _MAX_FIT_COLUMNS = 12  # the exact NNLS below enumerates 2**columns supports
 
@@ -115,6 +115,8 @@ class CostModel:
 
         Names other than a, b and c in the key=value form are extra-feature weights.
         """
+        if not isinstance(spec, str):
+            raise TypeError(f"cost spec must be a string such as 'transformer' or 'a=1,b=1.6e-4', got {spec!r} ({type(spec).__name__})")
         s = spec.strip()
         head, _, arg = s.partition(":")
         if head in ("tokens", "transformer", "recsys"):
@@ -216,7 +218,16 @@ def calibrate(
         quadratic: fit b (set False for models without attention; b is then 0).
         fit_overhead: fit and discard a per-batch intercept.
         nonnegative: constrain all coefficients to be >= 0 (needed for partitioning).
+
+    ``batch_lengths`` may be any iterable of batches (a generator too); the flags take bools.
     """
+    quadratic, fit_overhead = as_flag(quadratic, "quadratic"), as_flag(fit_overhead, "fit_overhead")
+    nonnegative = as_flag(nonnegative, "nonnegative")
+    if isinstance(batch_lengths, (str, bytes, torch.Tensor)) or not isinstance(batch_lengths, collections.abc.Iterable):
+        raise TypeError(
+            f"batch_lengths must be a sequence of batches, each a sequence of sample lengths, got {type(batch_lengths).__name__}"
+        )
+    batch_lengths = list(batch_lengths)
     t = _as_float64(times, "times")
     if len(batch_lengths) != t.numel():
         raise ValueError(f"got {len(batch_lengths)} batches but {t.numel()} times")

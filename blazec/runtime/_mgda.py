@@ -37,7 +37,10 @@ def min_norm_weights(gram: list[list[float]], max_iter: int = 100, tol: float = 
 
     * major cycle (the Frank-Wolfe step): the vertex minimising the linearisation,
       ``j = argmin_i <x, g_i> = argmin_i (G alpha)_i``. Stop when the duality gap
-      ``<x, x> - <x, g_j>`` is at most ``tol * max_i G_ii``; otherwise add j to S.
+      ``<x, x> - <x, g_j>``, which bounds ``<x, x>`` minus the optimum, is at most
+      ``tol * <x, x>`` (relative to the point's own norm, so tasks whose ``||g||^2`` differ by
+      orders of magnitude do not stop it early at a worse vertex) or below the rounding of the
+      products, ``1e-15 * max_i G_ii``; otherwise add j to S.
     * minor cycle (the full correction): the minimiser of ``||sum mu_i g_i||`` over the affine
       hull of S, from the KKT system ``[[G_SS, 1], [1^T, 0]] [mu; -rho] = [0; 1]``. If
       ``mu > 0`` it becomes alpha. Otherwise move from alpha towards mu as far as feasibility
@@ -61,7 +64,7 @@ def min_norm_weights(gram: list[list[float]], max_iter: int = 100, tol: float = 
         Ga = [sum(gram[i][j] * alpha[j] for j in S) for i in range(T)]
         f = sum(alpha[i] * Ga[i] for i in S)
         j = min(range(T), key=Ga.__getitem__)
-        if f - Ga[j] <= tol * scale or j in S:
+        if f - Ga[j] <= max(tol * f, _ROUNDING * scale) or j in S:
             break  # j in S: no improving vertex left up to rounding
         S.append(j)
         for _ in range(T + 1):  # each minor step drops >= 1 vertex, so this bounds it
@@ -82,6 +85,11 @@ def min_norm_weights(gram: list[list[float]], max_iter: int = 100, tol: float = 
             S = keep
         alpha = _normalized(alpha)
     return alpha
+
+
+# Relative rounding of the products <x, g_i> = (G alpha)_i, whose terms reach max_i G_ii: a
+# duality gap below this times max_i G_ii is noise.
+_ROUNDING = 1e-15
 
 
 def _normalized(alpha: list[float]) -> list[float]:

@@ -21,6 +21,8 @@ from typing import Sequence
 
 import torch
 
+from blazec.runtime._args import as_flag, as_int
+
 METHODS = ("kk", "lpt", "greedy", "sorted_rr", "random")
 
 CostsLike = Sequence[float] | torch.Tensor
@@ -34,7 +36,12 @@ def as_cost_list(costs: CostsLike, what: str = "costs", *, check_sum: bool = Tru
     if isinstance(costs, torch.Tensor):
         if costs.dim() != 1:
             raise ValueError(f"{what} must be 1-D, got shape {tuple(costs.shape)}")
+        if costs.is_complex():
+            raise ValueError(f"{what} must be real numbers, got a {costs.dtype} tensor")
         out = costs.detach().to("cpu", torch.float64).tolist()
+    elif isinstance(costs, (str, bytes)):
+        # Iterating a string gives its characters: "123" would read as the costs 1, 2, 3.
+        raise ValueError(f"{what} must be a sequence of numbers, got a {type(costs).__name__} {costs!r}")
     else:
         try:
             out = [float(c) for c in costs]
@@ -54,11 +61,13 @@ def as_cost_list(costs: CostsLike, what: str = "costs", *, check_sum: bool = Tru
     return out
 
 
-def _check_parts(parts: int, what: str = "parts") -> None:
-    if isinstance(parts, bool) or not isinstance(parts, int):
-        raise ValueError(f"{what} must be an int, got {parts!r}")
-    if parts < 1:
-        raise ValueError(f"{what} must be >= 1, got {parts}")
+def check_count(value: object, what: str) -> int:
+    """``value`` as an int >= 1: Python or numpy integers (else a TypeError), >= 1 (else a
+    ValueError), named ``what`` in the message."""
+    n = as_int(value, what)
+    if n < 1:
+        raise ValueError(f"{what} must be >= 1, got {n}")
+    return n
 
 
 def partition(
@@ -73,21 +82,26 @@ def partition(
 
     Args:
         costs: per-sample cost, 1-D, finite, >= 0.
-        parts: number of parts (ranks, or micro-batches).
+        parts: number of parts (ranks, or micro-batches), a Python or numpy int >= 1.
         method: one of ``METHODS``: ``"kk"`` (Karmarkar-Karp largest differencing),
             ``"lpt"`` (longest processing time first), ``"greedy"`` (online, input order),
             ``"sorted_rr"`` (sort by cost, deal round-robin), ``"random"`` (shuffle, chunk).
         equal_counts: every part gets ``floor(n/parts)`` or ``ceil(n/parts)`` samples.
             ``sorted_rr`` and ``random`` always satisfy it. For ``"kk"`` it selects balanced
             differencing followed by a swap local search (see ``_kk_equal``).
-        seed: only used by ``"random"``.
+        seed: an int, only used by ``"random"``.
 
     Returns:
         ``parts`` lists of indices, each sorted ascending; together they hold every index once.
+        With fewer samples than parts some parts are empty.
+
+    Wrong types (``parts=2.0``, ``equal_counts=1``, ``seed="a"``) raise a ``TypeError``; bad
+    values (``parts=0``, a negative or non-finite cost, an unknown method) a ``ValueError``.
     """
-    _check_parts(parts)
-    if method not in METHODS:
+    parts = check_count(parts, "parts")
+    if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"unknown partition method {method!r}; choose one of {', '.join(METHODS)}")
+    equal_counts, seed = as_flag(equal_counts, "equal_counts"), as_int(seed, "seed")
     c = as_cost_list(costs)
     if method == "kk":
         # The run allocates ~n small tuples; the cyclic GC would scan them repeatedly for
@@ -413,6 +427,85 @@ def _refine_swaps(c: list[float], parts: list[list[int]], candidates: int = 8) -
 
 
 def part_costs(costs: CostsLike, parts: Sequence[Sequence[int]]) -> list[float]:
-    """Summed cost of each part."""
+    """Summed cost of each part. ``parts`` holds sample indices in ``[0, len(costs))``, each at
+    most once over all parts (not necessarily all of them)."""
     c = as_cost_list(costs)
-    return [math.fsum(c[i] for i in p) for p in parts]
+    seen: dict[int, int] = {}
+    for p, part in enumerate(parts):
+        if isinstance(part, (str, bytes)) or not isinstance(part, (Sequence, torch.Tensor)):
+            raise TypeError(f"parts[{p}] must be a sequence of sample indices, got {part!r} ({type(part).__name__})")
+        for i in part:
+            i = as_int(i, f"parts[{p}] entry")
+            if not 0 <= i < len(c):
+                raise ValueError(f"parts[{p}] holds sample index {i}, outside [0, {len(c)}) for {len(c)} costs")
+            if i in seen:
+                where = f"twice in parts[{p}]" if seen[i] == p else f"in parts[{seen[i]}] and parts[{p}]"
+                raise ValueError(f"sample index {i} is {where}: each sample belongs to one part, once")
+            seen[i] = p
+    return [math.fsum(c[int(i)] for i in p) for p in parts]
+
+
+def fill_short_parts(c: list[float], parts: list[list[int]], least: int) -> bool:
+    """Give every part at least ``least`` samples (``len(c) >= len(parts) * least``), in place.
+
+    Parts with fewer receive the smallest samples of the parts that have more than ``least``
+    (smallest first, ties by index), which changes the loads as little as single moves can. A
+    part is short when it drew a few very costly samples, so it is the heaviest one and the
+    moved samples add to the maximum. Returns whether anything moved.
+    """
+    counts = [len(p) for p in parts]
+    short = [p for p, n in enumerate(counts) if n < least]
+    if not short:
+        return False
+    pool = sorted((c[i], i, p) for p, idx in enumerate(parts) if counts[p] > least for i in idx)
+    moved: dict[int, int] = {}  # sample -> its new part
+    pos = 0
+    for p in short:
+        while counts[p] < least:
+            _, i, d = pool[pos]
+            pos += 1
+            if counts[d] > least:  # the donor keeps at least ``least``
+                counts[d] -= 1
+                counts[p] += 1
+                moved[i] = p
+    for p in range(len(parts)):
+        parts[p] = [i for i in parts[p] if i not in moved]
+    for i, p in moved.items():
+        parts[p].append(i)
+    return True
+
+
+def split_in_rounds(c: list[float], ranks: list[list[int]], micro_batches: int) -> list[list[list[int]]]:
+    """Split each rank's samples into ``micro_batches`` micro-batches whose costs match across
+    ranks: ``out[r][m]``, every micro-batch non-empty when its rank has >= ``micro_batches``
+    samples (otherwise the last ones are empty).
+
+    Micro-batch m of every rank runs at the same time (DDP all-reduces the gradients after each
+    micro-batch's backward, unless ``no_sync``), so the step takes ``sum_m max_r cost[r][m]``.
+    Splitting each rank evenly is not enough: a rank holding one very costly sample cannot, and
+    its micro-batch with that sample sets the pace. So the micro-batches are filled in rounds.
+    In round m, with ``k = micro_batches - m`` micro-batches left, the target ``P`` is the
+    largest over ranks of ``max(largest sample left, cost left / k)``, the least that the
+    fullest rank's micro-batch m can cost; every rank then takes its remaining samples largest
+    first, each one that keeps the micro-batch at or below ``P`` while ``k - 1`` samples stay
+    for the later rounds. The last micro-batch takes the rest. Rank sums are not changed.
+    """
+    rest = [sorted(idx, key=lambda i: (-c[i], i)) for idx in ranks]
+    out: list[list[list[int]]] = [[] for _ in ranks]
+    for m in range(micro_batches - 1):
+        k = micro_batches - m
+        target = max((max(c[r[0]], math.fsum(c[i] for i in r) / k) for r in rest if r), default=0.0)
+        for r, order in enumerate(rest):
+            keep = min(k - 1, len(order) - 1)  # samples the later rounds still need
+            take, left, load = [], [], 0.0
+            for i in order:
+                if load + c[i] <= target and len(order) - len(take) - 1 >= keep:
+                    take.append(i)
+                    load += c[i]
+                else:
+                    left.append(i)
+            out[r].append(sorted(take))
+            rest[r] = left
+    for r, order in enumerate(rest):
+        out[r].append(sorted(order))
+    return out

@@ -21,7 +21,15 @@ from torch.utils.data import Sampler
 
 from blazec.runtime._args import as_flag, as_int
 from blazec.runtime._cost import CostModel, _as_float64
-from blazec.runtime._partition import METHODS, as_cost_list, partition
+from blazec.runtime._partition import (
+    METHODS,
+    _refine_swaps,
+    as_cost_list,
+    check_count,
+    fill_short_parts,
+    partition,
+    split_in_rounds,
+)
 
 
 def partition_ranks(
@@ -35,33 +43,46 @@ def partition_ranks(
 ) -> list[list[list[int]]]:
     """Two-level partition: ``out[r][m]`` are the indices of micro-batch m on rank r.
 
-    With ``micro_batches == 1`` this is ``partition`` into ``ranks`` parts. Otherwise:
+    With ``micro_batches == 1`` this is ``partition`` into ``ranks`` parts. Otherwise the ranks
+    come first, so their sums are as balanced as with one micro-batch (what a step costs when
+    the gradients are synchronised once per step, ``no_sync`` on the other micro-batches), and
+    then each rank's samples are split into micro-batches:
 
-    * ``equal_counts=True``: ranks first (counts ``floor``/``ceil`` of ``n/ranks``), then each
-      rank's samples into micro-batches, again with equal counts.
-    * ``equal_counts=False``: micro-batches first, ``ranks * micro_batches`` parts, then the
-      micro-batches are grouped ``micro_batches`` per rank by the same method with equal
-      counts (balanced differencing for ``"kk"``). Splitting ranks first could leave a rank that drew one very long sample with fewer
-      samples than micro-batches, i.e. an empty micro-batch and a rank that runs fewer
-      micro-batches than the others (a hang under DDP gradient accumulation). Going through
-      micro-batches, every one is non-empty when ``n >= ranks * micro_batches``; the rank sums
-      stay balanced because the parts they are made of are.
+    * ``equal_counts=True``: ranks with equal counts (``floor``/``ceil`` of ``n/ranks``), then
+      each rank's samples into micro-batches, again with equal counts, by the same method.
+    * ``equal_counts=False``, ``"random"`` and ``"sorted_rr"`` (the baselines): these already
+      give equal counts; each rank is split by the same method.
+    * ``equal_counts=False``, ``"kk"``, ``"lpt"``, ``"greedy"``: a rank that drew a few very
+      long samples can hold fewer samples than micro-batches, i.e. run fewer micro-batches than
+      the others (a hang under DDP gradient accumulation). Such a rank takes the smallest
+      samples of ranks with more than ``micro_batches`` (``fill_short_parts``; then, for
+      ``"kk"``, the swap search ``_refine_swaps``, which keeps counts). The micro-batches are
+      then filled in rounds so that micro-batch m costs about the same on every rank
+      (``split_in_rounds``): with DDP synchronising after every micro-batch a step takes
+      ``sum_m max_r cost[r][m]``.
+
+    When ``n >= ranks * micro_batches`` no micro-batch is empty; with fewer samples some must
+    be, and are. ``BalancedBatchSampler`` never partitions fewer. The result depends only on the
+    arguments (every rank computes the same plan) and holds every index once.
     """
-    if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
-        raise ValueError(f"micro_batches must be an int >= 1, got {micro_batches!r}")
-    c = costs.tolist() if isinstance(costs, torch.Tensor) else list(costs)
+    ranks = check_count(ranks, "ranks")
+    micro_batches = check_count(micro_batches, "micro_batches")
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"unknown partition method {method!r}; choose one of {', '.join(METHODS)}")
+    equal_counts, seed = as_flag(equal_counts, "equal_counts"), as_int(seed, "seed")
+    c = as_cost_list(costs)
     if micro_batches == 1:
         return [[idx] for idx in partition(c, ranks, method, equal_counts=equal_counts, seed=seed)]
-    if not equal_counts:
-        micro = partition(c, ranks * micro_batches, method, seed=seed)
-        micro_cost = [sum(c[i] for i in mb) for mb in micro]
-        groups = partition(micro_cost, ranks, method, equal_counts=True, seed=seed + 1)
-        return [[micro[j] for j in g] for g in groups]
-    out = []
-    for r, idx in enumerate(partition(c, ranks, method, equal_counts=True, seed=seed)):
-        sub = partition([c[i] for i in idx], micro_batches, method, equal_counts=True, seed=seed + 1 + r)
-        out.append([[idx[j] for j in part] for part in sub])
-    return out
+    if equal_counts or method in ("random", "sorted_rr"):
+        out = []
+        for r, idx in enumerate(partition(c, ranks, method, equal_counts=True, seed=seed)):
+            sub = partition([c[i] for i in idx], micro_batches, method, equal_counts=True, seed=seed + 1 + r)
+            out.append([[idx[j] for j in part] for part in sub])
+        return out
+    parts = partition(c, ranks, method, seed=seed)
+    if fill_short_parts(c, parts, min(micro_batches, len(c) // ranks)) and method == "kk":
+        parts = _refine_swaps(c, parts)
+    return split_in_rounds(c, parts, micro_batches)
 
 
 class BalancedBatchSampler(Sampler[list[int]]):
@@ -346,6 +367,7 @@ class BalancedBatchSampler(Sampler[list[int]]):
     def step_partition(self, step: int) -> list[list[list[int]]]:
         """Dataset indices of every rank's micro-batches at ``step`` of the current epoch:
         ``out[rank][micro_batch]``. Collective in ``cost_fn`` mode (call it on all ranks)."""
+        step = as_int(step, "step")
         if not 0 <= step < self.steps_per_epoch:
             raise ValueError(f"step must be in [0, {self.steps_per_epoch}), got {step}")
         return self._step(self._order(), step)[0]

@@ -12,6 +12,7 @@ Run as ``python -m blazec.runtime.balance_sim --ranks 256 --per-rank 32 --length
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -24,6 +25,11 @@ from blazec.runtime.balance import METHODS, CostModel, bubble_fraction, bubble_r
 
 DEFAULT_METHODS = ("random", "sorted_rr", "lpt", "kk")
 LENGTH_SPECS = "zipf:S, uniform[:LO:HI], lognormal:MU:SIGMA, fixed:N or file:PATH"
+# Zipf lengths are drawn with torch.multinomial over max_len categories, which takes at most
+# 2**24 of them (holding ~32 bytes per category while it draws: 512 MiB at 2**24). Other
+# distributions only clip to max_len; lengths are float64, exact up to 2**53.
+MAX_ZIPF_LEN = 2**24
+MAX_LEN = 2**53
 
 
 def sample_lengths(spec: str, n: int, max_len: int, generator: torch.Generator) -> torch.Tensor:
@@ -34,41 +40,54 @@ def sample_lengths(spec: str, n: int, max_len: int, generator: torch.Generator) 
     * ``lognormal:MU:SIGMA``: ``round(exp(N(MU, SIGMA^2)))``, clipped to ``[1, max_len]``.
     * ``fixed:N``: every length is N.
     * ``file:PATH``: resample (with replacement) the integers in PATH, one per line.
+
+    ``max_len`` is at most ``2**53`` (``2**24`` for Zipf); spec parameters must be finite.
     """
     if max_len < 1:
         raise ValueError(f"max_len must be >= 1, got {max_len}")
+    if max_len > MAX_LEN:
+        raise ValueError(f"max_len must be <= 2**53 = {MAX_LEN:,d} (lengths are float64), got {max_len:,d}")
     kind, _, arg = spec.strip().partition(":")
     args = arg.split(":") if arg else []
 
-    def nums(count: int | tuple[int, ...], cast=float) -> list:
-        ok = (count,) if isinstance(count, int) else count
+    def nums(names: tuple[str, ...], cast=float, optional: bool = False) -> list:
+        ok = (0, len(names)) if optional else (len(names),)
         if len(args) not in ok:
             raise ValueError(f"bad lengths spec {spec!r}: {kind} takes {' or '.join(map(str, ok))} argument(s); use {LENGTH_SPECS}")
         try:
-            return [cast(a) for a in args]
+            out = [cast(a) for a in args]
         except ValueError:
             raise ValueError(f"bad lengths spec {spec!r}: arguments must be numbers") from None
+        for name, v in zip(names, out):
+            if not math.isfinite(v):
+                raise ValueError(f"bad lengths spec {spec!r}: {name} must be a finite number, got {v}")
+        return out
 
     if kind == "zipf":
-        (s,) = nums(1)
+        if max_len > MAX_ZIPF_LEN:
+            raise ValueError(
+                f"max_len must be <= 2**24 = {MAX_ZIPF_LEN:,d} with zipf lengths (drawn from max_len categories), "
+                f"got {max_len:,d}"
+            )
+        (s,) = nums(("S",))
         if not s > 0:
             raise ValueError(f"bad lengths spec {spec!r}: Zipf exponent must be > 0")
         support = torch.arange(1, max_len + 1, dtype=torch.float64)
         p = support.pow(-s)
         L = torch.multinomial(p / p.sum(), n, replacement=True, generator=generator) + 1
     elif kind == "uniform":
-        lo, hi = nums((0, 2), int) or [1, max_len]
+        lo, hi = nums(("LO", "HI"), int, optional=True) or [1, max_len]
         if not 1 <= lo <= hi <= max_len:
             raise ValueError(f"bad lengths spec {spec!r}: need 1 <= LO <= HI <= max_len ({max_len})")
         L = torch.randint(lo, hi + 1, (n,), generator=generator)
     elif kind == "lognormal":
-        mu, sigma = nums(2)
+        mu, sigma = nums(("MU", "SIGMA"))
         if not sigma > 0:
             raise ValueError(f"bad lengths spec {spec!r}: SIGMA must be > 0")
         z = torch.randn(n, generator=generator, dtype=torch.float64)
         L = (mu + sigma * z).exp().round().clamp(1, max_len).long()
     elif kind == "fixed":
-        (v,) = nums(1, int)
+        (v,) = nums(("N",), int)
         if not 1 <= v <= max_len:
             raise ValueError(f"bad lengths spec {spec!r}: need 1 <= N <= max_len ({max_len})")
         L = torch.full((n,), v)
@@ -203,15 +222,23 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"{flag} must be >= 1, got {v}")
         if not 0 <= args.seed < 2**63:
             raise ValueError(f"--seed must be in [0, 2**63), got {args.seed}")
+        # --max-len bounds the memory too: Zipf lengths take ~32 B per category (512 MiB at 2**24).
+        if args.max_len > MAX_LEN:
+            raise ValueError(f"--max-len must be <= 2**53 = {MAX_LEN:,d} (lengths are float64), got {args.max_len:,d}")
+        if args.lengths.strip().partition(":")[0] == "zipf" and args.max_len > MAX_ZIPF_LEN:
+            raise ValueError(f"--max-len must be <= 2**24 = {MAX_ZIPF_LEN:,d} with zipf lengths (drawn from --max-len "
+                             f"categories), got {args.max_len:,d}")
         _check_memory(args.ranks * args.per_rank)
         cost = CostModel.from_spec(args.cost)
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        if not methods:
+            raise ValueError(f"--methods is empty; give a comma-separated list from {', '.join(METHODS)}")
         repeated = sorted({m for m in methods if methods.count(m) > 1})
         if repeated:
             raise ValueError(f"--methods lists {', '.join(repeated)} more than once")
         unknown = [m for m in methods if m not in METHODS]
-        if unknown or not methods:
-            raise ValueError(f"unknown method(s) {unknown or methods}; choose from {', '.join(METHODS)}")
+        if unknown:
+            raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
         if "random" not in methods:
             methods.insert(0, "random")  # the baseline every reduction is measured against
         # Validate the spec before the long run so a typo fails at once.

@@ -25,8 +25,9 @@ The heads must reach the shared bottom only through ``rep`` (``"rep"`` mode): ``
 raises a ``ValueError`` when a head also reads a parameter of the bottom (tied weights), an
 intermediate of the bottom (a skip connection), or an output of the op that produced ``rep``
 that is not in ``rep`` (``a, b = shared(x).chunk(2)`` with only ``a`` passed), since the
-gradient through that path would escape the balancing, be counted twice or be lost.
-``mode="param"`` handles such graphs.
+gradient through that path would escape the balancing, be counted twice or be lost. It also
+raises when no loss reaches ``rep`` (the heads read another call of the shared bottom), or a
+loss that does not reach it reaches a parameter behind it. ``mode="param"`` handles such graphs.
 
 Under DDP the per-task statistics (norms, Gram matrix) are all-reduced, so every rank uses the
 same weights and the result equals single-process training on the global batch (with losses
@@ -37,11 +38,12 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
 
+from blazec.runtime._args import as_flag, as_int
 from blazec.runtime._mgda import min_norm_weights
 
 METHODS = ("equal", "magnitude", "mgda")
@@ -95,9 +97,12 @@ class GradBalancer:
         relax: relax factor r (``magnitude``), in [0, 1].
         target: ``"mean"``, ``"max"``, ``"min"`` or the index of an anchor task (``magnitude``).
         mgda_normalize: ``"l2"`` or ``"none"`` (``mgda``).
-        distributed: all-reduce the statistics across ranks; ``None`` means "when
-            torch.distributed is initialised with more than one rank".
+        distributed: all-reduce the statistics across ranks (True or False); ``None`` means
+            "when torch.distributed is initialised with more than one rank".
         group: process group for that all-reduce.
+
+    Wrong types (``num_tasks=2.0``, ``beta="0.9"``, ``distributed="yes"``) raise a
+    ``TypeError``; bad values (``num_tasks=0``, ``beta=1.0``, an unknown method) a ``ValueError``.
     """
 
     def __init__(
@@ -113,9 +118,9 @@ class GradBalancer:
         distributed: bool | None = None,
         group: dist.ProcessGroup | None = None,
     ) -> None:
-        if isinstance(num_tasks, bool) or not isinstance(num_tasks, numbers.Integral) or num_tasks < 1:
+        num_tasks = as_int(num_tasks, "num_tasks")
+        if num_tasks < 1:
             raise ValueError(f"num_tasks must be an int >= 1, got {num_tasks!r}")
-        num_tasks = int(num_tasks)
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
         if mode not in MODES:
@@ -131,6 +136,8 @@ class GradBalancer:
         target = int(target) if is_index else target
         if mgda_normalize not in ("l2", "none"):
             raise ValueError(f"mgda_normalize must be 'l2' or 'none', got {mgda_normalize!r}")
+        if distributed is not None:
+            distributed = as_flag(distributed, "distributed")
         self.num_tasks, self.method, self.mode = num_tasks, method, mode
         self.mgda_normalize = mgda_normalize
         self.beta, self.relax, self.target = beta, relax, target
@@ -159,17 +166,21 @@ class GradBalancer:
                 tensors) that the heads consume; its gradient is what gets balanced in ``"rep"``
                 mode. In that mode it must hold every tensor the heads read from the shared
                 bottom, and none of them may be computed from another.
-            scaler: a ``torch.amp.GradScaler``: the losses are scaled with it and the
+            scaler: a ``torch.amp.GradScaler`` (anything else raises a ``TypeError``): the losses
+                are scaled with it and the
                 statistics are taken on unscaled gradients, so a changing scale does not
                 disturb the EMA. Steps with inf/NaN gradients leave the EMA unchanged (the
                 scaler skips them anyway).
-            shared_params: ``"param"`` mode only: the parameters to balance. Default: every
-                leaf that ``rep`` depends on.
+            shared_params: ``"param"`` mode only (a ``ValueError`` in ``"rep"`` mode, where the
+                shared bottom is whatever lies behind ``rep``): the parameters to balance.
+                Default: every leaf that ``rep`` depends on.
             retain_graph: keep the graph after the final backward.
 
         Returns:
             The per-task weights used (also in ``last_weights``).
         """
+        if isinstance(losses, torch.Tensor) or not isinstance(losses, (Sequence, Iterable)):
+            raise TypeError(f"losses must be a sequence of {self.num_tasks} scalar loss tensors, got {type(losses).__name__}")
         losses = list(losses)
         if len(losses) != self.num_tasks:
             raise ValueError(f"expected {self.num_tasks} losses, got {len(losses)}")
@@ -179,6 +190,12 @@ class GradBalancer:
             if not loss.requires_grad:
                 raise ValueError(f"losses[{t}] does not require grad (computed under no_grad or detached?)")
         reps = _check_reps(rep)
+        if scaler is not None and not (callable(getattr(scaler, "scale", None)) and callable(getattr(scaler, "get_scale", None))):
+            raise TypeError(f"scaler must be a torch.amp.GradScaler (or None), got {scaler!r} ({type(scaler).__name__})")
+        if shared_params is not None and self.mode == "rep":
+            raise ValueError(
+                "shared_params= only applies to mode='param'; in mode='rep' the shared bottom is what lies behind rep"
+            )
         if scaler is not None:
             losses = [scaler.scale(loss) for loss in losses]
             inv_scale = 1.0 / scaler.get_scale()
@@ -218,6 +235,15 @@ class GradBalancer:
             if not isinstance(v, torch.Tensor) or v.shape != (self.num_tasks,):
                 got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
                 raise ValueError(f"state[{key!r}] must be a tensor of shape ({self.num_tasks},) for {self.num_tasks} tasks, got {got}")
+            if v.dtype == torch.bool or v.is_complex():
+                raise TypeError(f"state[{key!r}] must hold real numbers, got dtype {v.dtype}")
+            bad = ~torch.isfinite(v.double()) | (v < 0)
+            if key == "count":
+                bad |= v.double() != v.double().round()
+            if bad.any():
+                i = int(torch.nonzero(bad)[0, 0])
+                what = "finite norms >= 0" if key == "ema" else "whole numbers >= 0 (EMA updates per task)"
+                raise ValueError(f"state[{key!r}] must hold {what}, got state[{key!r}][{i}] = {v[i].item()}")
         self._ema, self._count = ema, count
 
     # Modes ---------------------------------------------------------------------------------
@@ -430,13 +456,15 @@ def _combine(w: torch.Tensor, grads: list[torch.Tensor]) -> torch.Tensor:
     return out.to(grads[0].dtype)
 
 
-def _walk(roots: list, stop: set, edges: set | None = None) -> tuple[list[torch.Tensor], set, list]:
+def _walk(roots: list, stop: set, edges: set | None = None) -> tuple[list[torch.Tensor], set, list, bool]:
     """Walk the autograd graph from ``roots`` without passing through any node in ``stop``.
 
     Returns the leaf tensors (AccumulateGrad variables) in first-visit order, each once, the set
     of nodes visited and, when ``edges`` (allowed ``(node, input_nr)`` pairs into ``stop``) is
-    given, the edges into a ``stop`` node that are not in it, as ``(node, input_nr)``."""
+    given, the edges into a ``stop`` node that are not in it, as ``(node, input_nr)``, and
+    whether the walk met one of ``edges``."""
     seen, out, stray, stack = set(), [], [], [r for r in roots if r is not None]
+    reached = False
     while stack:
         node = stack.pop()
         if node in seen or node in stop:
@@ -448,15 +476,18 @@ def _walk(roots: list, stop: set, edges: set | None = None) -> tuple[list[torch.
         for nxt, nr in node.next_functions:
             if nxt is None:
                 continue
-            if edges is not None and nxt in stop and (nxt, nr) not in edges:
-                stray.append((nxt, nr))
+            if edges is not None and nxt in stop:
+                if (nxt, nr) in edges:
+                    reached = True
+                else:
+                    stray.append((nxt, nr))
             stack.append(nxt)
     uniq, ids = [], set()
     for v in out:
         if id(v) not in ids:
             ids.add(id(v))
             uniq.append(v)
-    return uniq, seen, stray
+    return uniq, seen, stray, reached
 
 
 def _guard_bottom(reps: list[torch.Tensor], task: list[int]) -> list:
@@ -490,6 +521,29 @@ def _guard_bottom(reps: list[torch.Tensor], task: list[int]) -> list:
 
         handles.append(node.register_prehook(hook))
     return handles
+
+
+def _check_apart(apart: list[int], num_tasks: int, leaves: list[list[torch.Tensor]], reps: list[torch.Tensor]) -> None:
+    """Tasks ``apart`` have losses that never reach ``rep``. A task of its own (a loss on its own
+    parameters only) is fine: its gradient at rep is 0. But when no loss reaches rep, or one
+    that does not reaches a parameter behind rep, rep is not the tensor the heads read (say the
+    output of a second call of the shared bottom), and that task's gradient would reach the
+    bottom unbalanced, as in the plain summed loss. Only then is the bottom's graph walked."""
+    if len(apart) == num_tasks:
+        raise ValueError(
+            "no loss reaches rep: the heads read other tensors than the ones passed as rep (the output of "
+            "another call of the shared bottom?), so nothing would be balanced. Pass as rep the very tensor(s) "
+            "the heads were computed from"
+        )
+    bottom = {id(p) for p in _leaves_behind(reps)}
+    for t in apart:
+        if any(id(p) in bottom for p in leaves[t]):
+            raise ValueError(
+                f"losses[{t}] does not reach rep but reaches parameters of the shared bottom: its head read "
+                "another tensor than rep (the output of another call of the shared bottom?), so its gradient "
+                "would reach the bottom unbalanced. Pass as rep the very tensor(s) the heads were computed "
+                "from, or use mode='param'"
+            )
 
 
 def _sibling_hint(node: Any) -> str:
@@ -530,9 +584,9 @@ def _head_graphs(losses: list[torch.Tensor], reps: list[torch.Tensor]) -> tuple[
     stop = {r.grad_fn for r in reps if r.grad_fn is not None}
     edges = {(r.grad_fn, r.output_nr) for r in reps if r.grad_fn is not None}
     rep_ids = {id(r) for r in reps}
-    leaves, nodes = [], []
+    leaves, nodes, apart = [], [], []
     for t, loss in enumerate(losses):
-        found, seen, stray = _walk([loss.grad_fn], stop, edges)
+        found, seen, stray, reached = _walk([loss.grad_fn], stop, edges)
         if stray:
             node, nr = stray[0]
             i = next(i for i, r in enumerate(reps) if r.grad_fn is node)
@@ -541,8 +595,12 @@ def _head_graphs(losses: list[torch.Tensor], reps: list[torch.Tensor]) -> tuple[
                 "is not in rep, so its gradient would be lost: pass every tensor the heads read from the shared "
                 f"bottom as rep (e.g. all the outputs of a chunk or split), or use mode='param'{_sibling_hint(node)}"
             )
+        if not reached and not any(id(v) in rep_ids for v in found):
+            apart.append(t)
         leaves.append([v for v in found if id(v) not in rep_ids])
         nodes.append({n for n in seen if getattr(n, "variable", None) is None})
+    if apart:
+        _check_apart(apart, len(losses), leaves, reps)
     retain = []
     later: set = set()
     for t in range(len(losses) - 1, -1, -1):

@@ -124,3 +124,32 @@ def test_module_entry_point(monkeypatch, capsys):
     assert exit_info.value.code == 0
     assert "| kk |" in capsys.readouterr().out
     assert main(["--ranks", "2", "--per-rank", "2", "--steps", "1", "--no-progress", "--cost", "tokens"]) == 0
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        # zipf draws from --max-len categories: 2e7 was torch's "number of categories cannot
+        # exceed 2^24", 1e11 an allocation error, 2e9 ran out of memory.
+        (["--max-len", "20000000"], "--max-len must be <= 2**24 = 16,777,216 with zipf lengths"),
+        (["--max-len", "100000000000"], "--max-len must be <= 2**24"),
+        (["--lengths", "uniform", "--max-len", str(2**53 + 1)], "--max-len must be <= 2**53"),
+        (["--lengths", "lognormal:nan:1"], "bad lengths spec 'lognormal:nan:1': MU must be a finite number, got nan"),
+        (["--lengths", "lognormal:1:inf"], "SIGMA must be a finite number, got inf"),
+        (["--lengths", "zipf:inf"], "bad lengths spec 'zipf:inf': S must be a finite number, got inf"),
+        (["--methods", ""], "--methods is empty; give a comma-separated list from kk, lpt"),
+        (["--methods", "kk,foo"], "unknown method(s) foo; choose from"),
+    ],
+)
+def test_cli_max_len_spec_and_methods_errors(argv, match, capsys):
+    assert _run(["--no-progress", "--steps", "1", "--ranks", "2", "--per-rank", "2"] + argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("blazec balance-sim: error: ") and match in err and "\n" not in err, err
+
+
+def test_sample_lengths_checks_max_len_and_parameters():
+    with pytest.raises(ValueError, match="max_len must be <= 2\\*\\*24 = 16,777,216 with zipf lengths"):
+        sample_lengths("zipf:1.2", 1, 2**24 + 1, _gen())
+    with pytest.raises(ValueError, match="MU must be a finite number, got nan"):
+        sample_lengths("lognormal:nan:1", 1, 64, _gen())
+    assert sample_lengths("uniform", 3, 2**40, _gen()).max() <= 2**40

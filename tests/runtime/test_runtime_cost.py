@@ -165,3 +165,18 @@ def test_cost_that_overflows_float64_is_an_error():
     with pytest.raises(ValueError, match=r"the cost of sample 1 overflows float64 \(lengths\[1\] = 1e\+200"):
         CostModel.transformer()([1.0, 1e200])
     assert CostModel.tokens()([1e200]).item() == 1e200
+
+
+def test_from_spec_and_calibrate_argument_types():
+    with pytest.raises(TypeError, match=r"cost spec must be a string .* got None \(NoneType\)"):
+        CostModel.from_spec(None)
+    batches = [[1.0], [2.0, 3.0], [4.0, 5.0, 6.0], [70.0], [8.0, 90.0]]
+    times = [1.0, 2.0, 3.0, 40.0, 50.0]
+    with pytest.raises(TypeError, match=r"quadratic must be True or False, got 'no' \(str\)"):
+        calibrate(batches, times, quadratic="no")
+    with pytest.raises(TypeError, match="fit_overhead must be True or False"):
+        calibrate(batches, times, fit_overhead=0)
+    with pytest.raises(TypeError, match="batch_lengths must be a sequence of batches, .* got int"):
+        calibrate(5, [1.0])
+    # A generator of batches works like the list ("object of type 'generator' has no len()" before).
+    assert calibrate((b for b in batches), times) == calibrate(batches, times)

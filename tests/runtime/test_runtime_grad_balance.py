@@ -700,3 +700,76 @@ def test_numpy_scalars_and_bools_in_the_constructor():
         GradBalancer(2, relax=True)
     with pytest.raises(ValueError, match=r"beta must be in \[0, 1\), got nan"):
         GradBalancer(2, beta=float("nan"))
+
+
+# --- review fixes ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["magnitude", "mgda"])
+def test_rep_that_no_loss_reaches_is_refused(method):
+    """The heads read one call of the shared bottom and backward got another call's output: it
+    used to give weights [1, 1] and the bottom the plain sum's gradient, without an error."""
+    torch.manual_seed(0)
+    shared, heads = nn.Linear(4, 3), [nn.Linear(3, 1), nn.Linear(3, 1)]
+    x = torch.randn(5, 4)
+    rep_used = shared(x)
+    losses = [heads[0](rep_used).sum(), 100 * heads[1](rep_used).sum()]
+    with pytest.raises(ValueError, match="no loss reaches rep: the heads read other tensors than the ones passed as rep"):
+        GradBalancer(2, method).backward(losses, shared(x))
+    assert shared.weight.grad is None  # refused before any backward
+    # One head on rep, the other on a second call of the bottom: that task would skip the balancing.
+    rep = shared(x)
+    with pytest.raises(ValueError, match=r"losses\[1\] does not reach rep but reaches parameters of the shared bottom"):
+        GradBalancer(2, method).backward([heads[0](rep).sum(), heads[1](shared(x)).sum()], rep)
+    # A task of its own (no shared parameter, no rep) is still fine, and equal is the plain sum.
+    own = nn.Parameter(torch.ones(3))
+    rep = shared(x)
+    GradBalancer(2, method).backward([heads[0](rep).sum(), (own ** 2).sum()], rep)
+    assert own.grad.tolist() == [2.0, 2.0, 2.0]
+    GradBalancer(2, "equal").backward([heads[0](rep_used).sum(), heads[1](rep_used).sum()], shared(x))
+
+
+def test_backward_and_constructor_argument_types():
+    shared, head = nn.Linear(2, 2), nn.Linear(2, 1)
+    rep = shared(torch.randn(3, 2))
+    bal = GradBalancer(1)
+    with pytest.raises(TypeError, match="losses must be a sequence of 1 scalar loss tensors, got NoneType"):
+        bal.backward(None, rep)
+    for scaler in (5, 1.0):
+        with pytest.raises(TypeError, match=r"scaler must be a torch.amp.GradScaler \(or None\), got"):
+            bal.backward([head(rep).sum()], rep, scaler=scaler)
+    with pytest.raises(ValueError, match="shared_params= only applies to mode='param'"):
+        bal.backward([head(rep).sum()], rep, shared_params=[shared.weight])
+    with pytest.raises(TypeError, match=r"num_tasks must be an int, got 2.0 \(float\)"):
+        GradBalancer(2.0)
+    with pytest.raises(TypeError, match="distributed must be True or False, got 'yes'"):
+        GradBalancer(2, distributed="yes")
+    assert GradBalancer(2, distributed=False).distributed is False
+
+
+def test_load_state_dict_checks_values():
+    bal = GradBalancer(2)
+    with pytest.raises(ValueError, match=r"state\['ema'\] must hold finite norms >= 0, got state\['ema'\]\[0\] = -1.0"):
+        bal.load_state_dict({"ema": -torch.ones(2), "count": torch.ones(2)})
+    with pytest.raises(ValueError, match=r"state\['ema'\] must hold finite norms >= 0, got state\['ema'\]\[1\] = nan"):
+        bal.load_state_dict({"ema": torch.tensor([1.0, math.nan]), "count": torch.ones(2)})
+    with pytest.raises(ValueError, match=r"state\['count'\] must hold whole numbers >= 0"):
+        bal.load_state_dict({"ema": torch.ones(2), "count": torch.tensor([1.5, 2.0])})
+    with pytest.raises(TypeError, match=r"state\['count'\] must hold real numbers, got dtype torch.bool"):
+        bal.load_state_dict({"ema": torch.ones(2), "count": torch.ones(2, dtype=torch.bool)})
+    # An integer count is a count: it is used as float, like the saved one.
+    bal.load_state_dict({"ema": torch.ones(2), "count": torch.ones(2, dtype=torch.int64)})
+    rep = nn.Linear(2, 2)(torch.randn(3, 2))
+    assert torch.isfinite(bal.backward([rep[:, 0].sum(), rep[:, 1].sum()], rep)).all()
+
+
+def test_min_norm_with_gradient_scales_far_apart():
+    """Unnormalised MGDA with ||g|| from 1e-3 to 4e2: the stopping test was relative to the largest
+    ||g||^2, so it stopped at a vertex with ||x||^2 = 4.4e-7, about twice the optimum's 2.36e-7."""
+    vs = torch.tensor([[0.2526693587601337, -1.8937297827055335], [0.00021136825223866878, -0.0006842079243385594],
+                       [347.97713220660177, 283.70675807921333], [-0.0007055774902055427, -0.0012020227627211886]],
+                      dtype=torch.float64)
+    G = vs @ vs.T
+    alpha = torch.tensor(min_norm_weights(G.tolist()), dtype=torch.float64)
+    ref = _exact_min_norm(G)
+    assert (alpha @ G @ alpha).item() == pytest.approx((ref @ G @ ref).item(), rel=1e-9)

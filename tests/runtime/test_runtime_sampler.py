@@ -275,3 +275,10 @@ def _rank_mismatch_worker(rank, world):
 @pytest.mark.xdist_group("gloo")
 def test_cost_fn_rank_must_match_the_process_group():
     run_gloo(_rank_mismatch_worker, 2)
+
+
+def test_step_partition_takes_an_int_step():
+    s = BalancedBatchSampler(20, 4, lengths=list(range(1, 21)))
+    with pytest.raises(TypeError, match=r"step must be an int, got 1.0 \(float\)"):
+        s.step_partition(1.0)
+    assert s.step_partition(1) == s.step_partition(np.int64(1))
