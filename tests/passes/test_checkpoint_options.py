@@ -51,6 +51,7 @@ def test_memory_budget_values(value, parsed):
         (np.bool_(True), "must not be a bool"),
         ([1], "must be a number or a string"),
         ("1e400B", "too large a number of bytes"),
+        ("0.5B", "'0.5B' is not a whole number of bytes"),  # was read as 0 bytes
         ("1e400", "must be within [0.0, 1.0]"),
     ],
 )
