@@ -701,7 +701,7 @@ def _dh_split_launch(o: _Operands, grad_y, preact, dgu, hs, part, NT: int) -> No
 
 def _dw_down(o: _Operands, grad_y: Tensor, hs: Tensor, ws: Optional[Tensor], w_down, b_down, gm: bool):
     """dWd (+dbd) = gy^T (w h) over each expert's pairs, from the dh step's hs (and ws)."""
-    if gm and not o.has_bd:
+    if gm and not o.has_bd and grad_y.dtype == o.xdt:  # a wider grad_y (out_dtype) would mix dtypes there
         return [wgrad_grouped_mm.weight_grad(wgrad_grouped_mm.sorted_rows(grad_y, o.sp, o.k), hs, o.eo)], []
     return _wgrad(o, grad_y, hs, o.d, o.I, w_down, b_down, True, False, ws)
 

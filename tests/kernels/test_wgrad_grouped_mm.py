@@ -53,6 +53,15 @@ def test_matches_the_reference(forced, kw: dict) -> None:
     assert len(forced) == (3 if gated else 2), forced  # dWd, dWg[, dWu]: all through grouped_mm
 
 
+def test_a_wider_grad_y_keeps_the_triton_kernel_for_dwd(forced) -> None:
+    """bf16 x with out_dtype=fp32 (the loop form's fp32 accumulator): grad_y is fp32, and dWd's
+    grouped GEMM got (fp32, bf16) operands and raised "expected m1 and m2 to have the same
+    dtype" (found in review; the default path on Hopper). dWd now takes the Triton kernel."""
+    check(make_case(T=13, d=24, I=16, E=5, k=3, seed=21, activation="swiglu", dtype=BF16,
+                    out_dtype=torch.float32, tw_dtype=torch.float32))
+    assert len(forced) == 2, forced  # dWg and dWu only
+
+
 def test_biases_keep_the_triton_kernel_for_their_weight(forced) -> None:
     # Gate and up biases: dWg and dWu by _wgrad_kernel (it fuses db); "output" mode's down bias
     # needs w-scaled grad_y rows, so dWd by _wgrad_kernel too. Nothing left for grouped_mm.
