@@ -90,7 +90,15 @@ def dot_precision(dtype: torch.dtype) -> str:
 # ----------------------------------------------------------------------------------------------
 
 _TABLE_CACHE: "collections.OrderedDict[tuple, tuple[Tensor, int]]" = collections.OrderedDict()
-_TABLE_CACHE_SIZE = 256
+_TABLE_CACHE_SIZE = 4096  # tables of E int64 each: 8 MiB of device memory at E=256
+# Tables a CUDA graph was captured with: the graph replays their device address (and, for one
+# built during the capture, the copy from its pinned host buffer, kept here), so they are never
+# evicted: a freed table's memory would be reused while a graph still reads it.
+_CAPTURED: dict[tuple, Tensor | None] = {}
+
+
+def _capturing(dev: torch.device) -> bool:
+    return dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def pointer_table(ts: Sequence[Tensor]) -> tuple[Tensor, int]:
@@ -110,22 +118,30 @@ def pointer_table(ts: Sequence[Tensor]) -> tuple[Tensor, int]:
     dev = ts[0].device
     ptrs = tuple(map(Tensor.data_ptr, ts))  # one C-level pass: this runs every call
     key = (dev, ptrs)
+    capturing = _capturing(dev)
     hit = _TABLE_CACHE.get(key)
     if hit is not None:
         _TABLE_CACHE.move_to_end(key)
+        if capturing:
+            _CAPTURED.setdefault(key, None)
         return hit
-    tab = torch.tensor(ptrs, dtype=torch.int64)
+    tab = host = torch.tensor(ptrs, dtype=torch.int64)
     if dev.type == "cuda":
         # From pinned memory and non-blocking: a pageable copy would make the host wait for
         # the stream (once per new set of addresses). The caching host allocator keeps the
-        # pinned buffer until the copy has run.
-        tab = tab.pin_memory().to(dev, non_blocking=True)
+        # pinned buffer until the copy has run (and _CAPTURED keeps it for a graph's replays).
+        host = tab.pin_memory()
+        tab = host.to(dev, non_blocking=True)
     elif dev.type != "cpu":
         tab = tab.to(dev)
     out = (tab, 16 if all(p % 16 == 0 for p in ptrs) else 1)
     _TABLE_CACHE[key] = out
+    if capturing:
+        _CAPTURED[key] = host
     if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
-        _TABLE_CACHE.popitem(last=False)
+        old = next((k for k in _TABLE_CACHE if k not in _CAPTURED), None)  # least recently used
+        if old is not None:
+            del _TABLE_CACHE[old]
     return out
 
 

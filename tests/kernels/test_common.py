@@ -40,6 +40,32 @@ def test_pointer_table_cache() -> None:
     assert pointer_table(odd)[1] == 1 and pointer_table(odd)[0].tolist() == [w.data_ptr() for w in odd]
 
 
+def test_pointer_table_of_a_captured_graph_is_never_evicted(monkeypatch) -> None:
+    """A CUDA graph replays a table's device address: evicting it (the cache held 256 tables,
+    least recently used first) freed memory a captured graph still read (kernel review). A
+    table seen during a capture now stays; the others are evicted as before."""
+    import collections
+
+    from blazec.kernels import _common
+
+    monkeypatch.setattr(_common, "_TABLE_CACHE", collections.OrderedDict())
+    monkeypatch.setattr(_common, "_CAPTURED", {})
+    monkeypatch.setattr(_common, "_TABLE_CACHE_SIZE", 3)
+    capturing = [True]
+    monkeypatch.setattr(_common, "_capturing", lambda dev: capturing[0])
+    lists = [[torch.randn(3, device=KERNEL_DEVICE) for _ in range(2)] for _ in range(6)]
+    first = _common.pointer_table(lists[0])[0]  # built during a capture
+    capturing[0] = False
+    hit = _common.pointer_table(lists[1])[0]
+    capturing[0] = True
+    assert _common.pointer_table(lists[1])[0] is hit  # a hit during a capture pins it too
+    capturing[0] = False
+    tables = [_common.pointer_table(ws)[0] for ws in lists[2:]]
+    assert _common.pointer_table(lists[0])[0] is first and _common.pointer_table(lists[1])[0] is hit
+    assert _common.pointer_table(lists[2])[0] is not tables[0]  # evicted, rebuilt
+    assert len(_common._TABLE_CACHE) == 3
+
+
 def test_grad_buffer_is_one_stacked_gradient() -> None:
     from blazec.kernels._common import grad_buffer
 
