@@ -80,6 +80,14 @@ class _Fallback(Exception):
 _WARNED: set[str] = set()
 
 
+INT32_SPAN = 2**31
+
+
+def expert_span(ws: Sequence[Tensor], nd: int) -> int:
+    """The largest element offset within one expert's weight (its last ``nd`` dims)."""
+    return max(sum((n - 1) * abs(st) for n, st in zip(w.shape[-nd:], w.stride()[-nd:]) if n > 0) for w in ws)
+
+
 def _fallback(reason: str) -> None:
     if reason not in _WARNED and not INTERPRET:
         _WARNED.add(reason)
@@ -123,6 +131,9 @@ class _Operands:
             o = weight_operand(ws, nd)
             if o is None:
                 _fallback("a per-expert weight list has tensors with different strides")
+            if expert_span(ws, nd) >= INT32_SPAN:
+                _fallback("an expert's weight spans 2**31 elements or more within its strides (a view of a buffer "
+                          "whose expert dim is not the outermost); the kernels offset within an expert in int32")
             return o
 
         self.wg = op(w_gate, 2, True)

@@ -146,6 +146,28 @@ def test_relu_keeps_eagers_nan(monkeypatch, weight_pos: str, dh: str) -> None:
         _same_nan_and_close(name, g, r)
 
 
+@pytest.mark.parametrize("layout", ["stacked_t", "list_t"])
+def test_weights_spanning_2_31_elements_fall_back(monkeypatch, layout: str) -> None:
+    """The kernels offset within one expert's weight in int32 (the expert's base is int64): an
+    [E, I, d] view of an [I, E, d] buffer at E=256, I=2048, d=7168 spans 3.8e9 elements and
+    wrapped (kernel review). Such weights now take the reference, checked here with the limit
+    lowered to this case's span."""
+    from blazec.kernels import moe_experts
+
+    case = make_case(layout=layout, seed=8)
+    span = moe_experts.expert_span(case.w["w_gate"], 2)
+    assert span == (19 - 1) * 1 + (21 - 1) * 19  # [I=19, d=21] transposed: strides (1, 19)
+    reasons: list[str] = []
+    real = moe_experts._fallback
+    monkeypatch.setattr(moe_experts, "_fallback", lambda r: (reasons.append(r), real(r)))
+    monkeypatch.setattr(moe_experts, "INT32_SPAN", span + 1)
+    check(case)
+    assert not reasons
+    monkeypatch.setattr(moe_experts, "INT32_SPAN", span)
+    check(case)
+    assert reasons and all("spans 2**31 elements or more" in r for r in reasons), reasons
+
+
 def test_noncontiguous_x_and_grad() -> None:
     check(make_case(noncontig=True, bias="stacked", k=3, seed=5))
 
