@@ -259,17 +259,43 @@ class BlazeOpsMoE(nn.Module):
 
 class DenseEquivalent(nn.Module):
     """Expert 0's SwiGLU MLP on T*k rows (x repeated k times, made once): the expert GEMMs'
-    FLOPs as three dense GEMMs forward and six backward, with nothing MoE about them."""
+    FLOPs as three dense GEMMs forward and six backward, with nothing MoE about them. Each
+    token's k output rows are summed, so the loss runs over [T, d] as in the MoE rows (over
+    [T*k, d] it added k times their loss work: 5.5 of 13.6 ms at olmoe-like, H100)."""
 
     def __init__(self, loop: LoopMoE, x: torch.Tensor):
         super().__init__()
         ex = loop.experts[0]
+        self.k = loop.top_k
         self.w1, self.w3, self.w2 = (nn.Parameter(m.weight.detach().clone()) for m in (ex.w1, ex.w3, ex.w2))
         self.rows = nn.Parameter(x.detach().repeat_interleave(loop.top_k, 0))  # gets dL/drows like dx
 
     def forward(self, x):
         r = self.rows
-        return F.linear(F.silu(F.linear(r, self.w1)) * F.linear(r, self.w3), self.w2)
+        out = F.linear(F.silu(F.linear(r, self.w1)) * F.linear(r, self.w3), self.w2)
+        return out.view(-1, self.k, out.shape[-1]).sum(1)
+
+
+def matmul_tflops(dev: torch.device, dtype: torch.dtype, n: int, iters: int = 20) -> float:
+    """TFLOP/s of ``torch.mm`` on two ``n x n`` matrices (median of ``iters`` after 3 warm-ups):
+    the card's dense GEMM rate in this run, the reference for the rows' TFLOP/s."""
+    a, b = (torch.randn(n, n, device=dev, dtype=dtype) for _ in range(2))
+    times = []
+    for i in range(3 + iters):
+        if dev.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            torch.mm(a, b)
+            end.record()
+            end.synchronize()
+            ms = start.elapsed_time(end)
+        else:
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            ms = (time.perf_counter() - t0) * 1e3
+        if i >= 3:
+            times.append(ms)
+    return 2 * n**3 / (statistics.median(times) * 1e-3) / 1e12
 
 
 # ----------------------------------------------------------------------------------------------
@@ -615,14 +641,24 @@ def _clear_paths_taken() -> None:
     wgrad_grouped_mm.TAKEN.clear()
 
 
+# torch's defaults of the two Dynamo settings that importing blazec.backend turns on: the
+# baseline rows compile with them, as a user's own code would without blazec.
+TORCH_CAPTURE_DEFAULTS = {"capture_scalar_outputs": False, "capture_dynamic_output_shape_ops": False}
+
+
 @contextlib.contextmanager
 def _row_env(impl: str):
-    """The row's environment variables (``ROW_ENV``), set for its duration, then restored."""
+    """The row's environment variables (``ROW_ENV``), set for its duration, then restored; a
+    row that is not blazec's runs under torch's default Dynamo capture settings (the first
+    blazec row's import of the backend turned them on for every row after it)."""
     env = ROW_ENV.get(impl, {})
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
+    dynamo = (contextlib.nullcontext() if impl.startswith("blazec")
+              else torch._dynamo.config.patch(**TORCH_CAPTURE_DEFAULTS))
     try:
-        yield
+        with dynamo:
+            yield
     finally:
         for k, v in saved.items():
             if v is None:
@@ -718,6 +754,7 @@ def run(args: argparse.Namespace, stream=None) -> int:
         "device": card, "torch": torch.__version__, "triton": triton_version,
         "date": datetime.date.today().isoformat(), "warmup": args.warmup, "iters": args.iters,
         "gflop_per_step": flops / 1e9, "rows_left_out": left_out,
+        "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("BLAZEC_")},  # kernel path choices
     }
     say(f"blazec bench: MoE SwiGLU layer with router, T={T} d={d} I={I} E={E} k={k}, {meta['dtype']}, "
         f"forward + backward; {card}, torch {torch.__version__}, triton {triton_version}, {meta['date']}")
@@ -822,6 +859,12 @@ def run(args: argparse.Namespace, stream=None) -> int:
     for r in rows:
         if dense and r.tflops:
             r.pct_dense = 100 * r.tflops / dense
+    mm_n = 8192 if on_cuda else 256
+    try:  # BASELINES.md's reference: a dense matmul's TFLOP/s on this card, in this run
+        meta["matmul"] = {"n": mm_n, "dtype": str(dtype).replace("torch.", ""),
+                          "tflops": matmul_tflops(dev, dtype, mm_n)}
+    except Exception as e:  # noqa: BLE001 - the reference is a reading, not a row
+        meta["matmul"] = {"n": mm_n, "error": f"{type(e).__name__}: {str(e).strip()[:160]}"}
     head = ["implementation", "ms", "TFLOP/s", "% dense", "peak GiB", "act GiB", "err out", "err dx", "err dW",
             "note"]
     table = [[r.impl, _fmt(r.ms, ".2f"), _fmt(r.tflops, ".1f" if on_cuda else ".3g"), _fmt(r.pct_dense, ".0f"),
@@ -838,6 +881,14 @@ def run(args: argparse.Namespace, stream=None) -> int:
         f"TFLOP/s; err: max abs error / max abs value, vs eager-loop (dW: the largest of the router's "
         f"and the three expert weights')." + (" host (in each row's line): median time the host took to "
         "issue a step; near the step's ms, the step was host-bound." if on_cuda else ""))
+    mm = meta["matmul"]
+    if "tflops" in mm:
+        blaze = next((r for r in rows if r.impl == "blazec-loop" and r.tflops), None)
+        say(f"dense matmul in this run: torch.mm of two {mm['n']}x{mm['n']} {mm['dtype']} matrices, "
+            f"{mm['tflops']:.4g} TFLOP/s" + (f"; blazec-loop reaches {100 * blaze.tflops / mm['tflops']:.0f}% of it"
+                                            if blaze else ""))
+    else:
+        say(f"dense matmul in this run: failed: {mm['error']}")
     for r in rows:
         if r.extra.get("profile_error"):
             say(f"profile {r.impl}: failed: {r.extra['profile_error']}")

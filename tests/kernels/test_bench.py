@@ -138,6 +138,28 @@ def test_row_env_is_set_for_its_row_only(tmp_path, monkeypatch) -> None:
     assert all(r["err_dw"] < 1e-5 and "1 MoE rewrite(s)" in r["note"] for r in data["rows"] if "loop" in r["impl"])
 
 
+def test_baseline_rows_compile_under_torchs_default_capture_settings() -> None:
+    """Importing blazec.backend (the first blazec row) turns two Dynamo settings on for the
+    whole process; the compiled baseline rows after it compiled under them (bench review).
+    A row that is not blazec's now runs under torch's defaults; blazec's rows keep blaze's."""
+    import blazec.backend  # noqa: F401  (turns the settings on, as the first blazec row does)
+
+    cfg = torch._dynamo.config
+    with cfg.patch(capture_scalar_outputs=True, capture_dynamic_output_shape_ops=True):
+        with bench._row_env("sort-grouped-mm-compile-cudagraphs"):
+            assert not cfg.capture_scalar_outputs and not cfg.capture_dynamic_output_shape_ops
+        assert cfg.capture_scalar_outputs and cfg.capture_dynamic_output_shape_ops
+        with bench._row_env("blazec-loop"):
+            assert cfg.capture_scalar_outputs and cfg.capture_dynamic_output_shape_ops
+
+
+def F_dense(dense):
+    import torch.nn.functional as F
+
+    r = dense.rows
+    return F.linear(F.silu(F.linear(r, dense.w1)) * F.linear(r, dense.w3), dense.w2)
+
+
 def test_dense_equivalent_has_the_moe_layers_flops() -> None:
     T, d, I, E, k = 6, 8, 12, 4, 2
     loop = bench.LoopMoE(d, I, E, k)
@@ -146,9 +168,23 @@ def test_dense_equivalent_has_the_moe_layers_flops() -> None:
     # the bench's FLOP count, 3*T*k*2*d*3*I, is three [T*k, d] x [d, I]-sized GEMMs, forward and backward
     assert dense.rows.shape == (T * k, d) and dense.w1.shape == dense.w3.shape == (I, d) and dense.w2.shape == (d, I)
     out = dense(x)
-    assert out.shape == (T * k, d)
+    assert out.shape == (T, d)  # each token's k rows summed: the loss runs over [T, d], as the MoE rows'
+    torch.testing.assert_close(out, F_dense(dense).view(T, k, d).sum(1))
     out.pow(2).mean().backward()
     assert dense.rows.grad is not None and dense.w1.grad is not None
+
+
+def test_a_dense_matmul_is_measured_in_the_same_run(tmp_path, monkeypatch) -> None:
+    """BASELINES.md's reference, a dense matmul's TFLOP/s, was never measured (bench review);
+    the JSON also records the BLAZEC_* variables that choose the kernels' paths."""
+    monkeypatch.setenv("BLAZEC_WGRAD", "triton")
+    rc, text, data = _run_small(tmp_path, "--impl", "blazec-loop")
+    assert rc == 0, text
+    mm = data["meta"]["matmul"]
+    assert mm["n"] == 256 and mm["dtype"] == "float32" and mm["tflops"] > 0
+    line = next(l for l in text.splitlines() if l.startswith("dense matmul in this run"))
+    assert "torch.mm of two 256x256 float32 matrices" in line and "blazec-loop reaches" in line
+    assert data["meta"]["env"]["BLAZEC_WGRAD"] == "triton"
 
 
 def test_profile_lists_each_rows_most_expensive_ops(tmp_path) -> None:
