@@ -6,6 +6,10 @@ The protocol of docs/BASELINES.md, in one process, on the same weights and input
 - ``sort-grouped-mm`` / ``sort-grouped-mm-compile``: argsort + gather + grouped GEMMs, written
   as a user would (``torch._grouped_mm`` for bf16 on CUDA, else a loop over the groups), eager
   and under ``torch.compile``
+- ``hf-grouped-mm-compile``: the same under ``torch.compile``, with the expert weights stored as
+  Hugging Face v5 stores them (``gate_up_proj`` [E, 2I, d], ``down_proj`` [E, d, I]) and passed
+  transposed: torch's grouped GEMM picks its kernel by the operands' layout, and BASELINES.md's
+  fastest mixtral-like row is this form
 - ``blazec-loop`` / ``blazec-loop-recompute``: the eager-loop model under
   ``torch.compile(backend="blaze")`` (default options, and ``moe_recompute="recompute_gemm1"``)
 - ``sort-grouped-mm-compile-cudagraphs`` / ``blazec-loop-cudagraphs``: ``sort-grouped-mm-compile``
@@ -98,6 +102,7 @@ IMPLS = (
     "eager-loop",
     "sort-grouped-mm",
     "sort-grouped-mm-compile",
+    "hf-grouped-mm-compile",
     "blazec-loop",
     "blazec-loop-recompute",
     "sort-grouped-mm-compile-cudagraphs",
@@ -202,18 +207,30 @@ class LoopMoE(nn.Module):
 
 
 class SortedMoE(nn.Module):
-    """argsort by expert, gather rows, grouped GEMMs on the sorted rows, weight, index_add_."""
+    """argsort by expert, gather rows, grouped GEMMs on the sorted rows, weight, index_add_.
 
-    def __init__(self, loop: LoopMoE):
+    ``hf_layout``: the weights stored as Hugging Face v5's ``gate_up_proj`` [E, 2I, d] and
+    ``down_proj`` [E, d, I], used through transposed views; else stored [E, d, 2I] / [E, I, d]."""
+
+    def __init__(self, loop: LoopMoE, hf_layout: bool = False):
         super().__init__()
-        self.num_experts, self.top_k = loop.num_experts, loop.top_k
+        self.num_experts, self.top_k, self.hf_layout = loop.num_experts, loop.top_k, hf_layout
         self.gate = copy.deepcopy(loop.gate)
         ex = loop.experts
         I = ex[0].w1.weight.shape[0]
-        gu = torch.stack([torch.cat([m.w1.weight, m.w3.weight], 0).t() for m in ex])  # [E, d, 2I]
-        self.w_gate_up = nn.Parameter(gu.detach().clone())
-        self.w_down = nn.Parameter(torch.stack([m.w2.weight.t() for m in ex]).detach().clone())  # [E, I, d]
+        gu = torch.stack([torch.cat([m.w1.weight, m.w3.weight], 0) for m in ex])  # [E, 2I, d]
+        down = torch.stack([m.w2.weight for m in ex])  # [E, d, I]
+        if not hf_layout:
+            gu, down = gu.transpose(1, 2), down.transpose(1, 2)
+        self.w_gate_up = nn.Parameter(gu.detach().contiguous())
+        self.w_down = nn.Parameter(down.detach().contiguous())
         self.inter = I
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """[E, d, 2I] and [E, I, d]: the right-hand operands of the two grouped GEMMs."""
+        if self.hf_layout:
+            return self.w_gate_up.transpose(-2, -1), self.w_down.transpose(-2, -1)
+        return self.w_gate_up, self.w_down
 
     def forward(self, x):
         weights, ids = _route(self.gate, x, self.top_k)
@@ -223,14 +240,15 @@ class SortedMoE(nn.Module):
         rows = x[tok]
         counts = torch.histc(flat.float(), bins=self.num_experts, min=0, max=self.num_experts - 1).long()
         offs = torch.cumsum(counts, 0).to(torch.int32)
+        w_gate_up, w_down = self.weights()
         if x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
-            gate, up = torch._grouped_mm(rows, self.w_gate_up, offs=offs).chunk(2, dim=-1)
-            out_rows = torch._grouped_mm(F.silu(gate) * up, self.w_down, offs=offs)
+            gate, up = torch._grouped_mm(rows, w_gate_up, offs=offs).chunk(2, dim=-1)
+            out_rows = torch._grouped_mm(F.silu(gate) * up, w_down, offs=offs)
         else:
             outs = []
             for e, chunk in enumerate(torch.split(rows, counts.tolist())):
-                gate, up = (chunk @ self.w_gate_up[e]).chunk(2, dim=-1)
-                outs.append((F.silu(gate) * up) @ self.w_down[e])
+                gate, up = (chunk @ w_gate_up[e]).chunk(2, dim=-1)
+                outs.append((F.silu(gate) * up) @ w_down[e])
             out_rows = torch.cat(outs)
         out_rows = out_rows * weights.reshape(-1)[perm, None]
         return torch.zeros_like(x).index_add_(0, tok, out_rows)
@@ -418,9 +436,10 @@ def _weight_grads(model: nn.Module) -> Optional[dict[str, torch.Tensor]]:
         return {"gate": grad(inner.gate.weight),
                 **{w: torch.stack([grad(getattr(m, w).weight) for m in ex]) for w in ("w1", "w3", "w2")}}
     if isinstance(inner, SortedMoE):
-        gu, I = grad(inner.w_gate_up), inner.inter  # [E, d, 2I]
-        return {"gate": grad(inner.gate.weight), "w1": gu[..., :I].transpose(1, 2),
-                "w3": gu[..., I:].transpose(1, 2), "w2": grad(inner.w_down).transpose(1, 2)}
+        gu, down, I = grad(inner.w_gate_up), grad(inner.w_down), inner.inter
+        if not inner.hf_layout:  # [E, d, 2I], [E, I, d]
+            gu, down = gu.transpose(1, 2), down.transpose(1, 2)
+        return {"gate": grad(inner.gate.weight), "w1": gu[:, :I], "w3": gu[:, I:], "w2": down}
     if isinstance(inner, BlazeOpsMoE):
         return {"gate": grad(inner.gate.weight), "w1": grad(inner.w_gate), "w3": grad(inner.w_up),
                 "w2": grad(inner.w_down)}
@@ -602,6 +621,8 @@ def _build(impl: str, loop: LoopMoE, x: torch.Tensor) -> tuple[nn.Module, Callab
     graphs = {"mode": "reduce-overhead"} if impl.endswith("-cudagraphs") else {}
     if impl.startswith("sort-grouped-mm-compile"):
         return torch.compile(SortedMoE(loop), **graphs), dict
+    if impl == "hf-grouped-mm-compile":
+        return torch.compile(SortedMoE(loop, hf_layout=True)), dict
     if impl.startswith("blazec-loop"):
         import blazec.backend  # noqa: F401  (registers the backend)
         from blazec import report

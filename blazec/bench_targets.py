@@ -34,7 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-BASELINE_ROWS = ("eager-loop", "sort-grouped-mm", "sort-grouped-mm-compile")
+BASELINE_ROWS = ("eager-loop", "sort-grouped-mm", "sort-grouped-mm-compile", "hf-grouped-mm-compile")
 # Rows whose steps replay CUDA graphs (mode="reduce-overhead"): the "time, graphs" target
 GRAPH_BASELINE, GRAPH_BLAZE = "sort-grouped-mm-compile-cudagraphs", "blazec-loop-cudagraphs"
 TIME_LIMIT = {"olmoe-like": 0.8, "mixtral-like": 0.9}

@@ -18,7 +18,7 @@ TMP=$(mktemp -d)  # the device tool returns at most 8 files from $OUT: logs gath
 WARM_SHAPE=${WARM_SHAPE:-olmoe-like}
 # blazec-loop's first step compiles every launch path its auto modes time (BLAZEC_GEMM1,
 # BLAZEC_ROWS, BLAZEC_DX), one after another; the rows that force one path compile theirs in parallel.
-WARM_IMPLS=${WARM_IMPLS:-blazec-loop blazec-loop-recompute blazec-loop-split-gemm1 blazec-loop-wide-gemm1 blazec-loop-tma-gemm1 blazec-loop-persistent-rows blazec-loop-cat-dx sort-grouped-mm-compile}
+WARM_IMPLS=${WARM_IMPLS:-blazec-loop blazec-loop-recompute blazec-loop-split-gemm1 blazec-loop-wide-gemm1 blazec-loop-tma-gemm1 blazec-loop-persistent-rows blazec-loop-cat-dx sort-grouped-mm-compile hf-grouped-mm-compile}
 # (the cudagraphs rows share blazec-loop's and sort-grouped-mm-compile's Triton kernels)
 # The Triton kernels compiled for olmoe-like are not those mixtral-like runs: some constexprs
 # follow E (G_PAD), S = T*k (the route kernels' blocks) and I (the d(routing weight) partial
@@ -45,7 +45,7 @@ SHAPES=${SHAPES:-olmoe-like:150 mixtral-like:150}
 # runs under CUDA graph trees at all), so that a bench stopped by its timeout has lost only
 # them: each row prints its line when it ends. blazec-loop-fused-dh and blazec-loop-triton-wgrad were measured in
 # both 2026-11-27 runs (slower than the defaults) and are left out to make room.
-IMPLS=${IMPLS---impl eager-loop --impl sort-grouped-mm --impl sort-grouped-mm-compile --impl blazec-loop --impl blazec-loop-recompute --impl dense-equivalent --impl sort-grouped-mm-compile-cudagraphs --impl blazec-loop-cudagraphs --impl blazec-loop-fused-tiles --impl blazec-loop-split-gemm1 --impl blazec-loop-wide-gemm1 --impl blazec-loop-tma-gemm1 --impl blazec-loop-persistent-rows --impl blazec-loop-cat-dx}
+IMPLS=${IMPLS---impl eager-loop --impl sort-grouped-mm --impl sort-grouped-mm-compile --impl hf-grouped-mm-compile --impl blazec-loop --impl blazec-loop-recompute --impl dense-equivalent --impl sort-grouped-mm-compile-cudagraphs --impl blazec-loop-cudagraphs --impl blazec-loop-fused-tiles --impl blazec-loop-split-gemm1 --impl blazec-loop-wide-gemm1 --impl blazec-loop-tma-gemm1 --impl blazec-loop-persistent-rows --impl blazec-loop-cat-dx}
 # Step 3 (off by default since the bench has that row): blazec-loop with BLAZEC_WGRAD=grouped_mm
 # in a process of its own, profiled.
 WGRAD_SHAPES=${WGRAD_SHAPES-}

@@ -174,6 +174,20 @@ def test_dense_equivalent_has_the_moe_layers_flops() -> None:
     assert dense.rows.grad is not None and dense.w1.grad is not None
 
 
+def test_the_hf_layout_baseline_computes_what_the_loop_does(tmp_path) -> None:
+    """BASELINES.md's fastest mixtral-like row stores the experts as Hugging Face v5 does
+    ([E, 2I, d] and [E, d, I], used transposed); torch's grouped GEMM picks its kernel by that
+    layout, and the bench's own baseline stored them the other way (bench review)."""
+    rc, text, data = _run_small(tmp_path, "--impl", "hf-grouped-mm-compile", "--impl", "sort-grouped-mm-compile")
+    assert rc == 0, text
+    rows = {r["impl"]: r for r in data["rows"]}
+    for r in rows.values():
+        assert r["err_out"] < 1e-5 and r["err_dx"] < 1e-5 and r["err_dw"] < 1e-5, r
+    loop = bench.LoopMoE(8, 12, 4, 2)
+    hf = bench.SortedMoE(loop, hf_layout=True)
+    assert hf.w_gate_up.shape == (4, 24, 8) and hf.w_down.shape == (4, 8, 12)
+
+
 def test_a_dense_matmul_is_measured_in_the_same_run(tmp_path, monkeypatch) -> None:
     """BASELINES.md's reference, a dense matmul's TFLOP/s, was never measured (bench review);
     the JSON also records the BLAZEC_* variables that choose the kernels' paths."""
@@ -415,7 +429,8 @@ def test_the_memory_estimate_passes_the_gpu_shapes_on_an_80_gb_card() -> None:
     assert bench.bytes_needed(T, d, I, E, k, 4, ["eager-loop", "blazec-ops"]) == 3 * w + acts
 
 
-CPU_DEFAULT_ROWS = ["eager-loop", "sort-grouped-mm", "sort-grouped-mm-compile", "blazec-loop", "blazec-loop-recompute",
+CPU_DEFAULT_ROWS = ["eager-loop", "sort-grouped-mm", "sort-grouped-mm-compile", "hf-grouped-mm-compile", "blazec-loop",
+                    "blazec-loop-recompute",
                     "blazec-ops", "blazec-ops-recompute", "dense-equivalent"]
 
 
