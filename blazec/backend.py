@@ -139,7 +139,20 @@ class BlazePartitioner(CustomPartitionerFn):
         return fw, bw
 
     def uuid(self) -> str:
-        return _uuid("partitioner", self.config)
+        # A budgeted plan is solved at the compile's size hints, which Inductor's and
+        # AOTAutograd's cache keys leave out (they hash the symbols, not their values): a plan
+        # cached at batch 8 was handed to a compile at batch 512 and saved 58x the budget.
+        hints = _size_hints() if self.config.memory_budget is not None else ""
+        return _uuid("partitioner", self.config) + hints
+
+
+def _size_hints() -> str:
+    """The current compile's backed symbolic sizes and their values, as text ("" without any)."""
+    ctx = torch._guards.TracingContext.try_get()
+    env = getattr(getattr(ctx, "fake_mode", None), "shape_env", None)
+    if env is None:
+        return ""
+    return "|" + ",".join(f"{k}={v}" for k, v in sorted((str(k), str(v)) for k, v in env.var_to_val.items()))
 
 
 def partitioned_graph_kind(graph: torch.fx.Graph) -> str:

@@ -99,6 +99,61 @@ def test_budget_changes_the_cache_key():
     assert len({a, b, c, d}) == 4
 
 
+_CACHED_PLANS = """
+import sys
+import torch
+from torch._dynamo.utils import counters
+import blazec.backend
+from blazec import report
+from blazec.memory import model_tensors, saved_for_backward
+
+class Residual(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(),
+                                                              torch.nn.Linear(256, 64)) for _ in range(3))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + torch.tanh(layer(x)).sin()
+        return x
+
+torch.manual_seed(0)
+model = Residual()
+for batch in (8, 512):
+    torch._dynamo.reset()
+    counters.clear()
+    x = torch.randn(batch, 64)
+    torch._dynamo.mark_dynamic(x, 0)
+    compiled = torch.compile(model, backend="blaze", options={"memory_budget": 65536})
+    with report.capture():  # as in the review, where the second compile hit the cache
+        out, saved = saved_for_backward(lambda: compiled(x), model_tensors(model, (x,)))
+        out.float().pow(2).sum().backward()  # the cache entry is stored once the backward compiled
+    print(batch, saved.activation_bytes, sorted(counters["aot_autograd"]))
+"""
+
+
+def test_budgeted_plans_are_cached_per_size_hint(tmp_path):
+    """A budgeted plan is solved at the compile's size hints, which torch's cache keys leave
+    out: with the caches on, a dynamic-batch graph compiled at batch 8 and again (after a
+    reset) at batch 512 got the batch-8 plan back from AOTAutograd's cache, saving 3.8 MB
+    against a 64 KiB budget (cache review). The partitioner's uuid now carries the hints; the
+    second compile solves its own plan, which fits. (A subprocess: tests/conftest.py turns the
+    caches off through the environment, which torch reads once.)"""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE")}
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path)  # a cold cache of its own
+    run = subprocess.run([sys.executable, "-c", _CACHED_PLANS], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = [l.split(" ", 2) for l in run.stdout.strip().splitlines()]
+    assert [l[0] for l in lines] == ["8", "512"], run.stdout
+    assert all("autograd_cache_saved" in l[2] for l in lines), run.stdout  # the cache is on, and missed
+    assert all(int(l[1]) <= 65536 for l in lines), run.stdout
+
+
 def test_option_names_that_are_not_strings_are_named():
     with pytest.raises(BlazeOptionError, match="option names must be strings, got 1"):
         BlazeConfig.from_options({1: "x", "bogus": 1})
