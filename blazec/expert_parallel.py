@@ -253,7 +253,8 @@ def sync_grads(model: torch.nn.Module, group="world", average: bool = False) -> 
     g = resolve_group(group)
     pg = dist.group.WORLD if group == "world" else group
     params = list(model.parameters())
-    if not any(is_expert_param(p) for p in params) and not _SINGLE:
+    known = any(is_expert_param(p) or _DENSE.get(id(p)) is p for p in params)  # dense: once owned, then read densely
+    if not known and not _SINGLE:
         raise ExpertParallelError(
             "sync_grads: no expert-parallel MoE layer of this model has been compiled yet (run a compiled "
             "forward with options={'expert_parallel': ...} first), so its experts cannot be told apart")

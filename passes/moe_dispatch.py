@@ -41,7 +41,7 @@ from blazec.passes.moe_dense_gate_form import (
 )
 from blazec.passes.moe_expert_mlp import REF_NAMES, weight_list
 from blazec.passes.moe_gshard_form import COMBINE_EQ, match_gshard
-from blazec.passes.moe_ep import emit_moe_ep, expert_parameters
+from blazec.passes.moe_ep import dense_reads_of_expert_params, emit_moe_ep, expert_parameters
 from blazec.passes.moe_loop_form import _tensor_index, match_loop
 from blazec.passes.moe_pair_gather_form import (
     has_einsum_param_gather, match_pair_gather, match_pair_gather_einsum, pair_einsums,
@@ -230,11 +230,12 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx, outer_autocast: str | None 
         _remove_dead(graph)
     region_single, region_inputs = _region_layers(gm, ctx, rep, autocast, autocast_in)
     ep_single.extend(region_single)
-    if ep_params or ep_unmapped or ep_single:
+    stale = dense_reads_of_expert_params(gm, ep_nodes)  # owned by an earlier graph's layer, read densely here
+    if ep_params or ep_unmapped or ep_single or stale:
         from blazec.expert_parallel import register_expert_params
 
         owned, shared = _owned_experts(ep_params, ep_nodes, rep)
-        register_expert_params(owned, ep_unmapped, ep_single, dense=shared + region_inputs)
+        register_expert_params(owned, ep_unmapped, ep_single, dense=shared + region_inputs + stale)
     return rep
 
 

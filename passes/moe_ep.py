@@ -49,20 +49,41 @@ def expert_parameters(gm: torch.fx.GraphModule, experts: dict) -> list[tuple[Nod
         for ref in experts[e].refs():
             if ref is None:
                 continue
-            node = ref.base
-            t = None
-            if node.op == "placeholder":
-                try:
-                    t = node.meta["grapharg"].example
-                except Exception:  # noqa: BLE001 - not a Dynamo graph, or the tensor is gone
-                    t = None
-            elif node.op == "get_attr":
-                t = gm
-                for part in str(node.target).split("."):
-                    t = getattr(t, part, None)
-            if not isinstance(t, torch.Tensor):
+            t = graph_tensor(gm, ref.base)
+            if t is None:
                 return None
-            out.append((node, t))
+            out.append((ref.base, t))
+    return out
+
+
+def graph_tensor(gm: torch.fx.GraphModule, node: Node) -> torch.Tensor | None:
+    """The real tensor a placeholder (Dynamo's ``grapharg``) or ``get_attr`` node holds, if known."""
+    t = None
+    if node.op == "placeholder":
+        try:
+            t = node.meta["grapharg"].example
+        except Exception:  # noqa: BLE001 - not a Dynamo graph, or the tensor is gone
+            t = None
+    elif node.op == "get_attr":
+        t = gm
+        for part in str(node.target).split("."):
+            t = getattr(t, part, None)
+    return t if isinstance(t, torch.Tensor) else None
+
+
+def dense_reads_of_expert_params(gm: torch.fx.GraphModule, ep_nodes: set[Node]) -> list[torch.Tensor]:
+    """Weights that an earlier graph's expert-parallel layer owns and that this graph reads
+    outside its own expert-parallel layers: a recompile where the MoE rewrite declined (under
+    autocast, say), or the model compiled again without ``expert_parallel``. Every rank gets a
+    gradient for them here, so ``sync_grads`` must reduce them as dense ones."""
+    from blazec.expert_parallel import is_expert_param
+
+    out = []
+    for n in gm.graph.nodes:
+        if n.op in ("placeholder", "get_attr") and any(u not in ep_nodes for u in n.users):
+            t = graph_tensor(gm, n)
+            if t is not None and is_expert_param(t):
+                out.append(t)
     return out
 
 

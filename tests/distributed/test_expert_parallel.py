@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -223,6 +225,52 @@ def _owned_then_checkpointed(rank: int, world: int) -> None:
 
 def test_owned_experts_become_dense_after_a_checkpointed_recompile_on_2_ranks():
     run_ranks(_owned_then_checkpointed, 2)
+
+
+def _owned_then_dense(rank: int, world: int, how: str) -> None:
+    """A first graph runs the layer expert-parallel; then a graph runs all its experts on every
+    rank without any expert-parallel layer: a recompile under autocast (the rewrite declines)
+    or, after torch._dynamo.reset(), a compile without expert_parallel. The registry kept the
+    experts as owned, and sync_grads left their gradients unreduced (off by 2.1, found in the
+    cache review); they are now dense from that graph on."""
+    import copy
+
+    import torch.distributed as dist
+
+    from blazec.expert_parallel import sync_grads
+    from tests.passes.test_moe_checkpointed import MoE
+
+    torch.manual_seed(0)
+    model = MoE()
+    ref = copy.deepcopy(model)
+    xs = batches((12, 16), world)
+    torch._dynamo.reset()
+    options = {"expert_parallel": "world", "final_stage": "eager"}
+    compiled = torch.compile(model, backend="blaze", options=options)
+    for step in range(2):
+        model.zero_grad(set_to_none=True)
+        ref.zero_grad(set_to_none=True)
+        mode = torch.autocast("cpu", dtype=torch.bfloat16) if step and how == "autocast" else contextlib.nullcontext()
+        if step and how == "no_ep":
+            torch._dynamo.reset()
+            compiled = torch.compile(model, backend="blaze", options={"final_stage": "eager"})
+        with mode:
+            compiled(xs[rank]).float().sum().backward()
+        sync_grads(model)
+        with mode:
+            sum(ref(x).float().sum() for x in xs).backward()
+        assert any(is_expert_param(p) for p in model.parameters()) == (step == 0)
+        tol = dict(atol=2e-2, rtol=2e-2) if step and how == "autocast" else dict(atol=2e-5, rtol=1e-4)
+        for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+            if step == 0 and p.grad is None and is_expert_param(p):
+                continue  # another rank owns this expert
+            torch.testing.assert_close(p.grad, q.grad, **tol, msg=lambda m: f"{step} {name}: {m}")
+    dist.barrier()
+
+
+@pytest.mark.parametrize("how", ["autocast", "no_ep"])
+def test_owned_experts_become_dense_when_a_later_graph_runs_them_all_on_2_ranks(how):
+    run_ranks(_owned_then_dense, 2, how)
 
 
 def test_checkpointed_layer_is_left_alone_on_2_ranks():
