@@ -120,16 +120,17 @@ class Residual(torch.nn.Module):
 
 torch.manual_seed(0)
 model = Residual()
-for batch in (8, 512):
+for batch in (8, 512, 512):
     torch._dynamo.reset()
     counters.clear()
     x = torch.randn(batch, 64)
     torch._dynamo.mark_dynamic(x, 0)
     compiled = torch.compile(model, backend="blaze", options={"memory_budget": 65536})
-    with report.capture():  # as in the review, where the second compile hit the cache
+    with report.capture() as recs:  # as in the review, where the second compile hit the cache
         out, saved = saved_for_backward(lambda: compiled(x), model_tensors(model, (x,)))
         out.float().pow(2).sum().backward()  # the cache entry is stored once the backward compiled
-    print(batch, saved.activation_bytes, sorted(counters["aot_autograd"]))
+    skipped = [p.skipped for r in recs for p in r.pass_reports if p.skipped]
+    print(batch, saved.activation_bytes, ",".join(sorted(counters["aot_autograd"])), skipped)
 """
 
 
@@ -138,8 +139,10 @@ def test_budgeted_plans_are_cached_per_size_hint(tmp_path):
     out: with the caches on, a dynamic-batch graph compiled at batch 8 and again (after a
     reset) at batch 512 got the batch-8 plan back from AOTAutograd's cache, saving 3.8 MB
     against a 64 KiB budget (cache review). The partitioner's uuid now carries the hints; the
-    second compile solves its own plan, which fits. (A subprocess: tests/conftest.py turns the
-    caches off through the environment, which torch reads once.)"""
+    second compile solves its own plan, which fits. A third compile at 512 hits the cache,
+    and its report says so where the partition and post-grad reports were silently missing.
+    (A subprocess: tests/conftest.py turns the caches off through the environment, which
+    torch reads once.)"""
     import os
     import subprocess
     import sys
@@ -148,10 +151,12 @@ def test_budgeted_plans_are_cached_per_size_hint(tmp_path):
     env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path)  # a cold cache of its own
     run = subprocess.run([sys.executable, "-c", _CACHED_PLANS], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
-    lines = [l.split(" ", 2) for l in run.stdout.strip().splitlines()]
-    assert [l[0] for l in lines] == ["8", "512"], run.stdout
-    assert all("autograd_cache_saved" in l[2] for l in lines), run.stdout  # the cache is on, and missed
+    lines = [l.split(" ", 3) for l in run.stdout.strip().splitlines()]
+    assert [l[0] for l in lines] == ["8", "512", "512"], run.stdout
     assert all(int(l[1]) <= 65536 for l in lines), run.stdout
+    assert all("autograd_cache_saved" in l[2] and l[3] == "[]" for l in lines[:2]), run.stdout  # on, and missed
+    # the same size again hits it; the report says its partition and post-grad parts are missing
+    assert "autograd_cache_hit" in lines[2][2] and "AOTAutograd's cache served this graph" in lines[2][3], run.stdout
 
 
 def test_option_names_that_are_not_strings_are_named():
