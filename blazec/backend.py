@@ -49,13 +49,20 @@ if _CAPTURE == "1":
 
 @functools.lru_cache(maxsize=None)
 def _source_hash() -> str:
-    """Hash of every source file that can change what blaze emits (for Inductor's caches)."""
+    """Hash of every source file that can change what blaze emits (for Inductor's caches), and
+    of the versions of torch and of scipy (whose HiGHS solves the checkpoint plans)."""
     root = Path(__file__).resolve().parent
     import blazec.kernels
     import blazec.passes
 
+    try:
+        import scipy
+
+        scipy_version = scipy.__version__
+    except ImportError:
+        scipy_version = "none"
     dirs = [root, Path(blazec.passes.__file__).parent, Path(blazec.kernels.__file__).parent]
-    h = hashlib.sha256(torch.__version__.encode())
+    h = hashlib.sha256(f"{torch.__version__}|scipy {scipy_version}".encode())
     for d in dirs:
         for f in sorted(d.rglob("*.py")):
             h.update(str(f.relative_to(d)).encode())
