@@ -332,7 +332,14 @@ def resolve_budget(problem: Problem, default: Plan, memory_budget: int | float) 
     for j, p in enumerate(problem.points):
         if p.label == "declared max":
             budget[j] = int(memory_budget)
-    return budget, f"{int(memory_budget):,d} B ({_human(int(memory_budget))})"
+    words = f"{int(memory_budget):,d} B ({_human(int(memory_budget))})"
+    if any(p.label.startswith("large sizes") for p in problem.points):  # dynamic, no declared maximum
+        words += (", at the size hints only: the graph's sizes are dynamic with no declared maximum "
+                  "(torch._dynamo.mark_dynamic(x, dim, max=...)), and larger sizes save more")
+        log.warning("blaze memory_budget: an absolute budget of %s holds at this graph's size hints only: its sizes "
+                    "are dynamic with no declared maximum (declare one with torch._dynamo.mark_dynamic(x, dim, "
+                    "max=...), or give the budget as a fraction)", _human(int(memory_budget)))
+    return budget, words
 
 
 def _human(n: int) -> str:

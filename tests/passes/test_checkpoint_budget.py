@@ -267,6 +267,33 @@ def test_declared_maximum_is_checked():
     assert at_max[0]["default"] > budget  # the default would not fit at the maximum
     assert saved.activation_bytes <= budget
     torch.testing.assert_close(out, clone_model(model)(x64), atol=1e-5, rtol=1e-4)
+    assert "at the size hints only" not in "\n".join(plan.lines())
+
+
+def test_an_absolute_budget_on_dynamic_sizes_without_a_maximum_says_it_holds_at_the_hints():
+    """A graph recompiled with a dynamic batch and no declared maximum kept its plan at batch
+    1024, 20x an absolute budget, with nothing said (memory review): the budget holds at the
+    hints only, as CHECKPOINT.md says. The plan's budget line and a warning now say so."""
+    mod = _bench().load_example("moe_loop_modulelist")
+    model, (x8,) = mod.make(batch=8)
+    import logging
+
+    warned: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warned.append(record.getMessage())
+    logging.getLogger("blazec").addHandler(handler)
+    torch._dynamo.reset()
+    try:
+        with report.capture() as recs:
+            xs8 = x8.clone().requires_grad_()
+            torch._dynamo.mark_dynamic(xs8, 0)
+            compiled = torch.compile(model, backend="blaze", options={"final_stage": "eager", "memory_budget": 20_000})
+            loss_of(compiled(xs8)).backward()
+    finally:
+        logging.getLogger("blazec").removeHandler(handler)
+    (plan,) = [p.checkpoint for r in recs for p in r.partitions]
+    assert "at the size hints only: the graph's sizes are dynamic with no declared maximum" in "\n".join(plan.lines())
+    assert any("holds at this graph's size hints only" in m for m in warned), warned
 
 
 def test_dump_shows_the_plan():
