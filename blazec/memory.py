@@ -55,5 +55,9 @@ def saved_for_backward(fn: Callable[[], Any], keep_alive: list[torch.Tensor]) ->
 
 
 def model_tensors(model: torch.nn.Module, inputs: tuple[Any, ...]) -> list[torch.Tensor]:
+    """The tensors that live anyway, whose storages a saved tensor does not add: parameters,
+    buffers, plain tensor attributes of the modules (``self.scale = torch.randn(...)``, kept
+    alive by the module as a buffer would be), and the inputs."""
     ts = list(model.parameters()) + list(model.buffers())
+    ts += [v for m in model.modules() for v in vars(m).values() if isinstance(v, torch.Tensor)]
     return ts + [x for x in inputs if isinstance(x, torch.Tensor)]

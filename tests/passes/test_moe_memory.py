@@ -46,3 +46,21 @@ def test_blaze_saves_at_most_30_percent_of_eager_activations():
     assert eager.activation_bytes >= pairs * (D + 3 * INTER) * 4, msg
     assert blaze.activation_bytes >= pairs * 2 * INTER * 4, msg
     assert blaze.activation_bytes <= 0.3 * eager.activation_bytes, msg
+
+
+def test_a_plain_tensor_attribute_is_not_an_activation():
+    """``self.scale = torch.randn(...)`` (not a registered buffer) lives with the module, like a
+    buffer; saved for backward it was counted as 131,072 B of activations (memory review)."""
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(256, 256)
+            self.scale = torch.randn(128, 256)
+
+        def forward(self, x):
+            return self.lin(x) * self.scale
+
+    model, x = Scaled(), torch.randn(128, 256, requires_grad=True)
+    _, saved = saved_for_backward(lambda: model(x), model_tensors(model, (x,)))
+    assert saved.activation_bytes == 0  # the product saves only x (an input) and scale
