@@ -113,8 +113,9 @@ _REINPLACEABLE = {"index_put", "_unsafe_index_put", "slice_scatter", "select_sca
                   "as_strided_scatter", "all_reduce", "all_reduce_coalesced"}
 
 
-def _may_write_in_place(node: torch.fx.Node, bases: set[torch.fx.Node]) -> bool:
-    """Whether Inductor may make ``node`` write in place into the storage of one of ``bases``."""
+def _may_write_in_place(node: torch.fx.Node, storages: set) -> bool:
+    """Whether Inductor may make ``node`` write in place into one of ``storages``
+    (``_storage`` keys of a collective's inputs)."""
     t = node.target
     if node.op != "call_function" or not isinstance(t, torch._ops.OpOverload) or not node.args:
         return False
@@ -122,14 +123,29 @@ def _may_write_in_place(node: torch.fx.Node, bases: set[torch.fx.Node]) -> bool:
     if name not in _REINPLACEABLE and not name.startswith("_foreach_"):
         return False
     first = node.args[0]
-    return any(_base(a) in bases for a in (first if isinstance(first, (list, tuple)) else [first]))
+    return any(_storage(a) in storages for a in (first if isinstance(first, (list, tuple)) else [first]))
 
 
-def _base(node: object) -> object:
-    """The tensor whose storage a chain of view ops of ``node`` reads."""
-    while (isinstance(node, torch.fx.Node) and node.op == "call_function" and node.args
-           and isinstance(node.target, torch._ops.OpOverload) and node.target.is_view):
-        node = node.args[0]
+def _storage(node: object) -> object:
+    """What identifies the storage ``node`` reads: the storage of its example value when the
+    graph has them (post-grad graphs do; views share their base's), else the node a chain of
+    view ops (``slice``, ``view``, and ``split`` / ``unbind`` / ``chunk`` through their
+    getitems) starts from."""
+    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    if isinstance(val, torch.Tensor):
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        return StorageWeakRef(val.untyped_storage())
+    while isinstance(node, torch.fx.Node) and node.op == "call_function" and node.args:
+        if node.target is operator.getitem and isinstance(node.args[0], torch.fx.Node):
+            src = node.args[0]
+            if isinstance(src.target, torch._ops.OpOverload) and src.target.is_view:
+                node = src.args[0]  # a view op with several outputs
+                continue
+        if isinstance(node.target, torch._ops.OpOverload) and node.target.is_view:
+            node = node.args[0]
+            continue
+        break
     return node
 
 
@@ -358,13 +374,16 @@ def schedule_comms(graph: torch.fx.Graph, order: str = "priority") -> PassReport
         ws = sorted((u for o in outputs[c] for u in o.users if _is_wait(u)), key=nodes.index)
         if not ws or _mutates(c):
             continue
-        bases = {_base(a) for a in c.all_input_nodes}
+        storages = {_storage(a) for a in c.all_input_nodes}
         lo, hi = nodes.index(c), nodes.index(ws[-1])
-        writer = next((nodes[k] for k in range(lo + 1, hi) if _may_write_in_place(nodes[k], bases)), None)
+        writer = next((nodes[k] for k in range(lo + 1, hi) if _may_write_in_place(nodes[k], storages)), None)
         for w in ws if writer is not None else []:
-            if nodes.index(w) > nodes.index(writer):
-                nodes.remove(w)
-                nodes.insert(nodes.index(writer), w)
+            # the wait, and the getitem it reads (a coalesced collective's, left where it was
+            # traced when the collective rose), go right before the writer
+            for n in (w.args[0], w):
+                if n is not c and nodes.index(n) > nodes.index(writer):
+                    nodes.remove(n)
+                    nodes.insert(nodes.index(writer), n)
 
     # Apply the order to the graph.
     if nodes != list(graph.nodes):

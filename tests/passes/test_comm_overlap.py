@@ -7,6 +7,8 @@ compiles a model with a user-written ``funcol.all_reduce`` with ``backend="blaze
 
 from __future__ import annotations
 
+import operator
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -243,7 +245,7 @@ def test_collective_does_not_rise_above_random_op():
     assert order[order.index(rand2) - 1] == "wait_tensor"
 
 
-@pytest.mark.parametrize("write", ["index_put", "slice_scatter_of_view"])
+@pytest.mark.parametrize("write", ["index_put", "slice_scatter_of_view", "index_put_into_a_split"])
 @pytest.mark.parametrize("traced_late", [False, True])
 def test_wait_stays_before_an_op_inductor_may_reinplace_into_the_input(write, traced_late):
     """Inductor's reinplace pass (after this one) turns index_put(a, ...) into index_put_ on a's
@@ -258,9 +260,12 @@ def test_wait_stays_before_an_op_inductor_may_reinplace_into_the_input(write, tr
     wt = None if traced_late else g.call_function(c10d.wait_tensor.default, (c,))
     if write == "index_put":
         b = g.call_function(aten.index_put.default, (a, [idx], v))
-    else:  # a scatter into a view of a: Inductor canonicalizes it onto a
+    elif write == "slice_scatter_of_view":  # a scatter into a view of a: Inductor canonicalizes it onto a
         view = g.call_function(aten.slice.Tensor, (a, 0, 0, 2))
         b = g.call_function(aten.slice_scatter.default, (view, v, 1, 0, 4))
+    else:  # a view of a through split's getitem (missed at first: found in review)
+        part = g.call_function(operator.getitem, (g.call_function(aten.split.Tensor, (a, 2)), 0))
+        b = g.call_function(aten.index_put.default, (part, [idx], v))
     h = g.call_function(aten.mm.default, (x, w))  # compute the wait could otherwise sink past
     if traced_late:
         wt = g.call_function(c10d.wait_tensor.default, (c,))
@@ -279,6 +284,48 @@ def test_wait_stays_before_an_op_inductor_may_reinplace_into_the_input(write, tr
     schedule_comms(g2)
     names = [n.name for n in g2.nodes]
     assert names.index(wt.name) > names.index(h.name), names
+
+
+@pytest.mark.parametrize("view", ["slice", "unbind"])
+def test_traced_writes_into_views_of_a_collectives_input_are_found_by_storage(view):
+    """On a traced graph (example values in meta, as post-grad graphs have) the writer is found
+    by storage: a view of the collective's input through unbind's getitem too."""
+
+    def f(x, w, idx, v):
+        a = torch.mm(x, w)
+        wt = c10d.wait_tensor(c10d.all_to_all_single(a, [2, 2], [2, 2], GROUP))
+        part = a[:2] if view == "slice" else torch.unbind(a)[0]
+        b = torch.index_put(part, (idx,), v)
+        return wt + torch.mm(x, w), b
+
+    with FakeTensorMode():
+        args = [torch.randn(4, 8), torch.randn(8, 8), torch.tensor([0]),
+                torch.randn(1, 8) if view == "slice" else torch.randn(8)]
+        gm = make_fx(f)(*args)
+    comm_overlap_pass(gm)
+    order = _order(gm)
+    assert _before(order, "wait_tensor", next(n for n in order if n.startswith("index_put"))), order
+
+
+def test_a_coalesced_collective_raised_above_a_writer_keeps_its_getitems_before_its_waits():
+    """index_put(a) traced before all_reduce_coalesced([a, b]): the collective rises above it,
+    and its waits must come back above it, each after its getitem (the waits were moved above
+    their getitems, and graph.lint() failed; found in review)."""
+    aten = torch.ops.aten
+    g = torch.fx.Graph()
+    x, w, idx, v = (g.placeholder(n) for n in ("x", "w", "idx", "v"))
+    a = g.call_function(aten.mm.default, (x, w))
+    b = g.call_function(aten.mm.default, (w, w))
+    ip = g.call_function(aten.index_put.default, (a, [idx], v))
+    c = g.call_function(c10d.all_reduce_coalesced.default, ([a, b], "sum", GROUP))
+    g0, g1 = (g.call_function(operator.getitem, (c, i)) for i in range(2))
+    w0, w1 = (g.call_function(c10d.wait_tensor.default, (gi,)) for gi in (g0, g1))
+    h = g.call_function(aten.mm.default, (x, w))
+    g.output((g.call_function(aten.add.Tensor, (w0, h)), w1, ip))
+    schedule_comms(g)  # lints the graph
+    names = [n.name for n in g.nodes]
+    assert names.index(c.name) < names.index(w0.name) < names.index(ip.name), names
+    assert names.index(w1.name) < names.index(ip.name), names
 
 
 def test_coalesced_collective_waits_through_getitem():
