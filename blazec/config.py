@@ -331,7 +331,7 @@ def parse_memory_budget(key: str, value: Any) -> int | float | None:
         nbytes = float(number) * scale
         if not math.isfinite(nbytes):
             raise BlazeOptionError(f"option {key!r}: {value!r} is too large a number of bytes; {_BUDGET_HELP}")
-        if scale == 1 and nbytes != int(nbytes):  # "0.5B" read as 0 bytes
+        if (scale == 1 and nbytes != int(nbytes)) or 0 < nbytes < 1:  # "0.5B", "0.0004KB": read as 0 bytes
             raise BlazeOptionError(f"option {key!r}: {value!r} is not a whole number of bytes; {_BUDGET_HELP}")
         return int(round(nbytes))
     raise BlazeOptionError(f"option {key!r} must be a number or a string, got {type(value).__name__}; {_BUDGET_HELP}")

@@ -52,6 +52,7 @@ def test_memory_budget_values(value, parsed):
         ([1], "must be a number or a string"),
         ("1e400B", "too large a number of bytes"),
         ("0.5B", "'0.5B' is not a whole number of bytes"),  # was read as 0 bytes
+        ("0.0004KB", "'0.0004KB' is not a whole number of bytes"),  # 0.4 B: also read as 0
         ("1e400", "must be within [0.0, 1.0]"),
     ],
 )
