@@ -243,19 +243,24 @@ def blaze(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: Any 
     from torch._dynamo.utils import counters
 
     _report.set_current(record)
-    hits = counters["aot_autograd"]["autograd_cache_hit"]
+    hits = counters["aot_autograd"]["autograd_cache_hit"], counters["inductor"]["fxgraph_cache_hit"]
     try:
         patches = inductor_config_patches(config, record)
         patches.update(sm_free_patches)
         return compile_fx(gm, example_inputs, config_patches=patches)
     finally:
         _report.set_current(None)
-        if counters["aot_autograd"]["autograd_cache_hit"] > hits:
-            # the partitioner and the post-grad passes did not run: their reports are missing,
-            # not empty (blazec dump turns the caches off)
-            why = ("AOTAutograd's cache served this graph's forward and backward, so their reports are missing; "
-                   "what runs is what a cold compile with the same options and sizes produced")
-            record.pass_reports.append(_report.PassReport("partitioner and post-grad passes", skipped=why))
+        # a cache hit skips the partitioner and the post-grad passes: their reports are missing,
+        # not empty (blazec dump turns the caches off)
+        why = None
+        if counters["aot_autograd"]["autograd_cache_hit"] > hits[0]:
+            why, skipped = "AOTAutograd's cache served this graph's forward and backward", "partitioner and post-grad passes"
+        elif counters["inductor"]["fxgraph_cache_hit"] > hits[1]:
+            why, skipped = "Inductor's FX graph cache served this graph's forward", "post-grad passes"
+        if why is not None:
+            why += (", so their reports are missing; what runs is what a cold compile with the same options and "
+                    "sizes produced")
+            record.pass_reports.append(_report.PassReport(skipped, skipped=why))
             log.info("blaze: graph %d: %s", record.index, why)
 
 
