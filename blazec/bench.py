@@ -837,7 +837,7 @@ def run(args: argparse.Namespace, stream=None) -> int:
                             row.extra["profile_error"] = f"{type(e).__name__}: {str(e).strip()[:160]}"
                     notes = [_kernel_note(dev, impl)]
                 if impl == DENSE:
-                    notes.append("ceiling: dense GEMMs on T*k rows, same FLOPs")
+                    notes.append("dense GEMMs on T*k rows, same FLOPs, no routing (the % dense denominator)")
                 if not on_cuda and impl in CPU_SAME_AS:
                     notes.append(f"same code as {CPU_SAME_AS[impl]} on CPU (its launch path exists only on GPU)")
                 if on_cuda and impl.endswith("-cudagraphs"):
