@@ -16,11 +16,10 @@ The outputs are integers, so the op has no autograd formula. The math is in
 ``reference.moe_route``; a device kernel can replace it through ``blazec.ops._registry``.
 """
 
-import operator
-
 import torch
 from torch import Tensor
 
+from blazec._args import as_int
 from blazec.ops._registry import get_impl
 
 PRIORITIES: tuple[str, ...] = ("token", "slot")
@@ -98,16 +97,6 @@ def _moe_route_fake(
     )
 
 
-def _int(name: str, v: object) -> int:
-    """An integer argument (numpy ones too); the op's int schema would take True as 1."""
-    if not isinstance(v, bool):
-        try:
-            return operator.index(v)
-        except TypeError:
-            pass
-    raise TypeError(f"moe_route: {name} must be an int, got {v!r}")
-
-
 def moe_route(
     topk_ids: Tensor, num_experts: int, capacity: int = -1, priority: str = "token"
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -116,5 +105,6 @@ def moe_route(
     See the module docstring for the exact semantics. Thin wrapper over
     ``torch.ops.blazec.moe_route``.
     """
-    num_experts, capacity = _int("num_experts", num_experts), _int("capacity", capacity)
+    # numpy ints pass; a bool does not (the op's int schema would take True as 1)
+    num_experts, capacity = as_int(num_experts, "moe_route: num_experts"), as_int(capacity, "moe_route: capacity")
     return torch.ops.blazec.moe_route(topk_ids, num_experts, capacity, priority)

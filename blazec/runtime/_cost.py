@@ -18,7 +18,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from blazec.runtime._args import as_flag, as_int
+from blazec._args import as_flag, as_int
 
 _MAX_FIT_COLUMNS = 12  # the exact NNLS below enumerates 2**columns supports
 

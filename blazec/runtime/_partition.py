@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from blazec.runtime._args import as_flag, as_int
+from blazec._args import as_flag, as_int
 
 METHODS = ("kk", "lpt", "greedy", "sorted_rr", "random")
 

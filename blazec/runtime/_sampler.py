@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-from blazec.runtime._args import as_flag, as_int
+from blazec._args import as_flag, as_int
 from blazec.runtime._cost import CostModel, _as_float64
 from blazec.runtime._partition import (
     METHODS,

@@ -43,7 +43,7 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.distributed as dist
 
-from blazec.runtime._args import as_flag, as_int
+from blazec._args import as_flag, as_int
 from blazec.runtime._mgda import min_norm_weights
 
 METHODS = ("equal", "magnitude", "mgda")

@@ -1,4 +1,4 @@
-"""Argument checks shared by the runtime helpers: a clear TypeError naming the argument."""
+"""Argument checks shared by the ops and the runtime helpers: a clear TypeError naming the argument."""
 
 from __future__ import annotations
 
