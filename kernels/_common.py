@@ -663,30 +663,21 @@ def act_fwd(g, ACT: tl.constexpr):
 
 
 @device_fn
-def act_grad(g, ACT: tl.constexpr):
-    """a'(g) in fp32 (formulas in blazec.ops.activations.hidden_backward)."""
+def act_bwd(dh, g, ACT: tl.constexpr):
+    """dh * a'(g) in fp32, as eager's autograd computes it (formulas in
+    blazec.ops.activations.hidden_backward). For relu that is threshold_backward, a select, not
+    a product: 0 where g <= 0 even for a non-finite dh, and dh where g is NaN."""
     if ACT == 0:
         s = sigmoid(g)
-        r = s * (1.0 + g * (1.0 - s))
+        r = dh * (s * (1.0 + g * (1.0 - s)))
     elif ACT == 1:
         cdf = 0.5 * (1.0 + tl.erf(g * 0.7071067811865476))
         pdf = 0.3989422804014327 * tl.exp(-0.5 * g * g)
-        r = cdf + g * pdf
+        r = dh * (cdf + g * pdf)
     elif ACT == 2:
         z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
         t = _tanh(z)
-        r = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * g * g)
+        r = dh * (0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * g * g))
     else:
-        r = tl.where(g > 0, 1.0, 0.0)
-    return r
-
-
-@device_fn
-def act_bwd(dh, g, ACT: tl.constexpr):
-    """dh * a'(g) as eager's autograd computes it. For relu that is threshold_backward, a
-    select, not a product: 0 where g <= 0 even for a non-finite dh, and dh where g is NaN."""
-    if ACT == 3:
         r = tl.where(g <= 0, 0.0, dh)
-    else:
-        r = dh * act_grad(g, ACT)
     return r
