@@ -298,21 +298,7 @@ def matmul_tflops(dev: torch.device, dtype: torch.dtype, n: int, iters: int = 20
     """TFLOP/s of ``torch.mm`` on two ``n x n`` matrices (median of ``iters`` after 3 warm-ups):
     the card's dense GEMM rate in this run, the reference for the rows' TFLOP/s."""
     a, b = (torch.randn(n, n, device=dev, dtype=dtype) for _ in range(2))
-    times = []
-    for i in range(3 + iters):
-        if dev.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            torch.mm(a, b)
-            end.record()
-            end.synchronize()
-            ms = start.elapsed_time(end)
-        else:
-            t0 = time.perf_counter()
-            torch.mm(a, b)
-            ms = (time.perf_counter() - t0) * 1e3
-        if i >= 3:
-            times.append(ms)
+    times = [_timed(lambda: torch.mm(a, b), dev)[0] for _ in range(3 + iters)][3:]
     return 2 * n**3 / (statistics.median(times) * 1e-3) / 1e12
 
 
@@ -364,21 +350,29 @@ def _time(model, x, dev, warmup: int, iters: int) -> tuple[float, float]:
     for _ in range(iters):
         model.zero_grad(set_to_none=True)
         x.grad = None
-        if dev.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            t0 = time.perf_counter()
-            _step(model, x)
-            host.append((time.perf_counter() - t0) * 1e3)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            _step(model, x)
-            times.append((time.perf_counter() - t0) * 1e3)
-            host.append(times[-1])
+        ms, host_ms = _timed(lambda: _step(model, x), dev)
+        times.append(ms)
+        host.append(host_ms)
     return statistics.median(times), statistics.median(host)
+
+
+def _timed(fn: Callable[[], Any], dev: torch.device) -> tuple[float, float]:
+    """(ms, host ms) of one call of ``fn``: on CUDA the time between events around it (the
+    GPU's), and the time until ``fn`` returned (the host's, its kernels queued); on CPU both
+    are the call's wall time."""
+    if dev.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        t0 = time.perf_counter()
+        fn()
+        host = (time.perf_counter() - t0) * 1e3
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end), host
+    t0 = time.perf_counter()
+    fn()
+    ms = (time.perf_counter() - t0) * 1e3
+    return ms, ms
 
 
 @dataclass

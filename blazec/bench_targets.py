@@ -32,7 +32,6 @@ test assertions; on CPU they are printed with a note that CPU timings are not th
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -76,12 +75,23 @@ def wrong(row, elem_bytes: int) -> str:
     if "rewrote nothing" in note or "FIRST STEP DIFFERS" in note:
         return f"{row.impl}: {note}"
     bound = ERR_BOUND.get(elem_bytes)
-    errs = [e for e in (row.err_out, row.err_dx, getattr(row, "err_dw", None)) if e is not None]
-    if any(not math.isfinite(e) for e in errs):  # NaN compares False with the bound, and hides in max()
+    errs = _errors(row)
+    if errs and not math.isfinite(_worst(errs)):
         return f"{row.impl}'s error against the eager loop is not finite ({', '.join(f'{e:.3g}' for e in errs)})"
-    if bound is not None and errs and max(errs) > bound:
-        return f"{row.impl}'s error {max(errs):.3g} against the eager loop is past {bound:g}"
+    if bound is not None and errs and _worst(errs) > bound:
+        return f"{row.impl}'s error {_worst(errs):.3g} against the eager loop is past {bound:g}"
     return ""
+
+
+def _errors(row) -> list[float]:
+    """The row's measured errors against the eager loop: output, dL/dx and (where measured) dW."""
+    return [e for e in (row.err_out, row.err_dx, getattr(row, "err_dw", None)) if e is not None]
+
+
+def _worst(errs: list[float]) -> float:
+    """The largest error, or the first that is not finite: NaN compares False with a bound,
+    and max() may pass over it."""
+    return next((e for e in errs if not math.isfinite(e)), max(errs))
 
 
 def check(rows: Sequence, shape: str, T: int, I: int, E: int, k: int, elem_bytes: int) -> list[Target]:
@@ -124,9 +134,8 @@ def check(rows: Sequence, shape: str, T: int, I: int, E: int, k: int, elem_bytes
     for t in out:  # a fast or lean row with wrong numbers meets nothing
         t.void = "; ".join(w for w in (wrong(r, elem_bytes) for r in about.get(t.name, []) if r) if w)
     if blaze and blaze.err_out is not None and blaze.err_dx is not None:
-        errs = [blaze.err_out, blaze.err_dx] + ([blaze.err_dw] if getattr(blaze, "err_dw", None) is not None else [])
-        worst = next((e for e in errs if not math.isfinite(e)), max(errs))  # a NaN must not hide in max()
-        out.append(Target("agreement", worst, ERR_BOUND.get(elem_bytes), "",
+        errs = _errors(blaze)
+        out.append(Target("agreement", _worst(errs), ERR_BOUND.get(elem_bytes), "",
                           "blazec-loop max(err out, err dx" + (", err dW" if len(errs) == 3 else "")
                           + ") vs eager-loop"))
     return out
