@@ -32,6 +32,15 @@ MAX_ZIPF_LEN = 2**24
 MAX_LEN = 2**53
 
 
+def check_max_len(max_len: int, kind: str, name: str = "max_len") -> None:
+    """The upper bounds of ``max_len`` (called ``name`` in the message) for lengths of ``kind``."""
+    if max_len > MAX_LEN:
+        raise ValueError(f"{name} must be <= 2**53 = {MAX_LEN:,d} (lengths are float64), got {max_len:,d}")
+    if kind == "zipf" and max_len > MAX_ZIPF_LEN:
+        raise ValueError(f"{name} must be <= 2**24 = {MAX_ZIPF_LEN:,d} with zipf lengths (drawn from {name} "
+                         f"categories), got {max_len:,d}")
+
+
 def sample_lengths(spec: str, n: int, max_len: int, generator: torch.Generator) -> torch.Tensor:
     """Draw ``n`` integer lengths in ``[1, max_len]`` from a distribution spec.
 
@@ -45,9 +54,8 @@ def sample_lengths(spec: str, n: int, max_len: int, generator: torch.Generator) 
     """
     if max_len < 1:
         raise ValueError(f"max_len must be >= 1, got {max_len}")
-    if max_len > MAX_LEN:
-        raise ValueError(f"max_len must be <= 2**53 = {MAX_LEN:,d} (lengths are float64), got {max_len:,d}")
     kind, _, arg = spec.strip().partition(":")
+    check_max_len(max_len, kind)
     args = arg.split(":") if arg else []
 
     def nums(names: tuple[str, ...], cast=float, optional: bool = False) -> list:
@@ -64,11 +72,6 @@ def sample_lengths(spec: str, n: int, max_len: int, generator: torch.Generator) 
         return out
 
     if kind == "zipf":
-        if max_len > MAX_ZIPF_LEN:
-            raise ValueError(
-                f"max_len must be <= 2**24 = {MAX_ZIPF_LEN:,d} with zipf lengths (drawn from max_len categories), "
-                f"got {max_len:,d}"
-            )
         (s,) = nums(("S",))
         if not s > 0:
             raise ValueError(f"bad lengths spec {spec!r}: Zipf exponent must be > 0")
@@ -223,11 +226,7 @@ def run(args: argparse.Namespace) -> int:
         if not 0 <= args.seed < 2**63:
             raise ValueError(f"--seed must be in [0, 2**63), got {args.seed}")
         # --max-len bounds the memory too: Zipf lengths take ~32 B per category (512 MiB at 2**24).
-        if args.max_len > MAX_LEN:
-            raise ValueError(f"--max-len must be <= 2**53 = {MAX_LEN:,d} (lengths are float64), got {args.max_len:,d}")
-        if args.lengths.strip().partition(":")[0] == "zipf" and args.max_len > MAX_ZIPF_LEN:
-            raise ValueError(f"--max-len must be <= 2**24 = {MAX_ZIPF_LEN:,d} with zipf lengths (drawn from --max-len "
-                             f"categories), got {args.max_len:,d}")
+        check_max_len(args.max_len, args.lengths.strip().partition(":")[0], "--max-len")
         _check_memory(args.ranks * args.per_rank)
         cost = CostModel.from_spec(args.cost)
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -263,8 +262,6 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m blazec.runtime.balance_sim``: the same as ``blazec balance-sim``, one-line
     errors included."""
-    import sys
-
     from blazec.cli import main as cli_main
 
     return cli_main(["balance-sim", *(sys.argv[1:] if argv is None else argv)])
