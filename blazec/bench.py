@@ -279,7 +279,8 @@ class DenseEquivalent(nn.Module):
     """Expert 0's SwiGLU MLP on T*k rows (x repeated k times, made once): the expert GEMMs'
     FLOPs as three dense GEMMs forward and six backward, with nothing MoE about them. Each
     token's k output rows are summed, so the loss runs over [T, d] as in the MoE rows (over
-    [T*k, d] it added k times their loss work: 5.5 of 13.6 ms at olmoe-like, H100)."""
+    [T*k, d] it added k times their loss work: 5.5 of 13.6 ms at olmoe-like, H100, torch 2.11,
+    2026-11-27)."""
 
     def __init__(self, loop: LoopMoE, x: torch.Tensor):
         super().__init__()
