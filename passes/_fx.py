@@ -408,3 +408,54 @@ def regions(gm: torch.fx.GraphModule) -> dict[str, Region]:
             if isinstance(mod, torch.fx.GraphModule):
                 out.setdefault(body.target, Region(mod, n.target.name(), [])).calls.append(n)
     return out
+
+
+def fill_example_values(gm: torch.fx.GraphModule) -> int:
+    """Give the nodes a pass inserted the ``example_value`` Dynamo records on its own nodes,
+    by running each under the graph's fake mode; returns how many got one.
+
+    AOTAutograd's cache takes a graph only when every ``call_method`` reads a node that has
+    one: ``moe_experts(...)[0].view(b, s, d)`` sent every rewritten MoE graph around the cache.
+    A node whose value cannot be computed (or that reads such a node) is left without, as
+    before. No node here makes data-dependent sizes; any fresh unbacked symbol is kept out of
+    the shape environment's pending list, which the tracing that follows owns."""
+    from contextlib import nullcontext
+
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    filled = 0
+    for mod in gm.modules():
+        if not isinstance(mod, torch.fx.GraphModule):
+            continue
+        nodes = mod.graph.nodes
+        missing = [n for n in nodes if n.op in ("call_function", "call_method") and "example_value" not in n.meta]
+        fake = next((v.fake_mode for n in nodes if isinstance(v := n.meta.get("example_value"), FakeTensor)), None)
+        if not missing or fake is None:
+            continue
+        env = fake.shape_env
+        with fake, (env.ignore_fresh_unbacked_symbols() if env is not None else nullcontext()):
+            for n in missing:
+                value = _fake_run(n)
+                if value is not None:
+                    n.meta["example_value"] = value
+                    filled += 1
+    return filled
+
+
+class _NoValue(Exception):
+    pass
+
+
+def _fake_run(n: Node) -> Any:
+    def value(a: Node) -> Any:
+        if "example_value" not in a.meta:
+            raise _NoValue
+        return a.meta["example_value"]
+
+    try:
+        args, kwargs = torch.fx.node.map_arg((n.args, n.kwargs), value)
+        if n.op == "call_method":
+            return getattr(args[0], n.target)(*args[1:], **kwargs)
+        return n.target(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - no value is what the node had before
+        return None

@@ -203,3 +203,80 @@ def test_capture_dynamic_switch_takes_only_0_or_1() -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                        env={**os.environ, "BLAZEC_CAPTURE_DYNAMIC": "false"})
     assert r.returncode != 0 and "BLAZEC_CAPTURE_DYNAMIC must be 0 or 1 (default 1), got 'false'" in r.stderr
+
+
+_WARM_CACHE = r"""
+import copy, sys
+import torch
+from torch._dynamo.utils import counters
+from blazec import report
+sys.path.insert(0, sys.argv[1])
+import moe_gshard_top2, moe_loop_modulelist
+
+for mod in (moe_loop_modulelist, moe_gshard_top2):
+    model, inputs = mod.make()
+    runs = []
+    for _ in range(2):  # cold, then warm after a reset
+        m = copy.deepcopy(model)
+        torch._dynamo.reset()
+        counters.clear()
+        with report.capture() as recs:
+            out = torch.compile(m, backend="blaze")(*inputs)
+            out.float().pow(2).mean().backward()  # the entry is stored once the backward compiled
+        rewritten = sum(len(p.matches) for r in recs for p in r.pass_reports if p.name == "moe_dispatch")
+        served = any("AOTAutograd's cache served" in (p.skipped or "") for r in recs for p in r.pass_reports)
+        runs.append((out.detach(), [p.grad for p in m.parameters()]))
+        print(mod.__name__, rewritten, ",".join(sorted(counters["aot_autograd"])), served)
+    (a, ga), (b, gb) = runs
+    print(mod.__name__, "equal", torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(ga, gb)))
+"""
+
+
+def test_rewritten_moe_graphs_use_aotautograd_cache(tmp_path):
+    """A rewritten MoE graph went around AOTAutograd's cache on every compile: the user's
+    ``y.view(b, s, d)`` read the emitted ``moe_experts(...)[0]``, which had no example value,
+    and the cache refuses a ``call_method`` on such a node (GShard's own emitted ``view_as``
+    too). The pass now gives its nodes example values. A warm compile (after a reset, with the
+    caches on) hits the cache, says so, and gives the cold compile's output and gradients bit
+    for bit. (A subprocess: tests/conftest.py turns the caches off through the environment.)"""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE")}
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path)
+    examples = str(Path(__file__).resolve().parents[1] / "examples")
+    run = subprocess.run([sys.executable, "-c", _WARM_CACHE, examples], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = [l.split() for l in run.stdout.strip().splitlines()]
+    for name in ("moe_loop_modulelist", "moe_gshard_top2"):
+        cold, warm, equal = [l for l in lines if l[0] == name]
+        assert cold[1] == warm[1] == "1", run.stdout  # rewritten both times
+        assert "autograd_cache_saved" in cold[2] and cold[3] == "False", run.stdout
+        assert "autograd_cache_hit" in warm[2] and warm[3] == "True", run.stdout
+        assert equal[2] == "True", run.stdout
+
+
+def test_emitted_nodes_get_example_values():
+    """Every node of the rewritten graph has the example value later passes and AOTAutograd
+    read, and it matches what the graph computes."""
+    from blazec import backend
+    from blazec.config import BlazeConfig
+    from blazec.demo_model import make_default
+
+    seen = {}
+
+    def capture(gm, example_inputs):
+        out, _ = backend.run_pre_grad_passes(gm, example_inputs, BlazeConfig.from_options({}))
+        seen["gm"] = out
+        return out.forward
+
+    model, (x,) = make_default(tokens=64, d=32, inter=48, num_experts=4, top_k=2)
+    torch._dynamo.reset()
+    torch.compile(model, backend=capture)(x)
+    nodes = [n for n in seen["gm"].graph.nodes if n.op in ("call_function", "call_method")]
+    assert any("moe_experts" in str(n.target) for n in nodes)
+    assert [n.name for n in nodes if "example_value" not in n.meta] == []
+    out = next(n for n in nodes if "moe_experts" in str(n.target)).meta["example_value"][0]
+    assert tuple(out.shape) == (64, 32) and out.dtype == x.dtype
