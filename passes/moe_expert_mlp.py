@@ -37,6 +37,7 @@ from blazec.passes._fx import (
     shape,
     strip_casts,
     val,
+    where_loc,
 )
 
 Node = torch.fx.Node
@@ -151,6 +152,18 @@ def _spelled(w: object) -> str:
     return "(".join(parts) + ")" * (len(parts) - 1)
 
 
+def _check_not_detached(node: object, expert: int, what: str) -> None:
+    """A NoMatch that names a ``detach()`` read by ``node`` (or ``node`` itself): eager cuts the
+    gradient there and the op would not. Without it the reason named the mismatch the detach
+    led to ("gate projection does not read the expert's gathered rows")."""
+    if not isinstance(node, Node):
+        return
+    for n in (node, *(a for a in node.args if isinstance(a, Node))):
+        if is_method(n, "detach") or is_fn(n, torch.detach, torch.ops.aten.detach.default):
+            raise NoMatch(f"expert {expert}: {what} reads {_spelled(n)} ({where_loc(n)}); detach() cuts a "
+                          f"gradient there that the blaze op would pass")
+
+
 def _proj(node: Node, rows: Node, expert: int, nodes: set[Node], what: str) -> tuple[WeightRef, WeightRef | None]:
     """Parse ``linear(rows, W, b)`` / ``rows @ W`` / ``chunk(linear(rows, W), 2)[i]``."""
     chunk_rows = None
@@ -170,12 +183,14 @@ def _proj(node: Node, rows: Node, expert: int, nodes: set[Node], what: str) -> t
         node = ch.args[0]
     if is_linear(node):
         if node.args[0] is not rows:
+            _check_not_detached(node.args[0], expert, f"{what} projection")
             raise NoMatch(f"expert {expert}: {what} projection does not read the expert's gathered rows")
         w = _param_ref(arg(node, 1, "weight"), expert, f"{what} weight")
         b = arg(node, 2, "bias")
         bref = None if b is None else _param_ref(b, expert, f"{what} bias")
     elif is_fn(node, *MATMUL):
         if node.args[0] is not rows:
+            _check_not_detached(node.args[0], expert, f"{what} matmul")
             raise NoMatch(f"expert {expert}: {what} matmul does not read the expert's gathered rows")
         w = _param_ref(node.args[1], expert, f"{what} weight")
         w = WeightRef(w.base, w.index, transposed=True)
@@ -210,6 +225,7 @@ def parse_expert(out: Node, rows: Node, expert: int, is_routing_weight) -> Exper
         d = _param_ref(out.args[1], expert, "down weight")
         down, b_down = WeightRef(d.base, d.index, transposed=True), None
     else:
+        _check_not_detached(out, expert, "output")
         raise NoMatch(f"expert {expert}: output is {_describe(out)}, not a linear/matmul down projection")
     nodes.add(out)
 

@@ -165,8 +165,35 @@ class StackedShiftedSlice(LoopMoE):
         return super().run_expert((e + 1) % self.cfg.num_experts, rows, hidden_scale)
 
 
+class Detached(LoopMoE):
+    """A detach() inside the dispatch: on the gathered rows, the routing weight or the expert's
+    contribution. Eager passes no gradient through it; the op would."""
+
+    def __init__(self, cfg, where):
+        super().__init__(cfg)
+        self.where = where
+
+    def gather(self, x, tok):
+        rows = super().gather(x, tok)
+        return rows.detach() if self.where == "rows" else rows
+
+    def routing_weight(self, w, tok, slot):
+        rw = super().routing_weight(w, tok, slot)
+        return rw.detach() if self.where == "weight" else rw
+
+    def contribution(self, e, x, w, tok, slot):
+        c = super().contribution(e, x, w, tok, slot)
+        return torch.detach(c) if self.where == "contribution" and e == 0 else c  # (one: a loss needs a grad_fn)
+
+
 # (id, factory, substring the near-miss reason must contain)
 CASES = [
+    # the reason names the detach(), not the mismatch it leads to ("gate projection does not
+    # read the expert's gathered rows", "output is call_function mul")
+    ("detached_rows", lambda: Detached(Cfg(), "rows"), "gate projection reads detach(getitem("),
+    ("detached_rows_matmul", lambda: Detached(Cfg(layout="stacked_matmul"), "rows"), "gate matmul reads detach("),
+    ("detached_weight", lambda: Detached(Cfg(), "weight"), "output reads detach(getitem("),
+    ("detached_contribution", lambda: Detached(Cfg(), "contribution"), "expert 0: output reads detach(mul("),
     ("two_accumulators", lambda: TwoAccumulators(Cfg()), "missing expert"),
     ("missing_last_expert", lambda: MissingLastExpert(Cfg()), "missing expert(s) [3]"),
     ("missing_first_expert_eq", lambda: MissingFirstExpert(Cfg(mask="eq")), "missing expert"),
