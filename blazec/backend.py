@@ -33,7 +33,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, CustomPartitioner
 
 from blazec import report as _report
 from blazec.config import BlazeConfig
-from blazec.passes._fx import copy_graph_module, fill_example_values
+from blazec.passes._fx import copy_graph_module, fill_example_values, graph_node_names
 from blazec.passes.registry import PassContext, passes_for
 from blazec.partition import partition_joint
 
@@ -103,6 +103,7 @@ def run_pre_grad_passes(
             reports.append(_report.PassReport(spec.name, skipped="disabled by options"))
             continue
         work = copy_graph_module(gm)
+        names = graph_node_names(work)
         ctx = PassContext(config=config, example_inputs=list(example_inputs), stage="pre_grad")
         try:
             rep = spec.load()(work, ctx)
@@ -115,7 +116,7 @@ def run_pre_grad_passes(
         else:
             if rep.changed:
                 work.graph.lint()
-                fill_example_values(work)  # read by later passes, and by AOTAutograd's cache check
+                fill_example_values(work, names)  # read by later passes, and by AOTAutograd's cache check
                 work.recompile()
                 gm = work
         _report.log_pass_report(rep)

@@ -410,25 +410,37 @@ def regions(gm: torch.fx.GraphModule) -> dict[str, Region]:
     return out
 
 
-def fill_example_values(gm: torch.fx.GraphModule) -> int:
-    """Give the nodes a pass inserted the ``example_value`` Dynamo records on its own nodes,
-    by running each under the graph's fake mode; returns how many got one.
+def graph_node_names(gm: torch.fx.GraphModule) -> dict[str, set[str]]:
+    """The names of the nodes of ``gm``'s graph and of its subgraphs, by submodule name: what
+    :func:`fill_example_values` leaves alone after a pass."""
+    return {name: {n.name for n in mod.graph.nodes} for name, mod in gm.named_modules()
+            if isinstance(mod, torch.fx.GraphModule)}
+
+
+def fill_example_values(gm: torch.fx.GraphModule, before: dict[str, set[str]]) -> int:
+    """Give the nodes a pass inserted (those whose names ``before`` does not hold, from
+    :func:`graph_node_names`) the ``example_value`` Dynamo records on its own nodes, by running
+    each under the graph's fake mode; returns how many got one.
 
     AOTAutograd's cache takes a graph only when every ``call_method`` reads a node that has
     one: ``moe_experts(...)[0].view(b, s, d)`` sent every rewritten MoE graph around the cache.
-    A node whose value cannot be computed (or that reads such a node) is left without, as
-    before. No node here makes data-dependent sizes; any fresh unbacked symbol is kept out of
-    the shape environment's pending list, which the tracing that follows owns."""
+    Dynamo's own nodes without one are never run: they include its global-state calls
+    (``torch._C._set_grad_enabled``, ``_enter_autocast``), which would change the process's
+    state at compile time. A node whose value cannot be computed (or that reads such a node)
+    is left without, as before. Fresh unbacked symbols (the expert-parallel count exchange
+    makes some) are kept out of the shape environment's pending list, which the tracing that
+    follows owns."""
     from contextlib import nullcontext
 
     from torch._subclasses.fake_tensor import FakeTensor
 
     filled = 0
-    for mod in gm.modules():
+    for name, mod in gm.named_modules():
         if not isinstance(mod, torch.fx.GraphModule):
             continue
-        nodes = mod.graph.nodes
-        missing = [n for n in nodes if n.op in ("call_function", "call_method") and "example_value" not in n.meta]
+        nodes, old = mod.graph.nodes, before.get(name, set())
+        missing = [n for n in nodes if n.op in ("call_function", "call_method") and n.name not in old
+                   and "example_value" not in n.meta]
         fake = next((v.fake_mode for n in nodes if isinstance(v := n.meta.get("example_value"), FakeTensor)), None)
         if not missing or fake is None:
             continue

@@ -280,3 +280,31 @@ def test_emitted_nodes_get_example_values():
     assert [n.name for n in nodes if "example_value" not in n.meta] == []
     out = next(n for n in nodes if "moe_experts" in str(n.target)).meta["example_value"][0]
     assert tuple(out.shape) == (64, 32) and out.dtype == x.dtype
+
+
+def test_example_values_leave_dynamo_global_state_nodes_alone():
+    """The example-value fill ran every node without one, Dynamo's global-state calls too: a
+    ``torch.set_grad_enabled(False)`` left on after the MoE layer turned grad mode off at
+    compile time, before AOTAutograd chose between a training and an inference graph, and
+    the MoE output came back without a grad_fn (diff review). Only the pass's nodes run."""
+    from blazec.demo_model import make_default
+
+    class GradOffAfter(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            y = self.inner(x)
+            torch.set_grad_enabled(False)  # left off, as bookkeeping code after a layer might
+            return y, (y.detach() * 2).sum()
+
+    model, (x,) = make_default(tokens=64, d=32, inter=48, num_experts=4, top_k=2)
+    torch._dynamo.reset()
+    try:
+        with report.capture() as recs:
+            y, _ = torch.compile(GradOffAfter(model), backend="blaze", options={"final_stage": "eager"})(x)
+    finally:
+        torch.set_grad_enabled(True)
+    assert sum(len(p.matches) for r in recs for p in r.pass_reports if p.name == "moe_dispatch") == 1
+    assert y.requires_grad and y.grad_fn is not None
