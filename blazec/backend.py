@@ -147,6 +147,22 @@ class BlazePartitioner(CustomPartitionerFn):
             log.debug("%s", line)
         return fw, bw
 
+    # Torch's AOTAutograd cache key pickles Inductor's config, this object in it (the post-grad
+    # pass is keyed by its uuid() instead). Pickled, the object is its uuid: with the record
+    # (whose index counts the process's compiles) a warm compile hit only the entry of the
+    # compile with the same number. Copies share the object, record included.
+    def __getstate__(self) -> dict[str, str]:
+        return {"uuid": self.uuid()}
+
+    def __setstate__(self, state: dict[str, str]) -> None:  # an inert stand-in, never called
+        self.config, self.record, self.unpickled_uuid = None, None, state["uuid"]
+
+    def __copy__(self) -> "BlazePartitioner":
+        return self
+
+    def __deepcopy__(self, memo: dict) -> "BlazePartitioner":
+        return self
+
     def uuid(self) -> str:
         # A budgeted plan is solved at the compile's size hints, which Inductor's and
         # AOTAutograd's cache keys leave out (they hash the symbols, not their values): a plan

@@ -258,6 +258,59 @@ def test_rewritten_moe_graphs_use_aotautograd_cache(tmp_path):
         assert equal[2] == "True", run.stdout
 
 
+_NTH_COMPILE = r"""
+import copy, sys
+import torch
+from torch._dynamo.utils import counters
+sys.path.insert(0, sys.argv[1])
+import moe_loop_modulelist
+
+model, inputs = moe_loop_modulelist.make()
+for i in range(int(sys.argv[2])):  # outside report.capture(): records count the compiles
+    torch._dynamo.reset()
+    counters.clear()
+    m = copy.deepcopy(model)
+    torch.compile(m, backend="blaze")(*inputs).pow(2).mean().backward()
+    print(i, ",".join(sorted(counters["aot_autograd"])))
+"""
+
+
+def test_a_warm_compile_hits_whatever_its_number_in_the_process(tmp_path):
+    """AOTAutograd's cache key pickles Inductor's config, blaze's partitioner in it, with its
+    report record, whose index counts the process's compiles: a second compile in one process
+    missed the entry the first had saved, and a warm process hit only its own Nth compile's
+    entry (cache review). The partitioner pickles as its uuid."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE")}
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path)
+    examples = str(Path(__file__).resolve().parents[1] / "examples")
+    run = subprocess.run([sys.executable, "-c", _NTH_COMPILE, examples, "3"], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.strip().splitlines()
+    assert len(lines) == 3 and "autograd_cache_saved" in lines[0], run.stdout
+    assert all("autograd_cache_hit" in l for l in lines[1:]), run.stdout
+
+
+def test_partitioner_pickles_as_its_uuid():
+    import copy
+    import pickle
+
+    from blazec.backend import BlazePartitioner
+    from blazec.config import BlazeConfig
+
+    cfg = BlazeConfig.from_options({})
+    a, b = BlazePartitioner(cfg, report.new_record("inductor")), BlazePartitioner(cfg, report.new_record("inductor"))
+    assert pickle.dumps(a) == pickle.dumps(b)
+    assert pickle.loads(pickle.dumps(a)).unpickled_uuid == a.uuid()
+    assert copy.deepcopy(a) is a and copy.copy(a) is a
+    other = BlazePartitioner(BlazeConfig.from_options({"memory_budget": 0.5}), None)
+    assert pickle.dumps(other) != pickle.dumps(a)
+
+
 def test_emitted_nodes_get_example_values():
     """Every node of the rewritten graph has the example value later passes and AOTAutograd
     read, and it matches what the graph computes."""
