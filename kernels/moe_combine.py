@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from blazec.kernels._common import INTERPRET, cast, rsum
+from blazec.kernels._common import INTERPRET, cast, host_cdiv, next_pow2, rsum
 
 
 @triton.jit
@@ -66,17 +66,17 @@ def _dtw_kernel(
 def combine_blocks(D: int) -> tuple[int, int]:
     if INTERPRET:
         return 8, 16
-    return 16, min(256, triton.next_power_of_2(D))
+    return 16, min(256, next_pow2(D))
 
 
 def combine(buf, pair_pos, out, T: int, D: int, K: int) -> None:
     BT, BD = combine_blocks(D)
-    grid = (triton.cdiv(T, BT), triton.cdiv(D, BD))
+    grid = (host_cdiv(T, BT), host_cdiv(D, BD))
     _combine_kernel[grid](buf, pair_pos, out, T, D, K, buf.stride(0), out.stride(0),
                           BLOCK_T=BT, BLOCK_D=BD, **({} if INTERPRET else {"num_warps": 4}))
 
 
 def dtw(part, pair_pos, out, P: int, NT: int) -> None:
-    NT_PAD = triton.next_power_of_2(max(NT, 1))
+    NT_PAD = next_pow2(NT)
     BP = 16 if INTERPRET else max(16, min(1024, 8192 // NT_PAD))
-    _dtw_kernel[(triton.cdiv(P, BP),)](part, pair_pos, out, P, NT, BLOCK_P=BP, NT_PAD=NT_PAD)
+    _dtw_kernel[(host_cdiv(P, BP),)](part, pair_pos, out, P, NT, BLOCK_P=BP, NT_PAD=NT_PAD)

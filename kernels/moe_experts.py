@@ -58,6 +58,7 @@ from blazec.kernels._common import (
     empty,
     env_choice,
     grad_buffer,
+    host_cdiv,
     launch,
     next_pow2,
     pick_fastest,
@@ -148,11 +149,11 @@ class _Operands:
 
     def m_grid(self, n: int) -> Callable:
         P, E = self.P, self.E
-        return lambda META: ((triton.cdiv(P, META["BLOCK_M"]) + E + 1) * triton.cdiv(n, META["BLOCK_N"]),)
+        return lambda META: ((host_cdiv(P, META["BLOCK_M"]) + E + 1) * host_cdiv(n, META["BLOCK_N"]),)
 
     def elementwise_grid(self, META) -> tuple[int, int]:
         """The elementwise passes' grid: [S, I] in BLOCK_M x BLOCK_N tiles."""
-        return triton.cdiv(self.P, META["BLOCK_M"]), triton.cdiv(self.I, META["BLOCK_N"])
+        return host_cdiv(self.P, META["BLOCK_M"]), host_cdiv(self.I, META["BLOCK_N"])
 
 
 def _tl(dt: torch.dtype):
@@ -508,7 +509,7 @@ def _wgrad_launch(o: _Operands, L: Tensor, R: Tensor, M: int, N: int, dw: Tensor
     wgrad_grouped_mm.TAKEN.add("triton")
     some_db = db if db is not None else db2
     assert not dual or (dw2.stride() == dw.stride() and (db is None or db2 is None or db2.stride() == db.stride()))
-    grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]), o.E)  # noqa: E731
+    grid = lambda META: (host_cdiv(M, META["BLOCK_M"]) * host_cdiv(N, META["BLOCK_N"]), o.E)  # noqa: E731
     launch(moe_wgrad._wgrad_kernel, moe_wgrad.wgrad_tuned, grid, dict(
         l_ptr=L, r_ptr=R, ws_ptr=L if ws is None else ws, pairs_ptr=o.sp, offs_ptr=o.eo,
         dw_ptr=dw, db_ptr=dw if db is None else db,
@@ -623,7 +624,7 @@ def moe_experts_bwd(
     # One d(routing weight) partial per row and column tile of the dh step, sized for its
     # narrowest tile; zeroed, since a wider tile (the autotuner's pick) leaves some columns
     # unwritten, and dropped pairs' rows are never written.
-    NT = triton.cdiv(I, gg.ELEMENTWISE_CONFIG["BLOCK_N"] if split else gg.DH_MIN_BLOCK_N)
+    NT = host_cdiv(I, gg.ELEMENTWISE_CONFIG["BLOCK_N"] if split else gg.DH_MIN_BLOCK_N)
     part = torch.zeros((o.P, NT), dtype=torch.float32, device=dev)
     if split:
         _dh_split_launch(o, grad_y, preact, dgu, hs, part, NT)

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from blazec.kernels._common import INTERPRET, csum, empty, next_pow2, rsum
+from blazec.kernels._common import INTERPRET, csum, empty, host_cdiv, next_pow2, rsum
 from blazec.ops.route import id_range_message
 
 
@@ -167,7 +167,7 @@ def moe_route(topk_ids: Tensor, num_experts: int, capacity: int, priority: str) 
         raise ValueError(f"moe_route kernel: T*k = {P} pairs exceeds int32 indexing")
     ids = topk_ids.contiguous()
     BLOCK = route_block(P)
-    NB = triton.cdiv(P, BLOCK)
+    NB = host_cdiv(P, BLOCK)
     E_PAD = max(16, next_pow2(E))
     E_CHUNK = min(E_PAD, 64)
     B_CHUNK = max(1, min(next_pow2(NB), 4096 // E_PAD))

@@ -179,3 +179,17 @@ def test_pruner_keeps_configs_within_the_budget(monkeypatch) -> None:
     monkeypatch.setattr(c, "smem_budget", lambda t: 1)
     (small,) = prune(cfgs, {"x": x})  # it stops at 2 stages and BLOCK_K 16 (a dot's minimum)
     assert small.num_stages == 2 and small.kwargs["BLOCK_K"] == 16
+
+
+def test_host_integer_helpers_equal_tritons() -> None:
+    """The launchers' host ``host_cdiv`` and ``next_pow2`` give what ``triton.cdiv`` and
+    ``triton.next_power_of_2`` give (they replaced them in grids and block sizes)."""
+    import triton
+
+    from blazec.kernels._common import host_cdiv, next_pow2
+
+    for a in range(0, 700):
+        for b in (1, 2, 3, 16, 64, 128, 256):
+            assert host_cdiv(a, b) == triton.cdiv(a, b), (a, b)
+    for n in list(range(1, 5000)) + [2**31 - 1, 2**31, 2**40 + 1]:
+        assert next_pow2(n) == triton.next_power_of_2(n), n
