@@ -154,7 +154,7 @@ class BlazePartitioner(CustomPartitionerFn):
     def __getstate__(self) -> dict[str, str]:
         return {"uuid": self.uuid()}
 
-    def __setstate__(self, state: dict[str, str]) -> None:  # an inert stand-in, never called
+    def __setstate__(self, state: dict[str, str]) -> None:  # a stand-in that keeps the key; never called
         self.config, self.record, self.unpickled_uuid = None, None, state["uuid"]
 
     def __copy__(self) -> "BlazePartitioner":
@@ -164,6 +164,8 @@ class BlazePartitioner(CustomPartitionerFn):
         return self
 
     def uuid(self) -> str:
+        if self.config is None:  # unpickled
+            return self.unpickled_uuid
         # A budgeted plan is solved at the compile's size hints, which Inductor's and
         # AOTAutograd's cache keys leave out (they hash the symbols, not their values): a plan
         # cached at batch 8 was handed to a compile at batch 512 and saved 58x the budget.

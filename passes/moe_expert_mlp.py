@@ -152,13 +152,15 @@ def _spelled(w: object) -> str:
     return "(".join(parts) + ")" * (len(parts) - 1)
 
 
-def _check_not_detached(node: object, expert: int, what: str) -> None:
-    """A NoMatch that names a ``detach()`` read by ``node`` (or ``node`` itself): eager cuts the
-    gradient there and the op would not. Without it the reason named the mismatch the detach
-    led to ("gate projection does not read the expert's gathered rows")."""
+def _check_not_detached(node: object, expert: int, what: str, operands: bool = False) -> None:
+    """A NoMatch that names ``node`` when it is a ``detach()`` (with ``operands``, also when one
+    of its operands is: a detached routing weight scales the output): eager cuts the gradient
+    there and the op would not. Without it the reason named the mismatch the detach led to
+    ("gate projection does not read the expert's gathered rows"). A projection's input is
+    checked alone: in ``rows * s.detach()`` the product, not the detach, is what fails."""
     if not isinstance(node, Node):
         return
-    for n in (node, *(a for a in node.args if isinstance(a, Node))):
+    for n in (node, *(a for a in node.args if isinstance(a, Node) and operands)):
         if is_method(n, "detach") or is_fn(n, torch.detach, torch.ops.aten.detach.default):
             raise NoMatch(f"expert {expert}: {what} reads {_spelled(n)} ({where_loc(n)}); detach() cuts a "
                           f"gradient there that the blaze op would pass")
@@ -225,7 +227,7 @@ def parse_expert(out: Node, rows: Node, expert: int, is_routing_weight) -> Exper
         d = _param_ref(out.args[1], expert, "down weight")
         down, b_down = WeightRef(d.base, d.index, transposed=True), None
     else:
-        _check_not_detached(out, expert, "output")
+        _check_not_detached(out, expert, "output", operands=True)
         raise NoMatch(f"expert {expert}: output is {_describe(out)}, not a linear/matmul down projection")
     nodes.add(out)
 
