@@ -276,6 +276,34 @@ def test_host_overhead_times_the_ops_host_path_with_launches_stubbed() -> None:
     assert bad.returncode == 2 and "--topk 9 exceeds --experts 4" in bad.stderr
 
 
+def test_host_overhead_compiled_timeline_lists_each_launch_in_step_order() -> None:
+    """``--compiled``: the blaze-compiled loop model's step, each stubbed launch with the host's
+    time from the step's start; the route kernels come before GEMM 1, the forward's launches
+    before the backward's."""
+    import re
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "host_overhead.py"), "--compiled", "--tokens", "8",
+                        "--experts", "4", "--dim", "32", "--hidden", "16", "--topk", "2", "--steps", "2"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "blaze-compiled loop model, T=8 d=32 I=16 E=4 k=2 bf16" in r.stdout
+    rows = re.findall(r"^ +([0-9.]+) +\(\+ *[0-9.]+\) +(.+)$", r.stdout, re.M)
+    names = [name for _, name in rows]
+    assert names[:4] == ["_route_count_kernel", "_route_scan_kernel", "_route_scatter_kernel", "_gemm1_kernel"]
+    fwd = names.index("(forward returned)")
+    assert names[-1] == "(backward returned)" and fwd < len(names) - 2  # backward launches between them
+    times = [float(t) for t, _ in rows]
+    assert times == sorted(times)
+    assert re.search(r"host time before GEMM 1's launch: [0-9.]+ ms", r.stdout)
+    bad = subprocess.run([sys.executable, str(REPO / "benchmarks" / "host_overhead.py"), "--compiled", "--form",
+                          "stacked"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "leave out --form" in bad.stderr
+
+
 def test_peak_memory_measures_the_kernel_path_with_launches_stubbed() -> None:
     """benchmarks/peak_memory.py in subprocesses (it stubs the kernel launches globally). The
     backward's peak, in both modes, is the three weight gradients plus the one [S, I] buffer the
