@@ -290,6 +290,19 @@ def module_path(node: Node) -> str:
     return _clean_module_path(path)
 
 
+def source_label(node: Node) -> str:
+    """What the user calls the tensor a graph input holds (``experts.0.w1.weight``), from the
+    source Dynamo recorded for the placeholder; the node's name otherwise."""
+    ga = node.meta.get("grapharg") if node.op == "placeholder" else None
+    source = getattr(getattr(ga, "source", None), "name", None)
+    if callable(source):  # a method in older torch releases
+        source = source()
+    if not isinstance(source, str):
+        return node.name
+    label = _clean_module_path(source.replace("._parameters['", ".").replace("._buffers['", "."))
+    return node.name if label == "<root>" else label
+
+
 def _clean_module_path(path: str) -> str:
     # Dynamo names look like "L['self'].experts" or "L['self']._modules['experts']".
     p = path.replace("L['self']", "").replace("._modules['", ".").replace("']", "")

@@ -39,7 +39,7 @@ from typing import Iterable, Optional
 import torch
 import torch.fx
 
-from blazec.passes._fx import NoMatch, is_fn, val, where_loc
+from blazec.passes._fx import NoMatch, is_fn, source_label, val, where_loc
 
 Node = torch.fx.Node
 
@@ -232,27 +232,38 @@ def check_no_mutation(graph: torch.fx.Graph, finals: list[Node], inputs: list[No
 
 def _check_kept_unchanged(graph: torch.fx.Graph, pos: dict, place_node: Node, inputs: list[Node],
                           cache: dict) -> None:
-    """NoMatch when x or the routing weights, which the blaze op keeps for backward, are written
-    in place after the placement in a graph that needs a backward (``w.data.mul_(2)``, or a
-    ``w.mul_`` under no_grad): the code the op replaces kept gathered copies (``x[tok]``,
-    ``w[tok, slot]``), so its gradients did not see the write, and the op's would (or autograd
-    would refuse the op's saved tensor). The expert weights are kept by the naive code's own
-    linears too, so a write to them reaches both alike."""
+    """NoMatch when a tensor the blaze op keeps for backward is written in place after the
+    placement in a graph that needs a backward (``w.data.mul_(2)``, or a ``w.mul_`` under
+    no_grad):
+    - x or the routing weights: the code the op replaces kept gathered copies (``x[tok]``,
+      ``w[tok, slot]``), so its gradients did not see the write, and the op's would (or autograd
+      would refuse the op's saved tensor);
+    - the expert weights and biases: the op keeps them all, while the code's linears keep a
+      weight only when their input needs a gradient (none when x needs none), and the op's
+      ``recompute_gemm1`` backward recomputes GEMM 1 from them where the code kept its result."""
     weights, x = inputs[1], inputs[2]
     if not getattr(val(place_node), "requires_grad", True):
         return  # no backward (no_grad, inference): the op reads them only at the placement
-    named = ((x, "the expert input"), (weights, "the routing weights"))
-    kept = {root(n, cache): what for n, what in named if _is_tensor(n)}
+    copies = "the code it replaces kept gathered copies"
+    mine = ("the code's linears keep a weight only when their input needs a gradient, and the op's "
+            "recompute_gemm1 backward recomputes from the weights what the code kept")
+    named = [(x, "the expert input", copies), (weights, "the routing weights", copies)]
+    named += [(w, "an expert parameter", mine) for w in inputs[3:]]
+    kept: dict = {}
+    for n, what, why in named:
+        if _is_tensor(n):
+            kept.setdefault(root(n, cache), (what, why))
     for n in graph.nodes:
         if pos[n] <= pos[place_node]:
             continue
         t = mutated(n)
-        what = kept.get(root(t, cache)) if t is not None else None
-        if what is not None:
+        r = root(t, cache) if t is not None else None
+        hit = kept.get(r)
+        if hit is not None:
+            what, why = hit
             raise NoMatch(
-                f"{_describe(n)} ({where_loc(n)}) writes in place {what} ({t.name}) after the dispatch; the "
-                "blaze op keeps them for backward, where the code it replaces kept gathered copies, so the "
-                "gradients would differ. Left alone")
+                f"{_describe(n)} ({where_loc(n)}) writes in place {what} ({source_label(r)}) after the dispatch; the "
+                f"blaze op keeps it for backward and {why}, so the gradients would differ. Left alone")
 
 
 def _read_before(n: Node, r: Node, dispatch: set[Node], pos: dict, cache: dict) -> bool:

@@ -32,6 +32,7 @@ class Loop(nn.Module):
     "renorm_inplace" (``w /= w.sum()`` before the dispatch reads w, accumulator made first),
     "x_after" (x scaled after the dispatch ended, which matters only with a backward: the op keeps x
     and w for it, the loop gathered copies): "x_data_after", "w_data_after", "w_nograd_after";
+    and an expert weight, which the op's recompute mode reads again in backward: "expert_data_after";
     "autocast" (experts under torch.autocast); "router_autocast_off" (the router in an
     ``autocast(enabled=False)`` block: rewritten);
     grad mode: "expert_nograd" (expert 1 frozen by running it under torch.no_grad()),
@@ -128,6 +129,8 @@ class Loop(nn.Module):
         if self.v == "w_nograd_after":
             with torch.no_grad():
                 w.mul_(0.5)
+        if self.v == "expert_data_after":
+            self.experts[0].w1.weight.data.mul_(0.5)
         return out
 
 
@@ -166,16 +169,81 @@ def test_loop_rewritten_with_a_write_after_the_dispatch() -> None:
     assert [m.form for m in found] == ["static_loop_modulelist"], reasons
 
 
-@pytest.mark.parametrize("variant, what", [
-    ("x_data_after", "the expert input"), ("w_data_after", "the routing weights"), ("w_nograd_after", "the routing weights"),
+@pytest.mark.parametrize("variant, what, options", [
+    ("x_data_after", "the expert input", None), ("w_data_after", "the routing weights", None),
+    ("w_nograd_after", "the routing weights", None),
+    ("expert_data_after", "an expert parameter", {"moe_recompute": "recompute_gemm1"}),
 ])
-def test_loop_left_alone_when_a_kept_input_is_written_after_the_dispatch(variant, what) -> None:
+def test_loop_left_alone_when_a_kept_input_is_written_after_the_dispatch(variant, what, options) -> None:
     """The loop's backward reads the gathered x[tok] and w[tok, slot]; the op's would read x and
-    w after the write (wrong gradients through ``.data``, autograd's version error otherwise)."""
-    rec = _compare(variant)
+    w after the write (wrong gradients through ``.data``, autograd's version error otherwise).
+    The recompute mode's backward would recompute GEMM 1 from the expert weight a ``.data``
+    write changed, where the loop kept GEMM 1's result."""
+    torch.manual_seed(0)
+    rec = compile_and_compare(Loop(variant), (torch.randn(24, 16),),
+                              options={"final_stage": "eager", **(options or {})})
     assert not matches(rec)
     (reason,) = [n.reason for n in near_misses(rec)]
     assert f"writes in place {what}" in reason and "after the dispatch" in reason, reason
+
+
+class StackedWrite(nn.Module):
+    """The loop over 3-D stacked expert weights (``F.linear(x[tok], P[e])``), which writes the
+    gate weights in place after the dispatch: under no_grad ("nograd", a weight constraint) or
+    through ``.data`` ("data"). With an x that needs no gradient eager keeps no gate weight for
+    backward, so neither write reaches its gradients."""
+
+    def __init__(self, variant, d=16, inter=12, E=4, k=2):
+        super().__init__()
+        self.v, self.E, self.k = variant, E, k
+        self.router = nn.Linear(d, E, bias=False)
+        self.w_gate = nn.Parameter(torch.randn(E, inter, d) * d ** -0.5)
+        self.w_up = nn.Parameter(torch.randn(E, inter, d) * d ** -0.5)
+        self.w_down = nn.Parameter(torch.randn(E, d, inter) * inter ** -0.5)
+
+    def forward(self, x):
+        w, ids = torch.topk(F.softmax(self.router(x), -1), self.k, -1)
+        w = w / w.sum(-1, keepdim=True)
+        acc = torch.zeros_like(x)
+        mask = F.one_hot(ids, self.E).permute(2, 1, 0)
+        for e in range(self.E):
+            slot, tok = torch.where(mask[e])
+            r = x[tok]
+            h = F.silu(F.linear(r, self.w_gate[e])) * F.linear(r, self.w_up[e])
+            acc.index_add_(0, tok, F.linear(h, self.w_down[e]) * w[tok, slot, None])
+        if self.v == "nograd":
+            with torch.no_grad():
+                self.w_gate.mul_(0.5)
+        else:
+            self.w_gate.data.mul_(0.5)
+        return acc
+
+
+@pytest.mark.parametrize("variant, recompute", [("nograd", False), ("nograd", True), ("data", True)])
+def test_loop_left_alone_when_an_expert_weight_is_written_after_the_dispatch(variant, recompute) -> None:
+    """The op keeps every expert weight for backward: the no_grad write would fail autograd's
+    version check, which eager (keeping none) passes, and after the ``.data`` write the
+    recompute mode's GEMM 1 would read the halved gate weights (wrong gradients, no error)."""
+    import copy
+
+    from tests.helpers import loss_of
+
+    def step(model, x):  # x needs no gradient (a frozen input), unlike run_train's inputs
+        out = model(x)
+        loss_of(out).backward()
+        return out.detach(), {n.replace("_orig_mod.", ""): p.grad for n, p in model.named_parameters()}
+
+    torch.manual_seed(0)
+    model, x = StackedWrite(variant), torch.randn(24, 16)
+    options = {"final_stage": "eager", **({"moe_recompute": "recompute_gemm1"} if recompute else {})}
+    ref = step(copy.deepcopy(model), x)
+    with report.capture() as recs:
+        got = step(torch.compile(model, backend="blaze", options=options), x)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
+    (rec,) = recs
+    assert not matches(rec)
+    (reason,) = [n.reason for n in near_misses(rec)]
+    assert "writes in place an expert parameter (w_gate)" in reason and "recompute_gemm1" in reason, reason
 
 
 READ = "writes in place a tensor the dispatch reads"
