@@ -352,8 +352,10 @@ def _autocast_fn(n: Node, name: str) -> bool:
 
 def autocast_regions(graph: torch.fx.Graph) -> dict[Node, Node]:
     """For each node inside an enabled autocast region of the graph, the region's
-    ``_enter_autocast`` node (the innermost region decides: ``enabled=False`` inside an enabled
-    one turns it off, as ERNIE's fp32 router does)."""
+    ``_enter_autocast`` node. Per device type, the innermost region decides: ``enabled=False``
+    inside an enabled region of the same device turns it off (as ERNIE's fp32 router does), one
+    for another device (``torch.cuda.amp.autocast(enabled=False)`` inside a CPU region) does
+    not. A node counts as inside when any device's autocast is on at it."""
     stack: list[Node] = []
     out: dict[Node, Node] = {}
     for n in graph.nodes:
@@ -361,11 +363,21 @@ def autocast_regions(graph: torch.fx.Graph) -> dict[Node, Node]:
             stack.append(n)
             continue
         if _autocast_fn(n, "_exit_autocast"):
-            if stack:
+            enter = n.args[0] if n.args else None
+            if enter in stack:
+                stack.remove(enter)
+            elif stack:
                 stack.pop()
             continue
-        if stack and bool(stack[-1].args[2] if len(stack[-1].args) > 2 else True):
-            out[n] = stack[-1]
+        seen: set = set()
+        for enter in reversed(stack):
+            device = enter.args[0] if enter.args else None
+            if device in seen:
+                continue
+            seen.add(device)
+            if bool(enter.args[2] if len(enter.args) > 2 else True):
+                out[n] = enter
+                break
     return out
 
 

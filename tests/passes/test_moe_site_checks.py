@@ -33,7 +33,9 @@ class Loop(nn.Module):
     "x_after" (x scaled after the dispatch ended, which matters only with a backward: the op keeps x
     and w for it, the loop gathered copies): "x_data_after", "w_data_after", "w_nograd_after";
     and an expert weight, which the op's recompute mode reads again in backward: "expert_data_after";
-    "autocast" (experts under torch.autocast); "router_autocast_off" (the router in an
+    "autocast" (experts under torch.autocast); "autocast_other_off" (inside it, a block that
+    turns off CUDA's autocast: the CPU's stays on), "autocast_same_off" (one that turns off the
+    CPU's: rewritten); "router_autocast_off" (the router in an
     ``autocast(enabled=False)`` block: rewritten);
     grad mode: "expert_nograd" (expert 1 frozen by running it under torch.no_grad()),
     "rows_nograd" (every expert's gathered rows taken under no_grad), "ids_nograd" (the
@@ -88,6 +90,11 @@ class Loop(nn.Module):
             elif self.v == "autocast":
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     y = self.experts[e](x[tok])
+                y = y.float() * w[tok, slot, None]
+            elif self.v in ("autocast_other_off", "autocast_same_off"):  # an inner block turns one device's off
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    with torch.autocast("cuda" if self.v == "autocast_other_off" else "cpu", enabled=False):
+                        y = self.experts[e](x[tok])
                 y = y.float() * w[tok, slot, None]
             elif self.v == "index_select_method":
                 y = self.experts[e](x.index_select(0, tok)) * w[tok, slot, None]
@@ -288,6 +295,9 @@ def test_loop_left_alone_under_autocast() -> None:
     under the ambient state and guards on it)."""
     found, reasons = _forward("autocast")
     assert not found and any("autocast region" in r for r in reasons), reasons
+    found, reasons = _forward("autocast_other_off")  # the block disables CUDA's autocast only
+    assert not found and any("autocast region" in r for r in reasons), reasons
+    assert_rewritten(_compare("autocast_same_off"), "static_loop_modulelist")
     found, reasons = _forward("plain", lambda: torch.autocast("cpu", dtype=torch.bfloat16))
     assert not found
     assert any("torch.autocast is enabled for cpu" in r and "bfloat16" in r for r in reasons), reasons
