@@ -318,7 +318,7 @@ def autotune_enabled() -> bool:
     """``BLAZEC_AUTOTUNE=0`` launches each kernel with its first config that fits in shared
     memory instead of timing them all: for correctness runs on a GPU (tests, gpu_check.sh),
     where autotuning every shape the tests use would cost minutes of GPU time."""
-    return os.environ.get("BLAZEC_AUTOTUNE", "1") != "0"
+    return env_choice("BLAZEC_AUTOTUNE", ("0", "1"), "1") == "1"
 
 
 def pruned_configs(tuned, args: dict) -> list:

@@ -188,6 +188,10 @@ class CostModel:
         return " + ".join(terms)
 
 
+# calibrate's own columns: a feature of one of these names would overwrite them
+_RESERVED_FEATURES = ("a", "b", "c", "__overhead__")
+
+
 def calibrate(
     batch_lengths: Sequence[Sequence[float]],
     times: Sequence[float],
@@ -231,7 +235,27 @@ def calibrate(
     t = _as_float64(times, "times")
     if len(batch_lengths) != t.numel():
         raise ValueError(f"got {len(batch_lengths)} batches but {t.numel()} times")
-    feats = dict(batch_features or {})
+    if batch_features is None:
+        batch_features = {}
+    if not isinstance(batch_features, collections.abc.Mapping):
+        raise TypeError(
+            "batch_features must map each feature name to its values (per batch, per sample), "
+            f"got {type(batch_features).__name__}"
+        )
+    feats = dict(batch_features)
+    for k, per_batch in feats.items():
+        if not isinstance(k, str):
+            raise TypeError(f"batch_features: feature names must be strings, got {k!r}")
+        if k in _RESERVED_FEATURES:
+            raise ValueError(
+                f"batch_features: the feature name {k!r} is reserved (the model's own coefficients "
+                f"are {', '.join(repr(r) for r in _RESERVED_FEATURES)}); rename the feature"
+            )
+        if isinstance(per_batch, (str, bytes)) or not isinstance(per_batch, collections.abc.Sequence | torch.Tensor):
+            raise TypeError(
+                f"batch_features[{k!r}] must be a sequence with one entry per batch (each the batch's "
+                f"per-sample values), got {type(per_batch).__name__}"
+            )
     cols: list[tuple[str, list[float]]] = [("a", []), ("c", [])]
     if quadratic:
         cols.insert(1, ("b", []))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.kernels.conftest import KERNEL_DEVICE
@@ -134,6 +135,22 @@ def test_launch_with_autotuning_off_takes_the_first_fitting_config(monkeypatch) 
     monkeypatch.delenv("BLAZEC_AUTOTUNE")
     _common.launch(Kernel(), Tuned(), grid, {"limit": 128}, {})
     assert calls == [("grid", grid), ("call", {"limit": 128})]  # the autotuner itself
+
+
+@pytest.mark.parametrize("value", ["off", "false", "", "2"])
+def test_autotune_switch_takes_0_or_1_only(monkeypatch, value) -> None:
+    """A typo turned autotuning on (anything but "0" did), the minutes of timing that
+    ``BLAZEC_AUTOTUNE=0`` is there to skip."""
+    from blazec.kernels import _common
+
+    monkeypatch.setenv("BLAZEC_AUTOTUNE", value)
+    with pytest.raises(ValueError, match=rf"BLAZEC_AUTOTUNE must be one of \('0', '1'\) \(default 1\), got '{value}'"):
+        _common.autotune_enabled()
+    for value, on in (("0", False), (" 1", True)):
+        monkeypatch.setenv("BLAZEC_AUTOTUNE", value)
+        assert _common.autotune_enabled() is on
+    monkeypatch.delenv("BLAZEC_AUTOTUNE")
+    assert _common.autotune_enabled() is True
 
 
 def test_smem_budget_follows_the_cards_shared_memory(monkeypatch) -> None:

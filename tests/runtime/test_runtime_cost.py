@@ -133,6 +133,30 @@ def test_calibrate_errors(kwargs, match):
         calibrate(**kwargs)
 
 
+@pytest.mark.parametrize("name", ["a", "b", "c", "__overhead__"])
+def test_calibrate_refuses_a_feature_named_like_its_own_coefficients(name):
+    """A feature named "b" overwrote the sum of L^2 column, and its fitted weight came back as
+    the L^2 coefficient (a feature "a" or "c" gave a misleading rank-deficiency error)."""
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(1, 100, (int(n),), generator=g).tolist() for n in torch.randint(1, 20, (30,), generator=g)]
+    half = [[v // 2 for v in b] for b in batches]
+    times = [sum(b) + 3 * sum(u) for b, u in zip(batches, half)]
+    fit = calibrate(batches, times, quadratic=False, fit_overhead=False, batch_features={"u": half})
+    assert fit.a == pytest.approx(1.0) and fit.extra["u"] == pytest.approx(3.0) and fit.b == 0.0
+    with pytest.raises(ValueError, match=f"the feature name '{name}' is reserved"):
+        calibrate(batches, times, quadratic=False, fit_overhead=False, batch_features={name: half})
+
+
+@pytest.mark.parametrize("features, match", [
+    ([1], "batch_features must map each feature name to its values"),
+    ({"u": 5}, r"batch_features\['u'\] must be a sequence with one entry per batch"),
+    ({1: [[1.0]]}, "feature names must be strings"),
+])
+def test_calibrate_names_a_malformed_batch_features(features, match):
+    with pytest.raises(TypeError, match=match):
+        calibrate([[1.0]] * 5, [1.0] * 5, batch_features=features)
+
+
 def test_numpy_coefficients_and_d_model_are_accepted():
     m = CostModel(a=np.float32(1.0), b=np.float64(0.5), c=np.int64(2), extra={"ids": np.float32(0.25)})
     assert (m.a, m.b, m.c, m.extra) == (1.0, 0.5, 2.0, {"ids": 0.25})
