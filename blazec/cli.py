@@ -10,6 +10,7 @@ status 2. ``blazec bench`` exits with status 1 when a row failed (the table is p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -39,6 +40,27 @@ def _dump_args(p: argparse.ArgumentParser) -> None:
                         "default partition saves, or bytes ('2GiB', 123456)")
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """Send what is written to stdout to stderr: Python's ``sys.stdout`` and file descriptor 1,
+    which the expert-parallel ranks (child processes) and C code write to."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no descriptor 1 (a closed stdout): Python's redirect is all there is
+        saved = None
+    try:
+        if saved is not None:
+            os.dup2(2, 1)
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        if saved is not None:
+            sys.stderr.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
 def _cmd_dump(args: argparse.Namespace) -> int:
     from blazec import dump
 
@@ -49,10 +71,8 @@ def _cmd_dump(args: argparse.Namespace) -> int:
             break
         except (TypeError, ValueError):
             continue
-    import contextlib
-
     # Under --json stdout carries one JSON document: what the model prints goes to stderr.
-    quiet = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
+    quiet = _stdout_to_stderr() if args.json else contextlib.nullcontext()
     with quiet:
         text, files = dump.run(args.model, train=args.train, passes=args.passes, out=args.out, as_json=args.json,
                                final_stage=args.final_stage, dynamic=args.dynamic, fullgraph=args.fullgraph,

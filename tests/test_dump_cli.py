@@ -458,6 +458,28 @@ def test_json_stays_one_document_when_the_model_prints(tmp_path, capsys):
     assert "hello from forward" in err
 
 
+@pytest.mark.xdist_group("gloo")  # spawns gloo ranks: one such test at a time (README, "Tests")
+def test_json_stays_one_document_when_expert_parallel_ranks_print(tmp_path):
+    """The ranks are processes of their own, which wrote what the model printed to the shared
+    stdout ahead of the JSON document (the redirect was Python's, in the parent only)."""
+    import subprocess
+    import sys
+
+    f = tmp_path / "talky_moe.py"
+    f.write_text(f"import sys\nsys.path.insert(0, {str(EXAMPLES)!r})\n"
+                 "print('hello from import')\n"
+                 "from moe_loop_modulelist import make as _make\n\n"
+                 "def make():\n"
+                 "    print('hello from make')\n"
+                 "    return _make()\n")
+    r = subprocess.run([sys.executable, "-m", "blazec", "dump", str(f), "--final-stage", "eager", "--json",
+                        "--expert-parallel", "2"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["graphs"], doc
+    assert r.stderr.count("hello from make") >= 2  # the ranks' prints, on stderr
+
+
 def test_empty_out_is_an_error(capsys):
     rc, _, err = _dump(capsys, str(EXAMPLES / "moe_loop_modulelist.py"), "--out", "")
     assert rc == 2 and "--out needs a directory" in err
