@@ -48,7 +48,8 @@ def sample_lengths(spec: str, n: int, max_len: int, generator: torch.Generator) 
     * ``uniform[:LO:HI]``: uniform integers in ``[LO, HI]`` (default ``[1, max_len]``).
     * ``lognormal:MU:SIGMA``: ``round(exp(N(MU, SIGMA^2)))``, clipped to ``[1, max_len]``.
     * ``fixed:N``: every length is N.
-    * ``file:PATH``: resample (with replacement) the integers in PATH, one per line.
+    * ``file:PATH``: resample (with replacement) the integers in PATH, one per line; a length
+      above ``max_len`` is an error.
 
     ``max_len`` is at most ``2**53`` (``2**24`` for Zipf); spec parameters must be finite.
     """
@@ -106,7 +107,10 @@ def sample_lengths(spec: str, n: int, max_len: int, generator: torch.Generator) 
             raise ValueError(f"lengths file {arg!r} must hold one integer per line") from None
         if not vals or min(vals) < 1:
             raise ValueError(f"lengths file {arg!r} must hold integers >= 1")
-        pool = torch.tensor(vals).clamp(max=max_len)
+        if max(vals) > max_len:  # before the tensor: a value past int64 would fail there
+            raise ValueError(f"lengths file {arg!r} holds a length of {max(vals)}, above max_len ({max_len}; "
+                             "--max-len on the command line): raise it")
+        pool = torch.tensor(vals)
         L = pool[torch.randint(len(vals), (n,), generator=generator)]
     else:
         raise ValueError(f"bad lengths spec {spec!r}: unknown distribution {kind!r}; use {LENGTH_SPECS}")
@@ -184,7 +188,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ranks", type=int, default=256, help="data-parallel ranks (default 256)")
     parser.add_argument("--per-rank", type=int, default=32, help="samples per rank per step (default 32)")
     parser.add_argument("--lengths", default="zipf:1.2", help=f"length distribution: {LENGTH_SPECS} (default zipf:1.2)")
-    parser.add_argument("--max-len", type=int, default=4096, help="largest sample length (default 4096)")
+    parser.add_argument("--max-len", type=int, default=4096, help="largest sample length (default 4096): lognormal lengths are clipped to it, a file's "
+                             "longer length is an error")
     parser.add_argument(
         "--cost", default="transformer",
         help="true per-sample cost: tokens, transformer[:D], recsys[:D] or a=..,b=..,c=.. (default transformer = L + L^2/6144)",

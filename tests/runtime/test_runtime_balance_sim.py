@@ -29,7 +29,13 @@ def test_zipf_is_heavy_headed_and_file_spec(tmp_path):
     assert (L == 1).float().mean() > 0.15 and L.max() > 1000
     f = tmp_path / "lens.txt"
     f.write_text("5\n9\n\n")
-    assert set(sample_lengths(f"file:{f}", 100, 8, _gen()).tolist()) == {5.0, 8.0}
+    assert set(sample_lengths(f"file:{f}", 100, 9, _gen()).tolist()) == {5.0, 9.0}
+    # a length above max_len was clipped to it without a word; one past int64 failed in torch
+    with pytest.raises(ValueError, match=r"holds a length of 9, above max_len \(8; --max-len"):
+        sample_lengths(f"file:{f}", 100, 8, _gen())
+    f.write_text("5\n99999999999999999999999\n")
+    with pytest.raises(ValueError, match="holds a length of 99999999999999999999999, above max_len"):
+        sample_lengths(f"file:{f}", 100, 8, _gen())
 
 
 @pytest.mark.parametrize(
