@@ -11,6 +11,7 @@ a ``cost_fn`` evaluated on 1/world_size of the batch per rank and shared with on
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterator, Mapping, Sequence, Sized
@@ -340,10 +341,15 @@ class BalancedBatchSampler(Sampler[list[int]]):
 
     def _checked_cost(self, i: int) -> float:
         out = self.cost_fn(i)
-        try:
+        # a real number (Python, NumPy) or a one-element real tensor; not a bool, nor a string
+        # float() would parse
+        if isinstance(out, torch.Tensor) and out.numel() == 1 and out.dtype != torch.bool and \
+                not out.dtype.is_complex:
+            v = float(out.item())
+        elif isinstance(out, numbers.Real) and not isinstance(out, bool):
             v = float(out)
-        except (TypeError, ValueError, RuntimeError):
-            raise TypeError(f"cost_fn({i}) returned {out!r}; it must return a number (the sample's cost)") from None
+        else:
+            raise TypeError(f"cost_fn({i}) returned {out!r}; it must return a number (the sample's cost)")
         if not math.isfinite(v) or v < 0:
             raise ValueError(f"cost_fn({i}) returned {v}; costs must be finite and >= 0")
         return v

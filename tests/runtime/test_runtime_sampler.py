@@ -209,6 +209,17 @@ def test_cost_fn_returning_a_non_number():
         list(BalancedBatchSampler(4, 2, cost_fn=lambda i: "x"))
     with pytest.raises(TypeError, match=r"cost_fn\(\d\) returned None"):
         list(BalancedBatchSampler(4, 2, cost_fn=lambda i: None))
+    # float() took these: "3" as 3.0, True as 1.0
+    for out in ("3", True, torch.tensor(True), torch.tensor([1.0, 2.0])):
+        with pytest.raises(TypeError, match=r"cost_fn\(\d\) returned .*; it must return a number"):
+            list(BalancedBatchSampler(4, 2, cost_fn=lambda i, out=out: out))
+    # numbers as numpy and torch give them
+    import numpy as np
+
+    for out in (np.float32(2.5), np.int64(3), torch.tensor(4.0), torch.tensor([5])):
+        s = BalancedBatchSampler(4, 2, cost_fn=lambda i, out=out: out, shuffle=False)
+        list(s)
+        assert s.last_rank_costs == [2 * float(out.item() if hasattr(out, "item") else out)]  # 2 samples a step
 
 
 # --- drop_last=False: every rank yields len() batches, micro_batches per step, none empty ----
