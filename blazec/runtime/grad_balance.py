@@ -102,7 +102,9 @@ class GradBalancer:
         group: process group for that all-reduce.
 
     Wrong types (``num_tasks=2.0``, ``beta="0.9"``, ``distributed="yes"``) raise a
-    ``TypeError``; bad values (``num_tasks=0``, ``beta=1.0``, an unknown method) a ``ValueError``.
+    ``TypeError``; bad values (``num_tasks=0``, ``beta=1.0``, an unknown method) a ``ValueError``,
+    as does an argument the method does not read, other than its default (``relax=0.5`` with
+    ``"mgda"``).
     """
 
     def __init__(
@@ -136,6 +138,14 @@ class GradBalancer:
         target = int(target) if is_index else target
         if mgda_normalize not in ("l2", "none"):
             raise ValueError(f"mgda_normalize must be 'l2' or 'none', got {mgda_normalize!r}")
+        # an argument another method reads would be ignored: a slip (the method, or the argument)
+        unused = [f"{n}={v!r}" for n, v, default, used in (
+            ("beta", beta, 0.9, "magnitude"), ("relax", relax, 1.0, "magnitude"),
+            ("target", target, "mean", "magnitude"), ("mgda_normalize", mgda_normalize, "l2", "mgda"))
+            if method != used and v != default]
+        if unused:
+            raise ValueError(f"{', '.join(unused)} would be ignored by method {method!r}: beta, relax and target "
+                             "apply to 'magnitude', mgda_normalize to 'mgda'")
         if distributed is not None:
             distributed = as_flag(distributed, "distributed")
         self.num_tasks, self.method, self.mode = num_tasks, method, mode

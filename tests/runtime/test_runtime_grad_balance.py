@@ -151,7 +151,8 @@ def test_matches_explicit_reference(tasks, batch, d_in, d_rep, method, mode, rel
     torch.manual_seed(seed)
     model = _Model(d_in, d_rep, tasks)
     cfg = dict(relax=relax, beta=beta, target=target, normalize=normalize)
-    bal = GradBalancer(tasks, method, mode=mode, relax=relax, beta=beta, target=target, mgda_normalize=normalize)
+    own = dict(relax=relax, beta=beta, target=target) if method == "magnitude" else dict(mgda_normalize=normalize)
+    bal = GradBalancer(tasks, method, mode=mode, **own)
     state = {"k": 0, "m": [0.0] * tasks}
     ref_fn = _ref_rep_mode if mode == "rep" else _ref_param_mode
     for step in range(steps):  # several steps exercise the EMA
@@ -310,6 +311,11 @@ def test_task_without_rep_gradient_is_handled():
         (dict(num_tasks=2, relax=2.0), r"relax must be in \[0, 1\]"),
         (dict(num_tasks=2, target=5), "target must be one of"),
         (dict(num_tasks=2, mgda_normalize="l1"), "mgda_normalize must be"),
+        # accepted and ignored before
+        (dict(num_tasks=2, method="mgda", beta=0.5), "beta=0.5 would be ignored by method 'mgda'"),
+        (dict(num_tasks=2, method="mgda", relax=0.1, target=1), "relax=0.1, target=1 would be ignored"),
+        (dict(num_tasks=2, mgda_normalize="none"), "mgda_normalize='none' would be ignored by method 'magnitude'"),
+        (dict(num_tasks=2, method="equal", target="max"), "target='max' would be ignored by method 'equal'"),
     ],
 )
 def test_bad_constructor_arguments(kwargs, match):
