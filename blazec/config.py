@@ -15,6 +15,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from blazec._args import as_flag, as_int
+
 FINAL_STAGES = ("inductor", "eager")
 CHECKPOINT_SOLVERS = ("auto", "ilp", "heuristic")
 COMM_ORDERS = ("priority", "program")
@@ -159,6 +161,12 @@ class BlazeConfig:
         from blazec.passes.registry import pass_names
 
         known = pass_names()
+        both = [n for n in (self.passes or ()) if n in self.disable_passes]
+        if both:
+            raise BlazeOptionError(
+                f"options 'passes' and 'disable_passes' both name {', '.join(map(repr, both))}: "
+                "drop it from one of the two"
+            )
         for key in ("passes", "disable_passes"):
             names = getattr(self, key) or ()
             bad = [n for n in names if n not in known]
@@ -242,9 +250,16 @@ def _inductor_config(key: str, value: Any) -> dict[str, Any]:
         expected = _inductor_type_error(inductor_config, name, v)
         if expected:
             raise BlazeOptionError(
-                f"option {key!r}: {name!r} takes {expected}, got {v!r} ({type(v).__name__})"
+                f"option {key!r}: {name!r} takes {expected}, got {v!r} ({_type_name(v)})"
             )
     return dict(value)
+
+
+def _type_name(v: Any) -> str:
+    """``v``'s type as a message names it: ``numpy.bool``, not a bare ``bool`` a reader takes for
+    Python's."""
+    t = type(v)
+    return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
 
 
 def _inductor_type_error(inductor_config: Any, name: str, value: Any) -> str | None:
@@ -358,15 +373,20 @@ def _expert_parallel(key: str, value: Any):
 
 
 def _chunks(key: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not (1 <= value <= 64):
+    try:  # Python and numpy ints, not bools
+        n = as_int(value, key)
+    except TypeError:
+        n = None
+    if n is None or not (1 <= n <= 64):
         raise BlazeOptionError(f"option {key!r} must be an int in [1, 64], got {value!r}")
-    return value
+    return n
 
 
 def _bool(key: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise BlazeOptionError(f"option {key!r} must be True or False, got {value!r}")
-    return value
+    try:  # Python and numpy bools
+        return as_flag(value, key)
+    except TypeError:
+        raise BlazeOptionError(f"option {key!r} must be True or False, got {value!r}") from None
 
 
 _VALIDATORS = {

@@ -37,6 +37,9 @@ def test_valid_options():
         ({"inductor_config": 5}, None, "option 'inductor_config' must be a dict"),
         (["final_stage"], None, "blaze options must be a dict, got list; valid keys:"),
         ({}, "turbo", "unknown mode 'turbo' for the blaze backend; valid modes: default"),
+        # accepted, and then no pass ran
+        ({"passes": ["moe_dispatch"], "disable_passes": ["moe_dispatch"]}, None,
+         "options 'passes' and 'disable_passes' both name 'moe_dispatch': drop it from one of the two"),
     ],
 )
 def test_bad_options(options, mode, message):
@@ -85,6 +88,26 @@ def test_inductor_config_keys_and_value_types_are_checked(patch, message):
     if "takes" in message:
         (name, value), = patch.items()
         assert f"got {value!r} ({type(value).__name__})" in str(e.value)
+
+
+def test_numpy_scalars_where_python_ones_are_taken():
+    """ep_chunks and sm_free_comm refused numpy's int and bool where memory_budget and the
+    runtime helpers take numpy numbers; an Inductor setting still takes Python types only, and
+    the message names numpy's bool as such (it read "got True (bool)" for a bool setting)."""
+    import numpy as np
+
+    from blazec.expert_parallel import EPGroup
+
+    cfg = BlazeConfig.from_options({"expert_parallel": EPGroup("world", 0, 2, "gloo"), "ep_chunks": np.int64(3),
+                                    "sm_free_comm": np.True_})
+    assert cfg.ep_chunks == 3 and type(cfg.ep_chunks) is int and cfg.sm_free_comm is True
+    for bad in (True, 2.0, np.float32(2)):
+        with pytest.raises(BlazeOptionError, match=r"'ep_chunks' must be an int in \[1, 64\]"):
+            BlazeConfig.from_options({"expert_parallel": EPGroup("world", 0, 2, "gloo"), "ep_chunks": bad})
+    with pytest.raises(BlazeOptionError, match=r"'sm_free_comm' must be True or False, got 1"):
+        BlazeConfig.from_options({"sm_free_comm": 1})
+    with pytest.raises(BlazeOptionError, match=r"'max_autotune' takes a bool .* got np.True_ \(numpy.bool"):
+        BlazeConfig.from_options({"inductor_config": {"max_autotune": np.True_}})
 
 
 def test_inductor_config_values_that_fit():
