@@ -602,7 +602,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", type=int, nargs="?", const=8, default=None, metavar="N",
                    help="after timing, profile one more step of each row and print its N most "
                         "expensive GPU kernels (CPU ops on CPU) by self time (default N: 8)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs (default 0)")
 
 
 def _build(impl: str, loop: LoopMoE, x: torch.Tensor) -> tuple[nn.Module, Callable[[], dict]]:

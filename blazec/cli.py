@@ -32,7 +32,7 @@ def _dump_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fullgraph", action="store_true", help="compile with fullgraph=True")
     p.add_argument("--expert-parallel", type=int, default=1, metavar="N",
                    help="run N gloo ranks on this machine with options expert_parallel='world' and dump rank 0 "
-                        "(shows the all_to_all dispatch and the communication schedule)")
+                        "(shows the all_to_all dispatch and the communication schedule); N in [1, 64], default 1")
     p.add_argument("--ep-chunks", type=int, default=None, metavar="N",
                    help="token chunks per expert-parallel MoE layer (the ep_chunks option; default 2)")
     p.add_argument("--memory-budget", metavar="BUDGET",
@@ -90,7 +90,8 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experts", type=int, default=8, help="number of experts (default 8)")
     p.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
     p.add_argument("--steps", type=int, default=5, help="timed steps (default 5)")
-    p.add_argument("--final-stage", choices=["inductor", "eager"], default="inductor")
+    p.add_argument("--final-stage", choices=["inductor", "eager"], default="inductor",
+                   help="'eager' runs the blaze graphs without Inductor codegen (default: inductor)")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

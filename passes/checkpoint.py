@@ -447,6 +447,11 @@ class Session:
                 f"torch (activation_memory_budget={torch_budget})")
             self.plan = describe(problem, default, default, solver=label,
                                  status="default", budget=None, budget_spec=None)
+            unused = [f"{k}={getattr(self.config, k)!r}" for k, default_value in
+                      (("checkpoint_solver", "auto"), ("checkpoint_time_limit", 5.0))
+                      if getattr(self.config, k) != default_value]
+            if unused:  # set, and read only to meet a budget: said, not silently dropped
+                self.plan.message = f"{' and '.join(unused)} not used: they apply to a memory_budget, and none is set"
             return default_saved
         try:
             return self._solve(problem, default, default_saved, budget_opt)

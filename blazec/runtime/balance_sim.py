@@ -195,7 +195,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="true per-sample cost: tokens, transformer[:D], recsys[:D] or a=..,b=..,c=.. (default transformer = L + L^2/6144)",
     )
     parser.add_argument("--steps", type=int, default=10, help="global batches to simulate (default 10)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampled lengths and of the random split (default 0)")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated; also: greedy")
     parser.add_argument("--equal-counts", action="store_true", help="balanced methods keep per-rank sample counts equal")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")

@@ -196,3 +196,21 @@ def test_a_budget_the_solver_cannot_apply_is_reported_as_not_enforced():
     text = "\n".join(recs[0].partitions[0].lines())
     assert "budget: set but NOT ENFORCED" in text and "memory_budget not set" not in text
     assert "no valid checkpoint plan" in text
+
+
+def test_solver_options_without_a_budget_are_reported_as_unused():
+    """checkpoint_solver and checkpoint_time_limit are read to meet a memory_budget: without one
+    they were accepted and dropped, the report naming only the default partition."""
+    from blazec import report
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 8))
+    lines = {}
+    for opts in ({}, {"checkpoint_solver": "ilp", "checkpoint_time_limit": 100}):
+        torch._dynamo.reset()
+        with report.capture() as recs:
+            torch.compile(model, backend="blaze", options={"final_stage": "eager", **opts})(
+                torch.randn(4, 8, requires_grad=True)).sum().backward()
+        lines[bool(opts)] = "\n".join(recs[0].partitions[0].lines())
+    assert "not used" not in lines[False]
+    assert ("checkpoint_solver='ilp' and checkpoint_time_limit=100.0 not used: they apply to a memory_budget, "
+            "and none is set") in lines[True], lines[True]
