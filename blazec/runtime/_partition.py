@@ -12,6 +12,7 @@ scalars, where tensor calls would cost more in dispatch than they save.
 from __future__ import annotations
 
 import bisect
+import collections.abc
 import gc
 import heapq
 import math
@@ -39,8 +40,9 @@ def as_cost_list(costs: CostsLike, what: str = "costs", *, check_sum: bool = Tru
         if costs.is_complex():
             raise ValueError(f"{what} must be real numbers, got a {costs.dtype} tensor")
         out = costs.detach().to("cpu", torch.float64).tolist()
-    elif isinstance(costs, (str, bytes)):
-        # Iterating a string gives its characters: "123" would read as the costs 1, 2, 3.
+    elif isinstance(costs, (str, bytes, collections.abc.Mapping)):
+        # Iterating a string gives its characters: "123" would read as the costs 1, 2, 3; a
+        # dict gives its keys.
         raise ValueError(f"{what} must be a sequence of numbers, got a {type(costs).__name__} {costs!r}")
     else:
         try:
@@ -430,6 +432,9 @@ def part_costs(costs: CostsLike, parts: Sequence[Sequence[int]]) -> list[float]:
     """Summed cost of each part. ``parts`` holds sample indices in ``[0, len(costs))``, each at
     most once over all parts (not necessarily all of them)."""
     c = as_cost_list(costs)
+    if isinstance(parts, (str, bytes)) or not isinstance(parts, (Sequence, torch.Tensor)):
+        raise TypeError(f"parts must be a sequence of parts, each a sequence of sample indices, got {parts!r} "
+                        f"({type(parts).__name__})")
     seen: dict[int, int] = {}
     for p, part in enumerate(parts):
         if isinstance(part, (str, bytes)) or not isinstance(part, (Sequence, torch.Tensor)):

@@ -184,6 +184,9 @@ class BalancedBatchSampler(Sampler[list[int]]):
             )
         if (lengths is None) == (cost_fn is None):
             raise ValueError("pass exactly one of lengths= (known up front) or cost_fn= (computed per step)")
+        if features is not None and not isinstance(features, Mapping):
+            raise TypeError(f"features must map each feature name to its per-sample values, got "
+                            f"{type(features).__name__}")
         if features and lengths is None:
             raise ValueError("features= needs lengths=; with cost_fn= put the features into cost_fn")
         if cost_model is not None and lengths is None:

@@ -240,6 +240,8 @@ def test_numpy_integers_and_argument_types():
         (lambda: partition_ranks(costs, 2, 2, "random", seed="a"), r"seed must be an int, got 'a' \(str\)"),
         (lambda: part_costs(costs, [[0.5]]), r"parts\[0\] entry must be an int, got 0.5"),
         (lambda: part_costs(costs, [0, 1]), r"parts\[0\] must be a sequence of sample indices, got 0 \(int\)"),
+        (lambda: part_costs(costs, None), r"parts must be a sequence of parts, .* got None \(NoneType\)"),
+        (lambda: part_costs(costs, 3), r"parts must be a sequence of parts, .* got 3 \(int\)"),
     ]:
         with pytest.raises(TypeError, match=match):
             call()
@@ -247,6 +249,7 @@ def test_numpy_integers_and_argument_types():
         (lambda: partition_ranks(costs, 0, 2), "ranks must be >= 1, got 0"),
         (lambda: partition_ranks(None, 2, 2), "costs must be a sequence of numbers: 'NoneType' object is not iterable"),
         (lambda: partition("123", 2), "costs must be a sequence of numbers, got a str '123'"),
+        (lambda: partition({1: 2, 3: 4}, 2), r"costs must be a sequence of numbers, got a dict \{1: 2, 3: 4\}"),
         (lambda: bubble_fraction("12"), "rank_costs must be a sequence of numbers, got a str '12'"),
         (lambda: partition(torch.tensor([1 + 1j, 2]), 2), "costs must be real numbers, got a torch.complex64 tensor"),
         (lambda: part_costs([1.0, 2.0], [[0, 5]]), r"parts\[0\] holds sample index 5, outside \[0, 2\) for 2 costs"),

@@ -204,6 +204,11 @@ def test_lengths_are_read_as_float64():
     assert sorted(s.last_rank_costs) == [1e299, 1e300]
 
 
+def test_features_must_be_a_mapping():
+    with pytest.raises(TypeError, match="features must map each feature name to its per-sample values, got list"):
+        BalancedBatchSampler(20, 8, lengths=[1.0] * 20, features=[1, 2])
+
+
 def test_cost_fn_returning_a_non_number():
     with pytest.raises(TypeError, match=r"cost_fn\(\d\) returned 'x'; it must return a number"):
         list(BalancedBatchSampler(4, 2, cost_fn=lambda i: "x"))
