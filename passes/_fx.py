@@ -458,13 +458,27 @@ def fill_example_values(gm: torch.fx.GraphModule, before: dict[str, set[str]]) -
         if not missing or fake is None:
             continue
         env = fake.shape_env
+        grad = grad_modes(mod.graph)
         with fake, (env.ignore_fresh_unbacked_symbols() if env is not None else nullcontext()):
             for n in missing:
-                value = _fake_run(n)
+                with torch.set_grad_enabled(grad[n]):  # requires_grad as Dynamo's own values have it
+                    value = _fake_run(n)
                 if value is not None:
                     n.meta["example_value"] = value
                     filled += 1
     return filled
+
+
+def grad_modes(graph: torch.fx.Graph) -> dict[Node, bool]:
+    """Whether grad is enabled at each node: the graph starts in the mode Dynamo traced it in
+    (the passes run in it: Dynamo restores it to compile), and ``torch._C._set_grad_enabled``
+    calls (a ``torch.no_grad()`` block in the code) change it."""
+    enabled, modes = torch.is_grad_enabled(), {}
+    for n in graph.nodes:
+        if is_fn(n, torch._C._set_grad_enabled) and n.args and isinstance(n.args[0], bool):
+            enabled = n.args[0]
+        modes[n] = enabled
+    return modes
 
 
 class _NoValue(Exception):

@@ -32,8 +32,8 @@ import torch.fx
 
 import blazec.ops  # noqa: F401 - registers torch.ops.blazec.*
 from blazec.passes._fx import (
-    LINEAR, ROUTER_IDS, NoMatch, Region, arg, combine_args, copy_graph_module, dtype, einsum_equation, is_fn, is_getitem,
-    is_method, module_path, regions, shape, val, where_loc,
+    LINEAR, ROUTER_IDS, NoMatch, Region, arg, combine_args, copy_graph_module, dtype, einsum_equation, grad_modes, is_fn,
+    is_getitem, is_method, module_path, regions, shape, val, where_loc,
 )
 from blazec.passes.moe_dense_gate_form import ADD as DENSE_ADD
 from blazec.passes.moe_dense_gate_form import (
@@ -49,7 +49,7 @@ from blazec.passes.moe_pair_gather_form import (
 from blazec.passes.moe_repeat_form import match_repeat_assign, repeat_buffer
 from blazec.passes.moe_site_checks import (
     _ancestors, autocast_message, autocast_reason, autocast_regions, check_autocast, check_grad_mode, check_no_mutation,
-    grad_modes, op_rejection, replaced_nodes,
+    op_rejection, replaced_nodes,
 )
 from blazec.passes.moe_sort_form import _token_of, match_sorted, match_sorted_unpermute
 from blazec.report import Match, NearMiss, PassReport

@@ -289,19 +289,6 @@ def replaced_nodes(finals: list[Node], inputs: list[Node]) -> set[Node]:
     return (_ancestors(finals) | set(finals)) - (_ancestors(inputs) | {n for n in inputs if isinstance(n, Node)})
 
 
-def grad_modes(graph: torch.fx.Graph) -> dict[Node, bool]:
-    """Whether grad is enabled at each node: the graph starts in the mode Dynamo traced it in
-    (the pass runs in it: Dynamo restores it to compile), and ``_set_grad_enabled`` calls (a
-    ``torch.no_grad()`` block in the code) change it."""
-    enabled = torch.is_grad_enabled()
-    mode: dict[Node, bool] = {}
-    for n in graph.nodes:
-        if is_fn(n, torch._C._set_grad_enabled) and n.args and isinstance(n.args[0], bool):
-            enabled = n.args[0]
-        mode[n] = enabled
-    return mode
-
-
 def check_grad_mode(mode: dict[Node, bool], finals: list[Node], site: set[Node]) -> None:
     """NoMatch when a node of ``site`` (``replaced_nodes``) runs in another grad mode
     (``grad_modes``) than the placement ``finals[-1]``."""

@@ -336,6 +336,39 @@ def test_emitted_nodes_get_example_values():
     assert tuple(out.shape) == (64, 32) and out.dtype == x.dtype
 
 
+def test_example_values_follow_the_graphs_grad_mode():
+    """The filled values were computed with grad on wherever the node stood: the MoE layer's
+    output under the model's ``torch.no_grad()`` block had requires_grad=True, unlike Dynamo's
+    own values there."""
+    from blazec import backend
+    from blazec.config import BlazeConfig
+    from blazec.demo_model import make_default
+
+    seen = {}
+
+    def capture(gm, example_inputs):
+        out, _ = backend.run_pre_grad_passes(gm, example_inputs, BlazeConfig.from_options({}))
+        seen["gm"] = out
+        return out.forward
+
+    class NoGradMoE(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            with torch.no_grad():
+                y = self.inner(x)
+            return y * 2, self.inner(x)
+
+    model, (x,) = make_default(tokens=64, d=32, inter=48, num_experts=4, top_k=2)
+    torch._dynamo.reset()
+    torch.compile(NoGradMoE(model), backend=capture)(x)
+    ops = [n for n in seen["gm"].graph.nodes if "moe_experts" in str(n.target)]
+    assert len(ops) == 2  # the layer under no_grad, and again with grad
+    assert [n.meta["example_value"][0].requires_grad for n in ops] == [False, True]
+
+
 def test_example_values_leave_dynamo_global_state_nodes_alone():
     """The example-value fill ran every node without one, Dynamo's global-state calls too: a
     ``torch.set_grad_enabled(False)`` left on after the MoE layer turned grad mode off at
