@@ -17,7 +17,8 @@ Forward (S = T*k pairs; buffers in brackets are freed when the call returns):
 Backward:
     0. _gemm1_kernel:      (recompute only) preact into the dg|du buffer (split: the two row GEMMs)
     1. _rows_gemm_kernel:  (A_GATHER) q = gy[t(s)] Wd into [hs: S x I]      (BLAZEC_DH=split)
-       _dh_epilogue_kernel: [dg|du: S x n_in] (over preact), w*h into hs, [part: S x NT]
+       _dh_epilogue_kernel: [dg|du: S x n_in] (over preact), w*h into hs (h, and w into
+                           [ws: S], in fp16 "output" mode), [part: S x NT]
        or _dh_kernel:      both in one kernel (BLAZEC_DH=fused; "output" mode with a down bias;
                            a grad_y whose dtype is not x's)
     2. _rows_gemm_kernel:  [dx rows: S x d]  (k == 1: dx directly)          dg Wg + du Wu
@@ -616,10 +617,16 @@ def moe_experts_bwd(
     else:
         dgu = empty((o.P, n_in), o.xdt, dev)
     hs = empty((o.P, I), o.xdt, dev)
-    # dWd = gy^T (w h) with w folded into hs by the dh step, except "output" mode with a down
-    # bias, whose dbd needs the w-scaled gy rows: there dWd scales them by ws in its K loop.
+    # dWd = gy^T (w h) with w folded into hs by the dh step, except in "output" mode with a down
+    # bias, whose dbd needs the w-scaled gy rows, and in fp16 "output" mode: there hs keeps h
+    # and dWd scales gy's rows by ws (fp32) in its K loop, the reference's (w gy) rounded to x's
+    # dtype. Folded into fp16, w h overflowed where h was near fp16's top (w > 1: a routed
+    # scaling factor) or lost digits in fp16's subnormals (small w and h), and a wider gy
+    # (loss-scaled, out_dtype=float32) overflowed in its cast to fp16 unscaled. bf16 has fp32's
+    # range; "hidden" mode's hs is the forward's own rounded w h.
     bd_term = o.has_bd and not hidden
-    ws = empty((o.P,), torch.float32, dev) if bd_term else None
+    scale_rows = not hidden and (o.has_bd or o.xdt == torch.float16)
+    ws = empty((o.P,), torch.float32, dev) if scale_rows else None
     split = _dh_split(o, grad_y, bd_term)
     # One d(routing weight) partial per row and column tile of the dh step, sized for its
     # narrowest tile; zeroed, since a wider tile (the autotuner's pick) leaves some columns
@@ -627,7 +634,7 @@ def moe_experts_bwd(
     NT = host_cdiv(I, gg.ELEMENTWISE_CONFIG["BLOCK_N"] if split else gg.DH_MIN_BLOCK_N)
     part = torch.zeros((o.P, NT), dtype=torch.float32, device=dev)
     if split:
-        _dh_split_launch(o, grad_y, preact, dgu, hs, part, NT)
+        _dh_split_launch(o, grad_y, preact, dgu, hs, part, ws, NT)
     else:
         _dh_fused_launch(o, grad_y, preact, dgu, hs, part, ws, NT, bd_term)
     del preact
@@ -691,15 +698,16 @@ def _dh_fused_launch(o: _Operands, grad_y, preact, dgu, hs, part, ws, NT: int, b
         s_wde=o.wd.strides[0], s_wdo=o.wd.strides[1], s_wdi=o.wd.strides[2],
         s_bde=o.bd.strides[0], s_bdo=o.bd.strides[1],
         stride_pre=o.n_in, stride_dgu=o.n_in, stride_hs=o.I,
-        ACT=o.act, GATED=o.gated, BD_TERM=bd_term, WD_TAB=o.wd.table, BD_TAB=o.bd.table,
+        ACT=o.act, GATED=o.gated, BD_TERM=bd_term, SCALE_ROWS=ws is not None,
+        WD_TAB=o.wd.table, BD_TAB=o.bd.table,
         PREC=o.prec, G_PAD=o.G_PAD, GY_SCALE=gy_scale,
     ), INTERPRET_CONFIG)
 
 
-def _dh_split_launch(o: _Operands, grad_y, preact, dgu, hs, part, NT: int) -> None:
+def _dh_split_launch(o: _Operands, grad_y, preact, dgu, hs, part, ws, NT: int) -> None:
     """The split dh path: q = gy[t(s)] Wd by the row GEMM with gathered A rows, into hs (an
     [S, I] buffer the backward holds anyway), then ``_dh_epilogue_kernel`` over q and preact,
-    which leaves w*h in hs and dg | du in dgu. The same values as ``_dh_kernel``'s, without
+    which leaves w*h in hs (h, and w in ws, when ``ws`` is given) and dg | du in dgu. The same values as ``_dh_kernel``'s, without
     its epilogue serialized after each tile's K loop. On the H100 (docs/BENCHMARKS.md,
     2026-11-27) the two launches took 2.88 + 1.16 ms at mixtral-like where ``_dh_kernel`` took
     6.06, and about 0.9 + 0.71 where it took 1.85 at olmoe-like."""
@@ -708,14 +716,17 @@ def _dh_split_launch(o: _Operands, grad_y, preact, dgu, hs, part, NT: int) -> No
     _rows_gemm(o, grad_y, grad_y.stride(0), o.wd, False, hs, o.I, o.d, o.xdt, gather=True)
     launch(gg._dh_epilogue_kernel, None, o.elementwise_grid, dict(
         hs_ptr=hs, tw_ptr=o.tw, pairs_ptr=o.sp, offs_ptr=o.eo, pre_ptr=preact, dgu_ptr=dgu, part_ptr=part,
+        ws_ptr=part if ws is None else ws,
         I=o.I, E=o.E, NT=NT, stride_pre=o.n_in, stride_dgu=o.n_in, stride_hs=o.I,
-        ACT=o.act, GATED=o.gated,
+        ACT=o.act, GATED=o.gated, SCALE_ROWS=ws is not None,
     ), gg.ELEMENTWISE_CONFIG)
 
 
 def _dw_down(o: _Operands, grad_y: Tensor, hs: Tensor, ws: Optional[Tensor], w_down, b_down, gm: bool):
     """dWd (+dbd) = gy^T (w h) over each expert's pairs, from the dh step's hs (and ws)."""
-    if gm and not o.has_bd and grad_y.dtype == o.xdt:  # a wider grad_y (out_dtype) would mix dtypes there
+    # grouped_mm takes hs as w h (ws is None) and computes no bias gradient; a wider grad_y
+    # (out_dtype) would mix dtypes there
+    if gm and not o.has_bd and ws is None and grad_y.dtype == o.xdt:
         return [wgrad_grouped_mm.weight_grad(wgrad_grouped_mm.sorted_rows(grad_y, o.sp, o.k), hs, o.eo)], []
     return _wgrad(o, grad_y, hs, o.d, o.I, w_down, b_down, True, False, ws)
 

@@ -456,15 +456,16 @@ def _dh_kernel(
     bd_ptr, bd_tab,  # down bias [E, D] / table (BD_TERM: the <gy, bd> part of d(weight))
     pre_ptr,  # [P, n_in] g | u: saved by the forward, or recomputed by _gemm1_kernel
     dgu_ptr,  # [P, n_in] out: dg | du in x dtype (may be pre_ptr itself, see phase 2)
-    hs_ptr,  # [P, I] out: w*h in x dtype, the R operand of dWd (h when BD_TERM)
+    hs_ptr,  # [P, I] out: w*h in x dtype, the R operand of dWd (h when SCALE_ROWS)
     part_ptr,  # [P, NT] fp32 out: partial d(routing weight) of each sorted row per N tile
-    ws_ptr,  # [P] fp32 out (BD_TERM only): routing weight of each sorted row, for dWd's scaling
+    ws_ptr,  # [P] fp32 out (SCALE_ROWS only): routing weight of each sorted row, for dWd's scaling
     gys_ptr,  # [T] fp32 (GY_SCALE only): the power of two that brings row t of gy into x's range
     D, I, K, P, E, NT, ROWS_CLASS,
     stride_gyt, stride_gyd,
     s_wde, s_wdo, s_wdi, s_bde, s_bdo,
     stride_pre, stride_dgu, stride_hs,
     ACT: tl.constexpr, GATED: tl.constexpr, BD_TERM: tl.constexpr,
+    SCALE_ROWS: tl.constexpr,  # hs gets h, and dWd scales gy's rows by ws (BD_TERM implies it)
     WD_TAB: tl.constexpr, BD_TAB: tl.constexpr,
     PREC: tl.constexpr, G_PAD: tl.constexpr,
     GY_SCALE: tl.constexpr,  # gy wider than x: rows scaled into x's range, q kept in fp32
@@ -488,7 +489,7 @@ def _dh_kernel(
     pair = tl.load(pairs_ptr + rows, mask=rmask, other=0)
     tok = pair // K
 
-    if BD_TERM:
+    if SCALE_ROWS:
         if pid_n == 0:  # the routing weights in sorted order, for dWd's scaled rows and dbd
             # (before the K loop: no register is held through it, and the epilogue has none)
             tl.store(ws_ptr + rows64, tl.load(tw_ptr + pair, mask=rmask, other=0.0).to(tl.float32), mask=rmask)
@@ -525,7 +526,7 @@ def _dh_kernel(
         q = rnd(acc_q, xdt)
 
     # Phase 1: h, this tile's share of d(routing weight) = <q, h> (+ <gy, bd> once, from the
-    # first N tile), and the dWd operand w*h (h when BD_TERM).
+    # first N tile), and the dWd operand w*h (h when SCALE_ROWS).
     g = tl.load(pre_ptrs, mask=omask, other=0.0).to(tl.float32)
     h = rnd(act_fwd(g, ACT), xdt)
     if GATED:
@@ -535,7 +536,7 @@ def _dh_kernel(
     if BD_TERM:
         dwp += tl.where(pid_n == 0, gb, 0.0)
     tl.store(part_ptr + rows64 * NT + pid_n, dwp, mask=rmask)
-    if not BD_TERM:
+    if not SCALE_ROWS:
         h = h * w[:, None]
     tl.store(hs_ptr + rows64[:, None] * stride_hs + cols[None, :], cast(h, xdt), mask=omask)
 
@@ -562,16 +563,17 @@ def _dh_kernel(
 
 @triton.jit
 def _dh_epilogue_kernel(
-    hs_ptr,  # [P, I] in: q = gy[tok] Wd in x dtype (the split dh GEMM's output); out: w*h
+    hs_ptr,  # [P, I] in: q = gy[tok] Wd in x dtype (the split dh GEMM's output); out: w*h (h when SCALE_ROWS)
     tw_ptr,  # [T*K] routing weights, contiguous
     pairs_ptr,  # [P] int64 sorted_pairs
     offs_ptr,  # [E+1] int64 expert_offsets (offs[E]: the kept pairs)
     pre_ptr,  # [P, n_in] g | u
     dgu_ptr,  # [P, n_in] out: dg | du (may be pre_ptr itself)
     part_ptr,  # [P, NT] fp32 out: partial d(routing weight) of each sorted row per column block
+    ws_ptr,  # [P] fp32 out (SCALE_ROWS only): routing weight of each sorted row, for dWd's scaling
     I, E, NT,
     stride_pre, stride_dgu, stride_hs,
-    ACT: tl.constexpr, GATED: tl.constexpr,
+    ACT: tl.constexpr, GATED: tl.constexpr, SCALE_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """_dh_kernel's epilogue as an elementwise pass over the split path's q (see the module
@@ -598,7 +600,12 @@ def _dh_epilogue_kernel(
         u = tl.load(pre_ptrs + I, mask=omask, other=0.0).to(tl.float32)
         h = rnd(h * u, xdt)
     tl.store(part_ptr + rows64 * NT + pid_n, rsum(tl.where(omask, q * h, 0.0), 1), mask=rmask)
-    tl.store(hs_ptrs, cast(h * w[:, None], xdt), mask=omask)
+    if SCALE_ROWS:
+        if pid_n == 0:
+            tl.store(ws_ptr + rows64, w, mask=rmask)
+        tl.store(hs_ptrs, cast(h, xdt), mask=omask)
+    else:
+        tl.store(hs_ptrs, cast(h * w[:, None], xdt), mask=omask)
     dh = rnd(q * w[:, None], xdt)
     dgu_ptrs = dgu_ptr + rows64[:, None] * stride_dgu + cols[None, :]
     if GATED:

@@ -115,6 +115,48 @@ def test_a_wide_grad_keeps_its_range(scale: float, weight_pos: str) -> None:
         check(case)
 
 
+@pytest.mark.parametrize("dh", ["fused", "split"])
+@pytest.mark.parametrize("trigger", ["w > 1", "loss-scaled fp32 grad_y", "fp16 subnormals"])
+def test_fp16_output_mode_down_weight_gradient_keeps_its_range(monkeypatch, trigger: str, dh: str) -> None:
+    """fp16, "output" mode, no down bias: the backward folded the routing weight into the hidden
+    operand (w*h rounded to fp16) and cast grad_y's rows to fp16 unscaled, where the reference
+    (and eager) round w*gy and multiply it by h. dW_down came out inf for a w > 1 (a routed
+    scaling factor) on a large but finite h, inf for a loss-scaled fp32 grad_y past 65504 whose
+    w*gy is in range, and lost digits when w*h fell into fp16's subnormals (review)."""
+    import dataclasses
+
+    from blazec.kernels.moe_experts import moe_experts_bwd, moe_experts_fwd
+
+    monkeypatch.setenv("BLAZEC_DH", dh)
+    wide = trigger == "loss-scaled fp32 grad_y"
+    case = make_case(T=16, seed=11, dtype=torch.float16, activation="relu", tw_dtype=torch.float32 if wide else None,
+                     out_dtype=torch.float32 if wide else None)
+    w = dict(case.w)
+    if trigger == "w > 1":  # h = 21 * 100 * 15 = 31500 < 65504, w h = 78750 > 65504
+        case = dataclasses.replace(case, x=torch.full_like(case.x, 100.0), tw=torch.full_like(case.tw, 2.5),
+                                   gy=case.gy * 1e-2)
+        w["w_gate"] = [torch.full_like(w["w_gate"][0], 15.0)]
+        w["w_down"] = [torch.full_like(w["w_down"][0], 1e-3)]
+    elif wide:  # |gy| up to ~3e5, |w gy| < 2e4; a small h keeps the sums of dW_down in range
+        case = dataclasses.replace(case, tw=torch.full_like(case.tw, 0.05), gy=case.gy * 1e5)
+        w["w_gate"] = [(w["w_gate"][0].float() * 1e-2).half()]
+    else:  # w h ~ 2e-6, below fp16's smallest normal 6.1e-5; w gy ~ 20
+        case = dataclasses.replace(case, tw=torch.full_like(case.tw, 0.02), gy=case.gy * 1e3)
+        w["w_gate"] = [(w["w_gate"][0].float() * 1e-4).half()]
+    case = dataclasses.replace(case, w=w)
+    _, preact = ref.moe_experts_fwd(*case.fwd_args())
+    want = ref.moe_experts_bwd(*case.bwd_args(preact))[4][0]
+    _, kpreact = moe_experts_fwd(*case.fwd_args())
+    got = moe_experts_bwd(*case.bwd_args(kpreact))[4][0]
+    assert torch.isfinite(want).all() and torch.isfinite(got).all()
+    exact = ref.moe_experts_bwd(*dataclasses.replace(
+        case, x=case.x.double(), tw=case.tw.double(), gy=case.gy.double(), out_dtype=torch.float64,
+        w={n: [t.double() for t in v] for n, v in case.w.items()}).bwd_args(preact.double()))[4][0]
+    scale = exact.abs().max().item()
+    err_want, err_got = (want.double() - exact).abs().max().item(), (got.double() - exact).abs().max().item()
+    assert err_got <= 2 * err_want + 1e-3 * scale, (err_got, err_want, scale)  # was 18x the reference's
+
+
 def _same_nan_and_close(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
     nan_got, nan_want = torch.isnan(got), torch.isnan(want)
     assert torch.equal(nan_got, nan_want), f"{name}: NaN at {int(nan_got.sum())} elements, the reference's at {int(nan_want.sum())}"
