@@ -548,8 +548,9 @@ def releasable(preact: Tensor) -> bool:
     gradient, and preact's bytes on top of them were the peak. The storage must be exactly
     preact's buffer (no other tensor's bytes in it). On CUDA, not under a CUDA graph capture,
     nor where Inductor's CUDA graph trees (``mode="reduce-overhead"``) manage the device: their
-    memory pool tracks the storages it hands out. A later read of the released preact fails
-    loudly (a zero-size storage), where the overwritten one would have read dg | du."""
+    memory pool tracks the storages it hands out. A later read of the released preact reads a
+    zero-byte storage (a crash, not an exception: blazec/ops/experts.py says who may hold it),
+    where the overwritten one would have read dg | du."""
     st = preact.untyped_storage()
     if preact.storage_offset() != 0 or st.nbytes() != preact.numel() * preact.element_size():
         return False
@@ -605,6 +606,8 @@ def moe_experts_bwd(
     hidden = weight_pos == "hidden"
     I, n_in = o.I, o.n_in
     preact_in = preact
+    if not recompute and not preact.is_contiguous():  # the kernels read rows n_in apart (a direct call's view)
+        preact = preact.contiguous()
     # dg | du over preact: the recomputed one always, the saved one when its caller gives it up
     # (see may_overwrite_preact). Recompute mode runs GEMM 1 again, preact only, into the
     # buffer that then takes dg | du: the same buffers as the default mode's.

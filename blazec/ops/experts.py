@@ -39,7 +39,11 @@ passes it; the kernels take it up only when the running autograd graph task does
 graph (``retain_graph`` / ``create_graph`` false), since a kept graph's next backward reads the
 saved preact again. Then they also release preact's memory (its storage resized to zero bytes)
 once the last kernel that reads dg | du is launched, so that it is not live with the last
-weight gradient; a later read of that preact fails instead of returning dg | du. Direct callers
+weight gradient. So a caller of ``torch.ops.blazec.moe_experts`` under autograd must not read
+the ``preact`` it returns once the backward has run, nor hand it to other autograd code
+whose backward would: it would read dg | du, and after the release a zero-byte storage,
+which crashes the process (a segfault on the CPU) rather than raising. ``moe_experts`` (the
+wrapper below) and the rewritten graphs never return it. Direct callers of the backward op
 keep the default False.
 
 What the backward saves: x, topk_weights, sorted_pairs, expert_offsets, pair_pos, the weight and

@@ -157,6 +157,30 @@ def test_fp16_output_mode_down_weight_gradient_keeps_its_range(monkeypatch, trig
     assert err_got <= 2 * err_want + 1e-3 * scale, (err_got, err_want, scale)  # was 18x the reference's
 
 
+@pytest.mark.parametrize("layout", ["transposed copy", "column slice"])
+def test_a_strided_preact_is_read_by_its_strides(layout: str) -> None:
+    """The backward op checked preact's shape and dtype, and the kernels read its rows n_in
+    apart: a direct caller's strided preact (the same values) gave wrong gradients, up to 63
+    off (review)."""
+    from blazec.kernels.moe_experts import moe_experts_bwd, moe_experts_fwd
+
+    case = make_case(T=12, seed=13, bias="stacked")
+    _, preact = moe_experts_fwd(*case.fwd_args())
+    if layout == "transposed copy":
+        strided = preact.t().contiguous().t()
+    else:
+        wide = torch.full((preact.shape[0], preact.shape[1] + 3), float("nan"), dtype=preact.dtype,
+                          device=preact.device)
+        wide[:, 1:-2] = preact
+        strided = wide[:, 1:-2]
+    assert not strided.is_contiguous() and torch.equal(strided, preact)
+    want = moe_experts_bwd(*case.bwd_args(preact.clone()))
+    got = moe_experts_bwd(*case.bwd_args(strided), True)  # overwrite allowed: a copy takes it
+    for name, g, r in zip(NAMES, _flat(got), _flat(want)):
+        torch.testing.assert_close(g, r, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+    assert torch.equal(strided, preact)  # the caller's tensor is left as it was
+
+
 def _same_nan_and_close(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
     nan_got, nan_want = torch.isnan(got), torch.isnan(want)
     assert torch.equal(nan_got, nan_want), f"{name}: NaN at {int(nan_got.sum())} elements, the reference's at {int(nan_want.sum())}"
