@@ -192,6 +192,7 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx, outer_autocast: str | None 
                 continue
             y = emit(final, ids, weights, m.x, m.experts, dtype(final), where, capacity, priority,
                      getattr(m, "drop_zero_weights", False))
+            _copy_source_meta(graph, final, existing)  # the routing nodes (GShard's stacks) too
             final.replace_all_uses_with(y)
             graph.erase_node(final)
             # the in-place links: nothing else reads them (the matchers check), but _remove_dead

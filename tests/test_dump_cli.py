@@ -483,3 +483,13 @@ def test_json_stays_one_document_when_expert_parallel_ranks_print(tmp_path):
 def test_empty_out_is_an_error(capsys):
     rc, _, err = _dump(capsys, str(EXAMPLES / "moe_loop_modulelist.py"), "--out", "")
     assert rc == 2 and "--out needs a directory" in err
+
+
+def test_every_node_the_rewrite_inserts_points_at_the_replaced_code(capsys):
+    """GShard's stacked ids and weights, inserted before the op's own nodes, had no source
+    location: the dump printed them under "No stacktrace found for following nodes"."""
+    rc, out, err = _dump(capsys, str(EXAMPLES / "moe_gshard_top2.py"), "--final-stage", "eager", "--pass", "moe_dispatch")
+    assert rc == 0, err
+    blaze = out.split("graph after blaze passes")[1].split("forward/backward partition")[0]
+    assert "torch.ops.blazec.moe_route" in blaze and "torch.stack(" in blaze
+    assert "No stacktrace found" not in blaze
