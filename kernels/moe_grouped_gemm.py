@@ -563,7 +563,8 @@ def _dh_kernel(
 
 @triton.jit
 def _dh_epilogue_kernel(
-    hs_ptr,  # [P, I] in: q = gy[tok] Wd in x dtype (the split dh GEMM's output); out: w*h (h when SCALE_ROWS)
+    hs_ptr,  # [P, I] in: q = gy[tok] Wd in x dtype (the split dh GEMM's output); out: w*h
+    #          (h when SCALE_ROWS)
     tw_ptr,  # [T*K] routing weights, contiguous
     pairs_ptr,  # [P] int64 sorted_pairs
     offs_ptr,  # [E+1] int64 expert_offsets (offs[E]: the kept pairs)
@@ -579,7 +580,7 @@ def _dh_epilogue_kernel(
     """_dh_kernel's epilogue as an elementwise pass over the split path's q (see the module
     docstring): the same operations in the same order, on the same rounded q. Each element of
     q, g and u is read before this program stores hs, dg and du at the same position, and no
-    other program touches it, so hs_ptr holds q in and w*h out, and dgu_ptr may be pre_ptr."""
+    other program touches it, so hs_ptr holds q in and w*h (or h) out, and dgu_ptr may be pre_ptr."""
     xdt = hs_ptr.dtype.element_ty
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
