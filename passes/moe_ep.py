@@ -4,7 +4,8 @@ When ``expert_parallel`` is set, each matched MoE site becomes, instead of one `
 ``moe_experts`` over all E experts, a software-pipelined chain over ``ep_chunks`` token chunks::
 
     keep = kept_pairs(ids, E, capacity, priority)            # only for capacity forms
-    x_0.., ids_0.., w_0.. = tensor_split(x / ids / w, N)     # only for N > 1
+    x_0.., ids_0.., w_0.. = split(x / ids / w, N)            # only for N > 1 (T // N rows each,
+                                                              # the first one the rest too)
     P(0) ... P(N-1); splits = ep_exchange_counts(counts of every chunk); rows(0) ... rows(N-1)
     D(0); D(1); C(0); R(0); D(2); C(1); R(1); S(0); ...; C(N-1); R(N-1); S(N-2); S(N-1)
     y = cat(y_0, ..., y_N-1)
@@ -120,8 +121,22 @@ def emit_moe_ep(graph: torch.fx.Graph, ids: Node, weights: Node, x: Node, expert
         nonzero = call(torch.ne, (weights, 0))
         keep = nonzero if keep is None else call(torch.logical_and, (keep, nonzero))
     lists = local_weight_lists(graph, experts, group.rank * n_local, n_local)
+    # Every rank runs ``chunks`` chunks (each one's collectives pair with the other ranks'),
+    # however many tokens it has. A token count known to be below it gets dropped padding rows
+    # (kept False: never sent), so that no chunk is statically empty (Inductor refuses to
+    # gather from a dimension of size 0), and the padding is cut from y.
+    T = _static_rows(x)
+    pad = chunks - T if T is not None and T < chunks else 0
+    if pad:
+        k = _static_rows(ids, dim=1)
+        if keep is None:
+            keep = graph.call_method("new_ones", (ids, (T, k)), {"dtype": torch.bool})
+        x, ids, weights = (call(torch.cat, ([t, graph.call_method("new_zeros", (t, (pad, n)))],))
+                           for t, n in ((x, _static_rows(x, dim=1)), (ids, k), (weights, k)))
+        keep = call(torch.cat, ([keep, graph.call_method("new_zeros", (keep, (pad, k)), {"dtype": torch.bool})],))
     if chunks > 1:
-        split = [items(call(torch.tensor_split, (t, chunks)), chunks) if t is not None else [None] * chunks
+        sizes = _chunk_sizes(graph, x, chunks)
+        split = [items(call(torch.split, (t, sizes)), chunks) if t is not None else [None] * chunks
                  for t in (x, ids, weights, keep)]
         parts = list(zip(*split))
     else:
@@ -165,4 +180,28 @@ def emit_moe_ep(graph: torch.fx.Graph, ids: Node, weights: Node, x: Node, expert
         if i >= 1:
             ys.append(total(i - 1))
     ys.append(total(n - 1))
-    return ys[0] if n == 1 else call(torch.cat, (ys, 0))
+    y = ys[0] if n == 1 else call(torch.cat, (ys, 0))
+    return call(torch.narrow, (y, 0, 0, T)) if pad else y
+
+
+def _static_rows(node: Node, dim: int = 0) -> int | None:
+    """``node``'s size along ``dim`` when it is a plain int in its example value (None if
+    symbolic or unknown)."""
+    v = node.meta.get("example_value", node.meta.get("val"))
+    n = v.shape[dim] if isinstance(v, torch.Tensor) else None
+    return n if isinstance(n, int) else None
+
+
+def _chunk_sizes(graph: torch.fx.Graph, x: Node, chunks: int) -> list:
+    """Row counts of the token chunks: ``q = T // chunks`` each, the first one also the rest
+    ``T - chunks * q``. ``tensor_split``'s sizes branch on ``T % chunks``, which with a symbolic
+    T put a guard on it into the graph: a compile per residue, and with more chunks than
+    Dynamo's recompile limit, the model run without the rewrite on some steps."""
+    T = _static_rows(x)
+    if T is not None:
+        q = T // chunks
+        return [T - (chunks - 1) * q] + [q] * (chunks - 1)
+    n = graph.call_method("size", (x, 0))
+    q = graph.call_function(operator.floordiv, (n, chunks))
+    first = graph.call_function(operator.sub, (n, graph.call_function(operator.mul, (q, chunks - 1))))
+    return [first] + [q] * (chunks - 1)

@@ -50,7 +50,7 @@ def routing_inputs(experts: Node) -> tuple[Node | None, Node | None]:
     """The router's ``(topk_ids, topk_weights)`` behind a ``moe_experts`` node.
 
     Single-process: ``moe_route``'s ids and the op's weights. Expert-parallel: the ids and
-    weights ``ep_rows`` and ``ep_send`` read, before ``tensor_split`` into chunks.
+    weights ``ep_rows`` and ``ep_send`` read, before the split into chunks.
     """
     from blazec.expert_parallel import ep_rows, ep_send
 
@@ -67,9 +67,13 @@ def routing_inputs(experts: Node) -> tuple[Node | None, Node | None]:
 
 
 def _unsplit(node: object) -> object:
-    """``tensor_split(t, n)[i]`` -> ``t``."""
-    if is_getitem(node) and is_fn(node.args[0], torch.tensor_split):
-        return node.args[0].args[0]
+    """``split(t, sizes)[i]`` (or ``tensor_split``) -> ``t``, and then ``t`` without the padding
+    rows ``emit_moe_ep`` appends (``cat([t, t.new_zeros(...)])``) to a short batch."""
+    if is_getitem(node) and is_fn(node.args[0], torch.split, torch.tensor_split):
+        node = node.args[0].args[0]
+    if is_fn(node, torch.cat) and isinstance(node.args[0], (list, tuple)) and len(node.args[0]) == 2 \
+            and is_method(node.args[0][1], "new_zeros"):
+        node = node.args[0][0]
     return node
 
 

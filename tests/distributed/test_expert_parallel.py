@@ -138,6 +138,37 @@ def _dynamic_batch(rank: int, world: int) -> None:
     assert len(records) == 1, f"{len(records)} compiles for 3 batch sizes"
 
 
+def _dynamic_batch_any_residue(rank: int, world: int) -> None:
+    """dynamic=True with token counts of every residue modulo ep_chunks: the chunking was
+    tensor_split, whose sizes put a guard on T % ep_chunks into the graph (a compile per
+    residue; past Dynamo's recompile limit the model ran without the rewrite, and the owners'
+    expert gradients held their own batch only; review)."""
+    from blazec import report
+
+    model, (x0,) = load_example("moe_loop_modulelist.py").make()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="blaze", dynamic=True,
+                             options={"expert_parallel": "world", "ep_chunks": 3, "final_stage": "eager"})
+    with report.capture() as records:
+        for s in (7, 8, 9, 10):
+            x = torch.randn(1, s + rank, x0.shape[-1], generator=torch.Generator().manual_seed(10 * s + rank))
+            torch.testing.assert_close(compiled(x), model(x), atol=2e-5, rtol=1e-4)
+    assert len(records) == 1, f"{len(records)} compiles for 4 token counts"
+
+
+def _short_batches(rank: int, world: int) -> None:
+    """Inductor with a rank whose batch has fewer tokens than ep_chunks (2 < 3), and one with
+    none: a statically empty chunk failed to compile ("index is out of bounds for dimension
+    with size 0" in Inductor's lowering of the row gathers; review). Both now run on padding
+    rows that are never sent."""
+    model, (x0,) = load_example("moe_loop_modulelist.py").make()
+    d = x0.shape[-1]
+    for shapes in (((1, 2, d), (0, 16, d)), ((0, 16, d), (2, 8, d))):
+        xs = [torch.randn(sh, generator=torch.Generator().manual_seed(7 + r)) for r, sh in enumerate(shapes)]
+        assert len(moe_matches(check_ep(rank, world, model, xs, {"ep_chunks": 3}))) == 1
+        model.zero_grad(set_to_none=True)
+
+
 def _checkpointed(rank: int, world: int) -> None:
     """A layer inside torch.utils.checkpoint is left alone under expert parallelism (its
     all_to_alls would run again in the backward), with a near miss; eager's numbers."""
@@ -287,6 +318,14 @@ def test_inductor_pipelined_chunks_overlap_experts_on_2_ranks():
 
 def test_dynamic_batch_compiles_once_on_2_ranks():
     run_ranks(_dynamic_batch, 2)
+
+
+def test_dynamic_batch_compiles_once_for_every_residue_of_the_chunks_on_2_ranks():
+    run_ranks(_dynamic_batch_any_residue, 2)
+
+
+def test_inductor_runs_batches_shorter_than_the_chunks_on_2_ranks():
+    run_ranks(_short_batches, 2)
 
 
 # ---------------------------------------------------------------------------------------
