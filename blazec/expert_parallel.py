@@ -74,6 +74,11 @@ def resolve_group(value) -> EPGroup:
             raise ExpertParallelError(
                 f"expert_parallel must be 'world' or a torch.distributed ProcessGroup, got {value!r}"
             )
+    elif type(value) is int and value == getattr(getattr(dist, "GroupMember", None), "NON_GROUP_MEMBER", None):
+        raise ExpertParallelError(
+            "expert_parallel: this process is not a member of the given process group "
+            "(torch.distributed.new_group returned GroupMember.NON_GROUP_MEMBER on this rank)"
+        )
     elif not isinstance(value, dist.ProcessGroup):
         raise ExpertParallelError(
             f"expert_parallel must be 'world' or a torch.distributed ProcessGroup, got {type(value).__name__}"
@@ -256,8 +261,10 @@ def sync_grads(model: torch.nn.Module, group="world", average: bool = False) -> 
     known = any(is_expert_param(p) or _DENSE.get(id(p)) is p for p in params)  # dense: once owned, then read densely
     if not known and not _SINGLE:
         raise ExpertParallelError(
-            "sync_grads: no expert-parallel MoE layer of this model has been compiled yet (run a compiled "
-            "forward with options={'expert_parallel': ...} first), so its experts cannot be told apart")
+            "sync_grads: no expert-parallel MoE layer of this model has been compiled yet, so its experts "
+            "cannot be told apart: run a compiled forward with options={'expert_parallel': ...} first; if "
+            "one ran, the rewrite left its MoE layers alone (the blaze report's near misses say why: "
+            "blazec.report.capture(), or `blazec dump`)")
     if _UNMAPPED:
         raise ExpertParallelError(
             "sync_grads: the expert weights of " + ", ".join(_UNMAPPED) + " could not be traced back to "

@@ -332,6 +332,28 @@ def test_inductor_runs_batches_shorter_than_the_chunks_on_2_ranks():
 # Options (no process group needed)
 
 
+def test_a_rank_outside_the_group_and_sync_grads_before_any_rewrite_are_named(monkeypatch):
+    """On a rank outside ``new_group([0])`` torch returns GroupMember.NON_GROUP_MEMBER, an int:
+    the error said "got int". sync_grads after a compile that rewrote nothing asked for a
+    compiled forward, which had run (review)."""
+    import torch.distributed as dist
+
+    from blazec import expert_parallel
+    from blazec.expert_parallel import ExpertParallelError, resolve_group, sync_grads
+
+    monkeypatch.setattr(expert_parallel, "_SINGLE", [])  # no single-process layer from an earlier test
+    with pytest.raises(ExpertParallelError, match="this process is not a member of the given process group"):
+        resolve_group(dist.GroupMember.NON_GROUP_MEMBER)
+    with pytest.raises(ExpertParallelError, match="got int"):
+        resolve_group(3)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(ExpertParallelError, match="the rewrite left its MoE layers alone"):
+            sync_grads(torch.nn.Linear(2, 2))
+    finally:
+        dist.destroy_process_group()
+
+
 def test_expert_parallel_needs_an_initialized_process_group():
     with pytest.raises(BlazeOptionError, match="expert_parallel.*init_process_group"):
         BlazeConfig.from_options({"expert_parallel": "world"})
