@@ -125,14 +125,13 @@ def emit_moe_ep(graph: torch.fx.Graph, ids: Node, weights: Node, x: Node, expert
     # however many tokens it has. A token count known to be below it gets dropped padding rows
     # (kept False: never sent), so that no chunk is statically empty (Inductor refuses to
     # gather from a dimension of size 0), and the padding is cut from y.
-    T = _static_rows(x)
-    pad = chunks - T if T is not None and T < chunks else 0
+    T, d, k = _static_rows(x), _static_rows(x, dim=1), _static_rows(ids, dim=1)
+    pad = chunks - T if T is not None and T < chunks and d is not None and k is not None else 0
     if pad:
-        k = _static_rows(ids, dim=1)
         if keep is None:
             keep = graph.call_method("new_ones", (ids, (T, k)), {"dtype": torch.bool})
         x, ids, weights = (call(torch.cat, ([t, graph.call_method("new_zeros", (t, (pad, n)))],))
-                           for t, n in ((x, _static_rows(x, dim=1)), (ids, k), (weights, k)))
+                           for t, n in ((x, d), (ids, k), (weights, k)))
         keep = call(torch.cat, ([keep, graph.call_method("new_zeros", (keep, (pad, k)), {"dtype": torch.bool})],))
     if chunks > 1:
         sizes = _chunk_sizes(graph, x, chunks)

@@ -188,8 +188,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ranks", type=int, default=256, help="data-parallel ranks (default 256)")
     parser.add_argument("--per-rank", type=int, default=32, help="samples per rank per step (default 32)")
     parser.add_argument("--lengths", default="zipf:1.2", help=f"length distribution: {LENGTH_SPECS} (default zipf:1.2)")
-    parser.add_argument("--max-len", type=int, default=4096, help="largest sample length (default 4096): lognormal lengths are clipped to it, a file's "
-                             "longer length is an error")
+    parser.add_argument("--max-len", type=int, default=4096,
+                        help="largest sample length (default 4096): lognormal lengths are clipped to it, "
+                             "a file's longer length is an error")
     parser.add_argument(
         "--cost", default="transformer",
         help="true per-sample cost: tokens, transformer[:D], recsys[:D] or a=..,b=..,c=.. (default transformer = L + L^2/6144)",
