@@ -125,16 +125,19 @@ def emit_moe_ep(graph: torch.fx.Graph, ids: Node, weights: Node, x: Node, expert
     # however many tokens it has. A token count known to be below it gets dropped padding rows
     # (kept False: never sent), so that no chunk is statically empty (Inductor refuses to
     # gather from a dimension of size 0), and the padding is cut from y.
-    T, d, k = _static_rows(x), _static_rows(x, dim=1), _static_rows(ids, dim=1)
-    pad = chunks - T if T is not None and T < chunks and d is not None and k is not None else 0
+    T = _static_rows(x)  # x is the model's own node; ids and weights may be the pass's (no meta)
+    pad = chunks - T if T is not None and T < chunks else 0
     if pad:
         if keep is None:
-            keep = graph.call_method("new_ones", (ids, (T, k)), {"dtype": torch.bool})
-        x, ids, weights = (call(torch.cat, ([t, graph.call_method("new_zeros", (t, (pad, n)))],))
-                           for t, n in ((x, d), (ids, k), (weights, k)))
-        keep = call(torch.cat, ([keep, graph.call_method("new_zeros", (keep, (pad, k)), {"dtype": torch.bool})],))
+            keep = call(torch.ones_like, (ids,), {"dtype": torch.bool})
+
+        def padded(t: Node) -> Node:  # t and pad zero rows (False for keep)
+            zeros = graph.call_method("new_zeros", (t, (pad, graph.call_method("size", (t, 1)))))
+            return call(torch.cat, ([t, zeros],))
+
+        x, ids, weights, keep = (padded(t) for t in (x, ids, weights, keep))
     if chunks > 1:
-        sizes = _chunk_sizes(graph, x, chunks)
+        sizes = _chunk_sizes(graph, x, chunks, None if T is None else T + pad)
         split = [items(call(torch.split, (t, sizes)), chunks) if t is not None else [None] * chunks
                  for t in (x, ids, weights, keep)]
         parts = list(zip(*split))
@@ -191,12 +194,12 @@ def _static_rows(node: Node, dim: int = 0) -> int | None:
     return n if isinstance(n, int) else None
 
 
-def _chunk_sizes(graph: torch.fx.Graph, x: Node, chunks: int) -> list:
-    """Row counts of the token chunks: ``q = T // chunks`` each, the first one also the rest
-    ``T - chunks * q``. ``tensor_split``'s sizes branch on ``T % chunks``, which with a symbolic
-    T put a guard on it into the graph: a compile per residue, and with more chunks than
-    Dynamo's recompile limit, the model run without the rewrite on some steps."""
-    T = _static_rows(x)
+def _chunk_sizes(graph: torch.fx.Graph, x: Node, chunks: int, T: int | None) -> list:
+    """Row counts of the token chunks of ``x`` (``T`` rows when known statically): ``q = T //
+    chunks`` each, the first one also the rest ``T - chunks * q``. ``tensor_split``'s sizes
+    branch on ``T % chunks``, which with a symbolic T put a guard on it into the graph: a
+    compile per residue, and with more chunks than Dynamo's recompile limit, the model run
+    without the rewrite on some steps."""
     if T is not None:
         q = T // chunks
         return [T - (chunks - 1) * q] + [q] * (chunks - 1)
