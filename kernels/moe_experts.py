@@ -711,9 +711,10 @@ def _dh_split_launch(o: _Operands, grad_y, preact, dgu, hs, part, ws, NT: int) -
     """The split dh path: q = gy[t(s)] Wd by the row GEMM with gathered A rows, into hs (an
     [S, I] buffer the backward holds anyway), then ``_dh_epilogue_kernel`` over q and preact,
     which leaves w*h in hs (h, and w in ``ws`` when it is given) and dg | du in dgu. The same
-    values as ``_dh_kernel``'s, without its epilogue serialized after each tile's K loop. On the H100 (docs/BENCHMARKS.md,
-    2026-11-27) the two launches took 2.88 + 1.16 ms at mixtral-like where ``_dh_kernel`` took
-    6.06, and about 0.9 + 0.71 where it took 1.85 at olmoe-like."""
+    values as ``_dh_kernel``'s, without its epilogue serialized after each tile's K loop. On
+    the H100 (docs/BENCHMARKS.md, 2026-11-27) the two launches took 2.88 + 1.16 ms at
+    mixtral-like where ``_dh_kernel`` took 6.06, and about 0.9 + 0.71 where it took 1.85 at
+    olmoe-like."""
     if grad_y.stride(1) != 1:
         grad_y = grad_y.contiguous()
     _rows_gemm(o, grad_y, grad_y.stride(0), o.wd, False, hs, o.I, o.d, o.xdt, gather=True)

@@ -29,7 +29,7 @@ import contextlib
 import logging
 import operator
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Iterator
 
 import sympy
@@ -447,9 +447,9 @@ class Session:
                 f"torch (activation_memory_budget={torch_budget})")
             self.plan = describe(problem, default, default, solver=label,
                                  status="default", budget=None, budget_spec=None)
-            unused = [f"{k}={getattr(self.config, k)!r}" for k, default_value in
-                      (("checkpoint_solver", "auto"), ("checkpoint_time_limit", 5.0))
-                      if getattr(self.config, k) != default_value]
+            defaults = {f.name: f.default for f in fields(self.config)}
+            unused = [f"{k}={getattr(self.config, k)!r}" for k in ("checkpoint_solver", "checkpoint_time_limit")
+                      if getattr(self.config, k) != defaults[k]]
             if unused:  # set, and read only to meet a budget: said, not silently dropped
                 self.plan.message = f"{' and '.join(unused)} not used: they apply to a memory_budget, and none is set"
             return default_saved

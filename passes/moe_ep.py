@@ -33,6 +33,7 @@ import torch.fx
 
 from blazec.expert_parallel import (EPGroup, ep_exchange_counts, ep_plan, ep_return, ep_rows, ep_send, ep_sum,
                                     kept_pairs, local_route)
+from blazec.passes._fx import shape
 from blazec.passes.moe_expert_mlp import REF_NAMES, weight_list
 
 Node = torch.fx.Node
@@ -125,7 +126,10 @@ def emit_moe_ep(graph: torch.fx.Graph, ids: Node, weights: Node, x: Node, expert
     # however many tokens it has. A token count known to be below it gets dropped padding rows
     # (kept False: never sent), so that no chunk is statically empty (Inductor refuses to
     # gather from a dimension of size 0), and the padding is cut from y.
-    T = _static_rows(x)  # x is the model's own node; ids and weights may be the pass's (no meta)
+    # the token count when static; x is the model's own node (ids and weights may be the
+    # pass's, without example values)
+    rows = shape(x)
+    T = rows[0] if rows and isinstance(rows[0], int) else None
     pad = chunks - T if T is not None and T < chunks else 0
     if pad:
         if keep is None:
@@ -184,14 +188,6 @@ def emit_moe_ep(graph: torch.fx.Graph, ids: Node, weights: Node, x: Node, expert
     ys.append(total(n - 1))
     y = ys[0] if n == 1 else call(torch.cat, (ys, 0))
     return call(torch.narrow, (y, 0, 0, T)) if pad else y
-
-
-def _static_rows(node: Node, dim: int = 0) -> int | None:
-    """``node``'s size along ``dim`` when it is a plain int in its example value (None if
-    symbolic or unknown)."""
-    v = node.meta.get("example_value", node.meta.get("val"))
-    n = v.shape[dim] if isinstance(v, torch.Tensor) else None
-    return n if isinstance(n, int) else None
 
 
 def _chunk_sizes(graph: torch.fx.Graph, x: Node, chunks: int, T: int | None) -> list:

@@ -36,6 +36,7 @@ that are means over the local batch, as DDP expects).
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from typing import Any, Iterable, Sequence
@@ -139,10 +140,11 @@ class GradBalancer:
         if mgda_normalize not in ("l2", "none"):
             raise ValueError(f"mgda_normalize must be 'l2' or 'none', got {mgda_normalize!r}")
         # an argument another method reads would be ignored: a slip (the method, or the argument)
-        unused = [f"{n}={v!r}" for n, v, default, used in (
-            ("beta", beta, 0.9, "magnitude"), ("relax", relax, 1.0, "magnitude"),
-            ("target", target, "mean", "magnitude"), ("mgda_normalize", mgda_normalize, "l2", "mgda"))
-            if method != used and v != default]
+        defaults = {n: p.default for n, p in inspect.signature(GradBalancer.__init__).parameters.items()}
+        unused = [f"{n}={v!r}" for n, v, used in (
+            ("beta", beta, "magnitude"), ("relax", relax, "magnitude"),
+            ("target", target, "magnitude"), ("mgda_normalize", mgda_normalize, "mgda"))
+            if method != used and v != defaults[n]]
         if unused:
             raise ValueError(f"{', '.join(unused)} would be ignored by method {method!r}: beta, relax and target "
                              "apply to 'magnitude', mgda_normalize to 'mgda'")
