@@ -9,6 +9,7 @@ passed by position or keyword.
 
 from __future__ import annotations
 
+import inspect
 import operator
 from typing import Any, NamedTuple
 
@@ -48,6 +49,81 @@ def is_fn(node: Any, *targets: Any) -> bool:
 
 def is_method(node: Any, *names: str) -> bool:
     return isinstance(node, Node) and node.op == "call_method" and node.target in names
+
+
+# Operators that write their first argument: ``t[i] = v``, ``t += v``.
+INPLACE_OPERATORS = {
+    operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+    operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift,
+    operator.irshift, operator.imatmul,
+}
+_INPLACE_DUNDERS = {f"__{op.__name__}__" for op in INPLACE_OPERATORS}  # __setitem__, __iadd__, ...
+_SIGNATURES: dict = {}
+
+
+def written_args(n: Node) -> list:
+    """What the call ``n`` writes in place (its arguments, Nodes or not), or [] when it writes
+    nothing it is given: ``t.op_()``, ``torch.op_(t)``, ``t[i] = v``, ``t += v``, an aten
+    overload whose schema marks an argument written (``aten.mul_.Scalar``), ``f(t, inplace=True)``
+    with the flag passed by keyword or by position (``F.hardtanh(t, -1, 1, True)``, as
+    ``nn.Hardtanh(inplace=True)`` calls it), ``f(..., out=t)``, and a ``call_module`` of a
+    module whose ``inplace`` attribute is set."""
+    first = n.args[0] if n.args else None
+    out = n.kwargs.get("out")
+    written = [out] if out is not None else []
+    if n.op == "call_method":
+        name = n.target
+        if (name.endswith("_") and not name.startswith("__")) or name in _INPLACE_DUNDERS:
+            written.insert(0, first)
+        return written
+    if n.op == "call_module":
+        owner = n.graph.owning_module
+        try:
+            mod = owner.get_submodule(n.target) if owner is not None else None
+        except AttributeError:
+            mod = None
+        return [first] if getattr(mod, "inplace", False) is True else []
+    if n.op != "call_function":
+        return []
+    t = n.target
+    if isinstance(t, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return written + _schema_writes(n)
+    name = getattr(t, "__name__", "")
+    if t in INPLACE_OPERATORS or (name.endswith("_") and not name.startswith("_")) or _inplace_flag(n):
+        written.insert(0, first)
+    return written
+
+
+def _schema_writes(n: Node) -> list:
+    """The arguments an aten (or custom) op's schema marks written (``Tensor(a!)``); for an
+    overload packet, those of any of its overloads (taken by position or by name)."""
+    t = n.target
+    schemas = [t._schema] if isinstance(t, torch._ops.OpOverload) else \
+        [getattr(t, o)._schema for o in t.overloads()]
+    hits = []
+    for schema in schemas:
+        for i, a in enumerate(schema.arguments):
+            if a.alias_info is not None and a.alias_info.is_write:
+                v = n.args[i] if i < len(n.args) and not a.kwarg_only else n.kwargs.get(a.name)
+                if v is not None and all(v is not h for h in hits):
+                    hits.append(v)
+    return hits
+
+
+def _inplace_flag(n: Node) -> bool:
+    """Whether a call's ``inplace`` parameter is set, by keyword or by position (anything but a
+    literal False counts as set)."""
+    if "inplace" in n.kwargs:
+        return n.kwargs["inplace"] is not False
+    t = n.target
+    if t not in _SIGNATURES:
+        try:
+            params = list(inspect.signature(t).parameters)
+        except (TypeError, ValueError):
+            params = []
+        _SIGNATURES[t] = params.index("inplace") if "inplace" in params else None
+    i = _SIGNATURES[t]
+    return i is not None and i < len(n.args) and n.args[i] is not False
 
 
 def arg(node: Node, index: int, name: str, default: Any = None) -> Any:

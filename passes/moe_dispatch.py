@@ -33,7 +33,7 @@ import torch.fx
 import blazec.ops  # noqa: F401 - registers torch.ops.blazec.*
 from blazec.passes._fx import (
     LINEAR, ROUTER_IDS, NoMatch, Region, arg, combine_args, copy_graph_module, dtype, einsum_equation, grad_modes, is_fn,
-    is_getitem, is_method, module_path, regions, shape, val, where_loc,
+    is_getitem, is_method, module_path, regions, shape, val, where_loc, written_args,
 )
 from blazec.passes.moe_dense_gate_form import ADD as DENSE_ADD
 from blazec.passes.moe_dense_gate_form import (
@@ -679,18 +679,13 @@ def _is_sym(n: Node) -> bool:
     return isinstance(v, (torch.SymInt, torch.SymBool, torch.SymFloat)) or n.target is torch.ops.aten.sym_size.int
 
 
-_INPLACE_FNS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv}
-
-
 def _pure(n: Node) -> bool:
-    """Safe to erase when unused: no in-place method or function, nothing FX calls impure."""
-    if n.op == "call_method":
-        return not n.target.endswith("_")
-    if n.op == "call_function":
-        if n.target in _INPLACE_FNS or getattr(n.target, "__name__", "").endswith("_"):
-            return False
-        return not n.is_impure()
-    return False
+    """Safe to erase when unused: it writes nothing in place (``written_args``: in-place methods
+    and functions, ``inplace=True`` by keyword or position, schema writes, ``out=``) and FX does
+    not call it impure."""
+    if n.op not in ("call_method", "call_function") or written_args(n):
+        return False
+    return n.op == "call_method" or not n.is_impure()
 
 
 # ---------------------------------------------------------------------------------------

@@ -33,9 +33,25 @@ from blazec.passes._fx import (
     slot_sum_product, weighted_rows,
 )
 from blazec.passes.moe_expert_mlp import GATED, ExpertMLP, FinalMatch, WeightRef, _activation
-from blazec.passes.moe_loop_form import _check_dtypes
+from blazec.passes.moe_loop_form import _check_dtypes, _ids_bound
 
 Node = torch.fx.Node
+
+
+def _check_ids_in_range(ids: Node, E: int) -> None:
+    """``P[ids]`` takes any id in [-E, E) (a negative one counts from the end), the blaze op
+    only [0, E): the ids must be topk indices over at most E scores, as for the loop form."""
+    if len(shape(ids) or ()) != 2:
+        raise NoMatch(f"the routing ids have shape {shape(ids)}; the blaze op routes [T, k] ids")
+    try:
+        bound = _ids_bound(ids)
+    except NoMatch:
+        raise NoMatch("cannot prove the routing ids lie in [0, E) (P[ids] also takes ids in [-E, 0), counting "
+                      "from the end, where the blaze op refuses them): they are not topk indices over the "
+                      "experts' scores") from None
+    if bound > E:
+        raise NoMatch(f"the routing ids are topk indices over {bound} scores, but the gathered weights hold "
+                      f"{E} experts")
 
 
 def _squeeze1(node: object) -> Node | None:
@@ -108,6 +124,7 @@ def match_pair_gather(final: Node) -> FinalMatch:
     E = int(shape(gate)[0])
     if any(int(shape(P)[0]) != E for P in (down, up) if P is not None):
         raise NoMatch("the gathered weight tensors have different numbers of experts")
+    _check_ids_in_range(ids, E)
     experts = {}
     for e in range(E):  # bmm weights are [in, out]: the op gets transposed views, never copies
         experts[e] = ExpertMLP(name, WeightRef(gate, e, transposed=True),
@@ -190,6 +207,7 @@ def match_pair_gather_einsum(final: Node) -> FinalMatch:
     E = int(shape(gate)[0])
     if any(int(shape(P)[0]) != E for P in (down, up) if P is not None):
         raise NoMatch("the gathered weight tensors have different numbers of experts")
+    _check_ids_in_range(ids, E)
     experts = {}
     for e in range(E):
         experts[e] = ExpertMLP(name, WeightRef(gate, e, transposed=gate_t),

@@ -39,7 +39,7 @@ from typing import Iterable, Optional
 import torch
 import torch.fx
 
-from blazec.passes._fx import NoMatch, is_fn, source_label, val, where_loc
+from blazec.passes._fx import NoMatch, is_fn, source_label, val, where_loc, written_args
 
 Node = torch.fx.Node
 
@@ -60,34 +60,17 @@ _VIEW_FNS = {
 _DATA_ATTR = getattr(torch._C._autograd, "_get_data_attr", None)  # how Dynamo traces ``t.data``
 if _DATA_ATTR is not None:
     _VIEW_FNS.add(_DATA_ATTR)
-_INPLACE_OPERATORS = {
-    operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
-    operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift,
-    operator.irshift, operator.imatmul,
-}
-
 
 def _is_tensor(n: object) -> bool:
     return isinstance(n, Node) and isinstance(val(n), torch.Tensor)
 
 
 def mutated(n: Node) -> Optional[Node]:
-    """The tensor node ``n`` writes in place, or None: ``t.op_()``, ``t[i] = v``, ``t += v``,
-    ``torch.op_(t)``, ``f(t, inplace=True)``, ``f(..., out=t)``."""
-    if n.op == "call_method":
-        name = n.target
-        hit = name.endswith("_") and not name.startswith("__") and name not in ("squeeze_", "unsqueeze_")
-    elif n.op == "call_function":
-        name = getattr(n.target, "__name__", "")
-        hit = n.target in _INPLACE_OPERATORS or (name.endswith("_") and not name.startswith("_")) \
-            or n.kwargs.get("inplace") is True
-        out = n.kwargs.get("out")
-        if _is_tensor(out):
-            return out
-    else:
+    """The tensor node ``n`` writes in place, or None (``written_args`` lists the spellings).
+    ``squeeze_`` and ``unsqueeze_`` only change the metadata: they count as views."""
+    if n.op == "call_method" and n.target in ("squeeze_", "unsqueeze_"):
         return None
-    target = n.args[0] if n.args else None
-    return target if hit and _is_tensor(target) else None
+    return next((t for t in written_args(n) if _is_tensor(t)), None)
 
 
 def root(n: Node, cache: dict) -> Node:

@@ -161,9 +161,9 @@ def test_sorted_unpermute_positional_keepdim_false_rewritten():
 
 
 class PairGather(nn.Module):
-    def __init__(self, keepdim, d=8, inter=12, E=4, k=2, ids_3d=False, w_index=False):
+    def __init__(self, keepdim, d=8, inter=12, E=4, k=2, ids_3d=False, w_index=False, negative_ids=False):
         super().__init__()
-        self.k, self.keepdim, self.ids_3d, self.w_index = k, keepdim, ids_3d, w_index
+        self.k, self.keepdim, self.ids_3d, self.w_index, self.negative = k, keepdim, ids_3d, w_index, negative_ids
         self.router = nn.Linear(d, E, bias=False)
         self.w1 = nn.Parameter(torch.randn(E, d, inter) * d**-0.5)
         self.w2 = nn.Parameter(torch.randn(E, inter, d) * inter**-0.5)
@@ -173,6 +173,8 @@ class PairGather(nn.Module):
         w, ids = torch.topk(F.softmax(self.router(x), dim=-1), self.k, dim=-1)
         if self.ids_3d:
             ids = ids.unsqueeze(-1)  # [T, k, 1]: the same pairs once flattened
+        if self.negative:
+            ids = ids - self.w1.shape[0]  # W[ids] counts them from the end: eager runs
         flat = ids.reshape(-1)
         xs = x.repeat_interleave(self.k, dim=0).unsqueeze(1)
         y = torch.bmm(F.gelu(torch.bmm(xs, self.w1[flat])), self.w2[flat]).squeeze(1)
@@ -190,6 +192,13 @@ def test_pair_gather_with_3d_ids_is_left_alone():
     failed compile."""
     rec = compile_and_compare(PairGather(False, ids_3d=True), (torch.randn(10, 8),))
     assert_left_alone(rec, "the routing ids have shape (10, 2, 1)")
+
+
+def test_pair_gather_with_ids_not_from_topk_is_left_alone():
+    """``W[ids - E]`` gathers the same experts in eager; the blaze op takes ids in [0, E) only,
+    and was put in (its range error at run time, after a MATCH)."""
+    rec = compile_and_compare(PairGather(False, negative_ids=True), (torch.randn(10, 8),))
+    assert_left_alone(rec, "cannot prove the routing ids lie in [0, E)")
 
 
 def test_pair_gather_positional_keepdim_is_left_alone():

@@ -28,7 +28,11 @@ class Expert(nn.Module):
 class Loop(nn.Module):
     """The static loop (one_hot mask, torch.where, index_add_) with one ``variant``:
     "plain"; in-place writes the rewrite would reorder: "w_mid" (routing weights scaled after
-    expert 1), "ids_after_mask", "x_mid", "mask_setitem", "acc_mid"; writes it does not reorder:
+    expert 1), "ids_after_mask", "x_mid", "mask_setitem", "acc_mid", "x_mid_inplace_by_position",
+    "x_mid_inplace_module", "w_mid_aten_overload" (the write spelled ``F.hardtanh(x, -0.5, 0.5,
+    True)``, ``nn.LeakyReLU(0.2, inplace=True)(x)``, ``aten.mul_.Scalar(w, 0.5)``); writes it
+    does not reorder: "unused_inplace_after" (a clamp in place whose result is unused, after the
+    dispatch),
     "renorm_inplace" (``w /= w.sum()`` before the dispatch reads w, accumulator made first),
     "x_after" (x scaled after the dispatch ended, which matters only with a backward: the op keeps x
     and w for it, the loop gathered copies): "x_data_after", "w_data_after", "w_nograd_after";
@@ -125,6 +129,12 @@ class Loop(nn.Module):
                 x.data.mul_(2.0)
             if e == 1 and self.v == "w_chunk_mid":  # a piece of a tuple-valued view op
                 w.chunk(2, 1)[1].zero_()
+            if e == 1 and self.v == "x_mid_inplace_by_position":  # as nn.Hardtanh(inplace=True) calls it
+                F.hardtanh(x, -0.5, 0.5, True)
+            if e == 1 and self.v == "x_mid_inplace_module":
+                nn.LeakyReLU(0.2, inplace=True)(x)
+            if e == 1 and self.v == "w_mid_aten_overload":
+                torch.ops.aten.mul_.Scalar(w, 0.5)
         out = acc + 0.0
         if self.v == "x_after":
             x.mul_(3.0)
@@ -138,6 +148,10 @@ class Loop(nn.Module):
                 w.mul_(0.5)
         if self.v == "expert_data_after":
             self.experts[0].w1.weight.data.mul_(0.5)
+        if self.v == "unused_inplace_after":  # its result unused, its write read: not dead code
+            r = x * 2.0
+            F.hardtanh(r, -0.5, 0.5, True)
+            out = out + r
         return out
 
 
@@ -174,6 +188,13 @@ def test_loop_rewritten_with_a_write_before_the_dispatch_reads() -> None:
 def test_loop_rewritten_with_a_write_after_the_dispatch() -> None:
     found, reasons = _forward("x_after")
     assert [m.form for m in found] == ["static_loop_modulelist"], reasons
+
+
+def test_an_unused_inplace_call_survives_the_rewrites_dead_code_removal() -> None:
+    """``F.hardtanh(r, -0.5, 0.5, True)``, whose result nothing reads, writes r, which the
+    output reads; the dead-code removal after a rewrite erased it (inplace passed by position
+    was not seen as a write), and the output lost the clamp."""
+    assert_rewritten(_compare("unused_inplace_after"), "static_loop_modulelist")
 
 
 @pytest.mark.parametrize("variant, what, options", [
@@ -260,7 +281,8 @@ IDS = "writes in place the routing ids"
 @pytest.mark.parametrize("variant, written, why", [
     ("w_mid", "in-place mul_", READ), ("ids_after_mask", "in-place copy_", IDS), ("x_mid", "in-place mul_", READ),
     ("mask_setitem", "item assignment", READ), ("x_data_mid", "in-place mul_", READ),
-    ("w_chunk_mid", "in-place zero_", READ),
+    ("w_chunk_mid", "in-place zero_", READ), ("x_mid_inplace_by_position", "in-place hardtanh", READ),
+    ("x_mid_inplace_module", "in-place leaky_relu", READ), ("w_mid_aten_overload", "in-place mul_.Scalar", READ),
 ])
 def test_loop_left_alone_when_a_read_tensor_is_written_in_place(variant, written, why) -> None:
     found, reasons = _forward(variant)
