@@ -79,10 +79,16 @@ KERNEL_DTYPES = tuple(TORCH_TO_TL)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 GEMMs use tf32 only when torch allows it for matmuls; 16-bit inputs ignore this."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
-    return "ieee"
+    """fp32 GEMMs use tf32 only when torch allows it for CUDA matmuls; 16-bit inputs ignore
+    this. ``torch.backends.cuda.matmul.fp32_precision`` reflects both the legacy settings
+    (``set_float32_matmul_precision``, ``allow_tf32``) and the per-backend ones
+    (``torch.backends.fp32_precision``, which it inherits when "none"), where
+    ``get_float32_matmul_precision()`` raises once a per-backend one is set."""
+    if dtype != torch.float32:
+        return "ieee"
+    setting = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    allowed = setting == "tf32" if setting is not None else torch.get_float32_matmul_precision() != "highest"
+    return "tf32" if allowed else "ieee"
 
 
 # ----------------------------------------------------------------------------------------------

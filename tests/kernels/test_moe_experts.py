@@ -253,6 +253,34 @@ def test_tf32_follows_torch() -> None:
         torch.set_float32_matmul_precision(old)
 
 
+@pytest.mark.parametrize("where, value, want", [
+    ("cuda.matmul", "tf32", "tf32"), ("", "tf32", "tf32"), ("cuda.matmul", "ieee", "ieee"),
+    ("mkldnn.matmul", "bf16", "ieee"),
+])
+def test_tf32_follows_the_per_backend_settings(where, value, want) -> None:
+    """``torch.backends.<backend>.fp32_precision``: once one is set,
+    ``torch.get_float32_matmul_precision()`` raises (torch 2.13), and every fp32 call of the
+    kernels did with it."""
+    from blazec.kernels._common import dot_precision
+
+    if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        pytest.skip("this torch has no per-backend fp32_precision")
+    obj = torch.backends
+    for part in filter(None, where.split(".")):
+        obj = getattr(obj, part)
+    cuda, old, old_cuda = torch.backends.cuda.matmul, obj.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+    try:
+        if not where:
+            cuda.fp32_precision = "none"  # inherit the generic setting (an earlier test set it explicitly)
+        obj.fp32_precision = value
+        assert dot_precision(torch.float32) == want
+        assert dot_precision(torch.bfloat16) == "ieee"
+    finally:
+        obj.fp32_precision = old
+        cuda.fp32_precision = old_cuda
+    torch.get_float32_matmul_precision()  # the legacy API reads again for the tests after this one
+
+
 def test_deterministic() -> None:
     from blazec.kernels.moe_experts import moe_experts_bwd, moe_experts_fwd
 
