@@ -352,6 +352,11 @@ def _check_backward_args(
         )
     if preact.dtype != x.dtype:
         raise ValueError(f"moe_experts_backward: preact has dtype {preact.dtype}, x has {x.dtype}")
+    if not grad_y.dtype.is_floating_point:
+        raise ValueError(f"moe_experts_backward: grad_y must be a floating-point tensor, got {grad_y.dtype}")
+    for name, t in (("grad_y", grad_y), ("preact", preact)):
+        if t.device != x.device:
+            raise ValueError(f"moe_experts_backward: {name} is on {t.device} but x is on {x.device}")
 
 
 @torch.library.custom_op(

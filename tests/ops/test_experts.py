@@ -741,6 +741,32 @@ def test_experts_errors(name: str) -> None:
         _call(a)
 
 
+@pytest.mark.parametrize("change, match", [
+    (dict(grad_y=lambda g, p: g.to("meta")), "grad_y is on meta but x is on cpu"),
+    (dict(preact=lambda g, p: p.to("meta")), "preact is on meta but x is on cpu"),
+    (dict(grad_y=lambda g, p: g.long()), "grad_y must be a floating-point tensor, got torch.int64"),
+    (dict(grad_y=lambda g, p: g.bool()), "grad_y must be a floating-point tensor, got torch.bool"),
+])
+def test_backward_errors(change, match) -> None:
+    """grad_y and preact on another device, or an integer grad_y, ran: dx of 9e15 from
+    uninitialized meta memory, a different dx for an int64 grad_y."""
+    a = _valid()
+    y, preact = _call(a)
+
+    def backward(grad_y, preact):
+        return torch.ops.blazec.moe_experts_backward(
+            grad_y, a["x"], a["topk_weights"], a["sorted_pairs"], a["expert_offsets"], a["pair_pos"],
+            a["w_gate"], a["w_up"], a["w_down"], a["b_gate"], a["b_up"], a["b_down"], preact,
+            a["activation"], "output", False)
+
+    grad_y = torch.randn_like(y)
+    backward(grad_y, preact)  # valid as they are
+    args = {"grad_y": grad_y, "preact": preact}
+    args.update({k: f(grad_y, preact) for k, f in change.items()})
+    with pytest.raises(ValueError, match=match):
+        backward(**args)
+
+
 def test_errors_also_raised_under_fake_tensors() -> None:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
