@@ -33,7 +33,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, CustomPartitioner
 
 from blazec import report as _report
 from blazec.config import BlazeConfig
-from blazec.passes._fx import copy_graph_module, fill_example_values, graph_node_names
+from blazec.passes._fx import backed_values, copy_graph_module, fill_example_values, graph_node_names
 from blazec.passes.registry import PassContext, passes_for
 from blazec.partition import partition_joint
 
@@ -179,7 +179,7 @@ def _size_hints() -> str:
     env = getattr(getattr(ctx, "fake_mode", None), "shape_env", None)
     if env is None:
         return ""
-    return "|" + ",".join(f"{k}={v}" for k, v in sorted((str(k), str(v)) for k, v in env.var_to_val.items()))
+    return "|" + ",".join(f"{k}={v}" for k, v in sorted((str(k), str(v)) for k, v in backed_values(env).items()))
 
 
 def partitioned_graph_kind(graph: torch.fx.Graph) -> str:

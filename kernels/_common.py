@@ -202,6 +202,9 @@ def dummy_operand(t: Tensor, ndim_expert: int) -> WeightOperand:
 # ----------------------------------------------------------------------------------------------
 
 
+MAX_BLOCK = 2**20  # Triton's largest tensor (block) in elements: tl.arange(0, n) takes n <= this
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 

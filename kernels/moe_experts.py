@@ -30,8 +30,8 @@ Backward:
                            launch when timing says it is faster
 
 Cases the kernels do not cover fall back to the reference (still correct, on any device):
-fp64 inputs or routing weights, no pairs, a zero-sized dim, and per-expert weight lists whose
-tensors do not share strides.
+fp64 inputs or routing weights, no pairs, a zero-sized dim, per-expert weight lists whose
+tensors do not share strides, and 2**20 experts or more.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ from blazec.kernels._common import (
     IMPL_DISAGREED,
     INTERPRET_CONFIG,
     KERNEL_DTYPES,
+    MAX_BLOCK,
     TORCH_TO_TL,
     WeightOperand,
     dot_precision,
@@ -125,6 +126,8 @@ class _Operands:
         self.p_dt = torch.promote_types(x.dtype, tw.dtype)
         self.prec = dot_precision(x.dtype)
         self.G_PAD = max(16, next_pow2(self.E + 1))
+        if self.G_PAD > MAX_BLOCK:  # the tile schedule holds every expert's offset in one block
+            _fallback(f"{self.E} experts: more than 2**20 - 1, past Triton's largest block")
         self.rows_class = rows_class(self.P, self.E)
 
         def op(ws: Sequence[Tensor], nd: int, needed: bool) -> WeightOperand:

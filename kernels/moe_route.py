@@ -30,13 +30,18 @@ the three launches (~10 us) dominate, which is noise next to the expert GEMMs.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from blazec.kernels._common import INTERPRET, csum, empty, host_cdiv, next_pow2, rsum
+from blazec.kernels._common import INTERPRET, MAX_BLOCK, csum, empty, host_cdiv, next_pow2, rsum
 from blazec.ops.route import id_range_message
+
+
+_WARNED_E: set[int] = set()
 
 
 @triton.jit
@@ -159,9 +164,14 @@ def moe_route(topk_ids: Tensor, num_experts: int, capacity: int, priority: str) 
     T, K = topk_ids.shape
     P, E = T * K, int(num_experts)
     dev = topk_ids.device
-    if P == 0:
-        from blazec.ops import reference
+    if P == 0 or next_pow2(E) > MAX_BLOCK:  # the scan holds every expert's count in one block
+        from blazec.ops import reference, route
 
+        if P and E not in _WARNED_E and not INTERPRET:
+            _WARNED_E.add(E)
+            warnings.warn(f"blazec kernels: moe_route with {E} experts, more than 2**20, past Triton's largest "
+                          "block; using the reference implementation", stacklevel=2)
+        route.check_ids_in_range(topk_ids, num_experts)  # the op leaves it to this function
         return reference.moe_route(topk_ids, num_experts, capacity, priority)
     if P >= 2**31 - 1:
         raise ValueError(f"moe_route kernel: T*k = {P} pairs exceeds int32 indexing")

@@ -126,6 +126,13 @@ def _inplace_flag(n: Node) -> bool:
     return i is not None and i < len(n.args) and n.args[i] is not False
 
 
+def backed_values(shape_env: Any) -> dict:
+    """A ShapeEnv's backed symbols and their example values: ``backed_var_to_val`` from torch
+    2.13 on (``var_to_val``, its older name, warns there), ``var_to_val`` before."""
+    attr = "backed_var_to_val" if hasattr(shape_env, "backed_var_to_val") else "var_to_val"
+    return getattr(shape_env, attr, None) or {}
+
+
 def arg(node: Node, index: int, name: str, default: Any = None) -> Any:
     """Argument ``name`` of a call, passed by position ``index`` or by keyword.
 

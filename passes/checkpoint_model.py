@@ -42,6 +42,8 @@ import torch
 import torch.fx
 from torch.utils._pytree import tree_flatten, tree_map
 
+from blazec.passes._fx import backed_values
+
 INPUT, FWD, FREE = "input", "fwd", "free"
 
 # In the reason a vertex cannot be saved: an input the forward writes in place (a plan that saves
@@ -302,14 +304,12 @@ def _shape_env(nodes: Iterable[torch.fx.Node]):
 
 
 def _symbol_hint(shape_env, sym: sympy.Symbol) -> int:
-    # torch >= 2.13 names it backed_var_to_val (var_to_val is a deprecated alias); older: var_to_val
-    attr = "backed_var_to_val" if hasattr(shape_env, "backed_var_to_val") else "var_to_val"
-    for d in (getattr(shape_env, attr, None),):
-        if d and sym in d:
-            try:
-                return int(d[sym])
-            except TypeError:
-                pass
+    d = backed_values(shape_env)
+    if sym in d:
+        try:
+            return int(d[sym])
+        except TypeError:
+            pass
     return int(torch._inductor.config.unbacked_symint_fallback)
 
 

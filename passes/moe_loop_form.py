@@ -103,7 +103,8 @@ def _where_site(where: Node) -> WhereSite:
     if ids_shape is None or len(ids_shape) != 2:
         raise NoMatch(f"routing ids have shape {ids_shape}; expected [T, k]")
     if dtype(ids) not in (torch.int64, torch.int32):
-        raise NoMatch(f"routing ids have dtype {dtype(ids)}; expected an integer tensor")
+        raise NoMatch(f"routing ids have dtype {dtype(ids)}; the rewrite takes int64 or int32 ids (topk's "
+                      "indices, or a cast of them)")
     if E is not None and (not isinstance(E, int) or E < 1):
         raise NoMatch("one_hot without a static num_classes; the number of experts is unknown")
     return WhereSite(where, ids, e, E, token_pos, slot_pos)

@@ -132,7 +132,8 @@ def match_repeat_assign(final: Node) -> FinalMatch:
     if not same_shape(yv, (T, k, xs[1])):
         raise NoMatch(f"the buffer is viewed as {shape(yv)}, not [T, k, d] = [{T}, {k}, {xs[1]}]")
     if dtype(ids) not in (torch.int64, torch.int32):
-        raise NoMatch(f"routing ids have dtype {dtype(ids)}; expected an integer tensor")
+        raise NoMatch(f"routing ids have dtype {dtype(ids)}; the rewrite takes int64 or int32 ids (topk's "
+                      "indices, or a cast of them)")
     w_dt = dtype(w)
     if w_dt is None or not w_dt.is_floating_point:
         raise NoMatch("routing weights are not floating point")

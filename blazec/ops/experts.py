@@ -46,6 +46,12 @@ which crashes the process (a segfault on the CPU) rather than raising. ``moe_exp
 wrapper below) and the rewritten graphs never return it. Direct callers of the backward op
 keep the default False.
 
+The route (``sorted_pairs``, ``expert_offsets``, ``pair_pos``) must be one ``moe_route``
+call's outputs, which carry a mark (``route.mark_route``) that costs nothing to read. Both ops
+check any other route's contents on the host first (one sync, then it is marked too; under CUDA
+graph capture, where no sync is allowed, they refuse it), because the kernels trust a route:
+one that is not one read out of bounds or gave a wrong y.
+
 What the backward saves: x, topk_weights, sorted_pairs, expert_offsets, pair_pos, the weight and
 bias tensors as passed (parameters or views of them), and preact. Nothing else of size T*k*d or
 T*k*I: the gathered rows of x, the activated hidden h and the expert outputs are recomputed.
@@ -59,7 +65,8 @@ from torch import Tensor
 
 from blazec.ops._registry import get_impl
 from blazec.ops.activations import ACTIVATIONS, is_gated
-from blazec.ops.reference import is_stacked, stacked_grad_shape
+from blazec.ops.reference import check_route_contents, is_stacked, stacked_grad_shape
+from blazec.ops.route import is_marked_route, mark_route
 
 WEIGHT_POSITIONS: tuple[str, ...] = ("output", "hidden")
 FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -297,11 +304,26 @@ def _moe_experts_op(
         x, topk_weights, sorted_pairs, expert_offsets, pair_pos, w_gate, w_up, w_down,
         b_gate, b_up, b_down, activation, weight_pos, out_dtype,
     )
+    _check_route(sorted_pairs, expert_offsets, pair_pos, "moe_experts")
     impl = get_impl("moe_experts", x.device.type)
     return impl(
         x, topk_weights, sorted_pairs, expert_offsets, pair_pos, w_gate, w_up, w_down,
         b_gate, b_up, b_down, activation, weight_pos, recompute, out_dtype,
     )
+
+
+def _check_route(sorted_pairs: Tensor, expert_offsets: Tensor, pair_pos: Tensor, op: str) -> None:
+    """A route ``moe_route`` did not build (or one written in place since) is checked once, on
+    the host, before any implementation reads it: the kernels trust a route's contents, and a
+    hand-built one that is not a route read out of bounds (NaN, or a crash) or gave a wrong y.
+    ``moe_route``'s own outputs carry a mark and cost nothing here."""
+    if is_marked_route(sorted_pairs, expert_offsets, pair_pos):
+        return
+    if sorted_pairs.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise ValueError(f"{op}: the route was not built by moe_route (or was written in place since), and "
+                         "checking it needs a host sync, which CUDA graph capture forbids; build it with moe_route")
+    check_route_contents(sorted_pairs, expert_offsets.tolist(), pair_pos)
+    mark_route(sorted_pairs, expert_offsets, pair_pos)
 
 
 @_moe_experts_op.register_fake
@@ -386,6 +408,7 @@ def _moe_experts_backward_op(
         b_gate, b_up, b_down, activation, weight_pos, None,
     )
     _check_backward_args(grad_y, x, preact, sorted_pairs, n_in, recompute)
+    _check_route(sorted_pairs, expert_offsets, pair_pos, "moe_experts_backward")
     impl = get_impl("moe_experts_backward", x.device.type)
     return impl(
         grad_y, x, topk_weights, sorted_pairs, expert_offsets, pair_pos, w_gate, w_up, w_down,

@@ -143,8 +143,8 @@ def check_route_contents(sorted_pairs: Tensor, offs: list[int], pair_pos: Tensor
     decreasing, to at most P kept pairs; the kept pairs are distinct pairs whose ``pair_pos``
     is their place in that order; every other pair has ``pair_pos`` -1. A hand-built route
     that is not one gave a wrong ``y`` or an IndexError deep in the loop. The reference runs
-    it (O(P), on the host sync it makes anyway); the CUDA kernels trust the route, as checking
-    it there would cost a sync per call."""
+    it (O(P), on the host sync it makes anyway); the ops run it first for a route that
+    ``moe_route`` did not mark (``experts._check_route``), since the kernels trust the route."""
     P = sorted_pairs.shape[0]
     kept = offs[-1]
     if offs[0] != 0 or any(b < a for a, b in zip(offs, offs[1:])) or kept > P:

@@ -55,7 +55,7 @@ def id_range_message(num_experts: int) -> str:
     return f"moe_route: topk_ids must lie in [0, num_experts={num_experts})"
 
 
-def _check_ids_in_range(topk_ids: Tensor, num_experts: int) -> None:
+def check_ids_in_range(topk_ids: Tensor, num_experts: int) -> None:
     # Data-dependent, so only in the real implementation; an out-of-range id would otherwise
     # corrupt the offsets silently. On the CPU it raises a ValueError with the values found. On
     # an accelerator it is a device-side assert with the same message: a host check would cost
@@ -73,6 +73,48 @@ def _check_ids_in_range(topk_ids: Tensor, num_experts: int) -> None:
         raise ValueError(f"{msg}, got values in [{lo}, {hi}]")
 
 
+# ----------------------------------------------------------------------------------------------
+# Route marks: which (sorted_pairs, expert_offsets, pair_pos) are one route as moe_route built it
+# ----------------------------------------------------------------------------------------------
+
+_MARK = "_blazec_route"
+
+
+class _RouteMark:
+    """Shared by the three tensors of one route; holds their version counters when marked."""
+
+    __slots__ = ("versions",)
+
+    def __init__(self, versions: tuple | None) -> None:
+        self.versions = versions
+
+
+def _versions(ts: tuple[Tensor, ...]) -> tuple | None:
+    try:
+        return tuple(t._version for t in ts)
+    except RuntimeError:  # inference tensors count no versions
+        return None
+
+
+def mark_route(sorted_pairs: Tensor, expert_offsets: Tensor, pair_pos: Tensor) -> None:
+    """Mark three tensors as one valid route: ``moe_route``'s outputs, or a route the experts
+    ops checked. The mark is a Python attribute, so it stays with the tensor objects, which
+    torch hands on unchanged through autograd's saved tensors and the compiled graphs."""
+    ts = (sorted_pairs, expert_offsets, pair_pos)
+    mark = _RouteMark(_versions(ts))
+    for t in ts:
+        setattr(t, _MARK, mark)
+
+
+def is_marked_route(sorted_pairs: Tensor, expert_offsets: Tensor, pair_pos: Tensor) -> bool:
+    """Whether the three tensors are one marked route, none of them written in place since
+    (inference tensors count no versions: a write to one under inference_mode goes unseen)."""
+    ts = (sorted_pairs, expert_offsets, pair_pos)
+    mark = getattr(sorted_pairs, _MARK, None)
+    return mark is not None and all(getattr(t, _MARK, None) is mark for t in ts[1:]) \
+        and mark.versions == _versions(ts)
+
+
 @torch.library.custom_op("blazec::moe_route", mutates_args=(), schema=ROUTE_SCHEMA)
 def _moe_route_op(
     topk_ids: Tensor, num_experts: int, capacity: int = -1, priority: str = "token"
@@ -80,8 +122,10 @@ def _moe_route_op(
     check_route_args(topk_ids, num_experts, capacity, priority)
     impl = get_impl("moe_route", topk_ids.device.type)
     if not getattr(impl, "CHECKS_ID_RANGE", False):
-        _check_ids_in_range(topk_ids, num_experts)
-    return impl(topk_ids, num_experts, capacity, priority)
+        check_ids_in_range(topk_ids, num_experts)
+    route = impl(topk_ids, num_experts, capacity, priority)
+    mark_route(*route)
+    return route
 
 
 @_moe_route_op.register_fake

@@ -58,6 +58,31 @@ def test_local_route_marks_sink_slots_dropped(seed):
     assert pair_pos.tolist() == [kept.index(p) if flat[p] < n_local else -1 for p in range(T * k)]
 
 
+def test_local_route_is_a_marked_route_eager_and_compiled():
+    """Its outputs carry moe_route's mark, so moe_experts reads them without a host check (a
+    sync per chunk on a GPU); compiled, it stays one op (fake sizes from rids) and its outputs
+    reach moe_experts marked."""
+    from blazec.ops.route import is_marked_route
+
+    rids = torch.tensor([[0, 3], [2, 1], [3, 3], [1, 0]])
+    route = local_route(rids, 3)
+    assert is_marked_route(*route)
+    seen = []
+
+    def f(r):
+        out = local_route(r, 3)
+        return out[0] + 0, out[1] * 1, out[2] - 0, out
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True, dynamic=True)
+    for rows in (4, 7):
+        r = torch.randint(0, 4, (rows, 2))
+        *derived, out = compiled(r)
+        seen.append(is_marked_route(*out))
+        for got, want in zip(derived, local_route(r, 3)):
+            assert torch.equal(got, want)
+    assert seen == [True, True]
+
+
 def test_kept_pairs_matches_the_capacity_route():
     ids = torch.tensor([[0, 1], [0, 2], [0, 1], [1, 0]])
     # capacity 2, token priority: expert 0 keeps tokens 0 and 1, drops 2 and 3's slot 1

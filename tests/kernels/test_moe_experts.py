@@ -337,6 +337,53 @@ def test_property(**kw) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+def test_more_experts_than_a_block_holds_take_the_reference() -> None:
+    """E >= 2**20 puts the tile schedule's per-expert block past Triton's largest (it failed
+    inside Triton): the launcher falls back to the reference."""
+    from blazec.kernels.moe_experts import moe_experts_fwd
+    from tests.kernels.conftest import KERNEL_DEVICE
+
+    E = 2**20
+    dev = KERNEL_DEVICE
+    ids = torch.tensor([[0, E - 1], [3, 0]], device=dev)
+    x, tw = torch.randn(2, 2, device=dev), torch.rand(2, 2, device=dev)
+    wg, wd = torch.randn(E, 2, 2, device=dev), torch.randn(E, 2, 2, device=dev)
+    route = ref.moe_route(ids, E, -1, "token")
+    args = (x, tw, *route, [wg], [], [wd], [], [], [], "relu", "output", False, None)
+    torch.testing.assert_close(moe_experts_fwd(*args)[0], ref.moe_experts_fwd(*args)[0])
+
+
+ROUTE_CASES = ["offsets decrease", "offsets past T*k", "pair out of range", "pair_pos not the route's",
+               "offsets not the route's"]
+
+
+@pytest.mark.parametrize("name", ROUTE_CASES)
+def test_a_route_that_is_not_one_is_refused_before_the_kernels(name: str) -> None:
+    """tests/ops' route cases, on the kernels (which trust a route's contents): a hand-built
+    route that is not one gave a wrong y, NaN from reads out of bounds, or a crash."""
+    import blazec.ops  # noqa: F401
+    from blazec.kernels.moe_experts import cuda_impls
+    from blazec.ops import register_impl
+    from tests.kernels.conftest import KERNEL_DEVICE
+    from tests.ops.test_experts import ERROR_CASES, _call, _valid
+
+    case_kw, change, match = ERROR_CASES[name]
+    a = {k: ([t.to(KERNEL_DEVICE, torch.float32) for t in v] if isinstance(v, list)
+             else v.to(KERNEL_DEVICE, torch.float32 if v.is_floating_point() else v.dtype)
+             if isinstance(v, torch.Tensor) else v) for k, v in _valid(**case_kw).items()}
+    change(a)
+    a = {k: v.to(KERNEL_DEVICE) if isinstance(v, torch.Tensor) else v for k, v in a.items()}
+    old = {op: blazec.ops.get_impl(op, KERNEL_DEVICE) for op in cuda_impls()}
+    try:
+        for op, fn in cuda_impls().items():
+            register_impl(op, KERNEL_DEVICE, fn)
+        with pytest.raises(ValueError, match=match):
+            _call(a)
+    finally:
+        for op, fn in old.items():
+            register_impl(op, KERNEL_DEVICE, None if fn is blazec.ops._registry.OPS[op] else fn)
+
+
 @pytest.mark.parametrize("recompute", [False, True])
 def test_through_ops_and_autograd(recompute: bool) -> None:
     """Register the launchers for this device, run torch.ops.blazec.* with autograd, compare

@@ -49,6 +49,14 @@ def test_shapes(T: int, k: int, E: int) -> None:
     check(make_ids(T, k, E, "uniform", gen), E, max(1, T * k // E), "slot")
 
 
+def test_more_experts_than_a_block_holds_take_the_reference() -> None:
+    """E > 2**20 needs a scan block past Triton's largest (the kernel failed inside Triton);
+    the op's contract is E < 2**31. The reference takes it."""
+    E = 2**20 + 1
+    ids = torch.tensor([[0, E - 1], [5, E - 1]], device=KERNEL_DEVICE)
+    check(ids, E, 1, "token")
+
+
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
 def test_id_dtypes(dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(3)
@@ -112,6 +120,17 @@ def test_ids_out_of_range_fail_in_the_kernel(bad: int) -> None:
     ids[37, 1] = bad  # in the last block
     with pytest.raises(RuntimeError, match=r"topk_ids must lie in \[0, num_experts=7\)"):
         moe_route(ids, 7, -1, "token")
+
+
+@interpreter_only
+def test_more_experts_than_a_block_holds_still_check_the_id_range() -> None:
+    """The op leaves the range check to the kernel impl (CHECKS_ID_RANGE), so its reference
+    fallback checks too."""
+    from blazec.kernels.moe_route import moe_route
+
+    E = 2**20 + 1
+    with pytest.raises(ValueError, match=r"topk_ids must lie in \[0, num_experts=1048577\), got values in \[1, 1048577\]"):
+        moe_route(torch.tensor([[1, E]]), E, -1, "token")
 
 
 @interpreter_only

@@ -767,6 +767,65 @@ def test_backward_errors(change, match) -> None:
         backward(**args)
 
 
+def _count_route_checks(monkeypatch) -> list:
+    """Calls of the ops' host check of a route moe_route did not mark (blazec.ops.experts)."""
+    import blazec.ops.experts as experts
+
+    calls = []
+    real = experts.check_route_contents
+
+    def counting(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(experts, "check_route_contents", counting)
+    return calls
+
+
+def test_a_hand_built_route_is_checked_once_and_moe_routes_never(monkeypatch) -> None:
+    """The kernels trust a route's contents, so the ops check a route that moe_route did not
+    mark (a hand-built one gave NaN, a wrong y or a crash on the kernel path), once: the check
+    marks it. moe_route's own routes, and ones written in place since, are told apart."""
+    calls = _count_route_checks(monkeypatch)
+    a = _valid()
+    y, preact = _call(a)
+    y.sum()
+    assert calls == []  # _valid's route comes from moe_route
+    a["sorted_pairs"], a["expert_offsets"], a["pair_pos"] = (t.clone() for t in (
+        a["sorted_pairs"], a["expert_offsets"], a["pair_pos"]))
+    _call(a)
+    _call(a)
+    assert len(calls) == 1
+    a["pair_pos"].add_(0)  # a write bumps the version: checked again
+    _call(a)
+    assert len(calls) == 2
+    sp, eo, pp = moe_route(torch.randint(0, 3, (5, 2)), 3)
+    a.update(sorted_pairs=sp, expert_offsets=eo, pair_pos=pp)
+    torch.ops.blazec.moe_experts_backward(
+        torch.ones_like(y), a["x"], a["topk_weights"], sp, eo, pp, a["w_gate"], a["w_up"], a["w_down"],
+        a["b_gate"], a["b_up"], a["b_down"], _call(a)[1], a["activation"], "output", False)
+    assert len(calls) == 2
+    a["expert_offsets"] = eo.clone()  # one of the three from another route: not one route
+    _call(a)
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize("final_stage", ["inductor", "eager"])
+def test_compiled_routes_are_not_checked_on_the_host(monkeypatch, final_stage) -> None:
+    """The routes a compiled graph passes from moe_route to moe_experts and on to the backward
+    (saved for it) keep moe_route's mark: no host check, which would sync on a GPU."""
+    from blazec import report
+    from blazec.demo_model import make_default
+
+    calls = _count_route_checks(monkeypatch)
+    model, (x,) = make_default(tokens=16, d=16, inter=24, num_experts=4)
+    with report.capture() as recs:
+        out = torch.compile(model, backend="blaze", options={"final_stage": final_stage})(x)
+    out.sum().backward()
+    assert [m.form for r in recs for p in r.pass_reports for m in p.matches] == ["static_loop_modulelist"]
+    assert calls == []
+
+
 def test_errors_also_raised_under_fake_tensors() -> None:
     from torch._subclasses.fake_tensor import FakeTensorMode
 

@@ -188,6 +188,15 @@ class Detached(LoopMoE):
         return torch.detach(c) if self.where == "contribution" and e == 0 else c  # (one: a loss needs a grad_fn)
 
 
+class Int16Ids(LoopMoE):
+    """The ids cast to int16 before the one_hot mask: an integer dtype the rewrite does not take
+    (its reason said the ids were not integers)."""
+
+    def route(self, x):
+        w, ids = super().route(x)
+        return w, ids.to(torch.int16)
+
+
 # (id, factory, substring the near-miss reason must contain)
 CASES = [
     # the reason names the detach(), not the mismatch it leads to ("gate projection does not
@@ -215,6 +224,7 @@ CASES = [
     ("rows_from_other_tensor", lambda: RowsFromOtherTensor(Cfg()), "different tensor"),
     ("residual_inside_expert", lambda: ResidualInsideExpert(Cfg()), "not a linear/matmul down projection"),
     ("stacked_shifted_slice", lambda: StackedShiftedSlice(Cfg(layout="stacked_fused")), "slice [1]"),
+    ("int16_ids", lambda: Int16Ids(Cfg(mask="eq")), "dtype torch.int16; the rewrite takes int64 or int32 ids"),
 ]
 
 
