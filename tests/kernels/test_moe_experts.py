@@ -353,6 +353,41 @@ def test_more_experts_than_a_block_holds_take_the_reference() -> None:
     torch.testing.assert_close(moe_experts_fwd(*args)[0], ref.moe_experts_fwd(*args)[0])
 
 
+def test_vmap_over_autograd_grad_on_the_kernels() -> None:
+    """torch.func.vmap over autograd.grad without retain_graph: the kernels may write dg | du
+    over the saved preact when the graph is not kept, and the vmap rule calls the backward
+    op once per element, each reading preact: it passes overwrite_preact=False."""
+    import blazec.ops  # noqa: F401
+    from blazec.kernels.moe_experts import cuda_impls
+    from blazec.ops import moe_experts, moe_route, register_impl
+    from tests.kernels.conftest import KERNEL_DEVICE
+
+    case = make_case(T=9, E=3, k=2, seed=12)
+    w = {n: [t.detach().clone().requires_grad_() for t in lst] for n, lst in case.w.items()}
+    x = case.x.detach().clone().requires_grad_()
+    route = moe_route(case.ids.to(x.device), 3)
+    leaves = [x, *w["w_gate"], *w["w_down"]]
+
+    def run():
+        return moe_experts(x, case.tw, *route, w["w_gate"], w["w_up"], w["w_down"], w["b_gate"], w["b_up"],
+                           w["b_down"], case.activation, "output")
+
+    gys = torch.randn(3, *x.shape, device=x.device, dtype=x.dtype)
+    old = {op: blazec.ops.get_impl(op, KERNEL_DEVICE) for op in cuda_impls()}
+    try:
+        for op, fn in cuda_impls().items():
+            register_impl(op, KERNEL_DEVICE, fn)
+        want = [torch.autograd.grad(run(), leaves, gys[b]) for b in range(3)]
+        y = run()
+        got = torch.func.vmap(lambda g: torch.autograd.grad(y, leaves, g))(gys)
+    finally:
+        for op, fn in old.items():
+            register_impl(op, KERNEL_DEVICE, None if fn is blazec.ops._registry.OPS[op] else fn)
+    for b in range(3):
+        for g, ref_g in zip(got, want[b]):
+            torch.testing.assert_close(g[b], ref_g)
+
+
 ROUTE_CASES = ["offsets decrease", "offsets past T*k", "pair out of range", "pair_pos not the route's",
                "offsets not the route's"]
 

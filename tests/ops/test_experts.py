@@ -826,6 +826,55 @@ def test_compiled_routes_are_not_checked_on_the_host(monkeypatch, final_stage) -
     assert calls == []
 
 
+def _vmap_case(requires_grad=False):
+    case = make_case(T=7, d=5, I=6, E=3, k=2, ids_kind="empty_experts", seed=11)
+    w = {n: [t.detach().clone().requires_grad_(requires_grad) for t in lst] for n, lst in case.weights().items()}
+    x, tw = case.x.detach().clone().requires_grad_(requires_grad), case.tw.detach().clone().requires_grad_(requires_grad)
+
+    def run(x_, tw_=None):
+        return moe_experts(x_, tw if tw_ is None else tw_, *case.route, w["w_gate"], w["w_up"], w["w_down"],
+                           w["b_gate"], w["b_up"], w["b_down"], case.activation, case.weight_pos)
+    return case, x, tw, w, run
+
+
+def test_vmap_runs_the_ops_once_per_batch_element() -> None:
+    """torch.func.vmap over the ops (there was no rule: "Batching rule not implemented")."""
+    case, x, tw, w, run = _vmap_case()
+    xs, tws = torch.randn(3, *x.shape, dtype=x.dtype), torch.rand(3, *tw.shape, dtype=tw.dtype)
+    got = torch.vmap(run)(xs, tws)
+    for b in range(3):
+        torch.testing.assert_close(got[b], run(xs[b], tws[b]), rtol=0, atol=0)
+    ids = torch.randint(0, 3, (2, 7, 2))
+    routes = torch.vmap(lambda i: moe_route(i, 3, 2))(ids)
+    for b in range(2):
+        for g, want in zip(routes, moe_route(ids[b], 3, 2)):
+            assert torch.equal(g[b], want)
+
+
+@pytest.mark.parametrize("retain", [True, False])
+def test_vmap_over_autograd_grad_gives_each_elements_gradients(retain) -> None:
+    """The backward op under torch.func.vmap (batched grad_y), one call per element, and with
+    preact read by every call: none may write over it."""
+    case, x, tw, w, run = _vmap_case(requires_grad=True)
+    leaves = [x, tw, *w["w_gate"], *w["w_down"]]
+    gys = torch.randn(3, *x.shape, dtype=x.dtype)
+    want = [torch.autograd.grad(run(x), leaves, gys[b]) for b in range(3)]
+    y = run(x)
+    got = torch.func.vmap(lambda g: torch.autograd.grad(y, leaves, g, retain_graph=retain))(gys)
+    for b in range(3):
+        for g, ref_g in zip(got, want[b]):
+            torch.testing.assert_close(g[b], ref_g)
+
+
+def test_batched_grads_through_autograd_grad_are_a_clear_error() -> None:
+    """is_grads_batched=True batches with torch's legacy vmap, which cannot run the op; torch
+    raised "Batching rule not implemented ... could not generate a fallback"."""
+    case, x, tw, w, run = _vmap_case(requires_grad=True)
+    y = run(x)
+    with pytest.raises(NotImplementedError, match=r"is_grads_batched=True\) is not supported.*torch\.func\.vmap"):
+        torch.autograd.grad(y, [x], torch.randn(2, *y.shape, dtype=y.dtype), is_grads_batched=True)
+
+
 def test_errors_also_raised_under_fake_tensors() -> None:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
