@@ -8,7 +8,8 @@ correct, and B times the cost of one.
 
 ``torch.autograd.grad(..., is_grads_batched=True)`` batches with torch's older vmap instead
 (the "Batched" dispatch key), which cannot run an op that returns lists: the ops refuse it
-there with an error that says to batch with ``torch.func.vmap``.
+there with an error that says what works instead. (Through a compiled model torch itself runs
+no batched backward: ``torch.func.vmap`` over a compiled backward is refused by torch.)
 
 The backward op runs with ``overwrite_preact=False`` in the loop: every element's call reads the
 same saved ``preact``, which an overwrite by the first would clobber for the rest.
@@ -60,9 +61,9 @@ def _loop_rule(op: Callable, name: str, backward: bool = False) -> Callable:
 
 
 _LEGACY = ("blazec::{name}: torch.autograd.grad(..., is_grads_batched=True) is not supported through the blaze "
-           "MoE ops (it batches with torch's legacy vmap, which cannot run an op that returns lists); batch with "
-           "torch.func.vmap instead: torch.func.vmap(lambda g: torch.autograd.grad(out, inputs, g, "
-           "retain_graph=True))(grads)")
+           "MoE ops (it batches with torch's legacy vmap, which cannot run an op that returns lists). Take one "
+           "grad_outputs at a time (with retain_graph=True), or, where the ops are called without torch.compile, "
+           "batch with torch.func.vmap(lambda g: torch.autograd.grad(out, inputs, g, retain_graph=True))(grads)")
 _LIB = None
 
 

@@ -868,11 +868,20 @@ def test_vmap_over_autograd_grad_gives_each_elements_gradients(retain) -> None:
 
 def test_batched_grads_through_autograd_grad_are_a_clear_error() -> None:
     """is_grads_batched=True batches with torch's legacy vmap, which cannot run the op; torch
-    raised "Batching rule not implemented ... could not generate a fallback"."""
+    raised "Batching rule not implemented ... could not generate a fallback". Through a
+    compiled model too (final stage eager: the backward graph calls the op)."""
     case, x, tw, w, run = _vmap_case(requires_grad=True)
     y = run(x)
-    with pytest.raises(NotImplementedError, match=r"is_grads_batched=True\) is not supported.*torch\.func\.vmap"):
+    match = r"is_grads_batched=True\) is not supported.*one grad_outputs at a time"
+    with pytest.raises(NotImplementedError, match=match):
         torch.autograd.grad(y, [x], torch.randn(2, *y.shape, dtype=y.dtype), is_grads_batched=True)
+    from blazec.demo_model import make_default
+
+    model, (x,) = make_default(tokens=16, d=16, inter=24, num_experts=4)
+    x.requires_grad_()
+    y = torch.compile(model, backend="blaze", options={"final_stage": "eager"})(x)
+    with pytest.raises(NotImplementedError, match=match):
+        torch.autograd.grad(y, [x], torch.randn(2, *y.shape), is_grads_batched=True)
 
 
 def test_errors_also_raised_under_fake_tensors() -> None:
