@@ -14,8 +14,8 @@ layer (``_i`` is a token chunk)::
 
 These functions are plain torch code. The rewrite calls them from the Dynamo graph, so
 AOTAutograd traces them into aten ops and ``_c10d_functional`` collectives, and autograd derives
-the backward (the reverse all_to_alls) itself. ``local_route`` alone is a custom op
-(``blazec::ep_local_route``), so that its outputs carry ``moe_route``'s mark of a valid route.
+the backward (the reverse all_to_alls) itself. ``local_route`` is the custom op
+``blazec::moe_route_sink``, whose outputs carry ``moe_route``'s mark of a valid route.
 
 **Dispatch sends each token row once per destination rank**, not once per (token, expert)
 pair: a token whose k experts live on two ranks is sent twice, with its k slots' local expert
@@ -44,7 +44,6 @@ import torch
 from torch import Tensor
 
 import blazec.ops  # noqa: F401 - registers torch.ops.blazec.*
-from blazec.ops.route import mark_route
 
 
 class ExpertParallelError(ValueError):
@@ -171,32 +170,11 @@ def ep_send(x: Tensor, weights: Tensor, send_tok: Tensor, send_ids: Tensor, mine
     return rx, rids, rw
 
 
-@torch.library.custom_op("blazec::ep_local_route", mutates_args=())
-def _local_route_op(rids: Tensor, n_local: int) -> tuple[Tensor, Tensor, Tensor]:
-    sorted_pairs, offsets, pair_pos = torch.ops.blazec.moe_route(rids, n_local + 1)
-    offsets = offsets[: n_local + 1].clone()
-    # The sink is the last expert, so its pairs sit past offsets[n_local]: mark them exactly as
-    # moe_route marks dropped pairs (-1 in both maps), so every moe_experts implementation skips them.
-    kept = offsets[n_local]
-    pos = torch.arange(sorted_pairs.shape[0], device=sorted_pairs.device)
-    sorted_pairs = torch.where(pos < kept, sorted_pairs, -1)
-    pair_pos = torch.where(pair_pos < kept, pair_pos, -1)
-    mark_route(sorted_pairs, offsets, pair_pos)
-    return sorted_pairs, offsets, pair_pos
-
-
-@_local_route_op.register_fake
-def _local_route_fake(rids: Tensor, n_local: int) -> tuple[Tensor, Tensor, Tensor]:
-    P = rids.shape[0] * rids.shape[1]
-    return (rids.new_empty((P,), dtype=torch.int64), rids.new_empty((n_local + 1,), dtype=torch.int64),
-            rids.new_empty((P,), dtype=torch.int64))
-
-
 def local_route(rids: Tensor, n_local: int):
-    """``moe_route`` over the received slots, with sink slots (id ``n_local``) marked dropped.
-    A custom op (not traced into aten ops), so that its outputs carry ``moe_route``'s mark of a
-    valid route and ``moe_experts`` reads them without checking them on the host."""
-    return torch.ops.blazec.ep_local_route(rids, n_local)
+    """``moe_route`` over the received slots, with sink slots (id ``n_local``) marked dropped
+    (``blazec::moe_route_sink``, whose outputs carry the mark of a valid route, so that
+    ``moe_experts`` reads them without checking them on the host)."""
+    return torch.ops.blazec.moe_route_sink(rids, n_local)
 
 
 def kept_pairs(ids: Tensor, num_experts: int, capacity: int, priority: str) -> Tensor:

@@ -403,7 +403,7 @@ def node_cost(node: torch.fx.Node) -> NodeCost:
         # GEMM1 (gate and up), the activation, GEMM2, and the routing-weight scaling
         flops = 2 * S * d * n_in + 2 * S * I * d + 4 * S * I + 2 * S * d
         return NodeCost(sympy.expand(flops), sympy.expand(moved))
-    if _is_blaze(node, "moe_route"):
+    if _is_blaze(node, "moe_route") or _is_blaze(node, "moe_route_sink"):
         return NodeCost(zero, sympy.expand(moved))
     target = node.target
     packet = getattr(target, "overloadpacket", None)

@@ -595,20 +595,17 @@ def _route_without_zero_weights(graph: torch.fx.Graph, ids: Node, weights: Node,
     (it counts toward the capacity) but the expert runs on a zero row there, so eager's output
     and dL/dx get nothing from it even where ``expert_e(x[t])`` overflows, where the op's
     ``0 * inf`` would be NaN. Such pairs go to a spare expert E in a second route, over the
-    same priority order, whose first E + 1 offsets and pair positions (-1 for them) read as
-    the first route's minus those pairs."""
+    same priority order (``moe_route_sink``, which drops them), whose offsets and pair
+    positions read as the first route's minus those pairs."""
     call = graph.call_function
     kept = call(torch.ops.aten.ge.Scalar, (pair_pos, 0))
     nonzero = call(torch.ops.aten.ne.Scalar, (call(torch.ops.aten.reshape.default, (weights, [-1])), 0))
     keep = call(torch.ops.aten.logical_and.default, (kept, nonzero))
     flat_ids = call(torch.ops.aten.reshape.default, (ids, [-1]))
     spare = graph.call_method("view_as", (call(torch.ops.aten.where.ScalarOther, (keep, flat_ids, E)), ids))
-    route = call(torch.ops.blazec.moe_route.default, (spare, E + 1, -1, priority))
+    route = call(torch.ops.blazec.moe_route_sink.default, (spare, E, priority))
     route.meta[ROUTER_IDS] = ids  # the router's ids, for moe_gating's report
-    sorted_pairs, offsets, pos = (call(operator.getitem, (route, i)) for i in range(3))
-    offsets = call(torch.ops.aten.slice.Tensor, (offsets, 0, 0, E + 1))
-    pair_pos = call(torch.ops.aten.where.ScalarOther, (keep, pos, -1))
-    return sorted_pairs, offsets, pair_pos
+    return tuple(call(operator.getitem, (route, i)) for i in range(3))
 
 
 def _copy_source_meta(graph: torch.fx.Graph, before: Node, existing: set[Node]) -> None:

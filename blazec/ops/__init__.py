@@ -2,7 +2,8 @@
 
 Importing this package registers, in the ``blazec`` namespace:
 
-- ``torch.ops.blazec.moe_route``: topk_ids -> expert-sorted pair indices (``route.py``)
+- ``torch.ops.blazec.moe_route``: topk_ids -> expert-sorted pair indices (``route.py``), and
+  ``torch.ops.blazec.moe_route_sink``, the same with one id that drops its pairs
 - ``torch.ops.blazec.moe_experts`` and ``torch.ops.blazec.moe_experts_backward``: the expert
   MLPs over routed pairs and their backward (``experts.py``)
 

@@ -80,10 +80,11 @@ def register() -> None:
     # kernel there, torch raised "Batching rule not implemented ... could not generate a
     # fallback", naming neither the cause nor a way out.
     _LIB = torch.library.Library("blazec", "IMPL")
-    for name in ("moe_route", "moe_experts", "moe_experts_backward"):
+    for name in ("moe_route", "moe_route_sink", "moe_experts", "moe_experts_backward"):
         _LIB.impl(name, _legacy_kernel(name), "Batched")
     ops = torch.ops.blazec
     torch.library.register_vmap("blazec::moe_route", _loop_rule(ops.moe_route.default, "moe_route"))
+    torch.library.register_vmap("blazec::moe_route_sink", _loop_rule(ops.moe_route_sink.default, "moe_route_sink"))
     torch.library.register_vmap("blazec::moe_experts", _loop_rule(ops.moe_experts.default, "moe_experts"))
     torch.library.register_vmap("blazec::moe_experts_backward",
                                 _loop_rule(ops.moe_experts_backward.default, "moe_experts_backward", backward=True))

@@ -141,6 +141,31 @@ def _moe_route_fake(
     )
 
 
+@torch.library.custom_op("blazec::moe_route_sink", mutates_args=())
+def _moe_route_sink_op(topk_ids: Tensor, num_experts: int, priority: str = "token") -> tuple[Tensor, Tensor, Tensor]:
+    """``moe_route`` where id ``num_experts`` is a sink: its pairs are dropped, exactly as
+    ``moe_route`` marks dropped pairs (-1 in both maps, after the kept ones). Expert
+    parallelism routes the slots a rank receives for other ranks' experts this way, and GShard's
+    rewrite the kept pairs of weight exactly 0. One op rather than ``moe_route`` plus aten ops,
+    so that its outputs carry the mark of a valid route (``mark_route``)."""
+    sorted_pairs, offsets, pair_pos = torch.ops.blazec.moe_route(topk_ids, num_experts + 1, -1, priority)
+    offsets = offsets[: num_experts + 1].clone()
+    kept = offsets[num_experts]
+    pos = torch.arange(sorted_pairs.shape[0], device=sorted_pairs.device)
+    sorted_pairs = torch.where(pos < kept, sorted_pairs, -1)
+    pair_pos = torch.where(pair_pos < kept, pair_pos, -1)
+    mark_route(sorted_pairs, offsets, pair_pos)
+    return sorted_pairs, offsets, pair_pos
+
+
+@_moe_route_sink_op.register_fake
+def _moe_route_sink_fake(topk_ids: Tensor, num_experts: int, priority: str = "token") -> tuple[Tensor, Tensor, Tensor]:
+    check_route_args(topk_ids, num_experts + 1, -1, priority)
+    P = topk_ids.shape[0] * topk_ids.shape[1]
+    return (topk_ids.new_empty((P,), dtype=torch.int64), topk_ids.new_empty((num_experts + 1,), dtype=torch.int64),
+            topk_ids.new_empty((P,), dtype=torch.int64))
+
+
 def moe_route(
     topk_ids: Tensor, num_experts: int, capacity: int = -1, priority: str = "token"
 ) -> tuple[Tensor, Tensor, Tensor]:
