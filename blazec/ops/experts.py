@@ -58,6 +58,7 @@ T*k*I: the gathered rows of x, the activated hidden h and the expert outputs are
 """
 
 import operator
+import warnings
 from typing import Optional, Sequence, Union
 
 import torch
@@ -312,6 +313,9 @@ def _moe_experts_op(
     )
 
 
+_ROUTE_CHECK_WARNED: list = []  # one warning per process: a GPU route check is a sync
+
+
 def _check_route(sorted_pairs: Tensor, expert_offsets: Tensor, pair_pos: Tensor, op: str) -> None:
     """A route ``moe_route`` did not build (or one written in place since) is checked once, on
     the host, before any implementation reads it: the kernels trust a route's contents, and a
@@ -322,6 +326,10 @@ def _check_route(sorted_pairs: Tensor, expert_offsets: Tensor, pair_pos: Tensor,
     if sorted_pairs.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         raise ValueError(f"{op}: the route was not built by moe_route (or was written in place since), and "
                          "checking it needs a host sync, which CUDA graph capture forbids; build it with moe_route")
+    if sorted_pairs.device.type != "cpu" and not _ROUTE_CHECK_WARNED:
+        _ROUTE_CHECK_WARNED.append(True)
+        warnings.warn(f"{op}: checking a route that moe_route did not build (or that was written in place since) "
+                      "costs a host sync; routes from moe_route are not checked", stacklevel=3)
     check_route_contents(sorted_pairs, expert_offsets.tolist(), pair_pos)
     mark_route(sorted_pairs, expert_offsets, pair_pos)
 
