@@ -89,9 +89,9 @@ class _RouteMark:
         self.versions = versions
 
 
-def _versions(ts: tuple[Tensor, ...]) -> tuple | None:
+def _versions(a: Tensor, b: Tensor, c: Tensor) -> tuple | None:
     try:
-        return tuple(t._version for t in ts)
+        return a._version, b._version, c._version
     except RuntimeError:  # inference tensors count no versions
         return None
 
@@ -100,19 +100,17 @@ def mark_route(sorted_pairs: Tensor, expert_offsets: Tensor, pair_pos: Tensor) -
     """Mark three tensors as one valid route: ``moe_route``'s outputs, or a route the experts
     ops checked. The mark is a Python attribute, so it stays with the tensor objects, which
     torch hands on unchanged through autograd's saved tensors and the compiled graphs."""
-    ts = (sorted_pairs, expert_offsets, pair_pos)
-    mark = _RouteMark(_versions(ts))
-    for t in ts:
+    mark = _RouteMark(_versions(sorted_pairs, expert_offsets, pair_pos))
+    for t in (sorted_pairs, expert_offsets, pair_pos):
         setattr(t, _MARK, mark)
 
 
 def is_marked_route(sorted_pairs: Tensor, expert_offsets: Tensor, pair_pos: Tensor) -> bool:
     """Whether the three tensors are one marked route, none of them written in place since
     (inference tensors count no versions: a write to one under inference_mode goes unseen)."""
-    ts = (sorted_pairs, expert_offsets, pair_pos)
     mark = getattr(sorted_pairs, _MARK, None)
-    return mark is not None and all(getattr(t, _MARK, None) is mark for t in ts[1:]) \
-        and mark.versions == _versions(ts)
+    return mark is not None and getattr(expert_offsets, _MARK, None) is mark \
+        and getattr(pair_pos, _MARK, None) is mark and mark.versions == _versions(sorted_pairs, expert_offsets, pair_pos)
 
 
 @torch.library.custom_op("blazec::moe_route", mutates_args=(), schema=ROUTE_SCHEMA)
