@@ -89,8 +89,9 @@ def written_args(n: Node) -> list:
     if isinstance(t, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
         return written + _schema_writes(n)
     name = getattr(t, "__name__", "")
-    if t in INPLACE_OPERATORS or (name.endswith("_") and not name.startswith("_")) or _inplace_flag(n):
-        written.insert(0, first)
+    if t in INPLACE_OPERATORS or (name.endswith("_") and not name.startswith("__")) or _inplace_flag(n):
+        # torch._foreach_add_(tensors, ...) writes every tensor of its first argument
+        written[:0] = list(first) if isinstance(first, (list, tuple)) else [first]
     return written
 
 

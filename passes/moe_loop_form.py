@@ -266,6 +266,8 @@ def _ids_bound(ids: Node) -> int:
     Without one_hot(ids, E) nothing else says how many experts exist, and taking the loop's
     length would drop the pairs of experts the loop leaves out.
     """
+    while _int_cast(ids):  # ids.long(), ids.to(torch.int32): [0, E) survives a cast to int32 or int64
+        ids = ids.args[0]
     tk = ids.args[0] if is_getitem(ids) and ids.args[1] == 1 else None
     if tk is not None and (is_fn(tk, torch.topk) or is_method(tk, "topk")):
         scores = shape(tk.args[0])
@@ -274,6 +276,14 @@ def _ids_bound(ids: Node) -> int:
             return int(scores[-1])
     raise NoMatch("cannot prove the routing ids lie in [0, E): they are not topk indices over E expert scores "
                   "(use one_hot(ids, E) for the mask, or route with topk)")
+
+
+def _int_cast(node: object) -> bool:
+    """A cast of an integer tensor to int32 or int64 (values below 2**31 unchanged)."""
+    if not (is_method(node, "long", "int", "to", "type") and node.args and dtype(node.args[0]) is not None):
+        return False
+    src, out = dtype(node.args[0]), dtype(node)
+    return not src.is_floating_point and src != torch.bool and out in (torch.int32, torch.int64)
 
 
 def weights_are_float(node: Node) -> bool:

@@ -161,9 +161,11 @@ def test_sorted_unpermute_positional_keepdim_false_rewritten():
 
 
 class PairGather(nn.Module):
-    def __init__(self, keepdim, d=8, inter=12, E=4, k=2, ids_3d=False, w_index=False, negative_ids=False):
+    def __init__(self, keepdim, d=8, inter=12, E=4, k=2, ids_3d=False, w_index=False, negative_ids=False,
+                 cast=None):
         super().__init__()
         self.k, self.keepdim, self.ids_3d, self.w_index, self.negative = k, keepdim, ids_3d, w_index, negative_ids
+        self.cast = cast
         self.router = nn.Linear(d, E, bias=False)
         self.w1 = nn.Parameter(torch.randn(E, d, inter) * d**-0.5)
         self.w2 = nn.Parameter(torch.randn(E, inter, d) * inter**-0.5)
@@ -175,6 +177,8 @@ class PairGather(nn.Module):
             ids = ids.unsqueeze(-1)  # [T, k, 1]: the same pairs once flattened
         if self.negative:
             ids = ids - self.w1.shape[0]  # W[ids] counts them from the end: eager runs
+        if self.cast is not None:
+            ids = ids.to(self.cast)
         flat = ids.reshape(-1)
         xs = x.repeat_interleave(self.k, dim=0).unsqueeze(1)
         y = torch.bmm(F.gelu(torch.bmm(xs, self.w1[flat])), self.w2[flat]).squeeze(1)
@@ -199,6 +203,26 @@ def test_pair_gather_with_ids_not_from_topk_is_left_alone():
     and was put in (its range error at run time, after a MATCH)."""
     rec = compile_and_compare(PairGather(False, negative_ids=True), (torch.randn(10, 8),))
     assert_left_alone(rec, "cannot prove the routing ids lie in [0, E)")
+
+
+@pytest.mark.parametrize("cast", [torch.int32, torch.int64])
+def test_pair_gather_with_cast_topk_ids_is_rewritten(cast):
+    """The range proof follows an int32/int64 cast of the topk indices (it refused them)."""
+    rec = compile_and_compare(PairGather(False, cast=cast), (torch.randn(10, 8),))
+    assert_rewritten(rec, "pair_weight_gather")
+
+
+def test_loop_with_int32_ids_and_eq_masks_is_rewritten():
+    """``ids.int() == e`` masks: E from the topk behind the cast."""
+    from tests.passes.models import Cfg, LoopMoE
+
+    class Int32Ids(LoopMoE):
+        def route(self, x):
+            w, ids = super().route(x)
+            return w, ids.int()
+
+    rec = compile_and_compare(Int32Ids(Cfg(mask="eq")), (torch.randn(24, Cfg().d),))
+    assert_rewritten(rec, "static_loop_modulelist")
 
 
 def test_pair_gather_positional_keepdim_is_left_alone():

@@ -31,8 +31,8 @@ class Loop(nn.Module):
     expert 1), "ids_after_mask", "x_mid", "mask_setitem", "acc_mid", "x_mid_inplace_by_position",
     "x_mid_inplace_module", "w_mid_aten_overload" (the write spelled ``F.hardtanh(x, -0.5, 0.5,
     True)``, ``nn.LeakyReLU(0.2, inplace=True)(x)``, ``aten.mul_.Scalar(w, 0.5)``); writes it
-    does not reorder: "unused_inplace_after" (a clamp in place whose result is unused, after the
-    dispatch),
+    does not reorder: "unused_inplace_after", "unused_foreach_after" (a clamp or a
+    ``_foreach_mul_`` in place whose result is unused, after the dispatch),
     "renorm_inplace" (``w /= w.sum()`` before the dispatch reads w, accumulator made first),
     "x_after" (x scaled after the dispatch ended, which matters only with a backward: the op keeps x
     and w for it, the loop gathered copies): "x_data_after", "w_data_after", "w_nograd_after";
@@ -148,9 +148,12 @@ class Loop(nn.Module):
                 w.mul_(0.5)
         if self.v == "expert_data_after":
             self.experts[0].w1.weight.data.mul_(0.5)
-        if self.v == "unused_inplace_after":  # its result unused, its write read: not dead code
+        if self.v in ("unused_inplace_after", "unused_foreach_after"):  # result unused, write read: not dead
             r = x * 2.0
-            F.hardtanh(r, -0.5, 0.5, True)
+            if self.v == "unused_foreach_after":
+                torch._foreach_mul_([r], 0.5)
+            else:
+                F.hardtanh(r, -0.5, 0.5, True)
             out = out + r
         return out
 
@@ -190,11 +193,13 @@ def test_loop_rewritten_with_a_write_after_the_dispatch() -> None:
     assert [m.form for m in found] == ["static_loop_modulelist"], reasons
 
 
-def test_an_unused_inplace_call_survives_the_rewrites_dead_code_removal() -> None:
-    """``F.hardtanh(r, -0.5, 0.5, True)``, whose result nothing reads, writes r, which the
-    output reads; the dead-code removal after a rewrite erased it (inplace passed by position
-    was not seen as a write), and the output lost the clamp."""
-    assert_rewritten(_compare("unused_inplace_after"), "static_loop_modulelist")
+@pytest.mark.parametrize("variant", ["unused_inplace_after", "unused_foreach_after"])
+def test_an_unused_inplace_call_survives_the_rewrites_dead_code_removal(variant) -> None:
+    """``F.hardtanh(r, -0.5, 0.5, True)`` or ``torch._foreach_mul_([r], 0.5)``, whose result
+    nothing reads, writes r, which the output reads; the dead-code removal after a rewrite
+    erased them (inplace passed by position was not seen as a write, nor a write by a function
+    whose name starts with _), and the output lost the clamp or the scaling."""
+    assert_rewritten(_compare(variant), "static_loop_modulelist")
 
 
 @pytest.mark.parametrize("variant, what, options", [
