@@ -47,10 +47,13 @@ wrapper below) and the rewritten graphs never return it. Direct callers of the b
 keep the default False.
 
 The route (``sorted_pairs``, ``expert_offsets``, ``pair_pos``) must be one ``moe_route``
-call's outputs, which carry a mark (``route.mark_route``) that costs nothing to read. Both ops
-check any other route's contents on the host first (one sync, then it is marked too; under CUDA
-graph capture, where no sync is allowed, they refuse it), because the kernels trust a route:
-one that is not one read out of bounds or gave a wrong y.
+(or ``moe_route_sink``) call's outputs, which carry a mark (``route.mark_route``) that costs a
+few microseconds to read. The forward op checks any other route's contents on the host first
+(one sync, then it is marked too), because the kernels trust a route: one that is not one read
+out of bounds or gave a wrong y. The backward op, whose route a forward checked, and either op
+under CUDA graph capture check an unmarked route on the device instead (no sync:
+``reference.assert_route_async``); the autograd formula marks copies that a saved-tensor hook
+hands back for a route the forward had marked.
 
 What the backward saves: x, topk_weights, sorted_pairs, expert_offsets, pair_pos, the weight and
 bias tensors as passed (parameters or views of them), and preact. Nothing else of size T*k*d or
@@ -66,7 +69,7 @@ from torch import Tensor
 
 from blazec.ops._registry import get_impl
 from blazec.ops.activations import ACTIVATIONS, is_gated
-from blazec.ops.reference import check_route_contents, is_stacked, stacked_grad_shape
+from blazec.ops.reference import assert_route_async, check_route_contents, is_stacked, stacked_grad_shape
 from blazec.ops.route import is_marked_route, mark_route
 
 WEIGHT_POSITIONS: tuple[str, ...] = ("output", "hidden")
@@ -316,6 +319,10 @@ def _moe_experts_op(
 _ROUTE_CHECK_WARNED: list = []  # one warning per process: a GPU route check is a sync
 
 
+def _capturing(t: Tensor) -> bool:
+    return t.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def _check_route(sorted_pairs: Tensor, expert_offsets: Tensor, pair_pos: Tensor, op: str) -> None:
     """A route ``moe_route`` did not build (or one written in place since) is checked once, on
     the host, before any implementation reads it: the kernels trust a route's contents, and a
@@ -323,9 +330,13 @@ def _check_route(sorted_pairs: Tensor, expert_offsets: Tensor, pair_pos: Tensor,
     ``moe_route``'s own outputs carry a mark and cost nothing here."""
     if is_marked_route(sorted_pairs, expert_offsets, pair_pos):
         return
-    if sorted_pairs.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        raise ValueError(f"{op}: the route was not built by moe_route (or was written in place since), and "
-                         "checking it needs a host sync, which CUDA graph capture forbids; build it with moe_route")
+    if sorted_pairs.device.type != "cpu" and (op == "moe_experts_backward" or _capturing(sorted_pairs)):
+        # The backward's route came from a forward, which checked it; it arrives unmarked when
+        # a saved-tensor hook (activation offloading) hands back copies. No sync for it, nor
+        # under CUDA graph capture: the check runs on the device.
+        assert_route_async(sorted_pairs, expert_offsets, pair_pos)
+        mark_route(sorted_pairs, expert_offsets, pair_pos)
+        return
     if sorted_pairs.device.type != "cpu" and not _ROUTE_CHECK_WARNED:
         _ROUTE_CHECK_WARNED.append(True)
         warnings.warn(f"{op}: checking a route that moe_route did not build (or that was written in place since) "
@@ -486,6 +497,7 @@ def _setup_context(ctx, inputs, output) -> None:
     # preact exists only to be saved; it has no gradient of its own.
     ctx.mark_non_differentiable(preact)
     ctx.list_lens = tuple(len(lst) for lst in lists)
+    ctx.route_marked = is_marked_route(sorted_pairs, expert_offsets, pair_pos)  # the forward checked it
     ctx.activation = activation
     ctx.weight_pos = weight_pos
     ctx.recompute = recompute
@@ -497,6 +509,8 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_y: Tensor, _grad_preact: Optional[Tensor]):
     x, topk_weights, sorted_pairs, expert_offsets, pair_pos, preact, *flat = ctx.saved_tensors
+    if ctx.route_marked and not is_marked_route(sorted_pairs, expert_offsets, pair_pos):
+        mark_route(sorted_pairs, expert_offsets, pair_pos)  # copies from a saved-tensor hook
     lists: list[list[Tensor]] = []
     i = 0
     for n in ctx.list_lens:

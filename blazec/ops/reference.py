@@ -161,6 +161,24 @@ def check_route_contents(sorted_pairs: Tensor, offs: list[int], pair_pos: Tensor
                          "place in sorted_pairs, -1 for the others); the three must come from one moe_route call")
 
 
+def assert_route_async(sorted_pairs: Tensor, expert_offsets: Tensor, pair_pos: Tensor) -> None:
+    """``check_route_contents`` as device-side asserts: no host sync (so also under CUDA graph
+    capture), a handful of small kernels; a route that is not one fails with a device-side
+    assert (a RuntimeError at once on the CPU)."""
+    P = sorted_pairs.shape[0]
+    if P == 0:
+        return
+    offs, kept = expert_offsets, expert_offsets[-1]
+    pos = torch.arange(P, device=sorted_pairs.device)
+    in_kept = pos < kept
+    pairs_ok = torch.where(in_kept, (sorted_pairs >= 0) & (sorted_pairs < P), True).all()
+    back = pair_pos[sorted_pairs.clamp(0, P - 1)]
+    ok = (offs[0] == 0) & (offs[1:] >= offs[:-1]).all() & (kept <= P) & pairs_ok \
+        & torch.where(in_kept, back == pos, True).all() & ((pair_pos >= 0).sum() == kept)
+    torch._assert_async(ok, "moe_experts: the route is not one moe_route built (expert_offsets from 0, not "
+                        "decreasing; kept pairs in [0, T*k); pair_pos their places, -1 for the others)")
+
+
 def moe_experts_fwd(
     x: Tensor,
     topk_weights: Tensor,

@@ -16,6 +16,9 @@ The outputs are integers, so the op has no autograd formula. The math is in
 ``reference.moe_route``; a device kernel can replace it through ``blazec.ops._registry``.
 """
 
+import itertools
+import os
+
 import torch
 from torch import Tensor
 
@@ -78,15 +81,10 @@ def check_ids_in_range(topk_ids: Tensor, num_experts: int) -> None:
 # ----------------------------------------------------------------------------------------------
 
 _MARK = "_blazec_route"
-
-
-class _RouteMark:
-    """Shared by the three tensors of one route; holds their version counters when marked."""
-
-    __slots__ = ("versions",)
-
-    def __init__(self, versions: tuple | None) -> None:
-        self.versions = versions
+# A mark is a plain tuple (nonce, serial, versions): one that torch.save writes with the tensors
+# loads under weights_only=True, and one loaded in another process (another nonce) is not taken.
+_NONCE = int.from_bytes(os.urandom(8), "little")
+_SERIALS = itertools.count()
 
 
 def _versions(a: Tensor, b: Tensor, c: Tensor) -> tuple | None:
@@ -100,17 +98,18 @@ def mark_route(sorted_pairs: Tensor, expert_offsets: Tensor, pair_pos: Tensor) -
     """Mark three tensors as one valid route: ``moe_route``'s outputs, or a route the experts
     ops checked. The mark is a Python attribute, so it stays with the tensor objects, which
     torch hands on unchanged through autograd's saved tensors and the compiled graphs."""
-    mark = _RouteMark(_versions(sorted_pairs, expert_offsets, pair_pos))
+    mark = (_NONCE, next(_SERIALS), _versions(sorted_pairs, expert_offsets, pair_pos))
     for t in (sorted_pairs, expert_offsets, pair_pos):
         setattr(t, _MARK, mark)
 
 
 def is_marked_route(sorted_pairs: Tensor, expert_offsets: Tensor, pair_pos: Tensor) -> bool:
-    """Whether the three tensors are one marked route, none of them written in place since
-    (inference tensors count no versions: a write to one under inference_mode goes unseen)."""
+    """Whether the three tensors are one route marked in this process, none of them written in
+    place since (inference tensors count no versions: a write to one under inference_mode goes
+    unseen, as does one through ``.data`` or numpy, which bump no version)."""
     mark = getattr(sorted_pairs, _MARK, None)
-    return mark is not None and getattr(expert_offsets, _MARK, None) is mark \
-        and getattr(pair_pos, _MARK, None) is mark and mark.versions == _versions(sorted_pairs, expert_offsets, pair_pos)
+    return mark is not None and mark[0] == _NONCE and getattr(expert_offsets, _MARK, None) == mark \
+        and getattr(pair_pos, _MARK, None) == mark and mark[2] == _versions(sorted_pairs, expert_offsets, pair_pos)
 
 
 @torch.library.custom_op("blazec::moe_route", mutates_args=(), schema=ROUTE_SCHEMA)

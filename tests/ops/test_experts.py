@@ -810,6 +810,43 @@ def test_a_hand_built_route_is_checked_once_and_moe_routes_never(monkeypatch) ->
     assert len(calls) == 3
 
 
+def test_routes_save_and_load_with_their_mark(monkeypatch) -> None:
+    """The mark is a tuple of ints: torch.load(weights_only=True) refused the class it was."""
+    import io
+
+    a = _valid()
+    buf = io.BytesIO()
+    torch.save((a["sorted_pairs"], a["expert_offsets"], a["pair_pos"]), buf)
+    buf.seek(0)
+    a["sorted_pairs"], a["expert_offsets"], a["pair_pos"] = torch.load(buf)
+    _call(a)
+
+
+def test_the_backward_takes_copies_of_a_checked_route_unchecked(monkeypatch) -> None:
+    """A saved-tensor hook that copies (activation offloading: save_on_cpu on a GPU) hands the
+    backward new route tensors; the forward checked the route, so the backward marks them."""
+    calls = _count_route_checks(monkeypatch)
+    a = _valid()
+    x = a["x"].clone().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+        y = moe_experts(x, a["topk_weights"], a["sorted_pairs"], a["expert_offsets"], a["pair_pos"],
+                        a["w_gate"], a["w_up"], a["w_down"], a["b_gate"], a["b_up"], a["b_down"], a["activation"])
+    y.sum().backward()
+    assert calls == [] and x.grad is not None
+
+
+@pytest.mark.parametrize("name", ["offsets decrease", "offsets past T*k", "pair out of range",
+                                  "pair_pos not the route's", "offsets not the route's"])
+def test_the_device_side_route_check_refuses_what_the_host_check_refuses(name) -> None:
+    """``assert_route_async`` (the backward's check on a GPU, and any check under CUDA graph
+    capture) against the route cases of ERROR_CASES; on the CPU its assert raises at once."""
+    a = _valid()
+    ref.assert_route_async(a["sorted_pairs"], a["expert_offsets"], a["pair_pos"])  # a route: passes
+    ERROR_CASES[name][1](a)
+    with pytest.raises(RuntimeError, match="the route is not one moe_route built"):
+        ref.assert_route_async(a["sorted_pairs"], a["expert_offsets"], a["pair_pos"])
+
+
 @pytest.mark.parametrize("final_stage", ["inductor", "eager"])
 @pytest.mark.parametrize("example", ["demo", "moe_gshard_top2.py"])
 def test_compiled_routes_are_not_checked_on_the_host(monkeypatch, final_stage, example) -> None:
