@@ -324,10 +324,11 @@ def _capturing(t: Tensor) -> bool:
 
 
 def _check_route(sorted_pairs: Tensor, expert_offsets: Tensor, pair_pos: Tensor, op: str) -> None:
-    """A route ``moe_route`` did not build (or one written in place since) is checked once, on
-    the host, before any implementation reads it: the kernels trust a route's contents, and a
-    hand-built one that is not a route read out of bounds (NaN, or a crash) or gave a wrong y.
-    ``moe_route``'s own outputs carry a mark and cost nothing here."""
+    """A route ``moe_route`` did not build (or one written in place since) is checked once
+    before any implementation reads it, on the host (on a GPU, in the backward op and under
+    CUDA graph capture: on the device): the kernels trust a route's contents, and a hand-built
+    one that is not a route read out of bounds (NaN, or a crash) or gave a wrong y.
+    ``moe_route``'s own outputs carry a mark, read in a few microseconds."""
     if is_marked_route(sorted_pairs, expert_offsets, pair_pos):
         return
     if sorted_pairs.device.type != "cpu" and (op == "moe_experts_backward" or _capturing(sorted_pairs)):
