@@ -50,10 +50,10 @@ The route (``sorted_pairs``, ``expert_offsets``, ``pair_pos``) must be one ``moe
 (or ``moe_route_sink``) call's outputs, which carry a mark (``route.mark_route``) that costs a
 few microseconds to read. The forward op checks any other route's contents on the host first
 (one sync, then it is marked too), because the kernels trust a route: one that is not one read
-out of bounds or gave a wrong y. The backward op, whose route a forward checked, and either op
-under CUDA graph capture check an unmarked route on the device instead (no sync:
-``reference.assert_route_async``); the autograd formula marks copies that a saved-tensor hook
-hands back for a route the forward had marked.
+out of bounds or gave a wrong y. The backward op and either op under CUDA graph capture check
+an unmarked route on a GPU with device-side asserts instead (no sync:
+``reference.assert_route_async``): the backward gets unmarked copies of the forward's route
+when a saved-tensor hook copies what autograd saves (activation offloading).
 
 What the backward saves: x, topk_weights, sorted_pairs, expert_offsets, pair_pos, the weight and
 bias tensors as passed (parameters or views of them), and preact. Nothing else of size T*k*d or
@@ -498,7 +498,6 @@ def _setup_context(ctx, inputs, output) -> None:
     # preact exists only to be saved; it has no gradient of its own.
     ctx.mark_non_differentiable(preact)
     ctx.list_lens = tuple(len(lst) for lst in lists)
-    ctx.route_marked = is_marked_route(sorted_pairs, expert_offsets, pair_pos)  # the forward checked it
     ctx.activation = activation
     ctx.weight_pos = weight_pos
     ctx.recompute = recompute
@@ -510,8 +509,6 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_y: Tensor, _grad_preact: Optional[Tensor]):
     x, topk_weights, sorted_pairs, expert_offsets, pair_pos, preact, *flat = ctx.saved_tensors
-    if ctx.route_marked and not is_marked_route(sorted_pairs, expert_offsets, pair_pos):
-        mark_route(sorted_pairs, expert_offsets, pair_pos)  # copies from a saved-tensor hook
     lists: list[list[Tensor]] = []
     i = 0
     for n in ctx.list_lens:

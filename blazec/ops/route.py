@@ -81,24 +81,28 @@ def check_ids_in_range(topk_ids: Tensor, num_experts: int) -> None:
 # ----------------------------------------------------------------------------------------------
 
 _MARK = "_blazec_route"
-# A mark is a plain tuple (nonce, serial, versions): one that torch.save writes with the tensors
-# loads under weights_only=True, and one loaded in another process (another nonce) is not taken.
+# A mark is a plain tuple (nonce, serial, (data pointers, versions)): one that torch.save writes
+# with the tensors loads under weights_only=True, and is not taken for the loaded tensors (other
+# memory; in another process, another nonce).
 _NONCE = int.from_bytes(os.urandom(8), "little")
 _SERIALS = itertools.count()
 
 
-def _versions(a: Tensor, b: Tensor, c: Tensor) -> tuple | None:
+def _state(a: Tensor, b: Tensor, c: Tensor) -> tuple:
+    """What a mark pins down: the tensors' memory (a copy, or a route saved and loaded again,
+    has other memory) and their version counters (inference tensors count none)."""
+    ptrs = (a.data_ptr(), b.data_ptr(), c.data_ptr())
     try:
-        return a._version, b._version, c._version
-    except RuntimeError:  # inference tensors count no versions
-        return None
+        return ptrs, (a._version, b._version, c._version)
+    except RuntimeError:
+        return ptrs, None
 
 
 def mark_route(sorted_pairs: Tensor, expert_offsets: Tensor, pair_pos: Tensor) -> None:
     """Mark three tensors as one valid route: ``moe_route``'s outputs, or a route the experts
     ops checked. The mark is a Python attribute, so it stays with the tensor objects, which
     torch hands on unchanged through autograd's saved tensors and the compiled graphs."""
-    mark = (_NONCE, next(_SERIALS), _versions(sorted_pairs, expert_offsets, pair_pos))
+    mark = (_NONCE, next(_SERIALS), _state(sorted_pairs, expert_offsets, pair_pos))
     for t in (sorted_pairs, expert_offsets, pair_pos):
         setattr(t, _MARK, mark)
 
@@ -109,7 +113,7 @@ def is_marked_route(sorted_pairs: Tensor, expert_offsets: Tensor, pair_pos: Tens
     unseen, as does one through ``.data`` or numpy, which bump no version)."""
     mark = getattr(sorted_pairs, _MARK, None)
     return mark is not None and mark[0] == _NONCE and getattr(expert_offsets, _MARK, None) == mark \
-        and getattr(pair_pos, _MARK, None) == mark and mark[2] == _versions(sorted_pairs, expert_offsets, pair_pos)
+        and getattr(pair_pos, _MARK, None) == mark and mark[2] == _state(sorted_pairs, expert_offsets, pair_pos)
 
 
 @torch.library.custom_op("blazec::moe_route", mutates_args=(), schema=ROUTE_SCHEMA)

@@ -822,17 +822,49 @@ def test_routes_save_and_load_with_their_mark(monkeypatch) -> None:
     _call(a)
 
 
-def test_the_backward_takes_copies_of_a_checked_route_unchecked(monkeypatch) -> None:
-    """A saved-tensor hook that copies (activation offloading: save_on_cpu on a GPU) hands the
-    backward new route tensors; the forward checked the route, so the backward marks them."""
+@pytest.mark.parametrize("write", [False, True])
+def test_the_backward_checks_a_route_a_saved_tensor_hook_hands_back(monkeypatch, write) -> None:
+    """A saved-tensor hook that copies (activation offloading) hands the backward new route
+    tensors: unmarked, so checked (on a GPU on the device, without a sync). A pass-through hook
+    also turns off autograd's version check, so a route written after the forward reaches the
+    backward op: the check catches it (a first version re-marked the hook's tensors unchecked)."""
     calls = _count_route_checks(monkeypatch)
     a = _valid()
     x = a["x"].clone().requires_grad_()
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
-        y = moe_experts(x, a["topk_weights"], a["sorted_pairs"], a["expert_offsets"], a["pair_pos"],
-                        a["w_gate"], a["w_up"], a["w_down"], a["b_gate"], a["b_up"], a["b_down"], a["activation"])
-    y.sum().backward()
-    assert calls == [] and x.grad is not None
+    sp, eo, pp = (t.clone() for t in (a["sorted_pairs"], a["expert_offsets"], a["pair_pos"]))
+    hooks = (lambda t: t, lambda t: t) if write else (lambda t: t.clone(), lambda t: t)
+    with torch.autograd.graph.saved_tensors_hooks(*hooks):
+        y = moe_experts(x, a["topk_weights"], sp, eo, pp, a["w_gate"], a["w_up"], a["w_down"], a["b_gate"],
+                        a["b_up"], a["b_down"], a["activation"])
+    assert len(calls) == 1  # the forward checks the cloned route once, and marks it
+    if write:
+        pp[0] = 10**6
+        with pytest.raises(ValueError, match="pair_pos does not match"):
+            y.sum().backward()
+    else:
+        y.sum().backward()
+        assert x.grad is not None
+    assert len(calls) == 2
+
+
+def test_a_loaded_route_written_after_loading_is_checked(monkeypatch) -> None:
+    """A route saved and loaded in the same process: its versions restart, so a write after the
+    load could bring them back to the marked ones; the mark also pins the memory."""
+    import io
+
+    calls = _count_route_checks(monkeypatch)
+    sp, eo, pp = moe_route(torch.randint(0, 3, (5, 2)), 3)
+    buf = io.BytesIO()
+    torch.save((sp, eo, pp), buf)
+    buf.seek(0)
+    sp2, eo2, pp2 = torch.load(buf)
+    from blazec.ops.route import is_marked_route
+
+    for old, new in ((sp, sp2), (eo, eo2), (pp, pp2)):
+        while new._version < old._version:  # writes that bring the versions back to the marked ones
+            new.add_(0)
+    assert is_marked_route(sp, eo, pp) and not is_marked_route(sp2, eo2, pp2)
+    assert calls == []
 
 
 @pytest.mark.parametrize("name", ["offsets decrease", "offsets past T*k", "pair out of range",
