@@ -8,6 +8,7 @@ arguments it would have received, through TTIR -> TTGIR -> LLVM -> PTX -> cubin 
 ``cuda:90`` (Hopper) with Triton's bundled ptxas. It must run *without* TRITON_INTERPRET.
 
     python -m tests.kernels.aot_compile            # first autotune config of each kernel
+    python -m tests.kernels.aot_compile --cover    # fewest of those that cover each flag (CI)
     python -m tests.kernels.aot_compile --all      # every autotune config
     python -m tests.kernels.aot_compile --arch 80  # another target
     python -m tests.kernels.aot_compile --regs     # also each variant's registers and spills
@@ -333,9 +334,35 @@ def _check(i, fn, kw, opts, sig, consts, args, target) -> tuple[bool, list[str],
     return True, failures, usage
 
 
+def features(fn, sig: dict, consts: dict, opts: dict) -> set:
+    """What one variant exercises: its kernel, each argument's type, each constexpr's value,
+    and its launch options (warps, stages)."""
+    name = fn.__name__
+    return ({(name,)} | {(name, "arg", k, v) for k, v in sig.items() if v != "constexpr"}
+            | {(name, "const", k, str(v)) for k, v in consts.items()} | {(name, "opt", k, v) for k, v in opts.items()})
+
+
+def cover(variants: list) -> list:
+    """The variants a greedy set cover keeps: fewest (near enough) that together still compile
+    every kernel with each argument type, constexpr value and launch option any variant has.
+
+    Each variant's combination is not kept; ``--all`` or the default (every first config) compile
+    those, as does a GPU run of the kernel tests."""
+    feats = [features(fn, sig, consts, opts) for fn, _, opts, sig, consts in variants]
+    left, keep = set().union(*feats), []
+    while left:
+        best = max(range(len(variants)), key=lambda i: (len(feats[i] & left), -i))
+        keep.append(best)
+        left -= feats[best]
+    return [variants[i] for i in sorted(keep)]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--all", action="store_true", help="compile every autotune config (slow)")
+    ap.add_argument("--cover", action="store_true",
+                    help="compile only a set cover of the first configs: every kernel, argument type, "
+                         "constexpr value and launch option at least once")
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--regs", action="store_true", help="print registers and spills of every variant")
     ap.add_argument("--dump", metavar="DIR", help="write each variant's TTGIR, PTX and cubin to DIR")
@@ -423,6 +450,10 @@ def main(argv=None) -> int:
             if key not in seen:
                 seen.add(key)
                 variants.append((fn, kw, opts, sig, consts))
+    if args.cover:
+        n_all = len(variants)
+        variants = cover(variants)
+        print(f"aot_compile: --cover keeps {len(variants)} of {n_all} variants")
     t0 = time.time()
     global _VARIANTS, _ARGS, _TARGET
     _VARIANTS, _ARGS, _TARGET = variants, args, target

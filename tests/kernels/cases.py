@@ -179,9 +179,10 @@ def _upcast(case: Case) -> Case:
                 case.recompute, None, up(case.gy))
 
 
-def check(case: Case, tol: Optional[dict] = None) -> None:
+def check(case: Case, tol: Optional[dict] = None) -> list:
     """Kernel forward and backward against the reference: y, preact and all eight gradients;
-    and every input bitwise unchanged by the kernels.
+    and every input bitwise unchanged by the kernels. Returns the kernels' outputs (y, preact,
+    then the gradients), for a test that compares them with another launch path's.
 
     fp32 (and fp64, which falls back) must match the reference within ``TOL``. For bf16/fp16
     the reference itself rounds at many points (a bf16 sum of a d(routing weight) can lose
@@ -203,7 +204,7 @@ def check(case: Case, tol: Optional[dict] = None) -> None:
         tol = tol or TOL[case.x.dtype]
         for n, g, r in zip(NAMES, got, want):
             _close(n, g, r, tol)
-        return
+        return got
     for n, g, r in zip(NAMES, got, want):  # structure, dtypes, shapes; NaN-free
         _close(n, g, r, None)
     exact = _run(_upcast(case), ref.moe_experts_fwd, ref.moe_experts_bwd)
@@ -218,6 +219,7 @@ def check(case: Case, tol: Optional[dict] = None) -> None:
             scale = max(1.0, et.abs().max().item())
             assert err <= 2 * ref_err + rel * 0.25 * scale, (
                 f"{n}[{i}]: kernel max error {err:.3g} vs reference's {ref_err:.3g} (scale {scale:.3g})")
+    return got
 
 
 # The launch flags spy_launches appends to a kernel's name.

@@ -1186,13 +1186,12 @@ def test_split_gemm1_equals_fused(monkeypatch, kw) -> None:
     assert "_act_kernel" not in launched
     launched.clear()
     monkeypatch.setenv("BLAZEC_GEMM1", "split")
-    check(case)
+    split = check(case)
     recompute = kw.get("recompute", False)
     # forward: fused in recompute mode; backward: split GEMM 1 (no _act_kernel) in recompute mode
     assert ("_gemm1_kernel" in launched) == recompute, launched
     assert ("_act_kernel" in launched) != recompute, launched
     assert "_rows_gemm_kernel+gather" in launched, launched
-    split = _fwd_bwd(case)
     _assert_same(split, fused, **(TOL[case.x.dtype] if ON_GPU else dict(rtol=0, atol=0)))
 
 
@@ -1237,10 +1236,9 @@ def test_wide_gemm1_equals_fused(monkeypatch, kw, wide) -> None:
         moe_experts.moe_experts_fwd(*case.fwd_args())
         assert "_gemm1_kernel" in launched and not any(n.endswith("+wide") for n in launched), launched
         return
-    check(case)
+    wide_out = check(case)
     gemm1 = [n for n in launched if n.startswith("_gemm1_kernel")]
     assert gemm1 and all(n.endswith("+wide") for n in gemm1), launched
-    wide_out = _fwd_bwd(case)
     monkeypatch.setenv("BLAZEC_GEMM1", "fused")
     launched.clear()
     fused = _fwd_bwd(case)
@@ -1298,11 +1296,10 @@ def test_tma_gemm1_equals_fused(monkeypatch, kw, desc) -> None:
             assert "_gemm1_kernel" in launched and not any(n.endswith("+desc") for n in launched), launched
             return
         tol = dict(rtol=2e-2, atol=2e-2) if tf32 and ON_GPU else None  # tf32 against the fp32 reference
-        check(case, tol)
+        desc_out = check(case, tol)
         gemm1 = [n for n in launched if n.startswith("_gemm1_kernel")]
         assert gemm1 and all(n == "_gemm1_kernel+desc" for n in gemm1), launched
         assert len(gemm1) == (2 if case.recompute else 1), launched
-        desc_out = _fwd_bwd(case)
         monkeypatch.setenv("BLAZEC_GEMM1", "fused")
         launched.clear()
         fused = _fwd_bwd(case)
@@ -1368,13 +1365,12 @@ def test_cat_dx_equals_two(monkeypatch, kw, cat, rows) -> None:
     launched = spy_launches(monkeypatch)
     monkeypatch.setenv("BLAZEC_ROWS", rows)
     monkeypatch.setenv("BLAZEC_DX", "cat")
-    check(case)
+    got = check(case)
     dx = [n for n in launched if n.startswith("_rows_gemm_kernel") and ("+cat" in n or "+two" in n)]
     if not cat:
         assert not any("+cat" in n for n in launched), launched
         return
     assert dx == ["_rows_gemm_kernel+cat" + ("+persistent" if rows == "persistent" else "")], launched
-    got = _fwd_bwd(case)
     monkeypatch.setenv("BLAZEC_DX", "two")
     launched.clear()
     two = _fwd_bwd(case)
@@ -1413,10 +1409,10 @@ def test_persistent_rows_gemm_equals_tiles(monkeypatch, kw, split) -> None:
     assert rows() and not any("+persistent" in n for n in rows()), launched
     launched.clear()
     monkeypatch.setenv("BLAZEC_ROWS", "persistent")
-    check(case)
+    persistent = check(case)
     assert any("+persistent" in n for n in rows()), launched
     assert all(("+persistent" in n) != ("+two" in n) for n in rows()), launched
-    _assert_same(_fwd_bwd(case), tiles, **(TOL[case.x.dtype] if ON_GPU else dict(rtol=0, atol=0)))
+    _assert_same(persistent, tiles, **(TOL[case.x.dtype] if ON_GPU else dict(rtol=0, atol=0)))
 
 
 @pytest.mark.parametrize("fn, var, default, choices, bad", [
