@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import pickle
 import queue
 import time
 import traceback
@@ -63,6 +64,7 @@ class _Pool:
 
     def run(self, fn, args: tuple, deadline: float) -> str | None:
         """Run ``fn`` on every rank; None when all succeed, else why not."""
+        pickle.dumps((fn, args))  # raises here: a queue pickles in a thread and drops what fails
         for q in self.tasks:
             q.put((fn, args))
         done: set[int] = set()

@@ -1101,6 +1101,8 @@ def test_autotuner_reruns_do_not_change_results(monkeypatch, recompute: bool, dh
     got = flat(run(tuned_like))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
+    if recompute:  # what goes wrong without the rule is shown once per dh path; the rule is checked above
+        return
     restore.clear()
     unrestored = flat(run(tuned_like))
     same = all(torch.equal(b, w) for b, w in zip(unrestored, want))

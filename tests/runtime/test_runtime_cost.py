@@ -203,4 +203,7 @@ def test_from_spec_and_calibrate_argument_types():
     with pytest.raises(TypeError, match="batch_lengths must be a sequence of batches, .* got int"):
         calibrate(5, [1.0])
     # A generator of batches works like the list ("object of type 'generator' has no len()" before).
-    assert calibrate((b for b in batches), times) == calibrate(batches, times)
+    # (Equal up to rounding: two identical LAPACK solves differed in the last bit in one CI run.)
+    gen, lst = calibrate((b for b in batches), times), calibrate(batches, times)
+    assert (gen.a, gen.b, gen.c) == pytest.approx((lst.a, lst.b, lst.c), rel=1e-12, abs=1e-15)
+    assert gen.extra == lst.extra
