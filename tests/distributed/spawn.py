@@ -23,7 +23,7 @@ from blazec.local_ranks import join_within, spawn_gloo
 
 
 def _serve(rank: int, world: int, tasks, results) -> None:
-    """A pool rank: run each ``(fn, args)`` from ``tasks[rank]`` until ``None``; report to ``results``."""
+    """A pool rank: run each pickled ``(fn, args)`` from ``tasks[rank]`` until ``None``; report to ``results``."""
     os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "0")
     os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "0")
     import torch
@@ -39,7 +39,7 @@ def _serve(rank: int, world: int, tasks, results) -> None:
             continue
         if task is None:
             return
-        fn, args = task
+        fn, args = pickle.loads(task)
         torch._dynamo.reset()
         torch.manual_seed(0)
         try:
@@ -64,9 +64,9 @@ class _Pool:
 
     def run(self, fn, args: tuple, deadline: float) -> str | None:
         """Run ``fn`` on every rank; None when all succeed, else why not."""
-        pickle.dumps((fn, args))  # raises here: a queue pickles in a thread and drops what fails
+        task = pickle.dumps((fn, args))  # once, and here: a queue pickles in a thread and drops what fails
         for q in self.tasks:
-            q.put((fn, args))
+            q.put(task)
         done: set[int] = set()
         end = time.monotonic() + deadline
         while len(done) < self.world:
