@@ -9,6 +9,11 @@ Every buffer the launchers allocate is poisoned (NaN / a sentinel integer) so th
 kernel forgot to write fails the comparison, and every interpreted launch runs under the memory
 sanitizer (``sanitizer.py``), which fails a test whose kernels access memory outside their
 tensors or race between programs: bugs the sequential interpreter cannot show by itself.
+
+The interpreter's integer-overflow instrumentation is switched off (``_dead_overflow_checks_off``):
+it recomputes every int32 add, sub and mul in int64 and compares it with the int32 bounds, then
+hands the result to ``device_assert``, which returns at once unless the options' ``debug`` is set,
+and the interpreter's options leave it off. That dead work was about 40% of an interpreted launch.
 """
 
 from __future__ import annotations
@@ -55,6 +60,25 @@ def _interpreter_problem() -> str | None:
 
 
 _PROBLEM = _interpreter_problem()
+
+
+def _dead_overflow_checks_off() -> bool:
+    """Turn off the interpreter's ``sanitize_overflow`` where its asserts cannot fire (``debug``
+    off); True if it was on and is now off."""
+    if ON_GPU:
+        return False
+    import dataclasses
+
+    from triton.runtime import interpreter as ti
+
+    opts = getattr(ti.interpreter_builder, "options", None)
+    if not dataclasses.is_dataclass(opts) or not getattr(opts, "sanitize_overflow", False) or getattr(opts, "debug", True):
+        return False
+    ti.interpreter_builder.options = dataclasses.replace(opts, sanitize_overflow=False)
+    return True
+
+
+_dead_overflow_checks_off()
 
 
 def pytest_collection_modifyitems(config, items):
