@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from blazec import report
-from tests.helpers import run_train
+from tests.helpers import cold_graph_caches_env, run_train
 
 
 class MLP(nn.Module):
@@ -243,8 +243,7 @@ def test_rewritten_moe_graphs_use_aotautograd_cache(tmp_path):
     import sys
     from pathlib import Path
 
-    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE")}
-    env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path)
+    env = cold_graph_caches_env(tmp_path)
     examples = str(Path(__file__).resolve().parents[1] / "examples")
     run = subprocess.run([sys.executable, "-c", _WARM_CACHE, examples], env=env, capture_output=True, text=True,
                          timeout=600)
@@ -284,8 +283,7 @@ def test_a_warm_compile_hits_whatever_its_number_in_the_process(tmp_path):
     import sys
     from pathlib import Path
 
-    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE")}
-    env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path)
+    env = cold_graph_caches_env(tmp_path)
     examples = str(Path(__file__).resolve().parents[1] / "examples")
     run = subprocess.run([sys.executable, "-c", _NTH_COMPILE, examples, "3"], env=env, capture_output=True,
                          text=True, timeout=600)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from blazec.config import BlazeConfig, BlazeOptionError
+from tests.helpers import cold_graph_caches_env
 
 
 @pytest.mark.parametrize(
@@ -147,12 +148,10 @@ def test_budgeted_plans_are_cached_per_size_hint(tmp_path):
     Reading the hints warns of nothing (``var_to_val`` gave a FutureWarning per compile).
     (A subprocess: tests/conftest.py turns the caches off through the environment, which
     torch reads once.)"""
-    import os
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE")}
-    env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path)  # a cold cache of its own
+    env = cold_graph_caches_env(tmp_path)
     run = subprocess.run([sys.executable, "-c", _CACHED_PLANS], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     lines = [l.split(" ", 3) for l in run.stdout.strip().splitlines()]
