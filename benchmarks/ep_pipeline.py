@@ -2,6 +2,7 @@
 
     python benchmarks/ep_pipeline.py                    # 2 ranks, defaults below
     python benchmarks/ep_pipeline.py --ranks 2 --tokens 2048 --d 1024 --inter 512   # compute-bound
+    python benchmarks/ep_pipeline.py --rows serial,2    # two of the four rows
 
 Each rank trains the naive loop MoE block (blazec.demo_model) on its own batch with
 ``expert_parallel="world"`` and prints the median forward+backward time for:
@@ -27,6 +28,14 @@ import torch.distributed as dist
 
 from blazec.local_ranks import spawn_gloo
 
+# --rows key -> (row name, blaze options)
+ROWS = {
+    "serial": ("chunks=1, no overlap pass", {"ep_chunks": 1, "disable_passes": ["comm_overlap"]}),
+    "1": ("chunks=1", {"ep_chunks": 1}),
+    "2": ("chunks=2", {"ep_chunks": 2}),
+    "4": ("chunks=4", {"ep_chunks": 4}),
+}
+
 
 def _rank(rank: int, world: int, args) -> None:
     from blazec.demo_model import NaiveMoEBlock
@@ -34,12 +43,7 @@ def _rank(rank: int, world: int, args) -> None:
     torch.manual_seed(0)
     x = torch.randn(1, args.tokens, args.d, generator=torch.Generator().manual_seed(rank))
     rows = []
-    for name, opts in (
-        ("chunks=1, no overlap pass", {"ep_chunks": 1, "disable_passes": ["comm_overlap"]}),
-        ("chunks=1", {"ep_chunks": 1}),
-        ("chunks=2", {"ep_chunks": 2}),
-        ("chunks=4", {"ep_chunks": 4}),
-    ):
+    for name, opts in (ROWS[key] for key in args.rows):
         torch.manual_seed(0)
         model = NaiveMoEBlock(d=args.d, inter=args.inter, num_experts=args.experts)
         torch._dynamo.reset()
@@ -65,6 +69,14 @@ def _rank(rank: int, world: int, args) -> None:
             print(f"{name:<28} {t * 1e3:>17.1f} {t / base:>8.2f}x")
 
 
+def _rows(text: str) -> list[str]:
+    keys = [k.strip() for k in text.split(",") if k.strip()]
+    bad = [k for k in keys if k not in ROWS]
+    if bad or not keys:
+        raise argparse.ArgumentTypeError(f"unknown row(s) {bad or [text]}: choose from {', '.join(ROWS)}")
+    return sorted(set(keys), key=list(ROWS).index)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ranks", type=int, default=2)
@@ -76,6 +88,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--final-stage", choices=["inductor", "eager"], default="inductor")
+    p.add_argument("--rows", type=_rows, default=list(ROWS),
+                   help=f"comma-separated rows to run, in the table's order (default: {','.join(ROWS)})")
     args = p.parse_args()
     spawn_gloo(_rank, args.ranks, args, threads=args.threads, timeout_s=600)
 

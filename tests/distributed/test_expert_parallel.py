@@ -396,16 +396,19 @@ def test_a_one_rank_group_needs_no_collectives():
 
 
 def test_pipeline_benchmark_runs_and_prints_its_table():
-    """benchmarks/ep_pipeline.py at a toy size: the printout is the benchmark (timings are not asserted)."""
+    """benchmarks/ep_pipeline.py at a toy size, two of its four rows (each compiles the model on
+    every rank; the other two differ only in ep_chunks): the printout is the benchmark (timings
+    are not asserted)."""
     import subprocess
     import sys
 
     from tests.helpers import REPO
 
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "ep_pipeline.py"), "--tokens", "64", "--d", "32",
-                           "--inter", "16", "--steps", "1", "--warmup", "1", "--final-stage", "eager"],
+                           "--inter", "16", "--steps", "1", "--warmup", "1", "--final-stage", "eager",
+                           "--rows", "2,serial"],
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("chunks=")]
-    assert [r.split("  ")[0] for r in rows] == ["chunks=1, no overlap pass", "chunks=1", "chunks=2", "chunks=4"], proc.stdout
+    assert [r.split("  ")[0] for r in rows] == ["chunks=1, no overlap pass", "chunks=2"], proc.stdout
     print(proc.stdout)
