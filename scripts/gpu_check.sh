@@ -90,11 +90,11 @@ fi
 # The tests of the newest code paths first (NEW_TESTS, a -k expression), then all of them.
 # A timeout interrupts pytest (SIGINT) rather than killing it, so that the failures it has met
 # so far are still summarized in the log (killed after 15 s more if it does not stop).
-timeout -s INT -k 15 "$NEW_TESTS_S" python3 -m pytest -q $XDIST tests/kernels -p no:cacheprovider -k "$NEW_TESTS" \
+timeout -s INT -k 15 "$NEW_TESTS_S" python3 -m pytest -q -m "" $XDIST tests/kernels -p no:cacheprovider -k "$NEW_TESTS" \
   --ignore=tests/kernels/test_aot_compile.py > "$OUT/tests_new.log" 2>&1
 echo "new-path tests rc=$? in $(( $(date +%s) - t0 )) s: $(tail -1 "$OUT/tests_new.log")" | tee -a "$OUT/versions.txt"
 left=$(( TESTS_S - ($(date +%s) - t0) )); [ "$left" -ge 10 ] || left=10
-timeout -s INT -k 15 "$left" python3 -m pytest -q -x $XDIST tests/kernels tests/ops -p no:cacheprovider \
+timeout -s INT -k 15 "$left" python3 -m pytest -q -x -m "" $XDIST tests/kernels tests/ops -p no:cacheprovider \
   --ignore=tests/kernels/test_aot_compile.py > "$OUT/tests.log" 2>&1
 echo "tests rc=$? in $(( $(date +%s) - t0 )) s" | tee -a "$OUT/versions.txt"
 tail -5 "$OUT/tests.log"

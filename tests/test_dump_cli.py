@@ -458,6 +458,7 @@ def test_json_stays_one_document_when_the_model_prints(tmp_path, capsys):
     assert "hello from forward" in err
 
 
+@pytest.mark.slow  # left out of the default run (README, "Tests")
 @pytest.mark.xdist_group("gloo")  # spawns gloo ranks: one such test at a time (README, "Tests")
 def test_json_stays_one_document_when_expert_parallel_ranks_print(tmp_path):
     """The ranks are processes of their own, which wrote what the model printed to the shared

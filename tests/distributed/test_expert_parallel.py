@@ -34,7 +34,7 @@ def _every_form(rank: int, world: int) -> None:
             f"rank {rank}/{world} runs experts {lo}..{lo + E // world - 1}, 2 chunk(s)"), (name, m.details)
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])  # slow: README, "Tests"
 def test_every_example_form_matches_single_process(world):
     assert len(EXAMPLE_FILES) >= 7 and set(FOUR_RANK_FORMS) <= set(EXAMPLE_FILES)
     run_ranks(_every_form, world)
@@ -98,7 +98,8 @@ def _capacity_and_stacked(rank: int, world: int) -> None:
     assert moe_matches(records)[0].details["expert_parallel"].startswith(f"rank {rank % 2}/2 runs experts {lo}..")
 
 
-@pytest.mark.parametrize("fn", [_skewed_loop, _capacity_and_stacked], ids=["skewed_empty_rank", "capacity_subgroups"])
+@pytest.mark.parametrize("fn", [_skewed_loop, pytest.param(_capacity_and_stacked, marks=pytest.mark.slow)],
+                         ids=["skewed_empty_rank", "capacity_subgroups"])
 def test_four_ranks(fn):
     run_ranks(fn, 4)
 
@@ -156,23 +157,25 @@ def _dynamic_batch_any_residue(rank: int, world: int) -> None:
     assert len(records) == 1, f"{len(records)} compiles for 4 token counts"
 
 
-def _short_batches(rank: int, world: int) -> None:
-    """Inductor with a rank whose batch has fewer tokens than ep_chunks (2 < 3), and one with
-    none: a statically empty chunk failed to compile ("index is out of bounds for dimension
+def _short_batches(rank: int, world: int, final_stage: str) -> None:
+    """A rank whose batch has fewer tokens than ep_chunks (2 < 3), and one with none: under
+    Inductor a statically empty chunk failed to compile ("index is out of bounds for dimension
     with size 0" in Inductor's lowering of the row gathers; review). Both now run on padding
-    rows that are never sent."""
+    rows that are never sent. (Inductor's run is slow: the default run has the eager one,
+    whose graphs and padding are the same.)"""
     model, (x0,) = load_example("moe_loop_modulelist.py").make()
     d = x0.shape[-1]
+    options = {"ep_chunks": 3, "final_stage": final_stage}
     for shapes in (((1, 2, d), (0, 16, d)), ((0, 16, d), (2, 8, d))):
         xs = [torch.randn(sh, generator=torch.Generator().manual_seed(7 + r)) for r, sh in enumerate(shapes)]
-        assert len(moe_matches(check_ep(rank, world, model, xs, {"ep_chunks": 3}))) == 1
+        assert len(moe_matches(check_ep(rank, world, model, xs, options))) == 1
         model.zero_grad(set_to_none=True)
     # GShard: its ids and weights are the stacks the pass inserts (no example value to read k
     # from, which once left its short batches unpadded), and capacity drops decide the sends
     model, (x0,) = load_example("moe_gshard_top2.py").make()
     shapes = ((1, 1, x0.shape[-1]), (2, 4, x0.shape[-1]))
     xs = [torch.randn(sh, generator=torch.Generator().manual_seed(9 + r)) for r, sh in enumerate(shapes)]
-    assert len(moe_matches(check_ep(rank, world, model, xs, {"ep_chunks": 3}))) == 1
+    assert len(moe_matches(check_ep(rank, world, model, xs, options))) == 1
 
 
 def _checkpointed(rank: int, world: int) -> None:
@@ -322,6 +325,7 @@ def test_inductor_pipelined_chunks_overlap_experts_on_2_ranks():
     run_ranks(_inductor_pipeline, 2)
 
 
+@pytest.mark.slow  # Inductor, three batch sizes; the eager run below checks the one compile too (README, "Tests")
 def test_dynamic_batch_compiles_once_on_2_ranks():
     run_ranks(_dynamic_batch, 2)
 
@@ -330,8 +334,9 @@ def test_dynamic_batch_compiles_once_for_every_residue_of_the_chunks_on_2_ranks(
     run_ranks(_dynamic_batch_any_residue, 2)
 
 
-def test_inductor_runs_batches_shorter_than_the_chunks_on_2_ranks():
-    run_ranks(_short_batches, 2)
+@pytest.mark.parametrize("final_stage", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_batches_shorter_than_the_chunks_run_on_2_ranks(final_stage):
+    run_ranks(_short_batches, 2, final_stage)
 
 
 # ---------------------------------------------------------------------------------------

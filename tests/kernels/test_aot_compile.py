@@ -1,7 +1,7 @@
 """Compile the kernels for sm_90 without a GPU, with Triton's real compiler (not the interpreter).
 
     pytest tests/kernels/test_aot_compile.py                  # a cover of the first configs: ~40 s on 2 CPUs
-    BLAZEC_AOT=1 pytest tests/kernels/test_aot_compile.py     # every first config, then every config: many minutes
+    BLAZEC_AOT=1 pytest -m "" tests/kernels/test_aot_compile.py   # every first config, then every config: many minutes
 
 Runs ``tests/kernels/aot_compile.py`` in a fresh process without TRITON_INTERPRET (this
 session's kernels are interpreted) and with an empty Triton cache, so every variant is really

@@ -116,6 +116,7 @@ def test_a_first_step_that_differs_is_flagged(tmp_path, monkeypatch) -> None:
     assert "first step differs by 1.0e-03" in text
 
 
+@pytest.mark.slow  # left out of the default run (README, "Tests")
 def test_row_env_is_set_for_its_row_only(tmp_path, monkeypatch) -> None:
     """blazec-loop-grouped-mm-wgrad / -triton-wgrad run with BLAZEC_WGRAD set for their own
     row, and the variable is restored (here: unset) afterwards."""
@@ -174,6 +175,7 @@ def test_dense_equivalent_has_the_moe_layers_flops() -> None:
     assert dense.rows.grad is not None and dense.w1.grad is not None
 
 
+@pytest.mark.slow  # left out of the default run (README, "Tests")
 def test_the_hf_layout_baseline_computes_what_the_loop_does(tmp_path) -> None:
     """BASELINES.md's fastest mixtral-like row stores the experts as Hugging Face v5 does
     ([E, 2I, d] and [E, d, I], used transposed); torch's grouped GEMM picks its kernel by that
@@ -277,6 +279,7 @@ def test_host_overhead_times_the_ops_host_path_with_launches_stubbed() -> None:
     assert bad.returncode == 2 and "--topk 9 exceeds --experts 4" in bad.stderr
 
 
+@pytest.mark.slow  # left out of the default run (README, "Tests")
 def test_host_overhead_compiled_timeline_lists_each_launch_in_step_order() -> None:
     """``--compiled``: the blaze-compiled loop model's step, each stubbed launch with the host's
     time from the step's start; the route kernels come before GEMM 1, the forward's launches
@@ -305,6 +308,7 @@ def test_host_overhead_compiled_timeline_lists_each_launch_in_step_order() -> No
     assert bad.returncode == 2 and "leave out --form" in bad.stderr
 
 
+@pytest.mark.slow  # left out of the default run (README, "Tests")
 def test_peak_memory_measures_the_kernel_path_with_launches_stubbed() -> None:
     """benchmarks/peak_memory.py in subprocesses (it stubs the kernel launches globally). The
     backward's peak, in both modes, is the three weight gradients plus the one [S, I] buffer the
@@ -354,6 +358,7 @@ def test_peak_memory_measures_the_kernel_path_with_launches_stubbed() -> None:
     assert E * I * d * 2 / 2**20 in map(abs, sizes + [float(ln.split()[0]) for ln in peak_lines]), gm["trace"]
 
 
+@pytest.mark.slow  # left out of the default run (README, "Tests")
 def test_cudagraph_rows_run_and_are_compared_with_each_other(tmp_path) -> None:
     """The mode="reduce-overhead" rows (on CPU compiled as the default mode: no CUDA graphs)
     compute what the loop does, and the targets compare them with each other."""

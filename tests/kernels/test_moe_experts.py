@@ -1045,7 +1045,8 @@ def test_auto_launch_paths_agree(monkeypatch, kw, gemm1, rows, dx) -> None:
     assert {c for c, _ in picks} >= {"persistent", gemm1[-1], *(["cat"] if dx else [])}, picks
 
 
-@pytest.mark.parametrize("recompute,dh", [(False, "fused"), (True, "fused"), (False, "split")])
+@pytest.mark.parametrize("recompute,dh", [(False, "fused"), pytest.param(True, "fused", marks=pytest.mark.slow),
+                                          pytest.param(False, "split", marks=pytest.mark.slow)])
 def test_autotuner_reruns_do_not_change_results(monkeypatch, recompute: bool, dh: str) -> None:
     """On a GPU the autotuner runs every config of a new key on the launch's own arguments
     before the final launch, restoring only the arguments its ``restore_value`` names. Emulated

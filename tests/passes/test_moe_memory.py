@@ -8,7 +8,6 @@ depend on the device (blazec.memory counts the storages autograd saves).
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from blazec import report
@@ -19,7 +18,6 @@ from tests.passes.models import Cfg, LoopMoE, compile_blaze, moe_report
 T, D, INTER, E, K = 4096, 256, 128, 64, 8
 
 
-@pytest.mark.slow
 def test_blaze_saves_at_most_30_percent_of_eager_activations():
     torch.manual_seed(0)
     model = LoopMoE(Cfg(d=D, inter=INTER, num_experts=E, top_k=K))
