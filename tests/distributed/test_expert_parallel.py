@@ -400,6 +400,7 @@ def test_a_one_rank_group_needs_no_collectives():
     run_ranks(_one_rank, 1)
 
 
+@pytest.mark.slow  # a subprocess that spawns its own ranks (README, "Tests")
 def test_pipeline_benchmark_runs_and_prints_its_table():
     """benchmarks/ep_pipeline.py at a toy size, two of its four rows (each compiles the model on
     every rank; the other two differ only in ep_chunks): the printout is the benchmark (timings
