@@ -35,7 +35,7 @@ def _combine_kernel(
     c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     tmask = t < T
     cmask = c < D
-    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    acc = tl.full([BLOCK_T, BLOCK_D], 0, dtype=tl.float32)
     t64 = t.to(tl.int64)
     for j in range(0, K):
         pos = tl.load(pos_ptr + t64 * K + j, mask=tmask, other=-1)

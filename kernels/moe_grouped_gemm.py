@@ -181,7 +181,7 @@ def _gemm1_kernel(
         # Dropped pairs: their preact rows are defined as zero.
         if STORE_PRE:
             pre_ptrs = pre_ptr + rows[:, None].to(tl.int64) * stride_pre + cols[None, :]
-            zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=xdt)
+            zero = tl.full([BLOCK_M, BLOCK_N], 0, dtype=xdt)
             tl.store(pre_ptrs, zero, mask=omask)
             if GATED:
                 tl.store(pre_ptrs + I, zero, mask=omask)
@@ -211,7 +211,7 @@ def _gemm1_kernel(
         w_row = wg_base + wcol * s_wgo + (cc % 2).to(tl.int64) * up_off
         b_ptrs = w_row[None, :] + rk[:, None] * s_wgi
         wmask = wcol < I
-        acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
+        acc = tl.full([BLOCK_M, 2 * BLOCK_N], 0, dtype=tl.float32)
         for k0 in range(0, D, BLOCK_K):
             kmask = (k0 + rk) < D
             a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
@@ -230,11 +230,11 @@ def _gemm1_kernel(
         # descriptor needs).
         n0 = pid_n * BLOCK_N
         dg = tl.make_tensor_descriptor(wg_base, shape=[I, D], strides=[s_wgo, 1], block_shape=[BLOCK_N, BLOCK_K])
-        acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_g = tl.full([BLOCK_M, BLOCK_N], 0, dtype=tl.float32)
         if GATED:
             du = tl.make_tensor_descriptor(wu_base, shape=[I, D], strides=[s_wuo, 1],
                                            block_shape=[BLOCK_N, BLOCK_K])
-            acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            acc_u = tl.full([BLOCK_M, BLOCK_N], 0, dtype=tl.float32)
         for k0 in range(0, D, BLOCK_K):
             kmask = (k0 + rk) < D
             a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
@@ -244,10 +244,10 @@ def _gemm1_kernel(
             a_ptrs += BLOCK_K * stride_xd
     else:
         bg_ptrs = wg_base + cols[None, :] * s_wgo + rk[:, None] * s_wgi  # B[kk, n] = Wg[n, kk]
-        acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_g = tl.full([BLOCK_M, BLOCK_N], 0, dtype=tl.float32)
         if GATED:
             bu_ptrs = wu_base + cols[None, :] * s_wuo + rk[:, None] * s_wui
-            acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            acc_u = tl.full([BLOCK_M, BLOCK_N], 0, dtype=tl.float32)
         for k0 in range(0, D, BLOCK_K):
             kmask = (k0 + rk) < D
             a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
@@ -387,7 +387,7 @@ def _rows_tile(a1_ptr, a2_ptr, b1_ptr, b1_tab, b2_ptr, b2_tab, bias_ptr, bias_ta
         a2_ptrs = a2_ptr + rows64[:, None] * s_a2 + rk[None, :]
         b2_base = expert_ptr(b2_ptr, b2_tab, grp, s_b2e, B2_TAB)
         b2_ptrs = b2_base + rk[:, None] * s_b2k + cols[None, :] * s_b2n
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_N], 0, dtype=tl.float32)
     if CAT:
         # B2's row r lies `jump` elements past B1's row KD + r. The launcher checks that both
         # bases are 16-byte aligned (as GU_WIDE's), so their distance keeps the loads' alignment.
@@ -497,10 +497,10 @@ def _dh_kernel(
     gy_ptrs = gy_ptr + tok[:, None] * stride_gyt + rk[None, :] * stride_gyd
     wd_base = expert_ptr(wd_ptr, wd_tab, grp, s_wde, WD_TAB)
     wd_ptrs = wd_base + rk[:, None] * s_wdo + cols[None, :] * s_wdi
-    acc_q = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_q = tl.full([BLOCK_M, BLOCK_N], 0, dtype=tl.float32)
     if BD_TERM:
         bd_base = expert_ptr(bd_ptr, bd_tab, grp, s_bde, BD_TAB)
-        gb = tl.zeros([BLOCK_M], dtype=tl.float32)
+        gb = tl.full([BLOCK_M], 0, dtype=tl.float32)
     if GY_SCALE:
         gys = tl.load(gys_ptr + tok, mask=rmask, other=1.0)
     for k0 in range(0, D, BLOCK_K):
@@ -643,7 +643,7 @@ def _act_kernel(
     pre_ptrs = pre_ptr + rows64[:, None] * stride_pre + cols[None, :]
     if pid_m * BLOCK_M + BLOCK_M > kept:  # a tile reaching the dropped tail
         dropped = ((rows >= kept) & (rows < P))[:, None] & cmask
-        zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=xdt)
+        zero = tl.full([BLOCK_M, BLOCK_N], 0, dtype=xdt)
         tl.store(pre_ptrs, zero, mask=dropped)
         if GATED:
             tl.store(pre_ptrs + I, zero, mask=dropped)

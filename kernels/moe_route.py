@@ -92,8 +92,8 @@ def _route_scan_kernel(
 ):
     e = tl.arange(0, E_PAD)
     emask = e < E
-    run = tl.zeros([E_PAD], dtype=tl.int32)
-    nbad = tl.zeros([B_CHUNK], dtype=tl.int32)
+    run = tl.full([E_PAD], 0, dtype=tl.int32)
+    nbad = tl.full([B_CHUNK], 0, dtype=tl.int32)
     for b0 in range(0, NB, B_CHUNK):
         bb = b0 + tl.arange(0, B_CHUNK)
         m = emask[:, None] & (bb < NB)[None, :]
@@ -109,7 +109,7 @@ def _route_scan_kernel(
         kept = run
     incl = csum(kept, 0)
     tl.store(offsets_ptr + 1 + e, incl.to(tl.int64), mask=emask)
-    tl.store(offsets_ptr + e, tl.zeros([E_PAD], dtype=tl.int64), mask=e == 0)
+    tl.store(offsets_ptr + e, tl.full([E_PAD], 0, dtype=tl.int64), mask=e == 0)
 
 
 @triton.jit
@@ -130,7 +130,7 @@ def _route_scatter_kernel(
     # for uint8, a valid expert once E > 255)
     ids = tl.where(valid, tl.load(ids_ptr + p, mask=valid, other=0).to(tl.int32), -1)
     # Exclusive rank of each pair among same-expert pairs earlier in this block.
-    rank = tl.zeros([BLOCK], dtype=tl.int32)
+    rank = tl.full([BLOCK], 0, dtype=tl.int32)
     for e0 in range(0, E, E_CHUNK):
         ec = e0 + tl.arange(0, E_CHUNK)
         hit = (ids[:, None] == ec[None, :]).to(tl.int32)

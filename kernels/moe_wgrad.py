@@ -89,13 +89,13 @@ def _wgrad_kernel(
     mmask = mm < M
     nmask = nn < N
     rk = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_N], 0, dtype=tl.float32)
     if HAS_DB:
-        dbacc = tl.zeros([BLOCK_M], dtype=tl.float32)
+        dbacc = tl.full([BLOCK_M], 0, dtype=tl.float32)
     if DUAL:
-        acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc2 = tl.full([BLOCK_M, BLOCK_N], 0, dtype=tl.float32)
         if HAS_DB2:
-            dbacc2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+            dbacc2 = tl.full([BLOCK_M], 0, dtype=tl.float32)
     for k0 in range(s0, s1, BLOCK_K):
         rows = k0 + rk
         kmask = rows < s1
