@@ -210,3 +210,29 @@ def test_host_integer_helpers_equal_tritons() -> None:
             assert host_cdiv(a, b) == triton.cdiv(a, b), (a, b)
     for n in list(range(1, 5000)) + [2**31 - 1, 2**31, 2**40 + 1]:
         assert next_pow2(n) == triton.next_power_of_2(n), n
+
+
+def test_kernels_call_no_jitted_language_helper() -> None:
+    """Helpers of triton.language that are themselves ``@jit`` functions (tl.zeros, tl.sum,
+    tl.cdiv, ...) re-patch the whole language under the interpreter on every call (about 3 ms;
+    tl.zeros alone was 10% of the split-dh tests). The kernels use the builtin they wrap
+    (tl.full) or a ``device_fn`` of kernels/_common.py (rsum, csum, cdiv) instead, which
+    compile to the same code."""
+    import ast
+    import pathlib
+
+    import triton.language as tl
+    from triton.runtime.jit import JITFunction
+
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:
+        InterpretedFunction = JITFunction
+    jitted = {n for n in dir(tl) if isinstance(getattr(tl, n), (JITFunction, InterpretedFunction))}
+    assert {"zeros", "sum", "cdiv"} <= jitted, sorted(jitted)  # the check still sees them
+    root = pathlib.Path(__file__).parents[2] / "kernels"
+    calls = [f"{p.name}:{n.lineno}: tl.{n.func.attr}" for p in sorted(root.glob("*.py"))
+             for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, ast.Call)
+             and isinstance(n.func, ast.Attribute) and isinstance(n.func.value, ast.Name)
+             and n.func.value.id == "tl" and n.func.attr in jitted]
+    assert calls == [], calls
