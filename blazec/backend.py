@@ -232,12 +232,11 @@ def inductor_config_patches(config: BlazeConfig, record: _report.GraphRecord | N
 # The backend
 
 
-def blaze(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: Any = None, mode: str | None = None, **kwargs: Any):
-    """torch.compile backend: ``torch.compile(model, backend="blaze", options={...})``.
-
-    See :class:`blazec.config.BlazeConfig` for the options.
-    """
-    config = BlazeConfig.from_options(options, mode)
+def pre_grad_stage(
+    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], config: BlazeConfig
+) -> tuple[torch.fx.GraphModule, _report.GraphRecord, dict[str, Any]]:
+    """The backend's first stage: a new record, the pre-grad passes, and the Inductor patches
+    the SM-free collectives need. Returns the graph to compile, its record and those patches."""
     record = _report.new_record(config.final_stage)
     if _want_text():
         record.dynamo_graph = _readable(gm)
@@ -254,7 +253,23 @@ def blaze(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: Any 
     if _want_text():
         record.blaze_graph = _readable(gm)
         log.debug("graph after blaze passes:\n%s", record.blaze_graph)
+    return gm, record, sm_free_patches
 
+
+def blaze(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: Any = None, mode: str | None = None, **kwargs: Any):
+    """torch.compile backend: ``torch.compile(model, backend="blaze", options={...})``.
+
+    See :class:`blazec.config.BlazeConfig` for the options.
+    """
+    config = BlazeConfig.from_options(options, mode)
+    gm, record, sm_free_patches = pre_grad_stage(gm, example_inputs, config)
+    return compile_stage(gm, example_inputs, config, record, sm_free_patches)
+
+
+def compile_stage(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], config: BlazeConfig,
+                  record: _report.GraphRecord, sm_free_patches: dict[str, Any]):
+    """The backend's second stage, on what :func:`pre_grad_stage` returned: AOTAutograd with
+    blaze's partitioner and post-grad passes, then Inductor (or no codegen: ``final_stage``)."""
     if config.final_stage == "eager":
         return _compile_eager(gm, example_inputs, config, record)
 

@@ -48,6 +48,26 @@ def run_train(model, inputs):
     return out.detach(), grads, in_grads
 
 
+def blaze_unless_unchanged(gm, example_inputs, options=None):
+    """The blaze backend, except for a graph its pre-grad passes leave as it was: that one runs
+    as Dynamo captured it (what backend="eager" does), without AOTAutograd, blaze's partitioner
+    and post-grad passes, and Inductor.
+
+    For the tests of the MoE passes' decisions, most of which expect a site to be left alone:
+    their graph then computes eager's numbers whatever the later stages do, and those stages
+    (about 60% of such a test's time) are tested on their own. A graph the passes rewrote
+    takes every stage, and the report capture gets the same record either way (without the
+    partition and post-grad reports when the stages are skipped)."""
+    from blazec.backend import compile_stage, pre_grad_stage
+    from blazec.config import BlazeConfig
+
+    config = BlazeConfig.from_options(options)
+    new_gm, record, patches = pre_grad_stage(gm, example_inputs, config)
+    if new_gm.code == gm.code:
+        return gm.forward
+    return compile_stage(new_gm, example_inputs, config, record, patches)
+
+
 def assert_same_training(ref_model, model, inputs, compile_kwargs, atol=1e-5, rtol=1e-4):
     """Eager ``ref_model`` and ``torch.compile(model, **compile_kwargs)`` agree on outputs and grads."""
     torch._dynamo.reset()

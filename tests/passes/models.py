@@ -20,6 +20,7 @@ import blazec.ops  # noqa: F401 - registers torch.ops.blazec.*
 from blazec import report
 from blazec.backend import blaze, run_pre_grad_passes
 from blazec.config import BlazeConfig
+from tests.helpers import blaze_unless_unchanged
 
 GATED = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh"}
 PLAIN = ("gelu", "gelu_tanh", "relu", "silu")
@@ -308,7 +309,9 @@ def assert_training_close(got, ref, atol=1e-5, rtol=1e-4, expect_params=None):
 
 
 class Spy:
-    """A backend: blaze with ``options``, keeping each Dynamo graph and its rewritten form.
+    """A backend: blaze with ``options`` (through tests/helpers.blaze_unless_unchanged: a graph
+    the passes leave alone runs as Dynamo captured it), keeping each Dynamo graph and its
+    rewritten form.
 
     The pre-grad passes are deterministic, so running them here on the same graph gives the
     graph blaze compiles; ``report.capture`` gives blaze's own record of it too.
@@ -326,7 +329,7 @@ class Spy:
         new_gm, reps = run_pre_grad_passes(gm, example_inputs, cfg)
         self.after.append(new_gm)
         self.reports.append(reps)
-        return blaze(gm, example_inputs, options=self.options)
+        return blaze_unless_unchanged(gm, example_inputs, options=self.options)
 
 
 def compile_blaze(model, options=None, **kw):
