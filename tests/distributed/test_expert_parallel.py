@@ -18,12 +18,15 @@ pytestmark = pytest.mark.xdist_group("gloo")  # spawns gloo ranks: one such test
 
 # On 4 ranks, one form per way experts are held and dispatched (per-expert ModuleList, capacity
 # one-hot, sort and grouped GEMM): the expert-parallel rewrite after the MoE match does not
-# depend on the form, and 2 ranks run every form. (4 ranks x 7 forms took a minute of CI.)
+# depend on the form. (4 ranks x 7 forms took a minute of CI.) On 2 ranks the default run adds
+# the other ways expert weights are held (one stacked [E, 2I, d] gate-up parameter sliced per
+# expert) and a shared expert beside the routed ones; the slow run takes every form.
 FOUR_RANK_FORMS = ("moe_loop_modulelist.py", "moe_gshard_top2.py", "moe_sort_grouped_mm.py")
+TWO_RANK_FORMS = (*FOUR_RANK_FORMS, "moe_loop_stacked.py", "moe_deepseek_gate.py")
 
 
-def _every_form(rank: int, world: int) -> None:
-    for name in EXAMPLE_FILES if world == 2 else FOUR_RANK_FORMS:
+def _every_form(rank: int, world: int, forms: tuple[str, ...]) -> None:
+    for name in forms:
         model, (x0,) = load_example(name).make()
         records = check_ep(rank, world, model, batches(x0.shape, world), {"final_stage": "eager"})
         (m,) = moe_matches(records)
@@ -34,10 +37,14 @@ def _every_form(rank: int, world: int) -> None:
             f"rank {rank}/{world} runs experts {lo}..{lo + E // world - 1}, 2 chunk(s)"), (name, m.details)
 
 
-@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])  # slow: README, "Tests"
-def test_every_example_form_matches_single_process(world):
-    assert len(EXAMPLE_FILES) >= 7 and set(FOUR_RANK_FORMS) <= set(EXAMPLE_FILES)
-    run_ranks(_every_form, world)
+@pytest.mark.parametrize("world, forms", [
+    (2, TWO_RANK_FORMS),
+    pytest.param(2, tuple(f for f in EXAMPLE_FILES if f not in TWO_RANK_FORMS), marks=pytest.mark.slow),
+    pytest.param(4, FOUR_RANK_FORMS, marks=pytest.mark.slow),  # slow: README, "Tests"
+], ids=["2-main-forms", "2-other-forms", "4"])
+def test_every_example_form_matches_single_process(world, forms):
+    assert len(EXAMPLE_FILES) >= 8 and set(TWO_RANK_FORMS) <= set(EXAMPLE_FILES) and forms
+    run_ranks(_every_form, world, forms)
 
 
 def _skewed_loop(rank: int, world: int) -> None:
