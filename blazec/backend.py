@@ -39,10 +39,17 @@ from blazec.partition import partition_joint
 
 log = logging.getLogger("blazec")
 
-_CAPTURE = os.environ.get("BLAZEC_CAPTURE_DYNAMIC", "1").strip()
-if _CAPTURE not in ("0", "1"):
-    raise ValueError(f"BLAZEC_CAPTURE_DYNAMIC must be 0 or 1 (default 1), got {_CAPTURE!r}")
-if _CAPTURE == "1":
+
+
+def capture_dynamic(value: str) -> bool:
+    """Whether BLAZEC_CAPTURE_DYNAMIC's ``value`` turns Dynamo's capture of data-dependent
+    shapes and scalars on ("1", the default) or leaves it alone ("0"); anything else is an error."""
+    if value.strip() not in ("0", "1"):
+        raise ValueError(f"BLAZEC_CAPTURE_DYNAMIC must be 0 or 1 (default 1), got {value.strip()!r}")
+    return value.strip() == "1"
+
+
+if capture_dynamic(os.environ.get("BLAZEC_CAPTURE_DYNAMIC", "1")):
     torch._dynamo.config.capture_dynamic_output_shape_ops = True
     torch._dynamo.config.capture_scalar_outputs = True
 

@@ -72,12 +72,20 @@ SETTINGS = [  # (fullgraph, dynamic): every value of each flag appears
 ]
 
 
+def _settings(name: str, settings: list) -> list:
+    """``settings`` for ``name``; the transformer block (attention: 12-36 s a compile pair on
+    2 cores) runs its fullgraph ones in the slow tier only, each a variant of the same setting
+    on the other two models (README, "Tests")."""
+    slow = name == "transformer_block"
+    return [pytest.param(name, fg, dyn, marks=pytest.mark.slow) if slow and fg else (name, fg, dyn)
+            for fg, dyn in settings]
+
+
 def _compiled(model, backend, fullgraph, dynamic):
     return torch.compile(model, backend=backend, fullgraph=fullgraph, dynamic=dynamic)
 
 
-@pytest.mark.parametrize("fullgraph, dynamic", SETTINGS)
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name, fullgraph, dynamic", [p for n in sorted(MODELS) for p in _settings(n, SETTINGS)])
 def test_training_matches_inductor(name, fullgraph, dynamic):
     cls, make_inputs = MODELS[name]
     base = cls()
@@ -98,8 +106,7 @@ def test_training_matches_inductor(name, fullgraph, dynamic):
     torch.testing.assert_close(got[0], eager[0], atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("fullgraph, dynamic", SETTINGS[:2])
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name, fullgraph, dynamic", [p for n in sorted(MODELS) for p in _settings(n, SETTINGS[:2])])
 def test_inference_matches_inductor(name, fullgraph, dynamic):
     cls, make_inputs = MODELS[name]
     base = cls().eval()
@@ -189,56 +196,71 @@ def test_mode_is_accepted():
 
 
 def test_capture_dynamic_switch_takes_only_0_or_1() -> None:
-    """BLAZEC_CAPTURE_DYNAMIC: 0 leaves Dynamo's capture settings alone, anything but 0 or 1 is
+    """BLAZEC_CAPTURE_DYNAMIC: 0 leaves Dynamo's capture settings alone (read at import, so in a
+    fresh process), 1 turns them on (this process: the variable unset), anything but 0 or 1 is
     an error naming the variable (``false`` or ``off`` left the capture on before)."""
     import subprocess
     import sys
 
+    from blazec.backend import capture_dynamic
+
+    if os.environ.get("BLAZEC_CAPTURE_DYNAMIC", "1") == "1":  # as the suite runs
+        assert torch._dynamo.config.capture_dynamic_output_shape_ops and torch._dynamo.config.capture_scalar_outputs
+    assert capture_dynamic("1") and capture_dynamic(" 1\n") and not capture_dynamic("0")
+    for bad in ("false", "off", "", "2"):
+        with pytest.raises(ValueError, match=f"BLAZEC_CAPTURE_DYNAMIC must be 0 or 1 \\(default 1\\), got '{bad}'"):
+            capture_dynamic(bad)
     code = ("import torch, blazec.backend; "
-            "print(torch._dynamo.config.capture_dynamic_output_shape_ops)")
-    for value, want in (("0", "False"), ("1", "True")):
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                           env={**os.environ, "BLAZEC_CAPTURE_DYNAMIC": value})
-        assert r.returncode == 0 and r.stdout.strip().endswith(want), (value, r.stdout, r.stderr)
+            "print(torch._dynamo.config.capture_dynamic_output_shape_ops, torch._dynamo.config.capture_scalar_outputs)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "BLAZEC_CAPTURE_DYNAMIC": "false"})
-    assert r.returncode != 0 and "BLAZEC_CAPTURE_DYNAMIC must be 0 or 1 (default 1), got 'false'" in r.stderr
+                       env={**os.environ, "BLAZEC_CAPTURE_DYNAMIC": "0"})
+    assert r.returncode == 0 and r.stdout.strip().endswith("False False"), (r.stdout, r.stderr)
 
 
 _WARM_CACHE = r"""
-import copy, sys
+import contextlib, copy, sys
 import torch
 from torch._dynamo.utils import counters
 from blazec import report
 sys.path.insert(0, sys.argv[1])
 import moe_gshard_top2, moe_loop_modulelist
 
-for mod in (moe_loop_modulelist, moe_gshard_top2):
+# The loop model: two compiles outside report.capture() (there a record's index counts the
+# process's compiles: 0, then 1), then one inside it. GShard: cold, then warm, both inside.
+for mod, captured in ((moe_loop_modulelist, (False, False, True)), (moe_gshard_top2, (True, True))):
     model, inputs = mod.make()
     runs = []
-    for _ in range(2):  # cold, then warm after a reset
+    for inside in captured:  # each after a reset: the first cold, the others warm
         m = copy.deepcopy(model)
         torch._dynamo.reset()
         counters.clear()
-        with report.capture() as recs:
+        with report.capture() if inside else contextlib.nullcontext([]) as recs:
             out = torch.compile(m, backend="blaze")(*inputs)
             out.float().pow(2).mean().backward()  # the entry is stored once the backward compiled
         rewritten = sum(len(p.matches) for r in recs for p in r.pass_reports if p.name == "moe_dispatch")
         served = any("AOTAutograd's cache served" in (p.skipped or "") for r in recs for p in r.pass_reports)
         runs.append((out.detach(), [p.grad for p in m.parameters()]))
-        print(mod.__name__, rewritten, ",".join(sorted(counters["aot_autograd"])), served)
-    (a, ga), (b, gb) = runs
-    print(mod.__name__, "equal", torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(ga, gb)))
+        print(mod.__name__, rewritten if inside else "-", ",".join(sorted(counters["aot_autograd"])) or "-",
+              served if inside else "-")
+    (a, ga), *warm = runs
+    print(mod.__name__, "equal", all(torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(ga, gb))
+                                     for b, gb in warm))
 """
 
 
-def test_rewritten_moe_graphs_use_aotautograd_cache(tmp_path):
+def test_rewritten_moe_graphs_use_aotautograd_cache_whatever_the_compiles_number(tmp_path):
     """A rewritten MoE graph went around AOTAutograd's cache on every compile: the user's
     ``y.view(b, s, d)`` read the emitted ``moe_experts(...)[0]``, which had no example value,
     and the cache refuses a ``call_method`` on such a node (GShard's own emitted ``view_as``
     too). The pass now gives its nodes example values. A warm compile (after a reset, with the
     caches on) hits the cache, says so, and gives the cold compile's output and gradients bit
-    for bit. (A subprocess: tests/conftest.py turns the caches off through the environment.)"""
+    for bit.
+
+    The cache key also pickled Inductor's config, blaze's partitioner in it, with its report
+    record, whose index counts the process's compiles (outside ``report.capture()``): a second
+    compile in one process missed the entry the first had saved, and a warm process hit only
+    its own Nth compile's entry (cache review). The partitioner pickles as its uuid.
+    (A subprocess: tests/conftest.py turns the caches off through the environment.)"""
     import subprocess
     import sys
     from pathlib import Path
@@ -249,48 +271,17 @@ def test_rewritten_moe_graphs_use_aotautograd_cache(tmp_path):
                          timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     lines = [l.split() for l in run.stdout.strip().splitlines()]
-    for name in ("moe_loop_modulelist", "moe_gshard_top2"):
-        cold, warm, equal = [l for l in lines if l[0] == name]
-        assert cold[1] == warm[1] == "1", run.stdout  # rewritten both times
-        assert "autograd_cache_saved" in cold[2] and cold[3] == "False", run.stdout
-        assert "autograd_cache_hit" in warm[2] and warm[3] == "True", run.stdout
-        assert equal[2] == "True", run.stdout
-
-
-_NTH_COMPILE = r"""
-import copy, sys
-import torch
-from torch._dynamo.utils import counters
-sys.path.insert(0, sys.argv[1])
-import moe_loop_modulelist
-
-model, inputs = moe_loop_modulelist.make()
-for i in range(int(sys.argv[2])):  # outside report.capture(): records count the compiles
-    torch._dynamo.reset()
-    counters.clear()
-    m = copy.deepcopy(model)
-    torch.compile(m, backend="blaze")(*inputs).pow(2).mean().backward()
-    print(i, ",".join(sorted(counters["aot_autograd"])))
-"""
-
-
-def test_a_warm_compile_hits_whatever_its_number_in_the_process(tmp_path):
-    """AOTAutograd's cache key pickles Inductor's config, blaze's partitioner in it, with its
-    report record, whose index counts the process's compiles: a second compile in one process
-    missed the entry the first had saved, and a warm process hit only its own Nth compile's
-    entry (cache review). The partitioner pickles as its uuid."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    env = cold_graph_caches_env(tmp_path)
-    examples = str(Path(__file__).resolve().parents[1] / "examples")
-    run = subprocess.run([sys.executable, "-c", _NTH_COMPILE, examples, "3"], env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-2000:]
-    lines = run.stdout.strip().splitlines()
-    assert len(lines) == 3 and "autograd_cache_saved" in lines[0], run.stdout
-    assert all("autograd_cache_hit" in l for l in lines[1:]), run.stdout
+    loop = [l for l in lines if l[0] == "moe_loop_modulelist"]
+    assert len(loop) == 4, run.stdout
+    assert "autograd_cache_saved" in loop[0][2], run.stdout  # cold (record index 0)
+    assert "autograd_cache_hit" in loop[1][2], run.stdout  # record index 1: the same entry
+    assert loop[2][1] == "1" and "autograd_cache_hit" in loop[2][2] and loop[2][3] == "True", run.stdout  # served
+    assert loop[3][2] == "True", run.stdout  # equal
+    cold, warm, equal = [l for l in lines if l[0] == "moe_gshard_top2"]
+    assert cold[1] == warm[1] == "1", run.stdout  # rewritten both times
+    assert "autograd_cache_saved" in cold[2] and cold[3] == "False", run.stdout
+    assert "autograd_cache_hit" in warm[2] and warm[3] == "True", run.stdout
+    assert equal[2] == "True", run.stdout
 
 
 def test_partitioner_pickles_as_its_uuid():

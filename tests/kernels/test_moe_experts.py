@@ -794,13 +794,13 @@ def test_dual_gate_up_weight_gradients(monkeypatch, kw) -> None:
 
     monkeypatch.setattr(moe_experts, "launch", spy)
     monkeypatch.setattr(moe_experts, "GATE_UP_FORCE", "dual")
-    check(case)
+    _, preact, *dual = check(case)
     assert launched and all(a["HAS_DB2"] == (kw["bias"] != "none" and not only_gate_bias) for a in launched)
     assert all(a["HAS_DB"] == (kw["bias"] != "none") for a in launched)
-    _, preact = moe_experts.moe_experts_fwd(*case.fwd_args())
-    dual = moe_experts.moe_experts_bwd(*case.bwd_args(preact))
+    launched.clear()
     monkeypatch.setattr(moe_experts, "GATE_UP_FORCE", "single")
-    single = moe_experts.moe_experts_bwd(*case.bwd_args(preact))
+    single = moe_experts.moe_experts_bwd(*case.bwd_args(preact.clone()))
+    assert not launched
     for g, w in zip(dual, single):
         for s, t in zip(g if isinstance(g, list) else [g], w if isinstance(w, list) else [w]):
             torch.testing.assert_close(s, t, rtol=0, atol=0)
@@ -1147,19 +1147,18 @@ def test_split_dh_equals_fused(monkeypatch, kw) -> None:
 
     case = make_case(E=5, seed=41, **kw)
     launched = spy_launches(monkeypatch)
-    _, preact = moe_experts.moe_experts_fwd(*case.fwd_args())
-    monkeypatch.setenv("BLAZEC_DH", "fused")
-    fused = moe_experts.moe_experts_bwd(*case.bwd_args(preact.clone()))
-    assert "_dh_kernel" in launched
-    launched.clear()
     monkeypatch.setenv("BLAZEC_DH", "split")
-    check(case)
+    y, preact, *split = check(case)
     split_path = kw.get("weight_pos", "output") != "output" or kw["bias"] == "none"
     assert ("_rows_gemm_kernel+gather" in launched) == split_path, launched
     assert ("_dh_kernel" in launched) != split_path, launched
-    split = moe_experts.moe_experts_bwd(*case.bwd_args(preact.clone()))
+    launched.clear()
+    monkeypatch.setenv("BLAZEC_DH", "fused")
+    fused = moe_experts.moe_experts_bwd(*case.bwd_args(preact.clone()))
+    assert "_dh_kernel" in launched
     _assert_same(split, fused, **(TOL[case.x.dtype] if ON_GPU else dict(rtol=0, atol=0)))
     # dg | du written over the saved preact (the training step's case): the same gradients
+    monkeypatch.setenv("BLAZEC_DH", "split")
     monkeypatch.setattr(moe_experts, "may_overwrite_preact", lambda p: True)
     saved = preact.clone()
     over = moe_experts.moe_experts_bwd(*case.bwd_args(saved), True)  # saved: overwritten, then released
@@ -1340,20 +1339,28 @@ def test_descriptor_scratch_sets_an_allocator_only_where_none_is_set() -> None:
     assert contextvars.Context().run(theirs)
 
 
-@pytest.mark.parametrize("kw, cat", [
-    (dict(activation="swiglu", ids_kind="empty_experts", dtype=torch.bfloat16, d=24, I=32), True),
-    (dict(activation="geglu", bias="list", layout="list", capacity=5), True),  # I = 19: K steps straddle
+_CAT_CASES = [
+    (dict(activation="swiglu", ids_kind="empty_experts", dtype=torch.bfloat16, d=24, I=32), True, "bf16-empty-experts"),
+    (dict(activation="geglu", bias="list", layout="list", capacity=5), True,  # I = 19: K steps straddle
+     "list-bias-dropped-straddle"),
     # gate and up sliced from one [E, 2I, d] parameter: Wu's rows continue Wg's (no jump)
-    (dict(activation="swiglu", bias="stacked", layout="fused", weight_pos="hidden", recompute=True, d=24, I=16), True),
-    (dict(activation="geglu_tanh", T=1, k=1, noncontig=True, d=24, I=48), True),  # dx rows straight to tokens
-    (dict(activation="gelu", bias="stacked", d=24), False),  # one product
-    (dict(activation="swiglu", d=21), False),  # stacked, 19*21 elements per expert: unaligned
-    (dict(activation="swiglu", layout="list_unaligned"), False),
-    (dict(activation="swiglu", layout="list_t"), False),  # contiguous along I, not d
-    (dict(activation="swiglu", layout="up_strided", d=24), False),  # aligned, Wu's strides differ
-], ids=["bf16-empty-experts", "list-bias-dropped-straddle", "fused-hidden-recompute", "k1-T1-noncontig",
-        "gelu", "stacked-unaligned", "list-unaligned", "list_t", "up-strides"])
-@pytest.mark.parametrize("rows", ["tiles", "persistent"])
+    (dict(activation="swiglu", bias="stacked", layout="fused", weight_pos="hidden", recompute=True, d=24, I=16), True,
+     "fused-hidden-recompute"),
+    (dict(activation="geglu_tanh", T=1, k=1, noncontig=True, d=24, I=48), True,  # dx rows straight to tokens
+     "k1-T1-noncontig"),
+    (dict(activation="gelu", bias="stacked", d=24), False, "gelu"),  # one product
+    (dict(activation="swiglu", d=21), False, "stacked-unaligned"),  # stacked, 19*21 elements per expert: unaligned
+    (dict(activation="swiglu", layout="list_unaligned"), False, "list-unaligned"),
+    (dict(activation="swiglu", layout="list_t"), False, "list_t"),  # contiguous along I, not d
+    (dict(activation="swiglu", layout="up_strided", d=24), False, "up-strides"),  # aligned, Wu's strides differ
+]
+
+
+# Where the launcher refuses CAT, BLAZEC_ROWS changes nothing this test checks (the persistent
+# row GEMMs have their own test): those cases run as tiles only.
+@pytest.mark.parametrize("rows, kw, cat", [
+    pytest.param(rows, kw, cat, id=f"{rows}-{name}")
+    for rows in ("tiles", "persistent") for kw, cat, name in _CAT_CASES if cat or rows == "tiles"])
 def test_cat_dx_equals_two(monkeypatch, kw, cat, rows) -> None:
     """BLAZEC_DX=cat: a gated dX GEMM as one K loop over [dg | du] and [Wg; Wu] (CAT), as a
     program per tile or persistent (BLAZEC_ROWS), where Wg and Wu have the same strides,
@@ -1368,11 +1375,13 @@ def test_cat_dx_equals_two(monkeypatch, kw, cat, rows) -> None:
     launched = spy_launches(monkeypatch)
     monkeypatch.setenv("BLAZEC_ROWS", rows)
     monkeypatch.setenv("BLAZEC_DX", "cat")
-    got = check(case)
-    dx = [n for n in launched if n.startswith("_rows_gemm_kernel") and ("+cat" in n or "+two" in n)]
-    if not cat:
+    if not cat:  # the launcher refuses: its backward runs the default dX launch (tested as the default)
+        _fwd_bwd(case)
+        assert "_rows_gemm_kernel" in {n.split("+")[0] for n in launched}, launched
         assert not any("+cat" in n for n in launched), launched
         return
+    got = check(case)
+    dx = [n for n in launched if n.startswith("_rows_gemm_kernel") and ("+cat" in n or "+two" in n)]
     assert dx == ["_rows_gemm_kernel+cat" + ("+persistent" if rows == "persistent" else "")], launched
     monkeypatch.setenv("BLAZEC_DX", "two")
     launched.clear()
