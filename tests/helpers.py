@@ -113,3 +113,34 @@ def cold_graph_caches_env(tmp_path: Path) -> dict:
     except (ImportError, OSError):
         pass  # a cold C++ cache as well: slower, the same test
     return env
+
+
+def slow_cases(*ids: str):
+    """Mark the cases of the ``@pytest.mark.parametrize`` just below (named by their ids) slow:
+    variants of the cases the default run keeps (README, "Tests"). An id that names no case is
+    an error, so that a renamed case cannot leave the default run by accident."""
+    import pytest
+
+    def mark(fn):
+        param = fn.pytestmark[-1]  # the decorator applied last: the one just below
+        assert param.name == "parametrize", f"{fn.__name__}: slow_cases goes right above a parametrize"
+        argnames, values = param.args[:2]
+        kwargs = dict(param.kwargs)
+        names = kwargs.pop("ids", None)
+        single = len([a for a in (argnames.split(",") if isinstance(argnames, str) else argnames) if a.strip()]) == 1
+        cases, seen = [], set()
+        for i, v in enumerate(values):
+            if hasattr(v, "values") and hasattr(v, "marks"):  # already a pytest.param
+                vals, marks, case_id = v.values, list(v.marks), v.id
+            else:
+                vals, marks, case_id = ((v,) if single else tuple(v)), [], names[i] if names else None
+            if case_id in ids:
+                seen.add(case_id)
+                marks.append(pytest.mark.slow)
+            cases.append(pytest.param(*vals, marks=marks, id=case_id))
+        unknown = set(ids) - seen
+        assert not unknown, f"{fn.__name__}: slow_cases names no case {sorted(unknown)}"
+        fn.pytestmark[-1] = pytest.mark.parametrize(argnames, cases, **kwargs).mark
+        return fn
+
+    return mark

@@ -130,11 +130,10 @@ def test_backend_passes_the_sm_free_patch_to_inductor(monkeypatch):
     import torch._inductor.compile_fx as cfx
 
     seen = {}
-    real = cfx.compile_fx
 
-    def spy(gm, inputs, config_patches=None, **kw):
+    def spy(gm, inputs, config_patches=None, **kw):  # what blaze hands Inductor; Inductor itself is not run
         seen.update(config_patches or {})
-        return real(gm, inputs, config_patches=config_patches, **kw)
+        return gm.forward
 
     monkeypatch.setattr(cfx, "compile_fx", spy)
     monkeypatch.setattr(ep, "sm_free_plan", lambda group, stage: ({ep.LOW_CONTENTION_KEY: True}, "blazec: test"))

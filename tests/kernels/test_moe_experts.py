@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from blazec.ops import ACTIVATIONS
 from blazec.ops import reference as ref
 from tests.kernels.cases import LAYOUTS, NAMES, TOL, _flat, _run, check, make_case, spy_launches
+from tests.helpers import slow_cases
 from tests.kernels.conftest import ON_GPU
 
 
@@ -764,6 +765,7 @@ def test_releasable(monkeypatch) -> None:
     assert not moe_experts._graph_trees_on(dev)
 
 
+@slow_cases("bf16-hidden-recompute", "T1")
 @pytest.mark.parametrize("kw", [
     dict(activation="swiglu", bias="none", ids_kind="empty_experts"),
     dict(activation="geglu", bias="list", layout="list", ids_kind="ragged", capacity=5),
@@ -979,6 +981,7 @@ _WRITES = {"_gemm1_kernel": ("pre_ptr", "h_ptr"), "_rows_gemm_kernel": ("out_ptr
            "_wgrad_kernel": ("dw_ptr", "db_ptr", "dw2_ptr", "db2_ptr")}
 
 
+@slow_cases("k1-dropped-gelu", "list-bias-recompute")
 @pytest.mark.parametrize("kw, gemm1, rows, dx", [
     # stacked, aligned, gated: GEMM 1 has all three candidates; k = 3 down GEMM into row
     # buffers; I a multiple of the K step: the dX GEMM may run CAT
@@ -1126,6 +1129,7 @@ def _assert_same(got, want, **tol) -> None:
             torch.testing.assert_close(s, t, **tol)
 
 
+@slow_cases("relu-hidden-recompute", "T1")
 @pytest.mark.parametrize("kw", [
     dict(activation="swiglu", bias="none", ids_kind="empty_experts", dtype=torch.bfloat16),
     dict(activation="geglu", bias="list", layout="list", weight_pos="hidden", ids_kind="ragged", capacity=5),
@@ -1165,6 +1169,7 @@ def test_split_dh_equals_fused(monkeypatch, kw) -> None:
     _assert_same(over, split, rtol=0, atol=0)
 
 
+@slow_cases("relu-hidden-recompute", "T1-hidden", "list_t-noncontig")
 @pytest.mark.parametrize("kw", [
     dict(activation="swiglu", bias="none", ids_kind="empty_experts", dtype=torch.bfloat16),
     dict(activation="geglu", bias="list", layout="list", ids_kind="ragged", capacity=5),
@@ -1208,6 +1213,7 @@ def _gate_up_case(kw: dict, seed: int):
     return case
 
 
+@slow_cases("T1-noncontig")
 @pytest.mark.parametrize("kw, wide", [
     (dict(activation="swiglu", ids_kind="empty_experts", dtype=torch.bfloat16, d=24), True),
     (dict(activation="geglu", bias="list", layout="list", capacity=5), True),  # odd d and I
@@ -1248,6 +1254,7 @@ def test_wide_gemm1_equals_fused(monkeypatch, kw, wide) -> None:
     _assert_same(wide_out, fused, **(TOL[case.x.dtype] if ON_GPU else dict(rtol=0, atol=0)))
 
 
+@slow_cases("fused-hidden-recompute", "gelu", "T1-noncontig", "fp32-tf32")
 @pytest.mark.parametrize("kw, desc", [
     (dict(activation="swiglu", ids_kind="empty_experts", dtype=torch.bfloat16, d=24), True),
     (dict(activation="geglu", bias="list", layout="list", capacity=5, dtype=torch.float16, d=24), True),  # odd I
@@ -1358,6 +1365,8 @@ _CAT_CASES = [
 
 # Where the launcher refuses CAT, BLAZEC_ROWS changes nothing this test checks (the persistent
 # row GEMMs have their own test): those cases run as tiles only.
+@slow_cases("tiles-fused-hidden-recompute", "tiles-k1-T1-noncontig", "persistent-list-bias-dropped-straddle",
+            "persistent-fused-hidden-recompute", "persistent-k1-T1-noncontig")
 @pytest.mark.parametrize("rows, kw, cat", [
     pytest.param(rows, kw, cat, id=f"{rows}-{name}")
     for rows in ("tiles", "persistent") for kw, cat, name in _CAT_CASES if cat or rows == "tiles"])
@@ -1391,6 +1400,7 @@ def test_cat_dx_equals_two(monkeypatch, kw, cat, rows) -> None:
     _assert_same(got, two, **(TOL[case.x.dtype] if ON_GPU or not same_steps else dict(rtol=0, atol=0)))
 
 
+@slow_cases("bf16-empty-experts", "relu-hidden-recompute-T1-split-gemm1", "one-expert-noncontig", "k1-dropped-gelu")
 @pytest.mark.parametrize("kw, split", [
     (dict(activation="swiglu", ids_kind="empty_experts", dtype=torch.bfloat16, T=20, k=3, E=6), False),
     (dict(activation="swiglu", ids_kind="empty_experts", dtype=torch.bfloat16, T=20, k=3, E=6), True),

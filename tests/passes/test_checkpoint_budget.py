@@ -483,7 +483,8 @@ def test_inputs_written_in_place_are_not_read_again_in_backward(make, n_inputs, 
     ref_args = [a.clone() for a in args]
     x_ref = ref_args[0].requires_grad_()
     ref_model(*ref_args).pow(2).sum().backward()
-    for budget in (None, 0.0, "50%"):
+    # Inductor (4-10 s a compile on 2 cores) takes the default partition and the smallest budget
+    for budget in (None, 0.0, "50%") if final_stage == "eager" else (None, 0.0):
         torch._dynamo.reset()
         got_model, got_args = clone_model(model), [a.clone() for a in args]
         x = got_args[0].requires_grad_()
