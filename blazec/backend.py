@@ -40,7 +40,6 @@ from blazec.partition import partition_joint
 log = logging.getLogger("blazec")
 
 
-
 def capture_dynamic(value: str) -> bool:
     """Whether BLAZEC_CAPTURE_DYNAMIC's ``value`` turns Dynamo's capture of data-dependent
     shapes and scalars on ("1", the default) or leaves it alone ("0"); anything else is an error."""

@@ -48,7 +48,7 @@ def run_train(model, inputs):
     return out.detach(), grads, in_grads
 
 
-def blaze_unless_unchanged(gm, example_inputs, options=None):
+def blaze_unless_unchanged(gm, example_inputs, options=None, on_pre_grad=None):
     """The blaze backend, except for a graph its pre-grad passes leave as it was: that one runs
     as Dynamo captured it (what backend="eager" does), without AOTAutograd, blaze's partitioner
     and post-grad passes, and Inductor.
@@ -57,12 +57,16 @@ def blaze_unless_unchanged(gm, example_inputs, options=None):
     their graph then computes eager's numbers whatever the later stages do, and those stages
     (about 60% of such a test's time) are tested on their own. A graph the passes rewrote
     takes every stage, and the report capture gets the same record either way (without the
-    partition and post-grad reports when the stages are skipped)."""
+    partition and post-grad reports when the stages are skipped).
+
+    ``on_pre_grad(graph, reports)``, if given, sees the pre-grad passes' graph and reports."""
     from blazec.backend import compile_stage, pre_grad_stage
     from blazec.config import BlazeConfig
 
     config = BlazeConfig.from_options(options)
     new_gm, record, patches = pre_grad_stage(gm, example_inputs, config)
+    if on_pre_grad is not None:
+        on_pre_grad(new_gm, list(record.pass_reports))
     if new_gm.code == gm.code:
         return gm.forward
     return compile_stage(new_gm, example_inputs, config, record, patches)

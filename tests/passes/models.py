@@ -18,8 +18,7 @@ import torch.nn.functional as F
 
 import blazec.ops  # noqa: F401 - registers torch.ops.blazec.*
 from blazec import report
-from blazec.backend import blaze, run_pre_grad_passes
-from blazec.config import BlazeConfig
+from blazec.backend import blaze
 from tests.helpers import blaze_unless_unchanged
 
 GATED = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh"}
@@ -310,11 +309,9 @@ def assert_training_close(got, ref, atol=1e-5, rtol=1e-4, expect_params=None):
 
 class Spy:
     """A backend: blaze with ``options`` (through tests/helpers.blaze_unless_unchanged: a graph
-    the passes leave alone runs as Dynamo captured it), keeping each Dynamo graph and its
-    rewritten form.
-
-    The pre-grad passes are deterministic, so running them here on the same graph gives the
-    graph blaze compiles; ``report.capture`` gives blaze's own record of it too.
+    the passes leave alone runs as Dynamo captured it), keeping each Dynamo graph, the graph
+    its pre-grad passes made (the one blaze compiles) and their reports; ``report.capture``
+    gives blaze's own record of it too.
     """
 
     def __init__(self, options: dict[str, Any] | None = None):
@@ -323,13 +320,13 @@ class Spy:
         self.after: list[torch.fx.GraphModule] = []
         self.reports: list[Any] = []
 
-    def __call__(self, gm, example_inputs):
-        cfg = BlazeConfig.from_options(self.options)
-        self.before.append(gm)
-        new_gm, reps = run_pre_grad_passes(gm, example_inputs, cfg)
+    def _pre_grad(self, new_gm, reports) -> None:
         self.after.append(new_gm)
-        self.reports.append(reps)
-        return blaze_unless_unchanged(gm, example_inputs, options=self.options)
+        self.reports.append(reports)
+
+    def __call__(self, gm, example_inputs):
+        self.before.append(gm)
+        return blaze_unless_unchanged(gm, example_inputs, options=self.options, on_pre_grad=self._pre_grad)
 
 
 def compile_blaze(model, options=None, **kw):
