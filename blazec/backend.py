@@ -43,9 +43,10 @@ log = logging.getLogger("blazec")
 def capture_dynamic(value: str) -> bool:
     """Whether BLAZEC_CAPTURE_DYNAMIC's ``value`` turns Dynamo's capture of data-dependent
     shapes and scalars on ("1", the default) or leaves it alone ("0"); anything else is an error."""
-    if value.strip() not in ("0", "1"):
-        raise ValueError(f"BLAZEC_CAPTURE_DYNAMIC must be 0 or 1 (default 1), got {value.strip()!r}")
-    return value.strip() == "1"
+    value = value.strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"BLAZEC_CAPTURE_DYNAMIC must be 0 or 1 (default 1), got {value!r}")
+    return value == "1"
 
 
 if capture_dynamic(os.environ.get("BLAZEC_CAPTURE_DYNAMIC", "1")):

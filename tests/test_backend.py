@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from blazec import report
-from tests.helpers import cold_graph_caches_env, run_train
+from tests.helpers import cold_graph_caches_env, run_train, slow_cases
 
 
 class MLP(nn.Module):
@@ -72,20 +72,19 @@ SETTINGS = [  # (fullgraph, dynamic): every value of each flag appears
 ]
 
 
-def _settings(name: str, settings: list) -> list:
-    """``settings`` for ``name``; the transformer block (attention: 12-36 s a compile pair on
-    2 cores) runs its fullgraph ones in the slow tier only, each a variant of the same setting
-    on the other two models (README, "Tests")."""
-    slow = name == "transformer_block"
-    return [pytest.param(name, fg, dyn, marks=pytest.mark.slow) if slow and fg else (name, fg, dyn)
-            for fg, dyn in settings]
+def _cases(settings: list) -> list:
+    """(name, fullgraph, dynamic) for every model and each of ``settings``, with ids."""
+    return [pytest.param(n, fg, dyn, id=f"{n}-{fg}-{dyn}") for n in sorted(MODELS) for fg, dyn in settings]
 
 
 def _compiled(model, backend, fullgraph, dynamic):
     return torch.compile(model, backend=backend, fullgraph=fullgraph, dynamic=dynamic)
 
 
-@pytest.mark.parametrize("name, fullgraph, dynamic", [p for n in sorted(MODELS) for p in _settings(n, SETTINGS)])
+# The transformer block's fullgraph settings (attention: 12-36 s a compile pair on 2 cores) are
+# slow; the other two models keep every setting.
+@slow_cases("transformer_block-True-True", "transformer_block-True-False")
+@pytest.mark.parametrize("name, fullgraph, dynamic", _cases(SETTINGS))
 def test_training_matches_inductor(name, fullgraph, dynamic):
     cls, make_inputs = MODELS[name]
     base = cls()
@@ -106,7 +105,8 @@ def test_training_matches_inductor(name, fullgraph, dynamic):
     torch.testing.assert_close(got[0], eager[0], atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name, fullgraph, dynamic", [p for n in sorted(MODELS) for p in _settings(n, SETTINGS[:2])])
+@slow_cases("transformer_block-True-True")
+@pytest.mark.parametrize("name, fullgraph, dynamic", _cases(SETTINGS[:2]))
 def test_inference_matches_inductor(name, fullgraph, dynamic):
     cls, make_inputs = MODELS[name]
     base = cls().eval()

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 
 from blazec.ops import ACTIVATIONS
 from blazec.ops import reference as ref
-from tests.kernels.cases import LAYOUTS, NAMES, TOL, _flat, _run, check, make_case, spy_launches
 from tests.helpers import slow_cases
+from tests.kernels.cases import LAYOUTS, NAMES, TOL, _flat, _run, check, make_case, spy_launches
 from tests.kernels.conftest import ON_GPU
 
 
@@ -1152,7 +1152,7 @@ def test_split_dh_equals_fused(monkeypatch, kw) -> None:
     case = make_case(E=5, seed=41, **kw)
     launched = spy_launches(monkeypatch)
     monkeypatch.setenv("BLAZEC_DH", "split")
-    y, preact, *split = check(case)
+    _, preact, *split = check(case)
     split_path = kw.get("weight_pos", "output") != "output" or kw["bias"] == "none"
     assert ("_rows_gemm_kernel+gather" in launched) == split_path, launched
     assert ("_dh_kernel" in launched) != split_path, launched
