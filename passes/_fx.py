@@ -188,6 +188,15 @@ def is_getitem(node: Any) -> bool:
 def slot_sum_product(final: Any, what: str = "slot") -> Node:
     """The product ``p`` of ``p.sum(dim=1)`` / ``torch.sum(p, 1)`` over a [T, k, d] tensor, in
     its own dtype and without keepdim; NoMatch naming what differs otherwise."""
+    prod = slot_sum_input(final, what)
+    if not is_mul(prod):
+        raise NoMatch(f"the {what} sum is not over expert outputs times routing weights")
+    return prod
+
+
+def slot_sum_input(final: Any, what: str = "slot") -> Any:
+    """The input ``p`` of ``p.sum(dim=1)`` / ``torch.sum(p, 1)``, summed in its own dtype and
+    without keepdim; NoMatch naming what differs otherwise."""
     if not ((is_method(final, "sum") or is_fn(final, torch.sum)) and arg(final, 1, "dim") in (1, -2)):
         raise NoMatch(f"not a sum over the {what} dimension")
     if arg(final, 2, "keepdim", False) is not False:
@@ -195,10 +204,7 @@ def slot_sum_product(final: Any, what: str = "slot") -> Node:
                       "not [T, d]")
     if final.kwargs.get("dtype") is not None:
         raise NoMatch(f"the {what} sum runs in {final.kwargs['dtype']}, not in its terms' dtype as the blaze op's")
-    prod = final.args[0]
-    if not is_mul(prod):
-        raise NoMatch(f"the {what} sum is not over expert outputs times routing weights")
-    return prod
+    return final.args[0]
 
 
 def eq_mask(node: Any) -> tuple[Node, int] | None:

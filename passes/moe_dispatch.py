@@ -508,8 +508,9 @@ def _slot_sums(graph: torch.fx.Graph) -> list[Node]:
 
 
 def _has_argsort(final: Node) -> bool:
-    """Whether ``final`` reads an inverse permutation (so a failed sorted match is a near miss)."""
-    return any(is_fn(n, torch.argsort) or is_method(n, "argsort") for n in _upstream(final, 8))
+    """Whether ``final`` reads a sort of pairs (``argsort``, or ``sort`` as Hugging Face's experts
+    write it), so that a failed sorted match is a near miss."""
+    return any(is_fn(n, torch.argsort, torch.sort) or is_method(n, "argsort", "sort") for n in _upstream(final, 8))
 
 
 def _upstream(node: Node, depth: int) -> list[Node]:

@@ -25,10 +25,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 
 from blazec.passes._fx import (
     LINEAR, NoMatch, arg, check_combine_dtypes, check_no_rounding, combine_args, dtype, follow_first_args, is_fn,
-    is_getitem, is_method, is_mul, same_shape, shape, slot_sum_product, strip_casts, weighted_rows,
+    is_getitem, is_method, is_mul, same_shape, shape, slot_sum_input, slot_sum_product, strip_casts, weighted_rows,
 )
 from blazec.passes.moe_expert_mlp import GATED, ExpertMLP, FinalMatch, WeightRef, _activation, check_consistent, parse_expert
 from blazec.passes.moe_loop_form import ZEROS_FNS, _check_acc_reads, _check_dtypes, _ids_bound
@@ -104,15 +105,24 @@ def _counts_ok(counts: Node, flat: Node, E: int) -> bool:
         src, _ = strip_casts(c.args[0])
         bins, lo, hi = arg(c, 1, "bins"), arg(c, 2, "min"), arg(c, 3, "max")
         # integer v in [0, E-1] lands in bin floor(v * E / (E - 1)) = v: exact for E >= 2
-        return _same_flat(src, flat) and bins == E and lo == 0 and hi == E - 1 and E >= 2
+        return _same_ids(src, flat) and bins == E and lo == 0 and hi == E - 1 and E >= 2
     if is_fn(c, torch.bincount):  # weights would make the counts sums of weights
-        return _same_flat(arg(c, 0, "input"), flat) and arg(c, 1, "weights") is None and arg(c, 2, "minlength") == E
+        return _same_ids(arg(c, 0, "input"), flat) and arg(c, 1, "weights") is None and arg(c, 2, "minlength") == E
     return _one_hot_counts(c, flat, E)
 
 
 def _same_flat(a: object, flat: Node) -> bool:
     """``a`` is ``flat``, or another ``reshape(-1)`` / ``flatten()`` of the same ids."""
     return a is flat or (_flat_of(a) is not None and _flat_of(a) is _flat_of(flat))
+
+
+def _same_ids(a: object, flat: Node) -> bool:
+    """``a`` holds the ids of ``flat`` as a multiset (what a count reads): :func:`_same_flat`, or
+    the sorted values ``sort(flat)[0]`` (Hugging Face's ``histc(expert_ids_g, ...)``)."""
+    a, _ = strip_casts(a)
+    if is_getitem(a) and a.args[1] == 0 and (is_fn(a.args[0], torch.sort) or is_method(a.args[0], "sort")):
+        return _same_flat(a.args[0].args[0], flat)
+    return _same_flat(a, flat)
 
 
 def _one_hot_counts(c: Node, flat: Node, E: int) -> bool:
@@ -178,7 +188,41 @@ def match_sorted(acc: Node, index_adds: list[Node]) -> SortMatch:
     return SortMatch(acc, ia, ids, weights, x, k, experts)
 
 
-GROUPED_MM = getattr(torch, "_grouped_mm", None)
+# torch._grouped_mm, and torch.nn.functional.grouped_mm where it exists and Dynamo keeps it
+# (torch 2.13 inlines it to torch._grouped_mm)
+GROUPED_MM = tuple(f for f in (getattr(torch, "_grouped_mm", None), getattr(F, "grouped_mm", None)) if f is not None)
+
+
+# Hugging Face transformers' own grouped GEMM, which its experts call under torch.compile for
+# dtypes other than bf16 (torch._grouped_mm traces only for bf16): the same products,
+# ``input[rows of group e] @ weight[e]``, as a loop over the groups
+# (transformers/integrations/moe.py, ``grouped_mm_fallback(input, weight, offs)``)
+HF_GROUPED_MM = "transformers::grouped_mm_fallback"
+
+
+def _is_grouped_mm(node: object) -> bool:
+    if not (isinstance(node, Node) and node.op == "call_function"):
+        return False
+    if node.target in GROUPED_MM:
+        return True
+    packet = getattr(node.target, "_overloadpacket", node.target)
+    return getattr(packet, "_qualified_op_name", None) == HF_GROUPED_MM
+
+
+def _untransposed(W: object) -> tuple[object, bool]:
+    """(P, True) for ``P.transpose(-2, -1)`` (or ``(1, 2)``, ``.mT``, ``permute(0, 2, 1)``) of a
+    3-D ``P``: a weight stored [E, out, in] passed to grouped_mm as [E, in, out] (Hugging Face
+    v5's experts); else (W, False)."""
+    if not isinstance(W, Node) or len(shape(W) or ()) != 3:
+        return W, False
+    if (is_method(W, "transpose") or is_fn(W, torch.transpose)) and \
+            {d % 3 for d in W.args[1:3] if isinstance(d, int)} == {1, 2} and len(W.args) == 3:
+        return W.args[0], True
+    if is_method(W, "permute") and tuple(a % 3 for a in (W.args[1:] if len(W.args) > 2 else W.args[1])) == (0, 2, 1):
+        return W.args[0], True
+    if is_fn(W, getattr) and W.args[1] == "mT":
+        return W.args[0], True
+    return W, False
 
 
 def _grouped(node: object, groups: list) -> tuple[Node, Node, bool]:
@@ -190,10 +234,12 @@ def _grouped(node: object, groups: list) -> tuple[Node, Node, bool]:
 
     W is a 3-D parameter. ``groups`` collects each GEMM's ``O`` or ``sizes``; all must be the same
     (the caller proves the first are the per-expert counts)."""
-    if is_fn(node, GROUPED_MM):
+    if _is_grouped_mm(node):
         if arg(node, 3, "bias") is not None or arg(node, 4, "out_dtype") is not None:
             raise NoMatch("torch._grouped_mm with bias or out_dtype is not matched")
-        rows, W, group, transposed = node.args[0], node.args[1], ("offs", arg(node, 2, "offs")), True
+        rows, group = node.args[0], ("offs", arg(node, 2, "offs"))
+        W, flipped = _untransposed(node.args[1] if len(node.args) > 1 else node.kwargs.get("mat_b", node.kwargs.get("weight")))
+        transposed = not flipped  # rows @ W[e], or rows @ P[e].T = F.linear(rows, P[e])
     elif is_fn(node, torch.cat) and arg(node, 1, "dim", 0) in (0, -2):
         rows, W, sizes = _split_linears(node)
         group, transposed = ("sizes", tuple(sizes)), False
@@ -232,7 +278,7 @@ def sorted_experts(y_rows: Node, perm: Node, k: int, flat: Node) -> tuple[dict[i
     """The experts and ``x`` behind expert outputs in sorted-pair order (grouped_mm or split loop)."""
     y, _ = strip_casts(y_rows)
     check_no_rounding(y, "on the expert outputs")
-    grouped = is_fn(y, GROUPED_MM) or _splits_hidden(y, perm, k)
+    grouped = _is_grouped_mm(y) or _splits_hidden(y, perm, k)
     return _grouped_experts(y, perm, k, flat) if grouped else _split_experts(y, perm, k, flat)
 
 
@@ -252,6 +298,8 @@ def _grouped_experts(out: Node, perm: Node, k: int, flat: Node) -> tuple[dict[in
     """y_rows = _grouped_mm(act(g) [* u], W_down, offs) with g, u grouped GEMMs of x[perm // k]."""
     groups: list = []
     h, down, down_t = _grouped(out, groups)
+    h, _ = strip_casts(h)  # Hugging Face's input.to(weight.dtype): exact here, or refused below
+    check_no_rounding(h, "on the expert hidden before the down projection")
     act = _activation(h)
     chunk_of = {}
     if act is not None:
@@ -279,6 +327,8 @@ def _grouped_experts(out: Node, perm: Node, k: int, flat: Node) -> tuple[dict[in
             chunk_of[role] = (0, width // 2) if node.args[1] == 0 else (width // 2, width)
             node = mm
         r, W, t = _grouped(node, groups)
+        r, _ = strip_casts(r)
+        check_no_rounding(r, "on the gathered rows before the grouped GEMM")
         if rows is not None and r is not rows:
             raise NoMatch("the gate and up projections read different rows")
         rows, refs[role] = r, (W, t)
@@ -381,42 +431,131 @@ def _weight_gather(node: object, perm: Node) -> Node | None:
     return None
 
 
-def match_sorted_unpermute(final: Node) -> FinalMatch:
-    """The sorted form combined by inverse permutation::
+def _sorted_order(perm: object) -> Node:
+    """``flat`` for a pair order ``perm`` = ``argsort(flat)`` or ``sort(flat)[1]`` (ascending)."""
+    if is_fn(perm, torch.argsort) or is_method(perm, "argsort"):
+        srt = perm
+    elif is_getitem(perm) and perm.args[1] == 1 and (is_fn(perm.args[0], torch.sort) or is_method(perm.args[0], "sort")):
+        srt = perm.args[0]
+    else:
+        raise NoMatch("the pair order is not argsort/sort of the flattened expert ids")
+    _check_ascending(srt, "the expert ids")
+    return srt.args[0]
 
-        y = y_rows[argsort(perm)]                                # back to pair order
+
+def _inverse_of(inv: object, read: Node) -> tuple[Node, set[Node]]:
+    """(perm, in-place nodes) for an inverse permutation ``inv`` of ``perm`` that ``read`` indexes by:
+
+    - ``argsort(perm)``;
+    - ``inv = empty_like(perm); inv[perm] = arange(S)`` (Hugging Face v5's experts), or
+      ``empty_like(perm).scatter_(0, perm, arange(S))``: every entry is written, since ``perm``
+      is a permutation of ``0..S-1`` (the caller proves it is a sort's order of S ids). The write
+      must be the only other use of ``inv`` and come before ``read``; it is returned, to be
+      removed with the site.
+    """
+    if is_fn(inv, torch.argsort) or is_method(inv, "argsort"):
+        _check_ascending(inv, "the sorted positions (the inverse permutation)")
+        return inv.args[0], set()
+    if not (isinstance(inv, Node) and (is_fn(inv, torch.empty_like, torch.zeros_like) or is_method(inv, "new_empty"))):
+        raise NoMatch("expert outputs are not put back in pair order with argsort(perm) or an inverse "
+                      "permutation written as inv[perm] = arange(S)")
+    perm = inv.args[0]
+    writes = [u for u in inv.users if u is not read]
+    if len(writes) != 1:
+        raise NoMatch(f"the inverse permutation {inv.name} has {len(writes)} uses besides the read, not one write")
+    order = {n: i for i, n in enumerate(inv.graph.nodes)}
+    (w,) = writes
+    if is_fn(w, operator.setitem) and w.args[0] is inv and w.args[1] is perm:
+        src = w.args[2]
+    elif is_method(w, "scatter_") and w.args[0] is inv and arg(w, 1, "dim") == 0 and arg(w, 2, "index") is perm \
+            and "reduce" not in w.kwargs:
+        src = arg(w, 3, "src")
+    else:
+        raise NoMatch(f"the inverse permutation {inv.name} is written by {w.name}, not as inv[perm] = arange(S)")
+    if order[w] > order[read]:
+        raise NoMatch(f"the inverse permutation {inv.name} is read before it is written")
+    if not _arange_of(src, perm):
+        raise NoMatch(f"the inverse permutation {inv.name} is not written with arange(len(perm))")
+    if is_method(inv, "new_empty") and tuple(map(str, shape(inv) or ())) != tuple(map(str, shape(perm) or ("?",))):
+        raise NoMatch(f"the inverse permutation {inv.name} is not the size of the pair order")
+    if dtype(inv) not in (torch.int64, torch.int32) or dtype(src) not in (torch.int64, torch.int32):
+        raise NoMatch(f"the inverse permutation {inv.name} is not an int32/int64 index")
+    return perm, {w}
+
+
+def _arange_of(src: object, perm: Node) -> bool:
+    """``src`` is ``arange(S)`` (start 0, step 1) with S the length of 1-D ``perm``."""
+    if not is_fn(src, torch.arange):
+        return False
+    pos = list(src.args)
+    start, end, step = (0, pos[0], 1) if len(pos) == 1 else (pos + [1])[:3] if len(pos) >= 2 else (0, src.kwargs.get("end"), 1)
+    start, step = src.kwargs.get("start", start), src.kwargs.get("step", step)
+    ps, ss = shape(perm), shape(src)
+    return (start == 0 and step == 1 and ps is not None and ss is not None and len(ps) == 1
+            and tuple(map(str, ss)) == tuple(map(str, ps)))
+
+
+def match_sorted_unpermute(final: Node) -> FinalMatch:
+    """The sorted form combined by inverse permutation, weighted after it or before it::
+
+        y = y_rows[inv]                                          # back to pair order
         out = (y.view(T, k, d) * w.unsqueeze(-1)).sum(dim=1)
 
-    Row p of ``y`` is pair p (token p // k, slot p % k), so this is the same weighted sum.
+        yw = y_rows * w.reshape(-1)[perm].unsqueeze(-1)          # Hugging Face v5's experts
+        out = yw[inv].view(T, k, d).sum(dim=1)
+
+    with ``inv = argsort(perm)``, or ``inv = empty_like(perm); inv[perm] = arange(S)``. Row p of
+    ``y`` is pair p (token p // k, slot p % k); row p of ``yw[inv]`` is sorted row ``inv[p]``,
+    which is pair ``perm[inv[p]] = p``, times ``w.flat[perm[inv[p]]] = w.flat[p]``. Either way
+    ``out[t] = sum_j w[t, j] * expert_{ids[t, j]}(x[t])``, with the products in the same dtype.
     """
-    prod = slot_sum_product(final)
-    yv, w = weighted_rows(prod) or (None, None)
-    if yv is None or not is_method(yv, "view", "reshape"):
-        raise NoMatch("expert outputs are not viewed as [T, k, d] and weighted by w.unsqueeze(-1)")
-    unperm, y_casts = strip_casts(yv.args[0])
+    head = slot_sum_input(final)  # NoMatch naming what differs from a slot sum
+    weighted_before = not is_mul(head)
+    if not weighted_before:
+        prod = head
+        yv, w = weighted_rows(prod) or (None, None)
+        if yv is None or not is_method(yv, "view", "reshape"):
+            raise NoMatch("expert outputs are not viewed as [T, k, d] and weighted by w.unsqueeze(-1)")
+    elif is_method(head, "view", "reshape"):
+        yv = head
+    else:
+        raise NoMatch("the slot sum is not over expert outputs times routing weights, nor over weighted rows "
+                      "viewed as [T, k, d]")
+    unperm, contrib_casts = strip_casts(yv.args[0])
     check_no_rounding(unperm, "on the expert outputs")
     if not (is_getitem(unperm) and isinstance(unperm.args[1], Node)):
-        raise NoMatch("expert outputs are not put back in pair order with y_rows[argsort(perm)]")
-    inv = unperm.args[1]
-    if not (is_fn(inv, torch.argsort) or is_method(inv, "argsort")):
-        raise NoMatch("the inverse permutation is not argsort(perm)")
-    _check_ascending(inv, "the sorted positions (the inverse permutation)")
-    perm = inv.args[0]
-    if not (is_fn(perm, torch.argsort) or is_method(perm, "argsort")):
-        raise NoMatch("the pair order is not argsort of the flattened expert ids")
-    _check_ascending(perm, "the expert ids")
-    flat = perm.args[0]
+        raise NoMatch("expert outputs are not put back in pair order with y_rows[inv] (an inverse permutation)")
+    perm, links = _inverse_of(unperm.args[1], unperm)
+    flat = _sorted_order(perm)
     ids = _flat_of(flat)
     k = int(shape(ids)[1]) if ids is not None and len(shape(ids) or ()) == 2 else None
     if k is None:
         raise NoMatch("the sorted ids are not ids[T, k].reshape(-1)")
-    experts, x = sorted_experts(unperm.args[0], perm, k, flat)
-    y, more = strip_casts(unperm.args[0])
-    check_combine_dtypes("the sorted experts", dtype(final), prod, y, x, w, [], y_casts + more)
+    if weighted_before:
+        prod, more = strip_casts(unperm.args[0])
+        contrib_casts = contrib_casts + more
+        check_no_rounding(prod, "on the weighted expert outputs")
+        if not is_mul(prod):
+            raise NoMatch("the rows put back in pair order are not expert outputs times routing weights")
+        w = y_rows = None
+        for a, b in ((prod.args[0], prod.args[1]), (prod.args[1], prod.args[0])):
+            found = _weight_gather(b, perm)
+            if found is not None:
+                w, y_rows = found, a
+                break
+        if w is None:
+            raise NoMatch("the sorted rows are not scaled by w.reshape(-1)[perm].unsqueeze(-1) for the same sort order")
+        y_casts: list[Node] = []
+    else:
+        y_rows, y_casts = unperm.args[0], contrib_casts
+        contrib_casts = []
+    experts, x = sorted_experts(y_rows, perm, k, flat)
+    y, more = strip_casts(y_rows)
+    check_combine_dtypes("the sorted experts", dtype(final), prod, y, x, w, contrib_casts, y_casts + more)
     T = shape(x)[0]
     want = (str(T), str(k))
     if any(tuple(map(str, (shape(n) or ())[:2])) != want for n in (ids, w, yv)):
         raise NoMatch(f"ids {shape(ids)}, weights {shape(w)} and the [T, k, d] view disagree with T={T}, k={k}")
     check_consistent(experts)
     _check_dtypes(x, experts)
-    return FinalMatch(final, ids, w, x, k, experts)
+    return FinalMatch(final, ids, w, x, k, experts, links=links)
