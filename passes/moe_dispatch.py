@@ -156,6 +156,7 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx, outer_autocast: str | None 
         except _UNREADABLE:
             return False
 
+    site_links: set[Node] = set()
     for form, candidates, match, report_misses in (
         ("dense_gate", _dense_gate_sums, match_dense_gate, lambda n: True),
         ("pair_weight_gather", _slot_sums, match_pair_gather, _has_param_gather),
@@ -200,6 +201,7 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx, outer_autocast: str | None 
             for n in reversed([n for n in graph.nodes if n in links]):
                 if not n.users:
                     graph.erase_node(n)
+            site_links.update(links)  # one still read by the dead site is erased with it
             name = f"gshard_top{m.top_k}" if form == "gshard_capacity" else form
             rep.matches.append(_describe_match(name, where, m.experts, m.x, m.top_k, recompute,
                                                capacity if capacity >= 0 else None, ep=ep, chunks=chunks))
@@ -228,7 +230,7 @@ def moe_dispatch_pass(gm: torch.fx.GraphModule, ctx, outer_autocast: str | None 
             "op scales an expert's output or its hidden activation, and a gated MLP of s * x is not s times one "
             "of those, so this is left alone"))
     if rep.matches:
-        _remove_dead(graph)
+        _remove_dead(graph, site_links)
     region_single, region_inputs = _region_layers(gm, ctx, rep, autocast, autocast_in)
     ep_single.extend(region_single)
     stale = dense_reads_of_expert_params(gm, ep_nodes)  # owned by an earlier graph's layer, read densely here
@@ -639,8 +641,10 @@ def _describe_match(form: str, where: str, experts: dict, x: Node, top_k: int, r
         "recompute": "gemm1" if recompute else "activation only"} | details)
 
 
-def _remove_dead(graph: torch.fx.Graph) -> None:
-    """Erase nodes nothing reads, including the asserts on sizes of erased ``torch.where``s."""
+def _remove_dead(graph: torch.fx.Graph, links: set[Node] = frozenset()) -> None:
+    """Erase nodes nothing reads, including the asserts on sizes of erased ``torch.where``s and
+    the rewritten sites' in-place ``links`` (an inverse permutation written by ``scatter_`` is
+    read by the dead site)."""
     changed = True
     while changed:
         changed = False
@@ -652,7 +656,7 @@ def _remove_dead(graph: torch.fx.Graph) -> None:
                     graph.erase_node(n)
                     changed = True
                 continue
-            if _pure(n):
+            if _pure(n) or n in links:
                 graph.erase_node(n)
                 changed = True
 

@@ -448,39 +448,45 @@ def _inverse_of(inv: object, read: Node) -> tuple[Node, set[Node]]:
 
     - ``argsort(perm)``;
     - ``inv = empty_like(perm); inv[perm] = arange(S)`` (Hugging Face v5's experts), or
-      ``empty_like(perm).scatter_(0, perm, arange(S))``: every entry is written, since ``perm``
-      is a permutation of ``0..S-1`` (the caller proves it is a sort's order of S ids). The write
-      must be the only other use of ``inv`` and come before ``read``; it is returned, to be
-      removed with the site.
+      ``empty_like(perm).scatter_(0, perm, arange(S))`` (or ``scatter``): every entry is written,
+      since ``perm`` is a permutation of ``0..S-1`` (the caller proves it is a sort's order of S
+      ids). The write must be the buffer's only other use and come before ``read``; an in-place
+      one is returned, to be removed with the site.
     """
     if is_fn(inv, torch.argsort) or is_method(inv, "argsort"):
         _check_ascending(inv, "the sorted positions (the inverse permutation)")
         return inv.args[0], set()
-    if not (isinstance(inv, Node) and (is_fn(inv, torch.empty_like, torch.zeros_like) or is_method(inv, "new_empty"))):
-        raise NoMatch("expert outputs are not put back in pair order with argsort(perm) or an inverse "
-                      "permutation written as inv[perm] = arange(S)")
-    perm = inv.args[0]
-    writes = [u for u in inv.users if u is not read]
-    if len(writes) != 1:
-        raise NoMatch(f"the inverse permutation {inv.name} has {len(writes)} uses besides the read, not one write")
-    order = {n: i for i, n in enumerate(inv.graph.nodes)}
-    (w,) = writes
-    if is_fn(w, operator.setitem) and w.args[0] is inv and w.args[1] is perm:
-        src = w.args[2]
-    elif is_method(w, "scatter_") and w.args[0] is inv and arg(w, 1, "dim") == 0 and arg(w, 2, "index") is perm \
-            and "reduce" not in w.kwargs:
-        src = arg(w, 3, "src")
+    what = ("expert outputs are not put back in pair order with argsort(perm) or an inverse permutation "
+            "written as inv[perm] = arange(S)")
+    if is_method(inv, "scatter_", "scatter") or is_fn(inv, torch.scatter):  # written as it is made
+        buf, write = inv.args[0], inv
+    elif isinstance(inv, Node):
+        buf, writes = inv, [u for u in inv.users if u is not read]
+        if len(writes) != 1:
+            raise NoMatch(f"the inverse permutation {inv.name} has {len(writes)} uses besides the read, not one write")
+        (write,) = writes
+        order = {n: i for i, n in enumerate(inv.graph.nodes)}
+        if order[write] > order[read]:
+            raise NoMatch(f"the inverse permutation {inv.name} is read before it is written")
     else:
-        raise NoMatch(f"the inverse permutation {inv.name} is written by {w.name}, not as inv[perm] = arange(S)")
-    if order[w] > order[read]:
-        raise NoMatch(f"the inverse permutation {inv.name} is read before it is written")
+        raise NoMatch(what)
+    if not (is_fn(buf, torch.empty_like, torch.zeros_like) and isinstance(buf.args[0], Node)):
+        raise NoMatch(what)
+    perm = buf.args[0]
+    if write is inv and list(buf.users) != [write]:
+        raise NoMatch(f"the inverse permutation's buffer {buf.name} has uses besides its write")
+    if is_fn(write, operator.setitem) and write.args[0] is buf and write.args[1] is perm:
+        src = write.args[2]
+    elif (is_method(write, "scatter_", "scatter") or is_fn(write, torch.scatter)) and write.args[0] is buf \
+            and arg(write, 1, "dim") == 0 and arg(write, 2, "index") is perm and "reduce" not in write.kwargs:
+        src = arg(write, 3, "src")
+    else:
+        raise NoMatch(f"the inverse permutation {inv.name} is written by {write.name}, not as inv[perm] = arange(S)")
     if not _arange_of(src, perm):
         raise NoMatch(f"the inverse permutation {inv.name} is not written with arange(len(perm))")
-    if is_method(inv, "new_empty") and tuple(map(str, shape(inv) or ())) != tuple(map(str, shape(perm) or ("?",))):
-        raise NoMatch(f"the inverse permutation {inv.name} is not the size of the pair order")
-    if dtype(inv) not in (torch.int64, torch.int32) or dtype(src) not in (torch.int64, torch.int32):
+    if dtype(buf) not in (torch.int64, torch.int32):
         raise NoMatch(f"the inverse permutation {inv.name} is not an int32/int64 index")
-    return perm, {w}
+    return perm, ({write} if is_fn(write, operator.setitem) or is_method(write, "scatter_") else set())
 
 
 def _arange_of(src: object, perm: Node) -> bool:
