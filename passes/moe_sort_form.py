@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from blazec.passes._fx import (
     LINEAR, NoMatch, arg, check_combine_dtypes, check_no_rounding, combine_args, dtype, follow_first_args, is_fn,
-    is_getitem, is_method, is_mul, same_shape, shape, slot_sum_input, slot_sum_product, strip_casts, weighted_rows,
+    is_getitem, is_method, is_mul, same_shape, shape, slot_sum_input, strip_casts, weighted_rows,
 )
 from blazec.passes.moe_expert_mlp import GATED, ExpertMLP, FinalMatch, WeightRef, _activation, check_consistent, parse_expert
 from blazec.passes.moe_loop_form import ZEROS_FNS, _check_acc_reads, _check_dtypes, _ids_bound
