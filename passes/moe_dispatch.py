@@ -16,7 +16,8 @@ parameters (passes/moe_loop_form.py); all experts on all tokens weighted by a de
 (passes/moe_dense_gate_form.py); the per-pair weight gather with bmm
 (passes/moe_pair_gather_form.py); DeepSeekMoE's repeated rows with masked assignment
 (passes/moe_repeat_form.py); the sort-based grouped form with a per-expert loop over
-split rows or torch._grouped_mm (passes/moe_sort_form.py); and GShard/Switch one-hot capacity dispatch, top-1 and
+split rows or torch._grouped_mm, Hugging Face transformers v5's experts among them
+(passes/moe_sort_form.py); and GShard/Switch one-hot capacity dispatch, top-1 and
 top-2 (passes/moe_gshard_form.py), which becomes ``moe_route`` with the capacity and the
 slot-major drop order.
 """

@@ -16,6 +16,16 @@ Sorted row r is pair ``perm[r]``: token ``perm[r] // k``, weight ``w.flat[perm[r
 ``out[t] = sum_j w[t, j] * expert_{ids[t, j]}(x[t])`` whatever order the sort leaves within
 an expert: the blaze op. The same holds for ``torch._grouped_mm(rows, W, offs=cumsum(counts))``
 in place of the loop (the bf16 spelling): group e of the sorted rows uses ``W[e]``.
+
+The sum can also put the rows back in pair order and sum each token's k slots
+(:func:`match_sorted_unpermute`), weighted there or, as Hugging Face transformers v5's
+``grouped_mm`` experts write it, already in sorted order::
+
+    counts = histc(sort(flat)[0].float(), bins=E, min=0, max=E-1)
+    h      = grouped_mm(rows.to(W.dtype), W_gate_up.transpose(-2, -1), offs=cumsum(counts, dtype=int32))
+    yw     = grouped_mm(act(h), W_down.transpose(-2, -1), offs) * w.reshape(-1)[perm].unsqueeze(-1)
+    inv    = empty_like(perm); inv[perm] = arange(S)        # the inverse permutation
+    out    = yw[inv].view(T, k, d).sum(dim=1)
 """
 
 from __future__ import annotations
