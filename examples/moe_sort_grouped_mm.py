@@ -3,9 +3,9 @@
 Flattened expert ids are argsorted (stable), rows ``x[perm // k]`` are gathered, counts come
 from ``histc``, their ``cumsum`` gives the group offsets, ``torch._grouped_mm`` runs the
 gate/up and down projections, the rows are scaled by their routing weights and summed back
-per token with ``index_add_``. ``torch._grouped_mm`` only traces for bf16 on CUDA in torch
-2.13, so elsewhere the same grouped GEMM is a loop over ````rows.split(counts.tolist())````,
-the other way people write this form.
+per token with ``index_add_``. ``torch._grouped_mm`` only traces for bf16 in torch 2.13 (its
+meta function refuses other dtypes), so in other dtypes the same grouped GEMM is a loop over
+``rows.split(counts.tolist())``, the other way people write this form.
 
     blazec dump examples/moe_sort_grouped_mm.py:make
 """
