@@ -59,10 +59,13 @@ def _fallback_op():
     return torch.ops.transformers.grouped_mm_fallback
 
 
+GROUPED_MM_FALLBACK = _fallback_op()  # at import, as transformers registers it (not while Dynamo traces)
+
+
 def _grouped_mm(rows, W, offs):
     if W.dtype == torch.bfloat16:
         return torch._grouped_mm(rows.to(W.dtype), W, offs=offs)
-    return _fallback_op()(rows.to(W.dtype), W, offs=offs)
+    return GROUPED_MM_FALLBACK(rows.to(W.dtype), W, offs=offs)
 
 
 class HFExperts(nn.Module):
