@@ -9,6 +9,13 @@ The form, as Dynamo sees it (S = T*k pairs, pair p = t*k + j)::
     y    = bmm(h, W2[flat]).squeeze(1)                       # [S, d]
     out  = (y.view(T, k, d) * w.unsqueeze(-1)).sum(dim=1)    # w [T, k]
 
+Hugging Face transformers v5's ``batched_mm`` experts write each projection the other way
+round and weight the rows before the slot sum::
+
+    h    = bmm(W1[flat], x.repeat_interleave(k, dim=0).unsqueeze(-1)).squeeze(-1)   # W1 [E, out, in]
+    y    = bmm(W2[flat], act(h).unsqueeze(-1)).squeeze(-1)   # a gated h: one gate_up W1, chunk(2)
+    out  = (y * w.reshape(-1).unsqueeze(-1)).view(T, k, d).sum(dim=1)
+
 Row p of every tensor belongs to token p // k and slot p % k, and its expert is
 ``ids[t, j]``, so ``out[t] = sum_j w[t, j] * expert_{ids[t, j]}(x[t])``: the blaze op with the
 stacked weights used as they are (transposed views), and no per-pair copy.
@@ -30,7 +37,7 @@ import torch.fx
 
 from blazec.passes._fx import (
     NoMatch, arg, canonical_equation, einsum_equation, einsum_operands, is_fn, is_getitem, is_method, is_mul, shape,
-    slot_sum_product, weighted_rows,
+    slot_sum_input, weighted_rows,
 )
 from blazec.passes.moe_expert_mlp import GATED, ExpertMLP, FinalMatch, WeightRef, _activation
 from blazec.passes.moe_loop_form import _check_dtypes, _ids_bound
@@ -54,10 +61,71 @@ def _check_ids_in_range(ids: Node, E: int) -> None:
                       f"{E} experts")
 
 
-def _squeeze1(node: object) -> Node | None:
-    if is_method(node, "squeeze") and len(node.args) == 2 and node.args[1] in (1, -2):
+def _squeezed(node: object, dims: tuple) -> Node | None:
+    if is_method(node, "squeeze") and len(node.args) == 2 and node.args[1] in dims:
         return node.args[0]
     return None
+
+
+def _is_gather(node: object) -> bool:
+    return is_getitem(node) and isinstance(node.args[0], Node) and node.args[0].op in ("placeholder", "get_attr")
+
+
+def _pair_linear(node: object, flat: list) -> tuple[Node, bool, Node]:
+    """(P, transposed, rows) of one per-pair projection of ``rows``:
+
+    - ``bmm(rows, P[flat])`` (``rows`` [S, 1, in], P [E, in, out]), optionally ``.squeeze(1)``;
+    - ``bmm(P[flat], rows.unsqueeze(-1)).squeeze(-1)`` (``rows`` [S, in], P [E, out, in]:
+      Hugging Face v5's ``batched_mm`` experts).
+    """
+    inner = _squeezed(node, (1, -2, 2, -1))
+    mm = inner if inner is not None else node
+    if not is_fn(mm, torch.bmm):
+        raise NoMatch("expected a bmm of the repeated rows with gathered weights")
+    a, b = mm.args[:2]
+    if _is_gather(a):  # P[e] @ row
+        rows = b.args[0] if is_method(b, "unsqueeze") and arg(b, 1, "dim") in (-1, 2) else None
+        if rows is None or _squeezed(node, (-1, 2)) is None:
+            raise NoMatch("a bmm of gathered weights by rows is not bmm(P[ids], rows.unsqueeze(-1)).squeeze(-1)")
+        return _gathered_param(a, flat), False, rows
+    if inner is not None and _squeezed(node, (1, -2)) is None:
+        raise NoMatch("a bmm of rows by gathered weights is squeezed along another dim than 1")
+    return _gathered_param(b, flat), True, a
+
+
+def _flat_weights(node: object) -> Node | None:
+    """``w`` for ``w.reshape(-1).unsqueeze(-1)`` (or ``view(-1)``, ``flatten()``)."""
+    if not (is_method(node, "unsqueeze") and arg(node, 1, "dim") in (-1, 1)):
+        return None
+    flat = node.args[0]
+    if is_method(flat, "flatten") and len(flat.args) == 1:
+        return flat.args[0]
+    if is_method(flat, "reshape", "view") and tuple(flat.args[1:]) in ((-1,), ((-1,),)):
+        return flat.args[0]
+    return None
+
+
+def _pair_products(final: Node) -> tuple[Node, Node, Node]:
+    """(the [T, k, d] view, the [S, d] expert outputs, w) of ``(y.view(T, k, d) * w.unsqueeze(-1)).sum(1)``,
+    or of ``(y * w.reshape(-1).unsqueeze(-1)).view(T, k, d).sum(1)`` (Hugging Face v5's
+    ``batched_mm`` experts): either way row p is pair p, weighted by ``w.flat[p]``."""
+    head = slot_sum_input(final)
+    if is_mul(head):
+        pair = weighted_rows(head)
+        if pair is None:
+            raise NoMatch("the routing weights are not broadcast with unsqueeze(-1)")
+        yv, w = pair
+        if not is_method(yv, "view", "reshape"):
+            raise NoMatch("expert outputs are not viewed as [T, k, d]")
+        return yv, yv.args[0], w
+    if not (is_method(head, "view", "reshape") and is_mul(head.args[0])):
+        raise NoMatch("the slot sum is not over expert outputs times routing weights")
+    prod = head.args[0]
+    for a, b in ((prod.args[0], prod.args[1]), (prod.args[1], prod.args[0])):
+        w = _flat_weights(b)
+        if w is not None:
+            return head, a, w
+    raise NoMatch("the pair rows are not scaled by w.reshape(-1).unsqueeze(-1)")
 
 
 def _gathered_param(node: object, flat: list) -> Node:
@@ -69,15 +137,6 @@ def _gathered_param(node: object, flat: list) -> Node:
         raise NoMatch("the weight gathers use different index tensors")
     flat.append(node.args[1])
     return node.args[0]
-
-
-def _bmm(node: object, xs: list, flat: list) -> Node:
-    if not is_fn(node, torch.bmm):
-        raise NoMatch("expected a bmm of the repeated rows with gathered weights")
-    if xs and node.args[0] is not xs[0]:
-        raise NoMatch("the first-layer bmm's do not read the same repeated rows")
-    xs.append(node.args[0])
-    return _gathered_param(node.args[1], flat)
 
 
 def _hidden(h: object, project, op: str) -> tuple[str, object, object]:
@@ -97,22 +156,33 @@ def _hidden(h: object, project, op: str) -> tuple[str, object, object]:
 
 
 def match_pair_gather(final: Node) -> FinalMatch:
-    pair = weighted_rows(slot_sum_product(final))
-    if pair is None:
-        raise NoMatch("the routing weights are not broadcast with unsqueeze(-1)")
-    yv, w = pair
-    if not is_method(yv, "view", "reshape"):
-        raise NoMatch("expert outputs are not viewed as [T, k, d]")
-    y = _squeeze1(yv.args[0])
-    if y is None:
-        raise NoMatch("expert outputs are not squeeze(1) of a bmm")
-    xs, flat = [], []
-    down = _bmm(y, [], flat)  # the second bmm reads h, not xs
-    name, gate, up = _hidden(y.args[0], lambda n, what: _bmm(n, xs, flat), "bmm")
-    xs0 = xs[0]
-    ri = xs0.args[0] if is_method(xs0, "unsqueeze") and arg(xs0, 1, "dim") == 1 else None
+    yv, y, w = _pair_products(final)
+    flat, xs, layout = [], [], {}
+
+    def project(node: object, role: str) -> Node:
+        """One first-layer projection of the pair rows; a chunk of one gate_up bmm sets its half."""
+        half = None
+        if is_getitem(node) and is_method(node.args[0], "chunk") and arg(node.args[0], 1, "chunks") == 2 \
+                and node.args[1] in (0, 1):
+            mm = node.args[0].args[0]
+            nd = len(shape(mm) or ())
+            if arg(node.args[0], 2, "dim", 0) not in (-1, nd - 1):
+                raise NoMatch("the gate/up projection is chunked along another dim than its features")
+            width = int(shape(mm)[-1])
+            half = (0, width // 2) if node.args[1] == 0 else (width // 2, width)
+            node = mm
+        P, transposed, rows = _pair_linear(node, flat)
+        if xs and rows is not xs[0]:
+            raise NoMatch("the first-layer bmm's do not read the same repeated rows")
+        xs.append(rows)
+        layout[role] = (transposed, half)
+        return P
+
+    down, down_t, h = _pair_linear(y, flat)  # the second projection reads h, not the rows
+    name, gate, up = _hidden(h, project, "bmm")
+    ri = xs[0].args[0] if is_method(xs[0], "unsqueeze") and arg(xs[0], 1, "dim") == 1 else xs[0]
     if not (is_method(ri, "repeat_interleave") and isinstance(arg(ri, 1, "repeats"), int) and arg(ri, 2, "dim") == 0):
-        raise NoMatch("the pair rows are not x.repeat_interleave(k, dim=0).unsqueeze(1)")
+        raise NoMatch("the pair rows are not x.repeat_interleave(k, dim=0) (with .unsqueeze(1) before a bmm)")
     x, k = ri.args[0], arg(ri, 1, "repeats")
     ids = flat[0].args[0] if is_method(flat[0], "reshape", "view", "flatten") else None
     if ids is None or (is_method(flat[0], "reshape", "view") and tuple(flat[0].args[1:]) not in ((-1,), ((-1,),))):
@@ -126,10 +196,11 @@ def match_pair_gather(final: Node) -> FinalMatch:
         raise NoMatch("the gathered weight tensors have different numbers of experts")
     _check_ids_in_range(ids, E)
     experts = {}
-    for e in range(E):  # bmm weights are [in, out]: the op gets transposed views, never copies
-        experts[e] = ExpertMLP(name, WeightRef(gate, e, transposed=True),
-                               None if up is None else WeightRef(up, e, transposed=True),
-                               WeightRef(down, e, transposed=True), None, None, None)
+    for e in range(E):  # the stacked weights as they are (views), never per-pair copies
+        experts[e] = ExpertMLP(name, WeightRef(gate, e, transposed=layout["gate"][0], rows=layout["gate"][1]),
+                               None if up is None else WeightRef(up, e, transposed=layout["up"][0],
+                                                                 rows=layout["up"][1]),
+                               WeightRef(down, e, transposed=down_t), None, None, None)
     _check_dtypes(x, experts)
     return FinalMatch(final, ids, w, x, k, experts)
 
