@@ -88,14 +88,7 @@ def _perm_of(tok: Node) -> tuple[Node, Node, int]:
     if found is None:
         raise NoMatch("the index_add_ index is not sorted-pair-order // k")
     perm, k = found
-    if is_fn(perm, torch.argsort) or is_method(perm, "argsort"):
-        srt = perm
-    elif is_getitem(perm) and perm.args[1] == 1 and (is_fn(perm.args[0], torch.sort) or is_method(perm.args[0], "sort")):
-        srt = perm.args[0]
-    else:
-        raise NoMatch("the pair order is not argsort/sort of the flattened expert ids")
-    _check_ascending(srt, "the expert ids")
-    return perm, srt.args[0], k
+    return perm, _sorted_order(perm), k
 
 
 def _check_ascending(srt: Node, what: str) -> None:
@@ -172,18 +165,7 @@ def match_sorted(acc: Node, index_adds: list[Node]) -> SortMatch:
     if ids is None or len(shape(ids) or ()) != 2 or int(shape(ids)[1]) != k:
         raise NoMatch(f"the sorted ids are not ids[T, {k}].reshape(-1)")
 
-    src, src_casts = strip_casts(source)
-    check_no_rounding(src, "on the combined rows")
-    if not is_mul(src):
-        raise NoMatch("the combined rows are not scaled by the routing weights")
-    weights = y_rows = None
-    for a, b in ((src.args[0], src.args[1]), (src.args[1], src.args[0])):
-        w = _weight_gather(b, perm)
-        if w is not None:
-            weights, y_rows = w, a
-            break
-    if weights is None:
-        raise NoMatch("the rows are not scaled by w.reshape(-1)[perm, None] for the same sort order")
+    src, src_casts, weights, y_rows = _scaled_sorted_rows(source, perm, "combined rows")
     experts, x = sorted_experts(y_rows, perm, k, flat)
     y, y_casts = strip_casts(y_rows)
     check_combine_dtypes("the sorted experts", dtype(acc), src, y, x, weights, src_casts, y_casts)
@@ -425,6 +407,21 @@ def _same_tok(node: object, perm: Node, k: int) -> bool:
     return _token_of(node) == (perm, k)
 
 
+def _scaled_sorted_rows(node: object, perm: Node, what: str) -> tuple[Node, list[Node], Node, Node]:
+    """(product, the exact casts after it, w, y_rows) for sorted expert outputs ``y_rows`` scaled
+    by their routing weights ``w.reshape(-1)[perm, None]`` (a :func:`_weight_gather` spelling)."""
+    prod, casts = strip_casts(node)
+    check_no_rounding(prod, f"on the {what}")
+    if not is_mul(prod):
+        raise NoMatch(f"the {what} are not expert outputs scaled by the routing weights")
+    for a, b in ((prod.args[0], prod.args[1]), (prod.args[1], prod.args[0])):
+        w = _weight_gather(b, perm)
+        if w is not None:
+            return prod, casts, w, a
+    raise NoMatch(f"the {what} are not scaled by w.reshape(-1)[perm, None] (or [perm].unsqueeze(-1)) "
+                  "for the same sort order")
+
+
 def _weight_gather(node: object, perm: Node) -> Node | None:
     """``w.reshape(-1)[perm, None]``, or ``w.reshape(-1)[perm]`` broadcast with ``.unsqueeze(-1)``,
     ``[:, None]`` or ``[..., None]`` (GraniteMoE) -> w."""
@@ -548,19 +545,8 @@ def match_sorted_unpermute(final: Node) -> FinalMatch:
     if k is None:
         raise NoMatch("the sorted ids are not ids[T, k].reshape(-1)")
     if weighted_before:
-        prod, more = strip_casts(unperm.args[0])
+        prod, more, w, y_rows = _scaled_sorted_rows(unperm.args[0], perm, "rows put back in pair order")
         contrib_casts = contrib_casts + more
-        check_no_rounding(prod, "on the weighted expert outputs")
-        if not is_mul(prod):
-            raise NoMatch("the rows put back in pair order are not expert outputs times routing weights")
-        w = y_rows = None
-        for a, b in ((prod.args[0], prod.args[1]), (prod.args[1], prod.args[0])):
-            found = _weight_gather(b, perm)
-            if found is not None:
-                w, y_rows = found, a
-                break
-        if w is None:
-            raise NoMatch("the sorted rows are not scaled by w.reshape(-1)[perm].unsqueeze(-1) for the same sort order")
         y_casts: list[Node] = []
     else:
         y_rows, y_casts = unperm.args[0], contrib_casts

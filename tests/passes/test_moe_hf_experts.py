@@ -68,6 +68,14 @@ def _grouped_mm(rows, W, offs):
     return GROUPED_MM_FALLBACK(rows.to(W.dtype), W, offs=offs)
 
 
+def _route(x, gate, k):
+    """The v5 router: float softmax, top-k, renormalized in place."""
+    probs = F.softmax(F.linear(x, gate).float(), dim=-1)
+    top_w, top_ids = torch.topk(probs, k, dim=-1)
+    top_w /= top_w.sum(dim=-1, keepdim=True)
+    return top_w, top_ids
+
+
 class HFExperts(nn.Module):
     """One v5 MoE block: ``variant`` changes one thing."""
 
@@ -89,9 +97,7 @@ class HFExperts(nn.Module):
     def forward(self, hidden_states):
         b, s, d = hidden_states.shape
         x = hidden_states.view(-1, d)
-        probs = F.softmax(F.linear(x, self.gate).float(), dim=-1)
-        top_w, top_ids = torch.topk(probs, self.k, dim=-1)
-        top_w /= top_w.sum(dim=-1, keepdim=True)
+        top_w, top_ids = _route(x, self.gate, self.k)
 
         weights, ids = top_w.reshape(-1), top_ids.reshape(-1)
         ids_g, perm = torch.sort(ids)
@@ -162,7 +168,7 @@ def test_hf_v5_experts_with_an_empty_expert() -> None:
     ("reversed_inverse", "is not written with arange(len(perm))"),
     ("inverse_written_twice", "uses besides the read, not one write"),
     ("counts_of_perm", "cannot prove the group offsets are the cumulative per-expert counts"),
-    ("weights_other_order", "not scaled by w.reshape(-1)[perm].unsqueeze(-1) for the same sort order"),
+    ("weights_other_order", "not scaled by w.reshape(-1)[perm, None] (or [perm].unsqueeze(-1)) for the same sort order"),
     ("rows_rounded", "on the gathered rows before the grouped GEMM"),
 ])
 def test_hf_v5_experts_left_alone_when_unproven(variant, reason) -> None:
@@ -189,9 +195,7 @@ class HFBatchedExperts(nn.Module):
     def forward(self, hidden_states):
         b, s, d = hidden_states.shape
         x = hidden_states.view(-1, d)
-        probs = F.softmax(F.linear(x, self.gate).float(), dim=-1)
-        top_w, top_ids = torch.topk(probs, self.k, dim=-1)
-        top_w /= top_w.sum(dim=-1, keepdim=True)
+        top_w, top_ids = _route(x, self.gate, self.k)
         if self.v == "ids_not_topk":  # any [T, k] ids: W[ids] also takes ids in [-E, 0)
             top_ids = (top_ids * 7) % self.E - 1
 
