@@ -207,6 +207,15 @@ def slot_sum_input(final: Any, what: str = "slot") -> Any:
     return final.args[0]
 
 
+def flat_of(node: Any) -> Node | None:
+    """``t`` for ``t.reshape(-1)`` / ``t.view(-1)`` / ``t.flatten()``, else None."""
+    if is_method(node, "flatten") and len(node.args) == 1:
+        return node.args[0]
+    if is_method(node, "reshape", "view") and tuple(node.args[1:]) in ((-1,), ((-1,),)):
+        return node.args[0]
+    return None
+
+
 def eq_mask(node: Any) -> tuple[Node, int] | None:
     """(ids, e) for a comparison with a constant expert index: ``ids == e``, ``e == ids``,
     ``ids.eq(e)``, ``torch.eq(ids, other=e)``; None for another comparison or no comparison."""

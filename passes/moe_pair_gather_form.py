@@ -36,8 +36,8 @@ import torch
 import torch.fx
 
 from blazec.passes._fx import (
-    NoMatch, arg, canonical_equation, einsum_equation, einsum_operands, is_fn, is_getitem, is_method, is_mul, shape,
-    slot_sum_input, weighted_rows,
+    NoMatch, arg, canonical_equation, einsum_equation, einsum_operands, flat_of, is_fn, is_getitem, is_method, is_mul,
+    shape, slot_sum_input, weighted_rows,
 )
 from blazec.passes.moe_expert_mlp import GATED, ExpertMLP, FinalMatch, WeightRef, _activation
 from blazec.passes.moe_loop_form import _check_dtypes, _ids_bound
@@ -97,12 +97,7 @@ def _flat_weights(node: object) -> Node | None:
     """``w`` for ``w.reshape(-1).unsqueeze(-1)`` (or ``view(-1)``, ``flatten()``)."""
     if not (is_method(node, "unsqueeze") and arg(node, 1, "dim") in (-1, 1)):
         return None
-    flat = node.args[0]
-    if is_method(flat, "flatten") and len(flat.args) == 1:
-        return flat.args[0]
-    if is_method(flat, "reshape", "view") and tuple(flat.args[1:]) in ((-1,), ((-1,),)):
-        return flat.args[0]
-    return None
+    return flat_of(node.args[0])
 
 
 def _pair_products(final: Node) -> tuple[Node, Node, Node]:

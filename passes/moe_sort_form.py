@@ -38,8 +38,8 @@ import torch.fx
 import torch.nn.functional as F
 
 from blazec.passes._fx import (
-    LINEAR, NoMatch, arg, check_combine_dtypes, check_no_rounding, combine_args, dtype, follow_first_args, is_fn,
-    is_getitem, is_method, is_mul, same_shape, shape, slot_sum_input, strip_casts, weighted_rows,
+    LINEAR, NoMatch, arg, check_combine_dtypes, check_no_rounding, combine_args, dtype, flat_of, follow_first_args,
+    is_fn, is_getitem, is_method, is_mul, same_shape, shape, slot_sum_input, strip_casts, weighted_rows,
 )
 from blazec.passes.moe_expert_mlp import GATED, ExpertMLP, FinalMatch, WeightRef, _activation, check_consistent, parse_expert
 from blazec.passes.moe_loop_form import ZEROS_FNS, _check_acc_reads, _check_dtypes, _ids_bound
@@ -56,15 +56,6 @@ class SortMatch:
     x: Node
     top_k: int
     experts: dict[int, ExpertMLP]
-
-
-def _flat_of(node: object) -> Node | None:
-    """``ids`` for ``ids.reshape(-1)`` / ``ids.view(-1)`` / ``ids.flatten()``."""
-    if is_method(node, "flatten") and len(node.args) == 1:
-        return node.args[0]
-    if is_method(node, "reshape", "view") and tuple(node.args[1:]) in ((-1,), ((-1,),)):
-        return node.args[0]
-    return None
 
 
 def _token_of(tok: object) -> tuple[Node, int] | None:
@@ -116,16 +107,27 @@ def _counts_ok(counts: Node, flat: Node, E: int) -> bool:
 
 def _same_flat(a: object, flat: Node) -> bool:
     """``a`` is ``flat``, or another ``reshape(-1)`` / ``flatten()`` of the same ids."""
-    return a is flat or (_flat_of(a) is not None and _flat_of(a) is _flat_of(flat))
+    return a is flat or (flat_of(a) is not None and flat_of(a) is flat_of(flat))
+
+
+def _sort_of(node: object, output: int) -> Node | None:
+    """The ``sort`` call of ``sort(t)[output]`` (0: the values, 1: the indices), else None."""
+    if is_getitem(node) and node.args[1] == output and (is_fn(node.args[0], torch.sort)
+                                                         or is_method(node.args[0], "sort")):
+        return node.args[0]
+    return None
+
+
+def _is_argsort(node: object) -> bool:
+    return is_fn(node, torch.argsort) or is_method(node, "argsort")
 
 
 def _same_ids(a: object, flat: Node) -> bool:
     """``a`` holds the ids of ``flat`` as a multiset (what a count reads): :func:`_same_flat`, or
     the sorted values ``sort(flat)[0]`` (Hugging Face's ``histc(expert_ids_g, ...)``)."""
     a, _ = strip_casts(a)
-    if is_getitem(a) and a.args[1] == 0 and (is_fn(a.args[0], torch.sort) or is_method(a.args[0], "sort")):
-        return _same_flat(a.args[0].args[0], flat)
-    return _same_flat(a, flat)
+    srt = _sort_of(a, 0)
+    return _same_flat(srt.args[0] if srt is not None else a, flat)
 
 
 def _one_hot_counts(c: Node, flat: Node, E: int) -> bool:
@@ -143,7 +145,7 @@ def _one_hot_counts(c: Node, flat: Node, E: int) -> bool:
             and arg(g, 3, "value", arg(g, 3, "src")) == 1 and "reduce" not in g.kwargs):
         return False
     base, ids = g.args[0], arg(g, 2, "index")
-    if ids is not _flat_of(flat) or not (is_fn(base, *ZEROS_FNS) or is_method(base, "new_zeros")):
+    if ids is not flat_of(flat) or not (is_fn(base, *ZEROS_FNS) or is_method(base, "new_zeros")):
         return False
     if tuple(map(str, shape(base) or ())) != tuple(map(str, (shape(ids)[0], E))):
         return False
@@ -161,7 +163,7 @@ def match_sorted(acc: Node, index_adds: list[Node]) -> SortMatch:
         raise NoMatch("the accumulator is not created with zeros/zeros_like/new_zeros")
     tok, source = combine_args(ia)
     perm, flat, k = _perm_of(tok)
-    ids = _flat_of(flat)
+    ids = flat_of(flat)
     if ids is None or len(shape(ids) or ()) != 2 or int(shape(ids)[1]) != k:
         raise NoMatch(f"the sorted ids are not ids[T, {k}].reshape(-1)")
 
@@ -230,7 +232,7 @@ def _grouped(node: object, groups: list) -> tuple[Node, Node, bool]:
         if arg(node, 3, "bias") is not None or arg(node, 4, "out_dtype") is not None:
             raise NoMatch("torch._grouped_mm with bias or out_dtype is not matched")
         rows, group = node.args[0], ("offs", arg(node, 2, "offs"))
-        W, flipped = _untransposed(node.args[1] if len(node.args) > 1 else node.kwargs.get("mat_b", node.kwargs.get("weight")))
+        W, flipped = _untransposed(arg(node, 1, "mat_b", arg(node, 1, "weight")))  # torch's name, transformers'
         transposed = not flipped  # rows @ W[e], or rows @ P[e].T = F.linear(rows, P[e])
     elif is_fn(node, torch.cat) and arg(node, 1, "dim", 0) in (0, -2):
         rows, W, sizes = _split_linears(node)
@@ -430,21 +432,18 @@ def _weight_gather(node: object, perm: Node) -> Node | None:
             (is_getitem(node) and isinstance(node.args[1], tuple) and node.args[1] in ((full, None), (Ellipsis, None))):
         node = node.args[0]
         if is_getitem(node) and node.args[1] is perm:
-            return _flat_of(node.args[0])
+            return flat_of(node.args[0])
         return None
     if is_getitem(node) and isinstance(node.args[1], tuple) and len(node.args[1]) == 2 \
             and node.args[1][0] is perm and node.args[1][1] is None:
-        return _flat_of(node.args[0])
+        return flat_of(node.args[0])
     return None
 
 
 def _sorted_order(perm: object) -> Node:
     """``flat`` for a pair order ``perm`` = ``argsort(flat)`` or ``sort(flat)[1]`` (ascending)."""
-    if is_fn(perm, torch.argsort) or is_method(perm, "argsort"):
-        srt = perm
-    elif is_getitem(perm) and perm.args[1] == 1 and (is_fn(perm.args[0], torch.sort) or is_method(perm.args[0], "sort")):
-        srt = perm.args[0]
-    else:
+    srt = perm if _is_argsort(perm) else _sort_of(perm, 1)
+    if srt is None:
         raise NoMatch("the pair order is not argsort/sort of the flattened expert ids")
     _check_ascending(srt, "the expert ids")
     return srt.args[0]
@@ -460,7 +459,7 @@ def _inverse_of(inv: object, read: Node) -> tuple[Node, set[Node]]:
       ids). The write must be the buffer's only other use and come before ``read``; an in-place
       one is returned, to be removed with the site.
     """
-    if is_fn(inv, torch.argsort) or is_method(inv, "argsort"):
+    if _is_argsort(inv):
         _check_ascending(inv, "the sorted positions (the inverse permutation)")
         return inv.args[0], set()
     what = ("expert outputs are not put back in pair order with argsort(perm) or an inverse permutation "
@@ -500,9 +499,9 @@ def _arange_of(src: object, perm: Node) -> bool:
     """``src`` is ``arange(S)`` (start 0, step 1) with S the length of 1-D ``perm``."""
     if not is_fn(src, torch.arange):
         return False
-    pos = list(src.args)
-    start, end, step = (0, pos[0], 1) if len(pos) == 1 else (pos + [1])[:3] if len(pos) >= 2 else (0, src.kwargs.get("end"), 1)
-    start, step = src.kwargs.get("start", start), src.kwargs.get("step", step)
+    # arange(end), arange(start, end) or arange(start, end, step); the length is read from the shape
+    start = src.args[0] if len(src.args) >= 2 else src.kwargs.get("start", 0)
+    step = src.args[2] if len(src.args) >= 3 else src.kwargs.get("step", 1)
     ps, ss = shape(perm), shape(src)
     return (start == 0 and step == 1 and ps is not None and ss is not None and len(ps) == 1
             and tuple(map(str, ss)) == tuple(map(str, ps)))
@@ -540,7 +539,7 @@ def match_sorted_unpermute(final: Node) -> FinalMatch:
         raise NoMatch("expert outputs are not put back in pair order with y_rows[inv] (an inverse permutation)")
     perm, links = _inverse_of(unperm.args[1], unperm)
     flat = _sorted_order(perm)
-    ids = _flat_of(flat)
+    ids = flat_of(flat)
     k = int(shape(ids)[1]) if ids is not None and len(shape(ids) or ()) == 2 else None
     if k is None:
         raise NoMatch("the sorted ids are not ids[T, k].reshape(-1)")
