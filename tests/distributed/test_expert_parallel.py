@@ -364,26 +364,36 @@ def test_batches_shorter_than_the_chunks_run_on_2_ranks(final_stage):
 # Options (no process group needed)
 
 
-def test_a_rank_outside_the_group_and_sync_grads_before_any_rewrite_are_named(monkeypatch):
+@pytest.fixture
+def one_rank_group(monkeypatch):
+    """A gloo world of one in this process (a ``HashStore``, no spawned rank), and no
+    single-process layer registered by an earlier test."""
+    import torch.distributed as dist
+
+    from blazec import expert_parallel
+
+    monkeypatch.setattr(expert_parallel, "_SINGLE", [])
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_outside_the_group_and_sync_grads_before_any_rewrite_are_named(one_rank_group):
     """On a rank outside ``new_group([0])`` torch returns GroupMember.NON_GROUP_MEMBER, an int:
     the error said "got int". sync_grads after a compile that rewrote nothing asked for a
     compiled forward, which had run (review)."""
     import torch.distributed as dist
 
-    from blazec import expert_parallel
     from blazec.expert_parallel import ExpertParallelError, resolve_group, sync_grads
 
-    monkeypatch.setattr(expert_parallel, "_SINGLE", [])  # no single-process layer from an earlier test
     with pytest.raises(ExpertParallelError, match="this process is not a member of the given process group"):
         resolve_group(dist.GroupMember.NON_GROUP_MEMBER)
     with pytest.raises(ExpertParallelError, match="got int"):
         resolve_group(3)
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        with pytest.raises(ExpertParallelError, match="the rewrite left its MoE layers alone"):
-            sync_grads(torch.nn.Linear(2, 2))
-    finally:
-        dist.destroy_process_group()
+    with pytest.raises(ExpertParallelError, match="the rewrite left its MoE layers alone"):
+        sync_grads(torch.nn.Linear(2, 2))
 
 
 def test_expert_parallel_needs_an_initialized_process_group():
@@ -417,18 +427,9 @@ def _one_rank(rank: int, world: int) -> None:
     assert not reports(records, "comm_overlap") or not any(r.matches for r in reports(records, "comm_overlap"))
 
 
-def test_a_one_rank_group_needs_no_collectives(monkeypatch):
+def test_a_one_rank_group_needs_no_collectives(one_rank_group):
     """In this process: a world of one needs no spawned rank."""
-    import torch.distributed as dist
-
-    from blazec import expert_parallel
-
-    monkeypatch.setattr(expert_parallel, "_SINGLE", [])  # no single-process layer from an earlier test
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        _one_rank(0, 1)
-    finally:
-        dist.destroy_process_group()
+    _one_rank(0, 1)
 
 
 @pytest.mark.slow  # a subprocess that spawns its own ranks (README, "Tests")
