@@ -155,11 +155,12 @@ def check_full(family: str, dtype: torch.dtype) -> tuple[str, dict[str, float]]:
     from blazec import report
 
     cfg_name, _, sizes, _ = FAMILIES[family]
+    if "moe_intermediate_size" in sizes:  # intermediate_size is then the dense MLP's
+        sizes = {**sizes, "intermediate_size": 96}
     configuration = importlib.import_module(f"transformers.models.{family}.configuration_{family}")
     config = getattr(configuration, cfg_name)(
         vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=16, max_position_embeddings=64, **{**sizes, "intermediate_size": 96} if "moe_intermediate_size"
-        in sizes else sizes)
+        head_dim=16, max_position_embeddings=64, **sizes)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     ref = copy.deepcopy(model)
